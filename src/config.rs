@@ -1,0 +1,263 @@
+//! Configuration: a TOML file (`--config`), `COMET_*` environment variables
+//! and command-line flags, in rising precedence, with embedded defaults.
+//!
+//! Every option is an `Option` in both [`Cli`] and [`FileConfig`] so that
+//! "not given" is distinguishable from "given the default"; [`Config::load`]
+//! merges them and validates the result once, before any thread starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// The password comet starts with when none is configured.
+pub const DEFAULT_PASSWORD: &str = "comet";
+
+/// Which I/O backend the shards use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoChoice {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    /// io_uring, or refuse to start.
+    Uring,
+    /// epoll, even where io_uring works.
+    Epoll,
+}
+
+/// Command-line flags; each also reads `COMET_<NAME>` from the environment.
+#[derive(Debug, Parser, Default)]
+#[command(name = "comet", version, about = "comet: a real-time push server (WebSocket frontend, CometQL/MySQL-protocol backend)")]
+pub struct Cli {
+    /// TOML configuration file; flags and COMET_* variables override it.
+    #[arg(long, env = "COMET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address for browsers (WebSocket and plain HTTP) [default: 127.0.0.1:8087].
+    #[arg(long, env = "COMET_FRONTEND")]
+    pub frontend: Option<SocketAddr>,
+    /// Address for application backends (CometQL over the MySQL protocol) [default: 127.0.0.1:3300].
+    #[arg(long, env = "COMET_BACKEND")]
+    pub backend: Option<SocketAddr>,
+    /// Backend password for every dev_id [default: "comet", refused on non-loopback addresses].
+    #[arg(long, env = "COMET_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Number of shard threads, one runtime each [default: number of CPUs].
+    #[arg(long, env = "COMET_SHARDS")]
+    pub shards: Option<usize>,
+    /// I/O backend: auto probes io_uring and falls back to epoll [default: auto].
+    #[arg(long, env = "COMET_IO", value_enum)]
+    pub io: Option<IoChoice>,
+    /// Serve a plain WebSocket echo endpoint at this path (for conformance tests) [default: off].
+    #[arg(long, env = "COMET_ECHO_PATH")]
+    pub echo_path: Option<String>,
+    /// Largest message a client may send, in bytes; larger ones close with 1009 [default: 65536].
+    #[arg(long, env = "COMET_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
+    /// Largest message the server sends, in bytes; larger publishes are refused [default: 1048576].
+    #[arg(long, env = "COMET_MAX_OUTBOUND_MESSAGE")]
+    pub max_outbound_message: Option<usize>,
+    /// Seconds of silence before the server pings a connection [default: 25].
+    #[arg(long, env = "COMET_PING_INTERVAL")]
+    pub ping_interval: Option<u64>,
+    /// Seconds to wait for any data after a ping before closing [default: 10].
+    #[arg(long, env = "COMET_PING_TIMEOUT")]
+    pub ping_timeout: Option<u64>,
+    /// Bytes a connection may have queued for sending before it is closed as a slow consumer (4008) [default: 1048576].
+    #[arg(long, env = "COMET_OUTBOUND_LIMIT")]
+    pub outbound_limit: Option<usize>,
+    /// Seconds a graceful shutdown may take before the process exits anyway [default: 10].
+    #[arg(long, env = "COMET_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<u64>,
+    /// Channels one connection may subscribe to [default: 32].
+    #[arg(long, env = "COMET_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
+    /// Node name reported by /info [default: the host name].
+    #[arg(long, env = "COMET_NODE_NAME")]
+    pub node_name: Option<String>,
+}
+
+/// The TOML file: same names as the flags, with `-` spelled `_`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub frontend: Option<SocketAddr>,
+    pub backend: Option<SocketAddr>,
+    pub password: Option<String>,
+    pub shards: Option<usize>,
+    pub io: Option<IoChoice>,
+    pub echo_path: Option<String>,
+    pub max_message_size: Option<usize>,
+    pub max_outbound_message: Option<usize>,
+    pub ping_interval: Option<u64>,
+    pub ping_timeout: Option<u64>,
+    pub outbound_limit: Option<usize>,
+    pub shutdown_timeout: Option<u64>,
+    pub max_subscriptions: Option<usize>,
+    pub node_name: Option<String>,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("config file {path}: {err}")]
+    Parse { path: PathBuf, err: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The validated configuration every shard reads (shared, immutable).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub frontend: SocketAddr,
+    pub backend: SocketAddr,
+    pub password: String,
+    pub shards: usize,
+    pub io: IoChoice,
+    pub echo_path: Option<String>,
+    pub max_message_size: usize,
+    pub max_outbound_message: usize,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub outbound_limit: usize,
+    pub shutdown_timeout: Duration,
+    pub max_subscriptions: usize,
+    pub node_name: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            frontend: "127.0.0.1:8087".parse().expect("literal address"),
+            backend: "127.0.0.1:3300".parse().expect("literal address"),
+            password: DEFAULT_PASSWORD.to_string(),
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            io: IoChoice::Auto,
+            echo_path: None,
+            max_message_size: 64 * 1024,
+            max_outbound_message: 1024 * 1024,
+            ping_interval: Duration::from_secs(25),
+            ping_timeout: Duration::from_secs(10),
+            outbound_limit: 1024 * 1024,
+            shutdown_timeout: Duration::from_secs(10),
+            max_subscriptions: 32,
+            node_name: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "comet".to_string()),
+        }
+    }
+}
+
+impl Config {
+    /// Merges file, environment and flags over the defaults, then validates.
+    pub fn load(cli: Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|err| ConfigError::Read { path: path.clone(), err })?;
+                toml::from_str::<FileConfig>(&text).map_err(|err| ConfigError::Parse { path: path.clone(), err })?
+            }
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let secs = Duration::from_secs;
+        let c = Config {
+            frontend: cli.frontend.or(file.frontend).unwrap_or(d.frontend),
+            backend: cli.backend.or(file.backend).unwrap_or(d.backend),
+            password: cli.password.or(file.password).unwrap_or(d.password),
+            shards: cli.shards.or(file.shards).unwrap_or(d.shards),
+            io: cli.io.or(file.io).unwrap_or(d.io),
+            echo_path: cli.echo_path.or(file.echo_path).filter(|p| !p.is_empty()),
+            max_message_size: cli.max_message_size.or(file.max_message_size).unwrap_or(d.max_message_size),
+            max_outbound_message: cli
+                .max_outbound_message
+                .or(file.max_outbound_message)
+                .unwrap_or(d.max_outbound_message),
+            ping_interval: cli.ping_interval.or(file.ping_interval).map_or(d.ping_interval, secs),
+            ping_timeout: cli.ping_timeout.or(file.ping_timeout).map_or(d.ping_timeout, secs),
+            outbound_limit: cli.outbound_limit.or(file.outbound_limit).unwrap_or(d.outbound_limit),
+            shutdown_timeout: cli.shutdown_timeout.or(file.shutdown_timeout).map_or(d.shutdown_timeout, secs),
+            max_subscriptions: cli.max_subscriptions.or(file.max_subscriptions).unwrap_or(d.max_subscriptions),
+            node_name: cli.node_name.or(file.node_name).unwrap_or(d.node_name),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.shards == 0 || self.shards > 256 {
+            return bad(format!("shards must be 1..=256, got {}", self.shards));
+        }
+        if self.password.is_empty() {
+            return bad("password must not be empty".into());
+        }
+        if self.password == DEFAULT_PASSWORD {
+            for (what, addr) in [("frontend", self.frontend), ("backend", self.backend)] {
+                if !addr.ip().is_loopback() {
+                    return bad(format!(
+                        "refusing to bind {what} {addr} (not loopback) with the default password; set --password or COMET_PASSWORD"
+                    ));
+                }
+            }
+        }
+        if self.max_message_size < 125 {
+            return bad(format!("max-message-size must be at least 125 bytes, got {}", self.max_message_size));
+        }
+        if self.outbound_limit < self.max_outbound_message.min(64 * 1024) {
+            return bad(format!("outbound-limit {} is too small", self.outbound_limit));
+        }
+        if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
+            return bad("ping-interval and ping-timeout must be at least 1 second".into());
+        }
+        if let Some(p) = &self.echo_path
+            && !p.starts_with('/')
+        {
+            return bad(format!("echo-path must start with '/', got {p:?}"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_loopback_with_default_password() {
+        let c = Config::load(Cli::default()).unwrap();
+        assert_eq!(c.frontend.to_string(), "127.0.0.1:8087");
+        assert_eq!(c.backend.to_string(), "127.0.0.1:3300");
+        assert_eq!(c.password, DEFAULT_PASSWORD);
+    }
+
+    #[test]
+    fn default_password_on_public_address_is_refused() {
+        let cli = Cli { frontend: Some("0.0.0.0:8087".parse().unwrap()), ..Cli::default() };
+        let e = Config::load(cli).unwrap_err().to_string();
+        assert!(e.contains("0.0.0.0:8087"), "{e}");
+        let cli = Cli {
+            frontend: Some("0.0.0.0:8087".parse().unwrap()),
+            password: Some("s3cret".into()),
+            ..Cli::default()
+        };
+        assert!(Config::load(cli).is_ok());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("comet-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "shards = 3\nping_interval = 7\nio = \"epoll\"\n").unwrap();
+        let cli = Cli { config: Some(path.clone()), shards: Some(2), ..Cli::default() };
+        let c = Config::load(cli).unwrap();
+        assert_eq!((c.shards, c.ping_interval.as_secs(), c.io), (2, 7, IoChoice::Epoll));
+        std::fs::write(&path, "shardz = 3\n").unwrap();
+        let e = Config::load(Cli { config: Some(path), ..Cli::default() }).unwrap_err().to_string();
+        assert!(e.contains("shardz"), "{e}");
+    }
+}

@@ -1,0 +1,85 @@
+//! Plain HTTP on the frontend port (PROTOCOL.md §5): health checks, CORS
+//! preflight, Prometheus metrics, and short error answers. Every answer
+//! closes the connection: these are low-rate requests from load balancers,
+//! scrapers and browsers' preflights, and closing keeps the connection state
+//! machine simple.
+
+use crate::config::Config;
+use crate::metrics::Registry;
+use crate::ws::Request;
+
+fn response(status: &str, content_type: &str, extra: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n{extra}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// `400 Bad Request` with a one-line reason.
+pub fn bad_request(reason: &str) -> Vec<u8> {
+    let body = format!("{reason}\n");
+    response("400 Bad Request", "text/plain; charset=utf-8", "", body.as_bytes())
+}
+
+/// `503 Service Unavailable` with a one-line reason.
+pub fn unavailable(reason: &str) -> Vec<u8> {
+    let body = format!("{reason}\n");
+    response("503 Service Unavailable", "text/plain; charset=utf-8", "", body.as_bytes())
+}
+
+/// Answers a request that is not a WebSocket upgrade.
+pub fn route(req: &Request, registry: &Registry, config: &Config) -> Vec<u8> {
+    let path = req.path.split('?').next().unwrap_or("");
+    if req.method == "OPTIONS" {
+        return response(
+            "200 OK",
+            "text/plain; charset=utf-8",
+            "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\nAccess-Control-Allow-Headers: *\r\nAccess-Control-Max-Age: 86400\r\n",
+            b"",
+        );
+    }
+    if req.method != "GET" && req.method != "HEAD" {
+        return response(
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "Allow: GET, HEAD, OPTIONS\r\n",
+            format!("method {} is not allowed here\n", req.method).as_bytes(),
+        );
+    }
+    if path.contains("..") {
+        return response("400 Bad Request", "text/plain; charset=utf-8", "", b"path must not contain '..'\n");
+    }
+    let mut r = match path {
+        "/info" | "/comet-server/info" | "//comet-server/info" => {
+            let mut body = Vec::with_capacity(64);
+            crate::frontend::message::Obj::new(&mut body)
+                .str("node", &config.node_name)
+                .str("status", "ok")
+                .end();
+            response("200 OK", "application/json", "Cache-Control: no-store\r\n", &body)
+        }
+        "/metrics" => response(
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            "Cache-Control: no-store\r\n",
+            registry.render().as_bytes(),
+        ),
+        _ => response("404 Not Found", "text/plain; charset=utf-8", "", format!("no such path: {}\n", clip(path)).as_bytes()),
+    };
+    if req.method == "HEAD"
+        && let Some(end) = r.windows(4).position(|w| w == b"\r\n\r\n")
+    {
+        r.truncate(end + 4);
+    }
+    r
+}
+
+fn clip(s: &str) -> &str {
+    match s.char_indices().nth(100) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}

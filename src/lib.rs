@@ -1,0 +1,29 @@
+//! comet: a real-time push server.
+//!
+//! Browsers hold WebSocket connections (the *frontend*, [`frontend`] over
+//! [`ws`]); application backends publish through CometQL over the MySQL
+//! protocol (the *backend*). The wire protocols are those of CppComet,
+//! described in PROTOCOL.md. The process runs one shard per core
+//! ([`shard`]), each a thread with its own compio runtime ([`runtime`]);
+//! shards share nothing but [`mailbox`] rings.
+//!
+//! Module map:
+//! - [`config`]: flags, environment, TOML file, defaults.
+//! - [`server`]: start the shards, handle signals, drain on shutdown.
+//! - [`runtime`]: I/O backend probe (io_uring or epoll), listeners, runtimes.
+//! - [`mailbox`]: SPSC rings between shards with wake-when-parked.
+//! - [`shard`]: per-shard state, connections, channels, fan-out.
+//! - [`ws`]: WebSocket handshake and frame codec (sans-IO).
+//! - [`frontend`]: comet URL parameters, commands and messages (sans-IO).
+//! - [`http`]: plain HTTP routes on the frontend port.
+//! - [`metrics`]: counters and the Prometheus rendering.
+
+pub mod config;
+pub mod frontend;
+pub mod http;
+pub mod mailbox;
+pub mod metrics;
+pub mod runtime;
+pub mod server;
+pub mod shard;
+pub mod ws;

@@ -1,0 +1,141 @@
+//! Starting and stopping the server: choose the I/O backend, bind one
+//! SO_REUSEPORT listener per shard, start the shard threads, then wait for
+//! SIGTERM/SIGINT and drain (close WebSockets with 1001, exit within
+//! `shutdown_timeout`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use crate::config::{Config, DEFAULT_PASSWORD};
+use crate::mailbox::{self, Doorbell};
+use crate::metrics::{Registry, ShardMetrics};
+use crate::runtime::{self, listener::bind_reuseport, probe::ProbeError};
+use crate::shard::{self, Shard, Shared};
+
+/// Capacity of each shard-to-shard ring, in messages.
+const MAILBOX_CAPACITY: usize = 8192;
+
+/// Why the server could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("--io uring: io_uring is not usable here: {0}")]
+    NoUring(#[from] ProbeError),
+    #[error("cannot listen on {addr}: {err}")]
+    Bind { addr: SocketAddr, err: std::io::Error },
+    #[error("shard {shard} failed to start: {err}")]
+    Shard { shard: usize, err: String },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("shard {0} stopped unexpectedly")]
+    ShardDied(usize),
+}
+
+/// Runs the server until SIGTERM/SIGINT (or a shard dies).
+pub fn run(config: Config) -> Result<(), ServerError> {
+    if config.password == DEFAULT_PASSWORD {
+        eprintln!(
+            "comet: WARNING: using the default backend password \"{DEFAULT_PASSWORD}\"; set --password or COMET_PASSWORD before exposing comet"
+        );
+    }
+    let (backend, fallback) = runtime::choose_backend(config.io)?;
+    if let Some(why) = fallback {
+        eprintln!("comet: io_uring unavailable ({why}); using epoll");
+    }
+    let n = config.shards;
+
+    // The first bind resolves port 0; the other shards share that port.
+    let bind = |addr: SocketAddr| bind_reuseport(addr).map_err(|err| ServerError::Bind { addr, err });
+    let first = bind(config.frontend)?;
+    let addr = first
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| ServerError::Bind { addr: config.frontend, err: std::io::Error::other("no local address") })?;
+    let mut listeners = vec![first];
+    for _ in 1..n {
+        listeners.push(bind(addr)?);
+    }
+
+    let registry = Arc::new(Registry {
+        shards: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
+        io_backend: backend.name(),
+        started: Instant::now(),
+    });
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared { config: Arc::new(config.clone()), registry, shutdown: shutdown.clone() });
+
+    let mesh = mailbox::mesh(n, MAILBOX_CAPACITY);
+    let bells: Vec<Arc<Doorbell>> = mesh.iter().map(|(_, inbox)| inbox.bell().clone()).collect();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
+    let mut threads = Vec::with_capacity(n);
+    for (i, ((outbox, inbox), listener)) in mesh.into_iter().zip(listeners).enumerate() {
+        let shared = shared.clone();
+        let ready = ready_tx.clone();
+        let timeout = config.shutdown_timeout;
+        let t = std::thread::Builder::new()
+            .name(format!("comet-shard-{i}"))
+            .spawn(move || {
+                let rt = match runtime::build_runtime(backend) {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send((i, Err(e.to_string())));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = Arc::new(listener);
+                    let mut shard = Shard::new(i, n, shared, outbox);
+                    shard.listeners.push(listener.clone());
+                    shard::install(shard);
+                    compio::runtime::spawn(shard::io::accept_loop(listener)).detach();
+                    compio::runtime::spawn(shard::io::mailbox_loop(inbox)).detach();
+                    let _ = ready.send((i, Ok(())));
+                    shard::io::sweep_loop(timeout).await;
+                });
+                drop(shard::uninstall());
+            })
+            .map_err(|e| ServerError::Shard { shard: i, err: e.to_string() })?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    for _ in 0..n {
+        match ready_rx.recv() {
+            Ok((_, Ok(()))) => {}
+            Ok((shard, Err(err))) => return Err(ServerError::Shard { shard, err }),
+            Err(_) => return Err(ServerError::Shard { shard: n, err: "a shard thread exited during start".into() }),
+        }
+    }
+    eprintln!("comet: {n} shards on {}", backend.name());
+    eprintln!("comet: frontend listening on {addr}");
+
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+    loop {
+        if signals.pending().next().is_some() {
+            break;
+        }
+        if let Some(i) = threads.iter().position(|t| t.is_finished()) {
+            return Err(ServerError::ShardDied(i));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("comet: shutting down (closing connections, at most {}s)", config.shutdown_timeout.as_secs());
+    shutdown.store(true, Ordering::Release);
+    for b in &bells {
+        b.force();
+    }
+    let deadline = Instant::now() + config.shutdown_timeout + Duration::from_millis(500);
+    while Instant::now() < deadline && !threads.iter().all(|t| t.is_finished()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stuck = threads.iter().filter(|t| !t.is_finished()).count();
+    if stuck > 0 {
+        eprintln!("comet: {stuck} shard(s) still draining at the shutdown timeout; exiting");
+    } else {
+        eprintln!("comet: stopped");
+    }
+    Ok(())
+}

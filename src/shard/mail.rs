@@ -1,0 +1,92 @@
+//! What shards say to each other through their mailboxes.
+//!
+//! A publish is encoded once on the shard where it starts: the WebSocket
+//! frame bytes live in an `Arc<[u8]>` that every shard writes, unchanged, to
+//! each of its local subscribers. Questions that need every shard's answer
+//! (how many were reached, who is subscribed) carry a request id and the
+//! asking shard; the answers come back as [`Mail::Reply`] and are gathered in
+//! `Shard::pending`.
+
+use std::sync::{Arc, OnceLock};
+
+use socket2::Socket;
+
+use crate::frontend::message::{ChannelMessage, Delivery};
+use crate::ws;
+
+use super::ConnId;
+
+/// A channel message ready to be written: encoded once, shared by all shards.
+#[derive(Debug)]
+pub struct Publication {
+    pub dev_id: u32,
+    pub msg: ChannelMessage,
+    /// The WebSocket text frame for clients of API major version >= 4.
+    pub frame: Arc<[u8]>,
+    /// The frame with `event_name`, for older clients; built on first need.
+    legacy: OnceLock<Arc<[u8]>>,
+    /// The connection that published it (a browser's `web_pipe2`, or the
+    /// subscriber whose presence this announces): it does not receive it.
+    pub exclude: Option<(usize, ConnId)>,
+}
+
+impl Publication {
+    pub fn new(dev_id: u32, msg: ChannelMessage, exclude: Option<(usize, ConnId)>) -> Publication {
+        let frame = encode_text_frame(|out| msg.encode(Delivery::default(), out));
+        Publication { dev_id, msg, frame, legacy: OnceLock::new(), exclude }
+    }
+
+    /// The frame for a client that wants `event_name` too.
+    pub fn legacy_frame(&self) -> &Arc<[u8]> {
+        self.legacy
+            .get_or_init(|| encode_text_frame(|out| self.msg.encode(Delivery { legacy: true, history_marker: None }, out)))
+    }
+
+    /// Size of the frame on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.frame.len()
+    }
+}
+
+/// Builds a complete server text frame around the JSON `write` produces.
+pub fn encode_text_frame(write: impl FnOnce(&mut Vec<u8>)) -> Arc<[u8]> {
+    let mut json = Vec::with_capacity(256);
+    write(&mut json);
+    let mut frame = Vec::with_capacity(json.len() + 10);
+    ws::frame_header(ws::Opcode::Text, json.len(), &mut frame);
+    frame.extend_from_slice(&json);
+    frame.into()
+}
+
+/// A socket moving to another shard, with the bytes already read from it.
+#[derive(Debug)]
+pub struct Handoff {
+    pub sock: Socket,
+    pub peer: std::net::SocketAddr,
+    /// The request head (and anything after it) read by the accepting shard.
+    pub head: Vec<u8>,
+}
+
+/// An answer to a scattered question.
+#[derive(Debug)]
+pub enum Reply {
+    /// Connections written to, or subscribers counted.
+    Count(u64),
+    /// Presence members: (user_id, uuid).
+    Members(Vec<(u64, String)>),
+}
+
+/// A message between shards.
+#[derive(Debug)]
+pub enum Mail {
+    /// Write to local subscribers; when `req` is set, answer with the count.
+    Deliver { publication: Arc<Publication>, req: Option<(usize, u64)> },
+    /// Count local subscribers of a channel.
+    Count { dev_id: u32, channel: Arc<str>, req: (usize, u64) },
+    /// List local subscribers of a presence channel.
+    Members { dev_id: u32, channel: Arc<str>, req: (usize, u64) },
+    /// The answer to request `req`.
+    Reply { req: u64, reply: Reply },
+    /// A connection whose user lives on the receiving shard.
+    Handoff(Handoff),
+}

@@ -1,0 +1,378 @@
+//! Per-shard state and everything a shard does with it.
+//!
+//! A shard is one thread with one compio runtime. It owns its connections,
+//! its part of every channel's subscriber list, and its mailboxes; nothing in
+//! here is shared with other threads except through [`mail::Mail`]. The state
+//! lives in a thread-local [`Shard`] that the async glue in [`io`] borrows for
+//! the duration of one synchronous handler (never across an `.await`); at the
+//! end of every handler the connections that got data are flushed, so a
+//! burst of messages to one connection becomes one vectored write.
+
+pub mod conn;
+pub mod io;
+pub mod mail;
+pub mod slab;
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use ahash::AHashMap;
+
+pub use conn::Conn;
+pub use slab::{ConnId, Slab};
+
+use crate::config::Config;
+use crate::mailbox::Outbox;
+use crate::metrics::{Registry, ShardMetrics};
+use mail::{Mail, Publication, Reply};
+
+/// A channel's subscribers on this shard.
+#[derive(Debug)]
+pub struct Channel {
+    pub dev_id: u32,
+    pub name: Arc<str>,
+    /// Local subscribers; each records its position here so leaving is O(1).
+    pub subs: Vec<ConnId>,
+}
+
+/// What to do when all shards have answered a scattered question.
+#[derive(Debug)]
+pub enum Then {
+    /// Send the `web_pipe2` delivery report to the publishing connection.
+    DeliveryReport { conn: ConnId, pipe: String, message: String },
+    /// Answer `pipe_count`.
+    PipeCount { conn: ConnId, marker: String },
+    /// Answer `track_pipe_users`.
+    TrackUsers { conn: ConnId, marker: String },
+}
+
+/// A question waiting for answers from other shards.
+#[derive(Debug)]
+pub struct Pending {
+    pub remaining: usize,
+    pub count: u64,
+    pub members: Vec<(u64, String)>,
+    pub then: Then,
+}
+
+/// Things a shard shares read-only with the process.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub registry: Arc<Registry>,
+    /// Set by the main thread on SIGTERM/SIGINT.
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// One shard's whole state.
+pub struct Shard {
+    pub id: usize,
+    pub shards: usize,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<ShardMetrics>,
+    pub conns: Slab<Conn>,
+    /// Channel lookup: dev_id → name → index into `channels`.
+    pub channel_index: AHashMap<u32, AHashMap<Arc<str>, u32>>,
+    pub channels: Vec<Option<Channel>>,
+    free_channels: Vec<u32>,
+    pub outbox: Outbox<Mail>,
+    pub pending: AHashMap<u64, Pending>,
+    next_req: u64,
+    /// Connections with queued output not yet tried this round.
+    pub dirty: Vec<ConnId>,
+    /// Read buffer shared by all connections of the shard: a connection only
+    /// owns bytes while a partial frame or request is pending.
+    pub scratch: Vec<u8>,
+    /// Seconds since the shard started, refreshed by the sweep and on reads.
+    pub now: u32,
+    started: std::time::Instant,
+    /// Listening sockets, shut down to stop accepting.
+    pub listeners: Vec<Arc<socket2::Socket>>,
+    pub shutting_down: bool,
+    /// A retry of overflowing mailboxes is scheduled.
+    pub overflow_retry_scheduled: bool,
+}
+
+thread_local! {
+    static SHARD: RefCell<Option<Shard>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` on this thread's shard, then flushes the connections it wrote to.
+pub fn with_shard<R>(f: impl FnOnce(&mut Shard) -> R) -> R {
+    SHARD.with_borrow_mut(|s| {
+        let s = s.as_mut().expect("with_shard called off a shard thread");
+        let r = f(s);
+        s.flush_dirty();
+        r
+    })
+}
+
+/// Installs the shard state on the current thread.
+pub fn install(shard: Shard) {
+    SHARD.with_borrow_mut(|s| *s = Some(shard));
+}
+
+/// Removes the shard state (at thread exit), returning the inbox's owner.
+pub fn uninstall() -> Option<Shard> {
+    SHARD.with_borrow_mut(|s| s.take())
+}
+
+/// The home shard of a user: where all its devices live.
+pub fn home_shard(dev_id: u32, user_id: u64, shards: usize) -> usize {
+    // splitmix64: every shard computes the same answer without shared state.
+    let mut z = ((dev_id as u64) << 48 ^ user_id).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z % shards as u64) as usize
+}
+
+impl Shard {
+    pub fn new(id: usize, shards: usize, shared: Arc<Shared>, outbox: Outbox<Mail>) -> Shard {
+        let metrics = shared.registry.shards[id].clone();
+        Shard {
+            id,
+            shards,
+            shared,
+            metrics,
+            conns: Slab::default(),
+            channel_index: AHashMap::default(),
+            channels: Vec::new(),
+            free_channels: Vec::new(),
+            outbox,
+            pending: AHashMap::default(),
+            next_req: 0,
+            dirty: Vec::new(),
+            scratch: vec![0; 64 * 1024],
+            now: 0,
+            started: std::time::Instant::now(),
+            listeners: Vec::new(),
+            shutting_down: false,
+            overflow_retry_scheduled: false,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    pub fn refresh_clock(&mut self) {
+        self.now = self.started.elapsed().as_secs() as u32;
+    }
+
+    pub fn find_channel(&self, dev_id: u32, name: &str) -> Option<u32> {
+        self.channel_index.get(&dev_id)?.get(name).copied()
+    }
+
+    fn channel_or_create(&mut self, dev_id: u32, name: &str) -> u32 {
+        if let Some(i) = self.find_channel(dev_id, name) {
+            return i;
+        }
+        let name: Arc<str> = Arc::from(name);
+        let ch = Channel { dev_id, name: name.clone(), subs: Vec::new() };
+        let idx = match self.free_channels.pop() {
+            Some(i) => {
+                self.channels[i as usize] = Some(ch);
+                i
+            }
+            None => {
+                self.channels.push(Some(ch));
+                (self.channels.len() - 1) as u32
+            }
+        };
+        self.channel_index.entry(dev_id).or_default().insert(name, idx);
+        idx
+    }
+
+    /// Adds `id` to channel `name`; returns false if already subscribed.
+    pub fn subscribe(&mut self, id: ConnId, dev_id: u32, name: &str) -> bool {
+        let ch = self.channel_or_create(dev_id, name);
+        let Some(conn) = self.conns.get_mut(id) else { return false };
+        if conn.subs.iter().any(|&(c, _)| c == ch) {
+            return false;
+        }
+        let Some(channel) = self.channels[ch as usize].as_mut() else { return false };
+        conn.subs.push((ch, channel.subs.len() as u32));
+        channel.subs.push(id);
+        true
+    }
+
+    /// Removes `id` from channel index `ch` (O(1) swap-remove).
+    pub fn unsubscribe(&mut self, id: ConnId, ch: u32) {
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        let Some(k) = conn.subs.iter().position(|&(c, _)| c == ch) else { return };
+        let (_, pos) = conn.subs.swap_remove(k);
+        let Some(channel) = self.channels[ch as usize].as_mut() else { return };
+        let pos = pos as usize;
+        channel.subs.swap_remove(pos);
+        if let Some(&moved) = channel.subs.get(pos)
+            && let Some(mc) = self.conns.get_mut(moved)
+            && let Some(entry) = mc.subs.iter_mut().find(|(c, _)| *c == ch)
+        {
+            entry.1 = pos as u32;
+        }
+        if channel.subs.is_empty() {
+            let (dev_id, name) = (channel.dev_id, channel.name.clone());
+            self.channels[ch as usize] = None;
+            self.free_channels.push(ch);
+            if let Some(m) = self.channel_index.get_mut(&dev_id) {
+                m.remove(&*name);
+                if m.is_empty() {
+                    self.channel_index.remove(&dev_id);
+                }
+            }
+        }
+    }
+
+    /// Number of local subscribers of a channel.
+    pub fn local_count(&self, dev_id: u32, name: &str) -> u64 {
+        self.find_channel(dev_id, name)
+            .and_then(|i| self.channels[i as usize].as_ref())
+            .map_or(0, |c| c.subs.len() as u64)
+    }
+
+    /// Presence members of a channel on this shard.
+    pub fn local_members(&self, dev_id: u32, name: &str) -> Vec<(u64, String)> {
+        let Some(ch) = self.find_channel(dev_id, name).and_then(|i| self.channels[i as usize].as_ref()) else {
+            return Vec::new();
+        };
+        ch.subs
+            .iter()
+            .filter_map(|&id| self.conns.get(id))
+            .map(|c| (c.user_id, c.uuid.to_string()))
+            .collect()
+    }
+
+    /// Writes a publication to this shard's subscribers; returns how many
+    /// connections it was queued to.
+    pub fn deliver_local(&mut self, p: &Publication) -> u64 {
+        let Some(ch) = self.find_channel(p.dev_id, &p.msg.pipe) else { return 0 };
+        let Some(channel) = self.channels[ch as usize].as_ref() else { return 0 };
+        let exclude = p.exclude.filter(|(s, _)| *s == self.id).map(|(_, c)| c);
+        let limit = self.shared.config.outbound_limit;
+        let mut delivered = 0u64;
+        let mut slow: Vec<ConnId> = Vec::new();
+        for &id in &channel.subs {
+            if Some(id) == exclude {
+                continue;
+            }
+            let Some(conn) = self.conns.get_mut(id) else { continue };
+            if !conn.accepts_messages() {
+                continue;
+            }
+            let frame = if conn.legacy { p.legacy_frame() } else { &p.frame };
+            if conn.out_bytes + frame.len() > limit {
+                slow.push(id);
+                continue;
+            }
+            if conn.push_out(frame.clone()) {
+                self.dirty.push(id);
+            }
+            delivered += 1;
+        }
+        ShardMetrics::add(&self.metrics.messages_out, delivered);
+        for id in slow {
+            self.close_slow_consumer(id);
+        }
+        delivered
+    }
+
+    /// Publishes on every shard; `then` (if any) runs when all have answered
+    /// with the number of connections written.
+    pub fn publish(&mut self, p: Publication, then: Option<Then>) {
+        let p = Arc::new(p);
+        let local = self.deliver_local(&p);
+        let req = then.map(|then| {
+            let id = self.new_request(Pending { remaining: self.shards - 1, count: local, members: Vec::new(), then });
+            (self.id, id)
+        });
+        for to in (0..self.shards).filter(|&s| s != self.id) {
+            self.outbox.send(to, Mail::Deliver { publication: p.clone(), req });
+        }
+        if let Some((_, id)) = req {
+            self.maybe_complete(id);
+        }
+        self.schedule_overflow_retry();
+    }
+
+    fn new_request(&mut self, p: Pending) -> u64 {
+        self.next_req += 1;
+        self.pending.insert(self.next_req, p);
+        self.next_req
+    }
+
+    /// Scatters a count or member-list question for a channel.
+    pub fn ask_all(&mut self, dev_id: u32, channel: &str, members: bool, then: Then) {
+        let (count, list) = if members {
+            (0, self.local_members(dev_id, channel))
+        } else {
+            (self.local_count(dev_id, channel), Vec::new())
+        };
+        let id = self.new_request(Pending { remaining: self.shards - 1, count, members: list, then });
+        let channel: Arc<str> = Arc::from(channel);
+        for to in (0..self.shards).filter(|&s| s != self.id) {
+            let req = (self.id, id);
+            let mail = if members {
+                Mail::Members { dev_id, channel: channel.clone(), req }
+            } else {
+                Mail::Count { dev_id, channel: channel.clone(), req }
+            };
+            self.outbox.send(to, mail);
+        }
+        self.maybe_complete(id);
+        self.schedule_overflow_retry();
+    }
+
+    fn maybe_complete(&mut self, req: u64) {
+        if self.pending.get(&req).is_some_and(|p| p.remaining == 0)
+            && let Some(p) = self.pending.remove(&req)
+        {
+            self.complete(p);
+        }
+    }
+
+    /// Handles one message from another shard.
+    pub fn on_mail(&mut self, mail: Mail) {
+        match mail {
+            Mail::Deliver { publication, req } => {
+                let n = self.deliver_local(&publication);
+                if let Some((from, id)) = req {
+                    self.outbox.send(from, Mail::Reply { req: id, reply: Reply::Count(n) });
+                }
+            }
+            Mail::Count { dev_id, channel, req: (from, id) } => {
+                let n = self.local_count(dev_id, &channel);
+                self.outbox.send(from, Mail::Reply { req: id, reply: Reply::Count(n) });
+            }
+            Mail::Members { dev_id, channel, req: (from, id) } => {
+                let m = self.local_members(dev_id, &channel);
+                self.outbox.send(from, Mail::Reply { req: id, reply: Reply::Members(m) });
+            }
+            Mail::Reply { req, reply } => {
+                if let Some(p) = self.pending.get_mut(&req) {
+                    p.remaining -= 1;
+                    match reply {
+                        Reply::Count(n) => p.count += n,
+                        Reply::Members(mut m) => p.members.append(&mut m),
+                    }
+                    self.maybe_complete(req);
+                }
+            }
+            Mail::Handoff(h) => self.adopt(h),
+        }
+    }
+
+    /// Schedules a retry of mailboxes that overflowed (a full ring).
+    pub fn schedule_overflow_retry(&mut self) {
+        if self.outbox.has_overflow() && !self.overflow_retry_scheduled {
+            self.overflow_retry_scheduled = true;
+            compio::runtime::spawn(io::retry_overflow()).detach();
+        }
+    }
+
+    /// Seconds since the shard started, for `elapsed` checks.
+    pub fn uptime(&self) -> u32 {
+        self.now
+    }
+}
