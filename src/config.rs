@@ -29,7 +29,11 @@ pub enum IoChoice {
 
 /// Command-line flags; each also reads `COMET_<NAME>` from the environment.
 #[derive(Debug, Parser, Default)]
-#[command(name = "comet", version, about = "comet: a real-time push server (WebSocket frontend, CometQL/MySQL-protocol backend)")]
+#[command(
+    name = "comet",
+    version,
+    about = "comet: a real-time push server (WebSocket frontend, CometQL/MySQL-protocol backend)"
+)]
 pub struct Cli {
     /// TOML configuration file; flags and COMET_* variables override it.
     #[arg(long, env = "COMET_CONFIG")]
@@ -156,9 +160,14 @@ impl Config {
     pub fn load(cli: Cli) -> Result<Config, ConfigError> {
         let file = match &cli.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|err| ConfigError::Read { path: path.clone(), err })?;
-                toml::from_str::<FileConfig>(&text).map_err(|err| ConfigError::Parse { path: path.clone(), err })?
+                let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+                    path: path.clone(),
+                    err,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|err| ConfigError::Parse {
+                    path: path.clone(),
+                    err,
+                })?
             }
             None => FileConfig::default(),
         };
@@ -171,16 +180,34 @@ impl Config {
             shards: cli.shards.or(file.shards).unwrap_or(d.shards),
             io: cli.io.or(file.io).unwrap_or(d.io),
             echo_path: cli.echo_path.or(file.echo_path).filter(|p| !p.is_empty()),
-            max_message_size: cli.max_message_size.or(file.max_message_size).unwrap_or(d.max_message_size),
+            max_message_size: cli
+                .max_message_size
+                .or(file.max_message_size)
+                .unwrap_or(d.max_message_size),
             max_outbound_message: cli
                 .max_outbound_message
                 .or(file.max_outbound_message)
                 .unwrap_or(d.max_outbound_message),
-            ping_interval: cli.ping_interval.or(file.ping_interval).map_or(d.ping_interval, secs),
-            ping_timeout: cli.ping_timeout.or(file.ping_timeout).map_or(d.ping_timeout, secs),
-            outbound_limit: cli.outbound_limit.or(file.outbound_limit).unwrap_or(d.outbound_limit),
-            shutdown_timeout: cli.shutdown_timeout.or(file.shutdown_timeout).map_or(d.shutdown_timeout, secs),
-            max_subscriptions: cli.max_subscriptions.or(file.max_subscriptions).unwrap_or(d.max_subscriptions),
+            ping_interval: cli
+                .ping_interval
+                .or(file.ping_interval)
+                .map_or(d.ping_interval, secs),
+            ping_timeout: cli
+                .ping_timeout
+                .or(file.ping_timeout)
+                .map_or(d.ping_timeout, secs),
+            outbound_limit: cli
+                .outbound_limit
+                .or(file.outbound_limit)
+                .unwrap_or(d.outbound_limit),
+            shutdown_timeout: cli
+                .shutdown_timeout
+                .or(file.shutdown_timeout)
+                .map_or(d.shutdown_timeout, secs),
+            max_subscriptions: cli
+                .max_subscriptions
+                .or(file.max_subscriptions)
+                .unwrap_or(d.max_subscriptions),
             node_name: cli.node_name.or(file.node_name).unwrap_or(d.node_name),
         };
         c.validate()?;
@@ -205,10 +232,16 @@ impl Config {
             }
         }
         if self.max_message_size < 125 {
-            return bad(format!("max-message-size must be at least 125 bytes, got {}", self.max_message_size));
+            return bad(format!(
+                "max-message-size must be at least 125 bytes, got {}",
+                self.max_message_size
+            ));
         }
         if self.outbound_limit < self.max_outbound_message.min(64 * 1024) {
-            return bad(format!("outbound-limit {} is too small", self.outbound_limit));
+            return bad(format!(
+                "outbound-limit {} is too small",
+                self.outbound_limit
+            ));
         }
         if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
             return bad("ping-interval and ping-timeout must be at least 1 second".into());
@@ -236,7 +269,10 @@ mod tests {
 
     #[test]
     fn default_password_on_public_address_is_refused() {
-        let cli = Cli { frontend: Some("0.0.0.0:8087".parse().unwrap()), ..Cli::default() };
+        let cli = Cli {
+            frontend: Some("0.0.0.0:8087".parse().unwrap()),
+            ..Cli::default()
+        };
         let e = Config::load(cli).unwrap_err().to_string();
         assert!(e.contains("0.0.0.0:8087"), "{e}");
         let cli = Cli {
@@ -253,11 +289,23 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
         std::fs::write(&path, "shards = 3\nping_interval = 7\nio = \"epoll\"\n").unwrap();
-        let cli = Cli { config: Some(path.clone()), shards: Some(2), ..Cli::default() };
+        let cli = Cli {
+            config: Some(path.clone()),
+            shards: Some(2),
+            ..Cli::default()
+        };
         let c = Config::load(cli).unwrap();
-        assert_eq!((c.shards, c.ping_interval.as_secs(), c.io), (2, 7, IoChoice::Epoll));
+        assert_eq!(
+            (c.shards, c.ping_interval.as_secs(), c.io),
+            (2, 7, IoChoice::Epoll)
+        );
         std::fs::write(&path, "shardz = 3\n").unwrap();
-        let e = Config::load(Cli { config: Some(path), ..Cli::default() }).unwrap_err().to_string();
+        let e = Config::load(Cli {
+            config: Some(path),
+            ..Cli::default()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("shardz"), "{e}");
     }
 }

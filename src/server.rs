@@ -25,7 +25,10 @@ pub enum ServerError {
     #[error("--io uring: io_uring is not usable here: {0}")]
     NoUring(#[from] ProbeError),
     #[error("cannot listen on {addr}: {err}")]
-    Bind { addr: SocketAddr, err: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
     #[error("shard {shard} failed to start: {err}")]
     Shard { shard: usize, err: String },
     #[error("cannot install signal handlers: {0}")]
@@ -48,13 +51,17 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let n = config.shards;
 
     // The first bind resolves port 0; the other shards share that port.
-    let bind = |addr: SocketAddr| bind_reuseport(addr).map_err(|err| ServerError::Bind { addr, err });
+    let bind =
+        |addr: SocketAddr| bind_reuseport(addr).map_err(|err| ServerError::Bind { addr, err });
     let first = bind(config.frontend)?;
     let addr = first
         .local_addr()
         .ok()
         .and_then(|a| a.as_socket())
-        .ok_or_else(|| ServerError::Bind { addr: config.frontend, err: std::io::Error::other("no local address") })?;
+        .ok_or_else(|| ServerError::Bind {
+            addr: config.frontend,
+            err: std::io::Error::other("no local address"),
+        })?;
     let mut listeners = vec![first];
     for _ in 1..n {
         listeners.push(bind(addr)?);
@@ -66,7 +73,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         started: Instant::now(),
     });
     let shutdown = Arc::new(AtomicBool::new(false));
-    let shared = Arc::new(Shared { config: Arc::new(config.clone()), registry, shutdown: shutdown.clone() });
+    let shared = Arc::new(Shared {
+        config: Arc::new(config.clone()),
+        registry,
+        shutdown: shutdown.clone(),
+    });
 
     let mesh = mailbox::mesh(n, MAILBOX_CAPACITY);
     let bells: Vec<Arc<Doorbell>> = mesh.iter().map(|(_, inbox)| inbox.bell().clone()).collect();
@@ -98,7 +109,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 });
                 drop(shard::uninstall());
             })
-            .map_err(|e| ServerError::Shard { shard: i, err: e.to_string() })?;
+            .map_err(|e| ServerError::Shard {
+                shard: i,
+                err: e.to_string(),
+            })?;
         threads.push(t);
     }
     drop(ready_tx);
@@ -106,13 +120,19 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         match ready_rx.recv() {
             Ok((_, Ok(()))) => {}
             Ok((shard, Err(err))) => return Err(ServerError::Shard { shard, err }),
-            Err(_) => return Err(ServerError::Shard { shard: n, err: "a shard thread exited during start".into() }),
+            Err(_) => {
+                return Err(ServerError::Shard {
+                    shard: n,
+                    err: "a shard thread exited during start".into(),
+                });
+            }
         }
     }
     eprintln!("comet: {n} shards on {}", backend.name());
     eprintln!("comet: frontend listening on {addr}");
 
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
     loop {
         if signals.pending().next().is_some() {
             break;
@@ -122,7 +142,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("comet: shutting down (closing connections, at most {}s)", config.shutdown_timeout.as_secs());
+    eprintln!(
+        "comet: shutting down (closing connections, at most {}s)",
+        config.shutdown_timeout.as_secs()
+    );
     shutdown.store(true, Ordering::Release);
     for b in &bells {
         b.force();

@@ -69,12 +69,13 @@ pub fn parse_params(params: &str) -> ConnectParams {
             "v" => {
                 p.api_major = value.split('.').next().and_then(|m| m.trim().parse().ok());
             }
-            "uuid" => {
+            "uuid"
                 if value.len() <= 32
-                    && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-                {
-                    p.uuid = value;
-                }
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+            {
+                p.uuid = value;
             }
             _ => {}
         }
@@ -98,7 +99,13 @@ mod tests {
             let p = parse_params(ws_params(path).expect(path));
             assert_eq!(
                 p,
-                ConnectParams { key: "k".into(), user_id: 1, dev_id: 0, api_major: Some(4), uuid: "abc".into() },
+                ConnectParams {
+                    key: "k".into(),
+                    user_id: 1,
+                    dev_id: 0,
+                    api_major: Some(4),
+                    uuid: "abc".into()
+                },
                 "{path}"
             );
         }
@@ -119,7 +126,10 @@ mod tests {
         let p = parse_params("myid=undefined&devid=x&v=&uuid=has space");
         assert_eq!((p.user_id, p.dev_id, p.api_major), (0, 0, None));
         assert_eq!(p.uuid, "");
-        assert_eq!(parse_params("uuid=abcdefghijabcdefghijabcdefghijabc").uuid, "");
+        assert_eq!(
+            parse_params("uuid=abcdefghijabcdefghijabcdefghijabc").uuid,
+            ""
+        );
     }
 
     #[test]

@@ -165,9 +165,16 @@ impl Shard {
     pub fn on_accept(&mut self, sock: Socket, peer: SocketAddr) -> (ConnId, SharedFd<Socket>) {
         let _ = sock.set_tcp_nodelay(true);
         let fd = SharedFd::new(sock);
-        let conn = Conn::new(fd.clone(), peer, self.now, self.shared.config.max_message_size);
+        let conn = Conn::new(
+            fd.clone(),
+            peer,
+            self.now,
+            self.shared.config.max_message_size,
+        );
         let id = self.conns.insert(conn);
-        self.metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ShardMetrics::add(&self.metrics.accepted, 1);
         (id, fd)
     }
@@ -237,23 +244,33 @@ impl Shard {
     fn process(&mut self, id: ConnId, buf: &mut [u8]) -> Flow {
         let mut pos = 0;
         loop {
-            let Some(conn) = self.conns.get(id) else { return Flow::Gone };
+            let Some(conn) = self.conns.get(id) else {
+                return Flow::Gone;
+            };
             match conn.phase {
                 Phase::Http => match self.on_http(id, &mut buf[pos..]) {
                     Http::Incomplete => {
-                        let Some(conn) = self.conns.get_mut(id) else { return Flow::Gone };
+                        let Some(conn) = self.conns.get_mut(id) else {
+                            return Flow::Gone;
+                        };
                         conn.inbuf.clear();
                         conn.inbuf.extend_from_slice(&buf[pos..]);
                         return Flow::Continue;
                     }
                     Http::Finished => {
-                        return if self.conns.get(id).is_some() { Flow::Continue } else { Flow::Gone };
+                        return if self.conns.get(id).is_some() {
+                            Flow::Continue
+                        } else {
+                            Flow::Gone
+                        };
                     }
                     Http::Upgraded(n) => pos += n,
                 },
                 Phase::Comet | Phase::Echo => {
                     pos += self.on_frames(id, &mut buf[pos..]);
-                    let Some(conn) = self.conns.get_mut(id) else { return Flow::Gone };
+                    let Some(conn) = self.conns.get_mut(id) else {
+                        return Flow::Gone;
+                    };
                     conn.inbuf.clear();
                     if pos < buf.len() && matches!(conn.phase, Phase::Comet | Phase::Echo) {
                         conn.inbuf.extend_from_slice(&buf[pos..]);
@@ -294,7 +311,9 @@ impl Shard {
             if let Some(c) = self.conns.get_mut(id) {
                 c.phase = Phase::Echo;
             }
-            self.metrics.websockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .websockets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Http::Upgraded(head_len);
         }
         let p = url::parse_params(params.unwrap_or(""));
@@ -312,18 +331,30 @@ impl Shard {
 
     /// Moves connection `id` and its unread bytes to shard `to`.
     fn hand_off(&mut self, id: ConnId, to: usize, bytes: &[u8]) {
-        let Some(conn) = self.conns.get(id) else { return };
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
         match conn.sock.try_clone() {
             Ok(dup) => {
                 let head = bytes.to_vec();
                 let peer = conn.peer;
                 self.forget_conn(id);
                 ShardMetrics::add(&self.metrics.handoffs, 1);
-                self.outbox.send(to, super::mail::Mail::Handoff(Handoff { sock: dup, peer, head }));
+                self.outbox.send(
+                    to,
+                    super::mail::Mail::Handoff(Handoff {
+                        sock: dup,
+                        peer,
+                        head,
+                    }),
+                );
                 self.schedule_overflow_retry();
             }
             Err(e) => {
-                eprintln!("comet: shard {} cannot hand off {}: {e}", self.id, conn.peer);
+                eprintln!(
+                    "comet: shard {} cannot hand off {}: {e}",
+                    self.id, conn.peer
+                );
                 self.answer_http(id, http::unavailable("cannot hand off connection"));
             }
         }
@@ -335,7 +366,9 @@ impl Shard {
         let server = concat!("comet ", env!("CARGO_PKG_VERSION"));
         let legacy = p.api_major.is_some_and(|m| m < 4);
         self.send_raw(id, req.upgrade_response());
-        let Some(conn) = self.conns.get_mut(id) else { return };
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
         conn.phase = Phase::Comet;
         conn.dev_id = p.dev_id;
         conn.legacy = legacy;
@@ -349,7 +382,9 @@ impl Shard {
             language: req.accept_language.clone(),
             ip: Some(conn.peer.ip().to_string()),
         }));
-        self.metrics.websockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .websockets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let frame = encode_text_frame(|o| message::server_info(false, "", now, server, legacy, o));
         self.send_frame(id, frame);
         if p.api_major.is_none() {
@@ -374,7 +409,9 @@ impl Shard {
 
     /// Decodes and handles WebSocket frames; returns bytes consumed.
     fn on_frames(&mut self, id: ConnId, buf: &mut [u8]) -> usize {
-        let Some(conn) = self.conns.get_mut(id) else { return buf.len() };
+        let Some(conn) = self.conns.get_mut(id) else {
+            return buf.len();
+        };
         let mut decoder = std::mem::replace(&mut conn.decoder, Decoder::new(0));
         let mut pos = 0;
         loop {
@@ -424,7 +461,11 @@ impl Shard {
                     }
                 }
             }
-            if self.conns.get(id).is_none_or(|c| !matches!(c.phase, Phase::Comet | Phase::Echo)) {
+            if self
+                .conns
+                .get(id)
+                .is_none_or(|c| !matches!(c.phase, Phase::Comet | Phase::Echo))
+            {
                 pos = buf.len();
                 break;
             }
@@ -438,10 +479,20 @@ impl Shard {
     /// One complete client message. Returns true when the connection closed.
     fn on_message(&mut self, id: ConnId, text: bool, payload: &[u8]) -> bool {
         ShardMetrics::add(&self.metrics.messages_in, 1);
-        let Some(conn) = self.conns.get(id) else { return true };
+        let Some(conn) = self.conns.get(id) else {
+            return true;
+        };
         if conn.phase == Phase::Echo {
             let mut f = Vec::with_capacity(payload.len() + 10);
-            ws::encode_frame(if text { ws::Opcode::Text } else { ws::Opcode::Binary }, payload, &mut f);
+            ws::encode_frame(
+                if text {
+                    ws::Opcode::Text
+                } else {
+                    ws::Opcode::Binary
+                },
+                payload,
+                &mut f,
+            );
             self.send_frame(id, f.into());
             return false;
         }
@@ -456,7 +507,11 @@ impl Shard {
     fn on_command(&mut self, id: ConnId, cmd: Command<'_>) {
         match cmd {
             Command::Subscribe(names) => self.cmd_subscribe(id, names),
-            Command::WebPipe { pipe, event, message } => self.cmd_web_pipe(id, pipe, event, message),
+            Command::WebPipe {
+                pipe,
+                event,
+                message,
+            } => self.cmd_web_pipe(id, pipe, event, message),
             Command::PipeLog { pipe, .. } => {
                 if !is_valid_channel(pipe) {
                     self.send_error(id, &format!("Invalid channel name '{}'", clip(pipe)));
@@ -465,23 +520,56 @@ impl Shard {
                 // (CometQL, issue #3); until then every history is empty.
             }
             Command::PipeCount { pipe, marker } => {
-                if !(pipe.starts_with("web_") || pipe.starts_with("track_")) || !is_valid_channel(pipe) {
-                    self.send_error(id, &format!("pipe_count is only allowed for web_ and track_ channels, not '{}'", clip(pipe)));
+                if !(pipe.starts_with("web_") || pipe.starts_with("track_"))
+                    || !is_valid_channel(pipe)
+                {
+                    self.send_error(
+                        id,
+                        &format!(
+                            "pipe_count is only allowed for web_ and track_ channels, not '{}'",
+                            clip(pipe)
+                        ),
+                    );
                     return;
                 }
                 let dev_id = self.conns.get(id).map_or(0, |c| c.dev_id);
-                self.ask_all(dev_id, pipe, false, Then::PipeCount { conn: id, marker: marker.to_string() });
+                self.ask_all(
+                    dev_id,
+                    pipe,
+                    false,
+                    Then::PipeCount {
+                        conn: id,
+                        marker: marker.to_string(),
+                    },
+                );
             }
             Command::TrackPipeUsers { pipe, marker } => {
                 if !pipe.starts_with("track_") || !is_valid_channel(pipe) {
-                    self.send_error(id, &format!("track_pipe_users is only allowed for track_ channels, not '{}'", clip(pipe)));
+                    self.send_error(
+                        id,
+                        &format!(
+                            "track_pipe_users is only allowed for track_ channels, not '{}'",
+                            clip(pipe)
+                        ),
+                    );
                     return;
                 }
                 let dev_id = self.conns.get(id).map_or(0, |c| c.dev_id);
-                self.ask_all(dev_id, pipe, true, Then::TrackUsers { conn: id, marker: marker.to_string() });
+                self.ask_all(
+                    dev_id,
+                    pipe,
+                    true,
+                    Then::TrackUsers {
+                        conn: id,
+                        marker: marker.to_string(),
+                    },
+                );
             }
             Command::UserData { .. } | Command::UserStatus { .. } => {
-                self.send_error(id, "user commands need user support, which this build does not have yet");
+                self.send_error(
+                    id,
+                    "user commands need user support, which this build does not have yet",
+                );
             }
             Command::Statistics => {}
             Command::Unknown(word) => {
@@ -491,7 +579,9 @@ impl Shard {
     }
 
     fn cmd_subscribe(&mut self, id: ConnId, names: Vec<&str>) {
-        let Some(conn) = self.conns.get(id) else { return };
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
         let (dev_id, anonymous) = (conn.dev_id, conn.user_id == 0);
         let max = self.shared.config.max_subscriptions;
         let mut wanted: SmallVec<[&str; 8]> = SmallVec::new();
@@ -502,7 +592,10 @@ impl Shard {
                 continue;
             }
             if !(2..=64).contains(&name.len()) {
-                errors.push(format!("Invalid channel name '{}': it must be 2..64 characters", clip(name)));
+                errors.push(format!(
+                    "Invalid channel name '{}': it must be 2..64 characters",
+                    clip(name)
+                ));
                 continue;
             }
             if name == "sys" || name.starts_with("_answer") {
@@ -519,14 +612,20 @@ impl Shard {
             wanted.push(name);
         }
         if over_limit {
-            errors.push(format!("Too many channels: at most {max} per connection; the rest were ignored"));
+            errors.push(format!(
+                "Too many channels: at most {max} per connection; the rest were ignored"
+            ));
         }
         // Leave what is no longer wanted, join what is new: a channel kept
         // across the re-subscription emits no presence events.
         let current: SmallVec<[(u32, Arc<str>); 4]> = conn
             .subs
             .iter()
-            .filter_map(|&(ch, _)| self.channels[ch as usize].as_ref().map(|c| (ch, c.name.clone())))
+            .filter_map(|&(ch, _)| {
+                self.channels[ch as usize]
+                    .as_ref()
+                    .map(|c| (ch, c.name.clone()))
+            })
             .collect();
         for (ch, name) in &current {
             if !wanted.contains(&&**name) {
@@ -554,7 +653,9 @@ impl Shard {
         if !channel.starts_with("track_") {
             return;
         }
-        let Some(conn) = self.conns.get(id) else { return };
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
         let msg = ChannelMessage {
             pipe: channel.to_string(),
             event: event.to_string(),
@@ -567,7 +668,9 @@ impl Shard {
     }
 
     fn cmd_web_pipe(&mut self, id: ConnId, pipe: &str, event: &str, text: &str) {
-        let Some(conn) = self.conns.get(id) else { return };
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
         let (dev_id, user_id) = (conn.dev_id, conn.user_id);
         let (pipe, hide) = match pipe.strip_prefix('@') {
             Some(p) if p.starts_with("web_") => (p, true),
@@ -575,15 +678,27 @@ impl Shard {
         };
         if pipe.starts_with("webauth_") {
             if user_id == 0 {
-                self.send_error(id, &format!("Only authorized users may publish to '{}'", clip(pipe)));
+                self.send_error(
+                    id,
+                    &format!("Only authorized users may publish to '{}'", clip(pipe)),
+                );
                 return;
             }
         } else if !pipe.starts_with("web_") {
-            self.send_error(id, "Invalid channel name. The channel should begin with web_");
+            self.send_error(
+                id,
+                "Invalid channel name. The channel should begin with web_",
+            );
             return;
         }
         if !is_valid_channel(pipe) {
-            self.send_error(id, &format!("Invalid channel name '{}': 2..64 characters of A-Za-z0-9_-", clip(pipe)));
+            self.send_error(
+                id,
+                &format!(
+                    "Invalid channel name '{}': 2..64 characters of A-Za-z0-9_-",
+                    clip(pipe)
+                ),
+            );
             return;
         }
         let msg = ChannelMessage {
@@ -596,10 +711,21 @@ impl Shard {
         };
         let p = Publication::new(dev_id, msg, Some((self.id, id)));
         if p.wire_len() > self.shared.config.max_outbound_message {
-            self.send_error(id, &format!("Message too long: {} bytes, at most {}", p.wire_len(), self.shared.config.max_outbound_message));
+            self.send_error(
+                id,
+                &format!(
+                    "Message too long: {} bytes, at most {}",
+                    p.wire_len(),
+                    self.shared.config.max_outbound_message
+                ),
+            );
             return;
         }
-        let then = Then::DeliveryReport { conn: id, pipe: pipe.to_string(), message: text.to_string() };
+        let then = Then::DeliveryReport {
+            conn: id,
+            pipe: pipe.to_string(),
+            message: text.to_string(),
+        };
         self.publish(p, Some(then));
     }
 
@@ -607,22 +733,37 @@ impl Shard {
     pub fn complete(&mut self, p: Pending) {
         let now = unix_now();
         match p.then {
-            Then::DeliveryReport { conn, pipe, message } => {
-                let Some(c) = self.conns.get(conn) else { return };
+            Then::DeliveryReport {
+                conn,
+                pipe,
+                message,
+            } => {
+                let Some(c) = self.conns.get(conn) else {
+                    return;
+                };
                 let legacy = c.legacy;
-                let f = encode_text_frame(|o| message::delivery_report(&pipe, &message, p.count, now, legacy, o));
+                let f = encode_text_frame(|o| {
+                    message::delivery_report(&pipe, &message, p.count, now, legacy, o)
+                });
                 self.send_frame(conn, f);
             }
             Then::PipeCount { conn, marker } => {
-                let Some(c) = self.conns.get(conn) else { return };
+                let Some(c) = self.conns.get(conn) else {
+                    return;
+                };
                 let legacy = c.legacy;
-                let f = encode_text_frame(|o| message::pipe_count(p.count, &marker, now, legacy, o));
+                let f =
+                    encode_text_frame(|o| message::pipe_count(p.count, &marker, now, legacy, o));
                 self.send_frame(conn, f);
             }
             Then::TrackUsers { conn, marker } => {
-                let Some(c) = self.conns.get(conn) else { return };
+                let Some(c) = self.conns.get(conn) else {
+                    return;
+                };
                 let legacy = c.legacy;
-                let f = encode_text_frame(|o| message::track_users(&p.members, &marker, now, legacy, o));
+                let f = encode_text_frame(|o| {
+                    message::track_users(&p.members, &marker, now, legacy, o)
+                });
                 self.send_frame(conn, f);
             }
         }
@@ -631,7 +772,9 @@ impl Shard {
     /// Queues a frame for one connection (not a fan-out).
     pub fn send_frame(&mut self, id: ConnId, frame: Arc<[u8]>) {
         let limit = self.shared.config.outbound_limit;
-        let Some(conn) = self.conns.get_mut(id) else { return };
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
         if matches!(conn.phase, Phase::Closing { .. }) {
             return;
         }
@@ -663,14 +806,20 @@ impl Shard {
     /// drains the write side is shut; `drop_now` drops it right after.
     fn finish_after_flush(&mut self, id: ConnId, drop_now: bool) {
         let now = self.now;
-        let Some(conn) = self.conns.get_mut(id) else { return };
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
         let was_ws = matches!(conn.phase, Phase::Comet | Phase::Echo);
-        conn.phase = Phase::Closing { deadline: now + CLOSE_TIMEOUT };
+        conn.phase = Phase::Closing {
+            deadline: now + CLOSE_TIMEOUT,
+        };
         conn.shutdown_after_flush = true;
         conn.drop_after_flush = drop_now;
         let subs: SmallVec<[(u32, u32); 2]> = conn.subs.clone();
         if was_ws {
-            self.metrics.websockets.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .websockets
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         self.leave_all(id, &subs);
         if self.conns.get(id).is_some_and(|c| c.out.is_empty()) {
@@ -688,7 +837,9 @@ impl Shard {
 
     /// Closes a WebSocket with a close frame carrying `code`.
     pub fn close_ws(&mut self, id: ConnId, code: CloseCode, reason: &str) {
-        let Some(conn) = self.conns.get(id) else { return };
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
         if !matches!(conn.phase, Phase::Comet | Phase::Echo) {
             return;
         }
@@ -700,32 +851,38 @@ impl Shard {
 
     /// Closes a connection whose queue went over the bound (4008).
     pub fn close_slow_consumer(&mut self, id: ConnId) {
-        let Some(conn) = self.conns.get_mut(id) else { return };
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
         if !matches!(conn.phase, Phase::Comet | Phase::Echo) {
             return;
         }
         ShardMetrics::add(&self.metrics.slow_consumer_closes, 1);
-        // Drop what is queued; a close frame can follow only if no frame is
-        // half-written, else the stream would be corrupt.
-        let keep_front = conn.out_offset > 0;
-        let front = if keep_front { conn.out.pop_front() } else { None };
+        // Drop what is queued but not started; a half-written frame must be
+        // finished first or the close frame would corrupt the stream.
+        let front = if conn.out_offset > 0 {
+            conn.out.pop_front()
+        } else {
+            None
+        };
         conn.out.clear();
         conn.out_bytes = 0;
         if let Some(f) = front {
             conn.out_bytes = f.len() - conn.out_offset;
             conn.out.push_back(f);
-            self.finish_after_flush(id, true);
-        } else {
-            conn.out_offset = 0;
-            self.close_ws(id, CloseCode::SLOW_CONSUMER, "slow consumer");
         }
+        self.close_ws(id, CloseCode::SLOW_CONSUMER, "slow consumer");
     }
 
     /// Removes a connection entirely: leaves channels, closes the socket.
     pub fn drop_conn(&mut self, id: ConnId) {
-        let Some(conn) = self.conns.get(id) else { return };
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
         if matches!(conn.phase, Phase::Comet | Phase::Echo) {
-            self.metrics.websockets.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .websockets
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         let subs = conn.subs.clone();
         self.leave_all(id, &subs);
@@ -740,7 +897,9 @@ impl Shard {
     /// beyond dropping this shard's handle (hand-off keeps a duplicate).
     fn forget_conn(&mut self, id: ConnId) {
         if self.conns.remove(id).is_some() {
-            self.metrics.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -762,16 +921,23 @@ impl Shard {
 
     /// Writes as much of the queue as the socket takes.
     pub fn flush(&mut self, id: ConnId) -> Flush {
-        let Some(conn) = self.conns.get_mut(id) else { return Flush::Gone };
+        let Some(conn) = self.conns.get_mut(id) else {
+            return Flush::Gone;
+        };
         let mut written = 0u64;
         let mut failed = false;
         while !conn.out.is_empty() {
             let res = {
                 let mut slices: SmallVec<[IoSlice<'_>; 64]> = SmallVec::new();
                 for (i, f) in conn.out.iter().take(64).enumerate() {
-                    slices.push(IoSlice::new(if i == 0 { &f[conn.out_offset..] } else { &f[..] }));
+                    slices.push(IoSlice::new(if i == 0 {
+                        &f[conn.out_offset..]
+                    } else {
+                        &f[..]
+                    }));
                 }
-                conn.sock.send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL)
+                conn.sock
+                    .send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL)
             };
             match res {
                 Ok(mut n) => {
@@ -827,9 +993,13 @@ impl Shard {
         let interval = self.shared.config.ping_interval.as_secs() as u32;
         let timeout = self.shared.config.ping_timeout.as_secs() as u32;
         for id in self.conns.ids() {
-            let Some(conn) = self.conns.get_mut(id) else { continue };
+            let Some(conn) = self.conns.get_mut(id) else {
+                continue;
+            };
             match conn.phase {
-                Phase::Http if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT => self.drop_conn(id),
+                Phase::Http if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT => {
+                    self.drop_conn(id)
+                }
                 Phase::Closing { deadline } if now >= deadline => self.drop_conn(id),
                 Phase::Comet | Phase::Echo => match conn.ping_sent {
                     Some(t) if now.saturating_sub(t) >= timeout => {
@@ -861,7 +1031,9 @@ impl Shard {
         }
         for id in self.conns.ids() {
             match self.conns.get(id).map(|c| c.phase) {
-                Some(Phase::Comet | Phase::Echo) => self.close_ws(id, CloseCode::GOING_AWAY, "server shutting down"),
+                Some(Phase::Comet | Phase::Echo) => {
+                    self.close_ws(id, CloseCode::GOING_AWAY, "server shutting down")
+                }
                 Some(Phase::Http) => self.drop_conn(id),
                 _ => {}
             }

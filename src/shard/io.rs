@@ -25,18 +25,27 @@ use crate::mailbox::Inbox;
 
 /// Waits until `fd` is readable (or hung up / in error).
 async fn readable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
-    compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable)).await.0.map(|_| ())
+    compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable))
+        .await
+        .0
+        .map(|_| ())
 }
 
 async fn writable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
-    compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Writable)).await.0.map(|_| ())
+    compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Writable))
+        .await
+        .0
+        .map(|_| ())
 }
 
 /// Accepts connections on one listener until it is shut down.
 pub async fn accept_loop(listener: Arc<Socket>) {
     let fd = SharedFd::new(ListenerFd(listener.clone()));
     loop {
-        if let Err(e) = compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable)).await.0 {
+        if let Err(e) = compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable))
+            .await
+            .0
+        {
             eprintln!("comet: listener poll failed: {e}");
             compio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -172,7 +181,9 @@ pub async fn sweep_loop(shutdown_timeout: Duration) {
             deadline = Some(std::time::Instant::now() + shutdown_timeout);
         }
         if let Some(d) = deadline {
-            if with_shard(|s| s.conns.is_empty() && s.pending.is_empty()) || std::time::Instant::now() >= d {
+            if with_shard(|s| s.conns.is_empty() && s.pending.is_empty())
+                || std::time::Instant::now() >= d
+            {
                 return;
             }
             compio::time::sleep(Duration::from_millis(50)).await;

@@ -33,13 +33,28 @@ pub struct Publication {
 impl Publication {
     pub fn new(dev_id: u32, msg: ChannelMessage, exclude: Option<(usize, ConnId)>) -> Publication {
         let frame = encode_text_frame(|out| msg.encode(Delivery::default(), out));
-        Publication { dev_id, msg, frame, legacy: OnceLock::new(), exclude }
+        Publication {
+            dev_id,
+            msg,
+            frame,
+            legacy: OnceLock::new(),
+            exclude,
+        }
     }
 
     /// The frame for a client that wants `event_name` too.
     pub fn legacy_frame(&self) -> &Arc<[u8]> {
-        self.legacy
-            .get_or_init(|| encode_text_frame(|out| self.msg.encode(Delivery { legacy: true, history_marker: None }, out)))
+        self.legacy.get_or_init(|| {
+            encode_text_frame(|out| {
+                self.msg.encode(
+                    Delivery {
+                        legacy: true,
+                        history_marker: None,
+                    },
+                    out,
+                )
+            })
+        })
     }
 
     /// Size of the frame on the wire.
@@ -80,11 +95,22 @@ pub enum Reply {
 #[derive(Debug)]
 pub enum Mail {
     /// Write to local subscribers; when `req` is set, answer with the count.
-    Deliver { publication: Arc<Publication>, req: Option<(usize, u64)> },
+    Deliver {
+        publication: Arc<Publication>,
+        req: Option<(usize, u64)>,
+    },
     /// Count local subscribers of a channel.
-    Count { dev_id: u32, channel: Arc<str>, req: (usize, u64) },
+    Count {
+        dev_id: u32,
+        channel: Arc<str>,
+        req: (usize, u64),
+    },
     /// List local subscribers of a presence channel.
-    Members { dev_id: u32, channel: Arc<str>, req: (usize, u64) },
+    Members {
+        dev_id: u32,
+        channel: Arc<str>,
+        req: (usize, u64),
+    },
     /// The answer to request `req`.
     Reply { req: u64, reply: Reply },
     /// A connection whose user lives on the receiving shard.

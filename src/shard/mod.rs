@@ -40,7 +40,11 @@ pub struct Channel {
 #[derive(Debug)]
 pub enum Then {
     /// Send the `web_pipe2` delivery report to the publishing connection.
-    DeliveryReport { conn: ConnId, pipe: String, message: String },
+    DeliveryReport {
+        conn: ConnId,
+        pipe: String,
+        message: String,
+    },
     /// Answer `pipe_count`.
     PipeCount { conn: ConnId, marker: String },
     /// Answer `track_pipe_users`.
@@ -170,7 +174,11 @@ impl Shard {
             return i;
         }
         let name: Arc<str> = Arc::from(name);
-        let ch = Channel { dev_id, name: name.clone(), subs: Vec::new() };
+        let ch = Channel {
+            dev_id,
+            name: name.clone(),
+            subs: Vec::new(),
+        };
         let idx = match self.free_channels.pop() {
             Some(i) => {
                 self.channels[i as usize] = Some(ch);
@@ -181,18 +189,25 @@ impl Shard {
                 (self.channels.len() - 1) as u32
             }
         };
-        self.channel_index.entry(dev_id).or_default().insert(name, idx);
+        self.channel_index
+            .entry(dev_id)
+            .or_default()
+            .insert(name, idx);
         idx
     }
 
     /// Adds `id` to channel `name`; returns false if already subscribed.
     pub fn subscribe(&mut self, id: ConnId, dev_id: u32, name: &str) -> bool {
         let ch = self.channel_or_create(dev_id, name);
-        let Some(conn) = self.conns.get_mut(id) else { return false };
+        let Some(conn) = self.conns.get_mut(id) else {
+            return false;
+        };
         if conn.subs.iter().any(|&(c, _)| c == ch) {
             return false;
         }
-        let Some(channel) = self.channels[ch as usize].as_mut() else { return false };
+        let Some(channel) = self.channels[ch as usize].as_mut() else {
+            return false;
+        };
         conn.subs.push((ch, channel.subs.len() as u32));
         channel.subs.push(id);
         true
@@ -200,10 +215,16 @@ impl Shard {
 
     /// Removes `id` from channel index `ch` (O(1) swap-remove).
     pub fn unsubscribe(&mut self, id: ConnId, ch: u32) {
-        let Some(conn) = self.conns.get_mut(id) else { return };
-        let Some(k) = conn.subs.iter().position(|&(c, _)| c == ch) else { return };
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Some(k) = conn.subs.iter().position(|&(c, _)| c == ch) else {
+            return;
+        };
         let (_, pos) = conn.subs.swap_remove(k);
-        let Some(channel) = self.channels[ch as usize].as_mut() else { return };
+        let Some(channel) = self.channels[ch as usize].as_mut() else {
+            return;
+        };
         let pos = pos as usize;
         channel.subs.swap_remove(pos);
         if let Some(&moved) = channel.subs.get(pos)
@@ -234,7 +255,10 @@ impl Shard {
 
     /// Presence members of a channel on this shard.
     pub fn local_members(&self, dev_id: u32, name: &str) -> Vec<(u64, String)> {
-        let Some(ch) = self.find_channel(dev_id, name).and_then(|i| self.channels[i as usize].as_ref()) else {
+        let Some(ch) = self
+            .find_channel(dev_id, name)
+            .and_then(|i| self.channels[i as usize].as_ref())
+        else {
             return Vec::new();
         };
         ch.subs
@@ -247,8 +271,12 @@ impl Shard {
     /// Writes a publication to this shard's subscribers; returns how many
     /// connections it was queued to.
     pub fn deliver_local(&mut self, p: &Publication) -> u64 {
-        let Some(ch) = self.find_channel(p.dev_id, &p.msg.pipe) else { return 0 };
-        let Some(channel) = self.channels[ch as usize].as_ref() else { return 0 };
+        let Some(ch) = self.find_channel(p.dev_id, &p.msg.pipe) else {
+            return 0;
+        };
+        let Some(channel) = self.channels[ch as usize].as_ref() else {
+            return 0;
+        };
         let exclude = p.exclude.filter(|(s, _)| *s == self.id).map(|(_, c)| c);
         let limit = self.shared.config.outbound_limit;
         let mut delivered = 0u64;
@@ -257,11 +285,17 @@ impl Shard {
             if Some(id) == exclude {
                 continue;
             }
-            let Some(conn) = self.conns.get_mut(id) else { continue };
+            let Some(conn) = self.conns.get_mut(id) else {
+                continue;
+            };
             if !conn.accepts_messages() {
                 continue;
             }
-            let frame = if conn.legacy { p.legacy_frame() } else { &p.frame };
+            let frame = if conn.legacy {
+                p.legacy_frame()
+            } else {
+                &p.frame
+            };
             if conn.out_bytes + frame.len() > limit {
                 slow.push(id);
                 continue;
@@ -284,11 +318,22 @@ impl Shard {
         let p = Arc::new(p);
         let local = self.deliver_local(&p);
         let req = then.map(|then| {
-            let id = self.new_request(Pending { remaining: self.shards - 1, count: local, members: Vec::new(), then });
+            let id = self.new_request(Pending {
+                remaining: self.shards - 1,
+                count: local,
+                members: Vec::new(),
+                then,
+            });
             (self.id, id)
         });
         for to in (0..self.shards).filter(|&s| s != self.id) {
-            self.outbox.send(to, Mail::Deliver { publication: p.clone(), req });
+            self.outbox.send(
+                to,
+                Mail::Deliver {
+                    publication: p.clone(),
+                    req,
+                },
+            );
         }
         if let Some((_, id)) = req {
             self.maybe_complete(id);
@@ -309,14 +354,27 @@ impl Shard {
         } else {
             (self.local_count(dev_id, channel), Vec::new())
         };
-        let id = self.new_request(Pending { remaining: self.shards - 1, count, members: list, then });
+        let id = self.new_request(Pending {
+            remaining: self.shards - 1,
+            count,
+            members: list,
+            then,
+        });
         let channel: Arc<str> = Arc::from(channel);
         for to in (0..self.shards).filter(|&s| s != self.id) {
             let req = (self.id, id);
             let mail = if members {
-                Mail::Members { dev_id, channel: channel.clone(), req }
+                Mail::Members {
+                    dev_id,
+                    channel: channel.clone(),
+                    req,
+                }
             } else {
-                Mail::Count { dev_id, channel: channel.clone(), req }
+                Mail::Count {
+                    dev_id,
+                    channel: channel.clone(),
+                    req,
+                }
             };
             self.outbox.send(to, mail);
         }
@@ -338,16 +396,42 @@ impl Shard {
             Mail::Deliver { publication, req } => {
                 let n = self.deliver_local(&publication);
                 if let Some((from, id)) = req {
-                    self.outbox.send(from, Mail::Reply { req: id, reply: Reply::Count(n) });
+                    self.outbox.send(
+                        from,
+                        Mail::Reply {
+                            req: id,
+                            reply: Reply::Count(n),
+                        },
+                    );
                 }
             }
-            Mail::Count { dev_id, channel, req: (from, id) } => {
+            Mail::Count {
+                dev_id,
+                channel,
+                req: (from, id),
+            } => {
                 let n = self.local_count(dev_id, &channel);
-                self.outbox.send(from, Mail::Reply { req: id, reply: Reply::Count(n) });
+                self.outbox.send(
+                    from,
+                    Mail::Reply {
+                        req: id,
+                        reply: Reply::Count(n),
+                    },
+                );
             }
-            Mail::Members { dev_id, channel, req: (from, id) } => {
+            Mail::Members {
+                dev_id,
+                channel,
+                req: (from, id),
+            } => {
                 let m = self.local_members(dev_id, &channel);
-                self.outbox.send(from, Mail::Reply { req: id, reply: Reply::Members(m) });
+                self.outbox.send(
+                    from,
+                    Mail::Reply {
+                        req: id,
+                        reply: Reply::Members(m),
+                    },
+                );
             }
             Mail::Reply { req, reply } => {
                 if let Some(p) = self.pending.get_mut(&req) {

@@ -113,7 +113,9 @@ pub fn accept_key(key: &str) -> String {
 }
 
 fn has_token(value: &str, token: &str) -> bool {
-    value.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
+    value
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Parses a request head from the front of `buf`. `Ok(None)`: incomplete.
@@ -140,7 +142,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HandshakeError> {
         ..Request::default()
     };
     for h in req.headers.iter() {
-        let Ok(v) = std::str::from_utf8(h.value) else { continue };
+        let Ok(v) = std::str::from_utf8(h.value) else {
+            continue;
+        };
         let name = h.name;
         if name.eq_ignore_ascii_case("upgrade") {
             r.upgrade_websocket = has_token(v, "websocket");
@@ -152,7 +156,11 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HandshakeError> {
             r.ws_version = Some(v.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             if r.ws_protocol.is_none() {
-                r.ws_protocol = v.split(',').map(str::trim).find(|s| !s.is_empty()).map(String::from);
+                r.ws_protocol = v
+                    .split(',')
+                    .map(str::trim)
+                    .find(|s| !s.is_empty())
+                    .map(String::from);
             }
         } else if name.eq_ignore_ascii_case("origin") {
             r.origin = Some(v.to_string());
@@ -177,7 +185,10 @@ mod tests {
 
     #[test]
     fn rfc6455_accept_key_fixture() {
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
@@ -201,14 +212,26 @@ mod tests {
     #[test]
     fn bad_upgrades_name_the_missing_piece() {
         let cases: &[(&str, HandshakeError)] = &[
-            ("POST / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", HandshakeError::Method("POST".into())),
-            ("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", HandshakeError::Connection),
-            ("GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n", HandshakeError::Key),
+            (
+                "POST / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+                HandshakeError::Method("POST".into()),
+            ),
+            (
+                "GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+                HandshakeError::Connection,
+            ),
+            (
+                "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n",
+                HandshakeError::Key,
+            ),
             (
                 "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
                 HandshakeError::Version,
             ),
-            ("GET / HTTP/1.1\r\nConnection: Upgrade\r\n\r\n", HandshakeError::Upgrade),
+            (
+                "GET / HTTP/1.1\r\nConnection: Upgrade\r\n\r\n",
+                HandshakeError::Upgrade,
+            ),
         ];
         for (req, want) in cases {
             let r = parse_request(req.as_bytes()).unwrap().unwrap();
@@ -218,7 +241,10 @@ mod tests {
 
     #[test]
     fn garbage_and_oversized_heads_are_refused() {
-        assert!(matches!(parse_request(b"\x00\x01\x02 \r\n\r\n"), Err(HandshakeError::Malformed(_))));
+        assert!(matches!(
+            parse_request(b"\x00\x01\x02 \r\n\r\n"),
+            Err(HandshakeError::Malformed(_))
+        ));
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.resize(MAX_HEAD + 10, b'a');
         assert_eq!(parse_request(&big), Err(HandshakeError::TooLarge));
