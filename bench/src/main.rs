@@ -64,9 +64,20 @@ fn main() {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Idle { conns, channels } => idle(&cli.server, cli.pid, cli.sources, conns, channels),
-        Cmd::Fanout { subs, messages, window, threads } => {
-            fanout(&cli.server, cli.pid, cli.sources, subs, messages, window, threads)
-        }
+        Cmd::Fanout {
+            subs,
+            messages,
+            window,
+            threads,
+        } => fanout(
+            &cli.server,
+            cli.pid,
+            cli.sources,
+            subs,
+            messages,
+            window,
+            threads,
+        ),
     }
 }
 
@@ -135,7 +146,9 @@ fn parse_frame(b: &[u8]) -> Option<(usize, usize)> {
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
 }
 
 /// utime + stime of a process in seconds.
@@ -154,7 +167,9 @@ fn kernel_mem_kib() -> (u64, u64) {
         .and_then(|s| {
             s.lines().find(|l| l.starts_with("TCP:")).and_then(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                f.iter().position(|x| *x == "mem").and_then(|i| f.get(i + 1)?.parse::<u64>().ok())
+                f.iter()
+                    .position(|x| *x == "mem")
+                    .and_then(|i| f.get(i + 1)?.parse::<u64>().ok())
             })
         })
         .unwrap_or(0);
@@ -181,7 +196,9 @@ fn idle(server: &SocketAddr, pid: Option<u32>, sources: u8, conns: usize, channe
         let source = 1 + (i % sources.max(1) as usize) as u8;
         match open_ws(server, source, &format!("i{i}")) {
             Ok(mut s) => {
-                let names: Vec<String> = (0..channels).map(|k| format!("web_idle_{}", (i + k * 7) % 100)).collect();
+                let names: Vec<String> = (0..channels)
+                    .map(|k| format!("web_idle_{}", (i + k * 7) % 100))
+                    .collect();
                 if send_text(&mut s, &format!("subscription\n{}", names.join("\n"))).is_err() {
                     failed += 1;
                     continue;
@@ -200,14 +217,34 @@ fn idle(server: &SocketAddr, pid: Option<u32>, sources: u8, conns: usize, channe
     let rss1 = rss_kib(pid).unwrap_or(0);
     let (tcp1, slab1) = kernel_mem_kib();
     let n = held.len().max(1) as f64;
-    println!("idle: {} connections held ({failed} failed to open), {channels} channels each, opened in {open_secs:.1}s", held.len());
-    println!("  server RSS: {rss0} KiB -> {rss1} KiB: {:.0} bytes per connection (user space)", (rss1 as f64 - rss0 as f64) * 1024.0 / n);
-    println!("  kernel TCP socket memory (sockstat mem): {tcp0} -> {tcp1} KiB: {:.0} bytes per connection (both ends)", (tcp1 as f64 - tcp0 as f64) * 1024.0 / n);
-    println!("  kernel SUnreclaim (socket structs etc.): {slab0} -> {slab1} KiB: {:.0} bytes per connection (both ends)", (slab1 as f64 - slab0 as f64) * 1024.0 / n);
+    println!(
+        "idle: {} connections held ({failed} failed to open), {channels} channels each, opened in {open_secs:.1}s",
+        held.len()
+    );
+    println!(
+        "  server RSS: {rss0} KiB -> {rss1} KiB: {:.0} bytes per connection (user space)",
+        (rss1 as f64 - rss0 as f64) * 1024.0 / n
+    );
+    println!(
+        "  kernel TCP socket memory (sockstat mem): {tcp0} -> {tcp1} KiB: {:.0} bytes per connection (both ends)",
+        (tcp1 as f64 - tcp0 as f64) * 1024.0 / n
+    );
+    println!(
+        "  kernel SUnreclaim (socket structs etc.): {slab0} -> {slab1} KiB: {:.0} bytes per connection (both ends)",
+        (slab1 as f64 - slab0 as f64) * 1024.0 / n
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
-fn fanout(server: &SocketAddr, pid: Option<u32>, sources: u8, subs: usize, messages: usize, window: usize, threads: usize) {
+fn fanout(
+    server: &SocketAddr,
+    pid: Option<u32>,
+    sources: u8,
+    subs: usize,
+    messages: usize,
+    window: usize,
+    threads: usize,
+) {
     let channel = "web_fanout";
     let mut socks = Vec::with_capacity(subs);
     let mut failed = 0usize;
@@ -228,12 +265,17 @@ fn fanout(server: &SocketAddr, pid: Option<u32>, sources: u8, subs: usize, messa
         send_text(&mut publisher, &format!("pipe_count\n{channel}\nm\n")).expect("send");
         let f = read_frame(&mut publisher).expect("pipe_count answer");
         let text = String::from_utf8_lossy(&f);
-        if text.contains(&format!("\"user_in_pipe\":{}}}", socks.len())) || Instant::now() > deadline {
+        if text.contains(&format!("\"user_in_pipe\":{}}}", socks.len()))
+            || Instant::now() > deadline
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("fanout: {} subscribers ({failed} failed to open)", socks.len());
+    eprintln!(
+        "fanout: {} subscribers ({failed} failed to open)",
+        socks.len()
+    );
     let expected = socks.len() as u64 * messages as u64;
     let per = socks.len().div_ceil(threads.max(1));
     let start = Instant::now();
@@ -255,7 +297,11 @@ fn fanout(server: &SocketAddr, pid: Option<u32>, sources: u8, subs: usize, messa
     while reports < messages {
         while sent < messages && in_flight < window {
             let ts = start.elapsed().as_micros();
-            send_text(&mut publisher, &format!("web_pipe2\n{channel}\nbench\n*\n{ts}")).expect("publish");
+            send_text(
+                &mut publisher,
+                &format!("web_pipe2\n{channel}\nbench\n*\n{ts}"),
+            )
+            .expect("publish");
             sent += 1;
             in_flight += 1;
         }
@@ -278,11 +324,25 @@ fn fanout(server: &SocketAddr, pid: Option<u32>, sources: u8, subs: usize, messa
         _ => None,
     };
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
-    println!("fanout: {messages} messages x {} subscribers, window {window}", expected / messages.max(1) as u64);
-    println!("  delivered {received} of {expected} (loss {}) in {secs:.2}s: {:.0} deliveries/s", expected - received.min(expected), received as f64 / secs);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "fanout: {messages} messages x {} subscribers, window {window}",
+        expected / messages.max(1) as u64
+    );
+    println!(
+        "  delivered {received} of {expected} (loss {}) in {secs:.2}s: {:.0} deliveries/s",
+        expected - received.min(expected),
+        received as f64 / secs
+    );
     if let Some(c) = cpu {
-        println!("  server CPU {c:.2}s: {:.2} CPU-seconds per million deliveries", c / (received.max(1) as f64 / 1e6));
+        println!(
+            "  server CPU {c:.2}s: {:.2} CPU-seconds per million deliveries",
+            c / (received.max(1) as f64 / 1e6)
+        );
     }
     println!(
         "  latency publish->receipt: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
@@ -321,8 +381,8 @@ fn read_all(socks: Vec<TcpStream>, want: u64, start: Instant) -> (u64, Vec<u32>)
     let mut bufs: HashMap<usize, Vec<u8>> = HashMap::new();
     for (i, s) in socks.iter().enumerate() {
         s.set_nonblocking(true).expect("nonblocking");
-XX
-        // delete the source before closing it; we delete below.
+        // SAFETY: each socket outlives its registration: every source is
+        // deleted from the poller below, before `socks` is dropped.
         unsafe { poller.add(s, polling::Event::readable(i)) }.expect("register");
     }
     let mut got = 0u64;
@@ -333,7 +393,9 @@ XX
     let mut last_progress = Instant::now();
     while got < want && last_progress.elapsed() < Duration::from_secs(30) {
         events.clear();
-        poller.wait(&mut events, Some(Duration::from_millis(200))).expect("wait");
+        poller
+            .wait(&mut events, Some(Duration::from_millis(200)))
+            .expect("wait");
         for ev in events.iter() {
             let i = ev.key;
             let mut s = &socks[i];
@@ -349,7 +411,7 @@ XX
                             got += 1;
                             sample += 1;
                             // Latency of every 8th message keeps memory small.
-                            if sample % 8 == 0
+                            if sample.is_multiple_of(8)
                                 && let Some(ts) = payload_ts(payload)
                             {
                                 let now = start.elapsed().as_micros() as u64;
@@ -364,7 +426,9 @@ XX
                     Err(_) => break,
                 }
             }
-            poller.modify(s, polling::Event::readable(i)).expect("rearm");
+            poller
+                .modify(s, polling::Event::readable(i))
+                .expect("rearm");
         }
     }
     for s in &socks {
@@ -377,6 +441,10 @@ XX
 fn payload_ts(p: &[u8]) -> Option<u64> {
     let key = b"\"data\":\"";
     let at = p.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits: Vec<u8> = p[at..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
+    let digits: Vec<u8> = p[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .copied()
+        .collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }

@@ -55,9 +55,21 @@ pub enum Phase {
 pub struct ClientInfo(Box<str>);
 
 impl ClientInfo {
-    pub fn new(origin: Option<&str>, user_agent: Option<&str>, language: Option<&str>) -> ClientInfo {
+    pub fn new(
+        origin: Option<&str>,
+        user_agent: Option<&str>,
+        language: Option<&str>,
+    ) -> ClientInfo {
         let clean = |s: Option<&str>| s.unwrap_or("").replace('\0', "");
-        ClientInfo(format!("{}\0{}\0{}", clean(origin), clean(user_agent), clean(language)).into_boxed_str())
+        ClientInfo(
+            format!(
+                "{}\0{}\0{}",
+                clean(origin),
+                clean(user_agent),
+                clean(language)
+            )
+            .into_boxed_str(),
+        )
     }
 
     fn field(&self, i: usize) -> &str {
@@ -1075,6 +1087,9 @@ mod tests {
     #[test]
     fn client_info_keeps_three_fields_in_one_allocation() {
         let i = ClientInfo::new(Some("https://a.example"), None, Some("de\0-DE"));
-        assert_eq!((i.origin(), i.user_agent(), i.language()), ("https://a.example", "", "de-DE"));
+        assert_eq!(
+            (i.origin(), i.user_agent(), i.language()),
+            ("https://a.example", "", "de-DE")
+        );
     }
 }
