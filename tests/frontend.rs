@@ -430,22 +430,7 @@ fn auto_falls_back_to_epoll_when_seccomp_forbids_io_uring() {
 fn uring_refuses_to_start_when_io_uring_is_forbidden() {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
     cmd.args(["--io", "uring", "--frontend", "127.0.0.1:0"]);
-    let filter: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
-        vec![(libc::SYS_io_uring_setup, vec![])]
-            .into_iter()
-            .collect(),
-        seccompiler::SeccompAction::Allow,
-        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
-        std::env::consts::ARCH.try_into().unwrap(),
-    )
-    .unwrap()
-    .try_into()
-    .unwrap();
-    use std::os::unix::process::CommandExt;
-    // SAFETY: only the seccomp syscalls run between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || seccompiler::apply_filter(&filter).map_err(std::io::Error::other));
-    }
+    common::forbid_io_uring(&mut cmd);
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -40,24 +40,7 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if forbid_uring.is_some() {
-            let filter: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
-                vec![(libc::SYS_io_uring_setup, vec![])]
-                    .into_iter()
-                    .collect(),
-                seccompiler::SeccompAction::Allow,
-                seccompiler::SeccompAction::Errno(libc::EPERM as u32),
-                std::env::consts::ARCH.try_into().expect("supported arch"),
-            )
-            .expect("filter")
-            .try_into()
-            .expect("bpf");
-            // SAFETY: runs in the forked child before exec; it only makes the
-            // prctl/seccomp syscalls on an already-built program, no allocation.
-            unsafe {
-                cmd.pre_exec(move || {
-                    seccompiler::apply_filter(&filter).map_err(std::io::Error::other)
-                });
-            }
+            forbid_io_uring(&mut cmd);
         }
         let mut child = cmd.spawn().expect("start comet");
         let stderr = child.stderr.take().unwrap();
@@ -136,6 +119,27 @@ impl Server {
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
+    }
+}
+
+/// Makes `io_uring_setup` fail with EPERM in the child, as Docker's default
+/// seccomp profile does.
+pub fn forbid_io_uring(cmd: &mut Command) {
+    let filter: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
+        vec![(libc::SYS_io_uring_setup, vec![])]
+            .into_iter()
+            .collect(),
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        std::env::consts::ARCH.try_into().expect("supported arch"),
+    )
+    .expect("filter")
+    .try_into()
+    .expect("bpf");
+    // SAFETY: runs in the forked child before exec; it only makes the
+    // prctl/seccomp syscalls on an already-built program, no allocation.
+    unsafe {
+        cmd.pre_exec(move || seccompiler::apply_filter(&filter).map_err(std::io::Error::other));
     }
 }
 
