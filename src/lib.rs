@@ -18,6 +18,7 @@
 //! - [`http`]: plain HTTP routes on the frontend port.
 //! - [`metrics`]: counters and the Prometheus rendering.
 
+pub mod cometql;
 pub mod config;
 pub mod frontend;
 pub mod http;

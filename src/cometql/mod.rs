@@ -1,0 +1,15 @@
+//! CometQL: the backend API, a small SQL dialect over the MySQL client/server
+//! protocol (PROTOCOL.md §4), so any MySQL driver is a comet client.
+//!
+//! Everything here is sans-IO: `packet` frames and encodes MySQL packets,
+//! `session` runs the handshake, authentication and command dispatch,
+//! `lexer` and `parser` read the dialect, `tables` describes the tables and
+//! `exec` turns a statement into a [`exec::Plan`]. The shard glue that carries
+//! plans out across shards is `shard::sql`.
+
+pub mod exec;
+pub mod lexer;
+pub mod packet;
+pub mod parser;
+pub mod session;
+pub mod tables;

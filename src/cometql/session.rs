@@ -1,0 +1,386 @@
+//! One CometQL connection's protocol state, sans-IO: the handshake and
+//! authentication, then commands. Packets go in; [`Event`]s come out for the
+//! shard glue, which executes queries and hands results back to
+//! [`encode_results`]. Every reply is an event, even the immediate ones, so
+//! the glue can keep pipelined answers in order behind a slow query.
+
+use super::exec::{StmtResult, database_dev};
+use super::packet::{self, CLIENT_DEPRECATE_EOF, CLIENT_MULTI_STATEMENTS, CLIENT_SSL, Frame};
+use super::parser::{ParseError, Statement, parse};
+
+/// Where the connection is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Greeting sent; waiting for the HandshakeResponse.
+    Greeting,
+    /// AuthSwitchRequest sent; waiting for a native scramble.
+    Switch { user: String, dev: u32, database: Option<String> },
+    /// Authenticated.
+    Command,
+    Closed,
+}
+
+/// What the glue must do after a packet.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Bytes to send in this position of the answer order.
+    Reply(Vec<u8>),
+    /// A COM_QUERY's statements to execute, answered in this position.
+    Query(Vec<Statement>),
+    /// Close after what is queued has been sent.
+    Close,
+}
+
+/// Passwords per dev_id, as the session needs them.
+pub trait Passwords {
+    fn password(&self, dev_id: u32) -> &str;
+}
+
+/// One CometQL connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    pub connection_id: u32,
+    nonce: [u8; 20],
+    phase: Phase,
+    /// Capabilities both sides have.
+    pub capabilities: u32,
+    /// The dev_id the login authenticated for.
+    pub login_dev: u32,
+    /// The dev_id queries act on (changed by `db_N`).
+    pub dev_id: u32,
+    pub database: String,
+}
+
+impl Session {
+    /// A new session; `nonce` must be random (20 bytes, no NUL).
+    pub fn new(connection_id: u32, nonce: [u8; 20]) -> Session {
+        Session {
+            connection_id,
+            nonce,
+            phase: Phase::Greeting,
+            capabilities: 0,
+            login_dev: 0,
+            dev_id: 0,
+            database: "CometQL_v1".into(),
+        }
+    }
+
+    /// The greeting to send first.
+    pub fn greeting(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(100);
+        packet::write_packet(&mut out, 0, &packet::greeting(self.connection_id, &self.nonce));
+        out
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.phase == Phase::Command
+    }
+
+    pub fn deprecate_eof(&self) -> bool {
+        self.capabilities & CLIENT_DEPRECATE_EOF != 0
+    }
+
+    /// Whether the login's password also opens dev_id `dev`.
+    pub fn may_use_dev(&self, dev: u32, pw: &dyn Passwords) -> bool {
+        dev == self.login_dev || pw.password(dev) == pw.password(self.login_dev)
+    }
+
+    /// Switches to a dev_id and database name (after `USE` or COM_INIT_DB).
+    pub fn use_db(&mut self, dev_id: u32, name: &str) {
+        self.dev_id = dev_id;
+        self.database = name.to_string();
+    }
+
+    /// Handles one packet.
+    pub fn on_packet(&mut self, f: Frame, pw: &dyn Passwords) -> Vec<Event> {
+        match std::mem::replace(&mut self.phase, Phase::Closed) {
+            Phase::Greeting => self.on_handshake(f, pw),
+            Phase::Switch { user, dev, database } => {
+                if packet::verify(packet::NATIVE, pw.password(dev), &self.nonce, &f.payload) {
+                    self.finish_auth(&user, dev, database, f.seq.wrapping_add(1), pw)
+                } else {
+                    self.deny(&user, f.seq.wrapping_add(1), !f.payload.is_empty())
+                }
+            }
+            Phase::Command => {
+                self.phase = Phase::Command;
+                self.on_command(f, pw)
+            }
+            Phase::Closed => vec![Event::Close],
+        }
+    }
+
+    fn deny(&mut self, user: &str, seq: u8, with_password: bool) -> Vec<Event> {
+        self.phase = Phase::Closed;
+        let yes = if with_password { "YES" } else { "NO" };
+        vec![
+            Event::Reply(one(seq, &packet::err(16, &format!("Access denied for user '{user}' (using password: {yes})")))),
+            Event::Close,
+        ]
+    }
+
+    fn on_handshake(&mut self, f: Frame, pw: &dyn Passwords) -> Vec<Event> {
+        let seq = f.seq.wrapping_add(1);
+        let Some(r) = packet::parse_handshake_response(&f.payload) else {
+            self.phase = Phase::Closed;
+            let msg = if f.payload.len() >= 4
+                && u32::from_le_bytes([f.payload[0], f.payload[1], f.payload[2], f.payload[3]]) & CLIENT_SSL != 0
+            {
+                "TLS is not enabled on this port: connect without SSL"
+            } else {
+                "Malformed handshake response"
+            };
+            return vec![Event::Reply(one(seq, &packet::err(3, msg))), Event::Close];
+        };
+        self.capabilities = r.capabilities & packet::SERVER_CAPABILITIES;
+        let dev = match r.user.as_str() {
+            "root" | "0" => 0,
+            u => match u.parse::<u32>() {
+                Ok(n) => n,
+                Err(_) => return self.deny(&r.user, seq, !r.auth.is_empty()),
+            },
+        };
+        let plugin = r.plugin.as_deref().unwrap_or(packet::NATIVE);
+        match plugin {
+            packet::NATIVE | packet::CACHING_SHA2 => {
+                if !packet::verify(plugin, pw.password(dev), &self.nonce, &r.auth) {
+                    return self.deny(&r.user, seq, !r.auth.is_empty());
+                }
+                let mut events = Vec::new();
+                let mut seq = seq;
+                if plugin == packet::CACHING_SHA2 {
+                    events.push(Event::Reply(one(seq, &packet::FAST_AUTH_OK)));
+                    seq = seq.wrapping_add(1);
+                }
+                events.extend(self.finish_auth(&r.user, dev, r.database, seq, pw));
+                events
+            }
+            _ => {
+                self.phase = Phase::Switch { user: r.user, dev, database: r.database };
+                vec![Event::Reply(one(seq, &packet::auth_switch(&self.nonce)))]
+            }
+        }
+    }
+
+    fn finish_auth(&mut self, user: &str, dev: u32, database: Option<String>, seq: u8, pw: &dyn Passwords) -> Vec<Event> {
+        self.login_dev = dev;
+        self.dev_id = dev;
+        if let Some(db) = database {
+            match database_dev(&db, dev) {
+                Some(d) if self.may_use_dev(d, pw) => self.use_db(d, &db),
+                Some(_) => {
+                    self.phase = Phase::Closed;
+                    let e = packet::err(403, &format!("Access denied for user '{user}' to database '{db}'"));
+                    return vec![Event::Reply(one(seq, &e)), Event::Close];
+                }
+                None => {
+                    self.phase = Phase::Closed;
+                    let e = packet::err(15, &format!("Unknown database '{db}': use CometQL_v1 or db_N"));
+                    return vec![Event::Reply(one(seq, &e)), Event::Close];
+                }
+            }
+        }
+        self.phase = Phase::Command;
+        vec![Event::Reply(one(seq, &packet::ok(0, 0, packet::SERVER_STATUS_AUTOCOMMIT, "")))]
+    }
+
+    fn on_command(&mut self, f: Frame, pw: &dyn Passwords) -> Vec<Event> {
+        let ok = || Event::Reply(one(1, &packet::ok(0, 0, packet::SERVER_STATUS_AUTOCOMMIT, "")));
+        let Some((&cmd, body)) = f.payload.split_first() else {
+            return vec![Event::Reply(one(1, &packet::err(1047, "Unknown command (empty packet)")))];
+        };
+        match cmd {
+            0x01 => {
+                self.phase = Phase::Closed;
+                vec![Event::Close]
+            }
+            0x02 => {
+                let db = String::from_utf8_lossy(body).into_owned();
+                match database_dev(&db, self.login_dev) {
+                    Some(d) if self.may_use_dev(d, pw) => {
+                        self.use_db(d, &db);
+                        vec![ok()]
+                    }
+                    Some(_) => vec![Event::Reply(one(1, &packet::err(403, &format!("Access denied to database '{db}' with this login"))))],
+                    None => vec![Event::Reply(one(1, &packet::err(15, &format!("Unknown database '{db}': use CometQL_v1 or db_N"))))],
+                }
+            }
+            0x03 => {
+                let Ok(sql) = std::str::from_utf8(body) else {
+                    return vec![Event::Reply(one(1, &packet::err(3, "Query is not valid UTF-8")))];
+                };
+                match parse(sql) {
+                    Ok(st) if st.len() > 1 && self.capabilities & CLIENT_MULTI_STATEMENTS == 0 => vec![Event::Reply(one(
+                        1,
+                        &packet::err(3, "Several statements in one query need the CLIENT_MULTI_STATEMENTS option"),
+                    ))],
+                    Ok(st) if st.is_empty() => vec![Event::Reply(one(1, &packet::err(3, "Query was empty")))],
+                    Ok(st) => vec![Event::Query(st)],
+                    Err(ParseError { code, message }) => vec![Event::Reply(one(1, &packet::err(code, &message)))],
+                }
+            }
+            0x04 => {
+                // COM_FIELD_LIST: no columns, just the terminator.
+                let term = if self.deprecate_eof() {
+                    packet::ok_eof(packet::SERVER_STATUS_AUTOCOMMIT)
+                } else {
+                    packet::eof(packet::SERVER_STATUS_AUTOCOMMIT)
+                };
+                vec![Event::Reply(one(1, &term))]
+            }
+            0x0E | 0x1F => vec![ok()],
+            other => vec![Event::Reply(one(1, &packet::err(1047, &format!("Unknown command {other:#04x}"))))],
+        }
+    }
+}
+
+/// One packet's bytes with sequence `seq`.
+pub fn one(seq: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    packet::write_packet(&mut out, seq, payload);
+    out
+}
+
+/// Encodes the results of one COM_QUERY (several with multi-statements),
+/// with sequence numbers running on from 1 and MORE_RESULTS on all but the
+/// last. Execution stops at the first error, so an error is always last.
+pub fn encode_results(results: &[StmtResult], deprecate_eof: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut seq = 1u8;
+    for (i, r) in results.iter().enumerate() {
+        let more = if i + 1 < results.len() { packet::SERVER_MORE_RESULTS_EXISTS } else { 0 };
+        let status = packet::SERVER_STATUS_AUTOCOMMIT | more;
+        seq = match r {
+            StmtResult::Ok { affected, last_insert_id } => {
+                packet::write_packet(&mut out, seq, &packet::ok(*affected, *last_insert_id, status, ""))
+            }
+            StmtResult::Err(code, msg) => packet::write_packet(&mut out, seq, &packet::err(*code, msg)),
+            StmtResult::Rows(rs) => packet::write_result_set_from(&mut out, seq, rs, deprecate_eof, status),
+        };
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Pw;
+    impl Passwords for Pw {
+        fn password(&self, dev: u32) -> &str {
+            if dev == 7 { "seven" } else { "comet" }
+        }
+    }
+
+    fn response(user: &str, auth: &[u8], plugin: Option<&str>, db: Option<&str>, caps_extra: u32) -> Frame {
+        let mut caps = packet::CLIENT_PROTOCOL_41 | packet::CLIENT_SECURE_CONNECTION | caps_extra;
+        if plugin.is_some() {
+            caps |= packet::CLIENT_PLUGIN_AUTH;
+        }
+        if db.is_some() {
+            caps |= packet::CLIENT_CONNECT_WITH_DB;
+        }
+        let mut p = Vec::new();
+        p.extend_from_slice(&caps.to_le_bytes());
+        p.extend_from_slice(&[0, 0, 0, 1, 45]);
+        p.extend_from_slice(&[0; 23]);
+        p.extend_from_slice(user.as_bytes());
+        p.push(0);
+        p.push(auth.len() as u8);
+        p.extend_from_slice(auth);
+        if let Some(d) = db {
+            p.extend_from_slice(d.as_bytes());
+            p.push(0);
+        }
+        if let Some(pl) = plugin {
+            p.extend_from_slice(pl.as_bytes());
+            p.push(0);
+        }
+        Frame { seq: 1, payload: p, consumed: 0 }
+    }
+
+    fn first_byte_of_reply(e: &Event) -> u8 {
+        match e {
+            Event::Reply(b) => b[4],
+            other => panic!("not a reply: {other:?}"),
+        }
+    }
+
+    const NONCE: [u8; 20] = *b"abcdefghijklmnopqrst";
+
+    #[test]
+    fn native_login_succeeds_and_wrong_password_is_error_16() {
+        let mut s = Session::new(1, NONCE);
+        let ok = s.on_packet(response("root", &packet::native_scramble(b"comet", &NONCE), Some(packet::NATIVE), None, 0), &Pw);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(first_byte_of_reply(&ok[0]), 0x00);
+        assert!(s.is_authenticated());
+        let mut s = Session::new(1, NONCE);
+        let bad = s.on_packet(response("root", &packet::native_scramble(b"nope", &NONCE), Some(packet::NATIVE), None, 0), &Pw);
+        let Event::Reply(b) = &bad[0] else { panic!() };
+        assert_eq!(&b[4..7], &[0xFF, 16, 0]);
+        assert_eq!(bad[1], Event::Close);
+    }
+
+    #[test]
+    fn caching_sha2_fast_path_then_ok() {
+        let mut s = Session::new(1, NONCE);
+        let ev = s.on_packet(response("7", &packet::sha2_scramble(b"seven", &NONCE), Some(packet::CACHING_SHA2), None, 0), &Pw);
+        assert_eq!(ev[0], Event::Reply(one(2, &packet::FAST_AUTH_OK)));
+        assert_eq!(first_byte_of_reply(&ev[1]), 0x00);
+        let Event::Reply(b) = &ev[1] else { panic!() };
+        assert_eq!(b[3], 3, "OK follows with sequence 3");
+        assert_eq!((s.login_dev, s.dev_id), (7, 7));
+    }
+
+    #[test]
+    fn other_plugins_get_switched_to_native() {
+        let mut s = Session::new(1, NONCE);
+        let ev = s.on_packet(response("root", b"xx", Some("sha256_password"), None, 0), &Pw);
+        assert_eq!(first_byte_of_reply(&ev[0]), 0xFE);
+        let ev = s.on_packet(Frame { seq: 3, payload: packet::native_scramble(b"comet", &NONCE).to_vec(), consumed: 0 }, &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert_eq!((b[3], b[4]), (4, 0x00));
+    }
+
+    #[test]
+    fn empty_password_and_unknown_user_are_refused() {
+        let mut s = Session::new(1, NONCE);
+        let ev = s.on_packet(response("root", b"", Some(packet::NATIVE), None, 0), &Pw);
+        assert_eq!(first_byte_of_reply(&ev[0]), 0xFF);
+        let mut s = Session::new(1, NONCE);
+        let ev = s.on_packet(response("admin", b"x", Some(packet::NATIVE), None, 0), &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert!(String::from_utf8_lossy(b).contains("'admin'"));
+    }
+
+    #[test]
+    fn database_at_connect_and_multi_statement_gate() {
+        let mut s = Session::new(1, NONCE);
+        let auth = packet::native_scramble(b"comet", &NONCE);
+        s.on_packet(response("root", &auth, Some(packet::NATIVE), Some("db_3"), 0), &Pw);
+        assert_eq!((s.dev_id, s.database.as_str()), (3, "db_3"));
+        let q = |sql: &str| Frame { seq: 0, payload: [&[0x03][..], sql.as_bytes()].concat(), consumed: 0 };
+        let ev = s.on_packet(q("SELECT 1; SELECT 2"), &Pw);
+        assert_eq!(first_byte_of_reply(&ev[0]), 0xFF);
+        assert!(matches!(s.on_packet(q("SELECT 1"), &Pw)[0], Event::Query(_)));
+        // db_7 has another password: refused.
+        let ev = s.on_packet(Frame { seq: 0, payload: b"\x02db_7".to_vec(), consumed: 0 }, &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert_eq!(&b[4..7], &[0xFF, 0x93, 0x01]);
+        let ev = s.on_packet(Frame { seq: 0, payload: vec![0x09], consumed: 0 }, &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert_eq!(&b[4..7], &[0xFF, 0x17, 0x04], "1047 for unknown commands");
+    }
+
+    #[test]
+    fn multi_results_continue_sequence_and_flag_more() {
+        let r = vec![StmtResult::Ok { affected: 1, last_insert_id: 0 }, StmtResult::Ok { affected: 2, last_insert_id: 0 }];
+        let b = encode_results(&r, false);
+        let f1 = packet::read_frame(&b, 100).unwrap().unwrap();
+        let f2 = packet::read_frame(&b[f1.consumed..], 100).unwrap().unwrap();
+        assert_eq!((f1.seq, f2.seq), (1, 2));
+        assert_eq!(u16::from_le_bytes([f1.payload[3], f1.payload[4]]) & packet::SERVER_MORE_RESULTS_EXISTS, 8);
+        assert_eq!(u16::from_le_bytes([f2.payload[3], f2.payload[4]]) & packet::SERVER_MORE_RESULTS_EXISTS, 0);
+    }
+}
