@@ -80,6 +80,9 @@ pub struct Cli {
     /// Node name reported by /info [default: the host name].
     #[arg(long, env = "COMET_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Largest CometQL query in bytes; larger ones get error 11 [default: 1048576].
+    #[arg(long, env = "COMET_MAX_QUERY_SIZE")]
+    pub max_query_size: Option<usize>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -100,6 +103,9 @@ pub struct FileConfig {
     pub shutdown_timeout: Option<u64>,
     pub max_subscriptions: Option<usize>,
     pub node_name: Option<String>,
+    pub max_query_size: Option<usize>,
+    /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
+    pub passwords: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Why the configuration cannot be used.
@@ -130,6 +136,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub max_subscriptions: usize,
     pub node_name: String,
+    pub max_query_size: usize,
+    /// Passwords of dev_ids that do not use `password`.
+    pub dev_passwords: std::collections::BTreeMap<u32, String>,
 }
 
 impl Default for Config {
@@ -151,6 +160,8 @@ impl Default for Config {
             node_name: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "comet".to_string()),
+            max_query_size: 1024 * 1024,
+            dev_passwords: Default::default(),
         }
     }
 }
@@ -160,14 +171,9 @@ impl Config {
     pub fn load(cli: Cli) -> Result<Config, ConfigError> {
         let file = match &cli.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
-                    path: path.clone(),
-                    err,
-                })?;
-                toml::from_str::<FileConfig>(&text).map_err(|err| ConfigError::Parse {
-                    path: path.clone(),
-                    err,
-                })?
+                let text =
+                    std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: path.clone(), err })?;
+                toml::from_str::<FileConfig>(&text).map_err(|err| ConfigError::Parse { path: path.clone(), err })?
             }
             None => FileConfig::default(),
         };
@@ -180,41 +186,34 @@ impl Config {
             shards: cli.shards.or(file.shards).unwrap_or(d.shards),
             io: cli.io.or(file.io).unwrap_or(d.io),
             echo_path: cli.echo_path.or(file.echo_path).filter(|p| !p.is_empty()),
-            max_message_size: cli
-                .max_message_size
-                .or(file.max_message_size)
-                .unwrap_or(d.max_message_size),
+            max_message_size: cli.max_message_size.or(file.max_message_size).unwrap_or(d.max_message_size),
             max_outbound_message: cli
                 .max_outbound_message
                 .or(file.max_outbound_message)
                 .unwrap_or(d.max_outbound_message),
-            ping_interval: cli
-                .ping_interval
-                .or(file.ping_interval)
-                .map_or(d.ping_interval, secs),
-            ping_timeout: cli
-                .ping_timeout
-                .or(file.ping_timeout)
-                .map_or(d.ping_timeout, secs),
-            outbound_limit: cli
-                .outbound_limit
-                .or(file.outbound_limit)
-                .unwrap_or(d.outbound_limit),
-            shutdown_timeout: cli
-                .shutdown_timeout
-                .or(file.shutdown_timeout)
-                .map_or(d.shutdown_timeout, secs),
-            max_subscriptions: cli
-                .max_subscriptions
-                .or(file.max_subscriptions)
-                .unwrap_or(d.max_subscriptions),
+            ping_interval: cli.ping_interval.or(file.ping_interval).map_or(d.ping_interval, secs),
+            ping_timeout: cli.ping_timeout.or(file.ping_timeout).map_or(d.ping_timeout, secs),
+            outbound_limit: cli.outbound_limit.or(file.outbound_limit).unwrap_or(d.outbound_limit),
+            shutdown_timeout: cli.shutdown_timeout.or(file.shutdown_timeout).map_or(d.shutdown_timeout, secs),
+            max_subscriptions: cli.max_subscriptions.or(file.max_subscriptions).unwrap_or(d.max_subscriptions),
             node_name: cli.node_name.or(file.node_name).unwrap_or(d.node_name),
+            max_query_size: cli.max_query_size.or(file.max_query_size).unwrap_or(d.max_query_size),
+            dev_passwords: parse_passwords(file.passwords.unwrap_or_default())?,
         };
         c.validate()?;
         Ok(c)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.dev_passwords.values().any(String::is_empty) {
+            return Err(ConfigError::Invalid("[passwords]: a dev_id password must not be empty".into()));
+        }
+        if self.max_query_size < 1024 || self.max_query_size > 64 << 20 {
+            return Err(ConfigError::Invalid(format!(
+                "max-query-size must be 1024..=67108864 bytes, got {}",
+                self.max_query_size
+            )));
+        }
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.shards == 0 || self.shards > 256 {
             return bad(format!("shards must be 1..=256, got {}", self.shards));
@@ -232,16 +231,10 @@ impl Config {
             }
         }
         if self.max_message_size < 125 {
-            return bad(format!(
-                "max-message-size must be at least 125 bytes, got {}",
-                self.max_message_size
-            ));
+            return bad(format!("max-message-size must be at least 125 bytes, got {}", self.max_message_size));
         }
         if self.outbound_limit < self.max_outbound_message.min(64 * 1024) {
-            return bad(format!(
-                "outbound-limit {} is too small",
-                self.outbound_limit
-            ));
+            return bad(format!("outbound-limit {} is too small", self.outbound_limit));
         }
         if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
             return bad("ping-interval and ping-timeout must be at least 1 second".into());
@@ -253,6 +246,18 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn parse_passwords(
+    m: std::collections::BTreeMap<String, String>,
+) -> Result<std::collections::BTreeMap<u32, String>, ConfigError> {
+    m.into_iter()
+        .map(|(k, v)| {
+            k.parse::<u32>()
+                .map(|d| (d, v))
+                .map_err(|_| ConfigError::Invalid(format!("[passwords]: '{k}' is not a dev_id (a number)")))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -269,17 +274,11 @@ mod tests {
 
     #[test]
     fn default_password_on_public_address_is_refused() {
-        let cli = Cli {
-            frontend: Some("0.0.0.0:8087".parse().unwrap()),
-            ..Cli::default()
-        };
+        let cli = Cli { frontend: Some("0.0.0.0:8087".parse().unwrap()), ..Cli::default() };
         let e = Config::load(cli).unwrap_err().to_string();
         assert!(e.contains("0.0.0.0:8087"), "{e}");
-        let cli = Cli {
-            frontend: Some("0.0.0.0:8087".parse().unwrap()),
-            password: Some("s3cret".into()),
-            ..Cli::default()
-        };
+        let cli =
+            Cli { frontend: Some("0.0.0.0:8087".parse().unwrap()), password: Some("s3cret".into()), ..Cli::default() };
         assert!(Config::load(cli).is_ok());
     }
 
@@ -289,23 +288,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
         std::fs::write(&path, "shards = 3\nping_interval = 7\nio = \"epoll\"\n").unwrap();
-        let cli = Cli {
-            config: Some(path.clone()),
-            shards: Some(2),
-            ..Cli::default()
-        };
+        let cli = Cli { config: Some(path.clone()), shards: Some(2), ..Cli::default() };
         let c = Config::load(cli).unwrap();
-        assert_eq!(
-            (c.shards, c.ping_interval.as_secs(), c.io),
-            (2, 7, IoChoice::Epoll)
-        );
+        assert_eq!((c.shards, c.ping_interval.as_secs(), c.io), (2, 7, IoChoice::Epoll));
+        std::fs::write(&path, "[passwords]\n3 = \"three\"\n").unwrap();
+        let c = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap();
+        assert_eq!(c.dev_passwords.get(&3).map(String::as_str), Some("three"));
+        std::fs::write(&path, "[passwords]\nx = \"three\"\n").unwrap();
+        let e = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap_err().to_string();
+        assert!(e.contains("'x'"), "{e}");
         std::fs::write(&path, "shardz = 3\n").unwrap();
-        let e = Config::load(Cli {
-            config: Some(path),
-            ..Cli::default()
-        })
-        .unwrap_err()
-        .to_string();
+        let e = Config::load(Cli { config: Some(path), ..Cli::default() }).unwrap_err().to_string();
         assert!(e.contains("shardz"), "{e}");
     }
 }

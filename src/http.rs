@@ -21,23 +21,13 @@ fn response(status: &str, content_type: &str, extra: &str, body: &[u8]) -> Vec<u
 /// `400 Bad Request` with a one-line reason.
 pub fn bad_request(reason: &str) -> Vec<u8> {
     let body = format!("{reason}\n");
-    response(
-        "400 Bad Request",
-        "text/plain; charset=utf-8",
-        "",
-        body.as_bytes(),
-    )
+    response("400 Bad Request", "text/plain; charset=utf-8", "", body.as_bytes())
 }
 
 /// `503 Service Unavailable` with a one-line reason.
 pub fn unavailable(reason: &str) -> Vec<u8> {
     let body = format!("{reason}\n");
-    response(
-        "503 Service Unavailable",
-        "text/plain; charset=utf-8",
-        "",
-        body.as_bytes(),
-    )
+    response("503 Service Unavailable", "text/plain; charset=utf-8", "", body.as_bytes())
 }
 
 /// Answers a request that is not a WebSocket upgrade.
@@ -60,26 +50,13 @@ pub fn route(req: &Request, registry: &Registry, config: &Config) -> Vec<u8> {
         );
     }
     if path.contains("..") {
-        return response(
-            "400 Bad Request",
-            "text/plain; charset=utf-8",
-            "",
-            b"path must not contain '..'\n",
-        );
+        return response("400 Bad Request", "text/plain; charset=utf-8", "", b"path must not contain '..'\n");
     }
     let mut r = match path {
         "/info" | "/comet-server/info" | "//comet-server/info" => {
             let mut body = Vec::with_capacity(64);
-            crate::frontend::message::Obj::new(&mut body)
-                .str("node", &config.node_name)
-                .str("status", "ok")
-                .end();
-            response(
-                "200 OK",
-                "application/json",
-                "Cache-Control: no-store\r\n",
-                &body,
-            )
+            crate::frontend::message::Obj::new(&mut body).str("node", &config.node_name).str("status", "ok").end();
+            response("200 OK", "application/json", "Cache-Control: no-store\r\n", &body)
         }
         "/metrics" => response(
             "200 OK",

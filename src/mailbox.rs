@@ -154,8 +154,7 @@ impl<T> Inbox<T> {
 /// Builds the full mesh for `n` shards: element i is shard i's (outbox, inbox).
 pub fn mesh<T>(n: usize, capacity: usize) -> Vec<(Outbox<T>, Inbox<T>)> {
     let bells: Vec<Arc<Doorbell>> = (0..n).map(|_| Arc::new(Doorbell::default())).collect();
-    let mut producers: Vec<Vec<Option<rtrb::Producer<T>>>> =
-        (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut producers: Vec<Vec<Option<rtrb::Producer<T>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
     let mut consumers: Vec<Vec<rtrb::Consumer<T>>> = (0..n).map(|_| Vec::new()).collect();
     for (from, row) in producers.iter_mut().enumerate() {
         for (to, slot) in row.iter_mut().enumerate() {
@@ -172,15 +171,8 @@ pub fn mesh<T>(n: usize, capacity: usize) -> Vec<(Outbox<T>, Inbox<T>)> {
         .enumerate()
         .map(|(i, (rings, inbound))| {
             (
-                Outbox {
-                    rings,
-                    bells: bells.clone(),
-                    overflow: (0..n).map(|_| VecDeque::new()).collect(),
-                },
-                Inbox {
-                    rings: inbound,
-                    bell: bells[i].clone(),
-                },
+                Outbox { rings, bells: bells.clone(), overflow: (0..n).map(|_| VecDeque::new()).collect() },
+                Inbox { rings: inbound, bell: bells[i].clone() },
             )
         })
         .collect()

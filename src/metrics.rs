@@ -29,6 +29,10 @@ pub struct ShardMetrics {
     pub heartbeat_closes: AtomicU64,
     /// Connections handed to another shard.
     pub handoffs: AtomicU64,
+    /// Open CometQL (backend) connections.
+    pub sql_connections: AtomicI64,
+    /// CometQL queries received.
+    pub sql_queries: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -50,10 +54,7 @@ impl Registry {
     /// Renders the Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::with_capacity(4096);
-        let _ = writeln!(
-            s,
-            "# HELP comet_info Build and I/O backend.\n# TYPE comet_info gauge"
-        );
+        let _ = writeln!(s, "# HELP comet_info Build and I/O backend.\n# TYPE comet_info gauge");
         let _ = writeln!(
             s,
             "comet_info{{version=\"{}\",io_backend=\"{}\",shards=\"{}\"}} 1",
@@ -61,71 +62,39 @@ impl Registry {
             self.io_backend,
             self.shards.len()
         );
-        let _ = writeln!(
-            s,
-            "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge"
-        );
-        let _ = writeln!(
-            s,
-            "comet_uptime_seconds {}",
-            self.started.elapsed().as_secs()
-        );
+        let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
+        let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 9] = [
-            (
-                "comet_connections",
-                "gauge",
-                "Open frontend TCP connections.",
-                |m| m.connections.load(Relaxed),
-            ),
-            (
-                "comet_websockets",
-                "gauge",
-                "Open WebSocket connections.",
-                |m| m.websockets.load(Relaxed),
-            ),
-            (
-                "comet_connections_accepted_total",
-                "counter",
-                "Frontend connections accepted.",
-                |m| m.accepted.load(Relaxed) as i64,
-            ),
-            (
-                "comet_messages_in_total",
-                "counter",
-                "WebSocket messages received from clients.",
-                |m| m.messages_in.load(Relaxed) as i64,
-            ),
-            (
-                "comet_messages_out_total",
-                "counter",
-                "Messages queued to clients, one per recipient.",
-                |m| m.messages_out.load(Relaxed) as i64,
-            ),
-            (
-                "comet_bytes_out_total",
-                "counter",
-                "Bytes written to client sockets.",
-                |m| m.bytes_out.load(Relaxed) as i64,
-            ),
-            (
-                "comet_slow_consumer_closes_total",
-                "counter",
-                "Connections closed with 4008 (slow consumer).",
-                |m| m.slow_consumer_closes.load(Relaxed) as i64,
-            ),
-            (
-                "comet_heartbeat_closes_total",
-                "counter",
-                "Connections closed for missing pongs.",
-                |m| m.heartbeat_closes.load(Relaxed) as i64,
-            ),
-            (
-                "comet_handoffs_total",
-                "counter",
-                "Connections handed to their user's home shard.",
-                |m| m.handoffs.load(Relaxed) as i64,
-            ),
+        let families: [(&str, &str, &str, Get); 11] = [
+            ("comet_cometql_connections", "gauge", "Open CometQL (backend) connections.", |m| {
+                m.sql_connections.load(Relaxed)
+            }),
+            ("comet_cometql_queries_total", "counter", "CometQL queries received.", |m| {
+                m.sql_queries.load(Relaxed) as i64
+            }),
+            ("comet_connections", "gauge", "Open frontend TCP connections.", |m| m.connections.load(Relaxed)),
+            ("comet_websockets", "gauge", "Open WebSocket connections.", |m| m.websockets.load(Relaxed)),
+            ("comet_connections_accepted_total", "counter", "Frontend connections accepted.", |m| {
+                m.accepted.load(Relaxed) as i64
+            }),
+            ("comet_messages_in_total", "counter", "WebSocket messages received from clients.", |m| {
+                m.messages_in.load(Relaxed) as i64
+            }),
+            ("comet_messages_out_total", "counter", "Messages queued to clients, one per recipient.", |m| {
+                m.messages_out.load(Relaxed) as i64
+            }),
+            ("comet_bytes_out_total", "counter", "Bytes written to client sockets.", |m| {
+                m.bytes_out.load(Relaxed) as i64
+            }),
+            ("comet_slow_consumer_closes_total", "counter", "Connections closed with 4008 (slow consumer).", |m| {
+                m.slow_consumer_closes.load(Relaxed) as i64
+            }),
+            ("comet_heartbeat_closes_total", "counter", "Connections closed for missing pongs.", |m| {
+                m.heartbeat_closes.load(Relaxed) as i64
+            }),
+            ("comet_handoffs_total", "counter", "Connections handed to their user's home shard.", |m| {
+                m.handoffs.load(Relaxed) as i64
+            }),
         ];
         for (name, kind, help, get) in families {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");

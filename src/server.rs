@@ -25,10 +25,7 @@ pub enum ServerError {
     #[error("--io uring: io_uring is not usable here: {0}")]
     NoUring(#[from] ProbeError),
     #[error("cannot listen on {addr}: {err}")]
-    Bind {
-        addr: SocketAddr,
-        err: std::io::Error,
-    },
+    Bind { addr: SocketAddr, err: std::io::Error },
     #[error("shard {shard} failed to start: {err}")]
     Shard { shard: usize, err: String },
     #[error("cannot install signal handlers: {0}")]
@@ -51,20 +48,26 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let n = config.shards;
 
     // The first bind resolves port 0; the other shards share that port.
-    let bind =
-        |addr: SocketAddr| bind_reuseport(addr).map_err(|err| ServerError::Bind { addr, err });
+    let bind = |addr: SocketAddr| bind_reuseport(addr).map_err(|err| ServerError::Bind { addr, err });
     let first = bind(config.frontend)?;
     let addr = first
         .local_addr()
         .ok()
         .and_then(|a| a.as_socket())
-        .ok_or_else(|| ServerError::Bind {
-            addr: config.frontend,
-            err: std::io::Error::other("no local address"),
-        })?;
+        .ok_or_else(|| ServerError::Bind { addr: config.frontend, err: std::io::Error::other("no local address") })?;
     let mut listeners = vec![first];
     for _ in 1..n {
         listeners.push(bind(addr)?);
+    }
+    let first_backend = bind(config.backend)?;
+    let backend_addr = first_backend
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| ServerError::Bind { addr: config.backend, err: std::io::Error::other("no local address") })?;
+    let mut backend_listeners = vec![first_backend];
+    for _ in 1..n {
+        backend_listeners.push(bind(backend_addr)?);
     }
 
     let registry = Arc::new(Registry {
@@ -73,17 +76,15 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         started: Instant::now(),
     });
     let shutdown = Arc::new(AtomicBool::new(false));
-    let shared = Arc::new(Shared {
-        config: Arc::new(config.clone()),
-        registry,
-        shutdown: shutdown.clone(),
-    });
+    let shared = Arc::new(Shared { config: Arc::new(config.clone()), registry, shutdown: shutdown.clone() });
 
     let mesh = mailbox::mesh(n, MAILBOX_CAPACITY);
     let bells: Vec<Arc<Doorbell>> = mesh.iter().map(|(_, inbox)| inbox.bell().clone()).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
     let mut threads = Vec::with_capacity(n);
-    for (i, ((outbox, inbox), listener)) in mesh.into_iter().zip(listeners).enumerate() {
+    for (i, (((outbox, inbox), listener), backend_listener)) in
+        mesh.into_iter().zip(listeners).zip(backend_listeners).enumerate()
+    {
         let shared = shared.clone();
         let ready = ready_tx.clone();
         let timeout = config.shutdown_timeout;
@@ -99,20 +100,20 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 };
                 rt.block_on(async move {
                     let listener = Arc::new(listener);
+                    let backend_listener = Arc::new(backend_listener);
                     let mut shard = Shard::new(i, n, shared, outbox);
                     shard.listeners.push(listener.clone());
+                    shard.listeners.push(backend_listener.clone());
                     shard::install(shard);
-                    compio::runtime::spawn(shard::io::accept_loop(listener)).detach();
+                    compio::runtime::spawn(shard::io::accept_loop(listener, false)).detach();
+                    compio::runtime::spawn(shard::io::accept_loop(backend_listener, true)).detach();
                     compio::runtime::spawn(shard::io::mailbox_loop(inbox)).detach();
                     let _ = ready.send((i, Ok(())));
                     shard::io::sweep_loop(timeout).await;
                 });
                 drop(shard::uninstall());
             })
-            .map_err(|e| ServerError::Shard {
-                shard: i,
-                err: e.to_string(),
-            })?;
+            .map_err(|e| ServerError::Shard { shard: i, err: e.to_string() })?;
         threads.push(t);
     }
     drop(ready_tx);
@@ -121,18 +122,15 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             Ok((_, Ok(()))) => {}
             Ok((shard, Err(err))) => return Err(ServerError::Shard { shard, err }),
             Err(_) => {
-                return Err(ServerError::Shard {
-                    shard: n,
-                    err: "a shard thread exited during start".into(),
-                });
+                return Err(ServerError::Shard { shard: n, err: "a shard thread exited during start".into() });
             }
         }
     }
     eprintln!("comet: {n} shards on {}", backend.name());
+    eprintln!("comet: backend (CometQL) listening on {backend_addr}");
     eprintln!("comet: frontend listening on {addr}");
 
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
     loop {
         if signals.pending().next().is_some() {
             break;
@@ -142,10 +140,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!(
-        "comet: shutting down (closing connections, at most {}s)",
-        config.shutdown_timeout.as_secs()
-    );
+    eprintln!("comet: shutting down (closing connections, at most {}s)", config.shutdown_timeout.as_secs());
     shutdown.store(true, Ordering::Release);
     for b in &bells {
         b.force();

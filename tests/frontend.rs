@@ -26,8 +26,7 @@ fn start(io: &str, extra: &[&str]) -> Server {
 fn server_info_is_the_first_frame_and_is_byte_exact() {
     for io in BACKENDS {
         let s = start(io, &[]);
-        let mut c =
-            Client::connect(&s.url("sesion=&myid=undefined&devid=0&v=4.08&uuid=abc&api=js"));
+        let mut c = Client::connect(&s.url("sesion=&myid=undefined&devid=0&v=4.08&uuid=abc&api=js"));
         let text = c.recv_text();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         let expected = format!(
@@ -95,26 +94,12 @@ fn hidden_sender_and_channel_kind_rules() {
         wait_count(&mut a, "web_x", 1);
         a.send("web_pipe2\n@web_x\nev\n*\nhello");
         let m = b.recv();
-        assert_eq!(
-            (m["pipe"].as_str(), m["user_id"].as_i64()),
-            (Some("web_x"), Some(0)),
-            "{io}"
-        );
+        assert_eq!((m["pipe"].as_str(), m["user_id"].as_i64()), (Some("web_x"), Some(0)), "{io}");
         a.recv(); // delivery report
         a.send("web_pipe2\nwebauth_x\nev\n*\nhello");
-        assert!(
-            a.recv()["data"]["error"]
-                .as_str()
-                .unwrap()
-                .contains("authorized"),
-            "{io}"
-        );
+        assert!(a.recv()["data"]["error"].as_str().unwrap().contains("authorized"), "{io}");
         a.send("web_pipe2\nnews\nev\n*\nhello");
-        assert_eq!(
-            a.recv()["data"]["error"],
-            "Invalid channel name. The channel should begin with web_",
-            "{io}"
-        );
+        assert_eq!(a.recv()["data"]["error"], "Invalid channel name. The channel should begin with web_", "{io}");
         a.send("pipe_count\nnews\nm\n");
         assert_eq!(a.recv()["event"], "error");
         a.send("track_pipe_users\nweb_x\nm\n");
@@ -132,10 +117,7 @@ fn presence_events_and_no_spurious_pair_on_resubscribe() {
         b.subscribe(&["track_room", "web_other"]);
         let ev = a.recv();
         assert_eq!(ev["event"], "subscription", "{io}: {ev}");
-        assert_eq!(
-            ev["data"],
-            serde_json::json!({"user_id": 0, "uuid": "q1W2e3"})
-        );
+        assert_eq!(ev["data"], serde_json::json!({"user_id": 0, "uuid": "q1W2e3"}));
         assert_eq!(ev["pipe"], "track_room");
         // Re-subscribing while keeping track_room changes nothing for `a`.
         b.subscribe(&["web_third", "track_room"]);
@@ -143,12 +125,8 @@ fn presence_events_and_no_spurious_pair_on_resubscribe() {
         let list = a.recv();
         assert_eq!(list["pipe"], "_answer", "{io}: {list}");
         assert_eq!(list["marker"], "mk");
-        let mut members: Vec<String> = list["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["uuid"].as_str().unwrap().to_string())
-            .collect();
+        let mut members: Vec<String> =
+            list["data"].as_array().unwrap().iter().map(|m| m["uuid"].as_str().unwrap().to_string()).collect();
         members.sort();
         assert_eq!(members, ["q1W2e3", "watcher"]);
         drop(b);
@@ -163,16 +141,7 @@ fn subscription_limits_names_and_reserved_channels() {
     for io in BACKENDS {
         let s = start(io, &["--max-subscriptions", "3"]);
         let mut a = s.client("a");
-        a.subscribe(&[
-            "web_1",
-            "web_2",
-            "web_3",
-            "web_4",
-            "x",
-            "sys",
-            "_answer_pipe_count",
-            "private_p",
-        ]);
+        a.subscribe(&["web_1", "web_2", "web_3", "web_4", "x", "sys", "_answer_pipe_count", "private_p"]);
         let mut errors = Vec::new();
         for _ in 0..4 {
             errors.push(a.recv()["data"]["error"].as_str().unwrap().to_string());
@@ -180,17 +149,10 @@ fn subscription_limits_names_and_reserved_channels() {
         errors.sort();
         assert!(errors.iter().any(|e| e.contains("'x'")), "{io}: {errors:?}");
         assert!(errors.iter().any(|e| e.contains("'sys'")), "{errors:?}");
-        assert!(
-            errors.iter().any(|e| e.contains("'_answer_pipe_count'")),
-            "{errors:?}"
-        );
+        assert!(errors.iter().any(|e| e.contains("'_answer_pipe_count'")), "{errors:?}");
         assert!(errors.iter().any(|e| e.contains("at most 3")), "{errors:?}");
         a.send("pipe_count\nweb_4\nm\n");
-        assert_eq!(
-            a.recv()["data"]["user_in_pipe"],
-            0,
-            "the 4th channel was dropped"
-        );
+        assert_eq!(a.recv()["data"]["user_in_pipe"], 0, "the 4th channel was dropped");
         a.send("pipe_count\nweb_3\nm\n");
         assert_eq!(a.recv()["data"]["user_in_pipe"], 1);
     }
@@ -221,8 +183,7 @@ fn fanout_reaches_subscribers_on_every_shard() {
             c.subscribe(&["web_big"]);
         }
         assert!(
-            s.metric("comet_websockets{shard=\"0\"}") > 0
-                && s.metric("comet_websockets{shard=\"1\"}") > 0,
+            s.metric("comet_websockets{shard=\"0\"}") > 0 && s.metric("comet_websockets{shard=\"1\"}") > 0,
             "{io}: both shards must hold subscribers for this test"
         );
         let mut p = s.client("pub");
@@ -273,10 +234,7 @@ fn protocol_violations_get_their_close_codes() {
         assert_eq!(r.frame().0, 0xA);
         let (op, p) = r.frame();
         assert_eq!(op, 1);
-        assert!(
-            String::from_utf8_lossy(&p).contains("Unknown command 'frobnicate'"),
-            "{io}"
-        );
+        assert!(String::from_utf8_lossy(&p).contains("Unknown command 'frobnicate'"), "{io}");
         // The server survived all of it.
         assert_eq!(s.http_get("/info").0, "HTTP/1.1 200 OK");
     }
@@ -292,9 +250,7 @@ fn heartbeat_pings_silent_clients_and_closes_dead_ones() {
         let (op, _) = r.frame();
         assert_eq!(op, 0x9, "{io}: expected a ping");
         assert_eq!(r.close_code(), 4000, "{io}: unanswered ping closes");
-        assert!(eventually(5, || s
-            .metric("comet_heartbeat_closes_total{shard=\"all\"}")
-            == 1));
+        assert!(eventually(5, || s.metric("comet_heartbeat_closes_total{shard=\"all\"}") == 1));
     }
 }
 
@@ -315,13 +271,7 @@ fn slow_consumer_is_closed_with_4008_and_others_keep_receiving() {
         for i in 0..2000 {
             p.send(&format!("web_pipe2\nweb_flood\ne\n*\n{i}{big}"));
             p.recv(); // report
-            assert!(
-                fast.recv()["data"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with(&i.to_string()),
-                "{io}"
-            );
+            assert!(fast.recv()["data"].as_str().unwrap().starts_with(&i.to_string()), "{io}");
             if s.metric("comet_slow_consumer_closes_total{shard=\"all\"}") == 1 {
                 closed = true;
                 break;
@@ -329,9 +279,7 @@ fn slow_consumer_is_closed_with_4008_and_others_keep_receiving() {
         }
         assert!(closed, "{io}: the slow consumer was never closed");
         // The slow client eventually reads a 4008 close (after what it had).
-        slow.s
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        slow.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         assert_eq!(slow.close_code(), 4008, "{io}");
     }
 }
@@ -349,10 +297,7 @@ fn plain_http_routes() {
         assert_eq!(status, "HTTP/1.1 200 OK");
         let want = if io == "uring" { "io_uring" } else { "epoll" };
         let (_, metrics) = s.http_get("/metrics");
-        assert!(
-            metrics.contains(&format!("io_backend=\"{want}\"")),
-            "{metrics}"
-        );
+        assert!(metrics.contains(&format!("io_backend=\"{want}\"")), "{metrics}");
         assert!(metrics.contains("comet_bytes_out_total{shard=\"all\"}"));
         // A broken upgrade gets a 400 with a reason.
         let (status, body) = http_request(
@@ -372,16 +317,12 @@ fn connections_naming_a_user_move_to_the_users_home_shard() {
         let s = start(io, &[]);
         let mut clients = Vec::new();
         for uid in 1..=12 {
-            let mut c =
-                Client::connect(&s.url(&format!("sesion=k&myid={uid}&devid=0&v=4.08&uuid=u{uid}")));
+            let mut c = Client::connect(&s.url(&format!("sesion=k&myid={uid}&devid=0&v=4.08&uuid=u{uid}")));
             assert_eq!(c.recv()["event"], "serverInfo", "{io}");
             c.subscribe(&["web_home"]);
             clients.push(c);
         }
-        assert!(
-            s.metric("comet_handoffs_total{shard=\"all\"}") > 0,
-            "{io}: no connection was handed off"
-        );
+        assert!(s.metric("comet_handoffs_total{shard=\"all\"}") > 0, "{io}: no connection was handed off");
         let mut p = s.client("p");
         wait_count(&mut p, "web_home", 12);
         p.send("web_pipe2\nweb_home\ne\n*\nx");
@@ -429,13 +370,10 @@ fn auto_falls_back_to_epoll_when_seccomp_forbids_io_uring() {
 #[test]
 fn uring_refuses_to_start_when_io_uring_is_forbidden() {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
-    cmd.args(["--io", "uring", "--frontend", "127.0.0.1:0"]);
+    cmd.args(["--io", "uring", "--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0"]);
     common::forbid_io_uring(&mut cmd);
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("io_uring is not usable here") && err.contains("Operation not permitted"),
-        "{err}"
-    );
+    assert!(err.contains("io_uring is not usable here") && err.contains("Operation not permitted"), "{err}");
 }

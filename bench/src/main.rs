@@ -64,20 +64,9 @@ fn main() {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Idle { conns, channels } => idle(&cli.server, cli.pid, cli.sources, conns, channels),
-        Cmd::Fanout {
-            subs,
-            messages,
-            window,
-            threads,
-        } => fanout(
-            &cli.server,
-            cli.pid,
-            cli.sources,
-            subs,
-            messages,
-            window,
-            threads,
-        ),
+        Cmd::Fanout { subs, messages, window, threads } => {
+            fanout(&cli.server, cli.pid, cli.sources, subs, messages, window, threads)
+        }
     }
 }
 
@@ -146,9 +135,7 @@ fn parse_frame(b: &[u8]) -> Option<(usize, usize)> {
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
 }
 
 /// utime + stime of a process in seconds.
@@ -167,9 +154,7 @@ fn kernel_mem_kib() -> (u64, u64) {
         .and_then(|s| {
             s.lines().find(|l| l.starts_with("TCP:")).and_then(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                f.iter()
-                    .position(|x| *x == "mem")
-                    .and_then(|i| f.get(i + 1)?.parse::<u64>().ok())
+                f.iter().position(|x| *x == "mem").and_then(|i| f.get(i + 1)?.parse::<u64>().ok())
             })
         })
         .unwrap_or(0);
@@ -196,9 +181,7 @@ fn idle(server: &SocketAddr, pid: Option<u32>, sources: u8, conns: usize, channe
         let source = 1 + (i % sources.max(1) as usize) as u8;
         match open_ws(server, source, &format!("i{i}")) {
             Ok(mut s) => {
-                let names: Vec<String> = (0..channels)
-                    .map(|k| format!("web_idle_{}", (i + k * 7) % 100))
-                    .collect();
+                let names: Vec<String> = (0..channels).map(|k| format!("web_idle_{}", (i + k * 7) % 100)).collect();
                 if send_text(&mut s, &format!("subscription\n{}", names.join("\n"))).is_err() {
                     failed += 1;
                     continue;
@@ -265,17 +248,12 @@ fn fanout(
         send_text(&mut publisher, &format!("pipe_count\n{channel}\nm\n")).expect("send");
         let f = read_frame(&mut publisher).expect("pipe_count answer");
         let text = String::from_utf8_lossy(&f);
-        if text.contains(&format!("\"user_in_pipe\":{}}}", socks.len()))
-            || Instant::now() > deadline
-        {
+        if text.contains(&format!("\"user_in_pipe\":{}}}", socks.len())) || Instant::now() > deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!(
-        "fanout: {} subscribers ({failed} failed to open)",
-        socks.len()
-    );
+    eprintln!("fanout: {} subscribers ({failed} failed to open)", socks.len());
     let expected = socks.len() as u64 * messages as u64;
     let per = socks.len().div_ceil(threads.max(1));
     let start = Instant::now();
@@ -297,11 +275,7 @@ fn fanout(
     while reports < messages {
         while sent < messages && in_flight < window {
             let ts = start.elapsed().as_micros();
-            send_text(
-                &mut publisher,
-                &format!("web_pipe2\n{channel}\nbench\n*\n{ts}"),
-            )
-            .expect("publish");
+            send_text(&mut publisher, &format!("web_pipe2\n{channel}\nbench\n*\n{ts}")).expect("publish");
             sent += 1;
             in_flight += 1;
         }
@@ -324,25 +298,16 @@ fn fanout(
         _ => None,
     };
     lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    println!(
-        "fanout: {messages} messages x {} subscribers, window {window}",
-        expected / messages.max(1) as u64
-    );
+    let pct =
+        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    println!("fanout: {messages} messages x {} subscribers, window {window}", expected / messages.max(1) as u64);
     println!(
         "  delivered {received} of {expected} (loss {}) in {secs:.2}s: {:.0} deliveries/s",
         expected - received.min(expected),
         received as f64 / secs
     );
     if let Some(c) = cpu {
-        println!(
-            "  server CPU {c:.2}s: {:.2} CPU-seconds per million deliveries",
-            c / (received.max(1) as f64 / 1e6)
-        );
+        println!("  server CPU {c:.2}s: {:.2} CPU-seconds per million deliveries", c / (received.max(1) as f64 / 1e6));
     }
     println!(
         "  latency publish->receipt: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
@@ -393,9 +358,7 @@ fn read_all(socks: Vec<TcpStream>, want: u64, start: Instant) -> (u64, Vec<u32>)
     let mut last_progress = Instant::now();
     while got < want && last_progress.elapsed() < Duration::from_secs(30) {
         events.clear();
-        poller
-            .wait(&mut events, Some(Duration::from_millis(200)))
-            .expect("wait");
+        poller.wait(&mut events, Some(Duration::from_millis(200))).expect("wait");
         for ev in events.iter() {
             let i = ev.key;
             let mut s = &socks[i];
@@ -426,9 +389,7 @@ fn read_all(socks: Vec<TcpStream>, want: u64, start: Instant) -> (u64, Vec<u32>)
                     Err(_) => break,
                 }
             }
-            poller
-                .modify(s, polling::Event::readable(i))
-                .expect("rearm");
+            poller.modify(s, polling::Event::readable(i)).expect("rearm");
         }
     }
     for s in &socks {
@@ -441,10 +402,6 @@ fn read_all(socks: Vec<TcpStream>, want: u64, start: Instant) -> (u64, Vec<u32>)
 fn payload_ts(p: &[u8]) -> Option<u64> {
     let key = b"\"data\":\"";
     let at = p.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits: Vec<u8> = p[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .copied()
-        .collect();
+    let digits: Vec<u8> = p[at..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }

@@ -59,21 +59,39 @@ pub enum Plan {
     /// Publish; affected rows = connections written on all shards.
     Publish(Vec<Outgoing>),
     /// `pipes`: subscriber counts per channel.
-    PipeCounts { names: Vec<String>, proj: Projection },
+    PipeCounts {
+        names: Vec<String>,
+        proj: Projection,
+    },
     /// `users_in_pipes`: one row per subscribed connection.
-    Subscribers { names: Vec<String>, proj: Projection },
+    Subscribers {
+        names: Vec<String>,
+        proj: Projection,
+    },
     /// `pipes_messages` history of these channels.
-    HistorySelect { names: Vec<String>, proj: Projection },
+    HistorySelect {
+        names: Vec<String>,
+        proj: Projection,
+    },
     /// Clear these channels' history, or remove entries by id.
-    HistoryDelete { names: Vec<String>, ids: Vec<u64> },
+    HistoryDelete {
+        names: Vec<String>,
+        ids: Vec<u64>,
+    },
     /// `pipes_settings` INSERT: (channel, history length).
     SettingsSet(Vec<(String, u32)>),
     /// `pipes_settings` SELECT, all channels when `names` is `None`.
-    SettingsSelect { names: Option<Vec<String>>, proj: Projection },
+    SettingsSelect {
+        names: Option<Vec<String>>,
+        proj: Projection,
+    },
     /// `pipes_settings` DELETE: remove settings and history.
     SettingsDelete(Vec<String>),
     /// Switch the session to this dev_id and database name.
-    UseDb { dev_id: u32, name: String },
+    UseDb {
+        dev_id: u32,
+        name: String,
+    },
 }
 
 /// What planning needs to know about the session and server.
@@ -167,7 +185,9 @@ fn plan_inner(st: Statement, ctx: &Ctx<'_>) -> Result<Plan, StmtResult> {
                     Expr::Func(f) => match f.as_str() {
                         "DATABASE" | "SCHEMA" => Some(ctx.database.to_string()),
                         "VERSION" => Some(SERVER_VERSION.to_string()),
-                        "USER" | "CURRENT_USER" | "SESSION_USER" | "SYSTEM_USER" => Some(format!("{}@localhost", ctx.dev_id)),
+                        "USER" | "CURRENT_USER" | "SESSION_USER" | "SYSTEM_USER" => {
+                            Some(format!("{}@localhost", ctx.dev_id))
+                        }
                         "CONNECTION_ID" => Some(ctx.connection_id.to_string()),
                         _ => return Err(StmtResult::err(2, format!("function {f}() is not supported"))),
                     },
@@ -326,13 +346,9 @@ fn insert(table: &str, columns: Option<Vec<String>>, rows: Vec<Vec<Value>>) -> R
             for r in rows {
                 let name = r[0].text();
                 check_channel(name)?;
-                let len: u32 = r[1]
-                    .text()
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|&n| n <= MAX_HISTORY)
-                    .ok_or_else(|| StmtResult::err(12, format!("History length '{}' must be 0..{MAX_HISTORY}", r[1].text())))?;
+                let len: u32 = r[1].text().trim().parse().ok().filter(|&n| n <= MAX_HISTORY).ok_or_else(|| {
+                    StmtResult::err(12, format!("History length '{}' must be 0..{MAX_HISTORY}", r[1].text()))
+                })?;
                 out.push((name.to_string(), len));
             }
             Ok(Plan::SettingsSet(out))
@@ -355,7 +371,12 @@ fn key_values(t: &Table, conds: &[Condition], allowed: &[&str]) -> Result<Vec<(S
         if !allowed.contains(&c.column.as_str()) {
             return Err(StmtResult::err(
                 13,
-                format!("WHERE must give primary-key values: '{}' is not the key of '{}' (use {})", c.column, t.name, allowed.join(" or ")),
+                format!(
+                    "WHERE must give primary-key values: '{}' is not the key of '{}' (use {})",
+                    c.column,
+                    t.name,
+                    allowed.join(" or ")
+                ),
             ));
         }
         let vals: Vec<String> = c.values.iter().map(|v| v.text().to_string()).collect();
@@ -368,12 +389,18 @@ fn key_values(t: &Table, conds: &[Condition], allowed: &[&str]) -> Result<Vec<(S
     Ok(out)
 }
 
-fn projection(t: &'static Table, columns: Option<Vec<String>>, limit: Option<(u64, u64)>) -> Result<Projection, StmtResult> {
+fn projection(
+    t: &'static Table,
+    columns: Option<Vec<String>>,
+    limit: Option<(u64, u64)>,
+) -> Result<Projection, StmtResult> {
     let columns = match columns {
         None => (0..t.columns.len()).collect(),
         Some(cs) => cs
             .iter()
-            .map(|c| t.column_index(c).ok_or_else(|| StmtResult::err(14, format!("Unknown column '{c}' in '{}'", t.name))))
+            .map(|c| {
+                t.column_index(c).ok_or_else(|| StmtResult::err(14, format!("Unknown column '{c}' in '{}'", t.name)))
+            })
             .collect::<Result<_, _>>()?,
     };
     Ok(Projection { table: t.name, columns, limit })
@@ -382,7 +409,10 @@ fn projection(t: &'static Table, columns: Option<Vec<String>>, limit: Option<(u6
 fn names_for(t: &Table, conds: &[Condition]) -> Result<Vec<String>, StmtResult> {
     let kv = key_values(t, conds, &[t.key])?;
     let Some((_, names)) = kv.into_iter().next() else {
-        return Err(StmtResult::err(13, format!("WHERE must give primary-key values: {} = ... or {} IN (...)", t.key, t.key)));
+        return Err(StmtResult::err(
+            13,
+            format!("WHERE must give primary-key values: {} = ... or {} IN (...)", t.key, t.key),
+        ));
     };
     for n in &names {
         check_channel(n)?;
@@ -390,7 +420,12 @@ fn names_for(t: &Table, conds: &[Condition]) -> Result<Vec<String>, StmtResult> 
     Ok(names)
 }
 
-fn select(table: &str, columns: Option<Vec<String>>, conds: Vec<Condition>, limit: Option<(u64, u64)>) -> Result<Plan, StmtResult> {
+fn select(
+    table: &str,
+    columns: Option<Vec<String>>,
+    conds: Vec<Condition>,
+    limit: Option<(u64, u64)>,
+) -> Result<Plan, StmtResult> {
     let t = table_named(table)?;
     let proj = projection(t, columns, limit)?;
     match t.name {
@@ -430,7 +465,9 @@ fn delete(table: &str, conds: Vec<Condition>) -> Result<Plan, StmtResult> {
                 } else {
                     ids = vals
                         .iter()
-                        .map(|v| v.parse().map_err(|_| StmtResult::err(12, format!("Message id '{v}' is not a number"))))
+                        .map(|v| {
+                            v.parse().map_err(|_| StmtResult::err(12, format!("Message id '{v}' is not a number")))
+                        })
                         .collect::<Result<_, _>>()?;
                 }
             }
@@ -474,7 +511,10 @@ mod tests {
             run("INSERT INTO pipes_messages (message, name, event) VALUES ('m', 'web_x', 'ev')"),
             Plan::Publish(vec![("web_x".into(), "ev".into(), "m".into())])
         );
-        assert_eq!(err("INSERT INTO pipes_messages VALUES ('a b', 'e', 'm')"), (12, "Channel name 'a b' may contain only A-Za-z0-9_-".into()));
+        assert_eq!(
+            err("INSERT INTO pipes_messages VALUES ('a b', 'e', 'm')"),
+            (12, "Channel name 'a b' may contain only A-Za-z0-9_-".into())
+        );
         assert_eq!(err("INSERT INTO pipes_messages VALUES ('ab', 'e', 'm')").0, 17);
         assert_eq!(err(&format!("INSERT INTO pipes_messages VALUES ('{}', 'e', 'm')", "a".repeat(65))).0, 11);
         assert_eq!(err("INSERT INTO pipes_messages VALUES ('abc', 'e')").0, 14);
@@ -491,22 +531,24 @@ mod tests {
         assert_eq!(err("DELETE FROM pipes WHERE name = 'abc'").0, 10);
         assert_eq!(err("SELECT * FROM users_auth WHERE hash = 'x'").0, 13);
         assert!(matches!(run("SELECT users FROM pipes WHERE name IN ('abc', 'web_d')"), Plan::PipeCounts { .. }));
-        assert_eq!(
-            run("DELETE FROM pipes_messages WHERE id = 7"),
-            Plan::HistoryDelete { names: vec![], ids: vec![7] }
-        );
+        assert_eq!(run("DELETE FROM pipes_messages WHERE id = 7"), Plan::HistoryDelete { names: vec![], ids: vec![7] });
     }
 
     #[test]
     fn settings_length_is_bounded() {
-        assert_eq!(run("INSERT INTO pipes_settings VALUES ('web_h', 10)"), Plan::SettingsSet(vec![("web_h".into(), 10)]));
+        assert_eq!(
+            run("INSERT INTO pipes_settings VALUES ('web_h', 10)"),
+            Plan::SettingsSet(vec![("web_h".into(), 10)])
+        );
         assert_eq!(err("INSERT INTO pipes_settings VALUES ('web_h', 1001)").0, 12);
         assert_eq!(err("INSERT INTO pipes_settings VALUES ('web_h', -1)").0, 12);
     }
 
     #[test]
     fn projection_and_limit() {
-        let Plan::HistorySelect { proj, .. } = run("SELECT message, id FROM pipes_messages WHERE name = 'abc' LIMIT 1, 1") else {
+        let Plan::HistorySelect { proj, .. } =
+            run("SELECT message, id FROM pipes_messages WHERE name = 'abc' LIMIT 1, 1")
+        else {
             panic!()
         };
         let row = |i: &str| (0..7).map(|k| Some(format!("{i}{k}"))).collect::<Vec<_>>();

@@ -180,11 +180,7 @@ mod tests {
     use super::*;
 
     fn strs(sql: &str) -> Vec<String> {
-        lex(sql)
-            .unwrap()
-            .into_iter()
-            .filter_map(|t| if let Tok::Str(s) = t { Some(s) } else { None })
-            .collect()
+        lex(sql).unwrap().into_iter().filter_map(|t| if let Tok::Str(s) = t { Some(s) } else { None }).collect()
     }
 
     #[test]
@@ -209,7 +205,8 @@ mod tests {
 
     #[test]
     fn words_numbers_vars_and_comments() {
-        let t = lex("/* c */ SELECT @@version_comment, @@session.x, `in``dex` -- tail\n FROM t # more\n LIMIT 10").unwrap();
+        let t =
+            lex("/* c */ SELECT @@version_comment, @@session.x, `in``dex` -- tail\n FROM t # more\n LIMIT 10").unwrap();
         assert_eq!(
             t,
             vec![

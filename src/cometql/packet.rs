@@ -498,7 +498,11 @@ mod tests {
     #[test]
     fn handshake_response_parses_plugin_auth_lenenc() {
         let mut p = Vec::new();
-        let caps = CLIENT_PROTOCOL_41 | CLIENT_PLUGIN_AUTH | CLIENT_PLUGIN_AUTH_LENENC | CLIENT_CONNECT_WITH_DB | CLIENT_SECURE_CONNECTION;
+        let caps = CLIENT_PROTOCOL_41
+            | CLIENT_PLUGIN_AUTH
+            | CLIENT_PLUGIN_AUTH_LENENC
+            | CLIENT_CONNECT_WITH_DB
+            | CLIENT_SECURE_CONNECTION;
         p.extend_from_slice(&caps.to_le_bytes());
         p.extend_from_slice(&(1u32 << 24).to_le_bytes());
         p.push(45);
@@ -517,7 +521,8 @@ mod tests {
 
     #[test]
     fn result_set_classic_and_deprecate_eof() {
-        let rs = ResultSet { table: "t".into(), columns: vec!["a".into()], rows: vec![vec![Some("x".into())], vec![None]] };
+        let rs =
+            ResultSet { table: "t".into(), columns: vec!["a".into()], rows: vec![vec![Some("x".into())], vec![None]] };
         let mut classic = Vec::new();
         write_result_set(&mut classic, &rs, false, 2);
         // count, 1 column def, EOF, 2 rows, EOF = 6 packets with seq 1..=6.

@@ -45,16 +45,34 @@ pub enum Expr {
 /// One statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Statement {
-    Insert { table: String, columns: Option<Vec<String>>, rows: Vec<Vec<Value>> },
-    Select { table: String, columns: Option<Vec<String>>, conditions: Vec<Condition>, limit: Option<(u64, u64)> },
-    Delete { table: String, conditions: Vec<Condition> },
+    Insert {
+        table: String,
+        columns: Option<Vec<String>>,
+        rows: Vec<Vec<Value>>,
+    },
+    Select {
+        table: String,
+        columns: Option<Vec<String>>,
+        conditions: Vec<Condition>,
+        limit: Option<(u64, u64)>,
+    },
+    Delete {
+        table: String,
+        conditions: Vec<Condition>,
+    },
     /// `SELECT @@x, DATABASE(), 1 [LIMIT n]`: (expression, column label).
     SelectExprs(Vec<(Expr, String)>),
     ShowDatabases,
     ShowTables,
-    ShowColumns { table: String },
-    ShowStatus { like: Option<String> },
-    ShowVariables { like: Option<String> },
+    ShowColumns {
+        table: String,
+    },
+    ShowStatus {
+        like: Option<String>,
+    },
+    ShowVariables {
+        like: Option<String>,
+    },
     Set,
     Use(String),
 }
@@ -318,7 +336,8 @@ impl Parser<'_> {
     fn number(&mut self) -> Result<u64, ParseError> {
         match self.peek() {
             Some(Tok::Num(n)) => {
-                let v = n.parse().map_err(|_| ParseError { code: 12, message: format!("'{n}' is not a whole number") })?;
+                let v =
+                    n.parse().map_err(|_| ParseError { code: 12, message: format!("'{n}' is not a whole number") })?;
                 self.i += 1;
                 Ok(v)
             }
@@ -482,7 +501,9 @@ mod tests {
     #[test]
     fn insert_with_columns_and_multiple_rows() {
         assert_eq!(
-            one(r#"insert INTO pipes_messages (name, event, message) VALUES ('web_a', "e1", '{\"x\":1}'), ('b2', 'e2', 'it''s')"#),
+            one(
+                r#"insert INTO pipes_messages (name, event, message) VALUES ('web_a', "e1", '{\"x\":1}'), ('b2', 'e2', 'it''s')"#
+            ),
             Statement::Insert {
                 table: "pipes_messages".into(),
                 columns: Some(vec!["name".into(), "event".into(), "message".into()]),
@@ -529,11 +550,17 @@ mod tests {
         );
         assert_eq!(
             one("SELECT @@session.auto_increment_increment AS auto_increment_increment"),
-            Statement::SelectExprs(vec![(Expr::SysVar("auto_increment_increment".into()), "auto_increment_increment".into())])
+            Statement::SelectExprs(vec![(
+                Expr::SysVar("auto_increment_increment".into()),
+                "auto_increment_increment".into()
+            )])
         );
         assert_eq!(one("SET NAMES utf8mb4"), Statement::Set);
         assert_eq!(one("set autocommit=1"), Statement::Set);
-        assert_eq!(one("SHOW VARIABLES LIKE 'max_allowed%'"), Statement::ShowVariables { like: Some("max_allowed%".into()) });
+        assert_eq!(
+            one("SHOW VARIABLES LIKE 'max_allowed%'"),
+            Statement::ShowVariables { like: Some("max_allowed%".into()) }
+        );
         assert_eq!(one("SHOW FULL COLUMNS FROM pipes"), Statement::ShowColumns { table: "pipes".into() });
         assert_eq!(one("describe `pipes_settings`"), Statement::ShowColumns { table: "pipes_settings".into() });
         assert_eq!(one("SHOW GLOBAL STATUS"), Statement::ShowStatus { like: None });
@@ -555,7 +582,7 @@ mod tests {
         assert!(e.message.contains("'LIKE'"), "{}", e.message);
         let e = parse("INSERT INTO t VALUES ('a'").unwrap_err();
         assert!(e.message.contains("end of query"), "{}", e.message);
-        let many = format!("SELECT * FROM pipes WHERE {}", vec!["name = 'a'"; 9].join(" AND "));
+        let many = format!("SELECT * FROM pipes WHERE {}", ["name = 'a'"; 9].join(" AND "));
         assert_eq!(parse(&many).unwrap_err().code, 18);
         assert_eq!(parse("SELECT * FROM pipes LIMIT 1.5").unwrap_err().code, 12);
     }

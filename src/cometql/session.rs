@@ -14,7 +14,11 @@ enum Phase {
     /// Greeting sent; waiting for the HandshakeResponse.
     Greeting,
     /// AuthSwitchRequest sent; waiting for a native scramble.
-    Switch { user: String, dev: u32, database: Option<String> },
+    Switch {
+        user: String,
+        dev: u32,
+        database: Option<String>,
+    },
     /// Authenticated.
     Command,
     Closed,
@@ -114,7 +118,10 @@ impl Session {
         self.phase = Phase::Closed;
         let yes = if with_password { "YES" } else { "NO" };
         vec![
-            Event::Reply(one(seq, &packet::err(16, &format!("Access denied for user '{user}' (using password: {yes})")))),
+            Event::Reply(one(
+                seq,
+                &packet::err(16, &format!("Access denied for user '{user}' (using password: {yes})")),
+            )),
             Event::Close,
         ]
     }
@@ -162,7 +169,14 @@ impl Session {
         }
     }
 
-    fn finish_auth(&mut self, user: &str, dev: u32, database: Option<String>, seq: u8, pw: &dyn Passwords) -> Vec<Event> {
+    fn finish_auth(
+        &mut self,
+        user: &str,
+        dev: u32,
+        database: Option<String>,
+        seq: u8,
+        pw: &dyn Passwords,
+    ) -> Vec<Event> {
         self.login_dev = dev;
         self.dev_id = dev;
         if let Some(db) = database {
@@ -201,8 +215,14 @@ impl Session {
                         self.use_db(d, &db);
                         vec![ok()]
                     }
-                    Some(_) => vec![Event::Reply(one(1, &packet::err(403, &format!("Access denied to database '{db}' with this login"))))],
-                    None => vec![Event::Reply(one(1, &packet::err(15, &format!("Unknown database '{db}': use CometQL_v1 or db_N"))))],
+                    Some(_) => vec![Event::Reply(one(
+                        1,
+                        &packet::err(403, &format!("Access denied to database '{db}' with this login")),
+                    ))],
+                    None => vec![Event::Reply(one(
+                        1,
+                        &packet::err(15, &format!("Unknown database '{db}': use CometQL_v1 or db_N")),
+                    ))],
                 }
             }
             0x03 => {
@@ -210,10 +230,12 @@ impl Session {
                     return vec![Event::Reply(one(1, &packet::err(3, "Query is not valid UTF-8")))];
                 };
                 match parse(sql) {
-                    Ok(st) if st.len() > 1 && self.capabilities & CLIENT_MULTI_STATEMENTS == 0 => vec![Event::Reply(one(
-                        1,
-                        &packet::err(3, "Several statements in one query need the CLIENT_MULTI_STATEMENTS option"),
-                    ))],
+                    Ok(st) if st.len() > 1 && self.capabilities & CLIENT_MULTI_STATEMENTS == 0 => {
+                        vec![Event::Reply(one(
+                            1,
+                            &packet::err(3, "Several statements in one query need the CLIENT_MULTI_STATEMENTS option"),
+                        ))]
+                    }
                     Ok(st) if st.is_empty() => vec![Event::Reply(one(1, &packet::err(3, "Query was empty")))],
                     Ok(st) => vec![Event::Query(st)],
                     Err(ParseError { code, message }) => vec![Event::Reply(one(1, &packet::err(code, &message)))],
@@ -311,12 +333,16 @@ mod tests {
     #[test]
     fn native_login_succeeds_and_wrong_password_is_error_16() {
         let mut s = Session::new(1, NONCE);
-        let ok = s.on_packet(response("root", &packet::native_scramble(b"comet", &NONCE), Some(packet::NATIVE), None, 0), &Pw);
+        let ok = s.on_packet(
+            response("root", &packet::native_scramble(b"comet", &NONCE), Some(packet::NATIVE), None, 0),
+            &Pw,
+        );
         assert_eq!(ok.len(), 1);
         assert_eq!(first_byte_of_reply(&ok[0]), 0x00);
         assert!(s.is_authenticated());
         let mut s = Session::new(1, NONCE);
-        let bad = s.on_packet(response("root", &packet::native_scramble(b"nope", &NONCE), Some(packet::NATIVE), None, 0), &Pw);
+        let bad = s
+            .on_packet(response("root", &packet::native_scramble(b"nope", &NONCE), Some(packet::NATIVE), None, 0), &Pw);
         let Event::Reply(b) = &bad[0] else { panic!() };
         assert_eq!(&b[4..7], &[0xFF, 16, 0]);
         assert_eq!(bad[1], Event::Close);
@@ -325,7 +351,10 @@ mod tests {
     #[test]
     fn caching_sha2_fast_path_then_ok() {
         let mut s = Session::new(1, NONCE);
-        let ev = s.on_packet(response("7", &packet::sha2_scramble(b"seven", &NONCE), Some(packet::CACHING_SHA2), None, 0), &Pw);
+        let ev = s.on_packet(
+            response("7", &packet::sha2_scramble(b"seven", &NONCE), Some(packet::CACHING_SHA2), None, 0),
+            &Pw,
+        );
         assert_eq!(ev[0], Event::Reply(one(2, &packet::FAST_AUTH_OK)));
         assert_eq!(first_byte_of_reply(&ev[1]), 0x00);
         let Event::Reply(b) = &ev[1] else { panic!() };
@@ -338,7 +367,8 @@ mod tests {
         let mut s = Session::new(1, NONCE);
         let ev = s.on_packet(response("root", b"xx", Some("sha256_password"), None, 0), &Pw);
         assert_eq!(first_byte_of_reply(&ev[0]), 0xFE);
-        let ev = s.on_packet(Frame { seq: 3, payload: packet::native_scramble(b"comet", &NONCE).to_vec(), consumed: 0 }, &Pw);
+        let ev = s
+            .on_packet(Frame { seq: 3, payload: packet::native_scramble(b"comet", &NONCE).to_vec(), consumed: 0 }, &Pw);
         let Event::Reply(b) = &ev[0] else { panic!() };
         assert_eq!((b[3], b[4]), (4, 0x00));
     }
@@ -375,7 +405,8 @@ mod tests {
 
     #[test]
     fn multi_results_continue_sequence_and_flag_more() {
-        let r = vec![StmtResult::Ok { affected: 1, last_insert_id: 0 }, StmtResult::Ok { affected: 2, last_insert_id: 0 }];
+        let r =
+            vec![StmtResult::Ok { affected: 1, last_insert_id: 0 }, StmtResult::Ok { affected: 2, last_insert_id: 0 }];
         let b = encode_results(&r, false);
         let f1 = packet::read_frame(&b, 100).unwrap().unwrap();
         let f2 = packet::read_frame(&b[f1.consumed..], 100).unwrap().unwrap();

@@ -32,7 +32,13 @@ pub const TABLES: &[Table] = &[
         insert: None,
         delete: false,
     },
-    Table { name: "pipes_settings", columns: &["name", "length"], key: "name", insert: Some(&["name", "length"]), delete: true },
+    Table {
+        name: "pipes_settings",
+        columns: &["name", "length"],
+        key: "name",
+        insert: Some(&["name", "length"]),
+        delete: true,
+    },
     Table {
         name: "users_messages",
         columns: &["id", "index", "event", "message"],

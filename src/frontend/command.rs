@@ -14,11 +14,7 @@ pub enum Command<'a> {
     /// shard checks lengths, kinds and the limit).
     Subscribe(Vec<&'a str>),
     /// `web_pipe2`: a browser publish.
-    WebPipe {
-        pipe: &'a str,
-        event: &'a str,
-        message: &'a str,
-    },
+    WebPipe { pipe: &'a str, event: &'a str, message: &'a str },
     /// `pipe_log`: the channel's history.
     PipeLog { pipe: &'a str, marker: &'a str },
     /// `pipe_count`: subscriber count of a `web_`/`track_` channel.
@@ -43,9 +39,7 @@ pub fn parse(text: &str) -> Command<'_> {
     let mut next = || args.next().unwrap_or("").trim_end_matches('\r');
     match word {
         "subscription" => Command::Subscribe(
-            rest.split(|c: char| !c.is_ascii() || !is_name_char(c as u8))
-                .filter(|s| !s.is_empty())
-                .collect(),
+            rest.split(|c: char| !c.is_ascii() || !is_name_char(c as u8)).filter(|s| !s.is_empty()).collect(),
         ),
         "web_pipe2" => {
             let mut parts = rest.splitn(4, '\n');
@@ -53,39 +47,23 @@ pub fn parse(text: &str) -> Command<'_> {
             let event = parts.next().unwrap_or("");
             let _auth = parts.next();
             let message = parts.next().unwrap_or("");
-            Command::WebPipe {
-                pipe,
-                event,
-                message,
-            }
+            Command::WebPipe { pipe, event, message }
         }
         "pipe_log" => {
             let pipe = next();
-            Command::PipeLog {
-                pipe,
-                marker: next(),
-            }
+            Command::PipeLog { pipe, marker: next() }
         }
         "pipe_count" => {
             let pipe = next();
-            Command::PipeCount {
-                pipe,
-                marker: next(),
-            }
+            Command::PipeCount { pipe, marker: next() }
         }
         "track_pipe_users" => {
             let pipe = next();
-            Command::TrackPipeUsers {
-                pipe,
-                marker: next(),
-            }
+            Command::TrackPipeUsers { pipe, marker: next() }
         }
         "user_data" => {
             let marker = next();
-            Command::UserData {
-                marker,
-                user_id: next(),
-            }
+            Command::UserData { marker, user_id: next() }
         }
         "user_status" => Command::UserStatus { user_id: next() },
         "statistics" => Command::Statistics,
@@ -111,48 +89,17 @@ mod tests {
     fn web_pipe2_message_keeps_its_newlines() {
         assert_eq!(
             parse("web_pipe2\nweb_chat\nev\n*\nline1\nline2"),
-            Command::WebPipe {
-                pipe: "web_chat",
-                event: "ev",
-                message: "line1\nline2"
-            }
+            Command::WebPipe { pipe: "web_chat", event: "ev", message: "line1\nline2" }
         );
     }
 
     #[test]
     fn queries_with_markers() {
-        assert_eq!(
-            parse("pipe_log\nweb_x\nm1\n"),
-            Command::PipeLog {
-                pipe: "web_x",
-                marker: "m1"
-            }
-        );
-        assert_eq!(
-            parse("pipe_count\ntrack_y\nm2\n"),
-            Command::PipeCount {
-                pipe: "track_y",
-                marker: "m2"
-            }
-        );
-        assert_eq!(
-            parse("track_pipe_users\ntrack_y\nm3"),
-            Command::TrackPipeUsers {
-                pipe: "track_y",
-                marker: "m3"
-            }
-        );
-        assert_eq!(
-            parse("user_data\nm4\n15"),
-            Command::UserData {
-                marker: "m4",
-                user_id: "15"
-            }
-        );
-        assert_eq!(
-            parse("user_status\n15"),
-            Command::UserStatus { user_id: "15" }
-        );
+        assert_eq!(parse("pipe_log\nweb_x\nm1\n"), Command::PipeLog { pipe: "web_x", marker: "m1" });
+        assert_eq!(parse("pipe_count\ntrack_y\nm2\n"), Command::PipeCount { pipe: "track_y", marker: "m2" });
+        assert_eq!(parse("track_pipe_users\ntrack_y\nm3"), Command::TrackPipeUsers { pipe: "track_y", marker: "m3" });
+        assert_eq!(parse("user_data\nm4\n15"), Command::UserData { marker: "m4", user_id: "15" });
+        assert_eq!(parse("user_status\n15"), Command::UserStatus { user_id: "15" });
         assert_eq!(parse("statistics\n{\"a\":1}"), Command::Statistics);
     }
 

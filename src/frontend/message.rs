@@ -28,11 +28,7 @@ impl<'a> Obj<'a> {
     fn key(&mut self, k: &'static str) {
         #[cfg(debug_assertions)]
         {
-            debug_assert!(
-                self.last_key < k || self.first,
-                "keys out of order: {} then {k}",
-                self.last_key
-            );
+            debug_assert!(self.last_key < k || self.first, "keys out of order: {} then {k}", self.last_key);
             self.last_key = k;
         }
         if !self.first {
@@ -58,8 +54,7 @@ impl<'a> Obj<'a> {
 
     pub fn bool(mut self, k: &'static str, v: bool) -> Self {
         self.key(k);
-        self.out
-            .extend_from_slice(if v { b"true" } else { b"false" });
+        self.out.extend_from_slice(if v { b"true" } else { b"false" });
         self
     }
 
@@ -118,14 +113,7 @@ pub fn json_string(s: &str, out: &mut Vec<u8>) {
             0..=0x1F => {
                 out.extend_from_slice(&bytes[start..i]);
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(&[
-                    b'\\',
-                    b'u',
-                    b'0',
-                    b'0',
-                    HEX[(b >> 4) as usize],
-                    HEX[(b & 15) as usize],
-                ]);
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
                 start = i + 1;
                 continue;
             }
@@ -141,9 +129,7 @@ pub fn json_string(s: &str, out: &mut Vec<u8>) {
 
 /// Current unix time in seconds.
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// A message published on a channel: by the backend, by a browser
@@ -175,24 +161,15 @@ impl ChannelMessage {
     /// Encodes the JSON text of this message.
     pub fn encode(&self, d: Delivery<'_>, out: &mut Vec<u8>) {
         let mut o = Obj::new(out);
-        o = if self.data_is_json {
-            o.raw("data", self.data.as_bytes())
-        } else {
-            o.str("data", &self.data)
-        };
+        o = if self.data_is_json { o.raw("data", self.data.as_bytes()) } else { o.str("data", &self.data) };
         o = o.str("event", &self.event);
         if d.legacy {
             o = o.str("event_name", &self.event);
         }
         if let Some(m) = d.history_marker {
-            o = o
-                .bool("fromQueue", true)
-                .bool("history", true)
-                .str("marker", m);
+            o = o.bool("fromQueue", true).bool("history", true).str("marker", m);
         }
-        o = o
-            .num("message_send_time", self.time)
-            .str("pipe", &self.pipe);
+        o = o.num("message_send_time", self.time).str("pipe", &self.pipe);
         if let Some(u) = self.user_id {
             o = o.num("user_id", u as i64);
         }
@@ -201,32 +178,17 @@ impl ChannelMessage {
 }
 
 /// `serverInfo` on `sys`, sent once right after the handshake.
-pub fn server_info(
-    authorized: bool,
-    key: &str,
-    time: i64,
-    server: &str,
-    legacy: bool,
-    out: &mut Vec<u8>,
-) {
-    let mut o = Obj::new(out)
-        .bool("authorized", authorized)
-        .str("data", key)
-        .str("event", "serverInfo");
+pub fn server_info(authorized: bool, key: &str, time: i64, server: &str, legacy: bool, out: &mut Vec<u8>) {
+    let mut o = Obj::new(out).bool("authorized", authorized).str("data", key).str("event", "serverInfo");
     if legacy {
         o = o.str("event_name", "serverInfo");
     }
-    o.num("message_send_time", time)
-        .str("pipe", "sys")
-        .str("server", server)
-        .end();
+    o.num("message_send_time", time).str("pipe", "sys").str("server", server).end();
 }
 
 /// A non-fatal `error` on `sys`; the connection stays open.
 pub fn error(text: &str, time: i64, legacy: bool, out: &mut Vec<u8>) {
-    let mut o = Obj::new(out)
-        .obj("data", |d| d.str("error", text).num("number_messages", -1))
-        .str("event", "error");
+    let mut o = Obj::new(out).obj("data", |d| d.str("error", text).num("number_messages", -1)).str("event", "error");
     if legacy {
         o = o.str("event_name", "error");
     }
@@ -238,9 +200,7 @@ pub fn fatal_error(code: u16, text: &str, time: i64, legacy: bool, out: &mut Vec
     let msg = format!("Error code {code}({text})");
     let mut o = Obj::new(out)
         .obj("data", |d| {
-            d.str("error", &msg)
-                .num("error_code", code as i64)
-                .str("info", "Closed due to error. See last message.")
+            d.str("error", &msg).num("error_code", code as i64).str("info", "Closed due to error. See last message.")
         })
         .str("event", "error");
     if legacy {
@@ -250,19 +210,9 @@ pub fn fatal_error(code: u16, text: &str, time: i64, legacy: bool, out: &mut Vec
 }
 
 /// The delivery report on `_answer_to_<pipe>` after a `web_pipe2`.
-pub fn delivery_report(
-    pipe: &str,
-    message: &str,
-    count: u64,
-    time: i64,
-    legacy: bool,
-    out: &mut Vec<u8>,
-) {
+pub fn delivery_report(pipe: &str, message: &str, count: u64, time: i64, legacy: bool, out: &mut Vec<u8>) {
     let mut o = Obj::new(out)
-        .obj("data", |d| {
-            d.str("message", message)
-                .num("number_messages", count as i64)
-        })
+        .obj("data", |d| d.str("message", message).num("number_messages", count as i64))
         .str("event", "answer");
     if legacy {
         o = o.str("event_name", "answer");
@@ -270,62 +220,40 @@ pub fn delivery_report(
     let mut answer_pipe = String::with_capacity(pipe.len() + 11);
     answer_pipe.push_str("_answer_to_");
     answer_pipe.push_str(pipe);
-    o.num("message_send_time", time)
-        .str("pipe", &answer_pipe)
-        .end();
+    o.num("message_send_time", time).str("pipe", &answer_pipe).end();
 }
 
 /// The `pipe_count` answer on `_answer_pipe_count`.
 pub fn pipe_count(count: u64, marker: &str, time: i64, legacy: bool, out: &mut Vec<u8>) {
-    let mut o = Obj::new(out)
-        .obj("data", |d| d.num("user_in_pipe", count as i64))
-        .str("event", "user_in_pipe");
+    let mut o = Obj::new(out).obj("data", |d| d.num("user_in_pipe", count as i64)).str("event", "user_in_pipe");
     if legacy {
         o = o.str("event_name", "user_in_pipe");
     }
-    o.str("marker", marker)
-        .num("message_send_time", time)
-        .str("pipe", "_answer_pipe_count")
-        .end();
+    o.str("marker", marker).num("message_send_time", time).str("pipe", "_answer_pipe_count").end();
 }
 
 /// The `track_pipe_users` answer on `_answer`: `members` are (user_id, uuid).
-pub fn track_users(
-    members: &[(u64, String)],
-    marker: &str,
-    time: i64,
-    legacy: bool,
-    out: &mut Vec<u8>,
-) {
+pub fn track_users(members: &[(u64, String)], marker: &str, time: i64, legacy: bool, out: &mut Vec<u8>) {
     let mut list = Vec::with_capacity(members.len() * 32 + 2);
     list.push(b'[');
     for (i, (user, uuid)) in members.iter().enumerate() {
         if i > 0 {
             list.push(b',');
         }
-        Obj::new(&mut list)
-            .num("user_id", *user as i64)
-            .str("uuid", uuid)
-            .end();
+        Obj::new(&mut list).num("user_id", *user as i64).str("uuid", uuid).end();
     }
     list.push(b']');
     let mut o = Obj::new(out).raw("data", &list).str("event", "answer");
     if legacy {
         o = o.str("event_name", "answer");
     }
-    o.str("marker", marker)
-        .num("message_send_time", time)
-        .str("pipe", "_answer")
-        .end();
+    o.str("marker", marker).num("message_send_time", time).str("pipe", "_answer").end();
 }
 
 /// The `{user_id, uuid}` payload of presence events.
 pub fn presence_data(user_id: u64, uuid: &str) -> String {
     let mut v = Vec::with_capacity(32 + uuid.len());
-    Obj::new(&mut v)
-        .num("user_id", user_id as i64)
-        .str("uuid", uuid)
-        .end();
+    Obj::new(&mut v).num("user_id", user_id as i64).str("uuid", uuid).end();
     String::from_utf8(v).unwrap_or_default()
 }
 
@@ -356,17 +284,11 @@ mod tests {
     #[test]
     fn protocol_md_channel_message_fixtures() {
         assert_eq!(
-            s(
-                |o| msg("simplechat", "newMessage", r#"{"text":"hi"}"#, None)
-                    .encode(Delivery::default(), o)
-            ),
+            s(|o| msg("simplechat", "newMessage", r#"{"text":"hi"}"#, None).encode(Delivery::default(), o)),
             r#"{"data":"{\"text\":\"hi\"}","event":"newMessage","message_send_time":1700000000,"pipe":"simplechat"}"#
         );
         assert_eq!(
-            s(
-                |o| msg("web_chat", "newMessage", r#"{"text":"hi"}"#, Some(42))
-                    .encode(Delivery::default(), o)
-            ),
+            s(|o| msg("web_chat", "newMessage", r#"{"text":"hi"}"#, Some(42)).encode(Delivery::default(), o)),
             r#"{"data":"{\"text\":\"hi\"}","event":"newMessage","message_send_time":1700000000,"pipe":"web_chat","user_id":42}"#
         );
     }
@@ -381,12 +303,7 @@ mod tests {
 
     #[test]
     fn protocol_md_presence_fixtures() {
-        let mut m = msg(
-            "track_online",
-            "subscription",
-            &presence_data(5, "q1W2e3"),
-            None,
-        );
+        let mut m = msg("track_online", "subscription", &presence_data(5, "q1W2e3"), None);
         m.data_is_json = true;
         assert_eq!(
             s(|o| m.encode(Delivery::default(), o)),
@@ -402,22 +319,11 @@ mod tests {
     #[test]
     fn protocol_md_error_fixtures() {
         assert_eq!(
-            s(|o| error(
-                "The channel name can only contain characters A-Za-z0-9_-",
-                T,
-                false,
-                o
-            )),
+            s(|o| error("The channel name can only contain characters A-Za-z0-9_-", T, false, o)),
             r#"{"data":{"error":"The channel name can only contain characters A-Za-z0-9_-","number_messages":-1},"event":"error","message_send_time":1700000000,"pipe":"sys"}"#
         );
         assert_eq!(
-            s(|o| fatal_error(
-                418,
-                "Invalid request Not assigned client api version",
-                T,
-                false,
-                o
-            )),
+            s(|o| fatal_error(418, "Invalid request Not assigned client api version", T, false, o)),
             r#"{"data":{"error":"Error code 418(Invalid request Not assigned client api version)","error_code":418,"info":"Closed due to error. See last message."},"event":"error","message_send_time":1700000000,"pipe":"sys"}"#
         );
     }
@@ -436,10 +342,7 @@ mod tests {
 
     #[test]
     fn history_and_legacy_keys_stay_sorted() {
-        let d = Delivery {
-            legacy: true,
-            history_marker: Some("m1"),
-        };
+        let d = Delivery { legacy: true, history_marker: Some("m1") };
         assert_eq!(
             s(|o| msg("trust_x", "e", "t", Some(3)).encode(d, o)),
             r#"{"data":"t","event":"e","event_name":"e","fromQueue":true,"history":true,"marker":"m1","message_send_time":1700000000,"pipe":"trust_x","user_id":3}"#
@@ -460,12 +363,8 @@ mod tests {
 
     #[test]
     fn json_strings_escape_quotes_backslashes_and_controls() {
-        assert_eq!(
-            s(|o| json_string("a\"b\\c\nd\u{1}é", o)),
-            "\"a\\\"b\\\\c\\nd\\u0001é\""
-        );
-        let v: serde_json::Value =
-            serde_json::from_str(&s(|o| json_string("x\u{1f}\t\"", o))).unwrap();
+        assert_eq!(s(|o| json_string("a\"b\\c\nd\u{1}é", o)), "\"a\\\"b\\\\c\\nd\\u0001é\"");
+        let v: serde_json::Value = serde_json::from_str(&s(|o| json_string("x\u{1f}\t\"", o))).unwrap();
         assert_eq!(v, "x\u{1f}\t\"");
     }
 }

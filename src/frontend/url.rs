@@ -70,10 +70,7 @@ pub fn parse_params(params: &str) -> ConnectParams {
                 p.api_major = value.split('.').next().and_then(|m| m.trim().parse().ok());
             }
             "uuid"
-                if value.len() <= 32
-                    && value
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+                if value.len() <= 32 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
             {
                 p.uuid = value;
             }
@@ -99,13 +96,7 @@ mod tests {
             let p = parse_params(ws_params(path).expect(path));
             assert_eq!(
                 p,
-                ConnectParams {
-                    key: "k".into(),
-                    user_id: 1,
-                    dev_id: 0,
-                    api_major: Some(4),
-                    uuid: "abc".into()
-                },
+                ConnectParams { key: "k".into(), user_id: 1, dev_id: 0, api_major: Some(4), uuid: "abc".into() },
                 "{path}"
             );
         }
@@ -126,10 +117,7 @@ mod tests {
         let p = parse_params("myid=undefined&devid=x&v=&uuid=has space");
         assert_eq!((p.user_id, p.dev_id, p.api_major), (0, 0, None));
         assert_eq!(p.uuid, "");
-        assert_eq!(
-            parse_params("uuid=abcdefghijabcdefghijabcdefghijabc").uuid,
-            ""
-        );
+        assert_eq!(parse_params("uuid=abcdefghijabcdefghijabcdefghijabc").uuid, "");
     }
 
     #[test]

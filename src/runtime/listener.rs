@@ -10,11 +10,7 @@ const BACKLOG: i32 = 4096;
 
 /// Binds a non-blocking listener on `addr` with SO_REUSEPORT.
 pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<Socket> {
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     sock.set_reuse_port(true)?;
     if addr.is_ipv6() {

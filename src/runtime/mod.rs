@@ -16,18 +16,14 @@ pub fn build_runtime(backend: Backend) -> std::io::Result<compio::runtime::Runti
         Backend::IoUring => DriverType::IoUring,
         Backend::Epoll => DriverType::Poll,
     });
-    let rt = compio::runtime::RuntimeBuilder::new()
-        .with_proactor(proactor)
-        .build()?;
+    let rt = compio::runtime::RuntimeBuilder::new().with_proactor(proactor).build()?;
     let got = rt.driver_type();
     let want = match backend {
         Backend::IoUring => DriverType::IoUring,
         Backend::Epoll => DriverType::Poll,
     };
     if got != want {
-        return Err(std::io::Error::other(format!(
-            "asked compio for {want:?}, got {got:?}"
-        )));
+        return Err(std::io::Error::other(format!("asked compio for {want:?}, got {got:?}")));
     }
     Ok(rt)
 }

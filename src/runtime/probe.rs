@@ -31,9 +31,7 @@ impl Backend {
 /// Why io_uring cannot be used here.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error(
-        "io_uring_setup failed: {0} (blocked by seccomp, sysctl kernel.io_uring_disabled, or an old kernel)"
-    )]
+    #[error("io_uring_setup failed: {0} (blocked by seccomp, sysctl kernel.io_uring_disabled, or an old kernel)")]
     Setup(std::io::Error),
     #[error("io_uring opcode probe failed: {0}")]
     Probe(std::io::Error),
@@ -47,9 +45,7 @@ pub enum ProbeError {
 pub fn probe_io_uring() -> Result<(), ProbeError> {
     let mut ring = IoUring::new(4).map_err(ProbeError::Setup)?;
     let mut probe = Probe::new();
-    ring.submitter()
-        .register_probe(&mut probe)
-        .map_err(ProbeError::Probe)?;
+    ring.submitter().register_probe(&mut probe).map_err(ProbeError::Probe)?;
     for (code, name) in [
         (opcode::PollAdd::CODE, "POLL_ADD"),
         (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
@@ -63,17 +59,12 @@ pub fn probe_io_uring() -> Result<(), ProbeError> {
     let nop = opcode::Nop::new().build().user_data(7);
     // SAFETY: a NOP entry references no memory, so nothing it points to can
     // be freed before the kernel completes it; we wait for that completion.
-    unsafe { ring.submission().push(&nop) }
-        .map_err(|_| ProbeError::Enter(std::io::Error::other("SQ full")))?;
+    unsafe { ring.submission().push(&nop) }.map_err(|_| ProbeError::Enter(std::io::Error::other("SQ full")))?;
     ring.submit_and_wait(1).map_err(ProbeError::Enter)?;
     match ring.completion().next() {
         Some(cqe) if cqe.user_data() == 7 && cqe.result() >= 0 => Ok(()),
-        Some(cqe) => Err(ProbeError::Enter(std::io::Error::from_raw_os_error(
-            -cqe.result(),
-        ))),
-        None => Err(ProbeError::Enter(std::io::Error::other(
-            "no completion for NOP",
-        ))),
+        Some(cqe) => Err(ProbeError::Enter(std::io::Error::from_raw_os_error(-cqe.result()))),
+        None => Err(ProbeError::Enter(std::io::Error::other("no completion for NOP"))),
     }
 }
 

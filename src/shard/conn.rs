@@ -17,7 +17,7 @@ use compio::driver::SharedFd;
 use smallvec::SmallVec;
 use socket2::Socket;
 
-use super::mail::{Handoff, Publication, encode_text_frame};
+use super::mail::{Handoff, Publication, Query, encode_text_frame};
 use super::{ConnId, Pending, Shard, Then, home_shard};
 use crate::frontend::command::{self, Command};
 use crate::frontend::message::{self, ChannelMessage, unix_now};
@@ -42,6 +42,9 @@ pub enum Phase {
     Comet,
     /// The conformance echo endpoint (`--echo-path`).
     Echo,
+    /// A CometQL (MySQL protocol) connection on the backend port; its
+    /// state is in `Conn::sql`.
+    Sql,
     /// Close sent (or HTTP answered); waiting for output to drain and the
     /// peer to go, until `deadline`.
     Closing { deadline: u32 },
@@ -55,21 +58,9 @@ pub enum Phase {
 pub struct ClientInfo(Box<str>);
 
 impl ClientInfo {
-    pub fn new(
-        origin: Option<&str>,
-        user_agent: Option<&str>,
-        language: Option<&str>,
-    ) -> ClientInfo {
+    pub fn new(origin: Option<&str>, user_agent: Option<&str>, language: Option<&str>) -> ClientInfo {
         let clean = |s: Option<&str>| s.unwrap_or("").replace('\0', "");
-        ClientInfo(
-            format!(
-                "{}\0{}\0{}",
-                clean(origin),
-                clean(user_agent),
-                clean(language)
-            )
-            .into_boxed_str(),
-        )
+        ClientInfo(format!("{}\0{}\0{}", clean(origin), clean(user_agent), clean(language)).into_boxed_str())
     }
 
     fn field(&self, i: usize) -> &str {
@@ -123,6 +114,8 @@ pub struct Conn {
     pub ping_sent: Option<u32>,
     pub opened: u32,
     pub info: Option<ClientInfo>,
+    /// The MySQL session of a backend connection.
+    pub sql: Option<Box<super::sql::SqlConn>>,
 }
 
 impl Conn {
@@ -148,6 +141,7 @@ impl Conn {
             ping_sent: None,
             opened: now,
             info: None,
+            sql: None,
         }
     }
 
@@ -198,16 +192,9 @@ impl Shard {
     pub fn on_accept(&mut self, sock: Socket, peer: SocketAddr) -> (ConnId, SharedFd<Socket>) {
         let _ = sock.set_tcp_nodelay(true);
         let fd = SharedFd::new(sock);
-        let conn = Conn::new(
-            fd.clone(),
-            peer,
-            self.now,
-            self.shared.config.max_message_size,
-        );
+        let conn = Conn::new(fd.clone(), peer, self.now, self.shared.config.max_message_size);
         let id = self.conns.insert(conn);
-        self.metrics
-            .connections
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ShardMetrics::add(&self.metrics.accepted, 1);
         (id, fd)
     }
@@ -291,11 +278,7 @@ impl Shard {
                         return Flow::Continue;
                     }
                     Http::Finished => {
-                        return if self.conns.get(id).is_some() {
-                            Flow::Continue
-                        } else {
-                            Flow::Gone
-                        };
+                        return if self.conns.get(id).is_some() { Flow::Continue } else { Flow::Gone };
                     }
                     Http::Upgraded(n) => pos += n,
                 },
@@ -306,6 +289,17 @@ impl Shard {
                     };
                     conn.inbuf.clear();
                     if pos < buf.len() && matches!(conn.phase, Phase::Comet | Phase::Echo) {
+                        conn.inbuf.extend_from_slice(&buf[pos..]);
+                    } else if conn.inbuf.capacity() > 0 {
+                        conn.inbuf = Vec::new();
+                    }
+                    return Flow::Continue;
+                }
+                Phase::Sql => {
+                    pos += self.on_sql(id, &mut buf[pos..]);
+                    let Some(conn) = self.conns.get_mut(id) else { return Flow::Gone };
+                    conn.inbuf.clear();
+                    if pos < buf.len() && conn.phase == Phase::Sql {
                         conn.inbuf.extend_from_slice(&buf[pos..]);
                     } else if conn.inbuf.capacity() > 0 {
                         conn.inbuf = Vec::new();
@@ -344,9 +338,7 @@ impl Shard {
             if let Some(c) = self.conns.get_mut(id) {
                 c.phase = Phase::Echo;
             }
-            self.metrics
-                .websockets
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.websockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Http::Upgraded(head_len);
         }
         let p = url::parse_params(params.unwrap_or(""));
@@ -373,21 +365,11 @@ impl Shard {
                 let peer = conn.peer;
                 self.forget_conn(id);
                 ShardMetrics::add(&self.metrics.handoffs, 1);
-                self.outbox.send(
-                    to,
-                    super::mail::Mail::Handoff(Handoff {
-                        sock: dup,
-                        peer,
-                        head,
-                    }),
-                );
+                self.outbox.send(to, super::mail::Mail::Handoff(Handoff { sock: dup, peer, head }));
                 self.schedule_overflow_retry();
             }
             Err(e) => {
-                eprintln!(
-                    "comet: shard {} cannot hand off {}: {e}",
-                    self.id, conn.peer
-                );
+                eprintln!("comet: shard {} cannot hand off {}: {e}", self.id, conn.peer);
                 self.answer_http(id, http::unavailable("cannot hand off connection"));
             }
         }
@@ -409,14 +391,9 @@ impl Shard {
         // Authorization arrives with the users issue: until then every
         // connection is anonymous, whatever key it presents.
         conn.user_id = 0;
-        conn.info = Some(ClientInfo::new(
-            req.origin.as_deref(),
-            req.user_agent.as_deref(),
-            req.accept_language.as_deref(),
-        ));
-        self.metrics
-            .websockets
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        conn.info =
+            Some(ClientInfo::new(req.origin.as_deref(), req.user_agent.as_deref(), req.accept_language.as_deref()));
+        self.metrics.websockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let frame = encode_text_frame(|o| message::server_info(false, "", now, server, legacy, o));
         self.send_frame(id, frame);
         if p.api_major.is_none() {
@@ -493,11 +470,7 @@ impl Shard {
                     }
                 }
             }
-            if self
-                .conns
-                .get(id)
-                .is_none_or(|c| !matches!(c.phase, Phase::Comet | Phase::Echo))
-            {
+            if self.conns.get(id).is_none_or(|c| !matches!(c.phase, Phase::Comet | Phase::Echo)) {
                 pos = buf.len();
                 break;
             }
@@ -516,15 +489,7 @@ impl Shard {
         };
         if conn.phase == Phase::Echo {
             let mut f = Vec::with_capacity(payload.len() + 10);
-            ws::encode_frame(
-                if text {
-                    ws::Opcode::Text
-                } else {
-                    ws::Opcode::Binary
-                },
-                payload,
-                &mut f,
-            );
+            ws::encode_frame(if text { ws::Opcode::Text } else { ws::Opcode::Binary }, payload, &mut f);
             self.send_frame(id, f.into());
             return false;
         }
@@ -539,69 +504,48 @@ impl Shard {
     fn on_command(&mut self, id: ConnId, cmd: Command<'_>) {
         match cmd {
             Command::Subscribe(names) => self.cmd_subscribe(id, names),
-            Command::WebPipe {
-                pipe,
-                event,
-                message,
-            } => self.cmd_web_pipe(id, pipe, event, message),
-            Command::PipeLog { pipe, .. } => {
+            Command::WebPipe { pipe, event, message } => self.cmd_web_pipe(id, pipe, event, message),
+            Command::PipeLog { pipe, marker } => {
                 if !is_valid_channel(pipe) {
                     self.send_error(id, &format!("Invalid channel name '{}'", clip(pipe)));
+                    return;
                 }
-                // Channel history is kept once `pipes_settings` exists
-                // (CometQL, issue #3); until then every history is empty.
+                let dev_id = self.conns.get(id).map_or(0, |c| c.dev_id);
+                let then = Then::PipeLog { conn: id, pipe: pipe.to_string(), marker: marker.to_string() };
+                self.ask_all(dev_id, Query::Log(Arc::from(pipe)), then);
             }
             Command::PipeCount { pipe, marker } => {
-                if !(pipe.starts_with("web_") || pipe.starts_with("track_"))
-                    || !is_valid_channel(pipe)
-                {
+                if !(pipe.starts_with("web_") || pipe.starts_with("track_")) || !is_valid_channel(pipe) {
                     self.send_error(
                         id,
-                        &format!(
-                            "pipe_count is only allowed for web_ and track_ channels, not '{}'",
-                            clip(pipe)
-                        ),
+                        &format!("pipe_count is only allowed for web_ and track_ channels, not '{}'", clip(pipe)),
                     );
                     return;
                 }
                 let dev_id = self.conns.get(id).map_or(0, |c| c.dev_id);
                 self.ask_all(
                     dev_id,
-                    pipe,
-                    false,
-                    Then::PipeCount {
-                        conn: id,
-                        marker: marker.to_string(),
-                    },
+                    Query::Count(Arc::from(pipe)),
+                    Then::PipeCount { conn: id, marker: marker.to_string() },
                 );
             }
             Command::TrackPipeUsers { pipe, marker } => {
                 if !pipe.starts_with("track_") || !is_valid_channel(pipe) {
                     self.send_error(
                         id,
-                        &format!(
-                            "track_pipe_users is only allowed for track_ channels, not '{}'",
-                            clip(pipe)
-                        ),
+                        &format!("track_pipe_users is only allowed for track_ channels, not '{}'", clip(pipe)),
                     );
                     return;
                 }
                 let dev_id = self.conns.get(id).map_or(0, |c| c.dev_id);
                 self.ask_all(
                     dev_id,
-                    pipe,
-                    true,
-                    Then::TrackUsers {
-                        conn: id,
-                        marker: marker.to_string(),
-                    },
+                    Query::Members(Arc::from(pipe)),
+                    Then::TrackUsers { conn: id, marker: marker.to_string() },
                 );
             }
             Command::UserData { .. } | Command::UserStatus { .. } => {
-                self.send_error(
-                    id,
-                    "user commands need user support, which this build does not have yet",
-                );
+                self.send_error(id, "user commands need user support, which this build does not have yet");
             }
             Command::Statistics => {}
             Command::Unknown(word) => {
@@ -624,10 +568,7 @@ impl Shard {
                 continue;
             }
             if !(2..=64).contains(&name.len()) {
-                errors.push(format!(
-                    "Invalid channel name '{}': it must be 2..64 characters",
-                    clip(name)
-                ));
+                errors.push(format!("Invalid channel name '{}': it must be 2..64 characters", clip(name)));
                 continue;
             }
             if name == "sys" || name.starts_with("_answer") {
@@ -644,20 +585,14 @@ impl Shard {
             wanted.push(name);
         }
         if over_limit {
-            errors.push(format!(
-                "Too many channels: at most {max} per connection; the rest were ignored"
-            ));
+            errors.push(format!("Too many channels: at most {max} per connection; the rest were ignored"));
         }
         // Leave what is no longer wanted, join what is new: a channel kept
         // across the re-subscription emits no presence events.
         let current: SmallVec<[(u32, Arc<str>); 4]> = conn
             .subs
             .iter()
-            .filter_map(|&(ch, _)| {
-                self.channels[ch as usize]
-                    .as_ref()
-                    .map(|c| (ch, c.name.clone()))
-            })
+            .filter_map(|&(ch, _)| self.channels[ch as usize].as_ref().map(|c| (ch, c.name.clone())))
             .collect();
         for (ch, name) in &current {
             if !wanted.contains(&&**name) {
@@ -710,27 +645,15 @@ impl Shard {
         };
         if pipe.starts_with("webauth_") {
             if user_id == 0 {
-                self.send_error(
-                    id,
-                    &format!("Only authorized users may publish to '{}'", clip(pipe)),
-                );
+                self.send_error(id, &format!("Only authorized users may publish to '{}'", clip(pipe)));
                 return;
             }
         } else if !pipe.starts_with("web_") {
-            self.send_error(
-                id,
-                "Invalid channel name. The channel should begin with web_",
-            );
+            self.send_error(id, "Invalid channel name. The channel should begin with web_");
             return;
         }
         if !is_valid_channel(pipe) {
-            self.send_error(
-                id,
-                &format!(
-                    "Invalid channel name '{}': 2..64 characters of A-Za-z0-9_-",
-                    clip(pipe)
-                ),
-            );
+            self.send_error(id, &format!("Invalid channel name '{}': 2..64 characters of A-Za-z0-9_-", clip(pipe)));
             return;
         }
         let msg = ChannelMessage {
@@ -753,11 +676,7 @@ impl Shard {
             );
             return;
         }
-        let then = Then::DeliveryReport {
-            conn: id,
-            pipe: pipe.to_string(),
-            message: text.to_string(),
-        };
+        let then = Then::DeliveryReport { conn: id, pipe: pipe.to_string(), message: text.to_string() };
         self.publish(p, Some(then));
     }
 
@@ -765,18 +684,12 @@ impl Shard {
     pub fn complete(&mut self, p: Pending) {
         let now = unix_now();
         match p.then {
-            Then::DeliveryReport {
-                conn,
-                pipe,
-                message,
-            } => {
+            Then::DeliveryReport { conn, pipe, message } => {
                 let Some(c) = self.conns.get(conn) else {
                     return;
                 };
                 let legacy = c.legacy;
-                let f = encode_text_frame(|o| {
-                    message::delivery_report(&pipe, &message, p.count, now, legacy, o)
-                });
+                let f = encode_text_frame(|o| message::delivery_report(&pipe, &message, p.count, now, legacy, o));
                 self.send_frame(conn, f);
             }
             Then::PipeCount { conn, marker } => {
@@ -784,8 +697,7 @@ impl Shard {
                     return;
                 };
                 let legacy = c.legacy;
-                let f =
-                    encode_text_frame(|o| message::pipe_count(p.count, &marker, now, legacy, o));
+                let f = encode_text_frame(|o| message::pipe_count(p.count, &marker, now, legacy, o));
                 self.send_frame(conn, f);
             }
             Then::TrackUsers { conn, marker } => {
@@ -793,10 +705,28 @@ impl Shard {
                     return;
                 };
                 let legacy = c.legacy;
-                let f = encode_text_frame(|o| {
-                    message::track_users(&p.members, &marker, now, legacy, o)
-                });
+                let f = encode_text_frame(|o| message::track_users(&p.members, &marker, now, legacy, o));
                 self.send_frame(conn, f);
+            }
+            Then::PipeLog { conn, pipe, marker } => {
+                let Some(c) = self.conns.get(conn) else { return };
+                let legacy = c.legacy;
+                for e in p.log {
+                    let msg = ChannelMessage {
+                        pipe: pipe.clone(),
+                        event: e.event,
+                        data: e.message,
+                        data_is_json: false,
+                        time: e.time,
+                        user_id: e.user_id,
+                    };
+                    let d = message::Delivery { legacy, history_marker: Some(&marker) };
+                    let f = encode_text_frame(|o| msg.encode(d, o));
+                    self.send_frame(conn, f);
+                }
+            }
+            Then::Sql { conn, slot, index, then } => {
+                self.sql_complete(conn, slot, index, then, p.count, p.counts, p.rows);
             }
         }
     }
@@ -818,6 +748,16 @@ impl Shard {
         if conn.push_out(frame) {
             self.dirty.push(id);
         }
+    }
+
+    /// Queues bytes that are not a WebSocket frame (HTTP, MySQL packets).
+    pub fn send_raw_bytes(&mut self, id: ConnId, bytes: Vec<u8>) {
+        self.send_raw(id, bytes);
+    }
+
+    /// Closes a connection once its queued answer is written.
+    pub fn close_after_answer(&mut self, id: ConnId) {
+        self.finish_after_flush(id, true);
     }
 
     fn send_raw(&mut self, id: ConnId, bytes: Vec<u8>) {
@@ -842,16 +782,12 @@ impl Shard {
             return;
         };
         let was_ws = matches!(conn.phase, Phase::Comet | Phase::Echo);
-        conn.phase = Phase::Closing {
-            deadline: now + CLOSE_TIMEOUT,
-        };
+        conn.phase = Phase::Closing { deadline: now + CLOSE_TIMEOUT };
         conn.shutdown_after_flush = true;
         conn.drop_after_flush = drop_now;
         let subs: SmallVec<[(u32, u32); 2]> = conn.subs.clone();
         if was_ws {
-            self.metrics
-                .websockets
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.websockets.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         self.leave_all(id, &subs);
         if self.conns.get(id).is_some_and(|c| c.out.is_empty()) {
@@ -892,11 +828,7 @@ impl Shard {
         ShardMetrics::add(&self.metrics.slow_consumer_closes, 1);
         // Drop what is queued but not started; a half-written frame must be
         // finished first or the close frame would corrupt the stream.
-        let front = if conn.out_offset > 0 {
-            conn.out.pop_front()
-        } else {
-            None
-        };
+        let front = if conn.out_offset > 0 { conn.out.pop_front() } else { None };
         conn.out.clear();
         conn.out_bytes = 0;
         if let Some(f) = front {
@@ -911,10 +843,11 @@ impl Shard {
         let Some(conn) = self.conns.get(id) else {
             return;
         };
+        if conn.sql.is_some() {
+            self.metrics.sql_connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if matches!(conn.phase, Phase::Comet | Phase::Echo) {
-            self.metrics
-                .websockets
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.websockets.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         let subs = conn.subs.clone();
         self.leave_all(id, &subs);
@@ -929,9 +862,7 @@ impl Shard {
     /// beyond dropping this shard's handle (hand-off keeps a duplicate).
     fn forget_conn(&mut self, id: ConnId) {
         if self.conns.remove(id).is_some() {
-            self.metrics
-                .connections
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -962,14 +893,9 @@ impl Shard {
             let res = {
                 let mut slices: SmallVec<[IoSlice<'_>; 64]> = SmallVec::new();
                 for (i, f) in conn.out.iter().take(64).enumerate() {
-                    slices.push(IoSlice::new(if i == 0 {
-                        &f[conn.out_offset..]
-                    } else {
-                        &f[..]
-                    }));
+                    slices.push(IoSlice::new(if i == 0 { &f[conn.out_offset..] } else { &f[..] }));
                 }
-                conn.sock
-                    .send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL)
+                conn.sock.send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL)
             };
             match res {
                 Ok(mut n) => {
@@ -1028,9 +954,7 @@ impl Shard {
                 continue;
             };
             match conn.phase {
-                Phase::Http if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT => {
-                    self.drop_conn(id)
-                }
+                Phase::Http if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT => self.drop_conn(id),
                 Phase::Closing { deadline } if now >= deadline => self.drop_conn(id),
                 Phase::Comet | Phase::Echo => match conn.ping_sent {
                     Some(t) if now.saturating_sub(t) >= timeout => {
@@ -1062,10 +986,10 @@ impl Shard {
         }
         for id in self.conns.ids() {
             match self.conns.get(id).map(|c| c.phase) {
-                Some(Phase::Comet | Phase::Echo) => {
-                    self.close_ws(id, CloseCode::GOING_AWAY, "server shutting down")
-                }
+                Some(Phase::Comet | Phase::Echo) => self.close_ws(id, CloseCode::GOING_AWAY, "server shutting down"),
                 Some(Phase::Http) => self.drop_conn(id),
+                // Answer what was asked, then close.
+                Some(Phase::Sql) => self.sql_push_raw(id, Vec::new(), true),
                 _ => {}
             }
         }
@@ -1087,9 +1011,6 @@ mod tests {
     #[test]
     fn client_info_keeps_three_fields_in_one_allocation() {
         let i = ClientInfo::new(Some("https://a.example"), None, Some("de\0-DE"));
-        assert_eq!(
-            (i.origin(), i.user_agent(), i.language()),
-            ("https://a.example", "", "de-DE")
-        );
+        assert_eq!((i.origin(), i.user_agent(), i.language()), ("https://a.example", "", "de-DE"));
     }
 }

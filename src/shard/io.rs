@@ -25,27 +25,19 @@ use crate::mailbox::Inbox;
 
 /// Waits until `fd` is readable (or hung up / in error).
 async fn readable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
-    compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable))
-        .await
-        .0
-        .map(|_| ())
+    compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable)).await.0.map(|_| ())
 }
 
 async fn writable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
-    compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Writable))
-        .await
-        .0
-        .map(|_| ())
+    compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Writable)).await.0.map(|_| ())
 }
 
-/// Accepts connections on one listener until it is shut down.
-pub async fn accept_loop(listener: Arc<Socket>) {
+/// Accepts connections on one listener until it is shut down; `backend`:
+/// the CometQL port, else the frontend (WebSocket and HTTP) port.
+pub async fn accept_loop(listener: Arc<Socket>, backend: bool) {
     let fd = SharedFd::new(ListenerFd(listener.clone()));
     loop {
-        if let Err(e) = compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable))
-            .await
-            .0
-        {
+        if let Err(e) = compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable)).await.0 {
             eprintln!("comet: listener poll failed: {e}");
             compio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -60,7 +52,8 @@ pub async fn accept_loop(listener: Arc<Socket>) {
                     if sock.set_nonblocking(true).is_err() {
                         continue;
                     }
-                    let (id, conn_fd) = with_shard(|s| s.on_accept(sock, peer));
+                    let (id, conn_fd) =
+                        with_shard(|s| if backend { s.on_accept_sql(sock, peer) } else { s.on_accept(sock, peer) });
                     compio::runtime::spawn(run_conn(id, conn_fd)).detach();
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -181,9 +174,7 @@ pub async fn sweep_loop(shutdown_timeout: Duration) {
             deadline = Some(std::time::Instant::now() + shutdown_timeout);
         }
         if let Some(d) = deadline {
-            if with_shard(|s| s.conns.is_empty() && s.pending.is_empty())
-                || std::time::Instant::now() >= d
-            {
+            if with_shard(|s| s.conns.is_empty() && s.pending.is_empty()) || std::time::Instant::now() >= d {
                 return;
             }
             compio::time::sleep(Duration::from_millis(50)).await;

@@ -28,32 +28,22 @@ pub struct Publication {
     /// The connection that published it (a browser's `web_pipe2`, or the
     /// subscriber whose presence this announces): it does not receive it.
     pub exclude: Option<(usize, ConnId)>,
+    /// Kept in the channel's history (if it keeps one) by its home shard;
+    /// false for presence events.
+    pub store: bool,
 }
 
 impl Publication {
     pub fn new(dev_id: u32, msg: ChannelMessage, exclude: Option<(usize, ConnId)>) -> Publication {
         let frame = encode_text_frame(|out| msg.encode(Delivery::default(), out));
-        Publication {
-            dev_id,
-            msg,
-            frame,
-            legacy: OnceLock::new(),
-            exclude,
-        }
+        let store = !msg.data_is_json;
+        Publication { dev_id, msg, frame, legacy: OnceLock::new(), exclude, store }
     }
 
     /// The frame for a client that wants `event_name` too.
     pub fn legacy_frame(&self) -> &Arc<[u8]> {
         self.legacy.get_or_init(|| {
-            encode_text_frame(|out| {
-                self.msg.encode(
-                    Delivery {
-                        legacy: true,
-                        history_marker: None,
-                    },
-                    out,
-                )
-            })
+            encode_text_frame(|out| self.msg.encode(Delivery { legacy: true, history_marker: None }, out))
         })
     }
 
@@ -82,35 +72,56 @@ pub struct Handoff {
     pub head: Vec<u8>,
 }
 
+/// A question asked of every shard about its part of the state.
+#[derive(Debug)]
+pub enum Query {
+    /// Local subscribers of one channel.
+    Count(Arc<str>),
+    /// Local presence members of one channel.
+    Members(Arc<str>),
+    /// Local subscriber counts of several channels, in order.
+    Counts(Vec<Arc<str>>),
+    /// `users_in_pipes` rows of the local subscribers of these channels.
+    Subscribers(Vec<Arc<str>>),
+    /// `pipes_messages` rows of these channels (from their home shards).
+    History(Vec<Arc<str>>),
+    /// Clear these channels' history and remove entries with these ids.
+    HistoryDelete { names: Vec<Arc<str>>, ids: Vec<u64> },
+    /// Set history lengths (on the channels' home shards).
+    SettingsSet(Vec<(Arc<str>, u32)>),
+    /// `pipes_settings` rows, all or only these channels.
+    SettingsSelect(Option<Vec<Arc<str>>>),
+    /// Remove settings and history.
+    SettingsDelete(Vec<Arc<str>>),
+    /// A channel's history entries, for `pipe_log`.
+    Log(Arc<str>),
+}
+
+/// A row of text values (a CometQL result row).
+pub type Row = Vec<Option<String>>;
+
 /// An answer to a scattered question.
 #[derive(Debug)]
 pub enum Reply {
-    /// Connections written to, or subscribers counted.
+    /// Connections written to, subscribers counted, or rows affected.
     Count(u64),
     /// Presence members: (user_id, uuid).
     Members(Vec<(u64, String)>),
+    /// Counts per asked channel, in order.
+    Counts(Vec<u64>),
+    /// Result rows.
+    Rows(Vec<Row>),
+    /// History entries for `pipe_log`.
+    Log(Vec<super::history::Entry>),
 }
 
 /// A message between shards.
 #[derive(Debug)]
 pub enum Mail {
     /// Write to local subscribers; when `req` is set, answer with the count.
-    Deliver {
-        publication: Arc<Publication>,
-        req: Option<(usize, u64)>,
-    },
-    /// Count local subscribers of a channel.
-    Count {
-        dev_id: u32,
-        channel: Arc<str>,
-        req: (usize, u64),
-    },
-    /// List local subscribers of a presence channel.
-    Members {
-        dev_id: u32,
-        channel: Arc<str>,
-        req: (usize, u64),
-    },
+    Deliver { publication: Arc<Publication>, req: Option<(usize, u64)> },
+    /// Answer a question about local state.
+    Ask { dev_id: u32, query: Arc<Query>, req: (usize, u64) },
     /// The answer to request `req`.
     Reply { req: u64, reply: Reply },
     /// A connection whose user lives on the receiving shard.

@@ -9,9 +9,11 @@
 //! burst of messages to one connection becomes one vectored write.
 
 pub mod conn;
+pub mod history;
 pub mod io;
 pub mod mail;
 pub mod slab;
+pub mod sql;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -25,7 +27,8 @@ pub use slab::{ConnId, Slab};
 use crate::config::Config;
 use crate::mailbox::Outbox;
 use crate::metrics::{Registry, ShardMetrics};
-use mail::{Mail, Publication, Reply};
+use history::HistoryStore;
+use mail::{Mail, Publication, Query, Reply, Row};
 
 /// A channel's subscribers on this shard.
 #[derive(Debug)]
@@ -40,24 +43,59 @@ pub struct Channel {
 #[derive(Debug)]
 pub enum Then {
     /// Send the `web_pipe2` delivery report to the publishing connection.
-    DeliveryReport {
-        conn: ConnId,
-        pipe: String,
-        message: String,
-    },
+    DeliveryReport { conn: ConnId, pipe: String, message: String },
     /// Answer `pipe_count`.
     PipeCount { conn: ConnId, marker: String },
     /// Answer `track_pipe_users`.
     TrackUsers { conn: ConnId, marker: String },
+    /// Answer `pipe_log` with the channel's history.
+    PipeLog { conn: ConnId, pipe: String, marker: String },
+    /// Fill a statement's result in a CometQL connection's answer queue.
+    Sql { conn: ConnId, slot: u64, index: usize, then: sql::SqlThen },
 }
 
-/// A question waiting for answers from other shards.
+/// A question waiting for answers from other shards; the answers are
+/// merged as they come.
 #[derive(Debug)]
 pub struct Pending {
     pub remaining: usize,
     pub count: u64,
     pub members: Vec<(u64, String)>,
+    pub counts: Vec<u64>,
+    pub rows: Vec<Row>,
+    pub log: Vec<history::Entry>,
     pub then: Then,
+}
+
+impl Pending {
+    pub fn new(remaining: usize, then: Then) -> Pending {
+        Pending {
+            remaining,
+            count: 0,
+            members: Vec::new(),
+            counts: Vec::new(),
+            rows: Vec::new(),
+            log: Vec::new(),
+            then,
+        }
+    }
+
+    fn merge(&mut self, reply: Reply) {
+        match reply {
+            Reply::Count(n) => self.count += n,
+            Reply::Members(mut m) => self.members.append(&mut m),
+            Reply::Counts(c) => {
+                if self.counts.len() < c.len() {
+                    self.counts.resize(c.len(), 0);
+                }
+                for (a, b) in self.counts.iter_mut().zip(c) {
+                    *a += b;
+                }
+            }
+            Reply::Rows(mut r) => self.rows.append(&mut r),
+            Reply::Log(mut l) => self.log.append(&mut l),
+        }
+    }
 }
 
 /// Things a shard shares read-only with the process.
@@ -96,6 +134,10 @@ pub struct Shard {
     pub shutting_down: bool,
     /// A retry of overflowing mailboxes is scheduled.
     pub overflow_retry_scheduled: bool,
+    /// History and settings of the channels homed here.
+    pub history: HistoryStore,
+    /// CometQL connection ids handed out by this shard.
+    pub next_sql_id: u32,
 }
 
 thread_local! {
@@ -120,6 +162,17 @@ pub fn install(shard: Shard) {
 /// Removes the shard state (at thread exit), returning the inbox's owner.
 pub fn uninstall() -> Option<Shard> {
     SHARD.with_borrow_mut(|s| s.take())
+}
+
+/// The home shard of a channel: where its history and settings live.
+pub fn home_shard_of_channel(dev_id: u32, name: &str, shards: usize) -> usize {
+    // FNV-1a over dev_id and name: stable across shards and runs.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in dev_id.to_le_bytes().iter().chain(name.as_bytes()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
 }
 
 /// The home shard of a user: where all its devices live.
@@ -154,6 +207,8 @@ impl Shard {
             listeners: Vec::new(),
             shutting_down: false,
             overflow_retry_scheduled: false,
+            history: HistoryStore::default(),
+            next_sql_id: 0,
         }
     }
 
@@ -174,11 +229,7 @@ impl Shard {
             return i;
         }
         let name: Arc<str> = Arc::from(name);
-        let ch = Channel {
-            dev_id,
-            name: name.clone(),
-            subs: Vec::new(),
-        };
+        let ch = Channel { dev_id, name: name.clone(), subs: Vec::new() };
         let idx = match self.free_channels.pop() {
             Some(i) => {
                 self.channels[i as usize] = Some(ch);
@@ -189,10 +240,7 @@ impl Shard {
                 (self.channels.len() - 1) as u32
             }
         };
-        self.channel_index
-            .entry(dev_id)
-            .or_default()
-            .insert(name, idx);
+        self.channel_index.entry(dev_id).or_default().insert(name, idx);
         idx
     }
 
@@ -255,22 +303,25 @@ impl Shard {
 
     /// Presence members of a channel on this shard.
     pub fn local_members(&self, dev_id: u32, name: &str) -> Vec<(u64, String)> {
-        let Some(ch) = self
-            .find_channel(dev_id, name)
-            .and_then(|i| self.channels[i as usize].as_ref())
-        else {
+        let Some(ch) = self.find_channel(dev_id, name).and_then(|i| self.channels[i as usize].as_ref()) else {
             return Vec::new();
         };
-        ch.subs
-            .iter()
-            .filter_map(|&id| self.conns.get(id))
-            .map(|c| (c.user_id, c.uuid.to_string()))
-            .collect()
+        ch.subs.iter().filter_map(|&id| self.conns.get(id)).map(|c| (c.user_id, c.uuid.to_string())).collect()
     }
 
     /// Writes a publication to this shard's subscribers; returns how many
     /// connections it was queued to.
     pub fn deliver_local(&mut self, p: &Publication) -> u64 {
+        if p.store && home_shard_of_channel(p.dev_id, &p.msg.pipe, self.shards) == self.id {
+            let entry = history::Entry {
+                id: 0,
+                time: p.msg.time,
+                event: p.msg.event.clone(),
+                message: p.msg.data.clone(),
+                user_id: p.msg.user_id,
+            };
+            self.history.append(p.dev_id, &p.msg.pipe, entry, self.id, self.shards);
+        }
         let Some(ch) = self.find_channel(p.dev_id, &p.msg.pipe) else {
             return 0;
         };
@@ -291,11 +342,7 @@ impl Shard {
             if !conn.accepts_messages() {
                 continue;
             }
-            let frame = if conn.legacy {
-                p.legacy_frame()
-            } else {
-                &p.frame
-            };
+            let frame = if conn.legacy { p.legacy_frame() } else { &p.frame };
             if conn.out_bytes + frame.len() > limit {
                 slow.push(id);
                 continue;
@@ -315,25 +362,27 @@ impl Shard {
     /// Publishes on every shard; `then` (if any) runs when all have answered
     /// with the number of connections written.
     pub fn publish(&mut self, p: Publication, then: Option<Then>) {
-        let p = Arc::new(p);
-        let local = self.deliver_local(&p);
+        self.publish_many(vec![p], then);
+    }
+
+    /// Publishes several messages in order; `then` gets the total count.
+    pub fn publish_many(&mut self, pubs: Vec<Publication>, then: Option<Then>) {
+        let n = pubs.len();
         let req = then.map(|then| {
-            let id = self.new_request(Pending {
-                remaining: self.shards - 1,
-                count: local,
-                members: Vec::new(),
-                then,
-            });
+            let id = self.new_request(Pending::new((self.shards - 1) * n, then));
             (self.id, id)
         });
-        for to in (0..self.shards).filter(|&s| s != self.id) {
-            self.outbox.send(
-                to,
-                Mail::Deliver {
-                    publication: p.clone(),
-                    req,
-                },
-            );
+        for p in pubs {
+            let p = Arc::new(p);
+            let local = self.deliver_local(&p);
+            if let Some((_, id)) = req
+                && let Some(pending) = self.pending.get_mut(&id)
+            {
+                pending.count += local;
+            }
+            for to in (0..self.shards).filter(|&s| s != self.id) {
+                self.outbox.send(to, Mail::Deliver { publication: p.clone(), req });
+            }
         }
         if let Some((_, id)) = req {
             self.maybe_complete(id);
@@ -347,39 +396,110 @@ impl Shard {
         self.next_req
     }
 
-    /// Scatters a count or member-list question for a channel.
-    pub fn ask_all(&mut self, dev_id: u32, channel: &str, members: bool, then: Then) {
-        let (count, list) = if members {
-            (0, self.local_members(dev_id, channel))
-        } else {
-            (self.local_count(dev_id, channel), Vec::new())
-        };
-        let id = self.new_request(Pending {
-            remaining: self.shards - 1,
-            count,
-            members: list,
-            then,
-        });
-        let channel: Arc<str> = Arc::from(channel);
+    /// Asks every shard (this one included) `query`; `then` runs with the
+    /// merged answers.
+    pub fn ask_all(&mut self, dev_id: u32, query: Query, then: Then) {
+        let local = self.answer(dev_id, &query);
+        let mut pending = Pending::new(self.shards - 1, then);
+        pending.merge(local);
+        let id = self.new_request(pending);
+        let query = Arc::new(query);
         for to in (0..self.shards).filter(|&s| s != self.id) {
-            let req = (self.id, id);
-            let mail = if members {
-                Mail::Members {
-                    dev_id,
-                    channel: channel.clone(),
-                    req,
-                }
-            } else {
-                Mail::Count {
-                    dev_id,
-                    channel: channel.clone(),
-                    req,
-                }
-            };
-            self.outbox.send(to, mail);
+            self.outbox.send(to, Mail::Ask { dev_id, query: query.clone(), req: (self.id, id) });
         }
         self.maybe_complete(id);
         self.schedule_overflow_retry();
+    }
+
+    /// Answers a question from this shard's own state.
+    pub fn answer(&mut self, dev_id: u32, q: &Query) -> Reply {
+        let (me, shards) = (self.id, self.shards);
+        let home = move |_: &Shard, name: &str| home_shard_of_channel(dev_id, name, shards) == me;
+        match q {
+            Query::Count(ch) => Reply::Count(self.local_count(dev_id, ch)),
+            Query::Members(ch) => Reply::Members(self.local_members(dev_id, ch)),
+            Query::Counts(names) => Reply::Counts(names.iter().map(|n| self.local_count(dev_id, n)).collect()),
+            Query::Subscribers(names) => Reply::Rows(self.subscriber_rows(dev_id, names)),
+            Query::History(names) => {
+                let mut rows = Vec::new();
+                for n in names.iter().filter(|n| home(self, n)) {
+                    for (i, e) in self.history.entries(dev_id, n).into_iter().enumerate() {
+                        rows.push(vec![
+                            Some(e.id.to_string()),
+                            Some(e.time.to_string()),
+                            Some(n.to_string()),
+                            Some(i.to_string()),
+                            Some(e.event),
+                            Some(e.message),
+                            e.user_id.map(|u| u.to_string()),
+                        ]);
+                    }
+                }
+                Reply::Rows(rows)
+            }
+            Query::HistoryDelete { names, ids } => {
+                let mut n = 0;
+                for name in names.iter().filter(|n| home_shard_of_channel(dev_id, n, shards) == me) {
+                    n += self.history.clear(dev_id, name);
+                }
+                if !ids.is_empty() {
+                    n += self.history.remove_ids(dev_id, ids);
+                }
+                Reply::Count(n)
+            }
+            Query::SettingsSet(items) => {
+                let mut n = 0;
+                for (name, len) in items.iter().filter(|(n, _)| home_shard_of_channel(dev_id, n, shards) == me) {
+                    self.history.set_length(dev_id, name, *len);
+                    n += 1;
+                }
+                Reply::Count(n)
+            }
+            Query::SettingsSelect(names) => Reply::Rows(
+                self.history
+                    .settings(dev_id, names.as_deref())
+                    .into_iter()
+                    .map(|(n, l)| vec![Some(n), Some(l.to_string())])
+                    .collect(),
+            ),
+            Query::SettingsDelete(names) => {
+                let mut n = 0;
+                for name in names.iter().filter(|n| home_shard_of_channel(dev_id, n, shards) == me) {
+                    n += self.history.remove_setting(dev_id, name) as u64;
+                }
+                Reply::Count(n)
+            }
+            Query::Log(name) => {
+                if home(self, name) {
+                    Reply::Log(self.history.entries(dev_id, name))
+                } else {
+                    Reply::Log(Vec::new())
+                }
+            }
+        }
+    }
+
+    /// `users_in_pipes` rows for the local subscribers of `names`.
+    fn subscriber_rows(&self, dev_id: u32, names: &[Arc<str>]) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for name in names {
+            let Some(ch) = self.find_channel(dev_id, name).and_then(|i| self.channels[i as usize].as_ref()) else {
+                continue;
+            };
+            for c in ch.subs.iter().filter_map(|&id| self.conns.get(id)) {
+                let info = c.info.as_ref();
+                rows.push(vec![
+                    Some(name.to_string()),
+                    Some(c.user_id.to_string()),
+                    Some(c.uuid.to_string()),
+                    info.map(|i| i.user_agent().to_string()),
+                    Some(c.peer.ip().to_string()),
+                    info.map(|i| i.origin().to_string()),
+                    info.map(|i| i.language().to_string()),
+                ]);
+            }
+        }
+        rows
     }
 
     fn maybe_complete(&mut self, req: u64) {
@@ -396,50 +516,17 @@ impl Shard {
             Mail::Deliver { publication, req } => {
                 let n = self.deliver_local(&publication);
                 if let Some((from, id)) = req {
-                    self.outbox.send(
-                        from,
-                        Mail::Reply {
-                            req: id,
-                            reply: Reply::Count(n),
-                        },
-                    );
+                    self.outbox.send(from, Mail::Reply { req: id, reply: Reply::Count(n) });
                 }
             }
-            Mail::Count {
-                dev_id,
-                channel,
-                req: (from, id),
-            } => {
-                let n = self.local_count(dev_id, &channel);
-                self.outbox.send(
-                    from,
-                    Mail::Reply {
-                        req: id,
-                        reply: Reply::Count(n),
-                    },
-                );
-            }
-            Mail::Members {
-                dev_id,
-                channel,
-                req: (from, id),
-            } => {
-                let m = self.local_members(dev_id, &channel);
-                self.outbox.send(
-                    from,
-                    Mail::Reply {
-                        req: id,
-                        reply: Reply::Members(m),
-                    },
-                );
+            Mail::Ask { dev_id, query, req: (from, id) } => {
+                let reply = self.answer(dev_id, &query);
+                self.outbox.send(from, Mail::Reply { req: id, reply });
             }
             Mail::Reply { req, reply } => {
                 if let Some(p) = self.pending.get_mut(&req) {
                     p.remaining -= 1;
-                    match reply {
-                        Reply::Count(n) => p.count += n,
-                        Reply::Members(mut m) => p.members.append(&mut m),
-                    }
+                    p.merge(reply);
                     self.maybe_complete(req);
                 }
             }

@@ -22,11 +22,7 @@ pub struct Slab<T> {
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Slab {
-            slots: Vec::new(),
-            free: Vec::new(),
-            len: 0,
-        }
+        Slab { slots: Vec::new(), free: Vec::new(), len: 0 }
     }
 }
 
@@ -37,16 +33,10 @@ impl<T> Slab<T> {
             let slot = &mut self.slots[index as usize];
             slot.0 = slot.0.wrapping_add(1);
             slot.1 = Some(value);
-            ConnId {
-                index,
-                generation: slot.0,
-            }
+            ConnId { index, generation: slot.0 }
         } else {
             self.slots.push((0, Some(value)));
-            ConnId {
-                index: (self.slots.len() - 1) as u32,
-                generation: 0,
-            }
+            ConnId { index: (self.slots.len() - 1) as u32, generation: 0 }
         }
     }
 
@@ -89,10 +79,7 @@ impl<T> Slab<T> {
             .iter()
             .enumerate()
             .filter(|(_, (_, v))| v.is_some())
-            .map(|(i, (g, _))| ConnId {
-                index: i as u32,
-                generation: *g,
-            })
+            .map(|(i, (g, _))| ConnId { index: i as u32, generation: *g })
             .collect()
     }
 }

@@ -102,10 +102,7 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(max_message: usize) -> Decoder {
-        Decoder {
-            max_message,
-            partial: None,
-        }
+        Decoder { max_message, partial: None }
     }
 
     /// Decodes at most one frame from the front of `buf`, unmasking in place.
@@ -167,19 +164,10 @@ impl Decoder {
         unmask(payload, mask);
 
         match opcode {
-            Opcode::Ping => Decoded::Event {
-                event: Event::Ping(payload),
-                consumed,
-            },
-            Opcode::Pong => Decoded::Event {
-                event: Event::Pong,
-                consumed,
-            },
+            Opcode::Ping => Decoded::Event { event: Event::Ping(payload), consumed },
+            Opcode::Pong => Decoded::Event { event: Event::Pong, consumed },
             Opcode::Close => match payload.len() {
-                0 => Decoded::Event {
-                    event: Event::Close { code: None },
-                    consumed,
-                },
+                0 => Decoded::Event { event: Event::Close { code: None }, consumed },
                 1 => Decoded::Fail(CloseCode::PROTOCOL_ERROR),
                 _ => {
                     let code = u16::from_be_bytes([payload[0], payload[1]]);
@@ -189,10 +177,7 @@ impl Decoder {
                     if std::str::from_utf8(&payload[2..]).is_err() {
                         return Decoded::Fail(CloseCode::INVALID_PAYLOAD);
                     }
-                    Decoded::Event {
-                        event: Event::Close { code: Some(code) },
-                        consumed,
-                    }
+                    Decoded::Event { event: Event::Close { code: Some(code) }, consumed }
                 }
             },
             Opcode::Text | Opcode::Binary => {
@@ -204,10 +189,7 @@ impl Decoder {
                     if text && std::str::from_utf8(payload).is_err() {
                         return Decoded::Fail(CloseCode::INVALID_PAYLOAD);
                     }
-                    return Decoded::Event {
-                        event: Event::Message { text, payload },
-                        consumed,
-                    };
+                    return Decoded::Event { event: Event::Message { text, payload }, consumed };
                 }
                 if text && utf8_prefix_invalid(payload) {
                     return Decoded::Fail(CloseCode::INVALID_PAYLOAD);
@@ -231,10 +213,7 @@ impl Decoder {
                     return Decoded::Fail(CloseCode::INVALID_PAYLOAD);
                 }
                 // The assembled message is handed out by `take_assembled`.
-                Decoded::Event {
-                    event: Event::Message { text, payload: &[] },
-                    consumed,
-                }
+                Decoded::Event { event: Event::Message { text, payload: &[] }, consumed }
             }
         }
     }
@@ -262,9 +241,7 @@ fn utf8_prefix_invalid(bytes: &[u8]) -> bool {
 
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     let mut chunks = payload.chunks_exact_mut(8);
-    let m8 = u64::from_ne_bytes([
-        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
-    ]);
+    let m8 = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
     for c in &mut chunks {
         let mut w = [0u8; 8];
         w.copy_from_slice(c);
@@ -329,19 +306,11 @@ mod tests {
     #[test]
     fn rfc6455_masked_hello_fixture() {
         // RFC 6455 §5.7: a single-frame masked text message "Hello".
-        let mut buf = vec![
-            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
-        ];
+        let mut buf = vec![0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
         let mut d = Decoder::new(65536);
         assert_eq!(
             d.decode(&mut buf),
-            Decoded::Event {
-                event: Event::Message {
-                    text: true,
-                    payload: b"Hello"
-                },
-                consumed: 11
-            }
+            Decoded::Event { event: Event::Message { text: true, payload: b"Hello" }, consumed: 11 }
         );
     }
 
@@ -371,10 +340,7 @@ mod tests {
     #[test]
     fn unmasked_client_frame_is_protocol_error() {
         let mut buf = vec![0x81, 0x02, b'h', b'i'];
-        assert_eq!(
-            Decoder::new(100).decode(&mut buf),
-            Decoded::Fail(CloseCode::PROTOCOL_ERROR)
-        );
+        assert_eq!(Decoder::new(100).decode(&mut buf), Decoded::Fail(CloseCode::PROTOCOL_ERROR));
     }
 
     #[test]
@@ -393,10 +359,7 @@ mod tests {
     fn oversized_message_is_1009_before_its_bytes_arrive() {
         let frame = masked(0x81, &[b'a'; 70_000]);
         let mut head = frame[..20].to_vec();
-        assert_eq!(
-            Decoder::new(65536).decode(&mut head),
-            Decoded::Fail(CloseCode::TOO_BIG)
-        );
+        assert_eq!(Decoder::new(65536).decode(&mut head), Decoded::Fail(CloseCode::TOO_BIG));
     }
 
     #[test]
@@ -406,21 +369,9 @@ mod tests {
         let n = a.len();
         assert_eq!(d.decode(&mut a), Decoded::Fragment { consumed: n });
         let mut p = masked(0x89, b"pp");
-        assert!(matches!(
-            d.decode(&mut p),
-            Decoded::Event {
-                event: Event::Ping(b"pp"),
-                ..
-            }
-        ));
+        assert!(matches!(d.decode(&mut p), Decoded::Event { event: Event::Ping(b"pp"), .. }));
         let mut b = masked(0x80, b"lo");
-        assert!(matches!(
-            d.decode(&mut b),
-            Decoded::Event {
-                event: Event::Message { text: true, .. },
-                ..
-            }
-        ));
+        assert!(matches!(d.decode(&mut b), Decoded::Event { event: Event::Message { text: true, .. }, .. }));
         assert_eq!(d.take_assembled().unwrap(), b"Hello");
         assert!(!d.has_assembled());
     }
@@ -438,10 +389,7 @@ mod tests {
     #[test]
     fn continuation_without_start_and_new_message_inside_fragments_fail() {
         let mut c = masked(0x80, b"x");
-        assert_eq!(
-            Decoder::new(100).decode(&mut c),
-            Decoded::Fail(CloseCode::PROTOCOL_ERROR)
-        );
+        assert_eq!(Decoder::new(100).decode(&mut c), Decoded::Fail(CloseCode::PROTOCOL_ERROR));
         let mut d = Decoder::new(100);
         let mut a = masked(0x01, b"x");
         d.decode(&mut a);
@@ -452,10 +400,7 @@ mod tests {
     #[test]
     fn invalid_utf8_is_1007_and_fails_fast_in_fragments() {
         let mut whole = masked(0x81, &[0xce, 0xba, 0xff]);
-        assert_eq!(
-            Decoder::new(100).decode(&mut whole),
-            Decoded::Fail(CloseCode::INVALID_PAYLOAD)
-        );
+        assert_eq!(Decoder::new(100).decode(&mut whole), Decoded::Fail(CloseCode::INVALID_PAYLOAD));
         let mut d = Decoder::new(100);
         // A split multi-byte sequence is fine...
         let mut a = masked(0x01, &[0xce]);
@@ -469,15 +414,9 @@ mod tests {
     #[test]
     fn control_frames_must_be_short_and_final() {
         let mut long_ping = masked(0x89, &[0; 126]);
-        assert_eq!(
-            Decoder::new(1000).decode(&mut long_ping),
-            Decoded::Fail(CloseCode::PROTOCOL_ERROR)
-        );
+        assert_eq!(Decoder::new(1000).decode(&mut long_ping), Decoded::Fail(CloseCode::PROTOCOL_ERROR));
         let mut frag_ping = masked(0x09, b"x");
-        assert_eq!(
-            Decoder::new(1000).decode(&mut frag_ping),
-            Decoded::Fail(CloseCode::PROTOCOL_ERROR)
-        );
+        assert_eq!(Decoder::new(1000).decode(&mut frag_ping), Decoded::Fail(CloseCode::PROTOCOL_ERROR));
     }
 
     #[test]
@@ -485,36 +424,21 @@ mod tests {
         let mut ok = masked(0x88, &[0x03, 0xE8]);
         assert!(matches!(
             Decoder::new(9).decode(&mut ok),
-            Decoded::Event {
-                event: Event::Close { code: Some(1000) },
-                ..
-            }
+            Decoded::Event { event: Event::Close { code: Some(1000) }, .. }
         ));
         let mut empty = masked(0x88, &[]);
         assert!(matches!(
             Decoder::new(9).decode(&mut empty),
-            Decoded::Event {
-                event: Event::Close { code: None },
-                ..
-            }
+            Decoded::Event { event: Event::Close { code: None }, .. }
         ));
         for bad in [[0x03, 0xED], [0x00, 0x00], [0x13, 0x88]] {
             let mut f = masked(0x88, &bad);
-            assert_eq!(
-                Decoder::new(9).decode(&mut f),
-                Decoded::Fail(CloseCode::PROTOCOL_ERROR)
-            );
+            assert_eq!(Decoder::new(9).decode(&mut f), Decoded::Fail(CloseCode::PROTOCOL_ERROR));
         }
         let mut one = masked(0x88, &[0x03]);
-        assert_eq!(
-            Decoder::new(9).decode(&mut one),
-            Decoded::Fail(CloseCode::PROTOCOL_ERROR)
-        );
+        assert_eq!(Decoder::new(9).decode(&mut one), Decoded::Fail(CloseCode::PROTOCOL_ERROR));
         let mut bad_reason = masked(0x88, &[0x03, 0xE8, 0xff]);
-        assert_eq!(
-            Decoder::new(9).decode(&mut bad_reason),
-            Decoded::Fail(CloseCode::INVALID_PAYLOAD)
-        );
+        assert_eq!(Decoder::new(9).decode(&mut bad_reason), Decoded::Fail(CloseCode::INVALID_PAYLOAD));
     }
 
     #[test]

@@ -84,7 +84,9 @@ impl Request {
     pub fn upgrade_response(&self) -> Vec<u8> {
         let key = self.ws_key.as_deref().unwrap_or("");
         let mut r = String::with_capacity(160);
-        r.push_str("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
+        r.push_str(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+        );
         r.push_str(&accept_key(key.trim()));
         r.push_str("\r\n");
         if let Some(p) = &self.ws_protocol {
@@ -99,9 +101,7 @@ impl Request {
 
 /// A key is the base64 of 16 bytes (RFC 6455 §4.1).
 fn is_valid_key(k: &str) -> bool {
-    base64::engine::general_purpose::STANDARD
-        .decode(k.trim())
-        .is_ok_and(|b| b.len() == 16)
+    base64::engine::general_purpose::STANDARD.decode(k.trim()).is_ok_and(|b| b.len() == 16)
 }
 
 /// `Sec-WebSocket-Accept` for a client key.
@@ -113,9 +113,7 @@ pub fn accept_key(key: &str) -> String {
 }
 
 fn has_token(value: &str, token: &str) -> bool {
-    value
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    value.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Parses a request head from the front of `buf`. `Ok(None)`: incomplete.
@@ -156,11 +154,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HandshakeError> {
             r.ws_version = Some(v.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             if r.ws_protocol.is_none() {
-                r.ws_protocol = v
-                    .split(',')
-                    .map(str::trim)
-                    .find(|s| !s.is_empty())
-                    .map(String::from);
+                r.ws_protocol = v.split(',').map(str::trim).find(|s| !s.is_empty()).map(String::from);
             }
         } else if name.eq_ignore_ascii_case("origin") {
             r.origin = Some(v.to_string());
@@ -185,10 +179,7 @@ mod tests {
 
     #[test]
     fn rfc6455_accept_key_fixture() {
-        assert_eq!(
-            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]
@@ -212,26 +203,14 @@ mod tests {
     #[test]
     fn bad_upgrades_name_the_missing_piece() {
         let cases: &[(&str, HandshakeError)] = &[
-            (
-                "POST / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
-                HandshakeError::Method("POST".into()),
-            ),
-            (
-                "GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
-                HandshakeError::Connection,
-            ),
-            (
-                "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n",
-                HandshakeError::Key,
-            ),
+            ("POST / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", HandshakeError::Method("POST".into())),
+            ("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", HandshakeError::Connection),
+            ("GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n", HandshakeError::Key),
             (
                 "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
                 HandshakeError::Version,
             ),
-            (
-                "GET / HTTP/1.1\r\nConnection: Upgrade\r\n\r\n",
-                HandshakeError::Upgrade,
-            ),
+            ("GET / HTTP/1.1\r\nConnection: Upgrade\r\n\r\n", HandshakeError::Upgrade),
         ];
         for (req, want) in cases {
             let r = parse_request(req.as_bytes()).unwrap().unwrap();
@@ -241,10 +220,7 @@ mod tests {
 
     #[test]
     fn garbage_and_oversized_heads_are_refused() {
-        assert!(matches!(
-            parse_request(b"\x00\x01\x02 \r\n\r\n"),
-            Err(HandshakeError::Malformed(_))
-        ));
+        assert!(matches!(parse_request(b"\x00\x01\x02 \r\n\r\n"), Err(HandshakeError::Malformed(_))));
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.resize(MAX_HEAD + 10, b'a');
         assert_eq!(parse_request(&big), Err(HandshakeError::TooLarge));

@@ -21,6 +21,8 @@ pub const BACKENDS: [&str; 2] = ["uring", "epoll"];
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The CometQL (MySQL protocol) address.
+    pub backend: SocketAddr,
     pub log: mpsc::Receiver<String>,
 }
 
@@ -33,7 +35,7 @@ impl Server {
     /// io_uring_setup fail with EPERM, as Docker's default profile does.
     pub fn start_with(args: &[&str], forbid_uring: Option<()>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_comet"));
-        cmd.args(["--frontend", "127.0.0.1:0", "--node-name", "test-node"])
+        cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--node-name", "test-node"])
             .args(args)
             .env_remove("COMET_IO")
             .stdin(Stdio::null())
@@ -54,17 +56,18 @@ impl Server {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut seen = Vec::new();
+        let mut backend = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    if let Some(a) = line.strip_prefix("comet: backend (CometQL) listening on ") {
+                        backend = Some(a.trim().parse().expect("address"));
+                    }
                     if let Some(a) = line.strip_prefix("comet: frontend listening on ") {
                         let addr = a.trim().parse().expect("address");
-                        return Server {
-                            child,
-                            addr,
-                            log: rx,
-                        };
+                        let backend = backend.expect("backend address logged before frontend");
+                        return Server { child, addr, backend, log: rx };
                     }
                     seen.push(line);
                 }
@@ -88,8 +91,7 @@ impl Server {
 
     /// Connects an anonymous comet client and consumes its serverInfo.
     pub fn client(&self, uuid: &str) -> Client {
-        let mut c =
-            Client::connect(&self.url(&format!("sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js")));
+        let mut c = Client::connect(&self.url(&format!("sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js")));
         let info = c.recv();
         assert_eq!(info["event"], "serverInfo", "{info}");
         c
@@ -97,20 +99,14 @@ impl Server {
 
     /// A plain HTTP GET; returns (status line, body).
     pub fn http_get(&self, path: &str) -> (String, String) {
-        http_request(
-            self.addr,
-            &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
-        )
+        http_request(self.addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
     }
 
     /// The value of a metric line such as `comet_websockets{shard="all"}`.
     pub fn metric(&self, line_prefix: &str) -> i64 {
         let (_, body) = self.http_get("/metrics");
         body.lines()
-            .find_map(|l| {
-                l.strip_prefix(line_prefix)
-                    .map(|v| v.trim().parse::<i64>().unwrap())
-            })
+            .find_map(|l| l.strip_prefix(line_prefix).map(|v| v.trim().parse::<i64>().unwrap()))
             .unwrap_or_else(|| panic!("no metric {line_prefix} in:\n{body}"))
     }
 
@@ -126,9 +122,7 @@ impl Server {
 /// seccomp profile does.
 pub fn forbid_io_uring(cmd: &mut Command) {
     let filter: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
-        vec![(libc::SYS_io_uring_setup, vec![])]
-            .into_iter()
-            .collect(),
+        vec![(libc::SYS_io_uring_setup, vec![])].into_iter().collect(),
         seccompiler::SeccompAction::Allow,
         seccompiler::SeccompAction::Errno(libc::EPERM as u32),
         std::env::consts::ARCH.try_into().expect("supported arch"),
@@ -158,10 +152,7 @@ pub fn http_request(addr: SocketAddr, raw: &str) -> (String, String) {
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
 }
 
 /// A comet WebSocket client.
@@ -211,10 +202,7 @@ impl Client {
         }
         match self.ws.read() {
             Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
             other => panic!("expected silence, got {other:?}"),
         }
         if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
@@ -272,11 +260,7 @@ impl Raw {
             s.read_exact(&mut b).unwrap();
             head.push(b[0]);
         }
-        assert!(
-            head.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
         Raw { s }
     }
 

@@ -1,0 +1,177 @@
+//! Channel history and settings, kept on each channel's home shard
+//! (hash(dev_id, channel) % shards), so every append for a channel happens
+//! on one thread in publish order.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use ahash::AHashMap;
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: u64,
+    pub time: i64,
+    pub event: String,
+    pub message: String,
+    /// The browser sender's id; `None` for backend publishes.
+    pub user_id: Option<u64>,
+}
+
+/// A channel's stored history and configured length.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// From `pipes_settings`; `None` means the default (100 for `trust_`, else 0).
+    pub setting: Option<u32>,
+    pub entries: VecDeque<Entry>,
+}
+
+/// Default history length of `trust_` channels.
+pub const TRUST_DEFAULT: u32 = 100;
+
+/// The history and settings of the channels homed on one shard.
+#[derive(Debug, Default)]
+pub struct HistoryStore {
+    channels: AHashMap<u32, AHashMap<Arc<str>, Stored>>,
+    next_id: u64,
+}
+
+impl HistoryStore {
+    fn limit(name: &str, s: Option<&Stored>) -> u32 {
+        match s.and_then(|s| s.setting) {
+            Some(n) => n,
+            None if name.starts_with("trust_") => TRUST_DEFAULT,
+            None => 0,
+        }
+    }
+
+    /// Stores a message if the channel keeps history; `id_base`/`stride`
+    /// make ids unique across shards.
+    pub fn append(&mut self, dev_id: u32, name: &str, mut e: Entry, shard: usize, shards: usize) {
+        let existing = self.channels.get(&dev_id).and_then(|m| m.get(name));
+        let limit = Self::limit(name, existing) as usize;
+        if limit == 0 {
+            return;
+        }
+        self.next_id += 1;
+        e.id = self.next_id * shards as u64 + shard as u64;
+        let s = self.channels.entry(dev_id).or_default().entry(Arc::from(name)).or_default();
+        s.entries.push_back(e);
+        while s.entries.len() > limit {
+            s.entries.pop_front();
+        }
+    }
+
+    /// The history of a channel, oldest first.
+    pub fn entries(&self, dev_id: u32, name: &str) -> Vec<Entry> {
+        self.channels
+            .get(&dev_id)
+            .and_then(|m| m.get(name))
+            .map(|s| s.entries.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Clears a channel's history; returns how many entries went.
+    pub fn clear(&mut self, dev_id: u32, name: &str) -> u64 {
+        let Some(m) = self.channels.get_mut(&dev_id) else { return 0 };
+        let Some(s) = m.get_mut(name) else { return 0 };
+        let n = s.entries.len() as u64;
+        s.entries.clear();
+        if s.setting.is_none() {
+            m.remove(name);
+        }
+        n
+    }
+
+    /// Removes entries with these ids from any channel of the dev_id.
+    pub fn remove_ids(&mut self, dev_id: u32, ids: &[u64]) -> u64 {
+        let Some(m) = self.channels.get_mut(&dev_id) else { return 0 };
+        let mut n = 0;
+        for s in m.values_mut() {
+            let before = s.entries.len();
+            s.entries.retain(|e| !ids.contains(&e.id));
+            n += (before - s.entries.len()) as u64;
+        }
+        n
+    }
+
+    /// Sets a channel's history length, trimming what is over it.
+    pub fn set_length(&mut self, dev_id: u32, name: &str, len: u32) {
+        let s = self.channels.entry(dev_id).or_default().entry(Arc::from(name)).or_default();
+        s.setting = Some(len);
+        while s.entries.len() > len as usize {
+            s.entries.pop_front();
+        }
+    }
+
+    /// Removes a channel's setting and history; returns whether it had a setting.
+    pub fn remove_setting(&mut self, dev_id: u32, name: &str) -> bool {
+        let Some(m) = self.channels.get_mut(&dev_id) else { return false };
+        m.remove(name).is_some_and(|s| s.setting.is_some())
+    }
+
+    /// Channels with settings: (name, length), optionally only `names`.
+    pub fn settings(&self, dev_id: u32, names: Option<&[Arc<str>]>) -> Vec<(String, u32)> {
+        let Some(m) = self.channels.get(&dev_id) else { return Vec::new() };
+        let mut v: Vec<(String, u32)> = m
+            .iter()
+            .filter(|(k, s)| s.setting.is_some() && names.is_none_or(|ns| ns.iter().any(|n| n == *k)))
+            .map(|(k, s)| (k.to_string(), s.setting.unwrap_or(0)))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(msg: &str) -> Entry {
+        Entry { id: 0, time: 1, event: "e".into(), message: msg.into(), user_id: None }
+    }
+
+    #[test]
+    fn history_keeps_the_newest_up_to_the_length() {
+        let mut h = HistoryStore::default();
+        h.append(0, "web_x", e("ignored"), 0, 1);
+        assert!(h.entries(0, "web_x").is_empty(), "no setting, no history");
+        h.set_length(0, "web_x", 3);
+        for m in ["a", "b", "c", "d"] {
+            h.append(0, "web_x", e(m), 0, 1);
+        }
+        let got: Vec<String> = h.entries(0, "web_x").into_iter().map(|e| e.message).collect();
+        assert_eq!(got, ["b", "c", "d"]);
+        assert!(h.entries(1, "web_x").is_empty(), "dev_ids are separate");
+        h.set_length(0, "web_x", 1);
+        assert_eq!(h.entries(0, "web_x").len(), 1);
+    }
+
+    #[test]
+    fn trust_channels_keep_100_by_default() {
+        let mut h = HistoryStore::default();
+        for i in 0..150 {
+            h.append(0, "trust_t", e(&i.to_string()), 0, 1);
+        }
+        let got = h.entries(0, "trust_t");
+        assert_eq!(got.len(), 100);
+        assert_eq!(got[0].message, "50");
+    }
+
+    #[test]
+    fn ids_are_unique_across_shards_and_removable() {
+        let mut a = HistoryStore::default();
+        let mut b = HistoryStore::default();
+        a.set_length(0, "web_a", 5);
+        b.set_length(0, "web_b", 5);
+        a.append(0, "web_a", e("x"), 0, 2);
+        b.append(0, "web_b", e("y"), 1, 2);
+        let (ia, ib) = (a.entries(0, "web_a")[0].id, b.entries(0, "web_b")[0].id);
+        assert_ne!(ia, ib);
+        assert_eq!(a.remove_ids(0, &[ia]), 1);
+        assert!(a.entries(0, "web_a").is_empty());
+        assert_eq!(a.settings(0, None), vec![("web_a".into(), 5)]);
+        assert!(a.remove_setting(0, "web_a"));
+        assert!(a.settings(0, None).is_empty());
+    }
+}

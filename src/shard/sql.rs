@@ -1,0 +1,381 @@
+//! The shard glue for CometQL connections: feeds packets to the sans-IO
+//! [`Session`], carries out statement [`Plan`]s across shards, and writes
+//! answers strictly in the order the queries came, even when a later query
+//! is answered before an earlier one finished gathering.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use compio::driver::SharedFd;
+use socket2::Socket;
+
+use super::conn::Phase;
+use super::mail::{Publication, Query, Row};
+use super::{ConnId, Shard, Then};
+use crate::cometql::exec::{self, Ctx, Plan, Projection, StmtResult};
+use crate::cometql::packet::{self, FrameError, MAX_PAYLOAD};
+use crate::cometql::parser::Statement;
+use crate::cometql::session::{self, Event, Passwords, Session};
+use crate::config::Config;
+use crate::frontend::message::{ChannelMessage, unix_now};
+use crate::metrics::ShardMetrics;
+
+/// Largest packet accepted before authentication.
+const MAX_AUTH_PACKET: usize = 64 * 1024;
+
+/// How a gathered answer becomes a statement result.
+#[derive(Debug)]
+pub enum SqlThen {
+    /// OK with affected rows = the gathered count.
+    Affected,
+    /// Rows, projected.
+    Rows(Projection),
+    /// `pipes`: one row per asked channel with its summed count.
+    PipeRows { names: Vec<String>, proj: Projection },
+}
+
+/// One query's place in the answer order.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Results per statement; `None` while gathering.
+    results: Vec<Option<StmtResult>>,
+    /// Bytes ready to send instead of results (auth replies, errors).
+    raw: Option<Vec<u8>>,
+    /// Statements still gathering.
+    waiting: usize,
+    /// Statements are still being started.
+    executing: bool,
+    /// Close the connection after this answer.
+    close: bool,
+}
+
+impl Slot {
+    fn ready(&self) -> bool {
+        !self.executing && self.waiting == 0 && (self.raw.is_some() || self.results.iter().all(Option::is_some))
+    }
+}
+
+/// A CometQL connection's state beyond the generic connection.
+#[derive(Debug)]
+pub struct SqlConn {
+    pub session: Session,
+    slots: VecDeque<Slot>,
+    /// Id of `slots[0]`.
+    front: u64,
+    /// Bytes of an oversized packet still to discard.
+    skip: usize,
+    /// The discarded packet is continued by another one.
+    skip_more: bool,
+}
+
+impl Passwords for Config {
+    fn password(&self, dev_id: u32) -> &str {
+        self.dev_passwords.get(&dev_id).map_or(&self.password, |s| s.as_str())
+    }
+}
+
+/// 20 random bytes in the printable range, for the auth scramble.
+fn nonce() -> [u8; 20] {
+    let mut n = [0u8; 20];
+    if getrandom::fill(&mut n).is_err() {
+        // No entropy source: fall back to time and address bits, still unique.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        for (i, b) in n.iter_mut().enumerate() {
+            *b = (t >> ((i % 16) * 8)) as u8 ^ (i as u8).wrapping_mul(31);
+        }
+    }
+    for b in &mut n {
+        *b = 0x21 + *b % 94;
+    }
+    n
+}
+
+impl Shard {
+    /// Registers a backend connection and sends the MySQL greeting.
+    pub fn on_accept_sql(&mut self, sock: Socket, peer: SocketAddr) -> (ConnId, SharedFd<Socket>) {
+        let (id, fd) = self.on_accept(sock, peer);
+        self.next_sql_id = self.next_sql_id.wrapping_add(1);
+        let conn_id = ((self.id as u32) << 24) | (self.next_sql_id & 0x00FF_FFFF);
+        let session = Session::new(conn_id, nonce());
+        let greeting = session.greeting();
+        if let Some(c) = self.conns.get_mut(id) {
+            c.phase = Phase::Sql;
+            c.sql = Some(Box::new(SqlConn { session, slots: VecDeque::new(), front: 0, skip: 0, skip_more: false }));
+        }
+        self.metrics.sql_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.send_raw_bytes(id, greeting);
+        (id, fd)
+    }
+
+    fn sql(&mut self, id: ConnId) -> Option<&mut SqlConn> {
+        self.conns.get_mut(id).and_then(|c| c.sql.as_deref_mut())
+    }
+
+    /// Handles bytes from a CometQL connection; returns bytes consumed.
+    pub fn on_sql(&mut self, id: ConnId, buf: &mut [u8]) -> usize {
+        let config = self.shared.config.clone();
+        let mut pos = 0;
+        loop {
+            let Some(sc) = self.sql(id) else { return buf.len() };
+            if sc.skip > 0 || sc.skip_more {
+                if sc.skip == 0 {
+                    // The next packet continues the oversized payload.
+                    if buf.len() - pos < 4 {
+                        break;
+                    }
+                    let len = u32::from_le_bytes([buf[pos], buf[pos + 1], buf[pos + 2], 0]) as usize;
+                    sc.skip = 4 + len;
+                    sc.skip_more = len == MAX_PAYLOAD;
+                }
+                let n = sc.skip.min(buf.len() - pos);
+                sc.skip -= n;
+                pos += n;
+                if sc.skip > 0 {
+                    break;
+                }
+                continue;
+            }
+            let limit = if sc.session.is_authenticated() { config.max_query_size + 1 } else { MAX_AUTH_PACKET };
+            match packet::read_frame(&buf[pos..], limit) {
+                Ok(None) => break,
+                Err(FrameError::TooLarge { .. }) => {
+                    let len = u32::from_le_bytes([buf[pos], buf[pos + 1], buf[pos + 2], 0]) as usize;
+                    let authenticated = sc.session.is_authenticated();
+                    sc.skip = 4 + len;
+                    sc.skip_more = len == MAX_PAYLOAD;
+                    let msg = format!(
+                        "Query of {}{} bytes is larger than max_query_size ({} bytes)",
+                        if sc.skip_more { "more than " } else { "" },
+                        len.saturating_sub(1),
+                        config.max_query_size
+                    );
+                    let close = !authenticated;
+                    self.sql_push_raw(id, session::one(1, &packet::err(11, &msg)), close);
+                    if close {
+                        return buf.len();
+                    }
+                }
+                Ok(Some(frame)) => {
+                    pos += frame.consumed;
+                    let events = sc.session.on_packet(frame, &*config);
+                    for e in events {
+                        match e {
+                            Event::Reply(bytes) => self.sql_push_raw(id, bytes, false),
+                            Event::Query(stmts) => self.sql_query(id, stmts),
+                            Event::Close => {
+                                self.sql_push_raw(id, Vec::new(), true);
+                                return buf.len();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        pos
+    }
+
+    /// Queues ready bytes (possibly none) in answer order; `close` closes
+    /// the connection once they are written.
+    pub fn sql_push_raw(&mut self, id: ConnId, bytes: Vec<u8>, close: bool) {
+        let Some(sc) = self.sql(id) else { return };
+        sc.slots.push_back(Slot { raw: Some(bytes), close, ..Slot::default() });
+        self.sql_flush(id);
+    }
+
+    /// Rows for SHOW STATUS: real counters from every shard.
+    fn status_rows(&self) -> Vec<(String, String)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = &self.shared.registry;
+        let sum = |f: fn(&ShardMetrics) -> i64| r.shards.iter().map(|m| f(m)).sum::<i64>().to_string();
+        vec![
+            ("Uptime".into(), r.started.elapsed().as_secs().to_string()),
+            ("Threads_connected".into(), sum(|m| m.sql_connections.load(Relaxed))),
+            ("Questions".into(), sum(|m| m.sql_queries.load(Relaxed) as i64)),
+            ("Comet_io_backend".into(), r.io_backend.to_string()),
+            ("Comet_shards".into(), r.shards.len().to_string()),
+            ("Comet_websockets".into(), sum(|m| m.websockets.load(Relaxed))),
+            ("Comet_connections_accepted".into(), sum(|m| m.accepted.load(Relaxed) as i64)),
+            ("Comet_messages_in".into(), sum(|m| m.messages_in.load(Relaxed) as i64)),
+            ("Comet_messages_out".into(), sum(|m| m.messages_out.load(Relaxed) as i64)),
+            ("Comet_bytes_out".into(), sum(|m| m.bytes_out.load(Relaxed) as i64)),
+            ("Comet_slow_consumer_closes".into(), sum(|m| m.slow_consumer_closes.load(Relaxed) as i64)),
+        ]
+    }
+
+    /// Starts executing a COM_QUERY's statements in a new answer slot.
+    fn sql_query(&mut self, id: ConnId, stmts: Vec<Statement>) {
+        ShardMetrics::add(&self.metrics.sql_queries, 1);
+        let n = stmts.len();
+        let Some(sc) = self.sql(id) else { return };
+        let slot_id = sc.front + sc.slots.len() as u64;
+        sc.slots.push_back(Slot { results: (0..n).map(|_| None).collect(), executing: true, ..Slot::default() });
+        for (i, st) in stmts.into_iter().enumerate() {
+            let plan = {
+                let status = self.status_rows();
+                let config = self.shared.config.clone();
+                let Some(sc) = self.sql(id) else { return };
+                let s = &sc.session;
+                let may = |d: u32| s.may_use_dev(d, &*config);
+                let status_fn = || status.clone();
+                let ctx = Ctx {
+                    dev_id: s.dev_id,
+                    database: &s.database,
+                    connection_id: s.connection_id,
+                    may_use_dev: &may,
+                    status: &status_fn,
+                    max_query_size: config.max_query_size,
+                };
+                exec::plan(st, &ctx)
+            };
+            let failed = self.sql_run(id, slot_id, i, plan);
+            if failed {
+                if let Some(slot) = self.sql_slot(id, slot_id) {
+                    slot.results.truncate(i + 1);
+                }
+                break;
+            }
+        }
+        if let Some(slot) = self.sql_slot(id, slot_id) {
+            slot.executing = false;
+        }
+        self.sql_flush(id);
+    }
+
+    fn sql_slot(&mut self, id: ConnId, slot_id: u64) -> Option<&mut Slot> {
+        let sc = self.sql(id)?;
+        let k = slot_id.checked_sub(sc.front)? as usize;
+        sc.slots.get_mut(k)
+    }
+
+    fn sql_set(&mut self, id: ConnId, slot_id: u64, index: usize, r: StmtResult) {
+        if let Some(slot) = self.sql_slot(id, slot_id)
+            && let Some(cell) = slot.results.get_mut(index)
+        {
+            *cell = Some(r);
+        }
+    }
+
+    /// Carries out one plan; returns true when it failed (execution stops).
+    fn sql_run(&mut self, id: ConnId, slot_id: u64, index: usize, plan: Plan) -> bool {
+        let Some(sc) = self.sql(id) else { return true };
+        let dev_id = sc.session.dev_id;
+        let arcs = |v: &[String]| v.iter().map(|s| Arc::<str>::from(s.as_str())).collect::<Vec<_>>();
+        let then = |t: super::sql::SqlThen| Then::Sql { conn: id, slot: slot_id, index, then: t };
+        let (query, sql_then) = match plan {
+            Plan::Done(r) => {
+                let failed = matches!(r, StmtResult::Err(..));
+                self.sql_set(id, slot_id, index, r);
+                return failed;
+            }
+            Plan::UseDb { dev_id, name } => {
+                if let Some(sc) = self.sql(id) {
+                    sc.session.use_db(dev_id, &name);
+                }
+                self.sql_set(id, slot_id, index, StmtResult::Ok { affected: 0, last_insert_id: 0 });
+                return false;
+            }
+            Plan::Publish(msgs) => {
+                let max = self.shared.config.max_outbound_message;
+                let now = unix_now();
+                let mut pubs = Vec::with_capacity(msgs.len());
+                for (pipe, event, data) in msgs {
+                    let msg = ChannelMessage { pipe, event, data, data_is_json: false, time: now, user_id: None };
+                    let p = Publication::new(dev_id, msg, None);
+                    if p.wire_len() > max {
+                        let e = format!(
+                            "Message for channel '{}' is {} bytes on the wire; the limit is {max}",
+                            p.msg.pipe,
+                            p.wire_len()
+                        );
+                        self.sql_set(id, slot_id, index, StmtResult::err(11, e));
+                        return true;
+                    }
+                    pubs.push(p);
+                }
+                if let Some(slot) = self.sql_slot(id, slot_id) {
+                    slot.waiting += 1;
+                }
+                self.publish_many(pubs, Some(then(SqlThen::Affected)));
+                return false;
+            }
+            Plan::PipeCounts { names, proj } => (Query::Counts(arcs(&names)), SqlThen::PipeRows { names, proj }),
+            Plan::Subscribers { names, proj } => (Query::Subscribers(arcs(&names)), SqlThen::Rows(proj)),
+            Plan::HistorySelect { names, proj } => (Query::History(arcs(&names)), SqlThen::Rows(proj)),
+            Plan::HistoryDelete { names, ids } => {
+                (Query::HistoryDelete { names: arcs(&names), ids }, SqlThen::Affected)
+            }
+            Plan::SettingsSet(items) => (
+                Query::SettingsSet(items.iter().map(|(n, l)| (Arc::<str>::from(n.as_str()), *l)).collect()),
+                SqlThen::Affected,
+            ),
+            Plan::SettingsSelect { names, proj } => {
+                (Query::SettingsSelect(names.as_deref().map(arcs)), SqlThen::Rows(proj))
+            }
+            Plan::SettingsDelete(names) => (Query::SettingsDelete(arcs(&names)), SqlThen::Affected),
+        };
+        if let Some(slot) = self.sql_slot(id, slot_id) {
+            slot.waiting += 1;
+        }
+        self.ask_all(dev_id, query, then(sql_then));
+        false
+    }
+
+    /// A gathered answer for statement `index` of slot `slot_id`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sql_complete(
+        &mut self,
+        id: ConnId,
+        slot_id: u64,
+        index: usize,
+        then: SqlThen,
+        count: u64,
+        counts: Vec<u64>,
+        rows: Vec<Row>,
+    ) {
+        let r = match then {
+            SqlThen::Affected => StmtResult::Ok { affected: count, last_insert_id: 0 },
+            SqlThen::Rows(proj) => StmtResult::Rows(proj.apply(rows)),
+            SqlThen::PipeRows { names, proj } => {
+                let rows = names
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, n)| vec![Some(n), Some(counts.get(i).copied().unwrap_or(0).to_string())])
+                    .collect();
+                StmtResult::Rows(proj.apply(rows))
+            }
+        };
+        self.sql_set(id, slot_id, index, r);
+        if let Some(slot) = self.sql_slot(id, slot_id) {
+            slot.waiting = slot.waiting.saturating_sub(1);
+        }
+        self.sql_flush(id);
+    }
+
+    /// Sends every answer at the front of the queue that is complete.
+    fn sql_flush(&mut self, id: ConnId) {
+        loop {
+            let Some(sc) = self.sql(id) else { return };
+            if !sc.slots.front().is_some_and(Slot::ready) {
+                return;
+            }
+            let deprecate_eof = sc.session.deprecate_eof();
+            let Some(slot) = sc.slots.pop_front() else { return };
+            sc.front += 1;
+            let bytes = match slot.raw {
+                Some(b) => b,
+                None => {
+                    let results: Vec<StmtResult> = slot.results.into_iter().flatten().collect();
+                    session::encode_results(&results, deprecate_eof)
+                }
+            };
+            if !bytes.is_empty() {
+                self.send_raw_bytes(id, bytes);
+            }
+            if slot.close {
+                self.close_after_answer(id);
+                return;
+            }
+        }
+    }
+}
