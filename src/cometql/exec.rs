@@ -243,6 +243,8 @@ fn variables(ctx: &Ctx<'_>) -> Vec<(&'static str, String)> {
         ("performance_schema", s("0")),
         ("query_cache_size", s("0")),
         ("query_cache_type", s("OFF")),
+        // No unix socket: drivers that prefer one stay on TCP.
+        ("socket", s("")),
         ("sql_mode", s("")),
         ("system_time_zone", s("UTC")),
         ("time_zone", s("SYSTEM")),

@@ -1,0 +1,477 @@
+//! CometQL over the MySQL protocol, against the real server, with real
+//! clients: the `mysql` crate, the `mysql` command-line client (MariaDB),
+//! PyMySQL, and raw packets for pipelining and bad input.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{BACKENDS, Client, Server, eventually};
+use mysql::prelude::Queryable;
+
+fn start(io: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--io", io, "--shards", "2", "--password", "s3cret"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn connect(s: &Server) -> mysql::Conn {
+    let url = format!("mysql://root:s3cret@{}/CometQL_v1", s.backend);
+    mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).expect("mysql connect")
+}
+
+/// (code, message) of a failed query.
+fn sql_err(r: mysql::Result<impl std::fmt::Debug>) -> (u16, String) {
+    match r {
+        Err(mysql::Error::MySqlError(e)) => (e.code, e.message),
+        other => panic!("expected a MySQL error, got {other:?}"),
+    }
+}
+
+fn wait_subscribers(c: &mut mysql::Conn, channel: &str, n: u64) {
+    let ok = eventually(5, || {
+        let users: Option<String> =
+            c.query_first(format!("SELECT users FROM pipes WHERE name = '{channel}'")).unwrap();
+        users.as_deref() == Some(n.to_string().as_str())
+    });
+    assert!(ok, "{channel} never had {n} subscribers");
+}
+
+#[test]
+fn publish_reaches_websocket_subscribers_with_affected_rows_equal_to_deliveries() {
+    for io in BACKENDS {
+        let s = start(io, &[]);
+        let mut subs: Vec<Client> = (0..6).map(|i| s.client(&format!("s{i}"))).collect();
+        for c in &mut subs {
+            c.subscribe(&["news_feed"]);
+        }
+        let mut db = connect(&s);
+        wait_subscribers(&mut db, "news_feed", 6);
+        db.query_drop(r#"INSERT INTO pipes_messages (name, event, message) VALUES ('news_feed', 'update', '{\"a\":1}')"#)
+            .unwrap();
+        assert_eq!(db.affected_rows(), 6, "{io}");
+        for c in &mut subs {
+            let m = c.recv();
+            assert_eq!(m["data"], r#"{"a":1}"#, "{io}");
+            assert_eq!(m["event"], "update");
+            assert_eq!(m["pipe"], "news_feed");
+            assert!(m.get("user_id").is_none(), "backend publishes carry no user_id");
+        }
+        // Multi-row VALUES publishes each row, in order.
+        db.query_drop("INSERT INTO pipes_messages VALUES ('news_feed', 'e', 'one'), ('news_feed', 'e', 'two')").unwrap();
+        assert_eq!(db.affected_rows(), 12);
+        for c in &mut subs {
+            assert_eq!(c.recv()["data"], "one");
+            assert_eq!(c.recv()["data"], "two");
+        }
+    }
+}
+
+#[test]
+fn pipes_and_users_in_pipes_report_every_shard() {
+    for io in BACKENDS {
+        let s = start(io, &[]);
+        let mut subs: Vec<Client> = (0..10).map(|i| s.client(&format!("u{i}"))).collect();
+        for c in &mut subs {
+            c.subscribe(&["web_room", "track_room"]);
+        }
+        let mut db = connect(&s);
+        wait_subscribers(&mut db, "web_room", 10);
+        let rows: Vec<(String, String)> =
+            db.query("SELECT name, users FROM pipes WHERE name IN ('web_room', 'track_room', 'empty_room')").unwrap();
+        assert_eq!(
+            rows,
+            [("web_room".into(), "10".into()), ("track_room".into(), "10".into()), ("empty_room".into(), "0".into())],
+            "{io}"
+        );
+        let mut uuids: Vec<String> = db.query("SELECT user_uuid FROM users_in_pipes WHERE name = 'web_room'").unwrap();
+        uuids.sort();
+        let mut want: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+        want.sort();
+        assert_eq!(uuids, want, "{io}");
+        let ips: Vec<String> = db.query("SELECT ip FROM users_in_pipes WHERE name = 'web_room' LIMIT 2").unwrap();
+        assert_eq!(ips, ["127.0.0.1", "127.0.0.1"]);
+    }
+}
+
+#[test]
+fn history_settings_select_delete_and_pipe_log() {
+    for io in BACKENDS {
+        let s = start(io, &[]);
+        let mut db = connect(&s);
+        db.query_drop("INSERT INTO pipes_settings (name, length) VALUES ('web_hist', 3)").unwrap();
+        for i in 0..5 {
+            db.query_drop(format!("INSERT INTO pipes_messages VALUES ('web_hist', 'ev', 'm{i}')")).unwrap();
+        }
+        let msgs: Vec<String> = db.query("SELECT message FROM pipes_messages WHERE name = 'web_hist'").unwrap();
+        assert_eq!(msgs, ["m2", "m3", "m4"], "{io}: oldest dropped first");
+        let limited: Vec<String> =
+            db.query("SELECT message FROM pipes_messages WHERE name = 'web_hist' LIMIT 1, 1").unwrap();
+        assert_eq!(limited, ["m3"], "standard LIMIT offset, count");
+        let settings: Vec<(String, u32)> = db.query("SELECT name, length FROM pipes_settings").unwrap();
+        assert_eq!(settings, [("web_hist".to_string(), 3)]);
+
+        // A browser's web_pipe2 is stored with its sender id, and pipe_log
+        // returns everything oldest first with history and marker.
+        let mut a = s.client("a");
+        a.send("web_pipe2\nweb_hist\nchat\n*\nfrom browser");
+        assert_eq!(a.recv()["pipe"], "_answer_to_web_hist");
+        a.send("pipe_log\nweb_hist\nmk7\n");
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let m = a.recv();
+            assert_eq!((m["history"].as_bool(), m["fromQueue"].as_bool()), (Some(true), Some(true)), "{m}");
+            assert_eq!(m["marker"], "mk7");
+            assert_eq!(m["pipe"], "web_hist");
+            got.push(m["data"].as_str().unwrap().to_string());
+        }
+        assert_eq!(got, ["m3", "m4", "from browser"], "{io}");
+
+        let ids: Vec<u64> = db.query("SELECT id FROM pipes_messages WHERE name = 'web_hist'").unwrap();
+        db.query_drop(format!("DELETE FROM pipes_messages WHERE id = {}", ids[0])).unwrap();
+        assert_eq!(db.affected_rows(), 1);
+        db.query_drop("DELETE FROM pipes_messages WHERE name = 'web_hist'").unwrap();
+        assert_eq!(db.affected_rows(), 2);
+        let left: Vec<String> = db.query("SELECT message FROM pipes_messages WHERE name = 'web_hist'").unwrap();
+        assert!(left.is_empty());
+        db.query_drop("DELETE FROM pipes_settings WHERE name = 'web_hist'").unwrap();
+        assert_eq!(db.affected_rows(), 1);
+        let settings: Vec<(String, u32)> = db.query("SELECT name, length FROM pipes_settings").unwrap();
+        assert!(settings.is_empty());
+    }
+}
+
+#[test]
+fn trust_channels_keep_100_messages_without_settings() {
+    let s = start("uring", &[]);
+    let mut db = connect(&s);
+    let values: Vec<String> = (0..120).map(|i| format!("('trust_x', 'e', '{i}')")).collect();
+    db.query_drop(format!("INSERT INTO pipes_messages VALUES {}", values.join(","))).unwrap();
+    let msgs: Vec<String> = db.query("SELECT message FROM pipes_messages WHERE name = 'trust_x'").unwrap();
+    assert_eq!(msgs.len(), 100);
+    assert_eq!(msgs[0], "20");
+    assert_eq!(msgs[99], "119");
+}
+
+#[test]
+fn errors_carry_protocol_codes_and_name_the_bad_value() {
+    for io in BACKENDS {
+        let s = start(io, &[]);
+        let mut db = connect(&s);
+        let cases: &[(&str, u16, &str)] = &[
+            ("INSERT INTO pipes_messages VALUES ('a b', 'e', 'm')", 12, "'a b'"),
+            ("SELECT * FROM nosuch", 15, "'nosuch'"),
+            ("INSERT INTO pipes VALUES ('abc', 1)", 10, "'pipes'"),
+            ("SELECT * FROM pipes WHERE users = 1", 13, "'users'"),
+            ("SELECT bogus FROM pipes WHERE name = 'abc'", 14, "'bogus'"),
+            ("INSERT INTO pipes_settings VALUES ('web_a', 5000)", 12, "'5000'"),
+            ("SELEKT 1", 3, "'SELEKT'"),
+            ("USE mysql", 15, "'mysql'"),
+        ];
+        for (sql, code, needle) in cases {
+            let (c, m) = sql_err(db.query_drop(*sql));
+            assert_eq!(c, *code, "{io}: {sql}: {m}");
+            assert!(m.contains(needle), "{io}: {sql}: message {m:?} should name {needle}");
+        }
+        // The connection is still fine.
+        let one: Option<String> = db.query_first("SELECT 1").unwrap();
+        assert_eq!(one.as_deref(), Some("1"));
+    }
+}
+
+#[test]
+fn driver_connect_queries_and_show_commands() {
+    let s = start("uring", &[]);
+    let mut db = connect(&s);
+    let v: Option<String> = db.query_first("SELECT @@version_comment LIMIT 1").unwrap();
+    assert!(v.unwrap().contains("comet"));
+    let v: Option<String> = db.query_first("SELECT VERSION()").unwrap();
+    assert!(v.unwrap().starts_with("8.0"));
+    let v: Option<String> = db.query_first("SELECT DATABASE()").unwrap();
+    assert_eq!(v.as_deref(), Some("CometQL_v1"));
+    db.query_drop("SET NAMES utf8mb4").unwrap();
+    db.query_drop("SET autocommit=1").unwrap();
+    let tables: Vec<String> = db.query("SHOW TABLES").unwrap();
+    assert!(tables.contains(&"pipes_messages".to_string()) && tables.contains(&"revoked_tokens".to_string()));
+    for t in &tables {
+        let cols: Vec<mysql::Row> = db.query(format!("DESCRIBE {t}")).unwrap();
+        assert!(!cols.is_empty(), "{t}");
+    }
+    let vars: Vec<(String, String)> = db.query("SHOW VARIABLES LIKE 'max_allowed_packet'").unwrap();
+    assert_eq!(vars, [("max_allowed_packet".to_string(), "1048576".to_string())]);
+    let status: Vec<(String, String)> = db.query("SHOW STATUS").unwrap();
+    let get = |k: &str| status.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
+    assert_eq!(get("Threads_connected"), "1");
+    assert!(get("Questions").parse::<u64>().unwrap() >= 8);
+    db.query_drop("USE db_0").unwrap();
+    let dbs: Vec<String> = db.query("SHOW DATABASES").unwrap();
+    assert_eq!(dbs, ["CometQL_v1"]);
+    db.ping().unwrap();
+    db.reset().unwrap();
+}
+
+#[test]
+fn dev_ids_are_isolated_and_db_n_switches() {
+    let s = start("epoll", &[]);
+    let mut zero = s.client("z");
+    zero.subscribe(&["shared_name"]);
+    let mut one = Client::connect(&s.url("sesion=&myid=&devid=1&v=4.08&uuid=o"));
+    one.recv();
+    one.subscribe(&["shared_name"]);
+    let mut db = connect(&s);
+    assert!(eventually(5, || {
+        let u: Option<String> = db.query_first("SELECT users FROM pipes WHERE name = 'shared_name'").unwrap();
+        u.as_deref() == Some("1")
+    }));
+    db.query_drop("USE db_1").unwrap();
+    assert!(eventually(5, || {
+        let u: Option<String> = db.query_first("SELECT users FROM pipes WHERE name = 'shared_name'").unwrap();
+        u.as_deref() == Some("1")
+    }));
+    db.query_drop("INSERT INTO pipes_messages VALUES ('shared_name', 'e', 'for dev 1')").unwrap();
+    assert_eq!(db.affected_rows(), 1);
+    assert_eq!(one.recv()["data"], "for dev 1");
+    zero.expect_silence(300);
+    // Login as dev_id 1 directly.
+    let url = format!("mysql://1:s3cret@{}/CometQL_v1", s.backend);
+    let mut d1 = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+    d1.query_drop("INSERT INTO pipes_messages VALUES ('shared_name', 'e', 'again')").unwrap();
+    assert_eq!(one.recv()["data"], "again");
+}
+
+#[test]
+fn per_dev_passwords_from_the_config_file() {
+    let dir = std::env::temp_dir().join(format!("comet-pw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("comet.toml");
+    std::fs::write(&cfg, "[passwords]\n5 = \"five\"\n").unwrap();
+    let s = start("uring", &["--config", cfg.to_str().unwrap()]);
+    let ok = format!("mysql://5:five@{}/CometQL_v1", s.backend);
+    mysql::Conn::new(mysql::Opts::from_url(&ok).unwrap()).expect("dev 5 with its own password");
+    let bad = format!("mysql://5:s3cret@{}/CometQL_v1", s.backend);
+    let (code, msg) = sql_err(mysql::Conn::new(mysql::Opts::from_url(&bad).unwrap()));
+    assert_eq!(code, 16, "{msg}");
+    // dev 0's login may not switch to dev 5's database.
+    let mut db = connect(&s);
+    assert_eq!(sql_err(db.query_drop("USE db_5")).0, 403);
+}
+
+/// Writes a MySQL packet.
+fn packet(out: &mut Vec<u8>, seq: u8, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes()[..3]);
+    out.push(seq);
+    out.extend_from_slice(payload);
+}
+
+fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h).unwrap();
+    let len = u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize;
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).unwrap();
+    (h[3], p)
+}
+
+/// Logs in by hand with mysql_native_password; returns the stream.
+fn raw_login(s: &Server, password: &str) -> (TcpStream, Vec<u8>) {
+    use sha1::{Digest, Sha1};
+    let mut t = TcpStream::connect(s.backend).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (_, g) = read_packet(&mut t);
+    let vend = g.iter().position(|&b| b == 0).unwrap();
+    let mut nonce = g[vend + 5..vend + 13].to_vec();
+    // filler, capabilities (low), charset, status, capabilities (high),
+    // auth data length, 10 reserved bytes, then the rest of the nonce.
+    let rest = &g[vend + 14 + 2 + 1 + 2 + 2 + 1 + 10..];
+    nonce.extend_from_slice(&rest[..12]);
+    let h1: [u8; 20] = Sha1::digest(password.as_bytes()).into();
+    let h2: [u8; 20] = Sha1::digest(h1).into();
+    let mut h = Sha1::new();
+    h.update(&nonce);
+    h.update(h2);
+    let h3: [u8; 20] = h.finalize().into();
+    let scramble: Vec<u8> = h1.iter().zip(h3).map(|(a, b)| a ^ b).collect();
+    let caps: u32 = 0x200 | 0x8000 | 0x80000 | 0x10000;
+    let mut p = Vec::new();
+    p.extend_from_slice(&caps.to_le_bytes());
+    p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+    p.push(45);
+    p.extend_from_slice(&[0; 23]);
+    p.extend_from_slice(b"root\0");
+    p.push(20);
+    p.extend_from_slice(&scramble);
+    p.extend_from_slice(b"mysql_native_password\0");
+    let mut out = Vec::new();
+    packet(&mut out, 1, &p);
+    t.write_all(&out).unwrap();
+    let (_, ok) = read_packet(&mut t);
+    (t, ok)
+}
+
+#[test]
+fn pipelined_queries_are_answered_in_order() {
+    for io in BACKENDS {
+        let s = start(io, &[]);
+        let (mut t, ok) = raw_login(&s, "s3cret");
+        assert_eq!(ok[0], 0x00, "{io}: login");
+        // 60 queries in one write: slow gathers (pipes counts, publishes)
+        // mixed with immediate answers; each answer is tagged by its query.
+        let mut out = Vec::new();
+        for i in 0..60 {
+            let q = match i % 3 {
+                0 => format!("SELECT '{i}'"),
+                1 => format!("SELECT name FROM pipes WHERE name = 'chan_{i}'"),
+                _ => format!("INSERT INTO pipes_messages VALUES ('chan_{i}', 'e', 'x')"),
+            };
+            let mut p = vec![0x03];
+            p.extend_from_slice(q.as_bytes());
+            packet(&mut out, 0, &p);
+        }
+        t.write_all(&out).unwrap();
+        for i in 0..60 {
+            match i % 3 {
+                2 => {
+                    let (_, p) = read_packet(&mut t);
+                    assert_eq!(p[0], 0x00, "{io}: query {i} should be an OK");
+                }
+                _ => {
+                    // Result set: count, column, EOF, one row, EOF.
+                    let (_, count) = read_packet(&mut t);
+                    assert_eq!(count, [1], "{io}: query {i}");
+                    read_packet(&mut t);
+                    read_packet(&mut t);
+                    let (_, row) = read_packet(&mut t);
+                    let want = if i % 3 == 0 { i.to_string() } else { format!("chan_{i}") };
+                    assert_eq!(&row[1..], want.as_bytes(), "{io}: answer {i} out of order");
+                    let (_, eof) = read_packet(&mut t);
+                    assert_eq!(eof[0], 0xFE);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_gets_errors_and_leaves_everyone_else_alone() {
+    for io in BACKENDS {
+        let s = start(io, &[]);
+        let mut bystander = connect(&s);
+        let mut sub = s.client("watch");
+        sub.subscribe(&["web_safe"]);
+
+        // Garbage instead of a handshake response: ERR, then closed.
+        let mut g = TcpStream::connect(s.backend).unwrap();
+        g.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        read_packet(&mut g);
+        let mut out = Vec::new();
+        packet(&mut out, 1, b"\xde\xad\xbe\xef garbage");
+        g.write_all(&out).unwrap();
+        let (_, e) = read_packet(&mut g);
+        assert_eq!(e[0], 0xFF, "{io}");
+        let mut rest = Vec::new();
+        assert_eq!(g.read_to_end(&mut rest).unwrap_or(0), 0, "closed after the error");
+
+        // Wrong password: ERR 16.
+        let (_, e) = raw_login(&s, "wrong");
+        assert_eq!(&e[..3], &[0xFF, 16, 0], "{io}");
+
+        // A truncated packet, then the connection goes away: nothing breaks.
+        let (mut t, _) = raw_login(&s, "s3cret");
+        t.write_all(&[50, 0, 0, 0, 0x03, b'S']).unwrap();
+        drop(t);
+
+        // An unknown command and a 20 MiB query on an authenticated connection.
+        let (mut t, _) = raw_login(&s, "s3cret");
+        let mut out = Vec::new();
+        packet(&mut out, 0, &[0x1B]);
+        t.write_all(&out).unwrap();
+        let (_, e) = read_packet(&mut t);
+        assert_eq!(u16::from_le_bytes([e[1], e[2]]), 1047, "{io}");
+        let big = vec![b'x'; 20 << 20];
+        let mut q = b"\x03SELECT '".to_vec();
+        q.extend_from_slice(&big);
+        q.extend_from_slice(b"'");
+        let mut out = Vec::new();
+        let mut rest = &q[..];
+        let mut seq = 0u8;
+        loop {
+            let n = rest.len().min(0xFF_FFFF);
+            packet(&mut out, seq, &rest[..n]);
+            seq += 1;
+            rest = &rest[n..];
+            if n < 0xFF_FFFF {
+                break;
+            }
+        }
+        let mut ping = Vec::new();
+        packet(&mut ping, 0, &[0x0E]);
+        out.extend_from_slice(&ping);
+        t.write_all(&out).unwrap();
+        let (_, e) = read_packet(&mut t);
+        assert_eq!(u16::from_le_bytes([e[1], e[2]]), 11, "{io}: 20 MiB query");
+        assert!(String::from_utf8_lossy(&e).contains("max_query_size"));
+        let (_, pong) = read_packet(&mut t);
+        assert_eq!(pong[0], 0x00, "{io}: the connection still answers after the oversized query");
+
+        // Everyone else is unaffected.
+        bystander.query_drop("INSERT INTO pipes_messages VALUES ('web_safe', 'e', 'still here')").unwrap();
+        assert_eq!(sub.recv()["data"], "still here", "{io}");
+    }
+}
+
+#[test]
+fn mysql_command_line_client_publishes_php_escaped_json() {
+    let s = start("uring", &[]);
+    let mut sub = s.client("cli");
+    sub.subscribe(&["cli_chan"]);
+    let mut db = connect(&s);
+    wait_subscribers(&mut db, "cli_chan", 1);
+    let port = s.backend.port().to_string();
+    let run = |sql: &str| {
+        let out = Command::new("mysql")
+            .args(["-h", "127.0.0.1", "-P", &port, "-u", "root", "-ps3cret", "--batch", "-e", sql])
+            .output()
+            .expect("the mysql client (Debian mariadb-client) must be installed: tests/run installs it");
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let tables = run("SHOW TABLES");
+    assert!(tables.contains("pipes_messages") && tables.contains("users_auth"), "{tables}");
+    run(r#"INSERT INTO pipes_messages (name, event, message) VALUES ('cli_chan', 'ev', '{\"a\":1}')"#);
+    let m = sub.recv_text();
+    assert!(m.starts_with(r#"{"data":"{\"a\":1}","event":"ev","#), "{m}");
+    let counts = run("SELECT name, users FROM pipes WHERE name = 'cli_chan'");
+    assert_eq!(counts, "name\tusers\ncli_chan\t1\n");
+}
+
+#[test]
+fn pymysql_logs_in_with_caching_sha2_password() {
+    let s = start("epoll", &[]);
+    let mut sub = s.client("py");
+    sub.subscribe(&["py_chan"]);
+    let mut db = connect(&s);
+    wait_subscribers(&mut db, "py_chan", 1);
+    let script = format!(
+        r#"
+import pymysql
+c = pymysql.connect(host="127.0.0.1", port={port}, user="root", password="s3cret", database="CometQL_v1")
+assert c._auth_plugin_name == "caching_sha2_password", c._auth_plugin_name
+cur = c.cursor()
+n = cur.execute("INSERT INTO pipes_messages (name, event, message) VALUES (%s, %s, %s)", ("py_chan", "ev", 'q"uo\'te'))
+print(n)
+cur.execute("SELECT name, users FROM pipes WHERE name = 'py_chan'")
+print(cur.fetchall())
+"#,
+        port = s.backend.port()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 with PyMySQL: tests/run installs it");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n(('py_chan', '1'),)\n");
+    assert_eq!(sub.recv()["data"], "q\"uo'te");
+}
