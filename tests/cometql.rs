@@ -33,8 +33,7 @@ fn sql_err(r: mysql::Result<impl std::fmt::Debug>) -> (u16, String) {
 
 fn wait_subscribers(c: &mut mysql::Conn, channel: &str, n: u64) {
     let ok = eventually(5, || {
-        let users: Option<String> =
-            c.query_first(format!("SELECT users FROM pipes WHERE name = '{channel}'")).unwrap();
+        let users: Option<String> = c.query_first(format!("SELECT users FROM pipes WHERE name = '{channel}'")).unwrap();
         users.as_deref() == Some(n.to_string().as_str())
     });
     assert!(ok, "{channel} never had {n} subscribers");
@@ -50,8 +49,10 @@ fn publish_reaches_websocket_subscribers_with_affected_rows_equal_to_deliveries(
         }
         let mut db = connect(&s);
         wait_subscribers(&mut db, "news_feed", 6);
-        db.query_drop(r#"INSERT INTO pipes_messages (name, event, message) VALUES ('news_feed', 'update', '{\"a\":1}')"#)
-            .unwrap();
+        db.query_drop(
+            r#"INSERT INTO pipes_messages (name, event, message) VALUES ('news_feed', 'update', '{\"a\":1}')"#,
+        )
+        .unwrap();
         assert_eq!(db.affected_rows(), 6, "{io}");
         for c in &mut subs {
             let m = c.recv();
@@ -61,7 +62,8 @@ fn publish_reaches_websocket_subscribers_with_affected_rows_equal_to_deliveries(
             assert!(m.get("user_id").is_none(), "backend publishes carry no user_id");
         }
         // Multi-row VALUES publishes each row, in order.
-        db.query_drop("INSERT INTO pipes_messages VALUES ('news_feed', 'e', 'one'), ('news_feed', 'e', 'two')").unwrap();
+        db.query_drop("INSERT INTO pipes_messages VALUES ('news_feed', 'e', 'one'), ('news_feed', 'e', 'two')")
+            .unwrap();
         assert_eq!(db.affected_rows(), 12);
         for c in &mut subs {
             assert_eq!(c.recv()["data"], "one");
@@ -467,10 +469,8 @@ print(cur.fetchall())
 "#,
         port = s.backend.port()
     );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .expect("python3 with PyMySQL: tests/run installs it");
+    let out =
+        Command::new("python3").args(["-c", &script]).output().expect("python3 with PyMySQL: tests/run installs it");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n(('py_chan', '1'),)\n");
     assert_eq!(sub.recv()["data"], "q\"uo'te");

@@ -45,6 +45,31 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         channels: usize,
     },
+    /// Publish through CometQL (pipelined INSERTs over several backend
+    /// connections) to subscribers of one channel.
+    Publish {
+        /// The server's CometQL address.
+        #[arg(long, default_value = "127.0.0.1:3300")]
+        backend: SocketAddr,
+        #[arg(long, default_value = "comet")]
+        password: String,
+        #[arg(long, default_value_t = 1000)]
+        subs: usize,
+        /// Backend connections.
+        #[arg(long, default_value_t = 4)]
+        conns: usize,
+        /// INSERTs per backend connection.
+        #[arg(long, default_value_t = 5000)]
+        inserts: usize,
+        /// INSERTs in flight per connection.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+    },
+    /// Time the CometQL parser and planner in-process (no sockets).
+    Parse {
+        #[arg(long, default_value_t = 200_000)]
+        iterations: usize,
+    },
     /// Publish to many subscribers of one channel and report throughput.
     Fanout {
         #[arg(long, default_value_t = 10_000)]
@@ -64,6 +89,10 @@ fn main() {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Idle { conns, channels } => idle(&cli.server, cli.pid, cli.sources, conns, channels),
+        Cmd::Publish { backend, ref password, subs, conns, inserts, window } => {
+            publish(&cli.server, &backend, password, cli.pid, cli.sources, subs, conns, inserts, window)
+        }
+        Cmd::Parse { iterations } => parse_bench(iterations),
         Cmd::Fanout { subs, messages, window, threads } => {
             fanout(&cli.server, cli.pid, cli.sources, subs, messages, window, threads)
         }
@@ -404,4 +433,194 @@ fn payload_ts(p: &[u8]) -> Option<u64> {
     let at = p.windows(key.len()).position(|w| w == key)? + key.len();
     let digits: Vec<u8> = p[at..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+/// Writes one MySQL packet.
+fn mysql_packet(out: &mut Vec<u8>, seq: u8, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes()[..3]);
+    out.push(seq);
+    out.extend_from_slice(payload);
+}
+
+fn mysql_read(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h)?;
+    let mut p = vec![0u8; u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize];
+    s.read_exact(&mut p)?;
+    Ok(p)
+}
+
+/// Logs in to CometQL with mysql_native_password.
+fn mysql_login(addr: &SocketAddr, password: &str) -> std::io::Result<TcpStream> {
+    use sha1::{Digest, Sha1};
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let g = mysql_read(&mut s)?;
+    let vend = g.iter().position(|&b| b == 0).ok_or_else(|| std::io::Error::other("bad greeting"))?;
+    let mut nonce = g[vend + 5..vend + 13].to_vec();
+    nonce.extend_from_slice(&g[vend + 32..vend + 44]);
+    let h1: [u8; 20] = Sha1::digest(password.as_bytes()).into();
+    let h2: [u8; 20] = Sha1::digest(h1).into();
+    let mut h = Sha1::new();
+    h.update(&nonce);
+    h.update(h2);
+    let h3: [u8; 20] = h.finalize().into();
+    let caps: u32 = 0x200 | 0x8000 | 0x80000;
+    let mut p = Vec::new();
+    p.extend_from_slice(&caps.to_le_bytes());
+    p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+    p.push(45);
+    p.extend_from_slice(&[0; 23]);
+    p.extend_from_slice(b"root\0");
+    p.push(20);
+    p.extend(h1.iter().zip(h3).map(|(a, b)| a ^ b));
+    p.extend_from_slice(b"mysql_native_password\0");
+    let mut out = Vec::new();
+    mysql_packet(&mut out, 1, &p);
+    s.write_all(&out)?;
+    let ok = mysql_read(&mut s)?;
+    if ok.first() != Some(&0) {
+        return Err(std::io::Error::other(format!("login refused: {}", String::from_utf8_lossy(&ok))));
+    }
+    Ok(s)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    server: &SocketAddr,
+    backend: &SocketAddr,
+    password: &str,
+    pid: Option<u32>,
+    sources: u8,
+    subs: usize,
+    conns: usize,
+    inserts: usize,
+    window: usize,
+) {
+    let channel = "bench_publish";
+    let mut socks = Vec::with_capacity(subs);
+    let mut failed = 0;
+    for i in 0..subs {
+        let source = 1 + (i % sources.max(1) as usize) as u8;
+        match open_ws(server, source, &format!("p{i}")).and_then(|mut s| {
+            send_text(&mut s, &format!("subscription\n{channel}"))?;
+            Ok(s)
+        }) {
+            Ok(s) => socks.push(s),
+            Err(_) => failed += 1,
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let expected = socks.len() as u64 * (conns * inserts) as u64;
+    let start = Instant::now();
+    let reader = {
+        let want = expected;
+        std::thread::spawn(move || read_all(socks, want, start))
+    };
+    let cpu0 = pid.and_then(cpu_secs);
+    let t0 = Instant::now();
+    let writers: Vec<_> = (0..conns)
+        .map(|_| {
+            let backend = *backend;
+            let password = password.to_string();
+            std::thread::spawn(move || -> u64 {
+                let mut s = mysql_login(&backend, &password).expect("CometQL login");
+                let mut reader = s.try_clone().expect("clone");
+                let mut affected = 0u64;
+                let (tx, rx) = std::sync::mpsc::sync_channel::<()>(window);
+                let collector = std::thread::spawn(move || {
+                    let mut sum = 0u64;
+                    for _ in 0..inserts {
+                        let p = mysql_read(&mut reader).expect("answer");
+                        assert_eq!(p[0], 0, "INSERT failed: {}", String::from_utf8_lossy(&p));
+                        sum += p[1] as u64 + if p[1] == 0xFC { (p[2] as u64 | (p[3] as u64) << 8) - 0xFC } else { 0 };
+                        let _ = rx.recv();
+                    }
+                    sum
+                });
+                let mut buf = Vec::with_capacity(256);
+                for _ in 0..inserts {
+                    let ts = start.elapsed().as_micros();
+                    let q = format!(
+                        "\x03INSERT INTO pipes_messages (name, event, message) VALUES ('{channel}', 'bench', '{ts}')"
+                    );
+                    buf.clear();
+                    mysql_packet(&mut buf, 0, q.as_bytes());
+                    tx.send(()).expect("window");
+                    s.write_all(&buf).expect("write");
+                }
+                drop(tx);
+                affected += collector.join().expect("collector");
+                affected
+            })
+        })
+        .collect();
+    let mut affected = 0;
+    for w in writers {
+        affected += w.join().expect("writer");
+    }
+    let insert_secs = t0.elapsed().as_secs_f64();
+    let (received, mut lat) = reader.join().expect("reader");
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = match (cpu0, pid.and_then(cpu_secs)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    lat.sort_unstable();
+    let pct =
+        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let total = conns * inserts;
+    println!(
+        "publish: {total} INSERTs over {conns} CometQL connections (window {window}) to {} subscribers ({failed} failed to open)",
+        expected / total.max(1) as u64
+    );
+    println!(
+        "  {:.0} INSERTs/s (all answered in {insert_secs:.2}s); affected rows summed {affected}",
+        total as f64 / insert_secs
+    );
+    println!(
+        "  delivered {received} of {expected} (loss {}) in {secs:.2}s: {:.0} deliveries/s",
+        expected - received.min(expected),
+        received as f64 / secs
+    );
+    if let Some(c) = cpu {
+        println!(
+            "  server CPU {c:.2}s: {:.1} µs per INSERT, {:.2} CPU-seconds per million deliveries",
+            c * 1e6 / total as f64,
+            c / (received.max(1) as f64 / 1e6)
+        );
+    }
+    println!(
+        "  latency INSERT->receipt: p50 {:.1} ms, p99 {:.1} ms",
+        pct(0.5) as f64 / 1000.0,
+        pct(0.99) as f64 / 1000.0
+    );
+}
+
+/// Parses and plans a typical publish INSERT in a loop.
+fn parse_bench(iterations: usize) {
+    use comet::cometql::{exec, parser};
+    let sql = r#"INSERT INTO pipes_messages (name, event, message) VALUES ('bench_publish', 'bench', '{\"text\":\"hello world\",\"n\":12345}')"#;
+    let may = |_: u32| true;
+    let status = Vec::new;
+    let ctx = exec::Ctx {
+        dev_id: 0,
+        database: "CometQL_v1",
+        connection_id: 1,
+        may_use_dev: &may,
+        status: &status,
+        max_query_size: 1 << 20,
+    };
+    let t = Instant::now();
+    let mut n = 0usize;
+    for _ in 0..iterations {
+        let st = parser::parse(sql).expect("parse");
+        for s in st {
+            if let exec::Plan::Publish(v) = exec::plan(s, &ctx) {
+                n += v.len();
+            }
+        }
+    }
+    let per = t.elapsed().as_nanos() as f64 / iterations as f64;
+    println!("parse: {iterations} INSERTs lexed, parsed and planned ({n} publishes): {per:.0} ns each");
 }
