@@ -10,6 +10,7 @@ NON-STRICT or INFORMATIONAL, or when a case regressed from the expectation.
 
 import asyncio
 import json
+import os
 import sys
 
 import kosoku
@@ -55,7 +56,10 @@ def main():
         print(f"  MISSING {k}")
     failed = len(bad) + len(regressions) + len(missing)
     print(f"autobahn: {len(got) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    sys.stdout.flush()
+    # os._exit skips interpreter finalization, where kosoku's native
+    # runtime has been seen to abort after a complete, passing run.
+    os._exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
