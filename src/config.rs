@@ -83,6 +83,12 @@ pub struct Cli {
     /// Largest CometQL query in bytes; larger ones get error 11 [default: 1048576].
     #[arg(long, env = "COMET_MAX_QUERY_SIZE")]
     pub max_query_size: Option<usize>,
+    /// Private messages kept per offline user; the oldest is dropped when full [default: 64].
+    #[arg(long, env = "COMET_OFFLINE_QUEUE_SIZE")]
+    pub offline_queue_size: Option<usize>,
+    /// Seconds a queued private message stays deliverable [default: 300].
+    #[arg(long, env = "COMET_OFFLINE_QUEUE_TTL")]
+    pub offline_queue_ttl: Option<u64>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -104,6 +110,10 @@ pub struct FileConfig {
     pub max_subscriptions: Option<usize>,
     pub node_name: Option<String>,
     pub max_query_size: Option<usize>,
+    pub offline_queue_size: Option<usize>,
+    pub offline_queue_ttl: Option<u64>,
+    /// dev_ids whose `user_data` any connection may read.
+    pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
     pub passwords: Option<std::collections::BTreeMap<String, String>>,
 }
@@ -139,6 +149,11 @@ pub struct Config {
     pub max_query_size: usize,
     /// Passwords of dev_ids that do not use `password`.
     pub dev_passwords: std::collections::BTreeMap<u32, String>,
+    pub offline_queue_size: usize,
+    pub offline_queue_ttl: Duration,
+    /// dev_ids whose `user_data` any connection may read (the file's
+    /// `public_user_data = [..]`); others only read their own.
+    pub public_user_data: Vec<u32>,
 }
 
 impl Default for Config {
@@ -162,6 +177,9 @@ impl Default for Config {
                 .unwrap_or_else(|_| "comet".to_string()),
             max_query_size: 1024 * 1024,
             dev_passwords: Default::default(),
+            offline_queue_size: 64,
+            offline_queue_ttl: Duration::from_secs(300),
+            public_user_data: Vec::new(),
         }
     }
 }
@@ -199,12 +217,21 @@ impl Config {
             node_name: cli.node_name.or(file.node_name).unwrap_or(d.node_name),
             max_query_size: cli.max_query_size.or(file.max_query_size).unwrap_or(d.max_query_size),
             dev_passwords: parse_passwords(file.passwords.unwrap_or_default())?,
+            offline_queue_size: cli.offline_queue_size.or(file.offline_queue_size).unwrap_or(d.offline_queue_size),
+            offline_queue_ttl: cli.offline_queue_ttl.or(file.offline_queue_ttl).map_or(d.offline_queue_ttl, secs),
+            public_user_data: file.public_user_data.unwrap_or_default(),
         };
         c.validate()?;
         Ok(c)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.offline_queue_size > 100_000 {
+            return Err(ConfigError::Invalid(format!(
+                "offline-queue-size must be at most 100000, got {}",
+                self.offline_queue_size
+            )));
+        }
         if self.dev_passwords.values().any(String::is_empty) {
             return Err(ConfigError::Invalid("[passwords]: a dev_id password must not be empty".into()));
         }

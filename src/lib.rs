@@ -27,4 +27,5 @@ pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod shard;
+pub mod users;
 pub mod ws;

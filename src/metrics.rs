@@ -33,6 +33,10 @@ pub struct ShardMetrics {
     pub sql_connections: AtomicI64,
     /// CometQL queries received.
     pub sql_queries: AtomicU64,
+    /// Private messages put in offline queues.
+    pub offline_queued: AtomicU64,
+    /// Offline-queue entries dropped because the queue was full.
+    pub offline_dropped: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -65,7 +69,13 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 11] = [
+        let families: [(&str, &str, &str, Get); 13] = [
+            ("comet_offline_queued_total", "counter", "Private messages put in offline queues.", |m| {
+                m.offline_queued.load(Relaxed) as i64
+            }),
+            ("comet_offline_dropped_total", "counter", "Offline-queue entries dropped from full queues.", |m| {
+                m.offline_dropped.load(Relaxed) as i64
+            }),
             ("comet_cometql_connections", "gauge", "Open CometQL (backend) connections.", |m| {
                 m.sql_connections.load(Relaxed)
             }),

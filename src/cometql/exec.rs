@@ -7,6 +7,7 @@
 use super::packet::{ResultSet, SERVER_VERSION};
 use super::parser::{Condition, Expr, Statement, Value, like_match};
 use super::tables::{self, TABLES, Table};
+use crate::users::UserQuery;
 
 /// The outcome of one statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +92,13 @@ pub enum Plan {
     UseDb {
         dev_id: u32,
         name: String,
+    },
+    /// An operation on the user tables, carried out on the users' home
+    /// shards; rows are projected with `proj`, OKs carry `last_insert_id`.
+    User {
+        query: UserQuery,
+        proj: Option<Projection>,
+        last_insert_id: u64,
     },
 }
 
@@ -355,12 +363,101 @@ fn insert(table: &str, columns: Option<Vec<String>>, rows: Vec<Vec<Value>>) -> R
             }
             Ok(Plan::SettingsSet(out))
         }
-        other => Err(users_not_here(other)),
+        "users_auth" => {
+            let mut v = Vec::with_capacity(rows.len());
+            for r in rows {
+                let id = user_id(&r[0])?;
+                let hash = r[1].text();
+                check_hash(hash)?;
+                v.push((id, hash.to_string()));
+            }
+            let last = v.last().map_or(0, |x| x.0);
+            Ok(Plan::User { query: UserQuery::AuthSet(v), proj: None, last_insert_id: last })
+        }
+        "users_messages" => {
+            let mut v = Vec::with_capacity(rows.len());
+            for r in rows {
+                let id = user_id(&r[0])?;
+                check_event(r[1].text())?;
+                v.push((id, r[1].text().to_string(), r[2].text().to_string()));
+            }
+            let last = v.last().map_or(0, |x| x.0);
+            Ok(Plan::User { query: UserQuery::Send(v), proj: None, last_insert_id: last })
+        }
+        "users_data" => {
+            let mut v = Vec::with_capacity(rows.len());
+            for r in rows {
+                let id = user_id(&r[0])?;
+                if r[1].text().len() > MAX_USER_DATA {
+                    return Err(StmtResult::err(
+                        11,
+                        format!("User data for {id} is longer than {MAX_USER_DATA} bytes"),
+                    ));
+                }
+                v.push((id, r[1].text().to_string()));
+            }
+            let last = v.last().map_or(0, |x| x.0);
+            Ok(Plan::User { query: UserQuery::DataSet(v), proj: None, last_insert_id: last })
+        }
+        "revoked_tokens" => {
+            let mut v = Vec::with_capacity(rows.len());
+            for r in rows {
+                let t = r[0].text();
+                if t.is_empty() {
+                    return Err(StmtResult::err(17, "Token is empty"));
+                }
+                if t.len() > 8192 {
+                    return Err(StmtResult::err(11, "Token is longer than 8192 bytes"));
+                }
+                v.push(t.to_string());
+            }
+            Ok(Plan::User { query: UserQuery::Revoke(v), proj: None, last_insert_id: 0 })
+        }
+        other => Err(StmtResult::err(10, format!("Table '{other}' is read-only"))),
     }
 }
 
-fn users_not_here(table: &str) -> StmtResult {
-    StmtResult::err(2, format!("Table '{table}' needs user support, which this build does not have yet"))
+/// Longest `users_data` text.
+pub const MAX_USER_DATA: usize = 64 * 1024;
+
+/// A user id from a value: a positive integer (code 12 otherwise).
+fn user_id(v: &Value) -> Result<u64, StmtResult> {
+    v.text()
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| StmtResult::err(12, format!("User id '{}' must be a positive integer", v.text())))
+}
+
+/// A `users_auth` hash: 1..128 characters of `[0-9A-Za-z=+/_.-]`.
+fn check_hash(h: &str) -> Result<(), StmtResult> {
+    if h.is_empty() {
+        return Err(StmtResult::err(17, "Hash is empty"));
+    }
+    if h.len() > 128 {
+        return Err(StmtResult::err(11, format!("Hash '{h}' is longer than 128 characters")));
+    }
+    if !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"=+/_.-".contains(&b)) {
+        return Err(StmtResult::err(12, format!("Hash '{h}' may contain only 0-9A-Za-z=+/_.-")));
+    }
+    Ok(())
+}
+
+/// The user ids of a WHERE on a user table's key.
+fn ids_for(t: &Table, conds: &[Condition]) -> Result<Vec<u64>, StmtResult> {
+    let kv = key_values(t, conds, &[t.key])?;
+    let Some((_, vals)) = kv.into_iter().next() else {
+        return Err(StmtResult::err(
+            13,
+            format!("WHERE must give primary-key values: {} = ... or {} IN (...)", t.key, t.key),
+        ));
+    };
+    vals.iter().map(|v| user_id(&Value::Str(v.clone()))).collect()
+}
+
+fn user_plan(query: UserQuery, proj: Option<Projection>) -> Plan {
+    Plan::User { query, proj, last_insert_id: 0 }
 }
 
 /// Checks WHERE conditions: every one on `allowed` columns. Returns values per column.
@@ -438,10 +535,16 @@ fn select(
             let names = if conds.is_empty() { None } else { Some(names_for(t, &conds)?) };
             Ok(Plan::SettingsSelect { names, proj })
         }
-        other => {
-            key_values(t, &conds, &[t.key])?;
-            Err(users_not_here(other))
+        "users_auth" => Ok(user_plan(UserQuery::AuthSelect(ids_for(t, &conds)?), Some(proj))),
+        "users_messages" => Ok(user_plan(UserQuery::QueueSelect(ids_for(t, &conds)?), Some(proj))),
+        "users_time" => Ok(user_plan(UserQuery::Time(ids_for(t, &conds)?), Some(proj))),
+        "users_data" => Ok(user_plan(UserQuery::DataSelect(ids_for(t, &conds)?), Some(proj))),
+        "revoked_tokens" => {
+            let kv = key_values(t, &conds, &[t.key])?;
+            let tokens = kv.into_iter().next().map(|(_, v)| v);
+            Ok(user_plan(UserQuery::RevokedSelect(tokens), Some(proj)))
         }
+        other => Err(StmtResult::err(15, format!("Table '{other}' doesn't exist"))),
     }
 }
 
@@ -476,10 +579,17 @@ fn delete(table: &str, conds: Vec<Condition>) -> Result<Plan, StmtResult> {
             Ok(Plan::HistoryDelete { names, ids })
         }
         "pipes_settings" => Ok(Plan::SettingsDelete(names_for(t, &conds)?)),
-        other => {
-            key_values(t, &conds, &[t.key])?;
-            Err(users_not_here(other))
+        "users_auth" => Ok(user_plan(UserQuery::AuthDelete(ids_for(t, &conds)?), None)),
+        "users_messages" => Ok(user_plan(UserQuery::QueueDelete(ids_for(t, &conds)?), None)),
+        "users_data" => Ok(user_plan(UserQuery::DataDelete(ids_for(t, &conds)?), None)),
+        "revoked_tokens" => {
+            let kv = key_values(t, &conds, &[t.key])?;
+            let Some((_, tokens)) = kv.into_iter().next() else {
+                return Err(StmtResult::err(13, "WHERE must give primary-key values: token = ..."));
+            };
+            Ok(user_plan(UserQuery::Unrevoke(tokens), None))
         }
+        other => Err(StmtResult::err(10, format!("Table '{other}' is read-only"))),
     }
 }
 

@@ -143,7 +143,9 @@ pub struct ChannelMessage {
     pub data: String,
     /// `data` is raw JSON to embed as is (presence `{user_id, uuid}`).
     pub data_is_json: bool,
-    pub time: i64,
+    /// `message_send_time`; `None` for messages that carry none (private
+    /// messages and user status events, per the PROTOCOL.md fixtures).
+    pub time: Option<i64>,
     /// Sender's id for browser publishes; `None` for backend publishes.
     pub user_id: Option<u64>,
 }
@@ -155,6 +157,8 @@ pub struct Delivery<'a> {
     pub legacy: bool,
     /// `history` + `marker` + `fromQueue` for `pipe_log` answers.
     pub history_marker: Option<&'a str>,
+    /// `fromQueue` alone, for messages from a user's offline queue.
+    pub from_queue: bool,
 }
 
 impl ChannelMessage {
@@ -168,8 +172,13 @@ impl ChannelMessage {
         }
         if let Some(m) = d.history_marker {
             o = o.bool("fromQueue", true).bool("history", true).str("marker", m);
+        } else if d.from_queue {
+            o = o.bool("fromQueue", true);
         }
-        o = o.num("message_send_time", self.time).str("pipe", &self.pipe);
+        if let Some(t) = self.time {
+            o = o.num("message_send_time", t);
+        }
+        o = o.str("pipe", &self.pipe);
         if let Some(u) = self.user_id {
             o = o.num("user_id", u as i64);
         }
@@ -250,6 +259,28 @@ pub fn track_users(members: &[(u64, String)], marker: &str, time: i64, legacy: b
     o.str("marker", marker).num("message_send_time", time).str("pipe", "_answer").end();
 }
 
+/// The `user_status` answer on `_answer_user_status`.
+pub fn user_status_answer(user_id: u64, status: &str, last_online: i64, time: i64, legacy: bool, out: &mut Vec<u8>) {
+    let event = format!("user_status_{user_id}");
+    let mut o = Obj::new(out)
+        .obj("data", |d| d.num("last_online_time", last_online).str("status", status).num("user_id", user_id as i64))
+        .str("event", &event);
+    if legacy {
+        o = o.str("event_name", &event);
+    }
+    o.num("message_send_time", time).str("pipe", "_answer_user_status").end();
+}
+
+/// The `user_data` answer on `_answer`.
+pub fn user_data_answer(user_id: u64, data: &str, marker: &str, time: i64, legacy: bool, out: &mut Vec<u8>) {
+    let mut o =
+        Obj::new(out).obj("data", |d| d.str("user_data", data).num("user_id", user_id as i64)).str("event", "answer");
+    if legacy {
+        o = o.str("event_name", "answer");
+    }
+    o.str("marker", marker).num("message_send_time", time).str("pipe", "_answer").end();
+}
+
 /// The `{user_id, uuid}` payload of presence events.
 pub fn presence_data(user_id: u64, uuid: &str) -> String {
     let mut v = Vec::with_capacity(32 + uuid.len());
@@ -275,7 +306,7 @@ mod tests {
             event: event.into(),
             data: data.into(),
             data_is_json: false,
-            time: T,
+            time: Some(T),
             user_id,
         }
     }
@@ -341,8 +372,39 @@ mod tests {
     }
 
     #[test]
+    fn protocol_md_private_and_user_status_fixtures() {
+        let mut m = msg("msg", "event1", "message text", None);
+        m.time = None;
+        assert_eq!(s(|o| m.encode(Delivery::default(), o)), r#"{"data":"message text","event":"event1","pipe":"msg"}"#);
+        m.time = Some(T);
+        let q = Delivery { from_queue: true, ..Delivery::default() };
+        assert_eq!(
+            s(|o| m.encode(q, o)),
+            r#"{"data":"message text","event":"event1","fromQueue":true,"message_send_time":1700000000,"pipe":"msg"}"#
+        );
+        let mut on = msg("user_status_12", "online", "online", None);
+        on.time = None;
+        assert_eq!(
+            s(|o| on.encode(Delivery::default(), o)),
+            r#"{"data":"online","event":"online","pipe":"user_status_12"}"#
+        );
+    }
+
+    #[test]
+    fn user_answers() {
+        assert_eq!(
+            s(|o| user_status_answer(12, "offline", 1699999999, T, false, o)),
+            r#"{"data":{"last_online_time":1699999999,"status":"offline","user_id":12},"event":"user_status_12","message_send_time":1700000000,"pipe":"_answer_user_status"}"#
+        );
+        assert_eq!(
+            s(|o| user_data_answer(3, "{\"n\":1}", "m", T, false, o)),
+            r#"{"data":{"user_data":"{\"n\":1}","user_id":3},"event":"answer","marker":"m","message_send_time":1700000000,"pipe":"_answer"}"#
+        );
+    }
+
+    #[test]
     fn history_and_legacy_keys_stay_sorted() {
-        let d = Delivery { legacy: true, history_marker: Some("m1") };
+        let d = Delivery { legacy: true, history_marker: Some("m1"), from_queue: false };
         assert_eq!(
             s(|o| msg("trust_x", "e", "t", Some(3)).encode(d, o)),
             r#"{"data":"t","event":"e","event_name":"e","fromQueue":true,"history":true,"marker":"m1","message_send_time":1700000000,"pipe":"trust_x","user_id":3}"#

@@ -387,17 +387,26 @@ impl Shard {
         conn.phase = Phase::Comet;
         conn.dev_id = p.dev_id;
         conn.legacy = legacy;
-        conn.uuid = p.uuid.into_boxed_str();
-        // Authorization arrives with the users issue: until then every
-        // connection is anonymous, whatever key it presents.
+        conn.uuid = p.uuid.clone().into_boxed_str();
         conn.user_id = 0;
         conn.info =
             Some(ClientInfo::new(req.origin.as_deref(), req.user_agent.as_deref(), req.accept_language.as_deref()));
         self.metrics.websockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let frame = encode_text_frame(|o| message::server_info(false, "", now, server, legacy, o));
+        // This runs on the user's home shard (the connection was handed
+        // over), so the key check and device registration are local.
+        let authorized = p.api_major.is_some() && p.user_id > 0 && self.authorize(p.dev_id, p.user_id, &p.key);
+        let key = if authorized { p.key.as_str() } else { "" };
+        let frame = encode_text_frame(|o| message::server_info(authorized, key, now, server, legacy, o));
         self.send_frame(id, frame);
         if p.api_major.is_none() {
             self.fatal(id, 418, "Invalid request Not assigned client api version");
+            return;
+        }
+        if authorized {
+            if let Some(c) = self.conns.get_mut(id) {
+                c.user_id = p.user_id;
+            }
+            self.attach_device(id, p.dev_id, p.user_id);
         }
     }
 
@@ -544,8 +553,31 @@ impl Shard {
                     Then::TrackUsers { conn: id, marker: marker.to_string() },
                 );
             }
-            Command::UserData { .. } | Command::UserStatus { .. } => {
-                self.send_error(id, "user commands need user support, which this build does not have yet");
+            Command::UserStatus { user_id } => {
+                let Some(uid) = user_id.trim().parse::<u64>().ok().filter(|&u| u > 0) else {
+                    self.send_error(id, &format!("user_status needs a user id, got '{}'", clip(user_id)));
+                    return;
+                };
+                let dev_id = self.conns.get(id).map_or(0, |c| c.dev_id);
+                let home = home_shard(dev_id, uid, self.shards);
+                let q = Query::User(crate::users::UserQuery::Status(uid));
+                self.ask_shards(&[home], dev_id, q, Then::UserStatus { conn: id, user_id: uid });
+            }
+            Command::UserData { marker, user_id } => {
+                let Some(uid) = user_id.trim().parse::<u64>().ok().filter(|&u| u > 0) else {
+                    self.send_error(id, &format!("user_data needs a user id, got '{}'", clip(user_id)));
+                    return;
+                };
+                let Some(c) = self.conns.get(id) else { return };
+                let dev_id = c.dev_id;
+                if c.user_id != uid && !self.shared.config.public_user_data.contains(&dev_id) {
+                    self.send_error(id, "user_data is only available for your own user id");
+                    return;
+                }
+                let home = home_shard(dev_id, uid, self.shards);
+                let q = Query::User(crate::users::UserQuery::Data(uid));
+                let then = Then::UserData { conn: id, user_id: uid, marker: marker.to_string() };
+                self.ask_shards(&[home], dev_id, q, then);
             }
             Command::Statistics => {}
             Command::Unknown(word) => {
@@ -628,7 +660,7 @@ impl Shard {
             event: event.to_string(),
             data: message::presence_data(conn.user_id, &conn.uuid),
             data_is_json: true,
-            time: unix_now(),
+            time: Some(unix_now()),
             user_id: None,
         };
         self.publish(Publication::new(dev_id, msg, Some((self.id, id))), None);
@@ -661,7 +693,7 @@ impl Shard {
             event: event.to_string(),
             data: text.to_string(),
             data_is_json: false,
-            time: unix_now(),
+            time: Some(unix_now()),
             user_id: Some(if hide { 0 } else { user_id }),
         };
         let p = Publication::new(dev_id, msg, Some((self.id, id)));
@@ -717,14 +749,16 @@ impl Shard {
                         event: e.event,
                         data: e.message,
                         data_is_json: false,
-                        time: e.time,
+                        time: Some(e.time),
                         user_id: e.user_id,
                     };
-                    let d = message::Delivery { legacy, history_marker: Some(&marker) };
+                    let d = message::Delivery { legacy, history_marker: Some(&marker), from_queue: false };
                     let f = encode_text_frame(|o| msg.encode(d, o));
                     self.send_frame(conn, f);
                 }
             }
+            Then::UserStatus { conn, user_id } => self.answer_user_status(conn, user_id, p.rows),
+            Then::UserData { conn, user_id, marker } => self.answer_user_data(conn, user_id, &marker, p.rows),
             Then::Sql { conn, slot, index, then } => {
                 self.sql_complete(conn, slot, index, then, p.count, p.counts, p.rows);
             }
@@ -790,6 +824,7 @@ impl Shard {
             self.metrics.websockets.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         self.leave_all(id, &subs);
+        self.detach_device(id);
         if self.conns.get(id).is_some_and(|c| c.out.is_empty()) {
             self.dirty.push(id);
         }
@@ -851,6 +886,7 @@ impl Shard {
         }
         let subs = conn.subs.clone();
         self.leave_all(id, &subs);
+        self.detach_device(id);
         if let Some(conn) = self.conns.get(id) {
             // Wakes the connection's task (readable with EOF) so it ends.
             let _ = conn.sock.shutdown(std::net::Shutdown::Both);
@@ -946,6 +982,7 @@ impl Shard {
     /// Heartbeats, handshake and close deadlines; runs about once a second.
     pub fn sweep(&mut self) {
         self.refresh_clock();
+        self.purge_queues();
         let now = self.now;
         let interval = self.shared.config.ping_interval.as_secs() as u32;
         let timeout = self.shared.config.ping_timeout.as_secs() as u32;

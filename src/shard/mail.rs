@@ -43,7 +43,9 @@ impl Publication {
     /// The frame for a client that wants `event_name` too.
     pub fn legacy_frame(&self) -> &Arc<[u8]> {
         self.legacy.get_or_init(|| {
-            encode_text_frame(|out| self.msg.encode(Delivery { legacy: true, history_marker: None }, out))
+            encode_text_frame(|out| {
+                self.msg.encode(Delivery { legacy: true, history_marker: None, from_queue: false }, out)
+            })
         })
     }
 
@@ -95,6 +97,8 @@ pub enum Query {
     SettingsDelete(Vec<Arc<str>>),
     /// A channel's history entries, for `pipe_log`.
     Log(Arc<str>),
+    /// An operation on users homed on the receiving shard.
+    User(crate::users::UserQuery),
 }
 
 /// A row of text values (a CometQL result row).

@@ -14,6 +14,7 @@ pub mod io;
 pub mod mail;
 pub mod slab;
 pub mod sql;
+pub mod users;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -50,6 +51,10 @@ pub enum Then {
     TrackUsers { conn: ConnId, marker: String },
     /// Answer `pipe_log` with the channel's history.
     PipeLog { conn: ConnId, pipe: String, marker: String },
+    /// Answer the `user_status` command.
+    UserStatus { conn: ConnId, user_id: u64 },
+    /// Answer the `user_data` command.
+    UserData { conn: ConnId, user_id: u64, marker: String },
     /// Fill a statement's result in a CometQL connection's answer queue.
     Sql { conn: ConnId, slot: u64, index: usize, then: sql::SqlThen },
 }
@@ -138,6 +143,10 @@ pub struct Shard {
     pub history: HistoryStore,
     /// CometQL connection ids handed out by this shard.
     pub next_sql_id: u32,
+    /// The users homed on this shard.
+    pub users: crate::users::UserStore,
+    /// Shard time of the last sweep of expired offline-queue entries.
+    pub last_queue_purge: u32,
 }
 
 thread_local! {
@@ -209,6 +218,8 @@ impl Shard {
             overflow_retry_scheduled: false,
             history: HistoryStore::default(),
             next_sql_id: 0,
+            users: crate::users::UserStore::default(),
+            last_queue_purge: 0,
         }
     }
 
@@ -315,7 +326,7 @@ impl Shard {
         if p.store && home_shard_of_channel(p.dev_id, &p.msg.pipe, self.shards) == self.id {
             let entry = history::Entry {
                 id: 0,
-                time: p.msg.time,
+                time: p.msg.time.unwrap_or_else(crate::frontend::message::unix_now),
                 event: p.msg.event.clone(),
                 message: p.msg.data.clone(),
                 user_id: p.msg.user_id,
@@ -399,16 +410,39 @@ impl Shard {
     /// Asks every shard (this one included) `query`; `then` runs with the
     /// merged answers.
     pub fn ask_all(&mut self, dev_id: u32, query: Query, then: Then) {
-        let local = self.answer(dev_id, &query);
-        let mut pending = Pending::new(self.shards - 1, then);
-        pending.merge(local);
+        let all: Vec<usize> = (0..self.shards).collect();
+        self.ask_shards(&all, dev_id, query, then);
+    }
+
+    /// Asks the shards in `targets` (distinct) `query`; `then` runs with
+    /// the merged answers.
+    pub fn ask_shards(&mut self, targets: &[usize], dev_id: u32, query: Query, then: Then) {
+        let others: Vec<usize> = targets.iter().copied().filter(|&s| s != self.id).collect();
+        let local = targets.contains(&self.id).then(|| self.answer(dev_id, &query));
+        let mut pending = Pending::new(others.len(), then);
+        if let Some(l) = local {
+            pending.merge(l);
+        }
         let id = self.new_request(pending);
         let query = Arc::new(query);
-        for to in (0..self.shards).filter(|&s| s != self.id) {
+        for to in others {
             self.outbox.send(to, Mail::Ask { dev_id, query: query.clone(), req: (self.id, id) });
         }
         self.maybe_complete(id);
         self.schedule_overflow_retry();
+    }
+
+    /// The distinct home shards of `user_ids` (every shard for `None`).
+    pub fn user_targets(&self, dev_id: u32, user_ids: Option<Vec<u64>>) -> Vec<usize> {
+        match user_ids {
+            None => (0..self.shards).collect(),
+            Some(ids) => {
+                let mut t: Vec<usize> = ids.iter().map(|&u| home_shard(dev_id, u, self.shards)).collect();
+                t.sort_unstable();
+                t.dedup();
+                t
+            }
+        }
     }
 
     /// Answers a question from this shard's own state.
@@ -469,6 +503,7 @@ impl Shard {
                 }
                 Reply::Count(n)
             }
+            Query::User(q) => self.answer_user(dev_id, q),
             Query::Log(name) => {
                 if home(self, name) {
                     Reply::Log(self.history.entries(dev_id, name))

@@ -27,8 +27,8 @@ const MAX_AUTH_PACKET: usize = 64 * 1024;
 /// How a gathered answer becomes a statement result.
 #[derive(Debug)]
 pub enum SqlThen {
-    /// OK with affected rows = the gathered count.
-    Affected,
+    /// OK with affected rows = the gathered count, and this last_insert_id.
+    Affected(u64),
     /// Rows, projected.
     Rows(Projection),
     /// `pipes`: one row per asked channel with its summed count.
@@ -280,7 +280,7 @@ impl Shard {
                 let now = unix_now();
                 let mut pubs = Vec::with_capacity(msgs.len());
                 for (pipe, event, data) in msgs {
-                    let msg = ChannelMessage { pipe, event, data, data_is_json: false, time: now, user_id: None };
+                    let msg = ChannelMessage { pipe, event, data, data_is_json: false, time: Some(now), user_id: None };
                     let p = Publication::new(dev_id, msg, None);
                     if p.wire_len() > max {
                         let e = format!(
@@ -296,23 +296,43 @@ impl Shard {
                 if let Some(slot) = self.sql_slot(id, slot_id) {
                     slot.waiting += 1;
                 }
-                self.publish_many(pubs, Some(then(SqlThen::Affected)));
+                self.publish_many(pubs, Some(then(SqlThen::Affected(0))));
                 return false;
             }
             Plan::PipeCounts { names, proj } => (Query::Counts(arcs(&names)), SqlThen::PipeRows { names, proj }),
             Plan::Subscribers { names, proj } => (Query::Subscribers(arcs(&names)), SqlThen::Rows(proj)),
             Plan::HistorySelect { names, proj } => (Query::History(arcs(&names)), SqlThen::Rows(proj)),
             Plan::HistoryDelete { names, ids } => {
-                (Query::HistoryDelete { names: arcs(&names), ids }, SqlThen::Affected)
+                (Query::HistoryDelete { names: arcs(&names), ids }, SqlThen::Affected(0))
             }
             Plan::SettingsSet(items) => (
                 Query::SettingsSet(items.iter().map(|(n, l)| (Arc::<str>::from(n.as_str()), *l)).collect()),
-                SqlThen::Affected,
+                SqlThen::Affected(0),
             ),
             Plan::SettingsSelect { names, proj } => {
                 (Query::SettingsSelect(names.as_deref().map(arcs)), SqlThen::Rows(proj))
             }
-            Plan::SettingsDelete(names) => (Query::SettingsDelete(arcs(&names)), SqlThen::Affected),
+            Plan::SettingsDelete(names) => (Query::SettingsDelete(arcs(&names)), SqlThen::Affected(0)),
+            Plan::User { query, proj, last_insert_id } => {
+                if let crate::users::UserQuery::Send(msgs) = &query {
+                    let max = self.shared.config.max_outbound_message;
+                    if let Some((uid, _, m)) = msgs.iter().find(|(_, e, m)| m.len() + e.len() + 64 > max) {
+                        let e = format!("Message for user {uid} is {} bytes; the limit is {max}", m.len());
+                        self.sql_set(id, slot_id, index, StmtResult::err(11, e));
+                        return true;
+                    }
+                }
+                let targets = self.user_targets(dev_id, query.user_ids());
+                if let Some(slot) = self.sql_slot(id, slot_id) {
+                    slot.waiting += 1;
+                }
+                let t = match proj {
+                    Some(p) => SqlThen::Rows(p),
+                    None => SqlThen::Affected(last_insert_id),
+                };
+                self.ask_shards(&targets, dev_id, Query::User(query), then(t));
+                return false;
+            }
         };
         if let Some(slot) = self.sql_slot(id, slot_id) {
             slot.waiting += 1;
@@ -334,7 +354,7 @@ impl Shard {
         rows: Vec<Row>,
     ) {
         let r = match then {
-            SqlThen::Affected => StmtResult::Ok { affected: count, last_insert_id: 0 },
+            SqlThen::Affected(last_insert_id) => StmtResult::Ok { affected: count, last_insert_id },
             SqlThen::Rows(proj) => StmtResult::Rows(proj.apply(rows)),
             SqlThen::PipeRows { names, proj } => {
                 let rows = names

@@ -1,0 +1,290 @@
+//! The shard glue for users: authorizing a connection on its user's home
+//! shard, the device array and offline queue in action, private messages,
+//! online/offline events, and the CometQL user tables.
+
+use super::mail::{Publication, Reply, Row, encode_text_frame};
+use super::{ConnId, Shard, home_shard};
+use crate::cometql::session::Passwords;
+use crate::frontend::message::{self, ChannelMessage, Delivery, unix_now};
+use crate::metrics::ShardMetrics;
+use crate::users::{Queued, UserQuery, jwt};
+use crate::ws::CloseCode;
+
+/// Close code for a device whose authorization was withdrawn
+/// (`users_auth` DELETE or a revoked token).
+pub const CLOSE_DEAUTHORIZED: CloseCode = CloseCode(4001);
+/// Close code for the oldest device replaced by a 17th (PROTOCOL.md §3.1).
+pub const CLOSE_REPLACED: CloseCode = CloseCode(4009);
+
+impl Shard {
+    /// The JWT secret of a dev_id: its password followed by the dev_id.
+    pub fn jwt_secret(&self, dev_id: u32) -> Vec<u8> {
+        format!("{}{dev_id}", self.shared.config.password(dev_id)).into_bytes()
+    }
+
+    fn queue_ttl(&self) -> i64 {
+        self.shared.config.offline_queue_ttl.as_secs() as i64
+    }
+
+    /// Checks a connecting user's key; called on the user's home shard.
+    pub fn authorize(&self, dev_id: u32, user_id: u64, key: &str) -> bool {
+        debug_assert_eq!(home_shard(dev_id, user_id, self.shards), self.id);
+        self.users.authorize(dev_id, user_id, key, &self.jwt_secret(dev_id), unix_now())
+    }
+
+    /// After `serverInfo` of an authorized connection: deliver the offline
+    /// queue, register the device (replacing the oldest of 16), announce
+    /// `online` if it is the first device.
+    pub fn attach_device(&mut self, id: ConnId, dev_id: u32, user_id: u64) {
+        let now = unix_now();
+        let legacy = self.conns.get(id).is_some_and(|c| c.legacy);
+        for q in self.users.take_queue(dev_id, user_id, self.queue_ttl(), now) {
+            let msg = private_message(&q.event, &q.message, Some(q.time));
+            let d = Delivery { legacy, history_marker: None, from_queue: true };
+            self.send_frame(id, encode_text_frame(|o| msg.encode(d, o)));
+        }
+        let reg = self.users.add_device(dev_id, user_id, id);
+        if let Some(old) = reg.evicted {
+            self.send_error(old, "device limit reached: replaced by a newer connection");
+            self.close_ws(old, CLOSE_REPLACED, "device limit reached");
+        }
+        if reg.first {
+            self.user_status_event(dev_id, user_id, "online");
+        }
+    }
+
+    /// Unregisters a closing connection's device; announces `offline` when
+    /// it was the last. Safe to call more than once.
+    pub fn detach_device(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get(id) else { return };
+        if c.user_id == 0 {
+            return;
+        }
+        let (dev_id, user_id) = (c.dev_id, c.user_id);
+        if self.users.remove_device(dev_id, user_id, id, unix_now()) {
+            self.user_status_event(dev_id, user_id, "offline");
+        }
+    }
+
+    fn user_status_event(&mut self, dev_id: u32, user_id: u64, word: &str) {
+        let msg = ChannelMessage {
+            pipe: format!("user_status_{user_id}"),
+            event: word.to_string(),
+            data: word.to_string(),
+            data_is_json: false,
+            time: None,
+            user_id: None,
+        };
+        let mut p = Publication::new(dev_id, msg, None);
+        p.store = false;
+        self.publish(p, None);
+    }
+
+    /// Closes every device of a user with an error frame and 4001.
+    fn deauthorize(&mut self, devices: &[ConnId], why: &str) {
+        for &d in devices {
+            self.send_error(d, why);
+            self.close_ws(d, CLOSE_DEAUTHORIZED, why);
+        }
+    }
+
+    /// Delivers a private message to every device, or queues it. Returns
+    /// false when the queue had to drop its oldest message.
+    fn send_private(&mut self, dev_id: u32, user_id: u64, event: &str, text: &str) -> bool {
+        let devices = self.users.devices(dev_id, user_id);
+        let now = unix_now();
+        if devices.is_empty() {
+            let q = Queued { time: now, event: event.into(), message: text.into() };
+            let cap = self.shared.config.offline_queue_size;
+            let kept = self.users.enqueue(dev_id, user_id, q, cap, self.queue_ttl(), now);
+            if !kept {
+                ShardMetrics::add(&self.metrics.offline_dropped, 1);
+            }
+            ShardMetrics::add(&self.metrics.offline_queued, 1);
+            return kept;
+        }
+        let msg = private_message(event, text, None);
+        let p = Publication::new(dev_id, msg, None);
+        for d in devices {
+            let legacy = self.conns.get(d).is_some_and(|c| c.legacy);
+            let frame = if legacy { p.legacy_frame().clone() } else { p.frame.clone() };
+            self.send_frame(d, frame);
+        }
+        true
+    }
+
+    /// Carries out a user-table operation for the users homed here.
+    pub fn answer_user(&mut self, dev_id: u32, q: &UserQuery) -> Reply {
+        let (me, shards) = (self.id, self.shards);
+        let mine = |u: u64| home_shard(dev_id, u, shards) == me;
+        let now = unix_now();
+        let ttl = self.queue_ttl();
+        match q {
+            UserQuery::AuthSet(v) => {
+                let mut n = 0;
+                for (uid, hash) in v.iter().filter(|(u, _)| mine(*u)) {
+                    self.users.set_key(dev_id, *uid, hash);
+                    n += 1;
+                }
+                Reply::Count(n)
+            }
+            UserQuery::AuthSelect(ids) => Reply::Rows(
+                ids.iter()
+                    .filter(|u| mine(**u))
+                    .filter_map(|&u| {
+                        let key = self.users.get(dev_id, u)?.key.as_deref()?;
+                        Some(vec![Some(u.to_string()), Some(key.to_string())])
+                    })
+                    .collect(),
+            ),
+            UserQuery::AuthDelete(ids) => {
+                let mut n = 0;
+                for &u in ids.iter().filter(|u| mine(**u)) {
+                    let (had, devices) = self.users.remove_key(dev_id, u);
+                    n += had as u64;
+                    self.deauthorize(&devices, "authorization removed by the backend");
+                }
+                Reply::Count(n)
+            }
+            UserQuery::Send(v) => {
+                let mut n = 0;
+                for (uid, event, text) in v.iter().filter(|(u, _, _)| mine(*u)) {
+                    n += self.send_private(dev_id, *uid, event, text) as u64;
+                }
+                Reply::Count(n)
+            }
+            UserQuery::QueueSelect(ids) => {
+                let mut rows: Vec<Row> = Vec::new();
+                for &u in ids.iter().filter(|u| mine(**u)) {
+                    for (i, m) in self.users.queued(dev_id, u, ttl, now).into_iter().enumerate() {
+                        rows.push(vec![
+                            Some(u.to_string()),
+                            Some(i.to_string()),
+                            Some(m.event.to_string()),
+                            Some(m.message.to_string()),
+                        ]);
+                    }
+                }
+                Reply::Rows(rows)
+            }
+            UserQuery::QueueDelete(ids) => {
+                Reply::Count(ids.iter().filter(|u| mine(**u)).map(|&u| self.users.clear_queue(dev_id, u)).sum())
+            }
+            UserQuery::Time(ids) => Reply::Rows(
+                ids.iter()
+                    .filter(|u| mine(**u))
+                    .map(|&u| vec![Some(u.to_string()), Some(self.users.presence(dev_id, u).time().to_string())])
+                    .collect(),
+            ),
+            UserQuery::DataSet(v) => {
+                let mut n = 0;
+                for (uid, data) in v.iter().filter(|(u, _)| mine(*u)) {
+                    self.users.set_data(dev_id, *uid, data);
+                    n += 1;
+                }
+                Reply::Count(n)
+            }
+            UserQuery::DataSelect(ids) => Reply::Rows(
+                ids.iter()
+                    .filter(|u| mine(**u))
+                    .filter_map(|&u| {
+                        let d = self.users.get(dev_id, u)?.data.as_deref()?;
+                        Some(vec![Some(u.to_string()), Some(d.to_string())])
+                    })
+                    .collect(),
+            ),
+            UserQuery::DataDelete(ids) => {
+                Reply::Count(ids.iter().filter(|u| mine(**u)).map(|&u| self.users.remove_data(dev_id, u) as u64).sum())
+            }
+            UserQuery::Revoke(tokens) => {
+                let secret = self.jwt_secret(dev_id);
+                let mut n = 0;
+                for t in tokens.iter().filter(|t| mine(jwt::claimed_user(t).unwrap_or(0))) {
+                    self.users.revoke(dev_id, t);
+                    n += 1;
+                    if let Some(uid) = jwt::claimed_user(t)
+                        && jwt::verify(t, &secret, uid, now).is_ok()
+                    {
+                        let devices = self.users.devices(dev_id, uid);
+                        self.deauthorize(&devices, "token revoked by the backend");
+                    }
+                }
+                Reply::Count(n)
+            }
+            UserQuery::RevokedSelect(filter) => Reply::Rows(
+                self.users
+                    .revoked(dev_id)
+                    .into_iter()
+                    .filter(|t| filter.as_ref().is_none_or(|f| f.contains(t)))
+                    .map(|t| vec![Some(t)])
+                    .collect(),
+            ),
+            UserQuery::Unrevoke(tokens) => Reply::Count(
+                tokens
+                    .iter()
+                    .filter(|t| mine(jwt::claimed_user(t).unwrap_or(0)))
+                    .map(|t| self.users.unrevoke(dev_id, t) as u64)
+                    .sum(),
+            ),
+            UserQuery::Status(u) if mine(*u) => {
+                let p = self.users.presence(dev_id, *u);
+                Reply::Rows(vec![vec![Some(p.word().to_string()), Some(p.time().to_string())]])
+            }
+            UserQuery::Data(u) if mine(*u) => Reply::Rows(
+                self.users
+                    .get(dev_id, *u)
+                    .and_then(|x| x.data.as_deref())
+                    .map(|d| vec![vec![Some(d.to_string())]])
+                    .unwrap_or_default(),
+            ),
+            UserQuery::Status(_) | UserQuery::Data(_) => Reply::Rows(Vec::new()),
+        }
+    }
+
+    /// Answers the `user_status` command once the home shard replied.
+    pub fn answer_user_status(&mut self, conn: ConnId, user_id: u64, rows: Vec<Row>) {
+        let Some(c) = self.conns.get(conn) else { return };
+        let legacy = c.legacy;
+        let (word, time) = rows
+            .into_iter()
+            .next()
+            .map(|r| {
+                let w = r.first().cloned().flatten().unwrap_or_else(|| "unknown".into());
+                let t = r.get(1).cloned().flatten().and_then(|t| t.parse().ok()).unwrap_or(-1);
+                (w, t)
+            })
+            .unwrap_or_else(|| ("unknown".into(), -1));
+        let f = encode_text_frame(|o| message::user_status_answer(user_id, &word, time, unix_now(), legacy, o));
+        self.send_frame(conn, f);
+    }
+
+    /// Answers the `user_data` command once the home shard replied.
+    pub fn answer_user_data(&mut self, conn: ConnId, user_id: u64, marker: &str, rows: Vec<Row>) {
+        let Some(c) = self.conns.get(conn) else { return };
+        let legacy = c.legacy;
+        let data = rows.into_iter().next().and_then(|r| r.into_iter().next().flatten()).unwrap_or_default();
+        let f = encode_text_frame(|o| message::user_data_answer(user_id, &data, marker, unix_now(), legacy, o));
+        self.send_frame(conn, f);
+    }
+
+    /// Drops expired offline-queue entries once a minute.
+    pub fn purge_queues(&mut self) {
+        if self.now.saturating_sub(self.last_queue_purge) >= 60 {
+            self.last_queue_purge = self.now;
+            let ttl = self.queue_ttl();
+            self.users.purge_expired(ttl, unix_now());
+        }
+    }
+}
+
+/// A private message on pipe `msg`.
+fn private_message(event: &str, text: &str, time: Option<i64>) -> ChannelMessage {
+    ChannelMessage {
+        pipe: "msg".into(),
+        event: event.to_string(),
+        data: text.to_string(),
+        data_is_json: false,
+        time,
+        user_id: None,
+    }
+}

@@ -1,0 +1,445 @@
+//! Users, sans-IO: keys, the fixed 16-slot device array, the ring-buffer
+//! offline queue, last-online times, user data and revoked tokens
+//! (PROTOCOL.md §3). One [`UserStore`] lives on each shard and holds the
+//! users whose home is that shard, so every operation on a user is local.
+//!
+//! An offline user costs one map entry and a small struct: the device array
+//! is boxed and exists only while the user is online, and the queue holds no
+//! allocation while empty.
+
+pub mod jwt;
+
+use std::collections::VecDeque;
+
+use ahash::{AHashMap, AHashSet};
+use smallvec::SmallVec;
+
+use crate::shard::ConnId;
+
+/// Devices (authorized connections) one user may have at once.
+pub const MAX_DEVICES: usize = 16;
+
+/// A private message waiting for the user to come back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// When it was queued (unix seconds); sent as `message_send_time`.
+    pub time: i64,
+    pub event: Box<str>,
+    pub message: Box<str>,
+}
+
+/// The device slots of an online user.
+#[derive(Debug, Default)]
+pub struct Devices {
+    slots: [Option<ConnId>; MAX_DEVICES],
+    /// Registration order per slot, to find the oldest.
+    since: [u64; MAX_DEVICES],
+}
+
+/// One user.
+#[derive(Debug, Default)]
+pub struct User {
+    /// The key set with `users_auth` (compared in constant time).
+    pub key: Option<Box<str>>,
+    /// Text set with `users_data`.
+    pub data: Option<Box<str>>,
+    /// Present while at least one device is connected.
+    pub devices: Option<Box<Devices>>,
+    /// The offline queue: a ring bounded by the configured capacity.
+    pub queue: VecDeque<Queued>,
+    /// Unix time the last device closed; 0 when never seen offline.
+    pub offline_since: i64,
+}
+
+impl User {
+    fn is_empty(&self) -> bool {
+        self.key.is_none()
+            && self.data.is_none()
+            && self.devices.is_none()
+            && self.queue.is_empty()
+            && self.offline_since == 0
+    }
+}
+
+/// What registering a device did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Registered {
+    /// It is the user's only device: publish `online`.
+    pub first: bool,
+    /// The oldest device, replaced because all 16 slots were taken.
+    pub evicted: Option<ConnId>,
+}
+
+/// `users_time` / `user_status`: online now, offline since, or unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Online,
+    Offline(i64),
+    Unknown,
+}
+
+impl Presence {
+    /// The `users_time` value: 0 online, the offline time, or -1.
+    pub fn time(self) -> i64 {
+        match self {
+            Presence::Online => 0,
+            Presence::Offline(t) => t,
+            Presence::Unknown => -1,
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Presence::Online => "online",
+            Presence::Offline(_) => "offline",
+            Presence::Unknown => "unknown",
+        }
+    }
+}
+
+/// Constant-time string equality.
+pub fn ct_eq(a: &str, b: &str) -> bool {
+    crate::cometql::packet::ct_eq(a.as_bytes(), b.as_bytes())
+}
+
+/// The users homed on one shard.
+#[derive(Debug, Default)]
+pub struct UserStore {
+    users: AHashMap<u32, AHashMap<u64, User>>,
+    revoked: AHashMap<u32, AHashSet<Box<str>>>,
+    registrations: u64,
+    /// Messages dropped from full offline queues (for `/metrics`).
+    pub dropped: u64,
+}
+
+impl UserStore {
+    pub fn get(&self, dev: u32, uid: u64) -> Option<&User> {
+        self.users.get(&dev)?.get(&uid)
+    }
+
+    fn entry(&mut self, dev: u32, uid: u64) -> &mut User {
+        self.users.entry(dev).or_default().entry(uid).or_default()
+    }
+
+    fn tidy(&mut self, dev: u32, uid: u64) {
+        if let Some(m) = self.users.get_mut(&dev) {
+            if m.get(&uid).is_some_and(User::is_empty) {
+                m.remove(&uid);
+            }
+            if m.is_empty() {
+                self.users.remove(&dev);
+            }
+        }
+    }
+
+    /// Number of users held (for memory measurements).
+    pub fn len(&self) -> usize {
+        self.users.values().map(|m| m.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    pub fn set_key(&mut self, dev: u32, uid: u64, key: &str) {
+        self.entry(dev, uid).key = Some(key.into());
+    }
+
+    /// Removes the key; returns whether there was one and the devices to close.
+    pub fn remove_key(&mut self, dev: u32, uid: u64) -> (bool, SmallVec<[ConnId; 4]>) {
+        let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else {
+            return (false, SmallVec::new());
+        };
+        let had = u.key.take().is_some();
+        let devices = self.devices(dev, uid);
+        self.tidy(dev, uid);
+        (had, devices)
+    }
+
+    /// Checks a connection's key: the stored hash, or a valid, unrevoked JWT
+    /// signed with `secret`.
+    pub fn authorize(&self, dev: u32, uid: u64, key: &str, secret: &[u8], now: i64) -> bool {
+        if uid == 0 || key.is_empty() {
+            return false;
+        }
+        if let Some(stored) = self.get(dev, uid).and_then(|u| u.key.as_deref())
+            && ct_eq(stored, key)
+        {
+            return true;
+        }
+        jwt::looks_like_jwt(key) && !self.is_revoked(dev, key) && jwt::verify(key, secret, uid, now).is_ok()
+    }
+
+    /// Registers a device, evicting the oldest when all slots are taken.
+    pub fn add_device(&mut self, dev: u32, uid: u64, conn: ConnId) -> Registered {
+        self.registrations += 1;
+        let seq = self.registrations;
+        let u = self.entry(dev, uid);
+        let first = u.devices.is_none();
+        let d = u.devices.get_or_insert_with(Box::default);
+        let (slot, evicted) = match d.slots.iter().position(Option::is_none) {
+            Some(i) => (i, None),
+            None => {
+                let oldest = (0..MAX_DEVICES).min_by_key(|&i| d.since[i]).unwrap_or(0);
+                (oldest, d.slots[oldest])
+            }
+        };
+        d.slots[slot] = Some(conn);
+        d.since[slot] = seq;
+        Registered { first, evicted }
+    }
+
+    /// Unregisters a device; returns true when it was the last (now offline).
+    pub fn remove_device(&mut self, dev: u32, uid: u64, conn: ConnId, now: i64) -> bool {
+        let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else { return false };
+        let Some(d) = u.devices.as_mut() else { return false };
+        let Some(i) = d.slots.iter().position(|s| *s == Some(conn)) else { return false };
+        d.slots[i] = None;
+        if d.slots.iter().all(Option::is_none) {
+            u.devices = None;
+            u.offline_since = now;
+            return true;
+        }
+        false
+    }
+
+    /// The user's connected devices.
+    pub fn devices(&self, dev: u32, uid: u64) -> SmallVec<[ConnId; 4]> {
+        self.get(dev, uid)
+            .and_then(|u| u.devices.as_ref())
+            .map(|d| d.slots.iter().flatten().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Queues a message for an offline user; returns false when the queue
+    /// was full and its oldest entry was dropped.
+    pub fn enqueue(&mut self, dev: u32, uid: u64, q: Queued, capacity: usize, ttl: i64, now: i64) -> bool {
+        if capacity == 0 {
+            self.dropped += 1;
+            return false;
+        }
+        let u = self.entry(dev, uid);
+        expire(&mut u.queue, ttl, now);
+        let mut kept_all = true;
+        while u.queue.len() >= capacity {
+            u.queue.pop_front();
+            kept_all = false;
+        }
+        if u.queue.capacity() == 0 {
+            u.queue.reserve_exact(1);
+        }
+        u.queue.push_back(q);
+        if !kept_all {
+            self.dropped += 1;
+        }
+        kept_all
+    }
+
+    /// Takes the user's unexpired queued messages, oldest first.
+    pub fn take_queue(&mut self, dev: u32, uid: u64, ttl: i64, now: i64) -> Vec<Queued> {
+        let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else { return Vec::new() };
+        expire(&mut u.queue, ttl, now);
+        let out: Vec<Queued> = std::mem::take(&mut u.queue).into();
+        out
+    }
+
+    /// The unexpired queued messages (for `SELECT ... FROM users_messages`).
+    pub fn queued(&mut self, dev: u32, uid: u64, ttl: i64, now: i64) -> Vec<Queued> {
+        let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else { return Vec::new() };
+        expire(&mut u.queue, ttl, now);
+        u.queue.iter().cloned().collect()
+    }
+
+    /// Empties a queue; returns how many messages were removed.
+    pub fn clear_queue(&mut self, dev: u32, uid: u64) -> u64 {
+        let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else { return 0 };
+        let n = u.queue.len() as u64;
+        u.queue = VecDeque::new();
+        self.tidy(dev, uid);
+        n
+    }
+
+    /// Drops expired queue entries of every user (a periodic sweep).
+    pub fn purge_expired(&mut self, ttl: i64, now: i64) {
+        for m in self.users.values_mut() {
+            for u in m.values_mut() {
+                if !u.queue.is_empty() {
+                    expire(&mut u.queue, ttl, now);
+                    if u.queue.is_empty() {
+                        u.queue = VecDeque::new();
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn presence(&self, dev: u32, uid: u64) -> Presence {
+        match self.get(dev, uid) {
+            Some(u) if u.devices.is_some() => Presence::Online,
+            Some(u) if u.offline_since > 0 => Presence::Offline(u.offline_since),
+            _ => Presence::Unknown,
+        }
+    }
+
+    pub fn set_data(&mut self, dev: u32, uid: u64, data: &str) {
+        self.entry(dev, uid).data = Some(data.into());
+    }
+
+    pub fn remove_data(&mut self, dev: u32, uid: u64) -> bool {
+        let had = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)).is_some_and(|u| u.data.take().is_some());
+        self.tidy(dev, uid);
+        had
+    }
+
+    pub fn revoke(&mut self, dev: u32, token: &str) -> bool {
+        self.revoked.entry(dev).or_default().insert(token.into())
+    }
+
+    pub fn unrevoke(&mut self, dev: u32, token: &str) -> bool {
+        self.revoked.get_mut(&dev).is_some_and(|s| s.remove(token))
+    }
+
+    pub fn is_revoked(&self, dev: u32, token: &str) -> bool {
+        self.revoked.get(&dev).is_some_and(|s| s.contains(token))
+    }
+
+    /// Revoked tokens of a dev_id, sorted.
+    pub fn revoked(&self, dev: u32) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.revoked.get(&dev).map(|s| s.iter().map(|t| t.to_string()).collect()).unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+fn expire(q: &mut VecDeque<Queued>, ttl: i64, now: i64) {
+    while q.front().is_some_and(|m| m.time + ttl <= now) {
+        q.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(i: u32) -> ConnId {
+        ConnId { index: i, generation: 0 }
+    }
+
+    fn msg(t: i64, m: &str) -> Queued {
+        Queued { time: t, event: "e".into(), message: m.into() }
+    }
+
+    #[test]
+    fn seventeenth_device_replaces_the_oldest() {
+        let mut s = UserStore::default();
+        let r = s.add_device(0, 7, conn(0));
+        assert_eq!(r, Registered { first: true, evicted: None });
+        for i in 1..16 {
+            assert_eq!(s.add_device(0, 7, conn(i)).evicted, None);
+        }
+        assert_eq!(s.add_device(0, 7, conn(16)), Registered { first: false, evicted: Some(conn(0)) });
+        assert_eq!(s.devices(0, 7).len(), 16);
+        assert!(!s.devices(0, 7).contains(&conn(0)));
+        // The next eviction takes the next oldest.
+        assert_eq!(s.add_device(0, 7, conn(17)).evicted, Some(conn(1)));
+    }
+
+    #[test]
+    fn last_device_leaving_makes_the_user_offline() {
+        let mut s = UserStore::default();
+        assert_eq!(s.presence(0, 1), Presence::Unknown);
+        s.add_device(0, 1, conn(1));
+        s.add_device(0, 1, conn(2));
+        assert_eq!(s.presence(0, 1), Presence::Online);
+        assert!(!s.remove_device(0, 1, conn(1), 100));
+        assert!(s.remove_device(0, 1, conn(2), 200));
+        assert_eq!(s.presence(0, 1), Presence::Offline(200));
+        assert_eq!(s.presence(1, 1), Presence::Unknown, "dev_ids are separate");
+    }
+
+    #[test]
+    fn queue_is_a_bounded_ring_with_ttl() {
+        let mut s = UserStore::default();
+        for i in 0..3 {
+            assert!(s.enqueue(0, 5, msg(100 + i, &i.to_string()), 3, 300, 100 + i));
+        }
+        assert!(!s.enqueue(0, 5, msg(103, "3"), 3, 300, 103), "full: oldest dropped");
+        assert_eq!(s.dropped, 1);
+        let got: Vec<String> = s.queued(0, 5, 300, 104).into_iter().map(|q| q.message.into()).collect();
+        assert_eq!(got, ["1", "2", "3"]);
+        // At 401 the first two (queued at 101 and 102) have expired.
+        let got: Vec<String> = s.take_queue(0, 5, 300, 402).into_iter().map(|q| q.message.into()).collect();
+        assert_eq!(got, ["3"]);
+        assert!(s.take_queue(0, 5, 300, 402).is_empty(), "taking empties the queue");
+    }
+
+    #[test]
+    fn keys_and_jwts_authorize() {
+        let mut s = UserStore::default();
+        s.set_key(0, 9, "h4sh");
+        assert!(s.authorize(0, 9, "h4sh", b"x", 0));
+        assert!(!s.authorize(0, 9, "h4sH", b"x", 0));
+        assert!(!s.authorize(1, 9, "h4sh", b"x", 0), "dev_ids are separate");
+        assert!(!s.authorize(0, 0, "h4sh", b"x", 0));
+        let t = jwt::sign(&serde_json::json!({"user_id": 9, "exp": 2_000_000_000}), b"comet0");
+        assert!(s.authorize(0, 9, &t, b"comet0", 1_700_000_000));
+        s.revoke(0, &t);
+        assert!(!s.authorize(0, 9, &t, b"comet0", 1_700_000_000));
+        let (had, _) = s.remove_key(0, 9);
+        assert!(had);
+        assert!(!s.authorize(0, 9, "h4sh", b"x", 0));
+    }
+}
+
+/// A CometQL operation on user tables, carried to the users' home shards.
+/// Each shard acts only on the ids (or tokens) whose home it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserQuery {
+    /// `users_auth` INSERT: (id, hash).
+    AuthSet(Vec<(u64, String)>),
+    AuthSelect(Vec<u64>),
+    /// Remove keys and close every device of those users.
+    AuthDelete(Vec<u64>),
+    /// `users_messages` INSERT: (id, event, message).
+    Send(Vec<(u64, String, String)>),
+    QueueSelect(Vec<u64>),
+    QueueDelete(Vec<u64>),
+    /// `users_time` SELECT.
+    Time(Vec<u64>),
+    DataSet(Vec<(u64, String)>),
+    DataSelect(Vec<u64>),
+    DataDelete(Vec<u64>),
+    /// `revoked_tokens` INSERT.
+    Revoke(Vec<String>),
+    /// `revoked_tokens` SELECT, all or these tokens.
+    RevokedSelect(Option<Vec<String>>),
+    Unrevoke(Vec<String>),
+    /// The frontend's `user_status` command.
+    Status(u64),
+    /// The frontend's `user_data` command.
+    Data(u64),
+}
+
+impl UserQuery {
+    /// The user ids this operation touches (to route it to home shards);
+    /// `None` means every shard.
+    pub fn user_ids(&self) -> Option<Vec<u64>> {
+        match self {
+            UserQuery::AuthSet(v) | UserQuery::DataSet(v) => Some(v.iter().map(|x| x.0).collect()),
+            UserQuery::Send(v) => Some(v.iter().map(|x| x.0).collect()),
+            UserQuery::AuthSelect(v)
+            | UserQuery::AuthDelete(v)
+            | UserQuery::QueueSelect(v)
+            | UserQuery::QueueDelete(v)
+            | UserQuery::Time(v)
+            | UserQuery::DataSelect(v)
+            | UserQuery::DataDelete(v) => Some(v.clone()),
+            UserQuery::Revoke(tokens) | UserQuery::Unrevoke(tokens) => {
+                Some(tokens.iter().map(|t| jwt::claimed_user(t).unwrap_or(0)).collect())
+            }
+            UserQuery::RevokedSelect(_) => None,
+            UserQuery::Status(u) | UserQuery::Data(u) => Some(vec![*u]),
+        }
+    }
+}
