@@ -283,7 +283,7 @@ fn jwt_keys_valid_expired_forged_and_revoked() {
     let (_, info) = user(&s, 0, 31, &valid);
     assert_eq!(info["authorized"], false, "revoked");
     let listed: Vec<String> = d.query("SELECT token FROM revoked_tokens").unwrap();
-    assert_eq!(listed, [valid.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&valid));
     d.query_drop(format!("DELETE FROM revoked_tokens WHERE token = '{valid}'")).unwrap();
     assert_eq!(d.affected_rows(), 1);
     let (_, info) = user(&s, 0, 31, &valid);
