@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "comet-bench", about = "Load generator for comet")]
 struct Cli {
@@ -65,6 +68,33 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         window: usize,
     },
+    /// Private messages: U users x D devices authorized with keys set
+    /// through CometQL, `users_messages` INSERTs round-robin over users.
+    Private {
+        #[arg(long, default_value = "127.0.0.1:3300")]
+        backend: SocketAddr,
+        #[arg(long, default_value = "comet")]
+        password: String,
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        #[arg(long, default_value_t = 1)]
+        devices: usize,
+        #[arg(long, default_value_t = 4)]
+        conns: usize,
+        /// INSERTs per backend connection.
+        #[arg(long, default_value_t = 25_000)]
+        inserts: usize,
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+    },
+    /// Memory of offline users with queued messages, in-process (no sockets).
+    UsersMem {
+        #[arg(long, default_value_t = 1_000_000)]
+        users: u64,
+        /// Queued messages per user.
+        #[arg(long, default_value_t = 1)]
+        queued: usize,
+    },
     /// Time the CometQL parser and planner in-process (no sockets).
     Parse {
         #[arg(long, default_value_t = 200_000)]
@@ -93,6 +123,10 @@ fn main() {
             publish(&cli.server, &backend, password, cli.pid, cli.sources, subs, conns, inserts, window)
         }
         Cmd::Parse { iterations } => parse_bench(iterations),
+        Cmd::Private { backend, ref password, users, devices, conns, inserts, window } => {
+            private(&cli.server, &backend, password, cli.pid, cli.sources, users, devices, conns, inserts, window)
+        }
+        Cmd::UsersMem { users, queued } => users_mem(users, queued),
         Cmd::Fanout { subs, messages, window, threads } => {
             fanout(&cli.server, cli.pid, cli.sources, subs, messages, window, threads)
         }
@@ -623,4 +657,204 @@ fn parse_bench(iterations: usize) {
     }
     let per = t.elapsed().as_nanos() as f64 / iterations as f64;
     println!("parse: {iterations} INSERTs lexed, parsed and planned ({n} publishes): {per:.0} ns each");
+}
+
+/// Sends pipelined COM_QUERYs on `s`, at most `window` unanswered; returns
+/// the summed affected rows. `query(i)` makes the i-th statement.
+fn pipelined(s: &mut TcpStream, count: usize, window: usize, query: impl Fn(usize) -> String) -> u64 {
+    let mut reader = s.try_clone().expect("clone");
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(window);
+    let collector = std::thread::spawn(move || {
+        let mut sum = 0u64;
+        for _ in 0..count {
+            let p = mysql_read(&mut reader).expect("answer");
+            assert_eq!(p[0], 0, "query failed: {}", String::from_utf8_lossy(&p));
+            let mut rest = &p[1..];
+            sum += lenenc(&mut rest);
+            let _ = rx.recv();
+        }
+        sum
+    });
+    let mut buf = Vec::with_capacity(256);
+    for i in 0..count {
+        let mut q = vec![0x03];
+        q.extend_from_slice(query(i).as_bytes());
+        buf.clear();
+        mysql_packet(&mut buf, 0, &q);
+        tx.send(()).expect("window");
+        s.write_all(&buf).expect("write");
+    }
+    drop(tx);
+    collector.join().expect("collector")
+}
+
+fn lenenc(p: &mut &[u8]) -> u64 {
+    let (v, used) = match p.first() {
+        Some(&b) if b < 251 => (b as u64, 1),
+        Some(0xFC) => (u16::from_le_bytes([p[1], p[2]]) as u64, 3),
+        Some(0xFD) => (u32::from_le_bytes([p[1], p[2], p[3], 0]) as u64, 4),
+        _ => (u64::from_le_bytes(p[1..9].try_into().unwrap_or_default()), 9),
+    };
+    *p = &p[used..];
+    v
+}
+
+/// Opens a WebSocket as user `uid` with `key`; checks it was authorized.
+fn open_user(server: &SocketAddr, source: u8, uid: usize, key: &str) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let local: SocketAddr = format!("127.0.0.{source}:0").parse().expect("address");
+    sock.bind(&local.into())?;
+    sock.connect(&(*server).into())?;
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /ws/sesion={key}&myid={uid}&devid=0&v=4.08&uuid=b{uid}&api=js HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b)?;
+        head.push(b[0]);
+    }
+    let info = read_frame(&mut s)?;
+    if !info.starts_with(b"{\"authorized\":true") {
+        return Err(std::io::Error::other(format!("not authorized: {}", String::from_utf8_lossy(&info))));
+    }
+    Ok(s)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn private(
+    server: &SocketAddr,
+    backend: &SocketAddr,
+    password: &str,
+    pid: Option<u32>,
+    sources: u8,
+    users: usize,
+    devices: usize,
+    conns: usize,
+    inserts: usize,
+    window: usize,
+) {
+    let mut admin = mysql_login(backend, password).expect("CometQL login");
+    let batches = users.div_ceil(1000);
+    pipelined(&mut admin, batches, 8, |b| {
+        let rows: Vec<String> =
+            (b * 1000 + 1..=((b + 1) * 1000).min(users)).map(|u| format!("({u}, 'k{u}')")).collect();
+        format!("INSERT INTO users_auth (id, hash) VALUES {}", rows.join(","))
+    });
+    let mut socks = Vec::with_capacity(users * devices);
+    let mut failed = 0;
+    for i in 0..users * devices {
+        let uid = i % users + 1;
+        let source = 1 + (i % sources.max(1) as usize) as u8;
+        match open_user(server, source, uid, &format!("k{uid}")) {
+            Ok(s) => socks.push(s),
+            Err(_) => failed += 1,
+        }
+        if i % 1000 == 999 {
+            eprint!("\rprivate: {} devices open, {failed} failed", socks.len());
+        }
+    }
+    eprintln!();
+    let expected = (conns * inserts * devices) as u64;
+    let start = Instant::now();
+    let per = socks.len().div_ceil(2);
+    let mut chunks = Vec::new();
+    while !socks.is_empty() {
+        let rest = socks.split_off(socks.len().min(per));
+        chunks.push(std::mem::replace(&mut socks, rest));
+    }
+    let total_socks: usize = chunks.iter().map(|c| c.len()).sum();
+    let readers: Vec<_> = chunks
+        .into_iter()
+        .map(|c| {
+            let want = (c.len() as u64 * expected).div_ceil(total_socks.max(1) as u64);
+            std::thread::spawn(move || read_all(c, want, start))
+        })
+        .collect();
+    let cpu0 = pid.and_then(cpu_secs);
+    let t0 = Instant::now();
+    let writers: Vec<_> = (0..conns)
+        .map(|w| {
+            let backend = *backend;
+            let password = password.to_string();
+            std::thread::spawn(move || {
+                let mut s = mysql_login(&backend, &password).expect("CometQL login");
+                pipelined(&mut s, inserts, window, |i| {
+                    let uid = (w * inserts + i) % users + 1;
+                    let ts = start.elapsed().as_micros();
+                    format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'bench', '{ts}')")
+                })
+            })
+        })
+        .collect();
+    let affected: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+    let insert_secs = t0.elapsed().as_secs_f64();
+    let mut received = 0;
+    let mut lat = Vec::new();
+    for r in readers {
+        let (n, mut l) = r.join().expect("reader");
+        received += n;
+        lat.append(&mut l);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = match (cpu0, pid.and_then(cpu_secs)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    lat.sort_unstable();
+    let pct =
+        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let total = conns * inserts;
+    println!(
+        "private: {users} users x {devices} devices ({failed} failed to open), {total} users_messages INSERTs over {conns} connections (window {window})"
+    );
+    println!(
+        "  {:.0} INSERTs/s (answered in {insert_secs:.2}s), affected rows summed {affected}",
+        total as f64 / insert_secs
+    );
+    println!(
+        "  delivered {received} of {expected} (loss {}) in {secs:.2}s: {:.0} deliveries/s",
+        expected.saturating_sub(received),
+        received as f64 / secs
+    );
+    if let Some(c) = cpu {
+        println!("  server CPU {c:.2}s: {:.1} µs per private message", c * 1e6 / total as f64);
+    }
+    println!(
+        "  latency INSERT->receipt: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
+        pct(0.5) as f64 / 1000.0,
+        pct(0.99) as f64 / 1000.0,
+        pct(0.999) as f64 / 1000.0,
+        lat.last().copied().unwrap_or(0) as f64 / 1000.0
+    );
+}
+
+/// Resident memory of this process in KiB.
+fn self_rss_kib() -> u64 {
+    rss_kib(std::process::id()).unwrap_or(0)
+}
+
+fn users_mem(users: u64, queued: usize) {
+    use comet::users::{Queued, UserStore};
+    let before = self_rss_kib();
+    let mut store = UserStore::default();
+    for u in 1..=users {
+        for i in 0..queued {
+            let q = Queued {
+                time: 1_700_000_000 + i as i64,
+                event: "message".into(),
+                message: format!("{{\"n\":{u}}}").into(),
+            };
+            store.enqueue(0, u, q, 64, 300, 1_700_000_000);
+        }
+    }
+    let after = self_rss_kib();
+    println!(
+        "users-mem: {} offline users with {queued} queued message(s) each: RSS {before} -> {after} KiB, {:.0} bytes per user",
+        store.len(),
+        (after - before) as f64 * 1024.0 / users as f64
+    );
 }
