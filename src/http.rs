@@ -58,6 +58,9 @@ pub fn route(req: &Request, registry: &Registry, config: &Config) -> Vec<u8> {
             crate::frontend::message::Obj::new(&mut body).str("node", &config.node_name).str("status", "ok").end();
             response("200 OK", "application/json", "Cache-Control: no-store\r\n", &body)
         }
+        "/comet.js" | "/comet-server/comet.js" => asset(req, "application/javascript; charset=utf-8", COMET_JS.as_bytes()),
+        "/comet.d.ts" => asset(req, "application/typescript; charset=utf-8", COMET_DTS.as_bytes()),
+        "/" | "/index.html" => asset(req, "text/html; charset=utf-8", demo_page(config).as_bytes()),
         "/metrics" => response(
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
@@ -77,6 +80,44 @@ pub fn route(req: &Request, registry: &Registry, config: &Config) -> Vec<u8> {
         r.truncate(end + 4);
     }
     r
+}
+
+/// The JavaScript client, embedded in the binary.
+pub const COMET_JS: &str = include_str!("../static/comet.js");
+/// Its TypeScript definitions.
+pub const COMET_DTS: &str = include_str!("../static/comet.d.ts");
+/// The demo page; `{{...}}` placeholders are filled from the configuration.
+pub const DEMO_HTML: &str = include_str!("../static/index.html");
+
+/// The demo page with this server's backend address in its `mysql` lines.
+fn demo_page(config: &Config) -> String {
+    let host = if config.backend.ip().is_unspecified() { "127.0.0.1".to_string() } else { config.backend.ip().to_string() };
+    // Only the well-known default password is shown; a real one never is.
+    let pw = if config.password == crate::config::DEFAULT_PASSWORD { config.password.as_str() } else { "YOUR_PASSWORD" };
+    DEMO_HTML
+        .replace("{{BACKEND_HOST}}", &host)
+        .replace("{{BACKEND_PORT}}", &config.backend.port().to_string())
+        .replace("{{PASSWORD_HINT}}", pw)
+}
+
+/// A strong ETag: FNV-1a of the bytes.
+fn etag(body: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in body {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("\"{h:016x}\"")
+}
+
+/// A static asset with its ETag; `304 Not Modified` when the client has it.
+fn asset(req: &Request, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let tag = etag(body);
+    let headers = format!("ETag: {tag}\r\nCache-Control: public, max-age=300\r\n");
+    if req.if_none_match.as_deref().is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*")) {
+        return format!("HTTP/1.1 304 Not Modified\r\n{headers}Connection: close\r\n\r\n").into_bytes();
+    }
+    response("200 OK", content_type, &headers, body)
 }
 
 fn clip(s: &str) -> &str {
