@@ -1,0 +1,213 @@
+// comet.js and the demo page in a real browser (headless Debian Chromium via
+// playwright-core), against the real server binary and the real `mysql` client.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import net from 'node:net';
+import { chromium } from 'playwright-core';
+
+const BIN = process.env.COMET_BIN || new URL('../../target/debug/comet', import.meta.url).pathname;
+const PASSWORD = 'browserpw';
+let browser;
+
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--disable-quic', '--no-first-run'],
+  });
+});
+after(async () => { await browser?.close(); });
+
+async function freePort() {
+  const s = net.createServer();
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+/** Starts comet on the given (or free) ports; resolves once it listens. */
+async function startServer(ports) {
+  const front = ports?.front ?? (await freePort());
+  const back = ports?.back ?? (await freePort());
+  const child = spawn(BIN, ['--frontend', `127.0.0.1:${front}`, '--backend', `127.0.0.1:${back}`,
+    '--shards', '2', '--password', PASSWORD, '--node-name', 'browser-test'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let log = '';
+  await new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`comet did not start:\n${log}`)), 15000);
+    child.stderr.on('data', (d) => {
+      log += d;
+      if (log.includes('frontend listening on')) { clearTimeout(t); resolve(); }
+    });
+    child.on('exit', (code) => { clearTimeout(t); reject(new Error(`comet exited ${code}:\n${log}`)); });
+  });
+  child.removeAllListeners('exit');
+  return { child, front, back, base: `http://127.0.0.1:${front}`, stop: () => new Promise((r) => { child.once('exit', r); child.kill('SIGKILL'); }) };
+}
+
+function mysql(srv, sql) {
+  return execFileSync('mysql', ['-h', '127.0.0.1', '-P', String(srv.back), '-u', 'root', `-p${PASSWORD}`, '--batch', '--skip-column-names', '-e', sql]).toString();
+}
+
+async function metric(srv, line) {
+  const body = await (await fetch(`${srv.base}/metrics`)).text();
+  const l = body.split('\n').find((x) => x.startsWith(line));
+  assert.ok(l, `no metric ${line}`);
+  return Number(l.slice(line.length).trim());
+}
+
+async function until(what, fn, ms = 10000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** A page on the server's origin with comet.js loaded but not started.
+ * The document must come from the server itself (here `/info`): Chromium's
+ * local-network-access checks refuse a WebSocket to 127.0.0.1 from a page
+ * whose address space it cannot tell. */
+async function page(srv, context) {
+  const ctx = context ?? (await browser.newContext());
+  const p = await ctx.newPage();
+  p.on('pageerror', (e) => console.error('page error:', e));
+  await p.goto(`${srv.base}/info`);
+  await p.addScriptTag({ url: `${srv.base}/comet.js` });
+  await p.evaluate(() => {
+    window.got = [];
+    window.record = (name) => CometServer().subscription(name, (e) => window.got.push({ name, data: e.data, info: e.server_info }));
+  });
+  return p;
+}
+
+const received = (p, name) => p.evaluate((n) => window.got.filter((g) => g.name === n), name);
+
+async function subscribers(p, pipe) {
+  return p.evaluate((pipe) => new Promise((r) => CometServer().count_users_in_pipe(pipe, (e) => r(e.data.user_in_pipe))), pipe);
+}
+
+test('two browsers chat over a web_ channel and the sender gets its delivery report', async () => {
+  const srv = await startServer();
+  try {
+    const a = await page(srv);
+    const b = await page(srv);
+    for (const p of [a, b]) {
+      await p.evaluate(() => { record('web_chat.message'); record('#web_chat'); CometServer().start({}); });
+    }
+    await until('both subscribed', async () => (await subscribers(a, 'web_chat')) === 2);
+    await a.evaluate(() => CometServer().web_pipe_send('web_chat', 'message', { text: 'hi from a' }));
+    const got = await until('b receives', async () => (await received(b, 'web_chat.message'))[0]);
+    assert.deepEqual(got.data, { text: 'hi from a' });
+    assert.equal(got.info.user_id, 0);
+    const report = await until('a gets its report', async () => (await received(a, '#web_chat'))[0]);
+    assert.equal(report.data.number_messages, 1);
+    assert.equal((await received(a, 'web_chat.message')).length, 0, 'no echo to the sender');
+  } finally { await srv.stop(); }
+});
+
+test('presence: a second browser joining and leaving shows up in the first', async () => {
+  const srv = await startServer();
+  try {
+    const a = await page(srv);
+    await a.evaluate(() => { record('track_room'); CometServer().start({ uuid: 'watcher' }); });
+    await until('a subscribed', async () => (await subscribers(a, 'track_room')) === 1);
+    const ctxB = await browser.newContext();
+    const b = await page(srv, ctxB);
+    await b.evaluate(() => { record('track_room'); CometServer().start({ uuid: 'visitor42' }); });
+    const join = await until('join event', async () => (await received(a, 'track_room')).find((g) => g.info.event === 'subscription'));
+    assert.deepEqual(join.data, { user_id: 0, uuid: 'visitor42' });
+    const list = await a.evaluate(() => new Promise((r) => CometServer().getTrackPipeUsers('track_room', (e) => r(e.data))));
+    assert.deepEqual(list.map((m) => m.uuid).sort(), ['visitor42', 'watcher']);
+    await ctxB.close();
+    const leave = await until('leave event', async () => (await received(a, 'track_room')).find((g) => g.info.event === 'unsubscription'));
+    assert.equal(leave.data.uuid, 'visitor42');
+  } finally { await srv.stop(); }
+});
+
+test('a user authorized through CometQL: isAuthorized goes undefined -> true, and two tabs share one socket for private messages', async () => {
+  const srv = await startServer();
+  try {
+    mysql(srv, "INSERT INTO users_auth (id, hash) VALUES (7, 'tab-key-7')");
+    const ctx = await browser.newContext();
+    const tab1 = await page(srv, ctx);
+    const before = await tab1.evaluate(() => { record('msg'); CometServer().start({ user_id: 7, user_key: 'tab-key-7' }); return CometServer().isAuthorized(); });
+    assert.equal(before, undefined);
+    await until('tab 1 authorized', () => tab1.evaluate(() => CometServer().isAuthorized() === true));
+    const tab2 = await page(srv, ctx);
+    await tab2.evaluate(() => { record('msg'); CometServer().start({ user_id: 7, user_key: 'tab-key-7' }); });
+    await until('tab 2 authorized', () => tab2.evaluate(() => CometServer().isAuthorized() === true));
+    await until('tab 2 joined the group', () => tab2.evaluate(() => CometServer().isConnected()));
+    assert.equal(await metric(srv, 'comet_websockets{shard="all"}'), 1, 'one WebSocket for both tabs');
+    mysql(srv, "INSERT INTO users_messages (id, event, message) VALUES (7, 'note', '{\\\"n\\\":1}')");
+    for (const t of [tab1, tab2]) {
+      const m = await until('private message', async () => (await received(t, 'msg'))[0]);
+      assert.deepEqual(m.data, { n: 1 });
+      assert.equal(m.info.event, 'note');
+    }
+    // Closing the leader tab hands the socket to the other within a second.
+    const leaderFirst = await tab1.evaluate(() => CometServer().role);
+    const [leader, other] = leaderFirst === 'leader' ? [tab1, tab2] : [tab2, tab1];
+    await leader.close();
+    await until('takeover', () => other.evaluate(() => CometServer().role === 'leader' && CometServer().isConnected()), 3000);
+    mysql(srv, "INSERT INTO users_messages (id, event, message) VALUES (7, 'note', 'after takeover')");
+    await until('message after takeover', async () => (await received(other, 'msg')).some((g) => g.data === 'after takeover'));
+  } finally { await srv.stop(); }
+});
+
+test('a wrong key gives isAuthorized() false and onAuthFalill fires', async () => {
+  const srv = await startServer();
+  try {
+    mysql(srv, "INSERT INTO users_auth (id, hash) VALUES (8, 'right')");
+    const p = await page(srv);
+    await p.evaluate(() => {
+      window.fails = 0; window.successes = 0;
+      CometServer().onAuthFalill(() => { window.fails++; });
+      CometServer().onAuthSuccess(() => { window.successes++; });
+      CometServer().start({ user_id: 8, user_key: 'wrong' });
+    });
+    await until('auth answer', () => p.evaluate(() => CometServer().isAuthorized() !== undefined));
+    assert.equal(await p.evaluate(() => CometServer().isAuthorized()), false);
+    assert.deepEqual(await p.evaluate(() => [window.fails, window.successes]), [1, 0]);
+  } finally { await srv.stop(); }
+});
+
+test('the server restarts under the page: the client reconnects, resubscribes and receives the next message', async () => {
+  let srv = await startServer();
+  const ports = { front: srv.front, back: srv.back };
+  try {
+    const p = await page(srv);
+    await p.evaluate(() => { record('news_live'); CometServer().start({}); });
+    await until('subscribed', async () => mysql(srv, "SELECT users FROM pipes WHERE name = 'news_live'").trim() === '1');
+    await srv.stop();
+    await until('page sees the disconnect', () => p.evaluate(() => !CometServer().isConnected()));
+    srv = await startServer(ports);
+    await until('reconnected and resubscribed', async () => mysql(srv, "SELECT users FROM pipes WHERE name = 'news_live'").trim() === '1', 20000);
+    mysql(srv, "INSERT INTO pipes_messages (name, event, message) VALUES ('news_live', 'flash', 'back online')");
+    const m = await until('message after restart', async () => (await received(p, 'news_live'))[0]);
+    assert.equal(m.data, 'back online');
+  } finally { await srv.stop(); }
+});
+
+test('the demo page renders, connects and shows the mysql commands', async () => {
+  const srv = await startServer();
+  try {
+    const ctx = await browser.newContext({ viewport: { width: 1100, height: 800 } });
+    const p = await ctx.newPage();
+    await p.goto(`${srv.base}/`);
+    await until('connected', async () => (await p.textContent('#conn-state')) === 'connected');
+    await until('in the presence list', async () => Number(await p.textContent('#presence-count')) >= 1);
+    const box = await p.textContent('#mysql-box');
+    assert.match(box, new RegExp(`-P ${srv.back} `));
+    assert.match(box, /INSERT INTO users_messages/);
+    const shot = await p.screenshot({ type: 'jpeg', quality: 80, path: process.env.SCREENSHOT || undefined });
+    // A blank page compresses to a few KB; the demo is far richer.
+    assert.ok(shot.length > 20000, `screenshot is only ${shot.length} bytes`);
+    await p.setViewportSize({ width: 390, height: 800 });
+    const overflow = await p.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
+    assert.equal(overflow, false, 'no horizontal scrolling in a phone-sized window');
+  } finally { await srv.stop(); }
+});
