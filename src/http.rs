@@ -58,7 +58,9 @@ pub fn route(req: &Request, registry: &Registry, config: &Config) -> Vec<u8> {
             crate::frontend::message::Obj::new(&mut body).str("node", &config.node_name).str("status", "ok").end();
             response("200 OK", "application/json", "Cache-Control: no-store\r\n", &body)
         }
-        "/comet.js" | "/comet-server/comet.js" => asset(req, "application/javascript; charset=utf-8", COMET_JS.as_bytes()),
+        "/comet.js" | "/comet-server/comet.js" => {
+            asset(req, "application/javascript; charset=utf-8", COMET_JS.as_bytes())
+        }
         "/comet.d.ts" => asset(req, "application/typescript; charset=utf-8", COMET_DTS.as_bytes()),
         "/" | "/index.html" => asset(req, "text/html; charset=utf-8", demo_page(config).as_bytes()),
         "/metrics" => response(
@@ -91,9 +93,11 @@ pub const DEMO_HTML: &str = include_str!("../static/index.html");
 
 /// The demo page with this server's backend address in its `mysql` lines.
 fn demo_page(config: &Config) -> String {
-    let host = if config.backend.ip().is_unspecified() { "127.0.0.1".to_string() } else { config.backend.ip().to_string() };
+    let host =
+        if config.backend.ip().is_unspecified() { "127.0.0.1".to_string() } else { config.backend.ip().to_string() };
     // Only the well-known default password is shown; a real one never is.
-    let pw = if config.password == crate::config::DEFAULT_PASSWORD { config.password.as_str() } else { "YOUR_PASSWORD" };
+    let pw =
+        if config.password == crate::config::DEFAULT_PASSWORD { config.password.as_str() } else { "YOUR_PASSWORD" };
     DEMO_HTML
         .replace("{{BACKEND_HOST}}", &host)
         .replace("{{BACKEND_PORT}}", &config.backend.port().to_string())
