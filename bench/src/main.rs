@@ -1,788 +1,612 @@
-//! comet-bench: load generator for comet's WebSocket frontend.
+//! comet-bench: the load generator for comet and its peers.
 //!
-//! `idle` holds N connections subscribed to K channels and reports the
-//! server's user-space RSS and the kernel's socket memory per connection,
-//! separately. `fanout` holds N subscribers on one channel, publishes from a
-//! browser connection (`web_pipe2`) and reports deliveries per second, server
-//! CPU seconds per million deliveries (from /proc/PID/stat), latency
-//! percentiles and loss. Connections are spread over source addresses
-//! 127.0.0.1..=127.0.0.K so that one run is not capped by one address's
-//! ephemeral ports; connections that fail to open are counted and reported.
+//! Scenarios (subcommands) run against one target, or, with `compare`,
+//! against comet, nginx+nchan and a Node.js `ws` server one after another
+//! with identical parameters. Client connections are spread over source
+//! addresses 127.0.0.1..=127.0.0.N (`--sources`) and, for `idle`, over
+//! several processes (`--procs`), since one process may hold at most 20,000
+//! descriptors here. Connections that fail to open are counted and reported.
 //!
-//! The full suite (CometQL publishers, users, churn, slow clients, peers side
-//! by side) is issue #6; this is the part the foundation's numbers need.
+//! Output: a table on stdout, `--json FILE` with every figure, `--svg FILE`
+//! with the latency distribution, and a progress line on stderr.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
+mod proc;
+mod report;
+mod target;
+mod wire;
+
+use std::io::{BufRead, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use hdrhistogram::Histogram;
+
+use report::Figures;
+use target::{Kind, Spawn, Target};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "comet-bench", about = "Load generator for comet")]
+#[command(name = "comet-bench", about = "Load generator for comet and its peers (nchan, Node.js ws)")]
 struct Cli {
-    /// comet's frontend address.
-    #[arg(long, default_value = "127.0.0.1:8087", global = true)]
-    server: SocketAddr,
-    /// The server's pid, for RSS and CPU readings from /proc.
-    #[arg(long, global = true)]
-    pid: Option<u32>,
-    /// Spread client sockets over this many source addresses 127.0.0.x.
-    #[arg(long, default_value_t = 4, global = true)]
-    sources: u8,
+    #[command(flatten)]
+    g: Global,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
-#[derive(Subcommand)]
+#[derive(Args, Clone)]
+struct Global {
+    /// Which server to load.
+    #[arg(long, value_enum, default_value = "comet", global = true)]
+    target: Kind,
+    /// Start the target on free loopback ports (else use --server/--backend/--pid).
+    #[arg(long, global = true)]
+    spawn: bool,
+    /// The target's WebSocket address (comet's frontend).
+    #[arg(long, default_value = "127.0.0.1:8087", global = true)]
+    server: SocketAddr,
+    /// comet's CometQL address.
+    #[arg(long, default_value = "127.0.0.1:3300", global = true)]
+    backend: SocketAddr,
+    /// The target's pid, for CPU and memory readings (its children count too).
+    #[arg(long, global = true)]
+    pid: Option<u32>,
+    /// comet's backend password.
+    #[arg(long, default_value = "comet", global = true)]
+    password: String,
+    /// The comet binary for --spawn and compare.
+    #[arg(long, default_value = "target/release/comet", global = true)]
+    comet_bin: PathBuf,
+    /// comet shards and nginx workers when spawned.
+    #[arg(long, default_value_t = 2, global = true)]
+    workers: usize,
+    /// comet's --io when spawned.
+    #[arg(long, default_value = "auto", global = true)]
+    io: String,
+    /// Spread client sockets over this many source addresses 127.0.0.x.
+    #[arg(long, default_value_t = 4, global = true)]
+    sources: u8,
+    /// Write every figure as JSON here.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// Write the latency distribution as an SVG chart here.
+    #[arg(long, global = true)]
+    svg: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Clone)]
 enum Cmd {
-    /// Hold idle connections and report memory per connection.
-    Idle {
-        #[arg(long, default_value_t = 10_000)]
-        conns: usize,
-        /// Channels each connection subscribes to.
-        #[arg(long, default_value_t = 2)]
-        channels: usize,
+    /// Hold N idle connections subscribed to K channels; memory per connection.
+    Idle(IdleArgs),
+    /// Handshakes per second (comet: optionally authorized users).
+    Connect(ConnectArgs),
+    /// S subscribers over C channels, R publishes per second.
+    Fanout(FanoutArgs),
+    /// comet: U users x D devices, users_messages at R per second.
+    Private(PrivateArgs),
+    /// comet: pipelined CometQL INSERTs to subscribers of one channel.
+    Publish(PublishArgs),
+    /// comet: users connecting, authorizing and leaving while private messages flow.
+    Churn(ChurnArgs),
+    /// comet: clients that stop reading; bounded server memory, 4008 closes.
+    Slow(SlowArgs),
+    /// Run a scenario against comet, nchan and node-ws; print comet/peer ratios.
+    Compare {
+        #[command(subcommand)]
+        scenario: CompareScenario,
     },
-    /// Publish through CometQL (pipelined INSERTs over several backend
-    /// connections) to subscribers of one channel.
-    Publish {
-        /// The server's CometQL address.
-        #[arg(long, default_value = "127.0.0.1:3300")]
-        backend: SocketAddr,
-        #[arg(long, default_value = "comet")]
-        password: String,
-        #[arg(long, default_value_t = 1000)]
-        subs: usize,
-        /// Backend connections.
-        #[arg(long, default_value_t = 4)]
-        conns: usize,
-        /// INSERTs per backend connection.
-        #[arg(long, default_value_t = 5000)]
-        inserts: usize,
-        /// INSERTs in flight per connection.
-        #[arg(long, default_value_t = 32)]
-        window: usize,
-    },
-    /// Private messages: U users x D devices authorized with keys set
-    /// through CometQL, `users_messages` INSERTs round-robin over users.
-    Private {
-        #[arg(long, default_value = "127.0.0.1:3300")]
-        backend: SocketAddr,
-        #[arg(long, default_value = "comet")]
-        password: String,
-        #[arg(long, default_value_t = 10_000)]
-        users: usize,
-        #[arg(long, default_value_t = 1)]
-        devices: usize,
-        #[arg(long, default_value_t = 4)]
-        conns: usize,
-        /// INSERTs per backend connection.
-        #[arg(long, default_value_t = 25_000)]
-        inserts: usize,
-        #[arg(long, default_value_t = 64)]
-        window: usize,
-    },
-    /// Memory of offline users with queued messages, in-process (no sockets).
+    /// In-process: memory of offline users with queued messages.
     UsersMem {
         #[arg(long, default_value_t = 1_000_000)]
         users: u64,
-        /// Queued messages per user.
         #[arg(long, default_value_t = 1)]
         queued: usize,
     },
-    /// Time the CometQL parser and planner in-process (no sockets).
+    /// In-process: time the CometQL lexer, parser and planner.
     Parse {
         #[arg(long, default_value_t = 200_000)]
         iterations: usize,
     },
-    /// Publish to many subscribers of one channel and report throughput.
-    Fanout {
-        #[arg(long, default_value_t = 10_000)]
-        subs: usize,
-        #[arg(long, default_value_t = 200)]
-        messages: usize,
-        /// Publishes in flight (awaiting their delivery report).
-        #[arg(long, default_value_t = 4)]
-        window: usize,
-        /// Reader threads.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
+    /// (internal) hold connections for `idle --procs`.
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        channels: usize,
+        #[arg(long)]
+        offset: usize,
     },
+}
+
+#[derive(Subcommand, Clone)]
+enum CompareScenario {
+    Idle(IdleArgs),
+    Connect(ConnectArgs),
+    Fanout(FanoutArgs),
+}
+
+#[derive(Args, Clone)]
+struct IdleArgs {
+    #[arg(long, default_value_t = 10_000)]
+    conns: usize,
+    /// Channels per connection (peers take one channel per connection).
+    #[arg(long, default_value_t = 2)]
+    channels: usize,
+    /// Client processes to spread the connections over.
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+}
+
+#[derive(Args, Clone)]
+struct ConnectArgs {
+    #[arg(long, default_value_t = 5_000)]
+    conns: usize,
+    /// comet: connect as users with keys set through CometQL.
+    #[arg(long)]
+    auth: bool,
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+}
+
+#[derive(Args, Clone)]
+struct FanoutArgs {
+    #[arg(long, default_value_t = 10_000)]
+    subs: usize,
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Publishes per second (all channels together).
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Reader threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(Args, Clone)]
+struct PrivateArgs {
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
+    #[arg(long, default_value_t = 4)]
+    conns: usize,
+    /// users_messages per second in all (0: as fast as the window allows).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// INSERTs per backend connection.
+    #[arg(long, default_value_t = 25_000)]
+    inserts: usize,
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+}
+
+#[derive(Args, Clone)]
+struct PublishArgs {
+    #[arg(long, default_value_t = 1000)]
+    subs: usize,
+    #[arg(long, default_value_t = 4)]
+    conns: usize,
+    #[arg(long, default_value_t = 5000)]
+    inserts: usize,
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+}
+
+#[derive(Args, Clone)]
+struct ChurnArgs {
+    #[arg(long, default_value_t = 2000)]
+    users: usize,
+    /// Devices connected at any time.
+    #[arg(long, default_value_t = 500)]
+    online: usize,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Private messages per second.
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+}
+
+#[derive(Args, Clone)]
+struct SlowArgs {
+    /// Clients that never read.
+    #[arg(long, default_value_t = 50)]
+    slow: usize,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 16_384)]
+    size: usize,
+    #[arg(long, default_value_t = 2000)]
+    messages: usize,
 }
 
 fn main() {
     let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Idle { conns, channels } => idle(&cli.server, cli.pid, cli.sources, conns, channels),
-        Cmd::Publish { backend, ref password, subs, conns, inserts, window } => {
-            publish(&cli.server, &backend, password, cli.pid, cli.sources, subs, conns, inserts, window)
+    let g = cli.g.clone();
+    let results: Vec<Figures> = match cli.cmd {
+        Cmd::Compare { scenario } => compare(&g, scenario),
+        Cmd::UsersMem { users, queued } => {
+            users_mem(users, queued);
+            return;
         }
-        Cmd::Parse { iterations } => parse_bench(iterations),
-        Cmd::Private { backend, ref password, users, devices, conns, inserts, window } => {
-            private(&cli.server, &backend, password, cli.pid, cli.sources, users, devices, conns, inserts, window)
+        Cmd::Parse { iterations } => {
+            parse_bench(iterations);
+            return;
         }
-        Cmd::UsersMem { users, queued } => users_mem(users, queued),
-        Cmd::Fanout { subs, messages, window, threads } => {
-            fanout(&cli.server, cli.pid, cli.sources, subs, messages, window, threads)
+        Cmd::Hold { conns, channels, offset } => {
+            hold(&g, conns, channels, offset);
+            return;
         }
+        cmd => {
+            let t = target_for(&g, g.target).unwrap_or_else(|e| die(&format!("cannot start {}: {e}", g.target.name())));
+            vec![run(&g, &t, &cmd)]
+        }
+    };
+    report::print_table(&results);
+    report::print_ratios(&results);
+    if let Some(p) = &g.json {
+        let text = serde_json::to_string_pretty(&results).expect("json");
+        std::fs::write(p, text).unwrap_or_else(|e| die(&format!("cannot write {}: {e}", p.display())));
+    }
+    if let Some(p) = &g.svg {
+        std::fs::write(p, report::svg(&results)).unwrap_or_else(|e| die(&format!("cannot write {}: {e}", p.display())));
     }
 }
 
-/// Opens a WebSocket and reads past the 101 head and the serverInfo frame.
-fn open_ws(server: &SocketAddr, source: u8, uuid: &str) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    let local: SocketAddr = format!("127.0.0.{source}:0").parse().expect("address");
-    sock.bind(&local.into())?;
-    sock.connect(&(*server).into())?;
-    let mut s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET /ws/sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )?;
-    let mut buf = Vec::with_capacity(512);
-    let mut b = [0u8; 512];
-    // Head, then one complete frame (serverInfo).
-    loop {
-        let n = s.read(&mut b)?;
-        if n == 0 {
-            return Err(std::io::Error::other("closed during handshake"));
-        }
-        buf.extend_from_slice(&b[..n]);
-        if let Some(h) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = &buf[h + 4..];
-            if let Some((_, used)) = parse_frame(rest)
-                && used == rest.len()
-            {
-                return Ok(s);
-            }
-        }
-    }
+fn die(msg: &str) -> ! {
+    eprintln!("comet-bench: {msg}");
+    std::process::exit(1);
 }
 
-/// Sends a masked text frame.
-fn send_text(s: &mut TcpStream, text: &str) -> std::io::Result<()> {
-    let p = text.as_bytes();
-    let mut v = Vec::with_capacity(p.len() + 14);
-    v.push(0x81);
-    if p.len() < 126 {
-        v.push(0x80 | p.len() as u8);
+fn spawn_opts(g: &Global) -> Spawn {
+    let bench_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Spawn { comet_bin: g.comet_bin.clone(), workers: g.workers, io: g.io.clone(), password: g.password.clone(), bench_dir }
+}
+
+fn target_for(g: &Global, kind: Kind) -> std::io::Result<Target> {
+    if g.spawn {
+        Target::spawn(kind, &spawn_opts(g))
     } else {
-        v.push(0x80 | 126);
-        v.extend_from_slice(&(p.len() as u16).to_be_bytes());
+        Ok(Target::attach(kind, g.server, (kind == Kind::Comet).then_some(g.backend), &g.password, g.pid))
     }
-    let key = [0x11u8, 0x22, 0x33, 0x44];
-    v.extend_from_slice(&key);
-    v.extend(p.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    s.write_all(&v)
 }
 
-/// Parses one unmasked server frame: (payload range start, total length).
-fn parse_frame(b: &[u8]) -> Option<(usize, usize)> {
-    if b.len() < 2 {
-        return None;
+fn run(g: &Global, t: &Target, cmd: &Cmd) -> Figures {
+    match cmd {
+        Cmd::Idle(a) => idle(g, t, a),
+        Cmd::Connect(a) => connect(g, t, a),
+        Cmd::Fanout(a) => fanout(g, t, a),
+        Cmd::Private(a) => comet_only(t, "private", || private(g, t, a)),
+        Cmd::Publish(a) => comet_only(t, "publish", || publish(g, t, a)),
+        Cmd::Churn(a) => comet_only(t, "churn", || churn(g, t, a)),
+        Cmd::Slow(a) => comet_only(t, "slow", || slow(g, t, a)),
+        _ => unreachable!("handled in main"),
     }
-    let (len, start) = match b[1] & 0x7F {
-        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-        127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().ok()?) as usize, 10),
-        126 | 127 => return None,
-        l => (l as usize, 2),
+}
+
+fn comet_only(t: &Target, what: &str, f: impl FnOnce() -> Figures) -> Figures {
+    if t.kind != Kind::Comet {
+        die(&format!("{what} speaks CometQL and comet's user protocol: --target comet only"));
+    }
+    f()
+}
+
+fn compare(g: &Global, scenario: CompareScenario) -> Vec<Figures> {
+    let mut g = g.clone();
+    g.spawn = true;
+    let cmd = match scenario {
+        CompareScenario::Idle(a) => Cmd::Idle(a),
+        CompareScenario::Connect(a) => Cmd::Connect(a),
+        CompareScenario::Fanout(a) => Cmd::Fanout(a),
     };
-    (b.len() >= start + len).then_some((start, start + len))
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-}
-
-/// utime + stime of a process in seconds.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-/// TCP socket memory in KiB (sockstat `mem` is in pages) and SUnreclaim in KiB.
-fn kernel_mem_kib() -> (u64, u64) {
-    let tcp_pages = std::fs::read_to_string("/proc/net/sockstat")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("TCP:")).and_then(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.iter().position(|x| *x == "mem").and_then(|i| f.get(i + 1)?.parse::<u64>().ok())
-            })
-        })
-        .unwrap_or(0);
-    let sunreclaim = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("SUnreclaim:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        })
-        .unwrap_or(0);
-    (tcp_pages * 4, sunreclaim)
-}
-
-fn idle(server: &SocketAddr, pid: Option<u32>, sources: u8, conns: usize, channels: usize) {
-    let pid = pid.expect("idle needs --pid to read the server's RSS");
-    std::thread::sleep(Duration::from_millis(500));
-    let rss0 = rss_kib(pid).unwrap_or(0);
-    let (tcp0, slab0) = kernel_mem_kib();
-    let t = Instant::now();
-    let mut held = Vec::with_capacity(conns);
-    let mut failed = 0usize;
-    for i in 0..conns {
-        let source = 1 + (i % sources.max(1) as usize) as u8;
-        match open_ws(server, source, &format!("i{i}")) {
-            Ok(mut s) => {
-                let names: Vec<String> = (0..channels).map(|k| format!("web_idle_{}", (i + k * 7) % 100)).collect();
-                if send_text(&mut s, &format!("subscription\n{}", names.join("\n"))).is_err() {
-                    failed += 1;
-                    continue;
-                }
-                held.push(s);
-            }
-            Err(_) => failed += 1,
-        }
-        if i % 1000 == 999 {
-            eprint!("\ridle: {} open, {failed} failed", held.len());
-        }
-    }
-    eprintln!();
-    let open_secs = t.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_secs(2));
-    let rss1 = rss_kib(pid).unwrap_or(0);
-    let (tcp1, slab1) = kernel_mem_kib();
-    let n = held.len().max(1) as f64;
-    println!(
-        "idle: {} connections held ({failed} failed to open), {channels} channels each, opened in {open_secs:.1}s",
-        held.len()
-    );
-    println!(
-        "  server RSS: {rss0} KiB -> {rss1} KiB: {:.0} bytes per connection (user space)",
-        (rss1 as f64 - rss0 as f64) * 1024.0 / n
-    );
-    println!(
-        "  kernel TCP socket memory (sockstat mem): {tcp0} -> {tcp1} KiB: {:.0} bytes per connection (both ends)",
-        (tcp1 as f64 - tcp0 as f64) * 1024.0 / n
-    );
-    println!(
-        "  kernel SUnreclaim (socket structs etc.): {slab0} -> {slab1} KiB: {:.0} bytes per connection (both ends)",
-        (slab1 as f64 - slab0 as f64) * 1024.0 / n
-    );
-}
-
-#[allow(clippy::too_many_arguments)]
-fn fanout(
-    server: &SocketAddr,
-    pid: Option<u32>,
-    sources: u8,
-    subs: usize,
-    messages: usize,
-    window: usize,
-    threads: usize,
-) {
-    let channel = "web_fanout";
-    let mut socks = Vec::with_capacity(subs);
-    let mut failed = 0usize;
-    for i in 0..subs {
-        let source = 1 + (i % sources.max(1) as usize) as u8;
-        match open_ws(server, source, &format!("f{i}")).and_then(|mut s| {
-            send_text(&mut s, &format!("subscription\n{channel}"))?;
-            Ok(s)
-        }) {
-            Ok(s) => socks.push(s),
-            Err(_) => failed += 1,
-        }
-    }
-    let mut publisher = open_ws(server, 1, "publisher").expect("publisher");
-    // Wait until the server counts every subscriber.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        send_text(&mut publisher, &format!("pipe_count\n{channel}\nm\n")).expect("send");
-        let f = read_frame(&mut publisher).expect("pipe_count answer");
-        let text = String::from_utf8_lossy(&f);
-        if text.contains(&format!("\"user_in_pipe\":{}}}", socks.len())) || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!("fanout: {} subscribers ({failed} failed to open)", socks.len());
-    let expected = socks.len() as u64 * messages as u64;
-    let per = socks.len().div_ceil(threads.max(1));
-    let start = Instant::now();
-    let mut readers = Vec::new();
-    let mut chunks: Vec<Vec<TcpStream>> = Vec::new();
-    while !socks.is_empty() {
-        let rest = socks.split_off(socks.len().min(per));
-        chunks.push(std::mem::replace(&mut socks, rest));
-    }
-    for chunk in chunks {
-        let want = chunk.len() as u64 * messages as u64;
-        readers.push(std::thread::spawn(move || read_all(chunk, want, start)));
-    }
-    let cpu0 = pid.and_then(cpu_secs);
-    let t0 = Instant::now();
-    let mut in_flight = 0usize;
-    let mut sent = 0usize;
-    let mut reports = 0usize;
-    while reports < messages {
-        while sent < messages && in_flight < window {
-            let ts = start.elapsed().as_micros();
-            send_text(&mut publisher, &format!("web_pipe2\n{channel}\nbench\n*\n{ts}")).expect("publish");
-            sent += 1;
-            in_flight += 1;
-        }
-        let f = read_frame(&mut publisher).expect("delivery report");
-        if String::from_utf8_lossy(&f).contains("_answer_to_") {
-            reports += 1;
-            in_flight -= 1;
-        }
-    }
-    let mut received = 0u64;
-    let mut lat: Vec<u32> = Vec::new();
-    for r in readers {
-        let (n, mut l) = r.join().expect("reader");
-        received += n;
-        lat.append(&mut l);
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = match (cpu0, pid.and_then(cpu_secs)) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    lat.sort_unstable();
-    let pct =
-        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
-    println!("fanout: {messages} messages x {} subscribers, window {window}", expected / messages.max(1) as u64);
-    println!(
-        "  delivered {received} of {expected} (loss {}) in {secs:.2}s: {:.0} deliveries/s",
-        expected - received.min(expected),
-        received as f64 / secs
-    );
-    if let Some(c) = cpu {
-        println!("  server CPU {c:.2}s: {:.2} CPU-seconds per million deliveries", c / (received.max(1) as f64 / 1e6));
-    }
-    println!(
-        "  latency publish->receipt: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
-        pct(0.5) as f64 / 1000.0,
-        pct(0.99) as f64 / 1000.0,
-        pct(0.999) as f64 / 1000.0,
-        lat.last().copied().unwrap_or(0) as f64 / 1000.0
-    );
-}
-
-fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut h = [0u8; 2];
-    s.read_exact(&mut h)?;
-    let len = match h[1] & 0x7F {
-        126 => {
-            let mut b = [0u8; 2];
-            s.read_exact(&mut b)?;
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            s.read_exact(&mut b)?;
-            u64::from_be_bytes(b) as usize
-        }
-        l => l as usize,
-    };
-    let mut p = vec![0u8; len];
-    s.read_exact(&mut p)?;
-    Ok(p)
-}
-
-/// Reads every subscriber until `want` messages arrived or 30 s of silence;
-/// returns the count and latencies in microseconds.
-fn read_all(socks: Vec<TcpStream>, want: u64, start: Instant) -> (u64, Vec<u32>) {
-    let poller = polling::Poller::new().expect("poller");
-    let mut bufs: HashMap<usize, Vec<u8>> = HashMap::new();
-    for (i, s) in socks.iter().enumerate() {
-        s.set_nonblocking(true).expect("nonblocking");
-        // SAFETY: each socket outlives its registration: every source is
-        // deleted from the poller below, before `socks` is dropped.
-        unsafe { poller.add(s, polling::Event::readable(i)) }.expect("register");
-    }
-    let mut got = 0u64;
-    let mut lat = Vec::with_capacity(want as usize / 8 + 1);
-    let mut events = polling::Events::new();
-    let mut scratch = vec![0u8; 64 * 1024];
-    let mut sample = 0u64;
-    let mut last_progress = Instant::now();
-    while got < want && last_progress.elapsed() < Duration::from_secs(30) {
-        events.clear();
-        poller.wait(&mut events, Some(Duration::from_millis(200))).expect("wait");
-        for ev in events.iter() {
-            let i = ev.key;
-            let mut s = &socks[i];
-            loop {
-                match s.read(&mut scratch) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let buf = bufs.entry(i).or_default();
-                        buf.extend_from_slice(&scratch[..n]);
-                        let mut pos = 0;
-                        while let Some((ps, end)) = parse_frame(&buf[pos..]) {
-                            let payload = &buf[pos + ps..pos + end];
-                            got += 1;
-                            sample += 1;
-                            // Latency of every 8th message keeps memory small.
-                            if sample.is_multiple_of(8)
-                                && let Some(ts) = payload_ts(payload)
-                            {
-                                let now = start.elapsed().as_micros() as u64;
-                                lat.push(now.saturating_sub(ts) as u32);
-                            }
-                            pos += end;
-                        }
-                        buf.drain(..pos);
-                        last_progress = Instant::now();
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => break,
-                }
-            }
-            poller.modify(s, polling::Event::readable(i)).expect("rearm");
-        }
-    }
-    for s in &socks {
-        let _ = poller.delete(s);
-    }
-    (got, lat)
-}
-
-/// The publish time (µs since the run started) carried as the message data.
-fn payload_ts(p: &[u8]) -> Option<u64> {
-    let key = b"\"data\":\"";
-    let at = p.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits: Vec<u8> = p[at..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
-}
-
-/// Writes one MySQL packet.
-fn mysql_packet(out: &mut Vec<u8>, seq: u8, payload: &[u8]) {
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes()[..3]);
-    out.push(seq);
-    out.extend_from_slice(payload);
-}
-
-fn mysql_read(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut h = [0u8; 4];
-    s.read_exact(&mut h)?;
-    let mut p = vec![0u8; u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize];
-    s.read_exact(&mut p)?;
-    Ok(p)
-}
-
-/// Logs in to CometQL with mysql_native_password.
-fn mysql_login(addr: &SocketAddr, password: &str) -> std::io::Result<TcpStream> {
-    use sha1::{Digest, Sha1};
-    let mut s = TcpStream::connect(addr)?;
-    s.set_nodelay(true)?;
-    let g = mysql_read(&mut s)?;
-    let vend = g.iter().position(|&b| b == 0).ok_or_else(|| std::io::Error::other("bad greeting"))?;
-    let mut nonce = g[vend + 5..vend + 13].to_vec();
-    nonce.extend_from_slice(&g[vend + 32..vend + 44]);
-    let h1: [u8; 20] = Sha1::digest(password.as_bytes()).into();
-    let h2: [u8; 20] = Sha1::digest(h1).into();
-    let mut h = Sha1::new();
-    h.update(&nonce);
-    h.update(h2);
-    let h3: [u8; 20] = h.finalize().into();
-    let caps: u32 = 0x200 | 0x8000 | 0x80000;
-    let mut p = Vec::new();
-    p.extend_from_slice(&caps.to_le_bytes());
-    p.extend_from_slice(&(1u32 << 24).to_le_bytes());
-    p.push(45);
-    p.extend_from_slice(&[0; 23]);
-    p.extend_from_slice(b"root\0");
-    p.push(20);
-    p.extend(h1.iter().zip(h3).map(|(a, b)| a ^ b));
-    p.extend_from_slice(b"mysql_native_password\0");
     let mut out = Vec::new();
-    mysql_packet(&mut out, 1, &p);
-    s.write_all(&out)?;
-    let ok = mysql_read(&mut s)?;
-    if ok.first() != Some(&0) {
-        return Err(std::io::Error::other(format!("login refused: {}", String::from_utf8_lossy(&ok))));
+    for kind in [Kind::Comet, Kind::Nchan, Kind::Node] {
+        eprintln!("compare: {}", kind.name());
+        match target_for(&g, kind) {
+            Ok(t) => out.push(run(&g, &t, &cmd)),
+            Err(e) => eprintln!("compare: cannot start {}: {e} (skipped)", kind.name()),
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
-    Ok(s)
+    out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn publish(
-    server: &SocketAddr,
-    backend: &SocketAddr,
-    password: &str,
-    pid: Option<u32>,
-    sources: u8,
-    subs: usize,
-    conns: usize,
-    inserts: usize,
-    window: usize,
-) {
-    let channel = "bench_publish";
-    let mut socks = Vec::with_capacity(subs);
+fn source(g: &Global, i: usize) -> u8 {
+    1 + (i % g.sources.max(1) as usize) as u8
+}
+
+fn progress(what: &str, done: usize, total: usize, failed: usize) {
+    if done % 500 == 0 || done == total {
+        eprint!("\r{what}: {done}/{total} ({failed} failed)   ");
+        if done == total {
+            eprintln!();
+        }
+    }
+}
+
+fn idle_channels(t: &Target, i: usize, channels: usize) -> String {
+    let names: Vec<String> = (0..channels.max(1)).map(|k| format!("bench_idle_{}", (i + k * 7) % 100)).collect();
+    match t.kind {
+        Kind::Comet => names.join("\n"),
+        // A peer subscriber names one channel in its URL.
+        Kind::Nchan | Kind::Node => names[0].clone(),
+    }
+}
+
+fn idle(g: &Global, t: &Target, a: &IdleArgs) -> Figures {
+    let mut f = Figures { scenario: "idle".into(), target: t.kind.name().into(), ..Figures::default() };
+    std::thread::sleep(Duration::from_millis(300));
+    f.rss_kib_before = t.rss_kib().unwrap_or(0);
+    let (tcp0, slab0) = proc::kernel_mem_kib();
+    let mut held = Vec::new();
+    let mut children = Vec::new();
+    if a.procs <= 1 {
+        for i in 0..a.conns {
+            match t.subscribe(source(g, i), &idle_channels(t, i, a.channels), &format!("i{i}")) {
+                Ok(s) => held.push(s),
+                Err(_) => f.failed_connections += 1,
+            }
+            progress("idle", i + 1, a.conns, f.failed_connections as usize);
+        }
+    } else {
+        let per = a.conns.div_ceil(a.procs);
+        for p in 0..a.procs {
+            let n = per.min(a.conns.saturating_sub(p * per));
+            let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+                .args(["hold", "--conns", &n.to_string(), "--channels", &a.channels.to_string(), "--offset", &(p * per).to_string()])
+                .args(["--target", t.kind.name_arg(), "--server", &t.front.to_string(), "--sources", &g.sources.to_string()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| die(&format!("cannot start a client process: {e}")));
+            let mut line = String::new();
+            let stdout = child.stdout.take().expect("stdout");
+            std::io::BufReader::new(stdout).read_line(&mut line).ok();
+            let failed: u64 = line.trim().strip_prefix("held ").and_then(|r| r.split(' ').nth(1)).and_then(|x| x.parse().ok()).unwrap_or(n as u64);
+            f.failed_connections += failed;
+            eprintln!("idle: client process {p} holds {} of {n}", n as u64 - failed.min(n as u64));
+            children.push(child);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    f.connections = a.conns as u64 - f.failed_connections;
+    f.rss_kib_after = t.rss_kib().unwrap_or(0);
+    let (tcp1, slab1) = proc::kernel_mem_kib();
+    let n = f.connections.max(1) as f64;
+    f.rss_bytes_per_conn = (f.rss_kib_after as f64 - f.rss_kib_before as f64) * 1024.0 / n;
+    f.kernel_tcp_bytes_per_conn = (tcp1 as f64 - tcp0 as f64) * 1024.0 / n;
+    f.kernel_slab_bytes_per_conn = (slab1 as f64 - slab0 as f64) * 1024.0 / n;
+    f.extra.insert("kernel SUnreclaim bytes/conn (both ends)".into(), f.kernel_slab_bytes_per_conn);
+    f.extra.insert("kernel TCP mem bytes/conn (both ends)".into(), f.kernel_tcp_bytes_per_conn);
+    drop(held);
+    for mut c in children {
+        drop(c.stdin.take());
+        let _ = c.wait();
+    }
+    f
+}
+
+impl Kind {
+    fn name_arg(self) -> &'static str {
+        match self {
+            Kind::Comet => "comet",
+            Kind::Nchan => "nchan",
+            Kind::Node => "node",
+        }
+    }
+}
+
+/// Child process of `idle --procs`: opens connections, reports, then holds
+/// them until its stdin closes.
+fn hold(g: &Global, conns: usize, channels: usize, offset: usize) {
+    let t = Target::attach(g.target, g.server, None, &g.password, None);
+    let mut held = Vec::with_capacity(conns);
     let mut failed = 0;
-    for i in 0..subs {
-        let source = 1 + (i % sources.max(1) as usize) as u8;
-        match open_ws(server, source, &format!("p{i}")).and_then(|mut s| {
-            send_text(&mut s, &format!("subscription\n{channel}"))?;
-            Ok(s)
-        }) {
-            Ok(s) => socks.push(s),
+    for i in offset..offset + conns {
+        match t.subscribe(source(g, i), &idle_channels(&t, i, channels), &format!("i{i}")) {
+            Ok(s) => held.push(s),
             Err(_) => failed += 1,
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let expected = socks.len() as u64 * (conns * inserts) as u64;
-    let start = Instant::now();
-    let reader = {
-        let want = expected;
-        std::thread::spawn(move || read_all(socks, want, start))
-    };
-    let cpu0 = pid.and_then(cpu_secs);
+    println!("held {} {failed}", held.len());
+    let _ = std::io::stdout().flush();
+    let mut sink = String::new();
+    let _ = std::io::stdin().read_line(&mut sink);
+}
+
+fn connect(g: &Global, t: &Target, a: &ConnectArgs) -> Figures {
+    let mut f = Figures { scenario: if a.auth { "connect (authorized)" } else { "connect" }.into(), target: t.kind.name().into(), ..Figures::default() };
+    if a.auth {
+        if t.kind != Kind::Comet {
+            die("connect --auth: authorized users exist only on comet");
+        }
+        set_user_keys(t, a.conns);
+    }
+    let cpu0 = t.cpu();
     let t0 = Instant::now();
-    let writers: Vec<_> = (0..conns)
-        .map(|_| {
-            let backend = *backend;
-            let password = password.to_string();
-            std::thread::spawn(move || -> u64 {
-                let mut s = mysql_login(&backend, &password).expect("CometQL login");
-                let mut reader = s.try_clone().expect("clone");
-                let mut affected = 0u64;
-                let (tx, rx) = std::sync::mpsc::sync_channel::<()>(window);
-                let collector = std::thread::spawn(move || {
-                    let mut sum = 0u64;
-                    for _ in 0..inserts {
-                        let p = mysql_read(&mut reader).expect("answer");
-                        assert_eq!(p[0], 0, "INSERT failed: {}", String::from_utf8_lossy(&p));
-                        sum += p[1] as u64 + if p[1] == 0xFC { (p[2] as u64 | (p[3] as u64) << 8) - 0xFC } else { 0 };
-                        let _ = rx.recv();
+    let per = a.conns.div_ceil(a.threads.max(1));
+    let results: Vec<(u64, u64)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..a.threads.max(1))
+            .map(|th| {
+                sc.spawn(move || {
+                    let (mut ok, mut bad) = (0u64, 0u64);
+                    let mut keep = Vec::with_capacity(per);
+                    for i in th * per..((th + 1) * per).min(a.conns) {
+                        let r = if a.auth { open_user(g, t, i % a.conns + 1, source(g, i)) } else { t.subscribe(source(g, i), "bench_connect", &format!("c{i}")) };
+                        match r {
+                            Ok(s) => {
+                                ok += 1;
+                                keep.push(s);
+                            }
+                            Err(_) => bad += 1,
+                        }
                     }
-                    sum
-                });
-                let mut buf = Vec::with_capacity(256);
-                for _ in 0..inserts {
-                    let ts = start.elapsed().as_micros();
-                    let q = format!(
-                        "\x03INSERT INTO pipes_messages (name, event, message) VALUES ('{channel}', 'bench', '{ts}')"
-                    );
-                    buf.clear();
-                    mysql_packet(&mut buf, 0, q.as_bytes());
-                    tx.send(()).expect("window");
-                    s.write_all(&buf).expect("write");
-                }
-                drop(tx);
-                affected += collector.join().expect("collector");
-                affected
+                    (ok, bad)
+                })
             })
-        })
-        .collect();
-    let mut affected = 0;
-    for w in writers {
-        affected += w.join().expect("writer");
-    }
-    let insert_secs = t0.elapsed().as_secs_f64();
-    let (received, mut lat) = reader.join().expect("reader");
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = match (cpu0, pid.and_then(cpu_secs)) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    lat.sort_unstable();
-    let pct =
-        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
-    let total = conns * inserts;
-    println!(
-        "publish: {total} INSERTs over {conns} CometQL connections (window {window}) to {} subscribers ({failed} failed to open)",
-        expected / total.max(1) as u64
-    );
-    println!(
-        "  {:.0} INSERTs/s (all answered in {insert_secs:.2}s); affected rows summed {affected}",
-        total as f64 / insert_secs
-    );
-    println!(
-        "  delivered {received} of {expected} (loss {}) in {secs:.2}s: {:.0} deliveries/s",
-        expected - received.min(expected),
-        received as f64 / secs
-    );
-    if let Some(c) = cpu {
-        println!(
-            "  server CPU {c:.2}s: {:.1} µs per INSERT, {:.2} CPU-seconds per million deliveries",
-            c * 1e6 / total as f64,
-            c / (received.max(1) as f64 / 1e6)
-        );
-    }
-    println!(
-        "  latency INSERT->receipt: p50 {:.1} ms, p99 {:.1} ms",
-        pct(0.5) as f64 / 1000.0,
-        pct(0.99) as f64 / 1000.0
-    );
-}
-
-/// Parses and plans a typical publish INSERT in a loop.
-fn parse_bench(iterations: usize) {
-    use comet::cometql::{exec, parser};
-    let sql = r#"INSERT INTO pipes_messages (name, event, message) VALUES ('bench_publish', 'bench', '{\"text\":\"hello world\",\"n\":12345}')"#;
-    let may = |_: u32| true;
-    let status = Vec::new;
-    let ctx = exec::Ctx {
-        dev_id: 0,
-        database: "CometQL_v1",
-        connection_id: 1,
-        may_use_dev: &may,
-        status: &status,
-        max_query_size: 1 << 20,
-    };
-    let t = Instant::now();
-    let mut n = 0usize;
-    for _ in 0..iterations {
-        let st = parser::parse(sql).expect("parse");
-        for s in st {
-            if let exec::Plan::Publish(v) = exec::plan(s, &ctx) {
-                n += v.len();
-            }
-        }
-    }
-    let per = t.elapsed().as_nanos() as f64 / iterations as f64;
-    println!("parse: {iterations} INSERTs lexed, parsed and planned ({n} publishes): {per:.0} ns each");
-}
-
-/// Sends pipelined COM_QUERYs on `s`, at most `window` unanswered; returns
-/// the summed affected rows. `query(i)` makes the i-th statement.
-fn pipelined(s: &mut TcpStream, count: usize, window: usize, query: impl Fn(usize) -> String) -> u64 {
-    let mut reader = s.try_clone().expect("clone");
-    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(window);
-    let collector = std::thread::spawn(move || {
-        let mut sum = 0u64;
-        for _ in 0..count {
-            let p = mysql_read(&mut reader).expect("answer");
-            assert_eq!(p[0], 0, "query failed: {}", String::from_utf8_lossy(&p));
-            let mut rest = &p[1..];
-            sum += lenenc(&mut rest);
-            let _ = rx.recv();
-        }
-        sum
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("connect thread")).collect()
     });
-    let mut buf = Vec::with_capacity(256);
-    for i in 0..count {
-        let mut q = vec![0x03];
-        q.extend_from_slice(query(i).as_bytes());
-        buf.clear();
-        mysql_packet(&mut buf, 0, &q);
-        tx.send(()).expect("window");
-        s.write_all(&buf).expect("write");
+    f.seconds = t0.elapsed().as_secs_f64();
+    f.connections = results.iter().map(|r| r.0).sum();
+    f.failed_connections = results.iter().map(|r| r.1).sum();
+    f.handshakes_per_sec = f.connections as f64 / f.seconds;
+    if let (Some(a0), Some(a1)) = (cpu0, t.cpu()) {
+        f.server_cpu_s = a1 - a0;
+        f.extra.insert("server CPU µs per handshake".into(), (a1 - a0) * 1e6 / f.connections.max(1) as f64);
     }
-    drop(tx);
-    collector.join().expect("collector")
+    f
 }
 
-fn lenenc(p: &mut &[u8]) -> u64 {
-    let (v, used) = match p.first() {
-        Some(&b) if b < 251 => (b as u64, 1),
-        Some(0xFC) => (u16::from_le_bytes([p[1], p[2]]) as u64, 3),
-        Some(0xFD) => (u32::from_le_bytes([p[1], p[2], p[3], 0]) as u64, 4),
-        _ => (u64::from_le_bytes(p[1..9].try_into().unwrap_or_default()), 9),
-    };
-    *p = &p[used..];
-    v
+/// Sets keys `k<uid>` for users 1..=n through CometQL.
+fn set_user_keys(t: &Target, n: usize) {
+    let back = t.back.unwrap_or_else(|| die("comet target without a backend address"));
+    let mut s = wire::mysql_login(&back, &t.password).unwrap_or_else(|e| die(&format!("CometQL login: {e}")));
+    for b in 0..n.div_ceil(1000) {
+        let rows: Vec<String> = (b * 1000 + 1..=((b + 1) * 1000).min(n)).map(|u| format!("({u}, 'k{u}')")).collect();
+        wire::mysql_exec(&mut s, &format!("INSERT INTO users_auth (id, hash) VALUES {}", rows.join(",")))
+            .unwrap_or_else(|e| die(&format!("users_auth: {e}")));
+    }
 }
 
-/// Opens a WebSocket as user `uid` with `key`; checks it was authorized.
-fn open_user(server: &SocketAddr, source: u8, uid: usize, key: &str) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    let local: SocketAddr = format!("127.0.0.{source}:0").parse().expect("address");
-    sock.bind(&local.into())?;
-    sock.connect(&(*server).into())?;
-    let mut s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET /ws/sesion={key}&myid={uid}&devid=0&v=4.08&uuid=b{uid}&api=js HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )?;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b)?;
-        head.push(b[0]);
-    }
-    let info = read_frame(&mut s)?;
+/// Opens a comet connection as user `uid` (key `k<uid>`); checks authorization.
+fn open_user(_g: &Global, t: &Target, uid: usize, source: u8) -> std::io::Result<TcpStream> {
+    let mut s = wire::connect_from(&t.front, source)?;
+    wire::ws_handshake(&mut s, &format!("/ws/sesion=k{uid}&myid={uid}&devid=0&v=4.08&uuid=b{uid}&api=js"))?;
+    let (_, info) = wire::read_frame(&mut s)?;
     if !info.starts_with(b"{\"authorized\":true") {
         return Err(std::io::Error::other(format!("not authorized: {}", String::from_utf8_lossy(&info))));
     }
     Ok(s)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn private(
-    server: &SocketAddr,
-    backend: &SocketAddr,
-    password: &str,
-    pid: Option<u32>,
-    sources: u8,
-    users: usize,
-    devices: usize,
-    conns: usize,
-    inserts: usize,
-    window: usize,
-) {
-    let mut admin = mysql_login(backend, password).expect("CometQL login");
-    let batches = users.div_ceil(1000);
-    pipelined(&mut admin, batches, 8, |b| {
-        let rows: Vec<String> =
-            (b * 1000 + 1..=((b + 1) * 1000).min(users)).map(|u| format!("({u}, 'k{u}')")).collect();
-        format!("INSERT INTO users_auth (id, hash) VALUES {}", rows.join(","))
-    });
-    let mut socks = Vec::with_capacity(users * devices);
-    let mut failed = 0;
-    for i in 0..users * devices {
-        let uid = i % users + 1;
-        let source = 1 + (i % sources.max(1) as usize) as u8;
-        match open_user(server, source, uid, &format!("k{uid}")) {
-            Ok(s) => socks.push(s),
-            Err(_) => failed += 1,
+/// Starts reader threads over `socks`; returns their join handles.
+fn readers(socks: Vec<TcpStream>, threads: usize, expected_per_sock: f64, start: Instant) -> Vec<std::thread::JoinHandle<(u64, Histogram<u64>)>> {
+    let per = socks.len().div_ceil(threads.max(1)).max(1);
+    let mut socks = socks;
+    let mut out = Vec::new();
+    while !socks.is_empty() {
+        let rest = socks.split_off(socks.len().min(per));
+        let chunk = std::mem::replace(&mut socks, rest);
+        let want = (chunk.len() as f64 * expected_per_sock).round() as u64;
+        out.push(std::thread::spawn(move || report::read_all(chunk, want, start)));
+    }
+    out
+}
+
+fn gather(rs: Vec<std::thread::JoinHandle<(u64, Histogram<u64>)>>) -> (u64, Histogram<u64>) {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram");
+    let mut n = 0;
+    for r in rs {
+        let (got, h) = r.join().expect("reader");
+        n += got;
+        let _ = hist.add(&h);
+    }
+    (n, hist)
+}
+
+fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
+    let mut f = Figures { scenario: "fanout".into(), target: t.kind.name().into(), ..Figures::default() };
+    let chans: Vec<String> = (0..a.channels.max(1)).map(|c| format!("bench_fan_{c}")).collect();
+    let mut socks = Vec::with_capacity(a.subs);
+    let mut per_channel = vec![0u64; chans.len()];
+    for i in 0..a.subs {
+        let c = i % chans.len();
+        match t.subscribe(source(g, i), &chans[c], &format!("f{i}")) {
+            Ok(s) => {
+                socks.push(s);
+                per_channel[c] += 1;
+            }
+            Err(_) => f.failed_connections += 1,
         }
-        if i % 1000 == 999 {
-            eprint!("\rprivate: {} devices open, {failed} failed", socks.len());
+        progress("fanout: subscribers", i + 1, a.subs, f.failed_connections as usize);
+    }
+    f.connections = socks.len() as u64;
+    let mut publisher = t.publisher().unwrap_or_else(|e| die(&format!("publisher: {e}")));
+    // Wait until the server counts every subscriber: warm-up publishes carry
+    // no timestamp, so readers do not count them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (c, name) in chans.iter().enumerate() {
+        loop {
+            let n = publisher.publish(name, "warmup").unwrap_or(0);
+            if n >= per_channel[c] || Instant::now() > deadline || t.kind == Kind::Nchan && n == 0 && per_channel[c] == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if t.kind == Kind::Nchan {
+        // nchan's publisher answer counts subscribers per worker lazily; give
+        // the last subscriptions a moment instead.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let messages = (a.rate * a.seconds).round().max(1.0) as usize;
+    f.messages = messages as u64;
+    f.expected = (0..messages).map(|m| per_channel[m % chans.len()]).sum();
+    let start = Instant::now();
+    let per_sock = if f.connections > 0 { f.expected as f64 / f.connections as f64 } else { 0.0 };
+    let rs = readers(socks, a.threads, per_sock, start);
+    let cpu0 = t.cpu();
+    let t0 = Instant::now();
+    for m in 0..messages {
+        let due = t0 + Duration::from_secs_f64(m as f64 / a.rate);
+        if let Some(d) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        let ts = start.elapsed().as_micros();
+        if let Err(e) = publisher.publish(&chans[m % chans.len()], &ts.to_string()) {
+            eprintln!("fanout: publish failed: {e}");
+        }
+        if m % 20 == 0 {
+            eprint!("\rfanout: published {m}/{messages}   ");
         }
     }
     eprintln!();
-    let expected = (conns * inserts * devices) as u64;
-    let start = Instant::now();
-    let per = socks.len().div_ceil(2);
-    let mut chunks = Vec::new();
-    while !socks.is_empty() {
-        let rest = socks.split_off(socks.len().min(per));
-        chunks.push(std::mem::replace(&mut socks, rest));
+    let (got, hist) = gather(rs);
+    f.seconds = t0.elapsed().as_secs_f64();
+    f.delivered = got;
+    f.set_throughput(t.cpu().zip(cpu0).map(|(b, a)| b - a));
+    f.set_latency(&hist);
+    f
+}
+
+fn private(g: &Global, t: &Target, a: &PrivateArgs) -> Figures {
+    let mut f = Figures { scenario: "private".into(), target: t.kind.name().into(), ..Figures::default() };
+    set_user_keys(t, a.users);
+    let mut socks = Vec::with_capacity(a.users * a.devices);
+    for i in 0..a.users * a.devices {
+        match open_user(g, t, i % a.users + 1, source(g, i)) {
+            Ok(s) => socks.push(s),
+            Err(_) => f.failed_connections += 1,
+        }
+        progress("private: devices", i + 1, a.users * a.devices, f.failed_connections as usize);
     }
-    let total_socks: usize = chunks.iter().map(|c| c.len()).sum();
-    let readers: Vec<_> = chunks
-        .into_iter()
-        .map(|c| {
-            let want = (c.len() as u64 * expected).div_ceil(total_socks.max(1) as u64);
-            std::thread::spawn(move || read_all(c, want, start))
-        })
-        .collect();
-    let cpu0 = pid.and_then(cpu_secs);
+    f.connections = socks.len() as u64;
+    let total = a.conns * a.inserts;
+    f.messages = total as u64;
+    f.expected = (total * a.devices) as u64;
+    let start = Instant::now();
+    let rs = readers(socks, 2, f.expected as f64 / f.connections.max(1) as f64, start);
+    let cpu0 = t.cpu();
     let t0 = Instant::now();
-    let writers: Vec<_> = (0..conns)
+    let back = t.back.expect("comet backend");
+    let writers: Vec<_> = (0..a.conns)
         .map(|w| {
-            let backend = *backend;
-            let password = password.to_string();
+            let (password, inserts, window, users, rate, conns) = (t.password.clone(), a.inserts, a.window, a.users, a.rate, a.conns);
             std::thread::spawn(move || {
-                let mut s = mysql_login(&backend, &password).expect("CometQL login");
+                let mut s = wire::mysql_login(&back, &password).expect("CometQL login");
                 pipelined(&mut s, inserts, window, |i| {
+                    if rate > 0.0 {
+                        let due = t0 + Duration::from_secs_f64((i * conns + w) as f64 / rate);
+                        if let Some(d) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(d);
+                        }
+                    }
                     let uid = (w * inserts + i) % users + 1;
                     let ts = start.elapsed().as_micros();
                     format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'bench', '{ts}')")
@@ -792,49 +616,244 @@ fn private(
         .collect();
     let affected: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
     let insert_secs = t0.elapsed().as_secs_f64();
-    let mut received = 0;
-    let mut lat = Vec::new();
-    for r in readers {
-        let (n, mut l) = r.join().expect("reader");
-        received += n;
-        lat.append(&mut l);
+    let (got, hist) = gather(rs);
+    f.seconds = t0.elapsed().as_secs_f64();
+    f.delivered = got;
+    f.set_throughput(t.cpu().zip(cpu0).map(|(b, a)| b - a));
+    f.set_latency(&hist);
+    f.extra.insert("INSERTs/s".into(), total as f64 / insert_secs);
+    f.extra.insert("affected rows".into(), affected as f64);
+    f.extra.insert("server CPU µs per private message".into(), f.server_cpu_s * 1e6 / total as f64);
+    f
+}
+
+/// Sends pipelined COM_QUERYs, at most `window` unanswered; returns the
+/// summed affected rows.
+fn pipelined(s: &mut TcpStream, count: usize, window: usize, query: impl Fn(usize) -> String) -> u64 {
+    let mut reader = s.try_clone().expect("clone");
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(window);
+    let collector = std::thread::spawn(move || {
+        let mut sum = 0u64;
+        for _ in 0..count {
+            let p = wire::mysql_read(&mut reader).expect("answer");
+            assert_eq!(p[0], 0, "query failed: {}", String::from_utf8_lossy(&p));
+            let mut rest = &p[1..];
+            sum += wire::lenenc(&mut rest);
+            let _ = rx.recv();
+        }
+        sum
+    });
+    let mut buf = Vec::with_capacity(256);
+    for i in 0..count {
+        let mut q = vec![0x03];
+        q.extend_from_slice(query(i).as_bytes());
+        buf.clear();
+        wire::mysql_packet(&mut buf, 0, &q);
+        tx.send(()).expect("window");
+        s.write_all(&buf).expect("write");
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = match (cpu0, pid.and_then(cpu_secs)) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
+    drop(tx);
+    collector.join().expect("collector")
+}
+
+fn publish(g: &Global, t: &Target, a: &PublishArgs) -> Figures {
+    let mut f = Figures { scenario: "publish".into(), target: t.kind.name().into(), ..Figures::default() };
+    let channel = "bench_publish";
+    let mut socks = Vec::with_capacity(a.subs);
+    for i in 0..a.subs {
+        match t.subscribe(source(g, i), channel, &format!("p{i}")) {
+            Ok(s) => socks.push(s),
+            Err(_) => f.failed_connections += 1,
+        }
+    }
+    f.connections = socks.len() as u64;
+    std::thread::sleep(Duration::from_millis(500));
+    let total = a.conns * a.inserts;
+    f.messages = total as u64;
+    f.expected = f.connections * total as u64;
+    let start = Instant::now();
+    let rs = readers(socks, 1, total as f64, start);
+    let cpu0 = t.cpu();
+    let t0 = Instant::now();
+    let back = t.back.expect("comet backend");
+    let writers: Vec<_> = (0..a.conns)
+        .map(|_| {
+            let (password, inserts, window) = (t.password.clone(), a.inserts, a.window);
+            std::thread::spawn(move || {
+                let mut s = wire::mysql_login(&back, &password).expect("CometQL login");
+                pipelined(&mut s, inserts, window, |_| {
+                    let ts = start.elapsed().as_micros();
+                    format!("INSERT INTO pipes_messages (name, event, message) VALUES ('{channel}', 'bench', '{ts}')")
+                })
+            })
+        })
+        .collect();
+    let affected: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+    let insert_secs = t0.elapsed().as_secs_f64();
+    let (got, hist) = gather(rs);
+    f.seconds = t0.elapsed().as_secs_f64();
+    f.delivered = got;
+    f.set_throughput(t.cpu().zip(cpu0).map(|(b, a)| b - a));
+    f.set_latency(&hist);
+    f.extra.insert("INSERTs/s".into(), total as f64 / insert_secs);
+    f.extra.insert("affected rows".into(), affected as f64);
+    f.extra.insert("server CPU µs per INSERT".into(), f.server_cpu_s * 1e6 / total as f64);
+    f
+}
+
+fn churn(g: &Global, t: &Target, a: &ChurnArgs) -> Figures {
+    let mut f = Figures { scenario: "churn".into(), target: t.kind.name().into(), ..Figures::default() };
+    set_user_keys(t, a.users);
+    let back = t.back.expect("comet backend");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cpu0 = t.cpu();
+    let t0 = Instant::now();
+    // The backend sends private messages to random users at `rate`.
+    let sender = {
+        let (stop, sent, password, users, rate) = (stop.clone(), sent.clone(), t.password.clone(), a.users, a.rate);
+        std::thread::spawn(move || {
+            let mut s = wire::mysql_login(&back, &password).expect("CometQL login");
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let uid = rng % users as u64 + 1;
+                if wire::mysql_exec(&mut s, &format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'churn', 'm{i}')")).is_ok() {
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        })
     };
-    lat.sort_unstable();
-    let pct =
-        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
-    let total = conns * inserts;
-    println!(
-        "private: {users} users x {devices} devices ({failed} failed to open), {total} users_messages INSERTs over {conns} connections (window {window})"
-    );
-    println!(
-        "  {:.0} INSERTs/s (answered in {insert_secs:.2}s), affected rows summed {affected}",
-        total as f64 / insert_secs
-    );
-    println!(
-        "  delivered {received} of {expected} (loss {}) in {secs:.2}s: {:.0} deliveries/s",
-        expected.saturating_sub(received),
-        received as f64 / secs
-    );
-    if let Some(c) = cpu {
-        println!("  server CPU {c:.2}s: {:.1} µs per private message", c * 1e6 / total as f64);
+    // Devices come and go: each step replaces the oldest connection with a
+    // new user's, reading what arrived before it closes.
+    let mut online: std::collections::VecDeque<TcpStream> = std::collections::VecDeque::new();
+    let (mut connects, mut live, mut queued, mut failed) = (0u64, 0u64, 0u64, 0u64);
+    let mut next_user = 0usize;
+    let contains = |p: &[u8], needle: &[u8]| p.windows(needle.len()).any(|w| w == needle);
+    let drain = |s: &mut TcpStream, live: &mut u64, queued: &mut u64| {
+        let _ = s.set_nonblocking(true);
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 16384];
+        while let Ok(n) = std::io::Read::read(s, &mut tmp) {
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        }
+        let mut pos = 0;
+        while let Some((op, ps, end)) = wire::parse_frame(&buf[pos..]) {
+            let p = &buf[pos + ps..pos + end];
+            if op == 1 && contains(p, b"\"event\":\"churn\"") {
+                if contains(p, b"\"fromQueue\":true") {
+                    *queued += 1;
+                } else {
+                    *live += 1;
+                }
+            }
+            pos += end;
+        }
+    };
+    while t0.elapsed().as_secs_f64() < a.seconds {
+        let uid = next_user % a.users + 1;
+        next_user += 1;
+        match open_user(g, t, uid, source(g, next_user)) {
+            Ok(s) => {
+                connects += 1;
+                online.push_back(s);
+            }
+            Err(_) => failed += 1,
+        }
+        while online.len() > a.online {
+            if let Some(mut s) = online.pop_front() {
+                drain(&mut s, &mut live, &mut queued);
+            }
+        }
+        if connects % 200 == 0 {
+            eprint!("\rchurn: {connects} connects, {live} live + {queued} queued deliveries   ");
+        }
     }
-    println!(
-        "  latency INSERT->receipt: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
-        pct(0.5) as f64 / 1000.0,
-        pct(0.99) as f64 / 1000.0,
-        pct(0.999) as f64 / 1000.0,
-        lat.last().copied().unwrap_or(0) as f64 / 1000.0
-    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sender.join();
+    std::thread::sleep(Duration::from_millis(300));
+    for mut s in online.drain(..) {
+        drain(&mut s, &mut live, &mut queued);
+    }
+    eprintln!();
+    f.seconds = t0.elapsed().as_secs_f64();
+    f.connections = connects;
+    f.failed_connections = failed;
+    f.messages = sent.load(std::sync::atomic::Ordering::Relaxed);
+    f.delivered = live + queued;
+    f.set_throughput(t.cpu().zip(cpu0).map(|(b, a)| b - a));
+    f.handshakes_per_sec = connects as f64 / f.seconds;
+    f.extra.insert("live deliveries".into(), live as f64);
+    f.extra.insert("offline-queue deliveries (fromQueue)".into(), queued as f64);
+    f
+}
+
+fn slow(g: &Global, t: &Target, a: &SlowArgs) -> Figures {
+    let mut f = Figures { scenario: "slow".into(), target: t.kind.name().into(), ..Figures::default() };
+    let channel = "bench_slow";
+    let mut slow = Vec::new();
+    for i in 0..a.slow {
+        match t.subscribe(source(g, i), channel, &format!("s{i}")) {
+            Ok(s) => {
+                // A tiny receive buffer: the kernel takes little before the
+                // server has to queue (or give up).
+                let _ = socket2::SockRef::from(&s).set_recv_buffer_size(4096);
+                slow.push(s);
+            }
+            Err(_) => f.failed_connections += 1,
+        }
+    }
+    f.connections = slow.len() as u64;
+    let mut publisher = t.publisher().unwrap_or_else(|e| die(&format!("publisher: {e}")));
+    std::thread::sleep(Duration::from_millis(300));
+    f.rss_kib_before = t.rss_kib().unwrap_or(0);
+    let body = "x".repeat(a.size);
+    let mut peak = f.rss_kib_before;
+    let t0 = Instant::now();
+    for m in 0..a.messages {
+        let _ = publisher.publish(channel, &body);
+        if m % 50 == 0 {
+            peak = peak.max(t.rss_kib().unwrap_or(0));
+            eprint!("\rslow: published {m}/{}, server RSS {peak} KiB   ", a.messages);
+        }
+    }
+    eprintln!();
+    f.messages = a.messages as u64;
+    f.seconds = t0.elapsed().as_secs_f64();
+    f.rss_kib_after = t.rss_kib().unwrap_or(0);
+    // Each slow client should now find a 4008 close after its backlog.
+    let mut closed_4008 = 0u64;
+    for s in &mut slow {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        while let Ok((op, p)) = wire::read_frame(s) {
+            if op == 8 {
+                if p.len() >= 2 && u16::from_be_bytes([p[0], p[1]]) == 4008 {
+                    closed_4008 += 1;
+                }
+                break;
+            }
+        }
+    }
+    f.extra.insert("slow clients closed with 4008".into(), closed_4008 as f64);
+    f.extra.insert("server RSS peak KiB".into(), peak as f64);
+    f.extra.insert("server RSS growth KiB".into(), peak as f64 - f.rss_kib_before as f64);
+    f
 }
 
 /// Resident memory of this process in KiB.
 fn self_rss_kib() -> u64 {
-    rss_kib(std::process::id()).unwrap_or(0)
+    proc::rss_kib(std::process::id())
 }
 
 fn users_mem(users: u64, queued: usize) {
@@ -843,11 +862,7 @@ fn users_mem(users: u64, queued: usize) {
     let mut store = UserStore::default();
     for u in 1..=users {
         for i in 0..queued {
-            let q = Queued {
-                time: 1_700_000_000 + i as i64,
-                event: "message".into(),
-                message: format!("{{\"n\":{u}}}").into(),
-            };
+            let q = Queued { time: 1_700_000_000 + i as i64, event: "message".into(), message: format!("{{\"n\":{u}}}").into() };
             store.enqueue(0, u, q, 64, 300, 1_700_000_000);
         }
     }
@@ -857,4 +872,24 @@ fn users_mem(users: u64, queued: usize) {
         store.len(),
         (after - before) as f64 * 1024.0 / users as f64
     );
+}
+
+/// Parses and plans a typical publish INSERT in a loop.
+fn parse_bench(iterations: usize) {
+    use comet::cometql::{exec, parser};
+    let sql = r#"INSERT INTO pipes_messages (name, event, message) VALUES ('bench_publish', 'bench', '{\"text\":\"hello world\",\"n\":12345}')"#;
+    let may = |_: u32| true;
+    let status = Vec::new;
+    let ctx = exec::Ctx { dev_id: 0, database: "CometQL_v1", connection_id: 1, may_use_dev: &may, status: &status, max_query_size: 1 << 20 };
+    let t = Instant::now();
+    let mut n = 0usize;
+    for _ in 0..iterations {
+        for s in parser::parse(sql).expect("parse") {
+            if let exec::Plan::Publish(v) = exec::plan(s, &ctx) {
+                n += v.len();
+            }
+        }
+    }
+    let per = t.elapsed().as_nanos() as f64 / iterations as f64;
+    println!("parse: {iterations} INSERTs lexed, parsed and planned ({n} publishes): {per:.0} ns each");
 }

@@ -1,0 +1,246 @@
+//! What a scenario measured, and how it is shown: a table on stdout, JSON
+//! with every figure (`--json`), and an SVG chart of the latency
+//! distribution (`--svg`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Read;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::wire;
+
+/// Every figure of one run against one target.
+#[derive(Debug, Default, Serialize)]
+pub struct Figures {
+    pub scenario: String,
+    pub target: String,
+    pub connections: u64,
+    pub failed_connections: u64,
+    pub messages: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub loss: u64,
+    pub seconds: f64,
+    pub deliveries_per_sec: f64,
+    pub server_cpu_s: f64,
+    pub cpu_s_per_million: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub rss_kib_before: u64,
+    pub rss_kib_after: u64,
+    pub rss_bytes_per_conn: f64,
+    pub kernel_tcp_bytes_per_conn: f64,
+    pub kernel_slab_bytes_per_conn: f64,
+    pub handshakes_per_sec: f64,
+    /// Scenario-specific figures.
+    pub extra: BTreeMap<String, f64>,
+    /// (percentile, ms) points of the latency distribution.
+    pub latency_curve: Vec<(f64, f64)>,
+}
+
+impl Figures {
+    /// Fills the latency figures from a histogram of microseconds.
+    pub fn set_latency(&mut self, h: &Histogram<u64>) {
+        if h.is_empty() {
+            return;
+        }
+        let ms = |v: u64| v as f64 / 1000.0;
+        self.p50_ms = ms(h.value_at_quantile(0.5));
+        self.p99_ms = ms(h.value_at_quantile(0.99));
+        self.p999_ms = ms(h.value_at_quantile(0.999));
+        self.max_ms = ms(h.max());
+        self.latency_curve = [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999]
+            .iter()
+            .map(|&q| (q * 100.0, ms(h.value_at_quantile(q))))
+            .collect();
+    }
+
+    pub fn set_throughput(&mut self, cpu: Option<f64>) {
+        self.loss = self.expected.saturating_sub(self.delivered);
+        if self.seconds > 0.0 {
+            self.deliveries_per_sec = self.delivered as f64 / self.seconds;
+        }
+        if let Some(c) = cpu {
+            self.server_cpu_s = c;
+            if self.delivered > 0 {
+                self.cpu_s_per_million = c / (self.delivered as f64 / 1e6);
+            }
+        }
+    }
+}
+
+/// Prints the figures that the scenario produced (non-zero ones).
+pub fn print_table(all: &[Figures]) {
+    let rows: [(&str, fn(&Figures) -> f64, &str); 14] = [
+        ("connections", |f| f.connections as f64, ""),
+        ("failed connections", |f| f.failed_connections as f64, ""),
+        ("messages published", |f| f.messages as f64, ""),
+        ("deliveries expected", |f| f.expected as f64, ""),
+        ("deliveries received", |f| f.delivered as f64, ""),
+        ("loss", |f| f.loss as f64, ""),
+        ("deliveries/s", |f| f.deliveries_per_sec, ""),
+        ("server CPU s / million deliveries", |f| f.cpu_s_per_million, ""),
+        ("latency p50 ms", |f| f.p50_ms, ""),
+        ("latency p99 ms", |f| f.p99_ms, ""),
+        ("latency p99.9 ms", |f| f.p999_ms, ""),
+        ("latency max ms", |f| f.max_ms, ""),
+        ("server RSS bytes / connection", |f| f.rss_bytes_per_conn, ""),
+        ("handshakes/s", |f| f.handshakes_per_sec, ""),
+    ];
+    let mut out = String::new();
+    let _ = write!(out, "{:<36}", format!("{} ", all.first().map_or("", |f| f.scenario.as_str())));
+    for f in all {
+        let _ = write!(out, "{:>16}", f.target);
+    }
+    out.push('\n');
+    for (name, get, _) in rows {
+        if all.iter().all(|f| get(f) == 0.0) && name != "loss" {
+            continue;
+        }
+        let _ = write!(out, "{name:<36}");
+        for f in all {
+            let v = get(f);
+            let _ = if v.fract() == 0.0 { write!(out, "{:>16}", v as u64) } else { write!(out, "{v:>16.3}") };
+        }
+        out.push('\n');
+    }
+    let keys: std::collections::BTreeSet<&String> = all.iter().flat_map(|f| f.extra.keys()).collect();
+    for k in keys {
+        let _ = write!(out, "{k:<36}");
+        for f in all {
+            let _ = write!(out, "{:>16.3}", f.extra.get(k).copied().unwrap_or(0.0));
+        }
+        out.push('\n');
+    }
+    print!("{out}");
+}
+
+/// comet / peer ratios: below 1 is better for comet on CPU, latency and
+/// memory; above 1 is better on throughput.
+pub fn print_ratios(all: &[Figures]) {
+    let Some(comet) = all.iter().find(|f| f.target == "comet") else { return };
+    for peer in all.iter().filter(|f| f.target != "comet") {
+        let r = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "n/a".into() };
+        println!(
+            "comet / {}: CPU per delivery {}, p99 latency {}, RSS per connection {}, throughput {}",
+            peer.target,
+            r(comet.cpu_s_per_million, peer.cpu_s_per_million),
+            r(comet.p99_ms, peer.p99_ms),
+            r(comet.rss_bytes_per_conn, peer.rss_bytes_per_conn),
+            r(comet.deliveries_per_sec.max(comet.handshakes_per_sec), peer.deliveries_per_sec.max(peer.handshakes_per_sec)),
+        );
+    }
+}
+
+/// An SVG chart of latency by percentile, one line per target.
+pub fn svg(all: &[Figures]) -> String {
+    let (w, h, left, bottom, top, right) = (760.0, 420.0, 70.0, 50.0, 40.0, 150.0);
+    // x: "nines" scale, -log10(1 - p); p = 99.99% is 4.
+    let x_of = |pct: f64| -(1.0 - (pct / 100.0).min(0.9999)).log10();
+    let max_ms = all.iter().flat_map(|f| f.latency_curve.iter().map(|p| p.1)).fold(1.0_f64, f64::max) * 1.1;
+    let px = |pct: f64| left + x_of(pct) / 4.0 * (w - left - right);
+    let py = |ms: f64| h - bottom - ms / max_ms * (h - top - bottom);
+    let colors = ["#0ea5e9", "#f97316", "#22c55e", "#a855f7"];
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#
+    );
+    let title = all.first().map_or(String::new(), |f| format!("{}: latency by percentile (ms)", f.scenario));
+    let _ = write!(s, r#"<text x="{left}" y="22" font-size="15">{title}</text>"#);
+    for (pct, label) in [(0.0, "0%"), (90.0, "90%"), (99.0, "99%"), (99.9, "99.9%"), (99.99, "99.99%")] {
+        let x = px(pct);
+        let _ = write!(
+            s,
+            r##"<line x1="{x}" y1="{top}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{label}</text>"##,
+            h - bottom,
+            h - bottom + 18.0
+        );
+    }
+    for i in 0..=4 {
+        let ms = max_ms * i as f64 / 4.0;
+        let y = py(ms);
+        let _ = write!(
+            s,
+            r##"<line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{ms:.1}</text>"##,
+            w - right,
+            left - 6.0,
+            y + 4.0
+        );
+    }
+    for (i, f) in all.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        let pts: Vec<String> = f.latency_curve.iter().map(|&(p, ms)| format!("{:.1},{:.1}", px(p), py(ms))).collect();
+        let _ = write!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#, pts.join(" "));
+        let _ = write!(
+            s,
+            r#"<rect x="{}" y="{}" width="12" height="12" fill="{c}"/><text x="{}" y="{}">{}</text>"#,
+            w - right + 16.0,
+            top + 20.0 * i as f64,
+            w - right + 34.0,
+            top + 20.0 * i as f64 + 11.0,
+            f.target
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Reads every socket until `want` timestamped messages arrived or 20 s
+/// pass without progress; returns the count and a latency histogram (µs).
+pub fn read_all(socks: Vec<TcpStream>, want: u64, start: Instant) -> (u64, Histogram<u64>) {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds");
+    let poller = polling::Poller::new().expect("poller");
+    let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); socks.len()];
+    for (i, s) in socks.iter().enumerate() {
+        s.set_nonblocking(true).expect("nonblocking");
+        // SAFETY: each socket outlives its registration: every source is
+        // deleted from the poller below, before `socks` is dropped.
+        unsafe { poller.add(s, polling::Event::readable(i)) }.expect("register");
+    }
+    let mut got = 0u64;
+    let mut events = polling::Events::new();
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut last_progress = Instant::now();
+    while got < want && last_progress.elapsed() < Duration::from_secs(20) {
+        events.clear();
+        poller.wait(&mut events, Some(Duration::from_millis(200))).expect("wait");
+        for ev in events.iter() {
+            let i = ev.key;
+            let mut s = &socks[i];
+            loop {
+                match s.read(&mut scratch) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let buf = &mut bufs[i];
+                        buf.extend_from_slice(&scratch[..n]);
+                        let mut pos = 0;
+                        while let Some((op, ps, end)) = wire::parse_frame(&buf[pos..]) {
+                            if op == 1
+                                && let Some(ts) = wire::payload_ts(&buf[pos + ps..pos + end])
+                            {
+                                got += 1;
+                                let now = start.elapsed().as_micros() as u64;
+                                let _ = hist.record(now.saturating_sub(ts).max(1));
+                            }
+                            pos += end;
+                        }
+                        buf.drain(..pos);
+                        last_progress = Instant::now();
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => break,
+                }
+            }
+            let _ = poller.modify(s, polling::Event::readable(i));
+        }
+    }
+    for s in &socks {
+        let _ = poller.delete(s);
+    }
+    (got, hist)
+}

@@ -1,0 +1,223 @@
+//! The servers a scenario runs against: comet itself, nginx + nchan, and a
+//! Node.js `ws` server. Each adapter knows how to start its server on free
+//! loopback ports, open a subscriber and publish; the scenarios are written
+//! once against this interface, so every target sees identical load.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::wire;
+
+/// Which server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Comet,
+    Nchan,
+    Node,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Comet => "comet",
+            Kind::Nchan => "nchan",
+            Kind::Node => "node-ws",
+        }
+    }
+}
+
+/// How to start targets.
+#[derive(Debug, Clone)]
+pub struct Spawn {
+    pub comet_bin: PathBuf,
+    /// comet shards and nginx workers (node is single-threaded).
+    pub workers: usize,
+    pub io: String,
+    pub password: String,
+    /// The repository's bench/ folder (for the peers' files).
+    pub bench_dir: PathBuf,
+}
+
+/// A running (or attached) server.
+pub struct Target {
+    pub kind: Kind,
+    pub front: SocketAddr,
+    /// comet's CometQL address.
+    pub back: Option<SocketAddr>,
+    pub password: String,
+    pub pid: Option<u32>,
+    child: Option<Child>,
+    _dir: Option<PathBuf>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+fn wait_port(addr: SocketAddr, child: &mut Child, what: &str) -> std::io::Result<()> {
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        if TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(std::io::Error::other(format!("{what} exited at start: {st}")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(std::io::Error::other(format!("{what} did not listen on {addr}")))
+}
+
+impl Target {
+    /// Uses a server that is already running.
+    pub fn attach(kind: Kind, front: SocketAddr, back: Option<SocketAddr>, password: &str, pid: Option<u32>) -> Target {
+        Target { kind, front, back, password: password.to_string(), pid, child: None, _dir: None }
+    }
+
+    /// Starts a server of `kind` on free loopback ports.
+    pub fn spawn(kind: Kind, s: &Spawn) -> std::io::Result<Target> {
+        let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+        match kind {
+            Kind::Comet => {
+                let back: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+                let mut child = Command::new(&s.comet_bin)
+                    .args(["--frontend", &front.to_string(), "--backend", &back.to_string()])
+                    .args(["--shards", &s.workers.to_string(), "--io", &s.io, "--password", &s.password])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?;
+                wait_port(front, &mut child, "comet")?;
+                wait_port(back, &mut child, "comet")?;
+                Ok(Target { kind, front, back: Some(back), password: s.password.clone(), pid: Some(child.id()), child: Some(child), _dir: None })
+            }
+            Kind::Nchan => {
+                let dir = std::env::temp_dir().join(format!("comet-bench-nchan-{}-{}", std::process::id(), front.port()));
+                std::fs::create_dir_all(&dir)?;
+                let template = std::fs::read_to_string(s.bench_dir.join("peers/nchan/nginx.conf.template"))?;
+                let conf = template
+                    .replace("@PORT@", &front.port().to_string())
+                    .replace("@PREFIX@", &dir.to_string_lossy())
+                    .replace("@WORKERS@", &s.workers.to_string());
+                let conf_path = dir.join("nginx.conf");
+                std::fs::write(&conf_path, conf)?;
+                let mut child = Command::new("nginx")
+                    .args(["-p", &dir.to_string_lossy(), "-c", &conf_path.to_string_lossy()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?;
+                wait_port(front, &mut child, "nginx")?;
+                Ok(Target { kind, front, back: None, password: String::new(), pid: Some(child.id()), child: Some(child), _dir: Some(dir) })
+            }
+            Kind::Node => {
+                let mut child = Command::new("node")
+                    .arg(s.bench_dir.join("peers/node-ws/server.js"))
+                    .env("PORT", front.port().to_string())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?;
+                wait_port(front, &mut child, "node")?;
+                Ok(Target { kind, front, back: None, password: String::new(), pid: Some(child.id()), child: Some(child), _dir: None })
+            }
+        }
+    }
+
+    /// Opens a WebSocket subscribed to `channel` (waits for comet's serverInfo).
+    pub fn subscribe(&self, source: u8, channel: &str, uuid: &str) -> std::io::Result<TcpStream> {
+        let mut s = wire::connect_from(&self.front, source)?;
+        match self.kind {
+            Kind::Comet => {
+                wire::ws_handshake(&mut s, &format!("/ws/sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js"))?;
+                wire::read_frame(&mut s)?;
+                wire::send_text(&mut s, &format!("subscription\n{channel}"))?;
+            }
+            Kind::Nchan | Kind::Node => wire::ws_handshake(&mut s, &format!("/sub/{channel}"))?,
+        }
+        Ok(s)
+    }
+
+    /// A publishing connection.
+    pub fn publisher(&self) -> std::io::Result<Publisher> {
+        match self.kind {
+            Kind::Comet => {
+                let back = self.back.ok_or_else(|| std::io::Error::other("comet target without a backend address"))?;
+                Ok(Publisher::Sql(wire::mysql_login(&back, &self.password)?))
+            }
+            Kind::Nchan | Kind::Node => {
+                let s = TcpStream::connect(self.front)?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(Duration::from_secs(15)))?;
+                Ok(Publisher::Http(s))
+            }
+        }
+    }
+
+    /// CPU seconds and RSS KiB of the server (and its children).
+    pub fn cpu(&self) -> Option<f64> {
+        self.pid.map(crate::proc::cpu_secs)
+    }
+
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.pid.map(crate::proc::rss_kib)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            // SIGTERM first: nginx's master takes its workers down with it.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A connection that publishes to channels.
+pub enum Publisher {
+    /// comet: CometQL `INSERT INTO pipes_messages`.
+    Sql(TcpStream),
+    /// nchan and node: `POST /pub/CHANNEL`.
+    Http(TcpStream),
+}
+
+impl Publisher {
+    /// Publishes `text` on `channel`; returns subscribers written when the
+    /// server says (comet: affected rows; node: the body), else 0.
+    pub fn publish(&mut self, channel: &str, text: &str) -> std::io::Result<u64> {
+        match self {
+            Publisher::Sql(s) => wire::mysql_exec(
+                s,
+                &format!("INSERT INTO pipes_messages (name, event, message) VALUES ('{channel}', 'bench', '{text}')"),
+            ),
+            Publisher::Http(s) => {
+                let body = wire::http_post(s, &format!("/pub/{channel}"), text)?;
+                // node answers the count; nchan answers a status block with
+                // "active subscribers: N".
+                Ok(body
+                    .trim()
+                    .parse()
+                    .ok()
+                    .or_else(|| {
+                        body.lines().find_map(|l| l.trim().strip_prefix("active subscribers:")).and_then(|v| v.trim().parse().ok())
+                    })
+                    .unwrap_or(0))
+            }
+        }
+    }
+}

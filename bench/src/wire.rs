@@ -1,0 +1,219 @@
+//! Client-side wire helpers: WebSocket handshake and frames, MySQL packets
+//! and login, a minimal HTTP/1.1 keep-alive client. Just enough protocol
+//! for a load generator, independent of the server's own code.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Connects from source address 127.0.0.`source`.
+pub fn connect_from(server: &SocketAddr, source: u8) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let local: SocketAddr = format!("127.0.0.{source}:0").parse().expect("address");
+    sock.bind(&local.into())?;
+    sock.connect(&(*server).into())?;
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Sends an upgrade request for `path` and reads past the 101 head.
+pub fn ws_handshake(s: &mut TcpStream, path: &str) -> std::io::Result<()> {
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )?;
+    let mut head = Vec::with_capacity(256);
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b)? == 0 {
+            return Err(std::io::Error::other("closed during handshake"));
+        }
+        head.push(b[0]);
+        if head.len() > 8192 {
+            return Err(std::io::Error::other("handshake answer too long"));
+        }
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(std::io::Error::other(format!("upgrade refused: {}", String::from_utf8_lossy(&head))));
+    }
+    Ok(())
+}
+
+/// Sends a masked text frame.
+pub fn send_text(s: &mut TcpStream, text: &str) -> std::io::Result<()> {
+    let p = text.as_bytes();
+    let mut v = Vec::with_capacity(p.len() + 14);
+    v.push(0x81);
+    if p.len() < 126 {
+        v.push(0x80 | p.len() as u8);
+    } else if p.len() <= 0xFFFF {
+        v.push(0x80 | 126);
+        v.extend_from_slice(&(p.len() as u16).to_be_bytes());
+    } else {
+        v.push(0x80 | 127);
+        v.extend_from_slice(&(p.len() as u64).to_be_bytes());
+    }
+    let key = [0x11u8, 0x22, 0x33, 0x44];
+    v.extend_from_slice(&key);
+    v.extend(p.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    s.write_all(&v)
+}
+
+/// Parses one unmasked server frame: (opcode, payload start, total length).
+pub fn parse_frame(b: &[u8]) -> Option<(u8, usize, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let (len, start) = match b[1] & 0x7F {
+        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+        127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().ok()?) as usize, 10),
+        126 | 127 => return None,
+        l => (l as usize, 2),
+    };
+    (b.len() >= start + len).then_some((b[0] & 0x0F, start, start + len))
+}
+
+/// Reads one whole frame (blocking): (opcode, payload).
+pub fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let len = match h[1] & 0x7F {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b)?;
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b)?;
+            u64::from_be_bytes(b) as usize
+        }
+        l => l as usize,
+    };
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p)?;
+    Ok((h[0] & 0x0F, p))
+}
+
+/// The publish time (µs since the run started) a message carries: comet's
+/// JSON envelope (`"data":"<digits>`) or a peer's raw `<digits>` body.
+pub fn payload_ts(p: &[u8]) -> Option<u64> {
+    let digits_at = |at: usize| -> Option<u64> {
+        let d: Vec<u8> = p.get(at..)?.iter().take_while(|b| b.is_ascii_digit()).copied().collect();
+        if d.is_empty() { None } else { std::str::from_utf8(&d).ok()?.parse().ok() }
+    };
+    if p.first().is_some_and(u8::is_ascii_digit) {
+        return digits_at(0);
+    }
+    let key = b"\"data\":\"";
+    let at = p.windows(key.len()).position(|w| w == key)? + key.len();
+    digits_at(at)
+}
+
+/// Writes one MySQL packet.
+pub fn mysql_packet(out: &mut Vec<u8>, seq: u8, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes()[..3]);
+    out.push(seq);
+    out.extend_from_slice(payload);
+}
+
+pub fn mysql_read(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h)?;
+    let mut p = vec![0u8; u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize];
+    s.read_exact(&mut p)?;
+    Ok(p)
+}
+
+/// A length-encoded integer from the front of `p`.
+pub fn lenenc(p: &mut &[u8]) -> u64 {
+    let (v, used) = match p.first() {
+        Some(&b) if b < 251 => (b as u64, 1),
+        Some(0xFC) => (u16::from_le_bytes([p[1], p[2]]) as u64, 3),
+        Some(0xFD) => (u32::from_le_bytes([p[1], p[2], p[3], 0]) as u64, 4),
+        _ => (u64::from_le_bytes(p.get(1..9).and_then(|s| s.try_into().ok()).unwrap_or_default()), 9),
+    };
+    *p = &p[used.min(p.len())..];
+    v
+}
+
+/// Logs in to CometQL with mysql_native_password.
+pub fn mysql_login(addr: &SocketAddr, password: &str) -> std::io::Result<TcpStream> {
+    use sha1::{Digest, Sha1};
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let g = mysql_read(&mut s)?;
+    let vend = g.iter().position(|&b| b == 0).ok_or_else(|| std::io::Error::other("bad greeting"))?;
+    let mut nonce = g[vend + 5..vend + 13].to_vec();
+    nonce.extend_from_slice(&g[vend + 32..vend + 44]);
+    let h1: [u8; 20] = Sha1::digest(password.as_bytes()).into();
+    let h2: [u8; 20] = Sha1::digest(h1).into();
+    let mut h = Sha1::new();
+    h.update(&nonce);
+    h.update(h2);
+    let h3: [u8; 20] = h.finalize().into();
+    let caps: u32 = 0x200 | 0x8000 | 0x80000;
+    let mut p = Vec::new();
+    p.extend_from_slice(&caps.to_le_bytes());
+    p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+    p.push(45);
+    p.extend_from_slice(&[0; 23]);
+    p.extend_from_slice(b"root\0");
+    p.push(20);
+    p.extend(h1.iter().zip(h3).map(|(a, b)| a ^ b));
+    p.extend_from_slice(b"mysql_native_password\0");
+    let mut out = Vec::new();
+    mysql_packet(&mut out, 1, &p);
+    s.write_all(&out)?;
+    let ok = mysql_read(&mut s)?;
+    if ok.first() != Some(&0) {
+        return Err(std::io::Error::other(format!("login refused: {}", String::from_utf8_lossy(&ok))));
+    }
+    Ok(s)
+}
+
+/// Runs one query and returns affected rows (OK) or an error.
+pub fn mysql_exec(s: &mut TcpStream, sql: &str) -> std::io::Result<u64> {
+    let mut q = vec![0x03];
+    q.extend_from_slice(sql.as_bytes());
+    let mut out = Vec::new();
+    mysql_packet(&mut out, 0, &q);
+    s.write_all(&out)?;
+    let p = mysql_read(s)?;
+    match p.first() {
+        Some(0) => {
+            let mut rest = &p[1..];
+            Ok(lenenc(&mut rest))
+        }
+        _ => Err(std::io::Error::other(format!("query failed: {}", String::from_utf8_lossy(&p)))),
+    }
+}
+
+/// One HTTP/1.1 POST on a keep-alive connection; returns the body.
+pub fn http_post(s: &mut TcpStream, path: &str, body: &str) -> std::io::Result<String> {
+    write!(s, "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+    let mut head = Vec::with_capacity(512);
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b)? == 0 {
+            return Err(std::io::Error::other("closed"));
+        }
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status_ok = text.starts_with("http/1.1 2");
+    let len: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if !status_ok {
+        return Err(std::io::Error::other(format!("publish failed: {}{body}", String::from_utf8_lossy(&head))));
+    }
+    Ok(body)
+}
