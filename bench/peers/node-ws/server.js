@@ -13,7 +13,7 @@ const NAME = /^\/(sub|pub)\/([A-Za-z0-9_-]+)$/;
 const server = http.createServer((req, res) => {
   const m = NAME.exec(req.url);
   if (!m || m[1] !== 'pub' || req.method !== 'POST') {
-    res.writeHead(404, { 'content-type': 'text/plain' });
+    res.writeHead(404, { 'content-type': 'text/plain', 'content-length': 10 });
     res.end('not found\n');
     return;
   }
@@ -28,8 +28,9 @@ const server = http.createServer((req, res) => {
         if (ws.readyState === 1) { ws.send(msg); n++; }
       }
     }
-    res.writeHead(200, { 'content-type': 'text/plain' });
-    res.end(String(n));
+    const body = String(n);
+    res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
+    res.end(body);
   });
 });
 

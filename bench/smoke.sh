@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A short run of every comet-bench scenario (seconds, small N), so the tool
+# keeps working; CI runs it. Checks zero loss where loss is measurable and
+# that slow clients are closed with 4008.
+# Usage: bench/smoke.sh [target-dir-profile]   (default: debug)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile=${1:-debug}
+B="target/$profile/comet-bench"
+C="target/$profile/comet"
+out=$(mktemp -d)
+common=(--spawn --comet-bin "$C" --workers 2)
+
+check() { # file jq-like python expression
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+figs = json.load(open(sys.argv[1]))
+ok = eval(sys.argv[2], {}, {"f": figs})
+print(("ok  " if ok else "FAIL"), sys.argv[1].rsplit("/", 1)[-1], sys.argv[2])
+sys.exit(0 if ok else 1)
+PY
+}
+
+"$B" "${common[@]}" idle --conns 300 --channels 2 --procs 2 --json "$out/idle.json"
+check "$out/idle.json" 'f[0]["connections"] == 300 and f[0]["failed_connections"] == 0'
+"$B" "${common[@]}" connect --conns 300 --json "$out/connect.json"
+check "$out/connect.json" 'f[0]["connections"] == 300'
+"$B" "${common[@]}" connect --conns 200 --auth --json "$out/connect_auth.json"
+check "$out/connect_auth.json" 'f[0]["connections"] == 200'
+"$B" "${common[@]}" fanout --subs 300 --channels 3 --rate 20 --seconds 1 --json "$out/fanout.json" --svg "$out/fanout.svg"
+check "$out/fanout.json" 'f[0]["loss"] == 0 and f[0]["delivered"] == 6000'
+grep -q '<polyline' "$out/fanout.svg"
+"$B" "${common[@]}" private --users 200 --devices 2 --conns 2 --inserts 200 --window 16 --json "$out/private.json"
+check "$out/private.json" 'f[0]["loss"] == 0 and f[0]["delivered"] == 800'
+"$B" "${common[@]}" publish --subs 50 --conns 2 --inserts 200 --window 16 --json "$out/publish.json"
+check "$out/publish.json" 'f[0]["loss"] == 0'
+"$B" "${common[@]}" churn --users 200 --online 40 --seconds 2 --rate 200 --json "$out/churn.json"
+check "$out/churn.json" 'f[0]["connections"] > 0 and f[0]["delivered"] > 0'
+"$B" "${common[@]}" slow --slow 5 --size 16384 --messages 300 --json "$out/slow.json"
+check "$out/slow.json" 'f[0]["extra"]["slow clients closed with 4008"] == 5'
+"$B" "${common[@]}" compare fanout --subs 200 --rate 20 --seconds 1 --json "$out/compare.json"
+check "$out/compare.json" 'sorted(x["target"] for x in f) == ["comet", "nchan", "node-ws"] and all(x["loss"] == 0 for x in f)'
+rm -rf "$out"
+echo "bench smoke: all scenarios ran"
