@@ -265,7 +265,13 @@ fn die(msg: &str) -> ! {
 
 fn spawn_opts(g: &Global) -> Spawn {
     let bench_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    Spawn { comet_bin: g.comet_bin.clone(), workers: g.workers, io: g.io.clone(), password: g.password.clone(), bench_dir }
+    Spawn {
+        comet_bin: g.comet_bin.clone(),
+        workers: g.workers,
+        io: g.io.clone(),
+        password: g.password.clone(),
+        bench_dir,
+    }
 }
 
 fn target_for(g: &Global, kind: Kind) -> std::io::Result<Target> {
@@ -358,8 +364,23 @@ fn idle(g: &Global, t: &Target, a: &IdleArgs) -> Figures {
         for p in 0..a.procs {
             let n = per.min(a.conns.saturating_sub(p * per));
             let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
-                .args(["hold", "--conns", &n.to_string(), "--channels", &a.channels.to_string(), "--offset", &(p * per).to_string()])
-                .args(["--target", t.kind.name_arg(), "--server", &t.front.to_string(), "--sources", &g.sources.to_string()])
+                .args([
+                    "hold",
+                    "--conns",
+                    &n.to_string(),
+                    "--channels",
+                    &a.channels.to_string(),
+                    "--offset",
+                    &(p * per).to_string(),
+                ])
+                .args([
+                    "--target",
+                    t.kind.name_arg(),
+                    "--server",
+                    &t.front.to_string(),
+                    "--sources",
+                    &g.sources.to_string(),
+                ])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .spawn()
@@ -367,7 +388,12 @@ fn idle(g: &Global, t: &Target, a: &IdleArgs) -> Figures {
             let mut line = String::new();
             let stdout = child.stdout.take().expect("stdout");
             std::io::BufReader::new(stdout).read_line(&mut line).ok();
-            let failed: u64 = line.trim().strip_prefix("held ").and_then(|r| r.split(' ').nth(1)).and_then(|x| x.parse().ok()).unwrap_or(n as u64);
+            let failed: u64 = line
+                .trim()
+                .strip_prefix("held ")
+                .and_then(|r| r.split(' ').nth(1))
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(n as u64);
             f.failed_connections += failed;
             eprintln!("idle: client process {p} holds {} of {n}", n as u64 - failed.min(n as u64));
             children.push(child);
@@ -420,7 +446,11 @@ fn hold(g: &Global, conns: usize, channels: usize, offset: usize) {
 }
 
 fn connect(g: &Global, t: &Target, a: &ConnectArgs) -> Figures {
-    let mut f = Figures { scenario: if a.auth { "connect (authorized)" } else { "connect" }.into(), target: t.kind.name().into(), ..Figures::default() };
+    let mut f = Figures {
+        scenario: if a.auth { "connect (authorized)" } else { "connect" }.into(),
+        target: t.kind.name().into(),
+        ..Figures::default()
+    };
     if a.auth {
         if t.kind != Kind::Comet {
             die("connect --auth: authorized users exist only on comet");
@@ -437,7 +467,11 @@ fn connect(g: &Global, t: &Target, a: &ConnectArgs) -> Figures {
                     let (mut ok, mut bad) = (0u64, 0u64);
                     let mut keep = Vec::with_capacity(per);
                     for i in th * per..((th + 1) * per).min(a.conns) {
-                        let r = if a.auth { open_user(g, t, i % a.conns + 1, source(g, i)) } else { t.subscribe(source(g, i), "bench_connect", &format!("c{i}")) };
+                        let r = if a.auth {
+                            open_user(g, t, i % a.conns + 1, source(g, i))
+                        } else {
+                            t.subscribe(source(g, i), "bench_connect", &format!("c{i}"))
+                        };
                         match r {
                             Ok(s) => {
                                 ok += 1;
@@ -486,7 +520,12 @@ fn open_user(_g: &Global, t: &Target, uid: usize, source: u8) -> std::io::Result
 }
 
 /// Starts reader threads over `socks`; returns their join handles.
-fn readers(socks: Vec<TcpStream>, threads: usize, expected_per_sock: f64, start: Instant) -> Vec<std::thread::JoinHandle<(u64, Histogram<u64>)>> {
+fn readers(
+    socks: Vec<TcpStream>,
+    threads: usize,
+    expected_per_sock: f64,
+    start: Instant,
+) -> Vec<std::thread::JoinHandle<(u64, Histogram<u64>)>> {
     let per = socks.len().div_ceil(threads.max(1)).max(1);
     let mut socks = socks;
     let mut out = Vec::new();
@@ -534,7 +573,10 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
     for (c, name) in chans.iter().enumerate() {
         loop {
             let n = publisher.publish(name, "warmup").unwrap_or(0);
-            if n >= per_channel[c] || Instant::now() > deadline || t.kind == Kind::Nchan && n == 0 && per_channel[c] == 0 {
+            if n >= per_channel[c]
+                || Instant::now() > deadline
+                || t.kind == Kind::Nchan && n == 0 && per_channel[c] == 0
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -597,7 +639,8 @@ fn private(g: &Global, t: &Target, a: &PrivateArgs) -> Figures {
     let back = t.back.expect("comet backend");
     let writers: Vec<_> = (0..a.conns)
         .map(|w| {
-            let (password, inserts, window, users, rate, conns) = (t.password.clone(), a.inserts, a.window, a.users, a.rate, a.conns);
+            let (password, inserts, window, users, rate, conns) =
+                (t.password.clone(), a.inserts, a.window, a.users, a.rate, a.conns);
             std::thread::spawn(move || {
                 let mut s = wire::mysql_login(&back, &password).expect("CometQL login");
                 pipelined(&mut s, inserts, window, |i| {
@@ -725,7 +768,12 @@ fn churn(g: &Global, t: &Target, a: &ChurnArgs) -> Figures {
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
                 let uid = rng % users as u64 + 1;
-                if wire::mysql_exec(&mut s, &format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'churn', 'm{i}')")).is_ok() {
+                if wire::mysql_exec(
+                    &mut s,
+                    &format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'churn', 'm{i}')"),
+                )
+                .is_ok()
+                {
                     sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 i += 1;
@@ -832,7 +880,11 @@ fn slow(g: &Global, t: &Target, a: &SlowArgs) -> Figures {
     f.messages = a.messages as u64;
     f.seconds = t0.elapsed().as_secs_f64();
     f.rss_kib_after = t.rss_kib().unwrap_or(0);
-    // Each slow client should now find a 4008 close after its backlog.
+    // The server's own count; a slow client that cannot drain its backlog
+    // within the close deadline is dropped before it could read the frame.
+    let server_closes = comet_metric(t, "comet_slow_consumer_closes_total{shard=\"all\"}");
+    f.extra.insert("server slow-consumer closes (4008)".into(), server_closes.unwrap_or(-1.0));
+    // Clients that can still read find the 4008 close after their backlog.
     let mut closed_4008 = 0u64;
     for s in &mut slow {
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
@@ -851,6 +903,16 @@ fn slow(g: &Global, t: &Target, a: &SlowArgs) -> Figures {
     f
 }
 
+/// One value from comet's /metrics.
+fn comet_metric(t: &Target, line: &str) -> Option<f64> {
+    use std::io::Read;
+    let mut s = TcpStream::connect(t.front).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok())
+}
+
 /// Resident memory of this process in KiB.
 fn self_rss_kib() -> u64 {
     proc::rss_kib(std::process::id())
@@ -862,7 +924,11 @@ fn users_mem(users: u64, queued: usize) {
     let mut store = UserStore::default();
     for u in 1..=users {
         for i in 0..queued {
-            let q = Queued { time: 1_700_000_000 + i as i64, event: "message".into(), message: format!("{{\"n\":{u}}}").into() };
+            let q = Queued {
+                time: 1_700_000_000 + i as i64,
+                event: "message".into(),
+                message: format!("{{\"n\":{u}}}").into(),
+            };
             store.enqueue(0, u, q, 64, 300, 1_700_000_000);
         }
     }
@@ -880,7 +946,14 @@ fn parse_bench(iterations: usize) {
     let sql = r#"INSERT INTO pipes_messages (name, event, message) VALUES ('bench_publish', 'bench', '{\"text\":\"hello world\",\"n\":12345}')"#;
     let may = |_: u32| true;
     let status = Vec::new;
-    let ctx = exec::Ctx { dev_id: 0, database: "CometQL_v1", connection_id: 1, may_use_dev: &may, status: &status, max_query_size: 1 << 20 };
+    let ctx = exec::Ctx {
+        dev_id: 0,
+        database: "CometQL_v1",
+        connection_id: 1,
+        may_use_dev: &may,
+        status: &status,
+        max_query_size: 1 << 20,
+    };
     let t = Instant::now();
     let mut n = 0usize;
     for _ in 0..iterations {

@@ -133,7 +133,10 @@ pub fn print_ratios(all: &[Figures]) {
             r(comet.cpu_s_per_million, peer.cpu_s_per_million),
             r(comet.p99_ms, peer.p99_ms),
             r(comet.rss_bytes_per_conn, peer.rss_bytes_per_conn),
-            r(comet.deliveries_per_sec.max(comet.handshakes_per_sec), peer.deliveries_per_sec.max(peer.handshakes_per_sec)),
+            r(
+                comet.deliveries_per_sec.max(comet.handshakes_per_sec),
+                peer.deliveries_per_sec.max(peer.handshakes_per_sec)
+            ),
         );
     }
 }

@@ -92,10 +92,19 @@ impl Target {
                     .spawn()?;
                 wait_port(front, &mut child, "comet")?;
                 wait_port(back, &mut child, "comet")?;
-                Ok(Target { kind, front, back: Some(back), password: s.password.clone(), pid: Some(child.id()), child: Some(child), _dir: None })
+                Ok(Target {
+                    kind,
+                    front,
+                    back: Some(back),
+                    password: s.password.clone(),
+                    pid: Some(child.id()),
+                    child: Some(child),
+                    _dir: None,
+                })
             }
             Kind::Nchan => {
-                let dir = std::env::temp_dir().join(format!("comet-bench-nchan-{}-{}", std::process::id(), front.port()));
+                let dir =
+                    std::env::temp_dir().join(format!("comet-bench-nchan-{}-{}", std::process::id(), front.port()));
                 std::fs::create_dir_all(&dir)?;
                 let template = std::fs::read_to_string(s.bench_dir.join("peers/nchan/nginx.conf.template"))?;
                 let conf = template
@@ -111,7 +120,15 @@ impl Target {
                     .stderr(Stdio::null())
                     .spawn()?;
                 wait_port(front, &mut child, "nginx")?;
-                Ok(Target { kind, front, back: None, password: String::new(), pid: Some(child.id()), child: Some(child), _dir: Some(dir) })
+                Ok(Target {
+                    kind,
+                    front,
+                    back: None,
+                    password: String::new(),
+                    pid: Some(child.id()),
+                    child: Some(child),
+                    _dir: Some(dir),
+                })
             }
             Kind::Node => {
                 let mut child = Command::new("node")
@@ -122,7 +139,15 @@ impl Target {
                     .stderr(Stdio::null())
                     .spawn()?;
                 wait_port(front, &mut child, "node")?;
-                Ok(Target { kind, front, back: None, password: String::new(), pid: Some(child.id()), child: Some(child), _dir: None })
+                Ok(Target {
+                    kind,
+                    front,
+                    back: None,
+                    password: String::new(),
+                    pid: Some(child.id()),
+                    child: Some(child),
+                    _dir: None,
+                })
             }
         }
     }
@@ -214,7 +239,9 @@ impl Publisher {
                     .parse()
                     .ok()
                     .or_else(|| {
-                        body.lines().find_map(|l| l.trim().strip_prefix("active subscribers:")).and_then(|v| v.trim().parse().ok())
+                        body.lines()
+                            .find_map(|l| l.trim().strip_prefix("active subscribers:"))
+                            .and_then(|v| v.trim().parse().ok())
                     })
                     .unwrap_or(0))
             }

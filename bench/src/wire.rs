@@ -193,7 +193,11 @@ pub fn mysql_exec(s: &mut TcpStream, sql: &str) -> std::io::Result<u64> {
 
 /// One HTTP/1.1 POST on a keep-alive connection; returns the body.
 pub fn http_post(s: &mut TcpStream, path: &str, body: &str) -> std::io::Result<String> {
-    write!(s, "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
     let mut head = Vec::with_capacity(512);
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -204,11 +208,8 @@ pub fn http_post(s: &mut TcpStream, path: &str, body: &str) -> std::io::Result<S
     }
     let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
     let status_ok = text.starts_with("http/1.1 2");
-    let len: usize = text
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let len: usize =
+        text.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
     let mut body = vec![0u8; len];
     s.read_exact(&mut body)?;
     let body = String::from_utf8_lossy(&body).into_owned();
