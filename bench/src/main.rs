@@ -327,7 +327,7 @@ fn source(g: &Global, i: usize) -> u8 {
 }
 
 fn progress(what: &str, done: usize, total: usize, failed: usize) {
-    if done % 500 == 0 || done == total {
+    if done.is_multiple_of(500) || done == total {
         eprint!("\r{what}: {done}/{total} ({failed} failed)   ");
         if done == total {
             eprintln!();
@@ -604,7 +604,7 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
         if let Err(e) = publisher.publish(&chans[m % chans.len()], &ts.to_string()) {
             eprintln!("fanout: publish failed: {e}");
         }
-        if m % 20 == 0 {
+        if m.is_multiple_of(20) {
             eprint!("\rfanout: published {m}/{messages}   ");
         }
     }
@@ -824,7 +824,7 @@ fn churn(g: &Global, t: &Target, a: &ChurnArgs) -> Figures {
                 drain(&mut s, &mut live, &mut queued);
             }
         }
-        if connects % 200 == 0 {
+        if connects.is_multiple_of(200) {
             eprint!("\rchurn: {connects} connects, {live} live + {queued} queued deliveries   ");
         }
     }
@@ -871,7 +871,7 @@ fn slow(g: &Global, t: &Target, a: &SlowArgs) -> Figures {
     let t0 = Instant::now();
     for m in 0..a.messages {
         let _ = publisher.publish(channel, &body);
-        if m % 50 == 0 {
+        if m.is_multiple_of(50) {
             peak = peak.max(t.rss_kib().unwrap_or(0));
             eprint!("\rslow: published {m}/{}, server RSS {peak} KiB   ", a.messages);
         }

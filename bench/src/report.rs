@@ -77,7 +77,8 @@ impl Figures {
 
 /// Prints the figures that the scenario produced (non-zero ones).
 pub fn print_table(all: &[Figures]) {
-    let rows: [(&str, fn(&Figures) -> f64, &str); 14] = [
+    type Row = (&'static str, fn(&Figures) -> f64, &'static str);
+    let rows: [Row; 14] = [
         ("connections", |f| f.connections as f64, ""),
         ("failed connections", |f| f.failed_connections as f64, ""),
         ("messages published", |f| f.messages as f64, ""),
