@@ -89,6 +89,12 @@ pub struct Cli {
     /// Seconds a queued private message stays deliverable [default: 300].
     #[arg(long, env = "COMET_OFFLINE_QUEUE_TTL")]
     pub offline_queue_ttl: Option<u64>,
+    /// Origins allowed to open WebSockets, comma-separated (others get 403) [default: any].
+    #[arg(long, env = "COMET_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Proxy addresses whose X-Forwarded-For is trusted for the client IP, comma-separated [default: none].
+    #[arg(long, env = "COMET_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -112,6 +118,8 @@ pub struct FileConfig {
     pub max_query_size: Option<usize>,
     pub offline_queue_size: Option<usize>,
     pub offline_queue_ttl: Option<u64>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -154,6 +162,10 @@ pub struct Config {
     /// dev_ids whose `user_data` any connection may read (the file's
     /// `public_user_data = [..]`); others only read their own.
     pub public_user_data: Vec<u32>,
+    /// When not empty, WebSocket upgrades with another Origin get 403.
+    pub allowed_origins: Vec<String>,
+    /// Peers whose first X-Forwarded-For entry is the client's address.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for Config {
@@ -180,6 +192,8 @@ impl Default for Config {
             offline_queue_size: 64,
             offline_queue_ttl: Duration::from_secs(300),
             public_user_data: Vec::new(),
+            allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -220,6 +234,15 @@ impl Config {
             offline_queue_size: cli.offline_queue_size.or(file.offline_queue_size).unwrap_or(d.offline_queue_size),
             offline_queue_ttl: cli.offline_queue_ttl.or(file.offline_queue_ttl).map_or(d.offline_queue_ttl, secs),
             public_user_data: file.public_user_data.unwrap_or_default(),
+            allowed_origins: cli
+                .allowed_origins
+                .or(file.allowed_origins)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            trusted_proxies: cli.trusted_proxies.or(file.trusted_proxies).unwrap_or_default(),
         };
         c.validate()?;
         Ok(c)

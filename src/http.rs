@@ -24,6 +24,12 @@ pub fn bad_request(reason: &str) -> Vec<u8> {
     response("400 Bad Request", "text/plain; charset=utf-8", "", body.as_bytes())
 }
 
+/// `403 Forbidden` with a one-line reason.
+pub fn forbidden(reason: &str) -> Vec<u8> {
+    let body = format!("{reason}\n");
+    response("403 Forbidden", "text/plain; charset=utf-8", "", body.as_bytes())
+}
+
 /// `503 Service Unavailable` with a one-line reason.
 pub fn unavailable(reason: &str) -> Vec<u8> {
     let body = format!("{reason}\n");

@@ -377,3 +377,62 @@ fn uring_refuses_to_start_when_io_uring_is_forbidden() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("io_uring is not usable here") && err.contains("Operation not permitted"), "{err}");
 }
+
+/// Opens a WebSocket by hand with extra headers; returns the status line.
+fn upgrade_with(s: &Server, extra_headers: &str) -> (String, std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut t = std::net::TcpStream::connect(s.addr).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        t,
+        "GET /ws/v=4&uuid=hdr HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && t.read(&mut b).unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    (text.lines().next().unwrap_or("").to_string(), t)
+}
+
+#[test]
+fn origin_allow_list_refuses_other_origins_with_403() {
+    let s = Server::start(&["--allowed-origins", "https://good.example,https://also.example/"]);
+    let (status, mut t) = upgrade_with(&s, "Origin: https://evil.example\r\n");
+    assert_eq!(status, "HTTP/1.1 403 Forbidden");
+    let mut body = String::new();
+    use std::io::Read;
+    let _ = t.read_to_string(&mut body);
+    assert_eq!(body, "origin 'https://evil.example' is not allowed to connect\n");
+    assert_eq!(upgrade_with(&s, "Origin: https://good.example\r\n").0, "HTTP/1.1 101 Switching Protocols");
+    assert_eq!(upgrade_with(&s, "Origin: https://also.example\r\n").0, "HTTP/1.1 101 Switching Protocols");
+    // Non-browser clients send no Origin: not a cross-site page, allowed.
+    assert_eq!(upgrade_with(&s, "").0, "HTTP/1.1 101 Switching Protocols");
+}
+
+#[test]
+fn x_forwarded_for_counts_only_from_a_trusted_proxy() {
+    use mysql::prelude::Queryable;
+    for (trusted, want) in [(true, "203.0.113.7"), (false, "127.0.0.1")] {
+        let mut args = vec!["--password", "pw"];
+        if trusted {
+            args.extend(["--trusted-proxies", "127.0.0.1,::1"]);
+        }
+        let s = Server::start(&args);
+        let (status, mut t) = upgrade_with(&s, "X-Forwarded-For: 203.0.113.7, 10.1.2.3\r\n");
+        assert_eq!(status, "HTTP/1.1 101 Switching Protocols");
+        let mut r = Raw { s: t.try_clone().unwrap() };
+        r.frame();
+        r.send_frame(0x81, b"subscription\nfwd_chan", true);
+        let url = format!("mysql://root:pw@{}/CometQL_v1", s.backend);
+        let mut db = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+        let ok = eventually(5, || {
+            let ips: Vec<String> = db.query("SELECT ip FROM users_in_pipes WHERE name = 'fwd_chan'").unwrap();
+            ips == [want]
+        });
+        assert!(ok, "trusted={trusted}: expected ip {want}");
+        let _ = std::io::Write::flush(&mut t);
+    }
+}

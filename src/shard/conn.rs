@@ -50,17 +50,24 @@ pub enum Phase {
     Closing { deadline: u32 },
 }
 
-/// Facts about the client kept for `users_in_pipes`: Origin, User-Agent and
-/// Accept-Language in one allocation (`\0`-separated), since every idle
-/// connection carries them and four `String`s would cost four allocations
-/// and 96 bytes of headers. The IP comes from `Conn::peer`.
+/// Facts about the client kept for `users_in_pipes`: Origin, User-Agent,
+/// Accept-Language and the address a trusted proxy forwarded for, in one
+/// allocation (`\0`-separated), since every idle connection carries them and
+/// four `String`s would cost four allocations and 96 bytes of headers. When
+/// no proxy forwarded an address, the IP is `Conn::peer`'s.
 #[derive(Debug)]
 pub struct ClientInfo(Box<str>);
 
 impl ClientInfo {
-    pub fn new(origin: Option<&str>, user_agent: Option<&str>, language: Option<&str>) -> ClientInfo {
+    pub fn new(origin: Option<&str>, user_agent: Option<&str>, language: Option<&str>, ip: Option<&str>) -> ClientInfo {
         let clean = |s: Option<&str>| s.unwrap_or("").replace('\0', "");
-        ClientInfo(format!("{}\0{}\0{}", clean(origin), clean(user_agent), clean(language)).into_boxed_str())
+        let s = format!("{}\0{}\0{}\0{}", clean(origin), clean(user_agent), clean(language), clean(ip));
+        ClientInfo(s.into_boxed_str())
+    }
+
+    /// The client address forwarded by a trusted proxy, if any.
+    pub fn forwarded_ip(&self) -> Option<&str> {
+        Some(self.field(3)).filter(|s| !s.is_empty())
     }
 
     fn field(&self, i: usize) -> &str {
@@ -333,6 +340,15 @@ impl Shard {
             self.answer_http(id, http::bad_request(&e.to_string()));
             return Http::Finished;
         }
+        let allowed = &self.shared.config.allowed_origins;
+        if !allowed.is_empty()
+            && let Some(origin) = req.origin.as_deref()
+            && !allowed.iter().any(|a| a == origin.trim_end_matches('/'))
+        {
+            let msg = format!("origin '{}' is not allowed to connect", clip(origin));
+            self.answer_http(id, http::forbidden(&msg));
+            return Http::Finished;
+        }
         if echo {
             self.send_raw(id, req.upgrade_response());
             if let Some(c) = self.conns.get_mut(id) {
@@ -389,8 +405,19 @@ impl Shard {
         conn.legacy = legacy;
         conn.uuid = p.uuid.clone().into_boxed_str();
         conn.user_id = 0;
-        conn.info =
-            Some(ClientInfo::new(req.origin.as_deref(), req.user_agent.as_deref(), req.accept_language.as_deref()));
+        // X-Forwarded-For counts only from a configured trusted proxy, and
+        // only when it is an address.
+        let forwarded = req
+            .forwarded_for
+            .as_deref()
+            .filter(|_| self.shared.config.trusted_proxies.contains(&conn.peer.ip()))
+            .filter(|f| f.parse::<std::net::IpAddr>().is_ok());
+        conn.info = Some(ClientInfo::new(
+            req.origin.as_deref(),
+            req.user_agent.as_deref(),
+            req.accept_language.as_deref(),
+            forwarded,
+        ));
         self.metrics.websockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // This runs on the user's home shard (the connection was handed
         // over), so the key check and device registration are local.
@@ -1047,7 +1074,9 @@ mod tests {
 
     #[test]
     fn client_info_keeps_three_fields_in_one_allocation() {
-        let i = ClientInfo::new(Some("https://a.example"), None, Some("de\0-DE"));
+        let i = ClientInfo::new(Some("https://a.example"), None, Some("de\0-DE"), None);
         assert_eq!((i.origin(), i.user_agent(), i.language()), ("https://a.example", "", "de-DE"));
+        assert_eq!(i.forwarded_ip(), None);
+        assert_eq!(ClientInfo::new(None, None, None, Some("203.0.113.9")).forwarded_ip(), Some("203.0.113.9"));
     }
 }

@@ -528,7 +528,7 @@ impl Shard {
                     Some(c.user_id.to_string()),
                     Some(c.uuid.to_string()),
                     info.map(|i| i.user_agent().to_string()),
-                    Some(c.peer.ip().to_string()),
+                    Some(info.and_then(|i| i.forwarded_ip()).map_or_else(|| c.peer.ip().to_string(), str::to_string)),
                     info.map(|i| i.origin().to_string()),
                     info.map(|i| i.language().to_string()),
                 ]);
