@@ -106,6 +106,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         queued: usize,
     },
+    /// In-process: CPU cost of one non-blocking send per delivery on
+    /// loopback, the floor under any server that writes each delivery with
+    /// its own syscall (comet, nchan, node-ws alike).
+    SendFloor {
+        #[arg(long, default_value_t = 10_000)]
+        sockets: usize,
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
+        /// Bytes per message (a comet frame for a short message is ~90).
+        #[arg(long, default_value_t = 90)]
+        size: usize,
+    },
     /// In-process: time the CometQL lexer, parser and planner.
     Parse {
         #[arg(long, default_value_t = 200_000)]
@@ -236,6 +248,10 @@ fn main() {
         }
         Cmd::Parse { iterations } => {
             parse_bench(iterations);
+            return;
+        }
+        Cmd::SendFloor { sockets, rounds, size } => {
+            send_floor(sockets, rounds, size);
             return;
         }
         Cmd::Hold { conns, channels, offset } => {
@@ -911,6 +927,70 @@ fn comet_metric(t: &Target, line: &str) -> Option<f64> {
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     body.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok())
+}
+
+/// CPU seconds the calling thread has used.
+fn thread_cpu_secs() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a whole rusage into the pointer we own.
+    let ru = unsafe {
+        libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr());
+        ru.assume_init()
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn send_floor(sockets: usize, rounds: usize, size: usize) {
+    use std::net::TcpListener;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut senders = Vec::with_capacity(sockets);
+    let mut receivers = Vec::with_capacity(sockets);
+    for i in 0..sockets {
+        let c = wire::connect_from(&addr, 1 + (i % 4) as u8).expect("connect");
+        let (s, _) = listener.accept().expect("accept");
+        s.set_nodelay(true).expect("nodelay");
+        s.set_nonblocking(true).expect("nonblocking");
+        senders.push(s);
+        receivers.push(c);
+    }
+    // Each message carries a timestamp so the shared reader counts it.
+    let start = Instant::now();
+    let want = (sockets * rounds) as u64;
+    let reader = std::thread::spawn(move || report::read_all(receivers, want, start));
+    let mut frame = vec![0x81u8, 0];
+    let mut sent = 0u64;
+    let mut would_block = 0u64;
+    let cpu0 = thread_cpu_secs();
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        let ts = start.elapsed().as_micros().to_string();
+        let mut payload = ts.into_bytes();
+        payload.resize(size.saturating_sub(2).clamp(payload.len(), 125), b' ');
+        frame.truncate(1);
+        frame.push(payload.len() as u8);
+        frame.extend_from_slice(&payload);
+        for s in &senders {
+            match socket2::SockRef::from(s).send_with_flags(&frame, libc::MSG_NOSIGNAL) {
+                Ok(_) => sent += 1,
+                Err(_) => would_block += 1,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cpu = thread_cpu_secs() - cpu0;
+    let (got, hist) = reader.join().expect("reader");
+    let wall = t0.elapsed().as_secs_f64();
+    println!(
+        "send-floor: {sent} sends of {size} bytes to {sockets} loopback sockets ({would_block} would block), {got} received in {wall:.2}s"
+    );
+    println!(
+        "  sender thread CPU {cpu:.2}s: {:.2} µs per send = {:.2} CPU-seconds per million deliveries; receipt p50 {:.2} ms",
+        cpu * 1e6 / sent.max(1) as f64,
+        cpu / (sent.max(1) as f64 / 1e6),
+        hist.value_at_quantile(0.5) as f64 / 1000.0
+    );
 }
 
 /// Resident memory of this process in KiB.
