@@ -673,6 +673,22 @@ fn private(g: &Global, t: &Target, a: &PrivateArgs) -> Figures {
             })
         })
         .collect();
+    finish_inserts(f, t, writers, rs, cpu0, t0, total, "server CPU µs per private message")
+}
+
+/// Joins the CometQL writers and the readers of an INSERT-driven run and
+/// fills the throughput, latency and per-INSERT figures.
+#[allow(clippy::too_many_arguments)]
+fn finish_inserts(
+    mut f: Figures,
+    t: &Target,
+    writers: Vec<std::thread::JoinHandle<u64>>,
+    rs: Vec<std::thread::JoinHandle<(u64, Histogram<u64>)>>,
+    cpu0: Option<f64>,
+    t0: Instant,
+    total: usize,
+    per_insert_label: &str,
+) -> Figures {
     let affected: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
     let insert_secs = t0.elapsed().as_secs_f64();
     let (got, hist) = gather(rs);
@@ -682,7 +698,7 @@ fn private(g: &Global, t: &Target, a: &PrivateArgs) -> Figures {
     f.set_latency(&hist);
     f.extra.insert("INSERTs/s".into(), total as f64 / insert_secs);
     f.extra.insert("affected rows".into(), affected as f64);
-    f.extra.insert("server CPU µs per private message".into(), f.server_cpu_s * 1e6 / total as f64);
+    f.extra.insert(per_insert_label.into(), f.server_cpu_s * 1e6 / total as f64);
     f
 }
 
@@ -747,17 +763,7 @@ fn publish(g: &Global, t: &Target, a: &PublishArgs) -> Figures {
             })
         })
         .collect();
-    let affected: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
-    let insert_secs = t0.elapsed().as_secs_f64();
-    let (got, hist) = gather(rs);
-    f.seconds = t0.elapsed().as_secs_f64();
-    f.delivered = got;
-    f.set_throughput(t.cpu().zip(cpu0).map(|(b, a)| b - a));
-    f.set_latency(&hist);
-    f.extra.insert("INSERTs/s".into(), total as f64 / insert_secs);
-    f.extra.insert("affected rows".into(), affected as f64);
-    f.extra.insert("server CPU µs per INSERT".into(), f.server_cpu_s * 1e6 / total as f64);
-    f
+    finish_inserts(f, t, writers, rs, cpu0, t0, total, "server CPU µs per INSERT")
 }
 
 fn churn(g: &Global, t: &Target, a: &ChurnArgs) -> Figures {

@@ -80,76 +80,50 @@ impl Target {
     /// Starts a server of `kind` on free loopback ports.
     pub fn spawn(kind: Kind, s: &Spawn) -> std::io::Result<Target> {
         let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
-        match kind {
+        let mut back = None;
+        let mut dir = None;
+        let mut cmd = match kind {
             Kind::Comet => {
-                let back: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
-                let mut child = Command::new(&s.comet_bin)
-                    .args(["--frontend", &front.to_string(), "--backend", &back.to_string()])
-                    .args(["--shards", &s.workers.to_string(), "--io", &s.io, "--password", &s.password])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()?;
-                wait_port(front, &mut child, "comet")?;
-                wait_port(back, &mut child, "comet")?;
-                Ok(Target {
-                    kind,
-                    front,
-                    back: Some(back),
-                    password: s.password.clone(),
-                    pid: Some(child.id()),
-                    child: Some(child),
-                    _dir: None,
-                })
+                let b: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+                back = Some(b);
+                let mut c = Command::new(&s.comet_bin);
+                c.args(["--frontend", &front.to_string(), "--backend", &b.to_string()]).args([
+                    "--shards",
+                    &s.workers.to_string(),
+                    "--io",
+                    &s.io,
+                    "--password",
+                    &s.password,
+                ]);
+                c
             }
             Kind::Nchan => {
-                let dir =
-                    std::env::temp_dir().join(format!("comet-bench-nchan-{}-{}", std::process::id(), front.port()));
-                std::fs::create_dir_all(&dir)?;
+                let d = std::env::temp_dir().join(format!("comet-bench-nchan-{}-{}", std::process::id(), front.port()));
+                std::fs::create_dir_all(&d)?;
                 let template = std::fs::read_to_string(s.bench_dir.join("peers/nchan/nginx.conf.template"))?;
                 let conf = template
                     .replace("@PORT@", &front.port().to_string())
-                    .replace("@PREFIX@", &dir.to_string_lossy())
+                    .replace("@PREFIX@", &d.to_string_lossy())
                     .replace("@WORKERS@", &s.workers.to_string());
-                let conf_path = dir.join("nginx.conf");
+                let conf_path = d.join("nginx.conf");
                 std::fs::write(&conf_path, conf)?;
-                let mut child = Command::new("nginx")
-                    .args(["-p", &dir.to_string_lossy(), "-c", &conf_path.to_string_lossy()])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()?;
-                wait_port(front, &mut child, "nginx")?;
-                Ok(Target {
-                    kind,
-                    front,
-                    back: None,
-                    password: String::new(),
-                    pid: Some(child.id()),
-                    child: Some(child),
-                    _dir: Some(dir),
-                })
+                let mut c = Command::new("nginx");
+                c.args(["-p", &d.to_string_lossy(), "-c", &conf_path.to_string_lossy()]);
+                dir = Some(d);
+                c
             }
             Kind::Node => {
-                let mut child = Command::new("node")
-                    .arg(s.bench_dir.join("peers/node-ws/server.js"))
-                    .env("PORT", front.port().to_string())
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()?;
-                wait_port(front, &mut child, "node")?;
-                Ok(Target {
-                    kind,
-                    front,
-                    back: None,
-                    password: String::new(),
-                    pid: Some(child.id()),
-                    child: Some(child),
-                    _dir: None,
-                })
+                let mut c = Command::new("node");
+                c.arg(s.bench_dir.join("peers/node-ws/server.js")).env("PORT", front.port().to_string());
+                c
             }
+        };
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        for addr in std::iter::once(front).chain(back) {
+            wait_port(addr, &mut child, kind.name())?;
         }
+        let password = if kind == Kind::Comet { s.password.clone() } else { String::new() };
+        Ok(Target { kind, front, back, password, pid: Some(child.id()), child: Some(child), _dir: dir })
     }
 
     /// Opens a WebSocket subscribed to `channel` (waits for comet's serverInfo).
