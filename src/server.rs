@@ -34,6 +34,23 @@ pub enum ServerError {
     ShardDied(usize),
 }
 
+/// Binds `n` SO_REUSEPORT listeners on `addr`: the first bind resolves port
+/// 0, the others share the port it got. Returns the actual address.
+fn bind_all(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<socket2::Socket>), ServerError> {
+    let bind = |addr: SocketAddr| bind_reuseport(addr).map_err(|err| ServerError::Bind { addr, err });
+    let first = bind(addr)?;
+    let actual = first
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| ServerError::Bind { addr, err: std::io::Error::other("no local address") })?;
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(bind(actual)?);
+    }
+    Ok((actual, all))
+}
+
 /// Runs the server until SIGTERM/SIGINT (or a shard dies).
 pub fn run(config: Config) -> Result<(), ServerError> {
     if config.password == DEFAULT_PASSWORD {
@@ -47,28 +64,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     let n = config.shards;
 
-    // The first bind resolves port 0; the other shards share that port.
-    let bind = |addr: SocketAddr| bind_reuseport(addr).map_err(|err| ServerError::Bind { addr, err });
-    let first = bind(config.frontend)?;
-    let addr = first
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .ok_or_else(|| ServerError::Bind { addr: config.frontend, err: std::io::Error::other("no local address") })?;
-    let mut listeners = vec![first];
-    for _ in 1..n {
-        listeners.push(bind(addr)?);
-    }
-    let first_backend = bind(config.backend)?;
-    let backend_addr = first_backend
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .ok_or_else(|| ServerError::Bind { addr: config.backend, err: std::io::Error::other("no local address") })?;
-    let mut backend_listeners = vec![first_backend];
-    for _ in 1..n {
-        backend_listeners.push(bind(backend_addr)?);
-    }
+    let (addr, listeners) = bind_all(config.frontend, n)?;
+    let (backend_addr, backend_listeners) = bind_all(config.backend, n)?;
 
     let registry = Arc::new(Registry {
         shards: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
