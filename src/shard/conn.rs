@@ -8,7 +8,6 @@
 //! written with vectored writes; a queue over `outbound_limit` bytes closes the
 //! connection with 4008 instead of growing.
 
-use std::collections::VecDeque;
 use std::io::{IoSlice, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -94,10 +93,14 @@ pub struct Conn {
     /// Bytes of a partial frame or request head; empty (no heap) otherwise.
     pub inbuf: Vec<u8>,
     pub decoder: Decoder,
-    /// Frames waiting to be written; the first may be partly written.
-    pub out: VecDeque<Arc<[u8]>>,
-    /// Bytes of `out[0]` already written.
-    pub out_offset: usize,
+    /// Frames waiting to be written, from `out[out_head]` on; the first may
+    /// be partly written. One frame fits inline, so the usual fan-out (one
+    /// message per subscriber per round) allocates nothing per subscriber.
+    pub out: SmallVec<[Arc<[u8]>; 1]>,
+    /// Index of the first unwritten frame in `out` (a queue without moves).
+    pub out_head: u32,
+    /// Bytes of `out[out_head]` already written.
+    pub out_offset: u32,
     /// Bytes in `out` not yet written.
     pub out_bytes: usize,
     /// A writer task is waiting for the socket to become writable.
@@ -132,7 +135,8 @@ impl Conn {
             phase: Phase::Http,
             inbuf: Vec::new(),
             decoder: Decoder::new(max_message),
-            out: VecDeque::new(),
+            out: SmallVec::new(),
+            out_head: 0,
             out_offset: 0,
             out_bytes: 0,
             writer_waiting: false,
@@ -152,6 +156,11 @@ impl Conn {
         }
     }
 
+    /// Whether nothing waits to be written.
+    pub fn out_is_empty(&self) -> bool {
+        self.out_head as usize >= self.out.len()
+    }
+
     /// Whether channel messages may still be queued to it.
     pub fn accepts_messages(&self) -> bool {
         self.phase == Phase::Comet
@@ -160,9 +169,9 @@ impl Conn {
     /// Queues a frame; returns true if the connection must be added to the
     /// dirty list (its queue was empty and no writer is waiting).
     pub fn push_out(&mut self, frame: Arc<[u8]>) -> bool {
-        let was_idle = self.out.is_empty() && !self.writer_waiting;
+        let was_idle = self.out_is_empty() && !self.writer_waiting;
         self.out_bytes += frame.len();
-        self.out.push_back(frame);
+        self.out.push(frame);
         was_idle
     }
 }
@@ -852,7 +861,7 @@ impl Shard {
         }
         self.leave_all(id, &subs);
         self.detach_device(id);
-        if self.conns.get(id).is_some_and(|c| c.out.is_empty()) {
+        if self.conns.get(id).is_some_and(|c| c.out_is_empty()) {
             self.dirty.push(id);
         }
     }
@@ -890,12 +899,13 @@ impl Shard {
         ShardMetrics::add(&self.metrics.slow_consumer_closes, 1);
         // Drop what is queued but not started; a half-written frame must be
         // finished first or the close frame would corrupt the stream.
-        let front = if conn.out_offset > 0 { conn.out.pop_front() } else { None };
-        conn.out.clear();
+        let front = if conn.out_offset > 0 { conn.out.get(conn.out_head as usize).cloned() } else { None };
+        conn.out = SmallVec::new();
+        conn.out_head = 0;
         conn.out_bytes = 0;
         if let Some(f) = front {
-            conn.out_bytes = f.len() - conn.out_offset;
-            conn.out.push_back(f);
+            conn.out_bytes = f.len() - conn.out_offset as usize;
+            conn.out.push(f);
         }
         self.close_ws(id, CloseCode::SLOW_CONSUMER, "slow consumer");
     }
@@ -952,11 +962,12 @@ impl Shard {
         };
         let mut written = 0u64;
         let mut failed = false;
-        while !conn.out.is_empty() {
+        while !conn.out_is_empty() {
             let res = {
                 let mut slices: SmallVec<[IoSlice<'_>; 64]> = SmallVec::new();
-                for (i, f) in conn.out.iter().take(64).enumerate() {
-                    slices.push(IoSlice::new(if i == 0 { &f[conn.out_offset..] } else { &f[..] }));
+                let off = conn.out_offset as usize;
+                for (i, f) in conn.out[conn.out_head as usize..].iter().take(64).enumerate() {
+                    slices.push(IoSlice::new(if i == 0 { &f[off..] } else { &f[..] }));
                 }
                 conn.sock.send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL)
             };
@@ -965,15 +976,22 @@ impl Shard {
                     written += n as u64;
                     conn.out_bytes -= n;
                     while n > 0 {
-                        let left = conn.out[0].len() - conn.out_offset;
+                        let left = conn.out[conn.out_head as usize].len() - conn.out_offset as usize;
                         if n >= left {
                             n -= left;
-                            conn.out.pop_front();
+                            conn.out_head += 1;
                             conn.out_offset = 0;
                         } else {
-                            conn.out_offset += n;
+                            conn.out_offset += n as u32;
                             n = 0;
                         }
+                    }
+                    // Drop written frames now and then, so a long backlog
+                    // neither keeps them alive nor grows without bound.
+                    let head = conn.out_head as usize;
+                    if head >= 32 && head * 2 >= conn.out.len() {
+                        conn.out.drain(..head);
+                        conn.out_head = 0;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -993,8 +1011,9 @@ impl Shard {
             return Flush::Gone;
         }
         ShardMetrics::add(&self.metrics.bytes_out, written);
-        // An idle connection keeps no queue allocation.
-        conn.out = VecDeque::new();
+        // Everything is written: an idle connection keeps no queue allocation.
+        conn.out = SmallVec::new();
+        conn.out_head = 0;
         if conn.shutdown_after_flush {
             conn.shutdown_after_flush = false;
             let _ = conn.sock.shutdown(std::net::Shutdown::Write);
