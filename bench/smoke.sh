@@ -27,7 +27,7 @@ check "$out/idle.json" 'f[0]["connections"] == 300 and f[0]["failed_connections"
 check "$out/connect.json" 'f[0]["connections"] == 300'
 "$B" "${common[@]}" connect --conns 200 --auth --json "$out/connect_auth.json"
 check "$out/connect_auth.json" 'f[0]["connections"] == 200'
-"$B" "${common[@]}" fanout --subs 300 --channels 3 --rate 20 --seconds 1 --json "$out/fanout.json" --svg "$out/fanout.svg"
+"$B" "${common[@]}" fanout --subs 300 --channels 3 --rate 20 --seconds 1 --procs 2 --json "$out/fanout.json" --svg "$out/fanout.svg"
 check "$out/fanout.json" 'f[0]["loss"] == 0 and f[0]["delivered"] == 2000'
 grep -q '<polyline' "$out/fanout.svg"
 "$B" "${common[@]}" private --users 200 --devices 2 --conns 2 --inserts 200 --window 16 --json "$out/private.json"

@@ -123,6 +123,18 @@ enum Cmd {
         #[arg(long, default_value_t = 200_000)]
         iterations: usize,
     },
+    /// (internal) subscribers and their reader for `fanout --procs`.
+    #[command(hide = true)]
+    Sink {
+        #[arg(long)]
+        subs: usize,
+        #[arg(long)]
+        offset: usize,
+        #[arg(long)]
+        channels: usize,
+        #[arg(long)]
+        messages: usize,
+    },
     /// (internal) hold connections for `idle --procs`.
     #[command(hide = true)]
     Hold {
@@ -179,6 +191,10 @@ struct FanoutArgs {
     /// Reader threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Client processes to spread the subscribers over (one process may
+    /// hold at most 20,000 descriptors here).
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
 }
 
 #[derive(Args, Clone)]
@@ -256,6 +272,10 @@ fn main() {
         }
         Cmd::Hold { conns, channels, offset } => {
             hold(&g, conns, channels, offset);
+            return;
+        }
+        Cmd::Sink { subs, offset, channels, messages } => {
+            sink(&g, subs, offset, channels, messages);
             return;
         }
         cmd => {
@@ -540,7 +560,6 @@ fn readers(
     socks: Vec<TcpStream>,
     threads: usize,
     expected_per_sock: f64,
-    start: Instant,
 ) -> Vec<std::thread::JoinHandle<(u64, Histogram<u64>)>> {
     let per = socks.len().div_ceil(threads.max(1)).max(1);
     let mut socks = socks;
@@ -549,7 +568,7 @@ fn readers(
         let rest = socks.split_off(socks.len().min(per));
         let chunk = std::mem::replace(&mut socks, rest);
         let want = (chunk.len() as f64 * expected_per_sock).round() as u64;
-        out.push(std::thread::spawn(move || report::read_all(chunk, want, start)));
+        out.push(std::thread::spawn(move || report::read_all(chunk, want)));
     }
     out
 }
@@ -565,23 +584,89 @@ fn gather(rs: Vec<std::thread::JoinHandle<(u64, Histogram<u64>)>>) -> (u64, Hist
     (n, hist)
 }
 
-fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
-    let mut f = Figures { scenario: "fanout".into(), target: t.kind.name().into(), ..Figures::default() };
-    let chans: Vec<String> = (0..a.channels.max(1)).map(|c| format!("bench_fan_{c}")).collect();
-    let mut socks = Vec::with_capacity(a.subs);
-    let mut per_channel = vec![0u64; chans.len()];
-    for i in 0..a.subs {
-        let c = i % chans.len();
-        match t.subscribe(source(g, i), &chans[c], &format!("f{i}")) {
+/// Messages per channel when `messages` publishes go round-robin over `channels`.
+fn messages_per_channel(messages: usize, channels: usize) -> Vec<u64> {
+    (0..channels.max(1)).map(|c| (0..messages).filter(|m| m % channels.max(1) == c).count() as u64).collect()
+}
+
+/// Child process of `fanout --procs`: opens its share of the subscribers,
+/// reports them per channel, reads until every expected message arrived,
+/// then prints the count and the latency histogram as JSON.
+fn sink(g: &Global, subs: usize, offset: usize, channels: usize, messages: usize) {
+    let t = Target::attach(g.target, g.server, None, &g.password, None);
+    let mut socks = Vec::with_capacity(subs);
+    let mut per_channel = vec![0u64; channels.max(1)];
+    let mut failed = 0;
+    for i in offset..offset + subs {
+        let c = i % channels.max(1);
+        match t.subscribe(source(g, i), &format!("bench_fan_{c}"), &format!("f{i}")) {
             Ok(s) => {
                 socks.push(s);
                 per_channel[c] += 1;
             }
-            Err(_) => f.failed_connections += 1,
+            Err(_) => failed += 1,
         }
-        progress("fanout: subscribers", i + 1, a.subs, f.failed_connections as usize);
     }
-    f.connections = socks.len() as u64;
+    let counts: Vec<String> = per_channel.iter().map(u64::to_string).collect();
+    println!("ready {failed} {}", counts.join(" "));
+    let _ = std::io::stdout().flush();
+    let mpc = messages_per_channel(messages, channels);
+    let want: u64 = per_channel.iter().zip(&mpc).map(|(s, m)| s * m).sum();
+    let (got, hist) = report::read_all(socks, want);
+    let pairs: Vec<(u64, u64)> = hist.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect();
+    println!("{}", serde_json::json!({ "got": got, "hist": pairs }));
+}
+
+fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
+    let mut f = Figures { scenario: "fanout".into(), target: t.kind.name().into(), ..Figures::default() };
+    let chans: Vec<String> = (0..a.channels.max(1)).map(|c| format!("bench_fan_{c}")).collect();
+    let messages = (a.rate * a.seconds).round().max(1.0) as usize;
+    let mut socks = Vec::with_capacity(a.subs);
+    let mut per_channel = vec![0u64; chans.len()];
+    let mut children = Vec::new();
+    if a.procs <= 1 {
+        for i in 0..a.subs {
+            let c = i % chans.len();
+            match t.subscribe(source(g, i), &chans[c], &format!("f{i}")) {
+                Ok(s) => {
+                    socks.push(s);
+                    per_channel[c] += 1;
+                }
+                Err(_) => f.failed_connections += 1,
+            }
+            progress("fanout: subscribers", i + 1, a.subs, f.failed_connections as usize);
+        }
+    } else {
+        let per = a.subs.div_ceil(a.procs);
+        for p in 0..a.procs {
+            let n = per.min(a.subs.saturating_sub(p * per));
+            let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+                .args(["sink", "--subs", &n.to_string(), "--offset", &(p * per).to_string()])
+                .args(["--channels", &chans.len().to_string(), "--messages", &messages.to_string()])
+                .args([
+                    "--target",
+                    t.kind.name_arg(),
+                    "--server",
+                    &t.front.to_string(),
+                    "--sources",
+                    &g.sources.to_string(),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| die(&format!("cannot start a client process: {e}")));
+            let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+            let mut line = String::new();
+            out.read_line(&mut line).ok();
+            let mut words = line.split_whitespace().skip(1).map(|w| w.parse::<u64>().unwrap_or(0));
+            f.failed_connections += words.next().unwrap_or(n as u64);
+            for (c, v) in words.enumerate().take(chans.len()) {
+                per_channel[c] += v;
+            }
+            eprintln!("fanout: client process {p} ready");
+            children.push((child, out));
+        }
+    }
+    f.connections = per_channel.iter().sum();
     let mut publisher = t.publisher().unwrap_or_else(|e| die(&format!("publisher: {e}")));
     // Wait until the server counts every subscriber: warm-up publishes carry
     // no timestamp, so readers do not count them.
@@ -603,12 +688,11 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
         // the last subscriptions a moment instead.
         std::thread::sleep(Duration::from_millis(500));
     }
-    let messages = (a.rate * a.seconds).round().max(1.0) as usize;
     f.messages = messages as u64;
-    f.expected = (0..messages).map(|m| per_channel[m % chans.len()]).sum();
-    let start = Instant::now();
-    let per_sock = if f.connections > 0 { f.expected as f64 / f.connections as f64 } else { 0.0 };
-    let rs = readers(socks, a.threads, per_sock, start);
+    let mpc = messages_per_channel(messages, chans.len());
+    f.expected = per_channel.iter().zip(&mpc).map(|(s, m)| s * m).sum();
+    let per_sock = if socks.is_empty() { 0.0 } else { f.expected as f64 / f.connections.max(1) as f64 };
+    let rs = readers(socks, a.threads, per_sock);
     let cpu0 = t.cpu();
     let t0 = Instant::now();
     for m in 0..messages {
@@ -616,8 +700,7 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
         if let Some(d) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(d);
         }
-        let ts = start.elapsed().as_micros();
-        if let Err(e) = publisher.publish(&chans[m % chans.len()], &ts.to_string()) {
+        if let Err(e) = publisher.publish(&chans[m % chans.len()], &wire::epoch_us().to_string()) {
             eprintln!("fanout: publish failed: {e}");
         }
         if m.is_multiple_of(20) {
@@ -625,7 +708,19 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
         }
     }
     eprintln!();
-    let (got, hist) = gather(rs);
+    let (mut got, mut hist) = gather(rs);
+    for (mut child, mut out) in children {
+        let mut line = String::new();
+        out.read_line(&mut line).ok();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            got += v["got"].as_u64().unwrap_or(0);
+            for pair in v["hist"].as_array().into_iter().flatten() {
+                let (val, count) = (pair[0].as_u64().unwrap_or(1), pair[1].as_u64().unwrap_or(0));
+                let _ = hist.record_n(val.max(1), count);
+            }
+        }
+        let _ = child.wait();
+    }
     f.seconds = t0.elapsed().as_secs_f64();
     f.delivered = got;
     f.set_throughput(t.cpu().zip(cpu0).map(|(b, a)| b - a));
@@ -648,8 +743,7 @@ fn private(g: &Global, t: &Target, a: &PrivateArgs) -> Figures {
     let total = a.conns * a.inserts;
     f.messages = total as u64;
     f.expected = (total * a.devices) as u64;
-    let start = Instant::now();
-    let rs = readers(socks, 2, f.expected as f64 / f.connections.max(1) as f64, start);
+    let rs = readers(socks, 2, f.expected as f64 / f.connections.max(1) as f64);
     let cpu0 = t.cpu();
     let t0 = Instant::now();
     let back = t.back.expect("comet backend");
@@ -667,7 +761,7 @@ fn private(g: &Global, t: &Target, a: &PrivateArgs) -> Figures {
                         }
                     }
                     let uid = (w * inserts + i) % users + 1;
-                    let ts = start.elapsed().as_micros();
+                    let ts = wire::epoch_us();
                     format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'bench', '{ts}')")
                 })
             })
@@ -746,8 +840,7 @@ fn publish(g: &Global, t: &Target, a: &PublishArgs) -> Figures {
     let total = a.conns * a.inserts;
     f.messages = total as u64;
     f.expected = f.connections * total as u64;
-    let start = Instant::now();
-    let rs = readers(socks, 1, total as f64, start);
+    let rs = readers(socks, 1, total as f64);
     let cpu0 = t.cpu();
     let t0 = Instant::now();
     let back = t.back.expect("comet backend");
@@ -757,7 +850,7 @@ fn publish(g: &Global, t: &Target, a: &PublishArgs) -> Figures {
             std::thread::spawn(move || {
                 let mut s = wire::mysql_login(&back, &password).expect("CometQL login");
                 pipelined(&mut s, inserts, window, |_| {
-                    let ts = start.elapsed().as_micros();
+                    let ts = wire::epoch_us();
                     format!("INSERT INTO pipes_messages (name, event, message) VALUES ('{channel}', 'bench', '{ts}')")
                 })
             })
@@ -962,16 +1055,15 @@ fn send_floor(sockets: usize, rounds: usize, size: usize) {
         receivers.push(c);
     }
     // Each message carries a timestamp so the shared reader counts it.
-    let start = Instant::now();
     let want = (sockets * rounds) as u64;
-    let reader = std::thread::spawn(move || report::read_all(receivers, want, start));
+    let reader = std::thread::spawn(move || report::read_all(receivers, want));
     let mut frame = vec![0x81u8, 0];
     let mut sent = 0u64;
     let mut would_block = 0u64;
     let cpu0 = thread_cpu_secs();
     let t0 = Instant::now();
     for _ in 0..rounds {
-        let ts = start.elapsed().as_micros().to_string();
+        let ts = wire::epoch_us().to_string();
         let mut payload = ts.into_bytes();
         payload.resize(size.saturating_sub(2).clamp(payload.len(), 125), b' ');
         frame.truncate(1);

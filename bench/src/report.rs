@@ -196,7 +196,7 @@ pub fn svg(all: &[Figures]) -> String {
 
 /// Reads every socket until `want` timestamped messages arrived or 20 s
 /// pass without progress; returns the count and a latency histogram (µs).
-pub fn read_all(socks: Vec<TcpStream>, want: u64, start: Instant) -> (u64, Histogram<u64>) {
+pub fn read_all(socks: Vec<TcpStream>, want: u64) -> (u64, Histogram<u64>) {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds");
     let poller = polling::Poller::new().expect("poller");
     let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); socks.len()];
@@ -228,7 +228,7 @@ pub fn read_all(socks: Vec<TcpStream>, want: u64, start: Instant) -> (u64, Histo
                                 && let Some(ts) = wire::payload_ts(&buf[pos + ps..pos + end])
                             {
                                 got += 1;
-                                let now = start.elapsed().as_micros() as u64;
+                                let now = wire::epoch_us();
                                 let _ = hist.record(now.saturating_sub(ts).max(1));
                             }
                             pos += end;

@@ -6,6 +6,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+/// Microseconds since the unix epoch: the timestamp publishes carry, so
+/// readers in other processes can compute latency too.
+pub fn epoch_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Connects from source address 127.0.0.`source`.
 pub fn connect_from(server: &SocketAddr, source: u8) -> std::io::Result<TcpStream> {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -97,7 +103,7 @@ pub fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
     Ok((h[0] & 0x0F, p))
 }
 
-/// The publish time (µs since the run started) a message carries: comet's
+/// The publish time (µs since the unix epoch) a message carries: comet's
 /// JSON envelope (`"data":"<digits>`) or a peer's raw `<digits>` body.
 pub fn payload_ts(p: &[u8]) -> Option<u64> {
     let digits_at = |at: usize| -> Option<u64> {
