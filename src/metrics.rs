@@ -37,6 +37,8 @@ pub struct ShardMetrics {
     pub offline_queued: AtomicU64,
     /// Offline-queue entries dropped because the queue was full.
     pub offline_dropped: AtomicU64,
+    /// Failed accepts (out of descriptors or memory).
+    pub accept_errors: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -69,7 +71,10 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 13] = [
+        let families: [(&str, &str, &str, Get); 14] = [
+            ("comet_accept_errors_total", "counter", "Failed accepts (out of descriptors or memory).", |m| {
+                m.accept_errors.load(Relaxed) as i64
+            }),
             ("comet_offline_queued_total", "counter", "Private messages put in offline queues.", |m| {
                 m.offline_queued.load(Relaxed) as i64
             }),

@@ -436,3 +436,62 @@ fn x_forwarded_for_counts_only_from_a_trusted_proxy() {
         let _ = std::io::Write::flush(&mut t);
     }
 }
+
+#[test]
+fn running_out_of_descriptors_backs_off_and_recovers() {
+    use std::os::unix::process::CommandExt;
+    // Start comet with a tiny descriptor limit, then open more connections
+    // than it can hold.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
+    cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--shards", "1", "--io", "epoll"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit in the forked child before exec; no allocation.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let addr: std::net::SocketAddr = loop {
+        let l = rx.recv_timeout(Duration::from_secs(20)).expect("comet started");
+        if let Some(a) = l.strip_prefix("comet: frontend listening on ") {
+            break a.parse().unwrap();
+        }
+    };
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if let Ok(s) = std::net::TcpStream::connect(addr) {
+            held.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "comet must survive running out of descriptors");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    // Recovered: a new client is served.
+    let ok = eventually(10, || {
+        let (status, _) = common::http_request(addr, "GET /info HTTP/1.1\r\nHost: x\r\n\r\n");
+        status == "HTTP/1.1 200 OK"
+    });
+    let logs: Vec<String> = rx.try_iter().collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "comet serves again once descriptors are free");
+    let accept_lines = logs.iter().filter(|l| l.contains("accept failed")).count();
+    assert!((1..=3).contains(&accept_lines), "one accept-error report, not a storm: {logs:#?}");
+    assert!(logs.iter().any(|l| l.contains("shard 0: frontend accept failed")), "{logs:#?}");
+}

@@ -394,7 +394,7 @@ impl Shard {
                 self.schedule_overflow_retry();
             }
             Err(e) => {
-                eprintln!("comet: shard {} cannot hand off {}: {e}", self.id, conn.peer);
+                eprintln!("comet: shard {}: cannot hand off {} to shard {to}: {e}", self.id, conn.peer);
                 self.answer_http(id, http::unavailable("cannot hand off connection"));
             }
         }

@@ -22,6 +22,7 @@ use super::conn::{Flow, Flush};
 use super::mail::Mail;
 use super::{ConnId, with_shard};
 use crate::mailbox::Inbox;
+use crate::metrics::ShardMetrics;
 
 /// Waits until `fd` is readable (or hung up / in error).
 async fn readable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
@@ -36,6 +37,11 @@ async fn writable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
 /// the CometQL port, else the frontend (WebSocket and HTTP) port.
 pub async fn accept_loop(listener: Arc<Socket>, backend: bool) {
     let fd = SharedFd::new(ListenerFd(listener.clone()));
+    let port = if backend { "backend" } else { "frontend" };
+    // Accept errors come in storms (every retry while descriptors are out):
+    // log the first, then a summary at most every 10 s.
+    let mut last_log: Option<std::time::Instant> = None;
+    let mut unlogged = 0u64;
     loop {
         if let Err(e) = compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable)).await.0 {
             eprintln!("comet: listener poll failed: {e}");
@@ -62,7 +68,18 @@ pub async fn accept_loop(listener: Arc<Socket>, backend: bool) {
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: out of descriptors or memory.
                     // Back off rather than spin; the backlog keeps the rest.
-                    eprintln!("comet: accept failed: {e}");
+                    let shard = with_shard(|s| {
+                        ShardMetrics::add(&s.metrics.accept_errors, 1);
+                        s.id
+                    });
+                    unlogged += 1;
+                    if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        eprintln!(
+                            "comet: shard {shard}: {port} accept failed: {e} ({unlogged} time(s) since the last report; connections wait in the backlog)"
+                        );
+                        last_log = Some(std::time::Instant::now());
+                        unlogged = 0;
+                    }
                     backoff = true;
                     break;
                 }
