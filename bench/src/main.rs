@@ -1102,11 +1102,7 @@ fn users_mem(users: u64, queued: usize) {
     let mut store = UserStore::default();
     for u in 1..=users {
         for i in 0..queued {
-            let q = Queued {
-                time: 1_700_000_000 + i as i64,
-                event: "message".into(),
-                message: format!("{{\"n\":{u}}}").into(),
-            };
+            let q = Queued::new(1_700_000_000 + i as i64, "message", &format!("{{\"n\":{u}}}"));
             store.enqueue(0, u, q, 64, 300, 1_700_000_000);
         }
     }

@@ -39,7 +39,7 @@ impl Shard {
         let now = unix_now();
         let legacy = self.conns.get(id).is_some_and(|c| c.legacy);
         for q in self.users.take_queue(dev_id, user_id, self.queue_ttl(), now) {
-            let msg = private_message(&q.event, &q.message, Some(q.time));
+            let msg = private_message(q.event(), q.message(), Some(q.time));
             let d = Delivery { legacy, history_marker: None, from_queue: true };
             self.send_frame(id, encode_text_frame(|o| msg.encode(d, o)));
         }
@@ -94,7 +94,7 @@ impl Shard {
         let devices = self.users.devices(dev_id, user_id);
         let now = unix_now();
         if devices.is_empty() {
-            let q = Queued { time: now, event: event.into(), message: text.into() };
+            let q = Queued::new(now, event, text);
             let cap = self.shared.config.offline_queue_size;
             let kept = self.users.enqueue(dev_id, user_id, q, cap, self.queue_ttl(), now);
             if !kept {
@@ -160,8 +160,8 @@ impl Shard {
                         rows.push(vec![
                             Some(u.to_string()),
                             Some(i.to_string()),
-                            Some(m.event.to_string()),
-                            Some(m.message.to_string()),
+                            Some(m.event().to_string()),
+                            Some(m.message().to_string()),
                         ]);
                     }
                 }

@@ -19,13 +19,39 @@ use crate::shard::ConnId;
 /// Devices (authorized connections) one user may have at once.
 pub const MAX_DEVICES: usize = 16;
 
-/// A private message waiting for the user to come back.
+/// A private message waiting for the user to come back. Event and message
+/// share one allocation (the event is at most 64 bytes), since an offline
+/// user's queue is what a million idle users cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
     /// When it was queued (unix seconds); sent as `message_send_time`.
     pub time: i64,
-    pub event: Box<str>,
-    pub message: Box<str>,
+    event_len: u8,
+    /// The event name followed by the message text.
+    text: Box<str>,
+}
+
+impl Queued {
+    /// A queued message; an event longer than 255 bytes is cut (CometQL
+    /// allows 64).
+    pub fn new(time: i64, event: &str, message: &str) -> Queued {
+        let mut cut = event.len().min(255);
+        while !event.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut text = String::with_capacity(cut + message.len());
+        text.push_str(&event[..cut]);
+        text.push_str(message);
+        Queued { time, event_len: cut as u8, text: text.into_boxed_str() }
+    }
+
+    pub fn event(&self) -> &str {
+        &self.text[..self.event_len as usize]
+    }
+
+    pub fn message(&self) -> &str {
+        &self.text[self.event_len as usize..]
+    }
 }
 
 /// The device slots of an online user.
@@ -45,8 +71,9 @@ pub struct User {
     pub data: Option<Box<str>>,
     /// Present while at least one device is connected.
     pub devices: Option<Box<Devices>>,
-    /// The offline queue: a ring bounded by the configured capacity.
-    pub queue: VecDeque<Queued>,
+    /// The offline queue: a ring bounded by the configured capacity; boxed
+    /// so that a user without one pays 8 bytes, not a `VecDeque`'s 32.
+    pub queue: Option<Box<VecDeque<Queued>>>,
     /// Unix time the last device closed; 0 when never seen offline.
     pub offline_since: i64,
 }
@@ -56,7 +83,7 @@ impl User {
         self.key.is_none()
             && self.data.is_none()
             && self.devices.is_none()
-            && self.queue.is_empty()
+            && self.queue.is_none()
             && self.offline_since == 0
     }
 }
@@ -219,16 +246,14 @@ impl UserStore {
             return false;
         }
         let u = self.entry(dev, uid);
-        expire(&mut u.queue, ttl, now);
+        let queue = u.queue.get_or_insert_with(|| Box::new(VecDeque::with_capacity(1)));
+        expire(queue, ttl, now);
         let mut kept_all = true;
-        while u.queue.len() >= capacity {
-            u.queue.pop_front();
+        while queue.len() >= capacity {
+            queue.pop_front();
             kept_all = false;
         }
-        if u.queue.capacity() == 0 {
-            u.queue.reserve_exact(1);
-        }
-        u.queue.push_back(q);
+        queue.push_back(q);
         if !kept_all {
             self.dropped += 1;
         }
@@ -238,23 +263,24 @@ impl UserStore {
     /// Takes the user's unexpired queued messages, oldest first.
     pub fn take_queue(&mut self, dev: u32, uid: u64, ttl: i64, now: i64) -> Vec<Queued> {
         let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else { return Vec::new() };
-        expire(&mut u.queue, ttl, now);
-        let out: Vec<Queued> = std::mem::take(&mut u.queue).into();
+        let Some(mut queue) = u.queue.take() else { return Vec::new() };
+        expire(&mut queue, ttl, now);
+        let out: Vec<Queued> = (*queue).into();
         out
     }
 
     /// The unexpired queued messages (for `SELECT ... FROM users_messages`).
     pub fn queued(&mut self, dev: u32, uid: u64, ttl: i64, now: i64) -> Vec<Queued> {
         let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else { return Vec::new() };
-        expire(&mut u.queue, ttl, now);
-        u.queue.iter().cloned().collect()
+        let Some(queue) = u.queue.as_mut() else { return Vec::new() };
+        expire(queue, ttl, now);
+        queue.iter().cloned().collect()
     }
 
     /// Empties a queue; returns how many messages were removed.
     pub fn clear_queue(&mut self, dev: u32, uid: u64) -> u64 {
         let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else { return 0 };
-        let n = u.queue.len() as u64;
-        u.queue = VecDeque::new();
+        let n = u.queue.take().map_or(0, |q| q.len() as u64);
         self.tidy(dev, uid);
         n
     }
@@ -263,10 +289,10 @@ impl UserStore {
     pub fn purge_expired(&mut self, ttl: i64, now: i64) {
         for m in self.users.values_mut() {
             for u in m.values_mut() {
-                if !u.queue.is_empty() {
-                    expire(&mut u.queue, ttl, now);
-                    if u.queue.is_empty() {
-                        u.queue = VecDeque::new();
+                if let Some(q) = u.queue.as_mut() {
+                    expire(q, ttl, now);
+                    if q.is_empty() {
+                        u.queue = None;
                     }
                 }
             }
@@ -327,7 +353,7 @@ mod tests {
     }
 
     fn msg(t: i64, m: &str) -> Queued {
-        Queued { time: t, event: "e".into(), message: m.into() }
+        Queued::new(t, "e", m)
     }
 
     #[test]
@@ -366,10 +392,10 @@ mod tests {
         }
         assert!(!s.enqueue(0, 5, msg(103, "3"), 3, 300, 103), "full: oldest dropped");
         assert_eq!(s.dropped, 1);
-        let got: Vec<String> = s.queued(0, 5, 300, 104).into_iter().map(|q| q.message.into()).collect();
+        let got: Vec<String> = s.queued(0, 5, 300, 104).into_iter().map(|q| q.message().to_string()).collect();
         assert_eq!(got, ["1", "2", "3"]);
         // At 401 the first two (queued at 101 and 102) have expired.
-        let got: Vec<String> = s.take_queue(0, 5, 300, 402).into_iter().map(|q| q.message.into()).collect();
+        let got: Vec<String> = s.take_queue(0, 5, 300, 402).into_iter().map(|q| q.message().to_string()).collect();
         assert_eq!(got, ["3"]);
         assert!(s.take_queue(0, 5, 300, 402).is_empty(), "taking empties the queue");
     }
@@ -441,5 +467,20 @@ impl UserQuery {
             UserQuery::RevokedSelect(_) => None,
             UserQuery::Status(u) | UserQuery::Data(u) => Some(vec![*u]),
         }
+    }
+}
+
+#[cfg(test)]
+mod queued_tests {
+    use super::Queued;
+
+    #[test]
+    fn event_and_message_share_one_allocation_and_read_back() {
+        let q = Queued::new(5, "ev-1", "hello\0world");
+        assert_eq!((q.event(), q.message(), q.time), ("ev-1", "hello\0world", 5));
+        let long = "é".repeat(200);
+        let q = Queued::new(0, &long, "m");
+        assert!(q.event().len() <= 255 && long.starts_with(q.event()));
+        assert_eq!(q.message(), "m");
     }
 }
