@@ -475,3 +475,42 @@ print(cur.fetchall())
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n(('py_chan', '1'),)\n");
     assert_eq!(sub.recv()["data"], "q\"uo'te");
 }
+
+#[test]
+fn a_backend_client_that_never_logs_in_is_dropped_after_the_handshake_time() {
+    let s = start("epoll", &[]);
+    let mut t = TcpStream::connect(s.backend).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = std::time::Instant::now();
+    read_packet(&mut t); // the greeting; then say nothing
+    let mut rest = Vec::new();
+    let _ = t.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(9) && waited < Duration::from_secs(15), "closed after {waited:?}");
+    // Logged-in connections are not timed out.
+    let mut db = connect(&s);
+    let one: Option<String> = db.query_first("SELECT 1").unwrap();
+    assert_eq!(one.as_deref(), Some("1"));
+}
+
+#[test]
+fn a_backend_client_that_never_reads_is_disconnected_not_buffered_forever() {
+    // outbound limit 64 KiB -> CometQL bound 1 MiB.
+    let s = start("uring", &["--outbound-limit", "65536"]);
+    let (mut t, ok) = raw_login(&s, "s3cret");
+    assert_eq!(ok[0], 0);
+    // Ask for SHOW VARIABLES (about 1 KiB each) 4,000 times without reading.
+    let mut out = Vec::new();
+    for _ in 0..4000 {
+        packet(&mut out, 0, b"\x03SHOW VARIABLES");
+    }
+    let _ = t.write_all(&out);
+    let mut rest = Vec::new();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = t.read_to_end(&mut rest);
+    assert!(rest.len() < 4000 * 900, "the server stopped answering at its bound ({} bytes read)", rest.len());
+    // The server is fine.
+    let mut db = connect(&s);
+    let one: Option<String> = db.query_first("SELECT 1").unwrap();
+    assert_eq!(one.as_deref(), Some("1"));
+}

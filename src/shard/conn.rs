@@ -831,9 +831,19 @@ impl Shard {
     }
 
     fn send_raw(&mut self, id: ConnId, bytes: Vec<u8>) {
-        if let Some(conn) = self.conns.get_mut(id)
-            && conn.push_out(bytes.into())
-        {
+        // A CometQL client that pipelines answers it never reads gets a
+        // generous bound (16x the browser one), then is disconnected.
+        let sql_limit = self.shared.config.outbound_limit.saturating_mul(16);
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        if conn.phase == Phase::Sql && conn.out_bytes + bytes.len() > sql_limit {
+            eprintln!(
+                "comet: shard {}: CometQL client {} does not read its answers; disconnecting",
+                self.id, conn.peer
+            );
+            self.drop_conn(id);
+            return;
+        }
+        if conn.push_out(bytes.into()) {
             self.dirty.push(id);
         }
     }
@@ -1038,6 +1048,14 @@ impl Shard {
             };
             match conn.phase {
                 Phase::Http if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT => self.drop_conn(id),
+                // A backend client that has not logged in within the
+                // handshake time is dropped, like a silent browser.
+                Phase::Sql
+                    if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT
+                        && conn.sql.as_ref().is_some_and(|s| !s.session.is_authenticated()) =>
+                {
+                    self.drop_conn(id)
+                }
                 Phase::Closing { deadline } if now >= deadline => self.drop_conn(id),
                 Phase::Comet | Phase::Echo => match conn.ping_sent {
                     Some(t) if now.saturating_sub(t) >= timeout => {
