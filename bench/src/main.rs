@@ -371,6 +371,27 @@ fn progress(what: &str, done: usize, total: usize, failed: usize) {
     }
 }
 
+/// Starts this binary as a client process running a hidden subcommand
+/// (`args`) against `t`; returns it, its stdout, and its first line. The
+/// child's stdin is a pipe: closing it tells a `hold` child to let go.
+fn client_process(
+    g: &Global,
+    t: &Target,
+    args: &[&str],
+) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>, String) {
+    let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .args(args)
+        .args(["--target", t.kind.name_arg(), "--server", &t.front.to_string(), "--sources", &g.sources.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| die(&format!("cannot start a client process: {e}")));
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).ok();
+    (child, out, line)
+}
+
 fn idle_channels(t: &Target, i: usize, channels: usize) -> String {
     let names: Vec<String> = (0..channels.max(1)).map(|k| format!("bench_idle_{}", (i + k * 7) % 100)).collect();
     match t.kind {
@@ -399,31 +420,16 @@ fn idle(g: &Global, t: &Target, a: &IdleArgs) -> Figures {
         let per = a.conns.div_ceil(a.procs);
         for p in 0..a.procs {
             let n = per.min(a.conns.saturating_sub(p * per));
-            let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
-                .args([
-                    "hold",
-                    "--conns",
-                    &n.to_string(),
-                    "--channels",
-                    &a.channels.to_string(),
-                    "--offset",
-                    &(p * per).to_string(),
-                ])
-                .args([
-                    "--target",
-                    t.kind.name_arg(),
-                    "--server",
-                    &t.front.to_string(),
-                    "--sources",
-                    &g.sources.to_string(),
-                ])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| die(&format!("cannot start a client process: {e}")));
-            let mut line = String::new();
-            let stdout = child.stdout.take().expect("stdout");
-            std::io::BufReader::new(stdout).read_line(&mut line).ok();
+            let args = [
+                "hold",
+                "--conns",
+                &n.to_string(),
+                "--channels",
+                &a.channels.to_string(),
+                "--offset",
+                &(p * per).to_string(),
+            ];
+            let (child, _out, line) = client_process(g, t, &args);
             let failed: u64 = line
                 .trim()
                 .strip_prefix("held ")
@@ -640,23 +646,10 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
         let per = a.subs.div_ceil(a.procs);
         for p in 0..a.procs {
             let n = per.min(a.subs.saturating_sub(p * per));
-            let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
-                .args(["sink", "--subs", &n.to_string(), "--offset", &(p * per).to_string()])
-                .args(["--channels", &chans.len().to_string(), "--messages", &messages.to_string()])
-                .args([
-                    "--target",
-                    t.kind.name_arg(),
-                    "--server",
-                    &t.front.to_string(),
-                    "--sources",
-                    &g.sources.to_string(),
-                ])
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| die(&format!("cannot start a client process: {e}")));
-            let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-            let mut line = String::new();
-            out.read_line(&mut line).ok();
+            let (n_s, off_s, ch_s, m_s) =
+                (n.to_string(), (p * per).to_string(), chans.len().to_string(), messages.to_string());
+            let args = ["sink", "--subs", &n_s, "--offset", &off_s, "--channels", &ch_s, "--messages", &m_s];
+            let (child, out, line) = client_process(g, t, &args);
             let mut words = line.split_whitespace().skip(1).map(|w| w.parse::<u64>().unwrap_or(0));
             f.failed_connections += words.next().unwrap_or(n as u64);
             for (c, v) in words.enumerate().take(chans.len()) {
