@@ -323,6 +323,10 @@ fn connections_naming_a_user_move_to_the_users_home_shard() {
             clients.push(c);
         }
         assert!(s.metric("comet_handoffs_total{shard=\"all\"}") > 0, "{io}: no connection was handed off");
+        // 12 user connections (+ the metric requests themselves): a hand-off
+        // is not a second accept.
+        let accepted = s.metric("comet_connections_accepted_total{shard=\"all\"}");
+        assert!((12..=16).contains(&accepted), "{io}: accepted {accepted}");
         let mut p = s.client("p");
         wait_count(&mut p, "web_home", 12);
         p.send("web_pipe2\nweb_home\ne\n*\nx");

@@ -206,18 +206,24 @@ pub enum Flush {
 impl Shard {
     /// Registers an accepted socket; returns its id and the fd for its task.
     pub fn on_accept(&mut self, sock: Socket, peer: SocketAddr) -> (ConnId, SharedFd<Socket>) {
+        ShardMetrics::add(&self.metrics.accepted, 1);
+        self.register(sock, peer)
+    }
+
+    /// Adds a socket to the shard (accepted here or handed over).
+    fn register(&mut self, sock: Socket, peer: SocketAddr) -> (ConnId, SharedFd<Socket>) {
         let _ = sock.set_tcp_nodelay(true);
         let fd = SharedFd::new(sock);
         let conn = Conn::new(fd.clone(), peer, self.now, self.shared.config.max_message_size);
         let id = self.conns.insert(conn);
         self.metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        ShardMetrics::add(&self.metrics.accepted, 1);
         (id, fd)
     }
 
-    /// Takes over a connection handed over by another shard.
+    /// Takes over a connection handed over by another shard (counted as
+    /// accepted once, by the shard that accepted it).
     pub fn adopt(&mut self, h: Handoff) {
-        let (id, fd) = self.on_accept(h.sock, h.peer);
+        let (id, fd) = self.register(h.sock, h.peer);
         let mut head = h.head;
         let flow = self.process(id, &mut head);
         if flow == Flow::Continue {
