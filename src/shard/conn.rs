@@ -980,12 +980,19 @@ impl Shard {
         let mut failed = false;
         while !conn.out_is_empty() {
             let res = {
-                let mut slices: SmallVec<[IoSlice<'_>; 64]> = SmallVec::new();
                 let off = conn.out_offset as usize;
-                for (i, f) in conn.out[conn.out_head as usize..].iter().take(64).enumerate() {
-                    slices.push(IoSlice::new(if i == 0 { &f[off..] } else { &f[..] }));
+                let pending = &conn.out[conn.out_head as usize..];
+                if pending.len() == 1 {
+                    // The common fan-out case: one frame, a plain send
+                    // (no iovec array to build and copy in).
+                    conn.sock.send_with_flags(&pending[0][off..], libc::MSG_NOSIGNAL)
+                } else {
+                    let mut slices: SmallVec<[IoSlice<'_>; 64]> = SmallVec::new();
+                    for (i, f) in pending.iter().take(64).enumerate() {
+                        slices.push(IoSlice::new(if i == 0 { &f[off..] } else { &f[..] }));
+                    }
+                    conn.sock.send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL)
                 }
-                conn.sock.send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL)
             };
             match res {
                 Ok(mut n) => {
