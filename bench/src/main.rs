@@ -117,6 +117,10 @@ enum Cmd {
         /// Bytes per message (a comet frame for a short message is ~90).
         #[arg(long, default_value_t = 90)]
         size: usize,
+        /// Submit each round's sends as one io_uring batch instead of one
+        /// send(2) per socket, to measure what batching could save.
+        #[arg(long)]
+        uring: bool,
     },
     /// In-process: time the CometQL lexer, parser and planner.
     Parse {
@@ -266,8 +270,8 @@ fn main() {
             parse_bench(iterations);
             return;
         }
-        Cmd::SendFloor { sockets, rounds, size } => {
-            send_floor(sockets, rounds, size);
+        Cmd::SendFloor { sockets, rounds, size, uring } => {
+            send_floor(sockets, rounds, size, uring);
             return;
         }
         Cmd::Hold { conns, channels, offset } => {
@@ -1033,7 +1037,31 @@ fn thread_cpu_secs() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-fn send_floor(sockets: usize, rounds: usize, size: usize) {
+/// Sends `frame` to every socket through io_uring, in batches of the ring's
+/// size; returns (sent, failed).
+fn uring_round(ring: &mut io_uring::IoUring, socks: &[TcpStream], frame: &[u8]) -> (u64, u64) {
+    use std::os::fd::AsRawFd;
+    let (mut sent, mut failed) = (0u64, 0u64);
+    for chunk in socks.chunks(ring.params().sq_entries() as usize) {
+        for (i, s) in chunk.iter().enumerate() {
+            let e = io_uring::opcode::Send::new(io_uring::types::Fd(s.as_raw_fd()), frame.as_ptr(), frame.len() as u32)
+                .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+                .build()
+                .user_data(i as u64);
+            // SAFETY: `frame` and the sockets outlive the submission: we wait
+            // for every completion of this chunk before returning.
+            unsafe { ring.submission().push(&e) }.expect("submission queue has room for the chunk");
+        }
+        ring.submit_and_wait(chunk.len()).expect("io_uring_enter");
+        for cqe in ring.completion() {
+            if cqe.result() > 0 { sent += 1 } else { failed += 1 }
+        }
+    }
+    (sent, failed)
+}
+
+fn send_floor(sockets: usize, rounds: usize, size: usize, uring: bool) {
+    let mut ring = uring.then(|| io_uring::IoUring::new(4096).expect("io_uring"));
     use std::net::TcpListener;
     let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
     let addr = listener.local_addr().expect("addr");
@@ -1062,10 +1090,16 @@ fn send_floor(sockets: usize, rounds: usize, size: usize) {
         frame.truncate(1);
         frame.push(payload.len() as u8);
         frame.extend_from_slice(&payload);
-        for s in &senders {
-            match socket2::SockRef::from(s).send_with_flags(&frame, libc::MSG_NOSIGNAL) {
-                Ok(_) => sent += 1,
-                Err(_) => would_block += 1,
+        if let Some(ring) = ring.as_mut() {
+            let (ok, bad) = uring_round(ring, &senders, &frame);
+            sent += ok;
+            would_block += bad;
+        } else {
+            for s in &senders {
+                match socket2::SockRef::from(s).send_with_flags(&frame, libc::MSG_NOSIGNAL) {
+                    Ok(_) => sent += 1,
+                    Err(_) => would_block += 1,
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -1073,8 +1107,9 @@ fn send_floor(sockets: usize, rounds: usize, size: usize) {
     let cpu = thread_cpu_secs() - cpu0;
     let (got, hist) = reader.join().expect("reader");
     let wall = t0.elapsed().as_secs_f64();
+    let how = if uring { "io_uring batches" } else { "send(2) each" };
     println!(
-        "send-floor: {sent} sends of {size} bytes to {sockets} loopback sockets ({would_block} would block), {got} received in {wall:.2}s"
+        "send-floor: {sent} sends of {size} bytes to {sockets} loopback sockets via {how} ({would_block} failed), {got} received in {wall:.2}s"
     );
     println!(
         "  sender thread CPU {cpu:.2}s: {:.2} µs per send = {:.2} CPU-seconds per million deliveries; receipt p50 {:.2} ms",
