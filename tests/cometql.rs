@@ -495,8 +495,8 @@ fn a_backend_client_that_never_logs_in_is_dropped_after_the_handshake_time() {
 
 #[test]
 fn a_backend_client_that_never_reads_is_disconnected_not_buffered_forever() {
-    // outbound limit 64 KiB -> CometQL bound 1 MiB.
-    let s = start("uring", &["--outbound-limit", "65536"]);
+    // outbound limit 64 KiB and queries of at most 1 KiB -> CometQL bound 1 MiB.
+    let s = start("uring", &["--outbound-limit", "65536", "--max-query-size", "1024"]);
     let (mut t, ok) = raw_login(&s, "s3cret");
     assert_eq!(ok[0], 0);
     // Ask for SHOW VARIABLES (about 1 KiB each) 4,000 times without reading.
@@ -513,4 +513,49 @@ fn a_backend_client_that_never_reads_is_disconnected_not_buffered_forever() {
     let mut db = connect(&s);
     let one: Option<String> = db.query_first("SELECT 1").unwrap();
     assert_eq!(one.as_deref(), Some("1"));
+}
+
+#[test]
+fn queries_and_answers_over_16_mib_span_several_packets() {
+    // 17 MiB each way: the query arrives as two packets (sequence 0 and 1)
+    // and is assembled; the answer continues the sequence from 2, and its
+    // one row leaves as two packets.
+    let s = start("uring", &["--max-query-size", "20971520"]);
+    let (mut t, ok) = raw_login(&s, "s3cret");
+    assert_eq!(ok[0], 0);
+    t.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let big = vec![b'x'; 17 << 20];
+    let mut q = b"\x03SELECT '".to_vec();
+    q.extend_from_slice(&big);
+    q.push(b'\'');
+    let mut out = Vec::new();
+    packet(&mut out, 0, &q[..0xFF_FFFF]);
+    packet(&mut out, 1, &q[0xFF_FFFF..]);
+    t.write_all(&out).unwrap();
+    let mut seqs = Vec::new();
+    let mut next = |t: &mut TcpStream| {
+        let mut h = [0u8; 4];
+        t.read_exact(&mut h).unwrap();
+        let mut p = vec![0u8; u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize];
+        t.read_exact(&mut p).unwrap();
+        seqs.push(h[3]);
+        p
+    };
+    assert_eq!(next(&mut t), [1], "one column");
+    next(&mut t); // column definition
+    assert_eq!(next(&mut t)[0], 0xFE, "EOF after the columns");
+    let mut row = next(&mut t);
+    assert_eq!(row.len(), 0xFF_FFFF, "the row fills a first packet");
+    row.extend(next(&mut t));
+    assert_eq!(next(&mut t)[0], 0xFE, "EOF after the rows");
+    assert_eq!(seqs, [2, 3, 4, 5, 6, 7]);
+    // lenenc header (0xFE + 8 bytes) then the value.
+    assert_eq!(row.len(), 9 + big.len());
+    assert!(row[9..].iter().all(|&b| b == b'x'));
+    // Still in step.
+    let mut out = Vec::new();
+    packet(&mut out, 0, &[0x0E]);
+    t.write_all(&out).unwrap();
+    let (seq, pong) = read_packet(&mut t);
+    assert_eq!((seq, pong[0]), (1, 0x00));
 }

@@ -58,6 +58,8 @@ pub const TYPE_VAR_STRING: u8 = 0xFD;
 /// One packet's payload found at the front of a buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Frame {
+    /// Sequence number of the last packet: a reply continues from it (a
+    /// command split over two packets is answered from sequence 2).
     pub seq: u8,
     /// The payload, assembled across continuation packets.
     pub payload: Vec<u8>,
@@ -79,13 +81,13 @@ pub fn read_frame(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
     let mut pos = 0;
     let mut total = 0usize;
     let mut parts: Vec<(usize, usize)> = Vec::new();
-    let mut first_seq = None;
+    let mut last_seq;
     loop {
         if buf.len() < pos + 4 {
             return Ok(None);
         }
         let len = u32::from_le_bytes([buf[pos], buf[pos + 1], buf[pos + 2], 0]) as usize;
-        first_seq.get_or_insert(buf[pos + 3]);
+        last_seq = buf[pos + 3];
         total += len;
         if total > max {
             return Err(FrameError::TooLarge { max });
@@ -108,7 +110,7 @@ pub fn read_frame(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
         }
         p
     };
-    Ok(Some(Frame { seq: first_seq.unwrap_or(0), payload, consumed: pos }))
+    Ok(Some(Frame { seq: last_seq, payload, consumed: pos }))
 }
 
 /// Appends `payload` as one or more packets starting at sequence `seq`;

@@ -361,7 +361,9 @@ impl Parser<'_> {
                 }
                 Some(Tok::Str(_)) | Some(Tok::Num(_)) | Some(Tok::Sym('-')) => {
                     let v = self.value()?;
-                    let label = v.text().to_string();
+                    // MySQL names a literal's column after the literal, cut
+                    // short: a 17 MiB string must not become the column name.
+                    let label: String = v.text().chars().take(64).collect();
                     (Expr::Lit(v), label)
                 }
                 _ => return Err(syntax(format!("cannot select {}", self.describe()))),

@@ -29,8 +29,9 @@ enum Phase {
 pub enum Event {
     /// Bytes to send in this position of the answer order.
     Reply(Vec<u8>),
-    /// A COM_QUERY's statements to execute, answered in this position.
-    Query(Vec<Statement>),
+    /// A COM_QUERY's statements to execute, answered in this position;
+    /// the answer's packets start at sequence `seq`.
+    Query(Vec<Statement>, u8),
     /// Close after what is queued has been sent.
     Close,
 }
@@ -199,9 +200,11 @@ impl Session {
     }
 
     fn on_command(&mut self, f: Frame, pw: &dyn Passwords) -> Vec<Event> {
-        let ok = || Event::Reply(one(1, &packet::ok(0, 0, packet::SERVER_STATUS_AUTOCOMMIT, "")));
+        // Answers continue the command's sequence (1 for a one-packet command).
+        let r = f.seq.wrapping_add(1);
+        let ok = || Event::Reply(one(r, &packet::ok(0, 0, packet::SERVER_STATUS_AUTOCOMMIT, "")));
         let Some((&cmd, body)) = f.payload.split_first() else {
-            return vec![Event::Reply(one(1, &packet::err(1047, "Unknown command (empty packet)")))];
+            return vec![Event::Reply(one(r, &packet::err(1047, "Unknown command (empty packet)")))];
         };
         match cmd {
             0x01 => {
@@ -216,29 +219,29 @@ impl Session {
                         vec![ok()]
                     }
                     Some(_) => vec![Event::Reply(one(
-                        1,
+                        r,
                         &packet::err(403, &format!("Access denied to database '{db}' with this login")),
                     ))],
                     None => vec![Event::Reply(one(
-                        1,
+                        r,
                         &packet::err(15, &format!("Unknown database '{db}': use CometQL_v1 or db_N")),
                     ))],
                 }
             }
             0x03 => {
                 let Ok(sql) = std::str::from_utf8(body) else {
-                    return vec![Event::Reply(one(1, &packet::err(3, "Query is not valid UTF-8")))];
+                    return vec![Event::Reply(one(r, &packet::err(3, "Query is not valid UTF-8")))];
                 };
                 match parse(sql) {
                     Ok(st) if st.len() > 1 && self.capabilities & CLIENT_MULTI_STATEMENTS == 0 => {
                         vec![Event::Reply(one(
-                            1,
+                            r,
                             &packet::err(3, "Several statements in one query need the CLIENT_MULTI_STATEMENTS option"),
                         ))]
                     }
-                    Ok(st) if st.is_empty() => vec![Event::Reply(one(1, &packet::err(3, "Query was empty")))],
-                    Ok(st) => vec![Event::Query(st)],
-                    Err(ParseError { code, message }) => vec![Event::Reply(one(1, &packet::err(code, &message)))],
+                    Ok(st) if st.is_empty() => vec![Event::Reply(one(r, &packet::err(3, "Query was empty")))],
+                    Ok(st) => vec![Event::Query(st, r)],
+                    Err(ParseError { code, message }) => vec![Event::Reply(one(r, &packet::err(code, &message)))],
                 }
             }
             0x04 => {
@@ -248,10 +251,10 @@ impl Session {
                 } else {
                     packet::eof(packet::SERVER_STATUS_AUTOCOMMIT)
                 };
-                vec![Event::Reply(one(1, &term))]
+                vec![Event::Reply(one(r, &term))]
             }
             0x0E | 0x1F => vec![ok()],
-            other => vec![Event::Reply(one(1, &packet::err(1047, &format!("Unknown command {other:#04x}"))))],
+            other => vec![Event::Reply(one(r, &packet::err(1047, &format!("Unknown command {other:#04x}"))))],
         }
     }
 }
@@ -264,11 +267,12 @@ pub fn one(seq: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Encodes the results of one COM_QUERY (several with multi-statements),
-/// with sequence numbers running on from 1 and MORE_RESULTS on all but the
+/// with sequence numbers running on from `seq` (1 after a one-packet query)
+/// and MORE_RESULTS on all but the
 /// last. Execution stops at the first error, so an error is always last.
-pub fn encode_results(results: &[StmtResult], deprecate_eof: bool) -> Vec<u8> {
+pub fn encode_results(results: &[StmtResult], deprecate_eof: bool, seq: u8) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut seq = 1u8;
+    let mut seq = seq;
     for (i, r) in results.iter().enumerate() {
         let more = if i + 1 < results.len() { packet::SERVER_MORE_RESULTS_EXISTS } else { 0 };
         let status = packet::SERVER_STATUS_AUTOCOMMIT | more;
@@ -393,7 +397,7 @@ mod tests {
         let q = |sql: &str| Frame { seq: 0, payload: [&[0x03][..], sql.as_bytes()].concat(), consumed: 0 };
         let ev = s.on_packet(q("SELECT 1; SELECT 2"), &Pw);
         assert_eq!(first_byte_of_reply(&ev[0]), 0xFF);
-        assert!(matches!(s.on_packet(q("SELECT 1"), &Pw)[0], Event::Query(_)));
+        assert!(matches!(s.on_packet(q("SELECT 1"), &Pw)[0], Event::Query(..)));
         // db_7 has another password: refused.
         let ev = s.on_packet(Frame { seq: 0, payload: b"\x02db_7".to_vec(), consumed: 0 }, &Pw);
         let Event::Reply(b) = &ev[0] else { panic!() };
@@ -407,7 +411,7 @@ mod tests {
     fn multi_results_continue_sequence_and_flag_more() {
         let r =
             vec![StmtResult::Ok { affected: 1, last_insert_id: 0 }, StmtResult::Ok { affected: 2, last_insert_id: 0 }];
-        let b = encode_results(&r, false);
+        let b = encode_results(&r, false, 1);
         let f1 = packet::read_frame(&b, 100).unwrap().unwrap();
         let f2 = packet::read_frame(&b[f1.consumed..], 100).unwrap().unwrap();
         assert_eq!((f1.seq, f2.seq), (1, 2));

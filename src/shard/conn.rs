@@ -838,8 +838,10 @@ impl Shard {
 
     fn send_raw(&mut self, id: ConnId, bytes: Vec<u8>) {
         // A CometQL client that pipelines answers it never reads gets a
-        // generous bound (16x the browser one), then is disconnected.
-        let sql_limit = self.shared.config.outbound_limit.saturating_mul(16);
+        // generous bound (16x the browser one, and room for answers as big
+        // as the largest query), then is disconnected.
+        let c = &self.shared.config;
+        let sql_limit = c.outbound_limit.saturating_mul(16).max(c.max_query_size.saturating_mul(4));
         let Some(conn) = self.conns.get_mut(id) else { return };
         if conn.phase == Phase::Sql && conn.out_bytes + bytes.len() > sql_limit {
             eprintln!(

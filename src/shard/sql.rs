@@ -48,6 +48,8 @@ struct Slot {
     executing: bool,
     /// Close the connection after this answer.
     close: bool,
+    /// Sequence number of the answer's first packet.
+    seq: u8,
 }
 
 impl Slot {
@@ -162,7 +164,7 @@ impl Shard {
                     for e in events {
                         match e {
                             Event::Reply(bytes) => self.sql_push_raw(id, bytes, false),
-                            Event::Query(stmts) => self.sql_query(id, stmts),
+                            Event::Query(stmts, seq) => self.sql_query(id, stmts, seq),
                             Event::Close => {
                                 self.sql_push_raw(id, Vec::new(), true);
                                 return buf.len();
@@ -204,12 +206,12 @@ impl Shard {
     }
 
     /// Starts executing a COM_QUERY's statements in a new answer slot.
-    fn sql_query(&mut self, id: ConnId, stmts: Vec<Statement>) {
+    fn sql_query(&mut self, id: ConnId, stmts: Vec<Statement>, seq: u8) {
         ShardMetrics::add(&self.metrics.sql_queries, 1);
         let n = stmts.len();
         let Some(sc) = self.sql(id) else { return };
         let slot_id = sc.front + sc.slots.len() as u64;
-        sc.slots.push_back(Slot { results: (0..n).map(|_| None).collect(), executing: true, ..Slot::default() });
+        sc.slots.push_back(Slot { results: (0..n).map(|_| None).collect(), executing: true, seq, ..Slot::default() });
         for (i, st) in stmts.into_iter().enumerate() {
             let plan = {
                 let status = self.status_rows();
@@ -386,7 +388,7 @@ impl Shard {
                 Some(b) => b,
                 None => {
                     let results: Vec<StmtResult> = slot.results.into_iter().flatten().collect();
-                    session::encode_results(&results, deprecate_eof)
+                    session::encode_results(&results, deprecate_eof, slot.seq)
                 }
             };
             if !bytes.is_empty() {
