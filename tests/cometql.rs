@@ -412,8 +412,9 @@ fn bad_input_gets_errors_and_leaves_everyone_else_alone() {
         packet(&mut ping, 0, &[0x0E]);
         out.extend_from_slice(&ping);
         t.write_all(&out).unwrap();
-        let (_, e) = read_packet(&mut t);
+        let (seq, e) = read_packet(&mut t);
         assert_eq!(u16::from_le_bytes([e[1], e[2]]), 11, "{io}: 20 MiB query");
+        assert_eq!(seq, 2, "{io}: the error follows the query's two packets");
         assert!(String::from_utf8_lossy(&e).contains("max_query_size"));
         let (_, pong) = read_packet(&mut t);
         assert_eq!(pong[0], 0x00, "{io}: the connection still answers after the oversized query");

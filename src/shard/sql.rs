@@ -69,6 +69,10 @@ pub struct SqlConn {
     skip: usize,
     /// The discarded packet is continued by another one.
     skip_more: bool,
+    /// The error to answer once the oversized query is skipped, and the
+    /// sequence number of its last packet seen (the answer follows it).
+    skip_error: Option<String>,
+    skip_seq: u8,
 }
 
 impl Passwords for Config {
@@ -103,7 +107,15 @@ impl Shard {
         let greeting = session.greeting();
         if let Some(c) = self.conns.get_mut(id) {
             c.phase = Phase::Sql;
-            c.sql = Some(Box::new(SqlConn { session, slots: VecDeque::new(), front: 0, skip: 0, skip_more: false }));
+            c.sql = Some(Box::new(SqlConn {
+                session,
+                slots: VecDeque::new(),
+                front: 0,
+                skip: 0,
+                skip_more: false,
+                skip_error: None,
+                skip_seq: 0,
+            }));
         }
         self.metrics.sql_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.send_raw_bytes(id, greeting);
@@ -129,12 +141,21 @@ impl Shard {
                     let len = u32::from_le_bytes([buf[pos], buf[pos + 1], buf[pos + 2], 0]) as usize;
                     sc.skip = 4 + len;
                     sc.skip_more = len == MAX_PAYLOAD;
+                    sc.skip_seq = buf[pos + 3];
                 }
                 let n = sc.skip.min(buf.len() - pos);
                 sc.skip -= n;
                 pos += n;
                 if sc.skip > 0 {
                     break;
+                }
+                if !sc.skip_more
+                    && let Some(msg) = sc.skip_error.take()
+                {
+                    // The whole oversized query is gone: answer after its
+                    // last packet's sequence number.
+                    let seq = sc.skip_seq.wrapping_add(1);
+                    self.sql_push_raw(id, session::one(seq, &packet::err(11, &msg)), false);
                 }
                 continue;
             }
@@ -152,11 +173,13 @@ impl Shard {
                         len.saturating_sub(1),
                         config.max_query_size
                     );
-                    let close = !authenticated;
-                    self.sql_push_raw(id, session::one(1, &packet::err(11, &msg)), close);
-                    if close {
+                    if !authenticated {
+                        let seq = buf[pos + 3].wrapping_add(1);
+                        self.sql_push_raw(id, session::one(seq, &packet::err(11, &msg)), true);
                         return buf.len();
                     }
+                    sc.skip_seq = buf[pos + 3];
+                    sc.skip_error = Some(msg);
                 }
                 Ok(Some(frame)) => {
                     pos += frame.consumed;
