@@ -560,3 +560,42 @@ fn queries_and_answers_over_16_mib_span_several_packets() {
     let (seq, pong) = read_packet(&mut t);
     assert_eq!((seq, pong[0]), (1, 0x00));
 }
+
+#[test]
+fn multi_statement_queries_run_in_order_and_stop_at_the_first_bad_one() {
+    let s = start("epoll", &[]);
+    let mut sub = s.client("multi");
+    sub.subscribe(&["multi_chan"]);
+    let mut db = connect(&s);
+    wait_subscribers(&mut db, "multi_chan", 1);
+    let script = format!(
+        r#"
+import pymysql
+from pymysql.constants import CLIENT
+c = pymysql.connect(host="127.0.0.1", port={port}, user="root", password="s3cret", client_flag=CLIENT.MULTI_STATEMENTS)
+cur = c.cursor()
+cur.execute("SELECT 'one'; INSERT INTO pipes_messages VALUES ('multi_chan', 'e', 'sent'); SELECT 'three'")
+sets = [cur.fetchall()]
+while cur.nextset():
+    sets.append(cur.fetchall())
+print(sets)
+try:
+    cur.execute("SELECT 'before'; SELEKT 2; INSERT INTO pipes_messages VALUES ('multi_chan', 'e', 'never')")
+    print(cur.fetchall())
+    cur.nextset()
+except pymysql.err.MySQLError as e:
+    print("error", e.args[0])
+cur.execute("SELECT 'after'")
+print(cur.fetchall())
+"#,
+        port = s.backend.port()
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().expect("python3 with PyMySQL");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "[(('one',),), [], (('three',),)]\n(('before',),)\nerror 3\n(('after',),)\n"
+    );
+    assert_eq!(sub.recv()["data"], "sent");
+    sub.expect_silence(300);
+}

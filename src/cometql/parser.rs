@@ -75,6 +75,9 @@ pub enum Statement {
     },
     Set,
     Use(String),
+    /// A statement of a multi-statement query that did not parse: it fails
+    /// when its turn comes.
+    Failed(ParseError),
 }
 
 /// A parse error: code from PROTOCOL.md §4.4 and a message naming the value.
@@ -96,20 +99,26 @@ fn syntax(msg: impl Into<String>) -> ParseError {
 
 /// Parses a query text into statements (split on `;`, empty ones dropped).
 pub fn parse(sql: &str) -> Result<Vec<Statement>, ParseError> {
+    parse_each(sql)?.into_iter().collect()
+}
+
+/// Parses each `;`-separated statement on its own, as MySQL runs them one
+/// by one: statements before a bad one still run. Only a lexing error
+/// (an unterminated string, say) fails the whole text.
+pub fn parse_each(sql: &str) -> Result<Vec<Result<Statement, ParseError>>, ParseError> {
     let toks = lex(sql).map_err(|e| syntax(e.0))?;
-    let mut out = Vec::new();
-    for part in toks.split(|t| *t == Tok::Sym(';')) {
-        if part.is_empty() {
-            continue;
-        }
-        let mut p = Parser { t: part, i: 0 };
-        let st = p.statement()?;
-        if p.i < p.t.len() {
-            return Err(syntax(format!("unexpected {} after the statement", p.describe())));
-        }
-        out.push(st);
-    }
-    Ok(out)
+    Ok(toks
+        .split(|t| *t == Tok::Sym(';'))
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let mut p = Parser { t: part, i: 0 };
+            let st = p.statement()?;
+            if p.i < p.t.len() {
+                return Err(syntax(format!("unexpected {} after the statement", p.describe())));
+            }
+            Ok(st)
+        })
+        .collect())
 }
 
 struct Parser<'a> {

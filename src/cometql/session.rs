@@ -6,7 +6,7 @@
 
 use super::exec::{StmtResult, database_dev};
 use super::packet::{self, CLIENT_DEPRECATE_EOF, CLIENT_MULTI_STATEMENTS, CLIENT_SSL, Frame};
-use super::parser::{ParseError, Statement, parse};
+use super::parser::{ParseError, Statement, parse_each};
 
 /// Where the connection is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +31,7 @@ pub enum Event {
     Reply(Vec<u8>),
     /// A COM_QUERY's statements to execute, answered in this position;
     /// the answer's packets start at sequence `seq`.
-    Query(Vec<Statement>, u8),
+    Query(Vec<Result<Statement, ParseError>>, u8),
     /// Close after what is queued has been sent.
     Close,
 }
@@ -232,7 +232,7 @@ impl Session {
                 let Ok(sql) = std::str::from_utf8(body) else {
                     return vec![Event::Reply(one(r, &packet::err(3, "Query is not valid UTF-8")))];
                 };
-                match parse(sql) {
+                match parse_each(sql) {
                     Ok(st) if st.len() > 1 && self.capabilities & CLIENT_MULTI_STATEMENTS == 0 => {
                         vec![Event::Reply(one(
                             r,

@@ -15,7 +15,7 @@ use super::mail::{Publication, Query, Row};
 use super::{ConnId, Shard, Then};
 use crate::cometql::exec::{self, Ctx, Plan, Projection, StmtResult};
 use crate::cometql::packet::{self, FrameError, MAX_PAYLOAD};
-use crate::cometql::parser::Statement;
+use crate::cometql::parser::{ParseError, Statement};
 use crate::cometql::session::{self, Event, Passwords, Session};
 use crate::config::Config;
 use crate::frontend::message::{ChannelMessage, unix_now};
@@ -229,13 +229,19 @@ impl Shard {
     }
 
     /// Starts executing a COM_QUERY's statements in a new answer slot.
-    fn sql_query(&mut self, id: ConnId, stmts: Vec<Statement>, seq: u8) {
+    fn sql_query(&mut self, id: ConnId, stmts: Vec<Result<Statement, ParseError>>, seq: u8) {
         ShardMetrics::add(&self.metrics.sql_queries, 1);
         let n = stmts.len();
         let Some(sc) = self.sql(id) else { return };
         let slot_id = sc.front + sc.slots.len() as u64;
         sc.slots.push_back(Slot { results: (0..n).map(|_| None).collect(), executing: true, seq, ..Slot::default() });
         for (i, st) in stmts.into_iter().enumerate() {
+            // A statement that did not parse fails here, after the ones
+            // before it ran, as MySQL does.
+            let st = match st {
+                Ok(st) => st,
+                Err(e) => Statement::Failed(e),
+            };
             let plan = {
                 let status = self.status_rows();
                 let config = self.shared.config.clone();
