@@ -599,3 +599,45 @@ print(cur.fetchall())
     assert_eq!(sub.recv()["data"], "sent");
     sub.expect_silence(300);
 }
+
+#[test]
+fn prepared_statements_from_a_driver_publish_select_and_bind_every_type() {
+    for io in BACKENDS {
+        let s = start(io, &[]);
+        let mut sub = s.client("prep");
+        sub.subscribe(&["prep_chan"]);
+        let mut db = connect(&s);
+        wait_subscribers(&mut db, "prep_chan", 1);
+        // The mysql crate's exec* use COM_STMT_PREPARE / EXECUTE (binary protocol).
+        db.exec_drop(
+            "INSERT INTO pipes_messages (name, event, message) VALUES (?, ?, ?)",
+            ("prep_chan", "ev", r#"{"x":"it's \"quoted\" \\ and ?"}"#),
+        )
+        .unwrap();
+        assert_eq!(db.affected_rows(), 1, "{io}");
+        assert_eq!(sub.recv()["data"], r#"{"x":"it's \"quoted\" \\ and ?"}"#, "{io}");
+        let rows: Vec<(String, u64)> = db.exec("SELECT name, users FROM pipes WHERE name = ?", ("prep_chan",)).unwrap();
+        assert_eq!(rows, [("prep_chan".to_string(), 1)], "{io}");
+        // One statement, executed several times with different types.
+        let stmt = db.prep("INSERT INTO pipes_messages VALUES (?, 'e', ?)").unwrap();
+        db.exec_drop(&stmt, ("prep_chan", 42i64)).unwrap();
+        db.exec_drop(&stmt, ("prep_chan", -7i8)).unwrap();
+        db.exec_drop(&stmt, ("prep_chan", 1.5f64)).unwrap();
+        db.exec_drop(&stmt, ("prep_chan", u64::MAX)).unwrap();
+        for want in ["42", "-7", "1.5", &u64::MAX.to_string()] {
+            assert_eq!(sub.recv()["data"], want, "{io}");
+        }
+        db.close(stmt).unwrap();
+        // NULL and user tables through prepared statements.
+        let n: Option<Option<String>> = db.exec_first("SELECT ?", (None::<String>,)).unwrap();
+        assert_eq!(n, Some(None));
+        db.exec_drop("INSERT INTO users_auth (id, hash) VALUES (?, ?)", (77u64, "k77")).unwrap();
+        assert_eq!(db.last_insert_id(), 77);
+        let keys: Vec<(u64, String)> = db.exec("SELECT id, hash FROM users_auth WHERE id IN (?, ?)", (77, 78)).unwrap();
+        assert_eq!(keys, [(77, "k77".to_string())]);
+        // Errors keep their codes and values.
+        let (code, msg) = sql_err(db.exec_drop("INSERT INTO pipes_messages VALUES (?, 'e', 'm')", ("a b",)));
+        assert_eq!(code, 12, "{msg}");
+        assert!(msg.contains("'a b'"), "{msg}");
+    }
+}

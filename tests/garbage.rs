@@ -122,12 +122,19 @@ fn mysql_packets_and_sessions_survive_garbage() {
         login.extend_from_slice(b"mysql_native_password\0");
         s.on_packet(packet::Frame { seq: 1, payload: login, consumed: 0 }, &Pw);
         assert!(s.is_authenticated());
+        let mut prep = vec![0x16];
+        prep.extend_from_slice(b"INSERT INTO pipes_messages VALUES (?, ?, ?)");
+        let _ = s.on_packet(packet::Frame { seq: 0, payload: prep, consumed: 0 }, &Pw);
         for _ in 0..3 {
             let mut payload = r.bytes(60);
             if let Some(b) = payload.first_mut() {
                 *b %= 0x20;
             }
             let _ = s.on_packet(packet::Frame { seq: 0, payload, consumed: 0 }, &Pw);
+            // A garbage EXECUTE of the prepared statement (id 1).
+            let mut exec = vec![0x17, 1, 0, 0, 0];
+            exec.extend(r.bytes(40));
+            let _ = s.on_packet(packet::Frame { seq: 0, payload: exec, consumed: 0 }, &Pw);
         }
         let mut s = session::Session::new(1, nonce);
         // A garbage handshake, then (if it somehow authenticates) commands.

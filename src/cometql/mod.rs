@@ -11,5 +11,6 @@ pub mod exec;
 pub mod lexer;
 pub mod packet;
 pub mod parser;
+pub mod prepared;
 pub mod session;
 pub mod tables;

@@ -355,14 +355,22 @@ pub struct ResultSet {
 
 /// Appends a whole result set as packets from sequence 1.
 pub fn write_result_set(out: &mut Vec<u8>, rs: &ResultSet, deprecate_eof: bool, status: u16) {
-    write_result_set_from(out, 1, rs, deprecate_eof, status);
+    write_result_set_from(out, 1, rs, deprecate_eof, status, false);
 }
 
 /// Appends a whole result set from sequence `seq`; returns the next one.
 /// `deprecate_eof`: the client set CLIENT_DEPRECATE_EOF (no EOF after the
 /// columns, an OK with header 0xFE at the end). `status` goes into the
 /// final packet.
-pub fn write_result_set_from(out: &mut Vec<u8>, mut seq: u8, rs: &ResultSet, deprecate_eof: bool, status: u16) -> u8 {
+/// `binary`: rows in the binary protocol (answers to COM_STMT_EXECUTE).
+pub fn write_result_set_from(
+    out: &mut Vec<u8>,
+    mut seq: u8,
+    rs: &ResultSet,
+    deprecate_eof: bool,
+    status: u16,
+    binary: bool,
+) -> u8 {
     let mut p = Vec::with_capacity(64);
     put_lenenc_int(&mut p, rs.columns.len() as u64);
     seq = write_packet(out, seq, &p);
@@ -388,6 +396,11 @@ pub fn write_result_set_from(out: &mut Vec<u8>, mut seq: u8, rs: &ResultSet, dep
     }
     for row in &rs.rows {
         p.clear();
+        if binary {
+            super::prepared::binary_row(row, &mut p);
+            seq = write_packet(out, seq, &p);
+            continue;
+        }
         for v in row {
             match v {
                 Some(s) => put_lenenc_str(&mut p, s.as_bytes()),

@@ -301,8 +301,10 @@ impl Parser<'_> {
 
     fn select(&mut self) -> Result<Statement, ParseError> {
         // Table-less SELECT: @@vars, functions, literals.
+        let literal_word = ["null", "true", "false"].iter().any(|w| self.is_kw(w));
         let table_select = matches!(self.peek(), Some(Tok::Sym('*')))
             || (matches!(self.peek(), Some(Tok::Word(_)) | Some(Tok::Quoted(_)))
+                && !literal_word
                 && !matches!(self.t.get(self.i + 1), Some(Tok::Sym('('))));
         if !table_select {
             return self.select_exprs();
@@ -367,6 +369,10 @@ impl Parser<'_> {
                     self.i += 2;
                     self.expect_sym(')')?;
                     (Expr::Func(w.to_ascii_uppercase()), format!("{w}()"))
+                }
+                Some(Tok::Word(w)) if ["null", "true", "false"].iter().any(|k| w.eq_ignore_ascii_case(k)) => {
+                    let v = self.value()?;
+                    (Expr::Lit(v), w.to_ascii_uppercase())
                 }
                 Some(Tok::Str(_)) | Some(Tok::Num(_)) | Some(Tok::Sym('-')) => {
                     let v = self.value()?;

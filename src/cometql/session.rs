@@ -31,7 +31,8 @@ pub enum Event {
     Reply(Vec<u8>),
     /// A COM_QUERY's statements to execute, answered in this position;
     /// the answer's packets start at sequence `seq`.
-    Query(Vec<Result<Statement, ParseError>>, u8),
+    /// `binary`: an EXECUTE, answered with binary-protocol rows.
+    Query(Vec<Result<Statement, ParseError>>, u8, bool),
     /// Close after what is queued has been sent.
     Close,
 }
@@ -54,6 +55,9 @@ pub struct Session {
     /// The dev_id queries act on (changed by `db_N`).
     pub dev_id: u32,
     pub database: String,
+    /// Prepared statements by id.
+    stmts: std::collections::HashMap<u32, super::prepared::Prepared>,
+    next_stmt: u32,
 }
 
 impl Session {
@@ -67,6 +71,8 @@ impl Session {
             login_dev: 0,
             dev_id: 0,
             database: "CometQL_v1".into(),
+            stmts: std::collections::HashMap::new(),
+            next_stmt: 0,
         }
     }
 
@@ -240,7 +246,7 @@ impl Session {
                         ))]
                     }
                     Ok(st) if st.is_empty() => vec![Event::Reply(one(r, &packet::err(3, "Query was empty")))],
-                    Ok(st) => vec![Event::Query(st, r)],
+                    Ok(st) => vec![Event::Query(st, r, false)],
                     Err(ParseError { code, message }) => vec![Event::Reply(one(r, &packet::err(code, &message)))],
                 }
             }
@@ -253,8 +259,65 @@ impl Session {
                 };
                 vec![Event::Reply(one(r, &term))]
             }
-            0x0E | 0x1F => vec![ok()],
+            0x0E | 0x1F => {
+                if cmd == 0x1F {
+                    self.stmts.clear();
+                }
+                vec![ok()]
+            }
+            0x16 => self.stmt_prepare(body, r),
+            0x17 => self.stmt_execute(body, r),
+            // COM_STMT_CLOSE has no answer.
+            0x19 => {
+                if body.len() >= 4 {
+                    self.stmts.remove(&u32::from_le_bytes([body[0], body[1], body[2], body[3]]));
+                }
+                Vec::new()
+            }
+            // COM_STMT_RESET: nothing is buffered per statement.
+            0x1A => vec![ok()],
             other => vec![Event::Reply(one(r, &packet::err(1047, &format!("Unknown command {other:#04x}"))))],
+        }
+    }
+}
+
+/// Most prepared statements one connection may hold.
+const MAX_STATEMENTS: usize = 1024;
+
+impl Session {
+    fn stmt_prepare(&mut self, body: &[u8], r: u8) -> Vec<Event> {
+        let Ok(sql) = std::str::from_utf8(body) else {
+            return vec![Event::Reply(one(r, &packet::err(3, "Query is not valid UTF-8")))];
+        };
+        if let Err(e) = super::lexer::lex(sql) {
+            return vec![Event::Reply(one(r, &packet::err(3, &e.0)))];
+        }
+        if self.stmts.len() >= MAX_STATEMENTS {
+            return vec![Event::Reply(one(r, &packet::err(18, "Too many prepared statements: close some first")))];
+        }
+        self.next_stmt = self.next_stmt.wrapping_add(1).max(1);
+        let marks = super::prepared::placeholders(sql);
+        let n = marks.len();
+        self.stmts.insert(self.next_stmt, super::prepared::Prepared { sql: sql.to_string(), marks, types: Vec::new() });
+        vec![Event::Reply(super::prepared::prepare_ok(self.next_stmt, n, self.deprecate_eof(), r))]
+    }
+
+    fn stmt_execute(&mut self, body: &[u8], r: u8) -> Vec<Event> {
+        let id = body.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let Some(stmt) = id.and_then(|id| self.stmts.get_mut(&id)) else {
+            return vec![Event::Reply(one(
+                r,
+                &packet::err(3, &format!("Unknown prepared statement {}", id.unwrap_or(0))),
+            ))];
+        };
+        let sql = match super::prepared::execute_sql(body, stmt) {
+            Ok(sql) => sql,
+            Err(e) => return vec![Event::Reply(one(r, &packet::err(3, &e)))],
+        };
+        match parse_each(&sql) {
+            Ok(st) if st.len() == 1 => vec![Event::Query(st, r, true)],
+            Ok(_) => vec![Event::Reply(one(r, &packet::err(3, "A prepared statement must be exactly one statement")))],
+            Err(ParseError { code, message }) => vec![Event::Reply(one(r, &packet::err(code, &message)))],
         }
     }
 }
@@ -270,7 +333,7 @@ pub fn one(seq: u8, payload: &[u8]) -> Vec<u8> {
 /// with sequence numbers running on from `seq` (1 after a one-packet query)
 /// and MORE_RESULTS on all but the
 /// last. Execution stops at the first error, so an error is always last.
-pub fn encode_results(results: &[StmtResult], deprecate_eof: bool, seq: u8) -> Vec<u8> {
+pub fn encode_results(results: &[StmtResult], deprecate_eof: bool, seq: u8, binary: bool) -> Vec<u8> {
     let mut out = Vec::new();
     let mut seq = seq;
     for (i, r) in results.iter().enumerate() {
@@ -281,7 +344,7 @@ pub fn encode_results(results: &[StmtResult], deprecate_eof: bool, seq: u8) -> V
                 packet::write_packet(&mut out, seq, &packet::ok(*affected, *last_insert_id, status, ""))
             }
             StmtResult::Err(code, msg) => packet::write_packet(&mut out, seq, &packet::err(*code, msg)),
-            StmtResult::Rows(rs) => packet::write_result_set_from(&mut out, seq, rs, deprecate_eof, status),
+            StmtResult::Rows(rs) => packet::write_result_set_from(&mut out, seq, rs, deprecate_eof, status, binary),
         };
     }
     out
@@ -411,7 +474,7 @@ mod tests {
     fn multi_results_continue_sequence_and_flag_more() {
         let r =
             vec![StmtResult::Ok { affected: 1, last_insert_id: 0 }, StmtResult::Ok { affected: 2, last_insert_id: 0 }];
-        let b = encode_results(&r, false, 1);
+        let b = encode_results(&r, false, 1, false);
         let f1 = packet::read_frame(&b, 100).unwrap().unwrap();
         let f2 = packet::read_frame(&b[f1.consumed..], 100).unwrap().unwrap();
         assert_eq!((f1.seq, f2.seq), (1, 2));

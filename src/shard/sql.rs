@@ -50,6 +50,8 @@ struct Slot {
     close: bool,
     /// Sequence number of the answer's first packet.
     seq: u8,
+    /// Rows in the binary protocol (an answer to COM_STMT_EXECUTE).
+    binary: bool,
 }
 
 impl Slot {
@@ -187,7 +189,7 @@ impl Shard {
                     for e in events {
                         match e {
                             Event::Reply(bytes) => self.sql_push_raw(id, bytes, false),
-                            Event::Query(stmts, seq) => self.sql_query(id, stmts, seq),
+                            Event::Query(stmts, seq, binary) => self.sql_query(id, stmts, seq, binary),
                             Event::Close => {
                                 self.sql_push_raw(id, Vec::new(), true);
                                 return buf.len();
@@ -229,12 +231,18 @@ impl Shard {
     }
 
     /// Starts executing a COM_QUERY's statements in a new answer slot.
-    fn sql_query(&mut self, id: ConnId, stmts: Vec<Result<Statement, ParseError>>, seq: u8) {
+    fn sql_query(&mut self, id: ConnId, stmts: Vec<Result<Statement, ParseError>>, seq: u8, binary: bool) {
         ShardMetrics::add(&self.metrics.sql_queries, 1);
         let n = stmts.len();
         let Some(sc) = self.sql(id) else { return };
         let slot_id = sc.front + sc.slots.len() as u64;
-        sc.slots.push_back(Slot { results: (0..n).map(|_| None).collect(), executing: true, seq, ..Slot::default() });
+        sc.slots.push_back(Slot {
+            results: (0..n).map(|_| None).collect(),
+            executing: true,
+            seq,
+            binary,
+            ..Slot::default()
+        });
         for (i, st) in stmts.into_iter().enumerate() {
             // A statement that did not parse fails here, after the ones
             // before it ran, as MySQL does.
@@ -417,7 +425,7 @@ impl Shard {
                 Some(b) => b,
                 None => {
                     let results: Vec<StmtResult> = slot.results.into_iter().flatten().collect();
-                    session::encode_results(&results, deprecate_eof, slot.seq)
+                    session::encode_results(&results, deprecate_eof, slot.seq, slot.binary)
                 }
             };
             if !bytes.is_empty() {

@@ -1,0 +1,272 @@
+//! Server-side prepared statements (COM_STMT_PREPARE / EXECUTE / CLOSE /
+//! RESET), sans-IO, for drivers that use the binary protocol by default
+//! (Node mysql2 `execute`, PHP mysqli `prepare`, the Rust `mysql` crate's
+//! `exec`, JDBC with server-side prepares).
+//!
+//! A statement is kept as its text with the byte offsets of its `?`
+//! placeholders. EXECUTE decodes the binary parameter values and splices
+//! them in as MySQL literals, and the result runs through the same parser and
+//! executor as a text query; its rows go back in the binary row format.
+
+use super::packet::{self, put_lenenc_int, take_lenenc_int};
+
+/// One prepared statement.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub sql: String,
+    /// Byte offsets of the `?` placeholders in `sql`.
+    pub marks: Vec<usize>,
+    /// Parameter types from the last EXECUTE that sent them.
+    pub types: Vec<(u8, bool)>,
+}
+
+/// Byte offsets of `?` outside string literals, quoted names and comments.
+pub fn placeholders(sql: &str) -> Vec<usize> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            q @ (b'\'' | b'"' | b'`') => {
+                i += 1;
+                while i < b.len() {
+                    if b[i] == b'\\' && q != b'`' {
+                        i += 2;
+                        continue;
+                    }
+                    if b[i] == q {
+                        if b.get(i + 1) == Some(&q) {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'?' => out.push(i),
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The STMT_PREPARE_OK answer (and parameter definitions), from `seq`.
+pub fn prepare_ok(stmt_id: u32, params: usize, deprecate_eof: bool, seq: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut p = vec![0x00];
+    p.extend_from_slice(&stmt_id.to_le_bytes());
+    p.extend_from_slice(&0u16.to_le_bytes()); // columns: sent with each result
+    p.extend_from_slice(&(params as u16).to_le_bytes());
+    p.push(0);
+    p.extend_from_slice(&0u16.to_le_bytes());
+    let mut seq = packet::write_packet(&mut out, seq, &p);
+    if params > 0 {
+        for _ in 0..params {
+            let mut d = Vec::with_capacity(32);
+            for s in [&b"def"[..], b"", b"", b"", b"?", b""] {
+                packet::put_lenenc_str(&mut d, s);
+            }
+            d.push(0x0C);
+            d.extend_from_slice(&63u16.to_le_bytes());
+            d.extend_from_slice(&0u32.to_le_bytes());
+            d.push(packet::TYPE_VAR_STRING);
+            d.extend_from_slice(&0u16.to_le_bytes());
+            d.push(0);
+            d.extend_from_slice(&[0, 0]);
+            seq = packet::write_packet(&mut out, seq, &d);
+        }
+        if !deprecate_eof {
+            packet::write_packet(&mut out, seq, &packet::eof(packet::SERVER_STATUS_AUTOCOMMIT));
+        }
+    }
+    out
+}
+
+/// Quotes text as a MySQL string literal.
+fn quote(s: &str, out: &mut String) {
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("\\'"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => out.push_str("\\0"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+}
+
+fn take<'a>(p: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+    if p.len() < n {
+        return Err("truncated COM_STMT_EXECUTE".into());
+    }
+    let (a, b) = p.split_at(n);
+    *p = b;
+    Ok(a)
+}
+
+/// One binary parameter value as a MySQL literal.
+fn literal(ty: u8, unsigned: bool, p: &mut &[u8], out: &mut String) -> Result<(), String> {
+    use std::fmt::Write as _;
+    let int = |b: &[u8]| -> i128 {
+        let mut v: u64 = 0;
+        for (i, x) in b.iter().enumerate() {
+            v |= (*x as u64) << (8 * i);
+        }
+        if unsigned {
+            v as i128
+        } else {
+            let shift = 64 - 8 * b.len() as u32;
+            (((v << shift) as i64) >> shift) as i128
+        }
+    };
+    match ty {
+        0x06 => out.push_str("NULL"),
+        0x01 => write!(out, "{}", int(take(p, 1)?)).unwrap_or(()),
+        0x02 | 0x0d => write!(out, "{}", int(take(p, 2)?)).unwrap_or(()),
+        0x03 | 0x09 => write!(out, "{}", int(take(p, 4)?)).unwrap_or(()),
+        0x08 => write!(out, "{}", int(take(p, 8)?)).unwrap_or(()),
+        0x04 => write!(out, "{}", f32::from_le_bytes(take(p, 4)?.try_into().map_err(|_| "bad float")?)).unwrap_or(()),
+        0x05 => write!(out, "{}", f64::from_le_bytes(take(p, 8)?.try_into().map_err(|_| "bad double")?)).unwrap_or(()),
+        0x07 | 0x0a | 0x0c => {
+            let n = take(p, 1)?[0] as usize;
+            let f = take(p, n)?;
+            let g = |i: usize| f.get(i).copied().unwrap_or(0) as u32;
+            let year = u16::from_le_bytes([f.first().copied().unwrap_or(0), f.get(1).copied().unwrap_or(0)]);
+            let mut s = format!("{year:04}-{:02}-{:02}", g(2), g(3));
+            if n >= 7 {
+                let _ = write!(s, " {:02}:{:02}:{:02}", g(4), g(5), g(6));
+            }
+            quote(&s, out);
+        }
+        0x0b => {
+            let n = take(p, 1)?[0] as usize;
+            let f = take(p, n)?;
+            let g = |i: usize| f.get(i).copied().unwrap_or(0) as u32;
+            let days = if n >= 5 { u32::from_le_bytes([f[1], f[2], f[3], f[4]]) } else { 0 };
+            let sign = if g(0) == 1 { "-" } else { "" };
+            quote(&format!("{sign}{:02}:{:02}:{:02}", days * 24 + g(5), g(6), g(7)), out);
+        }
+        0x00 | 0x0f | 0x10 | 0xf5..=0xfe => {
+            let n = take_lenenc_int(p).ok_or("truncated string parameter")? as usize;
+            let s = take(p, n)?;
+            quote(&String::from_utf8_lossy(s), out);
+        }
+        other => return Err(format!("parameter type {other:#04x} is not supported")),
+    }
+    Ok(())
+}
+
+/// Decodes a COM_STMT_EXECUTE body (after the command byte) against the
+/// statement, returning the SQL with the parameters spliced in.
+pub fn execute_sql(body: &[u8], stmt: &mut Prepared) -> Result<String, String> {
+    let mut p = body;
+    take(&mut p, 4 + 1 + 4)?; // statement id, flags, iteration count
+    let n = stmt.marks.len();
+    let mut values: Vec<String> = Vec::with_capacity(n);
+    if n > 0 {
+        let bitmap = take(&mut p, n.div_ceil(8))?.to_vec();
+        let bound = take(&mut p, 1)?[0];
+        if bound == 1 {
+            let t = take(&mut p, 2 * n)?;
+            stmt.types = t.chunks(2).map(|c| (c[0], c[1] & 0x80 != 0)).collect();
+        }
+        if stmt.types.len() != n {
+            return Err("parameter types were never sent".into());
+        }
+        for i in 0..n {
+            let mut lit = String::new();
+            if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+                lit.push_str("NULL");
+            } else {
+                let (ty, unsigned) = stmt.types[i];
+                literal(ty, unsigned, &mut p, &mut lit)?;
+            }
+            values.push(lit);
+        }
+    }
+    let mut sql = String::with_capacity(stmt.sql.len() + values.iter().map(String::len).sum::<usize>());
+    let mut last = 0;
+    for (mark, v) in stmt.marks.iter().zip(&values) {
+        sql.push_str(&stmt.sql[last..*mark]);
+        sql.push_str(v);
+        last = mark + 1;
+    }
+    sql.push_str(&stmt.sql[last..]);
+    Ok(sql)
+}
+
+/// Appends one binary-protocol row: every column is VAR_STRING.
+pub fn binary_row(row: &[Option<String>], out: &mut Vec<u8>) {
+    out.push(0x00);
+    let start = out.len();
+    out.resize(start + (row.len() + 7 + 2) / 8, 0);
+    for (i, v) in row.iter().enumerate() {
+        if v.is_none() {
+            let bit = i + 2;
+            out[start + bit / 8] |= 1 << (bit % 8);
+        }
+    }
+    for s in row.iter().flatten() {
+        put_lenenc_int(out, s.len() as u64);
+        out.extend_from_slice(s.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_skip_literals_and_comments() {
+        let sql = "INSERT INTO t VALUES (?, '?', \"a\\\"?\", `?`, ?) -- ?\n/* ? */ #?";
+        let marks = placeholders(sql);
+        assert_eq!(marks.len(), 2);
+        assert!(marks.iter().all(|&m| &sql[m..m + 1] == "?"));
+    }
+
+    #[test]
+    fn execute_splices_typed_values_as_literals() {
+        let sql = "INSERT INTO pipes_messages VALUES (?, ?, ?)".to_string();
+        let marks = placeholders(&sql);
+        let mut st = Prepared { sql, marks, types: Vec::new() };
+        let mut body = vec![1, 0, 0, 0, 0, 1, 0, 0, 0];
+        body.push(0b0000_0100); // third parameter NULL
+        body.push(1);
+        body.extend_from_slice(&[0xfd, 0, 0x08, 0, 0xfd, 0]);
+        body.extend_from_slice(&[4, b'a', b'\'', b'\\', b'b']);
+        body.extend_from_slice(&(-5i64).to_le_bytes());
+        assert_eq!(execute_sql(&body, &mut st).unwrap(), r"INSERT INTO pipes_messages VALUES ('a\'\\b', -5, NULL)");
+        // Types are remembered when the next EXECUTE does not resend them.
+        let mut again = vec![1, 0, 0, 0, 0, 1, 0, 0, 0, 0b110, 0];
+        again.extend_from_slice(&[1, b'z']);
+        assert_eq!(execute_sql(&again, &mut st).unwrap(), "INSERT INTO pipes_messages VALUES ('z', NULL, NULL)");
+        assert!(execute_sql(&[1, 0, 0], &mut st).is_err());
+    }
+
+    #[test]
+    fn binary_rows_mark_nulls_from_bit_two() {
+        let mut out = Vec::new();
+        binary_row(&[Some("ab".into()), None], &mut out);
+        assert_eq!(out, [0x00, 0b0000_1000, 2, b'a', b'b']);
+    }
+}
