@@ -1,0 +1,110 @@
+// CometQL through Node.js's mysql2 driver, the way a Node backend talks to
+// comet: text queries with client-side placeholders, and execute() with
+// server-side prepared statements. The server is the real binary; a
+// subscriber on the WebSocket side checks what arrives.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import net from 'node:net';
+import mysql from 'mysql2/promise';
+
+const BIN = process.env.COMET_BIN || new URL('../../target/debug/comet', import.meta.url).pathname;
+let srv;
+
+async function freePort() {
+  const s = net.createServer();
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+before(async () => {
+  const front = await freePort();
+  const back = await freePort();
+  const child = spawn(BIN, ['--frontend', `127.0.0.1:${front}`, '--backend', `127.0.0.1:${back}`, '--shards', '2', '--password', 'nodepw'],
+    { stdio: ['ignore', 'ignore', 'pipe'] });
+  let log = '';
+  await new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`comet did not start:\n${log}`)), 15000);
+    child.stderr.on('data', (d) => { log += d; if (log.includes('frontend listening on')) { clearTimeout(t); resolve(); } });
+  });
+  srv = { child, front, back };
+});
+after(() => srv?.child.kill('SIGKILL'));
+
+const connect = () => mysql.createConnection({ host: '127.0.0.1', port: srv.back, user: 'root', password: 'nodepw', database: 'CometQL_v1' });
+
+/** A WebSocket subscriber (Node 20's global WebSocket is behind a flag, so a tiny client). */
+async function subscriber(channel) {
+  const sock = net.connect(srv.front, '127.0.0.1');
+  await new Promise((r) => sock.once('connect', r));
+  sock.write('GET /ws/sesion=&myid=&devid=0&v=4.08&uuid=node HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n' +
+    'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n');
+  let buf = Buffer.alloc(0);
+  const messages = [];
+  let headDone = false;
+  sock.on('data', (d) => {
+    buf = Buffer.concat([buf, d]);
+    if (!headDone) {
+      const i = buf.indexOf('\r\n\r\n');
+      if (i < 0) return;
+      buf = buf.subarray(i + 4);
+      headDone = true;
+    }
+    for (;;) {
+      if (buf.length < 2) return;
+      let len = buf[1] & 0x7f, off = 2;
+      if (len === 126) { if (buf.length < 4) return; len = buf.readUInt16BE(2); off = 4; }
+      if (buf.length < off + len) return;
+      messages.push(JSON.parse(buf.subarray(off, off + len).toString()));
+      buf = buf.subarray(off + len);
+    }
+  });
+  const text = Buffer.from(`subscription\n${channel}`);
+  const mask = Buffer.from([1, 2, 3, 4]);
+  sock.write(Buffer.concat([Buffer.from([0x81, 0x80 | text.length]), mask, Buffer.from(text.map((b, i) => b ^ mask[i % 4]))]));
+  return { messages, close: () => sock.destroy() };
+}
+
+async function until(what, fn, ms = 10000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+test('text queries with client-side placeholders publish and read', async () => {
+  const sub = await subscriber('node_chan');
+  const c = await connect();
+  try {
+    await until('subscribed', async () => (await c.query("SELECT users FROM pipes WHERE name = 'node_chan'"))[0][0]?.users === '1');
+    const [r] = await c.query('INSERT INTO pipes_messages (name, event, message) VALUES (?, ?, ?)', ['node_chan', 'ev', JSON.stringify({ text: "it's \"here\"" })]);
+    assert.equal(r.affectedRows, 1);
+    const m = await until('delivery', () => sub.messages.find((x) => x.pipe === 'node_chan'));
+    assert.deepEqual(JSON.parse(m.data), { text: "it's \"here\"" });
+    const [tables] = await c.query('SHOW TABLES');
+    assert.equal(tables.length, 9);
+  } finally { sub.close(); await c.end(); }
+});
+
+test('execute() uses server-side prepared statements', async () => {
+  const c = await connect();
+  try {
+    const [a] = await c.execute('INSERT INTO users_auth (id, hash) VALUES (?, ?)', [12, 'k12']);
+    assert.equal(a.affectedRows, 1);
+    assert.equal(a.insertId, 12);
+    const [rows] = await c.execute('SELECT id, hash FROM users_auth WHERE id IN (?, ?)', [12, 13]);
+    assert.deepEqual(rows, [{ id: '12', hash: 'k12' }]);
+    const [t] = await c.execute('SELECT id, time FROM users_time WHERE id = ?', [12]);
+    assert.deepEqual(t, [{ id: '12', time: '-1' }]);
+    const [m] = await c.execute('INSERT INTO users_messages (id, event, message) VALUES (?, ?, ?)', [12, 'hello', 'queued for later']);
+    assert.equal(m.affectedRows, 1);
+    const [q] = await c.execute('SELECT message FROM users_messages WHERE id = ?', [12]);
+    assert.deepEqual(q, [{ message: 'queued for later' }]);
+    await assert.rejects(c.execute('INSERT INTO pipes_messages VALUES (?, ?, ?)', ['bad name', 'e', 'm']), (e) => e.errno === 12 && /'bad name'/.test(e.message));
+  } finally { await c.end(); }
+});
