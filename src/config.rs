@@ -89,6 +89,9 @@ pub struct Cli {
     /// Seconds a queued private message stays deliverable [default: 300].
     #[arg(long, env = "COMET_OFFLINE_QUEUE_TTL")]
     pub offline_queue_ttl: Option<u64>,
+    /// Seconds an offline user with no key, data or queue (a JWT user) is remembered for users_time [default: 604800].
+    #[arg(long, env = "COMET_USER_RETENTION")]
+    pub user_retention: Option<u64>,
     /// Origins allowed to open WebSockets, comma-separated (others get 403) [default: any].
     #[arg(long, env = "COMET_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
@@ -120,6 +123,7 @@ pub struct FileConfig {
     pub offline_queue_ttl: Option<u64>,
     pub allowed_origins: Option<Vec<String>>,
     pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
+    pub user_retention: Option<u64>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -166,6 +170,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Peers whose first X-Forwarded-For entry is the client's address.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// How long an offline user that holds nothing else is remembered.
+    pub user_retention: Duration,
 }
 
 impl Default for Config {
@@ -194,6 +200,7 @@ impl Default for Config {
             public_user_data: Vec::new(),
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
+            user_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -243,6 +250,7 @@ impl Config {
                 .filter(|o| !o.is_empty())
                 .collect(),
             trusted_proxies: cli.trusted_proxies.or(file.trusted_proxies).unwrap_or_default(),
+            user_retention: cli.user_retention.or(file.user_retention).map_or(d.user_retention, secs),
         };
         c.validate()?;
         Ok(c)

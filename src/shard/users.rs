@@ -272,7 +272,8 @@ impl Shard {
         if self.now.saturating_sub(self.last_queue_purge) >= 60 {
             self.last_queue_purge = self.now;
             let ttl = self.queue_ttl();
-            self.users.purge_expired(ttl, unix_now());
+            let retention = self.shared.config.user_retention.as_secs() as i64;
+            self.users.purge_expired(ttl, unix_now(), retention);
         }
     }
 }

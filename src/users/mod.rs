@@ -286,7 +286,12 @@ impl UserStore {
     }
 
     /// Drops expired queue entries of every user (a periodic sweep).
-    pub fn purge_expired(&mut self, ttl: i64, now: i64) {
+    /// Also forgets users that hold nothing but an offline time older than
+    /// `retention` seconds (typically JWT users, who have no stored key), so
+    /// the table does not grow with every user id ever seen; `users_time`
+    /// then answers -1 (unknown) for them. Returns how many were forgotten.
+    pub fn purge_expired(&mut self, ttl: i64, now: i64, retention: i64) -> usize {
+        let mut forgotten = 0;
         for m in self.users.values_mut() {
             for u in m.values_mut() {
                 if let Some(q) = u.queue.as_mut() {
@@ -296,7 +301,19 @@ impl UserStore {
                     }
                 }
             }
+            let before = m.len();
+            m.retain(|_, u| {
+                !(u.key.is_none()
+                    && u.data.is_none()
+                    && u.devices.is_none()
+                    && u.queue.is_none()
+                    && u.offline_since > 0
+                    && now - u.offline_since >= retention)
+            });
+            forgotten += before - m.len();
         }
+        self.users.retain(|_, m| !m.is_empty());
+        forgotten
     }
 
     pub fn presence(&self, dev: u32, uid: u64) -> Presence {
@@ -398,6 +415,21 @@ mod tests {
         let got: Vec<String> = s.take_queue(0, 5, 300, 402).into_iter().map(|q| q.message().to_string()).collect();
         assert_eq!(got, ["3"]);
         assert!(s.take_queue(0, 5, 300, 402).is_empty(), "taking empties the queue");
+    }
+
+    #[test]
+    fn offline_users_with_nothing_else_are_forgotten_after_the_retention() {
+        let mut s = UserStore::default();
+        s.add_device(0, 1, conn(1));
+        s.remove_device(0, 1, conn(1), 1000);
+        s.set_key(0, 2, "k");
+        s.add_device(0, 2, conn(2));
+        s.remove_device(0, 2, conn(2), 1000);
+        assert_eq!(s.purge_expired(300, 1500, 3600), 0, "within the retention");
+        assert_eq!(s.presence(0, 1), Presence::Offline(1000));
+        assert_eq!(s.purge_expired(300, 4600, 3600), 1);
+        assert_eq!(s.presence(0, 1), Presence::Unknown, "forgotten");
+        assert_eq!(s.presence(0, 2), Presence::Offline(1000), "a user with a key is kept");
     }
 
     #[test]
