@@ -313,6 +313,11 @@ impl UserStore {
             forgotten += before - m.len();
         }
         self.users.retain(|_, m| !m.is_empty());
+        // A revoked token past its `exp` could not be used anyway.
+        for set in self.revoked.values_mut() {
+            set.retain(|t| jwt::claimed_exp(t).is_none_or(|exp| exp > now));
+        }
+        self.revoked.retain(|_, s| !s.is_empty());
         forgotten
     }
 
@@ -430,6 +435,17 @@ mod tests {
         assert_eq!(s.purge_expired(300, 4600, 3600), 1);
         assert_eq!(s.presence(0, 1), Presence::Unknown, "forgotten");
         assert_eq!(s.presence(0, 2), Presence::Offline(1000), "a user with a key is kept");
+        let live = jwt::sign(&serde_json::json!({"user_id": 1, "exp": 9000}), b"s");
+        let dead = jwt::sign(&serde_json::json!({"user_id": 1, "exp": 4000}), b"s");
+        s.revoke(0, &live);
+        s.revoke(0, &dead);
+        s.revoke(0, "not-a-jwt");
+        s.purge_expired(300, 4600, 3600);
+        assert_eq!(s.revoked(0), {
+            let mut v = vec![live, "not-a-jwt".to_string()];
+            v.sort();
+            v
+        });
     }
 
     #[test]
