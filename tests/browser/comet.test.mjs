@@ -2,11 +2,10 @@
 // playwright-core), against the real server binary and the real `mysql` client.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
-import net from 'node:net';
+import { execFileSync } from 'node:child_process';
 import { chromium } from 'playwright-core';
+import { startComet, until } from '../js/harness.mjs';
 
-const BIN = process.env.COMET_BIN || new URL('../../target/debug/comet', import.meta.url).pathname;
 const PASSWORD = 'browserpw';
 let browser;
 
@@ -19,32 +18,8 @@ before(async () => {
 });
 after(async () => { await browser?.close(); });
 
-async function freePort() {
-  const s = net.createServer();
-  await new Promise((r) => s.listen(0, '127.0.0.1', r));
-  const { port } = s.address();
-  await new Promise((r) => s.close(r));
-  return port;
-}
-
-/** Starts comet on the given (or free) ports; resolves once it listens. */
-async function startServer(ports) {
-  const front = ports?.front ?? (await freePort());
-  const back = ports?.back ?? (await freePort());
-  const child = spawn(BIN, ['--frontend', `127.0.0.1:${front}`, '--backend', `127.0.0.1:${back}`,
-    '--shards', '2', '--password', PASSWORD, '--node-name', 'browser-test'], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let log = '';
-  await new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`comet did not start:\n${log}`)), 15000);
-    child.stderr.on('data', (d) => {
-      log += d;
-      if (log.includes('frontend listening on')) { clearTimeout(t); resolve(); }
-    });
-    child.on('exit', (code) => { clearTimeout(t); reject(new Error(`comet exited ${code}:\n${log}`)); });
-  });
-  child.removeAllListeners('exit');
-  return { child, front, back, base: `http://127.0.0.1:${front}`, stop: () => new Promise((r) => { child.once('exit', r); child.kill('SIGKILL'); }) };
-}
+/** Starts comet on the given (or free) ports. */
+const startServer = (ports) => startComet({ password: PASSWORD, ports, extraArgs: ['--node-name', 'browser-test'] });
 
 function mysql(srv, sql) {
   return execFileSync('mysql', ['-h', '127.0.0.1', '-P', String(srv.back), '-u', 'root', `-p${PASSWORD}`, '--batch', '--skip-column-names', '-e', sql]).toString();
@@ -55,16 +30,6 @@ async function metric(srv, line) {
   const l = body.split('\n').find((x) => x.startsWith(line));
   assert.ok(l, `no metric ${line}`);
   return Number(l.slice(line.length).trim());
-}
-
-async function until(what, fn, ms = 10000) {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 /** A page on the server's origin with comet.js loaded but not started.

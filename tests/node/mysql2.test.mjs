@@ -4,34 +4,14 @@
 // subscriber on the WebSocket side checks what arrives.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import net from 'node:net';
 import mysql from 'mysql2/promise';
+import { startComet, until } from '../js/harness.mjs';
 
-const BIN = process.env.COMET_BIN || new URL('../../target/debug/comet', import.meta.url).pathname;
 let srv;
 
-async function freePort() {
-  const s = net.createServer();
-  await new Promise((r) => s.listen(0, '127.0.0.1', r));
-  const { port } = s.address();
-  await new Promise((r) => s.close(r));
-  return port;
-}
-
-before(async () => {
-  const front = await freePort();
-  const back = await freePort();
-  const child = spawn(BIN, ['--frontend', `127.0.0.1:${front}`, '--backend', `127.0.0.1:${back}`, '--shards', '2', '--password', 'nodepw'],
-    { stdio: ['ignore', 'ignore', 'pipe'] });
-  let log = '';
-  await new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`comet did not start:\n${log}`)), 15000);
-    child.stderr.on('data', (d) => { log += d; if (log.includes('frontend listening on')) { clearTimeout(t); resolve(); } });
-  });
-  srv = { child, front, back };
-});
-after(() => srv?.child.kill('SIGKILL'));
+before(async () => { srv = await startComet({ password: 'nodepw' }); });
+after(() => srv?.stop());
 
 const connect = () => mysql.createConnection({ host: '127.0.0.1', port: srv.back, user: 'root', password: 'nodepw', database: 'CometQL_v1' });
 
@@ -65,16 +45,6 @@ async function subscriber(channel) {
   const mask = Buffer.from([1, 2, 3, 4]);
   sock.write(Buffer.concat([Buffer.from([0x81, 0x80 | text.length]), mask, Buffer.from(text.map((b, i) => b ^ mask[i % 4]))]));
   return { messages, close: () => sock.destroy() };
-}
-
-async function until(what, fn, ms = 10000) {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 test('text queries with client-side placeholders publish and read', async () => {
