@@ -157,16 +157,7 @@ fn cometql_parser_and_planner_survive_garbage() {
         "DELETE FROM revoked_tokens WHERE token = 'eyJ.a.b'; SHOW VARIABLES LIKE 'max%'",
         "SELECT @@version_comment, DATABASE() AS d LIMIT 1; USE db_3; SET NAMES utf8mb4",
     ];
-    let may = |_: u32| true;
-    let status = Vec::new;
-    let ctx = exec::Ctx {
-        dev_id: 0,
-        database: "CometQL_v1",
-        connection_id: 1,
-        may_use_dev: &may,
-        status: &status,
-        max_query_size: 1 << 20,
-    };
+    let ctx = exec::Ctx::standalone(1 << 20);
     for i in 0..ROUNDS {
         let bytes = r.mutate(seeds[i % seeds.len()].as_bytes());
         let sql = String::from_utf8_lossy(&bytes);

@@ -1146,16 +1146,7 @@ fn users_mem(users: u64, queued: usize) {
 fn parse_bench(iterations: usize) {
     use comet::cometql::{exec, parser};
     let sql = r#"INSERT INTO pipes_messages (name, event, message) VALUES ('bench_publish', 'bench', '{\"text\":\"hello world\",\"n\":12345}')"#;
-    let may = |_: u32| true;
-    let status = Vec::new;
-    let ctx = exec::Ctx {
-        dev_id: 0,
-        database: "CometQL_v1",
-        connection_id: 1,
-        may_use_dev: &may,
-        status: &status,
-        max_query_size: 1 << 20,
-    };
+    let ctx = exec::Ctx::standalone(1 << 20);
     let t = Instant::now();
     let mut n = 0usize;
     for _ in 0..iterations {

@@ -114,6 +114,27 @@ pub struct Ctx<'a> {
     pub max_query_size: usize,
 }
 
+impl Ctx<'static> {
+    /// A context outside any session (dev_id 0, every dev_id allowed, no
+    /// status rows): for benchmarks and tests of the planner alone.
+    pub fn standalone(max_query_size: usize) -> Ctx<'static> {
+        fn any_dev(_: u32) -> bool {
+            true
+        }
+        fn no_status() -> Vec<(String, String)> {
+            Vec::new()
+        }
+        Ctx {
+            dev_id: 0,
+            database: "CometQL_v1",
+            connection_id: 1,
+            may_use_dev: &any_dev,
+            status: &no_status,
+            max_query_size,
+        }
+    }
+}
+
 /// Longest history a channel may keep.
 pub const MAX_HISTORY: u32 = 1000;
 
