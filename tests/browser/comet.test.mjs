@@ -116,8 +116,11 @@ test('a user authorized through CometQL: isAuthorized goes undefined -> true, an
     // Closing the leader tab hands the socket to the other within a second.
     const leaderFirst = await tab1.evaluate(() => CometServer().role);
     const [leader, other] = leaderFirst === 'leader' ? [tab1, tab2] : [tab2, tab1];
+    const closedAt = Date.now();
     await leader.close();
     await until('takeover', () => other.evaluate(() => CometServer().role === 'leader' && CometServer().isConnected()), 3000);
+    const tookMs = Date.now() - closedAt;
+    assert.ok(tookMs < 1000, `takeover took ${tookMs} ms`);
     mysql(srv, "INSERT INTO users_messages (id, event, message) VALUES (7, 'note', 'after takeover')");
     await until('message after takeover', async () => (await received(other, 'msg')).some((g) => g.data === 'after takeover'));
   } finally { await srv.stop(); }
