@@ -960,8 +960,8 @@ impl Shard {
     /// Writes every connection that got output during this handler.
     pub fn flush_dirty(&mut self) {
         while !self.dirty.is_empty() {
-            let dirty = std::mem::take(&mut self.dirty);
-            for id in dirty {
+            let mut dirty = std::mem::take(&mut self.dirty);
+            for id in dirty.drain(..) {
                 if self.flush(id) == Flush::Blocked
                     && let Some(conn) = self.conns.get_mut(id)
                     && !conn.writer_waiting
@@ -969,6 +969,11 @@ impl Shard {
                     conn.writer_waiting = true;
                     compio::runtime::spawn(super::io::run_writer(id, conn.sock.clone())).detach();
                 }
+            }
+            // Keep the list's capacity: the next fan-out to as many
+            // subscribers then grows nothing.
+            if self.dirty.is_empty() {
+                self.dirty = dirty;
             }
         }
     }
