@@ -29,6 +29,7 @@ use target::{Kind, Spawn, Target};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The command line: global options, then one scenario.
 #[derive(Parser)]
 #[command(name = "comet-bench", about = "Load generator for comet and its peers (nchan, Node.js ws)")]
 struct Cli {
@@ -38,6 +39,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Options every scenario shares (`global = true`): which target, how to
+/// reach or start it, and where the output goes.
 #[derive(Args, Clone)]
 struct Global {
     /// Which server to load.
@@ -78,6 +81,7 @@ struct Global {
     svg: Option<PathBuf>,
 }
 
+/// The scenarios, plus the hidden helpers that client processes run.
 #[derive(Subcommand, Clone)]
 enum Cmd {
     /// Hold N idle connections subscribed to K channels; memory per connection.
@@ -151,6 +155,7 @@ enum Cmd {
     },
 }
 
+/// The scenarios that every target (comet, nchan, node-ws) can run.
 #[derive(Subcommand, Clone)]
 enum CompareScenario {
     Idle(IdleArgs),
@@ -158,6 +163,7 @@ enum CompareScenario {
     Fanout(FanoutArgs),
 }
 
+/// Sizes of `idle`.
 #[derive(Args, Clone)]
 struct IdleArgs {
     #[arg(long, default_value_t = 10_000)]
@@ -170,6 +176,7 @@ struct IdleArgs {
     procs: usize,
 }
 
+/// Sizes of `connect`.
 #[derive(Args, Clone)]
 struct ConnectArgs {
     #[arg(long, default_value_t = 5_000)]
@@ -181,6 +188,7 @@ struct ConnectArgs {
     threads: usize,
 }
 
+/// Sizes and rate of `fanout`.
 #[derive(Args, Clone)]
 struct FanoutArgs {
     #[arg(long, default_value_t = 10_000)]
@@ -201,6 +209,7 @@ struct FanoutArgs {
     procs: usize,
 }
 
+/// Sizes and rate of `private`.
 #[derive(Args, Clone)]
 struct PrivateArgs {
     #[arg(long, default_value_t = 10_000)]
@@ -219,6 +228,7 @@ struct PrivateArgs {
     window: usize,
 }
 
+/// Sizes of `publish`.
 #[derive(Args, Clone)]
 struct PublishArgs {
     #[arg(long, default_value_t = 1000)]
@@ -231,6 +241,7 @@ struct PublishArgs {
     window: usize,
 }
 
+/// Sizes and rate of `churn`.
 #[derive(Args, Clone)]
 struct ChurnArgs {
     #[arg(long, default_value_t = 2000)]
@@ -245,6 +256,7 @@ struct ChurnArgs {
     rate: f64,
 }
 
+/// Sizes of `slow`.
 #[derive(Args, Clone)]
 struct SlowArgs {
     /// Clients that never read.

@@ -121,6 +121,7 @@ pub fn parse_each(sql: &str) -> Result<Vec<Result<Statement, ParseError>>, Parse
         .collect())
 }
 
+/// A cursor over one statement's tokens (statements never span a `;`).
 struct Parser<'a> {
     t: &'a [Tok],
     i: usize,
