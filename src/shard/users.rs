@@ -121,22 +121,13 @@ impl Shard {
         let ttl = self.queue_ttl();
         match q {
             UserQuery::AuthSet(v) => {
-                let mut n = 0;
-                for (uid, hash) in v.iter().filter(|(u, _)| mine(*u)) {
+                let mine_rows: Vec<_> = v.iter().filter(|(u, _)| mine(*u)).collect();
+                for (uid, hash) in &mine_rows {
                     self.users.set_key(dev_id, *uid, hash);
-                    n += 1;
                 }
-                Reply::Count(n)
+                Reply::Count(mine_rows.len() as u64)
             }
-            UserQuery::AuthSelect(ids) => Reply::Rows(
-                ids.iter()
-                    .filter(|u| mine(**u))
-                    .filter_map(|&u| {
-                        let key = self.users.get(dev_id, u)?.key.as_deref()?;
-                        Some(vec![Some(u.to_string()), Some(key.to_string())])
-                    })
-                    .collect(),
-            ),
+            UserQuery::AuthSelect(ids) => Reply::Rows(self.id_text_rows(dev_id, ids, |u| u.key.as_deref())),
             UserQuery::AuthDelete(ids) => {
                 let mut n = 0;
                 for &u in ids.iter().filter(|u| mine(**u)) {
@@ -177,22 +168,13 @@ impl Shard {
                     .collect(),
             ),
             UserQuery::DataSet(v) => {
-                let mut n = 0;
-                for (uid, data) in v.iter().filter(|(u, _)| mine(*u)) {
+                let mine_rows: Vec<_> = v.iter().filter(|(u, _)| mine(*u)).collect();
+                for (uid, data) in &mine_rows {
                     self.users.set_data(dev_id, *uid, data);
-                    n += 1;
                 }
-                Reply::Count(n)
+                Reply::Count(mine_rows.len() as u64)
             }
-            UserQuery::DataSelect(ids) => Reply::Rows(
-                ids.iter()
-                    .filter(|u| mine(**u))
-                    .filter_map(|&u| {
-                        let d = self.users.get(dev_id, u)?.data.as_deref()?;
-                        Some(vec![Some(u.to_string()), Some(d.to_string())])
-                    })
-                    .collect(),
-            ),
+            UserQuery::DataSelect(ids) => Reply::Rows(self.id_text_rows(dev_id, ids, |u| u.data.as_deref())),
             UserQuery::DataDelete(ids) => {
                 Reply::Count(ids.iter().filter(|u| mine(**u)).map(|&u| self.users.remove_data(dev_id, u) as u64).sum())
             }
@@ -239,6 +221,18 @@ impl Shard {
             ),
             UserQuery::Status(_) | UserQuery::Data(_) => Reply::Rows(Vec::new()),
         }
+    }
+
+    /// `(id, text)` rows for the users homed here among `ids` that have the
+    /// text `field` picks (a key, user data).
+    fn id_text_rows(&self, dev_id: u32, ids: &[u64], field: impl Fn(&crate::users::User) -> Option<&str>) -> Vec<Row> {
+        ids.iter()
+            .filter(|&&u| home_shard(dev_id, u, self.shards) == self.id)
+            .filter_map(|&u| {
+                let text = field(self.users.get(dev_id, u)?)?;
+                Some(vec![Some(u.to_string()), Some(text.to_string())])
+            })
+            .collect()
     }
 
     /// Answers the `user_status` command once the home shard replied.
