@@ -98,6 +98,24 @@ pub struct Cli {
     /// Proxy addresses whose X-Forwarded-For is trusted for the client IP, comma-separated [default: none].
     #[arg(long, env = "COMET_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
+    /// Frontend connections this process holds at most; more get HTTP 503 [default: the descriptor limit less a reserve for the backend port].
+    #[arg(long, env = "COMET_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Frontend connections one client address (an IPv6 /64) may hold; more get HTTP 429 [default: 1000].
+    #[arg(long, env = "COMET_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<u32>,
+    /// Commands per second one WebSocket may send (burst: twice as many); more are dropped with an error [default: 50].
+    #[arg(long, env = "COMET_CLIENT_RATE")]
+    pub client_rate: Option<u32>,
+    /// Seconds a started WebSocket frame, HTTP head or MySQL packet has to arrive whole [default: 10].
+    #[arg(long, env = "COMET_MESSAGE_TIMEOUT")]
+    pub message_timeout: Option<u64>,
+    /// Bytes of mail one shard may have in flight to another before it stops reading its clients [default: 16777216].
+    #[arg(long, env = "COMET_MAIL_LIMIT")]
+    pub mail_limit: Option<usize>,
+    /// Cross-shard requests one connection may have waiting for answers [default: 64].
+    #[arg(long, env = "COMET_MAX_PENDING")]
+    pub max_pending: Option<u16>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -124,6 +142,12 @@ pub struct FileConfig {
     pub allowed_origins: Option<Vec<String>>,
     pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
     pub user_retention: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<u32>,
+    pub client_rate: Option<u32>,
+    pub message_timeout: Option<u64>,
+    pub mail_limit: Option<usize>,
+    pub max_pending: Option<u16>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -172,6 +196,31 @@ pub struct Config {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// How long an offline user that holds nothing else is remembered.
     pub user_retention: Duration,
+    /// Frontend connections the process holds at most (HTTP 503 beyond).
+    pub max_connections: usize,
+    /// Frontend connections per client address (IPv6: per /64); 429 beyond.
+    pub max_connections_per_ip: u32,
+    /// Commands per second per WebSocket; the burst is twice this.
+    pub client_rate: u32,
+    /// How long a started frame, head or packet may take to arrive whole.
+    pub message_timeout: Duration,
+    /// Bytes of mail in flight from one shard to another before the sender
+    /// stops reading its clients (backpressure).
+    pub mail_limit: usize,
+    /// Cross-shard requests a connection may have outstanding.
+    pub max_pending: u16,
+}
+
+/// Descriptors kept out of `max_connections`' default: the backend port,
+/// `/metrics`, refusals being answered, files.
+pub const DESCRIPTOR_RESERVE: usize = 384;
+
+/// The process's open-file limit (soft), if it can be read.
+pub fn descriptor_limit() -> Option<usize> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit(2) writes into the struct we pass and nothing else.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+    (rc == 0).then_some(r.rlim_cur as usize)
 }
 
 impl Default for Config {
@@ -201,6 +250,14 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             user_retention: Duration::from_secs(7 * 24 * 3600),
+            max_connections: descriptor_limit()
+                .map_or(65_536, |n| n.saturating_sub(DESCRIPTOR_RESERVE).max(64))
+                .min(10_000_000),
+            max_connections_per_ip: 1000,
+            client_rate: 50,
+            message_timeout: Duration::from_secs(10),
+            mail_limit: 16 << 20,
+            max_pending: 64,
         }
     }
 }
@@ -251,6 +308,15 @@ impl Config {
                 .collect(),
             trusted_proxies: cli.trusted_proxies.or(file.trusted_proxies).unwrap_or_default(),
             user_retention: cli.user_retention.or(file.user_retention).map_or(d.user_retention, secs),
+            max_connections: cli.max_connections.or(file.max_connections).unwrap_or(d.max_connections),
+            max_connections_per_ip: cli
+                .max_connections_per_ip
+                .or(file.max_connections_per_ip)
+                .unwrap_or(d.max_connections_per_ip),
+            client_rate: cli.client_rate.or(file.client_rate).unwrap_or(d.client_rate),
+            message_timeout: cli.message_timeout.or(file.message_timeout).map_or(d.message_timeout, secs),
+            mail_limit: cli.mail_limit.or(file.mail_limit).unwrap_or(d.mail_limit),
+            max_pending: cli.max_pending.or(file.max_pending).unwrap_or(d.max_pending),
         };
         c.validate()?;
         Ok(c)
@@ -296,6 +362,21 @@ impl Config {
         }
         if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
             return bad("ping-interval and ping-timeout must be at least 1 second".into());
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            return bad("max-connections and max-connections-per-ip must be at least 1".into());
+        }
+        if self.client_rate == 0 || self.client_rate > 1_000_000 {
+            return bad(format!("client-rate must be 1..=1000000 commands per second, got {}", self.client_rate));
+        }
+        if self.message_timeout.is_zero() {
+            return bad("message-timeout must be at least 1 second".into());
+        }
+        if self.mail_limit < 1 << 20 {
+            return bad(format!("mail-limit must be at least 1048576 bytes, got {}", self.mail_limit));
+        }
+        if self.max_pending == 0 {
+            return bad("max-pending must be at least 1".into());
         }
         if let Some(p) = &self.echo_path
             && !p.starts_with('/')

@@ -39,6 +39,24 @@ pub struct ShardMetrics {
     pub offline_dropped: AtomicU64,
     /// Failed accepts (out of descriptors or memory).
     pub accept_errors: AtomicU64,
+    /// Frontend connections refused with 503 (`--max-connections`).
+    pub refused_full: AtomicU64,
+    /// Frontend connections refused with 429 (`--max-connections-per-ip`).
+    pub refused_per_ip: AtomicU64,
+    /// Commands dropped over `--client-rate`.
+    pub rate_limited: AtomicU64,
+    /// Connections closed with 4029 for exceeding the rate for 10 s.
+    pub rate_limit_closes: AtomicU64,
+    /// Connections closed because a started frame, head or packet did not
+    /// finish within `--message-timeout`.
+    pub message_timeouts: AtomicU64,
+    /// Failed CometQL logins.
+    pub auth_failures: AtomicU64,
+    /// CometQL connections refused because their address failed too often.
+    pub auth_refusals: AtomicU64,
+    /// Times the shard stopped reading clients because its mail to another
+    /// shard passed `--mail-limit`.
+    pub mail_congestions: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -71,7 +89,43 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 14] = [
+        let families: [(&str, &str, &str, Get); 22] = [
+            ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
+                m.refused_full.load(Relaxed) as i64
+            }),
+            (
+                "comet_refused_per_ip_total",
+                "counter",
+                "Frontend connections refused with 429 (--max-connections-per-ip).",
+                |m| m.refused_per_ip.load(Relaxed) as i64,
+            ),
+            ("comet_rate_limited_total", "counter", "Client commands dropped over --client-rate.", |m| {
+                m.rate_limited.load(Relaxed) as i64
+            }),
+            ("comet_rate_limit_closes_total", "counter", "Connections closed with 4029 (rate limit).", |m| {
+                m.rate_limit_closes.load(Relaxed) as i64
+            }),
+            (
+                "comet_message_timeouts_total",
+                "counter",
+                "Connections closed for an unfinished frame, head or packet.",
+                |m| m.message_timeouts.load(Relaxed) as i64,
+            ),
+            ("comet_auth_failures_total", "counter", "Failed CometQL logins.", |m| {
+                m.auth_failures.load(Relaxed) as i64
+            }),
+            (
+                "comet_auth_refusals_total",
+                "counter",
+                "CometQL connections refused after too many failed logins.",
+                |m| m.auth_refusals.load(Relaxed) as i64,
+            ),
+            (
+                "comet_mail_congestions_total",
+                "counter",
+                "Times a shard stopped reading clients for mail backpressure.",
+                |m| m.mail_congestions.load(Relaxed) as i64,
+            ),
             ("comet_accept_errors_total", "counter", "Failed accepts (out of descriptors or memory).", |m| {
                 m.accept_errors.load(Relaxed) as i64
             }),

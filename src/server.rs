@@ -73,7 +73,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         started: Instant::now(),
     });
     let shutdown = Arc::new(AtomicBool::new(false));
-    let shared = Arc::new(Shared { config: Arc::new(config.clone()), registry, shutdown: shutdown.clone() });
+    let shared = Arc::new(Shared {
+        config: Arc::new(config.clone()),
+        registry,
+        shutdown: shutdown.clone(),
+        conn_counts: Default::default(),
+        auth_failures: Default::default(),
+    });
 
     let mesh = mailbox::mesh(n, MAILBOX_CAPACITY);
     let bells: Vec<Arc<Doorbell>> = mesh.iter().map(|(_, inbox)| inbox.bell().clone()).collect();

@@ -257,7 +257,7 @@ fn heartbeat_pings_silent_clients_and_closes_dead_ones() {
 #[test]
 fn slow_consumer_is_closed_with_4008_and_others_keep_receiving() {
     for io in BACKENDS {
-        let s = Server::start(&["--io", io, "--outbound-limit", "65536", "--shards", "1"]);
+        let s = Server::start(&["--io", io, "--outbound-limit", "65536", "--shards", "1", "--client-rate", "100000"]);
         let mut slow = Raw::open(s.addr, "/ws/v=4&uuid=slow");
         slow.frame();
         slow.send_frame(0x81, b"subscription\nweb_flood", true);

@@ -3,12 +3,15 @@
 //! A connection starts in [`Phase::Http`] reading a request head. A plain
 //! HTTP request is answered and closed; a WebSocket upgrade moves it to
 //! [`Phase::Comet`] (or [`Phase::Echo`] on the conformance endpoint). Reads go
-//! through the shard's shared scratch buffer; `inbuf` holds bytes only while a
-//! partial frame or head is pending. Output is a queue of shared frames
-//! written with vectored writes; a queue over `outbound_limit` bytes closes the
-//! connection with 4008 instead of growing.
+//! through the shard's shared scratch buffer; `inbuf` ([`InBuf`]) holds bytes
+//! only while a partial frame or head is pending, and a frame that started
+//! must finish within `--message-timeout`. Output is an [`OutQueue`] of shared
+//! frames written with vectored writes; a queue whose memory passes
+//! `--outbound-limit` closes the connection with 4008 instead of growing.
+//! Commands are metered by a [`RateLimiter`] (`--client-rate`), and new
+//! connections by the process-wide [`ConnCounts`](super::limits::ConnCounts).
 
-use std::io::{IoSlice, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -16,7 +19,10 @@ use compio::driver::SharedFd;
 use smallvec::SmallVec;
 use socket2::Socket;
 
+use super::inbuf::InBuf;
+use super::limits::{RateLimiter, RateVerdict, Refusal};
 use super::mail::{Handoff, Publication, Query, encode_text_frame};
+use super::outq::OutQueue;
 use super::{ConnId, Pending, Shard, Then, home_shard};
 use crate::frontend::command::{self, Command};
 use crate::frontend::message::{self, ChannelMessage, unix_now};
@@ -25,8 +31,17 @@ use crate::http;
 use crate::metrics::ShardMetrics;
 use crate::ws::{self, CloseCode, Decoder, Event, frame::Decoded};
 
-/// Seconds a client has to send its request head.
+/// Seconds a client has to send its request head (or a backend to log in).
 const HANDSHAKE_TIMEOUT: u32 = 10;
+/// Refused connections (503/429) one shard keeps while their answer is
+/// written; past this, further ones are closed without an answer.
+const MAX_REFUSING: usize = 64;
+/// Seconds a refused connection is kept for its answer to be read.
+const REFUSAL_LINGER: u32 = 1;
+/// Seconds a refused client is asked to wait (`Retry-After`).
+const REFUSAL_RETRY_SECS: u32 = 5;
+/// Close code for a client that kept exceeding `--client-rate`.
+pub const CLOSE_RATE_LIMIT: CloseCode = CloseCode(4029);
 /// Seconds a closing connection waits for the peer's close.
 const CLOSE_TIMEOUT: u32 = 3;
 /// Reads per readiness event before yielding to other connections.
@@ -90,19 +105,23 @@ impl ClientInfo {
 pub struct Conn {
     pub sock: SharedFd<Socket>,
     pub phase: Phase,
-    /// Bytes of a partial frame or request head; empty (no heap) otherwise.
-    pub inbuf: Vec<u8>,
+    /// Bytes of a partial frame, head or packet; empty (no heap) otherwise.
+    pub inbuf: InBuf,
     pub decoder: Decoder,
-    /// Frames waiting to be written, from `out[out_head]` on; the first may
-    /// be partly written. One frame fits inline, so the usual fan-out (one
-    /// message per subscriber per round) allocates nothing per subscriber.
-    pub out: SmallVec<[Arc<[u8]>; 1]>,
-    /// Index of the first unwritten frame in `out` (a queue without moves).
-    pub out_head: u32,
-    /// Bytes of `out[out_head]` already written.
-    pub out_offset: u32,
-    /// Bytes in `out` not yet written.
-    pub out_bytes: usize,
+    /// Frames waiting to be written.
+    pub out: OutQueue,
+    /// Commands allowed per second (WebSocket connections).
+    pub rate: RateLimiter,
+    /// Cross-shard requests of this connection waiting for answers.
+    pub pending: u16,
+    /// Counted in the process's connection counts (a frontend connection
+    /// that was admitted); uncounted when it goes.
+    pub counted: bool,
+    /// A refused connection lingering for its 503/429 to be read.
+    pub refusing: bool,
+    /// Shard time the first fragment of a message still being reassembled
+    /// arrived (0: none); the whole message is held to `--message-timeout`.
+    pub fragments_since: u32,
     /// A writer task is waiting for the socket to become writable.
     pub writer_waiting: bool,
     /// After the output drains: shut down the write side (HTTP answers,
@@ -133,12 +152,14 @@ impl Conn {
         Conn {
             sock,
             phase: Phase::Http,
-            inbuf: Vec::new(),
+            inbuf: InBuf::default(),
             decoder: Decoder::new(max_message),
-            out: SmallVec::new(),
-            out_head: 0,
-            out_offset: 0,
-            out_bytes: 0,
+            out: OutQueue::default(),
+            rate: RateLimiter::default(),
+            pending: 0,
+            counted: false,
+            refusing: false,
+            fragments_since: 0,
             writer_waiting: false,
             shutdown_after_flush: false,
             drop_after_flush: false,
@@ -158,7 +179,7 @@ impl Conn {
 
     /// Whether nothing waits to be written.
     pub fn out_is_empty(&self) -> bool {
-        self.out_head as usize >= self.out.len()
+        self.out.is_empty()
     }
 
     /// Whether channel messages may still be queued to it.
@@ -166,13 +187,15 @@ impl Conn {
         self.phase == Phase::Comet
     }
 
+    /// Whether unconsumed input is kept (not once closing).
+    fn keeps_input(&self) -> bool {
+        !matches!(self.phase, Phase::Closing { .. })
+    }
+
     /// Queues a frame; returns true if the connection must be added to the
     /// dirty list (its queue was empty and no writer is waiting).
     pub fn push_out(&mut self, frame: Arc<[u8]>) -> bool {
-        let was_idle = self.out_is_empty() && !self.writer_waiting;
-        self.out_bytes += frame.len();
-        self.out.push(frame);
-        was_idle
+        self.out.push(frame) && !self.writer_waiting
     }
 }
 
@@ -181,6 +204,9 @@ impl Conn {
 pub enum Flow {
     /// Wait for the next readable event.
     Continue,
+    /// Do not read: the shard's mail is congested, or this connection has
+    /// as many requests waiting as it may. Wait until the shard says so.
+    Paused,
     /// The connection is gone from the shard: stop.
     Gone,
 }
@@ -204,14 +230,58 @@ pub enum Flush {
 }
 
 impl Shard {
-    /// Registers an accepted socket; returns its id and the fd for its task.
-    pub fn on_accept(&mut self, sock: Socket, peer: SocketAddr) -> (ConnId, SharedFd<Socket>) {
+    /// Registers an accepted socket; returns its id and the fd for its task,
+    /// or None when it was closed at once (refused, with too many refusals
+    /// already lingering).
+    pub fn on_accept(&mut self, sock: Socket, peer: SocketAddr) -> Option<(ConnId, SharedFd<Socket>)> {
         ShardMetrics::add(&self.metrics.accepted, 1);
-        self.register(sock, peer)
+        let c = &self.shared.config;
+        match self.shared.conn_counts.admit(peer.ip(), c.max_connections, c.max_connections_per_ip) {
+            Ok(()) => {
+                let (id, fd) = self.register(sock, peer);
+                if let Some(conn) = self.conns.get_mut(id) {
+                    conn.counted = true;
+                }
+                Some((id, fd))
+            }
+            Err(why) => self.refuse(sock, peer, why),
+        }
+    }
+
+    /// Answers a connection over a limit with 503 or 429 and closes it once
+    /// the answer is out (or at once when too many refusals linger).
+    fn refuse(&mut self, sock: Socket, peer: SocketAddr, why: Refusal) -> Option<(ConnId, SharedFd<Socket>)> {
+        let (counter, resp) = match why {
+            Refusal::Full => (
+                &self.metrics.refused_full,
+                http::unavailable_retry(
+                    "comet is at its connection limit (--max-connections); retry later",
+                    REFUSAL_RETRY_SECS,
+                ),
+            ),
+            Refusal::PerIp => (
+                &self.metrics.refused_per_ip,
+                http::too_many("too many connections from your address (--max-connections-per-ip)", REFUSAL_RETRY_SECS),
+            ),
+        };
+        ShardMetrics::add(counter, 1);
+        if self.refusing >= MAX_REFUSING {
+            return None;
+        }
+        self.refusing += 1;
+        let (id, fd) = self.register(sock, peer);
+        let deadline = self.now + REFUSAL_LINGER;
+        self.send_raw(id, resp);
+        self.finish_after_flush(id, false);
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.refusing = true;
+            conn.phase = Phase::Closing { deadline };
+        }
+        Some((id, fd))
     }
 
     /// Adds a socket to the shard (accepted here or handed over).
-    fn register(&mut self, sock: Socket, peer: SocketAddr) -> (ConnId, SharedFd<Socket>) {
+    pub(super) fn register(&mut self, sock: Socket, peer: SocketAddr) -> (ConnId, SharedFd<Socket>) {
         let _ = sock.set_tcp_nodelay(true);
         let fd = SharedFd::new(sock);
         let conn = Conn::new(fd.clone(), peer, self.now, self.shared.config.max_message_size);
@@ -221,19 +291,37 @@ impl Shard {
     }
 
     /// Takes over a connection handed over by another shard (counted as
-    /// accepted once, by the shard that accepted it).
+    /// accepted, and in the connection counts, once, by the shard that
+    /// accepted it).
     pub fn adopt(&mut self, h: Handoff) {
         let (id, fd) = self.register(h.sock, h.peer);
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.counted = true;
+        }
         let mut head = h.head;
-        let flow = self.process(id, &mut head);
-        if flow == Flow::Continue {
+        let flow = self.feed(id, &mut head);
+        if flow != Flow::Gone {
             compio::runtime::spawn(super::io::run_conn(id, fd)).detach();
         }
+    }
+
+    /// Whether connection `id` may be read now: not while the shard's mail
+    /// is congested (its commands would add mail), nor while a backend
+    /// connection has `--max-pending` requests waiting.
+    pub fn may_read(&self, id: ConnId) -> bool {
+        if self.outbox.is_congested() {
+            return false;
+        }
+        self.conns.get(id).is_none_or(|c| c.phase != Phase::Sql || c.pending < self.shared.config.max_pending)
     }
 
     /// Reads what the socket has and handles it.
     pub fn on_readable(&mut self, id: ConnId) -> Flow {
         self.refresh_clock();
+        let closing = self.conns.get(id).is_some_and(|c| matches!(c.phase, Phase::Closing { .. }));
+        if !closing && !self.may_read(id) {
+            return Flow::Paused;
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut flow = Flow::Continue;
         for _ in 0..READS_PER_WAKE {
@@ -254,14 +342,12 @@ impl Shard {
                     if let Phase::Closing { .. } = conn.phase {
                         continue;
                     }
-                    if conn.inbuf.is_empty() {
-                        flow = self.process(id, &mut scratch[..n]);
-                    } else {
-                        let mut buf = std::mem::take(&mut conn.inbuf);
-                        buf.extend_from_slice(&scratch[..n]);
-                        flow = self.process(id, &mut buf);
-                    }
+                    flow = self.feed(id, &mut scratch[..n]);
                     if flow == Flow::Gone {
+                        break;
+                    }
+                    if !self.may_read(id) {
+                        flow = Flow::Paused;
                         break;
                     }
                     if n < scratch.len() {
@@ -281,55 +367,65 @@ impl Shard {
         flow
     }
 
-    /// Handles `buf` (bytes received, after any earlier pending bytes) and
-    /// keeps an incomplete tail in the connection's `inbuf`.
-    fn process(&mut self, id: ConnId, buf: &mut [u8]) -> Flow {
+    /// Handles bytes received: after any pending ones (kept in `inbuf`,
+    /// which keeps what stays unconsumed), or straight from the read buffer
+    /// when nothing was pending, which is the common case.
+    fn feed(&mut self, id: ConnId, data: &mut [u8]) -> Flow {
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else {
+            return Flow::Gone;
+        };
+        if conn.inbuf.is_empty() {
+            let used = self.process(id, data);
+            let Some(conn) = self.conns.get_mut(id) else {
+                return Flow::Gone;
+            };
+            if used < data.len() && conn.keeps_input() {
+                conn.inbuf.extend(&data[used..]);
+                conn.inbuf.consume(0, now);
+            }
+        } else {
+            let mut inbuf = std::mem::take(&mut conn.inbuf);
+            inbuf.extend(data);
+            let used = self.process(id, inbuf.pending());
+            inbuf.consume(used, now);
+            let Some(conn) = self.conns.get_mut(id) else {
+                return Flow::Gone;
+            };
+            if conn.keeps_input() {
+                conn.inbuf = inbuf;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Handles what the connection has been sent; returns the bytes
+    /// consumed (the rest is an unfinished frame, head or packet).
+    fn process(&mut self, id: ConnId, buf: &mut [u8]) -> usize {
         let mut pos = 0;
         loop {
             let Some(conn) = self.conns.get(id) else {
-                return Flow::Gone;
+                return buf.len();
             };
             match conn.phase {
                 Phase::Http => match self.on_http(id, &mut buf[pos..]) {
-                    Http::Incomplete => {
-                        let Some(conn) = self.conns.get_mut(id) else {
-                            return Flow::Gone;
-                        };
-                        conn.inbuf.clear();
-                        conn.inbuf.extend_from_slice(&buf[pos..]);
-                        return Flow::Continue;
-                    }
-                    Http::Finished => {
-                        return if self.conns.get(id).is_some() { Flow::Continue } else { Flow::Gone };
-                    }
+                    Http::Incomplete => return pos,
+                    Http::Finished => return buf.len(),
                     Http::Upgraded(n) => pos += n,
                 },
-                Phase::Comet | Phase::Echo => {
-                    pos += self.on_frames(id, &mut buf[pos..]);
-                    let Some(conn) = self.conns.get_mut(id) else {
-                        return Flow::Gone;
-                    };
-                    conn.inbuf.clear();
-                    if pos < buf.len() && matches!(conn.phase, Phase::Comet | Phase::Echo) {
-                        conn.inbuf.extend_from_slice(&buf[pos..]);
-                    } else if conn.inbuf.capacity() > 0 {
-                        conn.inbuf = Vec::new();
-                    }
-                    return Flow::Continue;
-                }
-                Phase::Sql => {
-                    pos += self.on_sql(id, &mut buf[pos..]);
-                    let Some(conn) = self.conns.get_mut(id) else { return Flow::Gone };
-                    conn.inbuf.clear();
-                    if pos < buf.len() && conn.phase == Phase::Sql {
-                        conn.inbuf.extend_from_slice(&buf[pos..]);
-                    } else if conn.inbuf.capacity() > 0 {
-                        conn.inbuf = Vec::new();
-                    }
-                    return Flow::Continue;
-                }
-                Phase::Closing { .. } => return Flow::Continue,
+                Phase::Comet | Phase::Echo => return pos + self.on_frames(id, &mut buf[pos..]),
+                Phase::Sql => return pos + self.on_sql(id, &mut buf[pos..]),
+                Phase::Closing { .. } => return buf.len(),
             }
+        }
+    }
+
+    /// Resumes a connection that stopped being read: handles the input it
+    /// had buffered (a backend connection stops mid-buffer when it reaches
+    /// `--max-pending`).
+    pub fn resume(&mut self, id: ConnId) {
+        if self.conns.get(id).is_some_and(|c| !c.inbuf.is_empty() && c.phase == Phase::Sql) && self.may_read(id) {
+            self.feed(id, &mut []);
         }
     }
 
@@ -397,7 +493,6 @@ impl Shard {
                 self.forget_conn(id);
                 ShardMetrics::add(&self.metrics.handoffs, 1);
                 self.outbox.send(to, super::mail::Mail::Handoff(Handoff { sock: dup, peer, head }));
-                self.schedule_overflow_retry();
             }
             Err(e) => {
                 eprintln!("comet: shard {}: cannot hand off {} to shard {to}: {e}", self.id, conn.peer);
@@ -416,6 +511,7 @@ impl Shard {
             return;
         };
         conn.phase = Phase::Comet;
+        conn.rate = RateLimiter::new(self.shared.config.client_rate, self.now_ms);
         conn.dev_id = p.dev_id;
         conn.legacy = legacy;
         conn.uuid = p.uuid.clone().into_boxed_str();
@@ -498,10 +594,14 @@ impl Shard {
                             }
                         }
                         Event::Ping(payload) => {
-                            let mut f = Vec::with_capacity(payload.len() + 2);
-                            ws::encode_frame(ws::Opcode::Pong, payload, &mut f);
-                            self.send_frame(id, f.into());
-                            false
+                            // A ping is a command too: a ping flood must not
+                            // turn into a pong flood.
+                            if self.admit_command(id, false) {
+                                let mut f = Vec::with_capacity(payload.len() + 2);
+                                ws::encode_frame(ws::Opcode::Pong, payload, &mut f);
+                                self.send_frame(id, f.into());
+                            }
+                            self.conns.get(id).is_none_or(|c| matches!(c.phase, Phase::Closing { .. }))
                         }
                         Event::Pong => false,
                         Event::Close { code } => {
@@ -526,15 +626,57 @@ impl Shard {
                 break;
             }
         }
+        let now = self.now;
         if let Some(conn) = self.conns.get_mut(id) {
+            conn.fragments_since = match (decoder.has_assembled(), conn.fragments_since) {
+                (false, _) => 0,
+                (true, 0) => now.max(1),
+                (true, t) => t,
+            };
             conn.decoder = decoder;
         }
         pos
     }
 
+    /// Applies `--client-rate` to one command of a comet connection (the
+    /// echo endpoint, a conformance tool, is not metered). Returns whether
+    /// to handle it; over the rate it is dropped, answered with one `error`
+    /// frame a second (`tell`), and after 10 s of excess the connection is
+    /// closed with 4029.
+    fn admit_command(&mut self, id: ConnId, tell: bool) -> bool {
+        let (rate, now_ms) = (self.shared.config.client_rate, self.now_ms);
+        let Some(conn) = self.conns.get_mut(id) else {
+            return false;
+        };
+        if conn.phase != Phase::Comet {
+            return true;
+        }
+        match conn.rate.check(rate, now_ms) {
+            RateVerdict::Allow => true,
+            RateVerdict::Drop { tell: first } => {
+                ShardMetrics::add(&self.metrics.rate_limited, 1);
+                if first && tell {
+                    let text =
+                        format!("rate limit: at most {rate} commands per second (burst {}); command dropped", 2 * rate);
+                    self.send_error(id, &text);
+                }
+                false
+            }
+            RateVerdict::Close => {
+                ShardMetrics::add(&self.metrics.rate_limited, 1);
+                ShardMetrics::add(&self.metrics.rate_limit_closes, 1);
+                self.close_ws(id, CLOSE_RATE_LIMIT, "rate limit exceeded");
+                false
+            }
+        }
+    }
+
     /// One complete client message. Returns true when the connection closed.
     fn on_message(&mut self, id: ConnId, text: bool, payload: &[u8]) -> bool {
         ShardMetrics::add(&self.metrics.messages_in, 1);
+        if !self.admit_command(id, true) {
+            return self.conns.get(id).is_none_or(|c| matches!(c.phase, Phase::Closing { .. }));
+        }
         let Some(conn) = self.conns.get(id) else {
             return true;
         };
@@ -816,7 +958,7 @@ impl Shard {
         if matches!(conn.phase, Phase::Closing { .. }) {
             return;
         }
-        if conn.out_bytes + frame.len() > limit && conn.phase == Phase::Comet {
+        if conn.out.cost() + OutQueue::cost_of(&frame) > limit && matches!(conn.phase, Phase::Comet | Phase::Echo) {
             self.close_slow_consumer(id);
             return;
         }
@@ -843,7 +985,7 @@ impl Shard {
         let c = &self.shared.config;
         let sql_limit = c.outbound_limit.saturating_mul(16).max(c.max_query_size.saturating_mul(4));
         let Some(conn) = self.conns.get_mut(id) else { return };
-        if conn.phase == Phase::Sql && conn.out_bytes + bytes.len() > sql_limit {
+        if conn.phase == Phase::Sql && conn.out.cost() + OutQueue::cost_of(&bytes) > sql_limit {
             eprintln!(
                 "comet: shard {}: CometQL client {} does not read its answers; disconnecting",
                 self.id, conn.peer
@@ -917,19 +1059,24 @@ impl Shard {
         ShardMetrics::add(&self.metrics.slow_consumer_closes, 1);
         // Drop what is queued but not started; a half-written frame must be
         // finished first or the close frame would corrupt the stream.
-        let front = if conn.out_offset > 0 { conn.out.get(conn.out_head as usize).cloned() } else { None };
-        conn.out = SmallVec::new();
-        conn.out_head = 0;
-        conn.out_bytes = 0;
-        if let Some(f) = front {
-            conn.out_bytes = f.len() - conn.out_offset as usize;
-            conn.out.push(f);
-        }
+        conn.out.drop_unstarted();
         self.close_ws(id, CloseCode::SLOW_CONSUMER, "slow consumer");
     }
 
     /// Removes a connection entirely: leaves channels, closes the socket.
     pub fn drop_conn(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
+        let (counted, refusing, ip) = (conn.counted, conn.refusing, conn.peer.ip());
+        if counted {
+            self.shared.conn_counts.release(ip);
+        }
+        if refusing {
+            self.refusing -= 1;
+        }
+        // A task waiting to be allowed to read must see that it is gone.
+        self.unpause();
         let Some(conn) = self.conns.get(id) else {
             return;
         };
@@ -985,44 +1132,17 @@ impl Shard {
         };
         let mut written = 0u64;
         let mut failed = false;
-        while !conn.out_is_empty() {
-            let res = {
-                let off = conn.out_offset as usize;
-                let pending = &conn.out[conn.out_head as usize..];
-                if pending.len() == 1 {
-                    // The common fan-out case: one frame, a plain send
-                    // (no iovec array to build and copy in).
-                    conn.sock.send_with_flags(&pending[0][off..], libc::MSG_NOSIGNAL)
-                } else {
-                    let mut slices: SmallVec<[IoSlice<'_>; 64]> = SmallVec::new();
-                    for (i, f) in pending.iter().take(64).enumerate() {
-                        slices.push(IoSlice::new(if i == 0 { &f[off..] } else { &f[..] }));
-                    }
-                    conn.sock.send_vectored_with_flags(&slices, libc::MSG_NOSIGNAL)
-                }
+        while !conn.out.is_empty() {
+            let res = match conn.out.single() {
+                // The common fan-out case: one frame, a plain send (no
+                // iovec array to build and copy in).
+                Some(bytes) => conn.sock.send_with_flags(bytes, libc::MSG_NOSIGNAL),
+                None => conn.sock.send_vectored_with_flags(&conn.out.slices(), libc::MSG_NOSIGNAL),
             };
             match res {
-                Ok(mut n) => {
+                Ok(n) => {
                     written += n as u64;
-                    conn.out_bytes -= n;
-                    while n > 0 {
-                        let left = conn.out[conn.out_head as usize].len() - conn.out_offset as usize;
-                        if n >= left {
-                            n -= left;
-                            conn.out_head += 1;
-                            conn.out_offset = 0;
-                        } else {
-                            conn.out_offset += n as u32;
-                            n = 0;
-                        }
-                    }
-                    // Drop written frames now and then, so a long backlog
-                    // neither keeps them alive nor grows without bound.
-                    let head = conn.out_head as usize;
-                    if head >= 32 && head * 2 >= conn.out.len() {
-                        conn.out.drain(..head);
-                        conn.out_head = 0;
-                    }
+                    conn.out.advance(n);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     ShardMetrics::add(&self.metrics.bytes_out, written);
@@ -1041,9 +1161,6 @@ impl Shard {
             return Flush::Gone;
         }
         ShardMetrics::add(&self.metrics.bytes_out, written);
-        // Everything is written: an idle connection keeps no queue allocation.
-        conn.out = SmallVec::new();
-        conn.out_head = 0;
         if conn.shutdown_after_flush {
             conn.shutdown_after_flush = false;
             let _ = conn.sock.shutdown(std::net::Shutdown::Write);
@@ -1062,12 +1179,27 @@ impl Shard {
         let now = self.now;
         let interval = self.shared.config.ping_interval.as_secs() as u32;
         let timeout = self.shared.config.ping_timeout.as_secs() as u32;
+        let message_timeout = self.shared.config.message_timeout.as_secs() as u32;
         for id in self.conns.ids() {
             let Some(conn) = self.conns.get_mut(id) else {
                 continue;
             };
+            // A frame, head or packet that started must finish in time: one
+            // byte every few seconds must not pin a buffer forever.
+            let started = conn.inbuf.since().or((conn.fragments_since > 0).then_some(conn.fragments_since));
+            if started.is_some_and(|t| now.saturating_sub(t) >= message_timeout) && conn.keeps_input() {
+                ShardMetrics::add(&self.metrics.message_timeouts, 1);
+                conn.inbuf.clear();
+                match conn.phase {
+                    Phase::Comet | Phase::Echo => self.close_ws(id, CloseCode::POLICY, "message timeout"),
+                    _ => self.drop_conn(id),
+                }
+                continue;
+            }
             match conn.phase {
-                Phase::Http if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT => self.drop_conn(id),
+                Phase::Http if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT.min(message_timeout) => {
+                    self.drop_conn(id)
+                }
                 // A backend client that has not logged in within the
                 // handshake time is dropped, like a silent browser.
                 Phase::Sql

@@ -12,6 +12,7 @@
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use compio::driver::SharedFd;
@@ -58,9 +59,11 @@ pub async fn accept_loop(listener: Arc<Socket>, backend: bool) {
                     if sock.set_nonblocking(true).is_err() {
                         continue;
                     }
-                    let (id, conn_fd) =
+                    let accepted =
                         with_shard(|s| if backend { s.on_accept_sql(sock, peer) } else { s.on_accept(sock, peer) });
-                    compio::runtime::spawn(run_conn(id, conn_fd)).detach();
+                    if let Some((id, conn_fd)) = accepted {
+                        compio::runtime::spawn(run_conn(id, conn_fd)).detach();
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -107,10 +110,61 @@ pub async fn run_conn(id: ConnId, fd: SharedFd<Socket>) {
             with_shard(|s| s.drop_conn(id));
             return;
         }
-        if with_shard(|s| s.on_readable(id)) == Flow::Gone {
-            return;
+        match with_shard(|s| s.on_readable(id)) {
+            Flow::Gone => return,
+            Flow::Continue => {}
+            Flow::Paused => {
+                if !wait_until_readable_allowed(id).await {
+                    return;
+                }
+            }
         }
     }
+}
+
+/// Waits until the shard allows reading connection `id` again, handling
+/// what it had buffered meanwhile; false when the connection is gone.
+async fn wait_until_readable_allowed(id: ConnId) -> bool {
+    loop {
+        let allowed = poll_fn(|cx| {
+            with_shard(|s| {
+                if s.conns.get(id).is_none() {
+                    Poll::Ready(false)
+                } else if s.may_read(id) {
+                    Poll::Ready(true)
+                } else {
+                    s.paused.push(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+        })
+        .await;
+        if !allowed {
+            return false;
+        }
+        // Commands buffered before the pause may pause it again.
+        if with_shard(|s| {
+            s.resume(id);
+            s.may_read(id)
+        }) {
+            return true;
+        }
+    }
+}
+
+/// Lets the runtime run other tasks once before continuing.
+async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Writes a connection's backlog whenever its socket becomes writable.
@@ -136,20 +190,27 @@ pub async fn run_writer(id: ConnId, fd: SharedFd<Socket>) {
     }
 }
 
-/// Handles mail from the other shards, in batches; starts shutdown when
-/// the main thread asks for it.
+/// Handles mail from the other shards, in batches, yielding between
+/// batches so a mail storm does not starve the shard's connections; retries
+/// its own overflow and ends read backpressure when a receiver pokes it;
+/// starts shutdown when the main thread asks for it.
 pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
     let mut batch: Vec<Mail> = Vec::with_capacity(256);
     loop {
         inbox.drain(256, |m| batch.push(m));
-        if !batch.is_empty() {
-            with_shard(|s| {
-                for m in batch.drain(..) {
-                    s.on_mail(m);
-                }
-                s.outbox.retry_all();
-                s.schedule_overflow_retry();
-            });
+        with_shard(|s| {
+            for m in batch.drain(..) {
+                s.on_mail(m);
+            }
+            let was = s.outbox.is_congested();
+            if s.outbox.recheck() {
+                s.unpause();
+            } else if !was && s.outbox.is_congested() {
+                ShardMetrics::add(&s.metrics.mail_congestions, 1);
+            }
+        });
+        if inbox.has_mail() {
+            yield_now().await;
             continue;
         }
         // The main thread forces the doorbell on SIGTERM/SIGINT.
@@ -159,23 +220,6 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
             }
         });
         poll_fn(|cx| inbox.poll_park(cx)).await;
-    }
-}
-
-/// Retries mailboxes that were full until they drain.
-pub async fn retry_overflow() {
-    loop {
-        compio::time::sleep(Duration::from_millis(1)).await;
-        let pending = with_shard(|s| {
-            let more = s.outbox.retry_all();
-            if !more {
-                s.overflow_retry_scheduled = false;
-            }
-            more
-        });
-        if !pending {
-            return;
-        }
     }
 }
 

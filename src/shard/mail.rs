@@ -74,6 +74,68 @@ pub struct Handoff {
     pub head: Vec<u8>,
 }
 
+/// Weight of a message before its variable parts: the enum and its boxes.
+const MAIL_BASE: usize = 64;
+
+fn strs<'a>(v: impl IntoIterator<Item = &'a Arc<str>>) -> usize {
+    v.into_iter().map(|s| s.len() + 16).sum()
+}
+
+impl Query {
+    /// Bytes this question holds, for the mailbox bound.
+    fn weight(&self) -> usize {
+        use crate::users::UserQuery as U;
+        match self {
+            Query::Count(n) | Query::Members(n) | Query::Log(n) => n.len(),
+            Query::Counts(v) | Query::Subscribers(v) | Query::History(v) | Query::SettingsDelete(v) => strs(v),
+            Query::HistoryDelete { names, ids } => strs(names) + ids.len() * 8,
+            Query::SettingsSet(v) => strs(v.iter().map(|(n, _)| n)) + v.len() * 8,
+            Query::SettingsSelect(v) => v.as_ref().map_or(0, strs),
+            Query::User(q) => match q {
+                U::AuthSet(v) | U::DataSet(v) => v.iter().map(|(_, s)| s.len() + 32).sum(),
+                U::Send(v) => v.iter().map(|(_, e, m)| e.len() + m.len() + 56).sum(),
+                U::AuthSelect(v)
+                | U::AuthDelete(v)
+                | U::QueueSelect(v)
+                | U::QueueDelete(v)
+                | U::Time(v)
+                | U::DataSelect(v)
+                | U::DataDelete(v) => v.len() * 8,
+                U::Revoke(v) | U::Unrevoke(v) => v.iter().map(|s| s.len() + 24).sum(),
+                U::RevokedSelect(v) => v.as_ref().map_or(0, |v| v.iter().map(|s| s.len() + 24).sum()),
+                U::Status(_) | U::Data(_) => 0,
+            },
+        }
+    }
+}
+
+impl Reply {
+    /// Bytes this answer holds, for the mailbox bound.
+    fn weight(&self) -> usize {
+        match self {
+            Reply::Count(_) => 0,
+            Reply::Members(m) => m.iter().map(|(_, u)| u.len() + 32).sum(),
+            Reply::Counts(c) => c.len() * 8,
+            Reply::Rows(rows) => rows.iter().flatten().map(|c| c.as_ref().map_or(0, String::len) + 24).sum(),
+            Reply::Log(l) => l.iter().map(|e| e.event.len() + e.message.len() + 80).sum(),
+        }
+    }
+}
+
+impl crate::mailbox::Weigh for Mail {
+    /// Deterministic (sender and receiver compute it alike) and cheap: a
+    /// publication counts its frame, which every destination keeps alive.
+    fn weight(&self) -> usize {
+        MAIL_BASE
+            + match self {
+                Mail::Deliver { publication, .. } => publication.frame.len() + publication.msg.data.len(),
+                Mail::Ask { query, .. } => query.weight(),
+                Mail::Reply { reply, .. } => reply.weight(),
+                Mail::Handoff(h) => h.head.len(),
+            }
+    }
+}
+
 /// A question asked of every shard about its part of the state.
 #[derive(Debug)]
 pub enum Query {

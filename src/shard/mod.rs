@@ -10,8 +10,11 @@
 
 pub mod conn;
 pub mod history;
+pub mod inbuf;
 pub mod io;
+pub mod limits;
 pub mod mail;
+pub mod outq;
 pub mod slab;
 pub mod sql;
 pub mod users;
@@ -72,6 +75,21 @@ pub struct Pending {
     pub then: Then,
 }
 
+impl Then {
+    /// The connection waiting for this answer.
+    fn conn(&self) -> ConnId {
+        match self {
+            Then::DeliveryReport { conn, .. }
+            | Then::PipeCount { conn, .. }
+            | Then::TrackUsers { conn, .. }
+            | Then::PipeLog { conn, .. }
+            | Then::UserStatus { conn, .. }
+            | Then::UserData { conn, .. }
+            | Then::Sql { conn, .. } => *conn,
+        }
+    }
+}
+
 impl Pending {
     pub fn new(remaining: usize, then: Then) -> Pending {
         Pending {
@@ -110,6 +128,10 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Set by the main thread on SIGTERM/SIGINT.
     pub shutdown: Arc<AtomicBool>,
+    /// Frontend connections held, in total and per client address.
+    pub conn_counts: limits::ConnCounts,
+    /// Failed backend logins per client address.
+    pub auth_failures: limits::AuthFailures,
 }
 
 /// One shard's whole state.
@@ -133,12 +155,17 @@ pub struct Shard {
     pub scratch: Vec<u8>,
     /// Seconds since the shard started, refreshed by the sweep and on reads.
     pub now: u32,
+    /// The same clock in milliseconds (for rate limits).
+    pub now_ms: u64,
+    /// Refused connections lingering for their answer to be read.
+    pub refusing: usize,
+    /// Tasks of connections that may not be read now (mail congestion, or
+    /// `--max-pending` reached); woken when that may have changed.
+    pub paused: Vec<std::task::Waker>,
     started: std::time::Instant,
     /// Listening sockets, shut down to stop accepting.
     pub listeners: Vec<Arc<socket2::Socket>>,
     pub shutting_down: bool,
-    /// A retry of overflowing mailboxes is scheduled.
-    pub overflow_retry_scheduled: bool,
     /// History and settings of the channels homed here.
     pub history: HistoryStore,
     /// CometQL connection ids handed out by this shard.
@@ -147,6 +174,8 @@ pub struct Shard {
     pub users: crate::users::UserStore,
     /// Shard time of the last sweep of expired offline-queue entries.
     pub last_queue_purge: u32,
+    /// Shard time a failed backend login was last logged.
+    pub auth_log_at: Option<u32>,
 }
 
 thread_local! {
@@ -195,8 +224,9 @@ pub fn home_shard(dev_id: u32, user_id: u64, shards: usize) -> usize {
 }
 
 impl Shard {
-    pub fn new(id: usize, shards: usize, shared: Arc<Shared>, outbox: Outbox<Mail>) -> Shard {
+    pub fn new(id: usize, shards: usize, shared: Arc<Shared>, mut outbox: Outbox<Mail>) -> Shard {
         let metrics = shared.registry.shards[id].clone();
+        outbox.set_limit(shared.config.mail_limit);
         Shard {
             id,
             shards,
@@ -212,14 +242,17 @@ impl Shard {
             dirty: Vec::new(),
             scratch: vec![0; 64 * 1024],
             now: 0,
+            now_ms: 0,
+            refusing: 0,
+            paused: Vec::new(),
             started: std::time::Instant::now(),
             listeners: Vec::new(),
             shutting_down: false,
-            overflow_retry_scheduled: false,
             history: HistoryStore::default(),
             next_sql_id: 0,
             users: crate::users::UserStore::default(),
             last_queue_purge: 0,
+            auth_log_at: None,
         }
     }
 
@@ -228,7 +261,24 @@ impl Shard {
     }
 
     pub fn refresh_clock(&mut self) {
-        self.now = self.started.elapsed().as_secs() as u32;
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.now_ms = ms;
+        self.now = (ms / 1000) as u32;
+    }
+
+    /// Wakes every task waiting to be allowed to read; each re-checks.
+    pub fn wake_paused(&mut self) {
+        for w in self.paused.drain(..) {
+            w.wake();
+        }
+    }
+
+    /// After mail drained or a request completed: handles what paused
+    /// connections had buffered and wakes their tasks.
+    pub fn unpause(&mut self) {
+        if !self.paused.is_empty() {
+            self.wake_paused();
+        }
     }
 
     pub fn find_channel(&self, dev_id: u32, name: &str) -> Option<u32> {
@@ -354,7 +404,7 @@ impl Shard {
                 continue;
             }
             let frame = if conn.legacy { p.legacy_frame() } else { &p.frame };
-            if conn.out_bytes + frame.len() > limit {
+            if conn.out.cost() + outq::OutQueue::cost_of(frame) > limit {
                 slow.push(id);
                 continue;
             }
@@ -398,13 +448,21 @@ impl Shard {
         if let Some((_, id)) = req {
             self.maybe_complete(id);
         }
-        self.schedule_overflow_retry();
     }
 
+    /// Registers a gather; its connection counts it against `--max-pending`.
     fn new_request(&mut self, p: Pending) -> u64 {
+        if let Some(c) = self.conns.get_mut(p.then.conn()) {
+            c.pending = c.pending.saturating_add(1);
+        }
         self.next_req += 1;
         self.pending.insert(self.next_req, p);
         self.next_req
+    }
+
+    /// Whether connection `id` may start another gather (`--max-pending`).
+    pub fn may_ask(&self, id: ConnId) -> bool {
+        self.conns.get(id).is_some_and(|c| c.pending < self.shared.config.max_pending)
     }
 
     /// Asks every shard (this one included) `query`; `then` runs with the
@@ -429,7 +487,6 @@ impl Shard {
             self.outbox.send(to, Mail::Ask { dev_id, query: query.clone(), req: (self.id, id) });
         }
         self.maybe_complete(id);
-        self.schedule_overflow_retry();
     }
 
     /// The distinct home shards of `user_ids` (every shard for `None`).
@@ -541,7 +598,19 @@ impl Shard {
         if self.pending.get(&req).is_some_and(|p| p.remaining == 0)
             && let Some(p) = self.pending.remove(&req)
         {
+            let conn = p.then.conn();
+            let max = self.shared.config.max_pending;
+            let mut was_full = false;
+            if let Some(c) = self.conns.get_mut(conn) {
+                was_full = c.pending >= max;
+                c.pending = c.pending.saturating_sub(1);
+            }
             self.complete(p);
+            if was_full {
+                // A backend connection stopped at --max-pending reads again.
+                self.resume(conn);
+                self.unpause();
+            }
         }
     }
 
@@ -566,14 +635,6 @@ impl Shard {
                 }
             }
             Mail::Handoff(h) => self.adopt(h),
-        }
-    }
-
-    /// Schedules a retry of mailboxes that overflowed (a full ring).
-    pub fn schedule_overflow_retry(&mut self) {
-        if self.outbox.has_overflow() && !self.overflow_retry_scheduled {
-            self.overflow_retry_scheduled = true;
-            compio::runtime::spawn(io::retry_overflow()).detach();
         }
     }
 

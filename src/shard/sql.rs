@@ -20,6 +20,7 @@ use crate::cometql::session::{self, Event, Passwords, Session};
 use crate::config::Config;
 use crate::frontend::message::{ChannelMessage, unix_now};
 use crate::metrics::ShardMetrics;
+use crate::shard::limits::{AUTH_FAILURES_ALLOWED, AUTH_WINDOW_SECS};
 
 /// Largest packet accepted before authentication.
 const MAX_AUTH_PACKET: usize = 64 * 1024;
@@ -100,9 +101,21 @@ fn nonce() -> [u8; 20] {
 }
 
 impl Shard {
-    /// Registers a backend connection and sends the MySQL greeting.
-    pub fn on_accept_sql(&mut self, sock: Socket, peer: SocketAddr) -> (ConnId, SharedFd<Socket>) {
-        let (id, fd) = self.on_accept(sock, peer);
+    /// Registers a backend connection and sends the MySQL greeting, or an
+    /// ERR 1129 and a close when its address failed to log in too often.
+    pub fn on_accept_sql(&mut self, sock: Socket, peer: SocketAddr) -> Option<(ConnId, SharedFd<Socket>)> {
+        ShardMetrics::add(&self.metrics.accepted, 1);
+        let (id, fd) = self.register(sock, peer);
+        if let Some(secs) = self.shared.auth_failures.refused(peer.ip(), unix_now() as u64) {
+            ShardMetrics::add(&self.metrics.auth_refusals, 1);
+            let msg = format!(
+                "Host '{}' is blocked for {secs} s after more than {AUTH_FAILURES_ALLOWED} failed logins in {AUTH_WINDOW_SECS} s",
+                peer.ip()
+            );
+            self.send_raw_bytes(id, session::one(0, &packet::err(1129, &msg)));
+            self.close_after_answer(id);
+            return Some((id, fd));
+        }
         self.next_sql_id = self.next_sql_id.wrapping_add(1);
         let conn_id = ((self.id as u32) << 24) | (self.next_sql_id & 0x00FF_FFFF);
         let session = Session::new(conn_id, nonce());
@@ -121,7 +134,30 @@ impl Shard {
         }
         self.metrics.sql_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.send_raw_bytes(id, greeting);
-        (id, fd)
+        Some((id, fd))
+    }
+
+    /// Counts and logs a failed login; refuses the address after too many.
+    fn login_failed(&mut self, id: ConnId) {
+        let Some(peer) = self.conns.get(id).map(|c| c.peer) else { return };
+        ShardMetrics::add(&self.metrics.auth_failures, 1);
+        let blocked = self.shared.auth_failures.fail(peer.ip(), unix_now() as u64);
+        // One line per address when it is blocked, and otherwise at most
+        // one line a minute per shard, so a guessing storm cannot flood the log.
+        let now = self.now;
+        if blocked {
+            eprintln!(
+                "comet: shard {}: CometQL logins from {} blocked for {AUTH_WINDOW_SECS} s after more than {AUTH_FAILURES_ALLOWED} failures",
+                self.id,
+                peer.ip()
+            );
+        } else if self.auth_log_at.is_none_or(|t| now >= t + 60) {
+            eprintln!(
+                "comet: shard {}: CometQL login failed from {peer} (further failures are counted in comet_auth_failures_total)",
+                self.id
+            );
+            self.auth_log_at = Some(now);
+        }
     }
 
     fn sql(&mut self, id: ConnId) -> Option<&mut SqlConn> {
@@ -161,7 +197,14 @@ impl Shard {
                 }
                 continue;
             }
-            let limit = if sc.session.is_authenticated() { config.max_query_size + 1 } else { MAX_AUTH_PACKET };
+            let authenticated = sc.session.is_authenticated();
+            if authenticated && !self.may_read(id) {
+                // --max-pending reached, or the shard's mail is congested:
+                // leave the rest buffered until answers come back.
+                break;
+            }
+            let Some(sc) = self.sql(id) else { return buf.len() };
+            let limit = if authenticated { config.max_query_size + 1 } else { MAX_AUTH_PACKET };
             match packet::read_frame(&buf[pos..], limit) {
                 Ok(None) => break,
                 Err(FrameError::TooLarge { .. }) => {
@@ -186,6 +229,12 @@ impl Shard {
                 Ok(Some(frame)) => {
                     pos += frame.consumed;
                     let events = sc.session.on_packet(frame, &*config);
+                    if !authenticated
+                        && !sc.session.is_authenticated()
+                        && events.iter().any(|e| matches!(e, Event::Close))
+                    {
+                        self.login_failed(id);
+                    }
                     for e in events {
                         match e {
                             Event::Reply(bytes) => self.sql_push_raw(id, bytes, false),

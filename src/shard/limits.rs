@@ -1,0 +1,325 @@
+//! Limits that keep one client from taking what belongs to all: the command
+//! rate of a WebSocket, connections per process and per address, and failed
+//! backend logins per address. Pure logic over numbers and a clock passed in;
+//! the shard applies the verdicts.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+/// Seconds of continuous excess after which a connection is closed (4029).
+pub const RATE_CLOSE_AFTER: u32 = 10;
+
+/// A token bucket per WebSocket: `rate` commands per second, burst `2 * rate`.
+///
+/// Twelve bytes, since every connection carries one. Time is in milliseconds
+/// of shard time; the stamp advances only by the time the added tokens
+/// represent, so fractions of a token are not lost between commands.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RateLimiter {
+    tokens: u32,
+    /// Shard time (ms, wrapping) up to which tokens were added.
+    stamp: u32,
+    /// Shard second the current run of excess started (0: none).
+    over_since: u32,
+    /// Shard second of the last dropped command, and whether its error
+    /// frame was sent (at most one per second).
+    last_drop: u32,
+}
+
+/// What to do with one command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateVerdict {
+    /// Within the rate: handle it.
+    Allow,
+    /// Over the rate: drop it; `tell` is true for at most one command a
+    /// second (answer it with an error frame).
+    Drop { tell: bool },
+    /// Over the rate for [`RATE_CLOSE_AFTER`] seconds: close with 4029.
+    Close,
+}
+
+impl RateLimiter {
+    /// A full bucket at shard time `now_ms`.
+    pub fn new(rate: u32, now_ms: u64) -> RateLimiter {
+        RateLimiter { tokens: rate.saturating_mul(2), stamp: now_ms as u32, over_since: 0, last_drop: 0 }
+    }
+
+    /// Takes one token for a command at `now_ms` (ms); `rate` per second.
+    pub fn check(&mut self, rate: u32, now_ms: u64) -> RateVerdict {
+        let now = now_ms as u32;
+        let burst = rate.saturating_mul(2);
+        let elapsed = now.wrapping_sub(self.stamp);
+        let add = (elapsed as u64 * rate as u64 / 1000).min(burst as u64) as u32;
+        if add > 0 {
+            self.tokens = self.tokens.saturating_add(add).min(burst);
+            // Keep the remainder: advance by the time the tokens represent.
+            self.stamp = if self.tokens == burst { now } else { self.stamp.wrapping_add(add * 1000 / rate) };
+        }
+        // Seconds are counted from 1 so that 0 can mean "none".
+        let sec = (now_ms / 1000) as u32 + 1;
+        if self.tokens > 0 {
+            self.tokens -= 1;
+            // A second with no drop ends a run of excess.
+            if self.over_since != 0 && sec > self.last_drop + 1 {
+                self.over_since = 0;
+            }
+            return RateVerdict::Allow;
+        }
+        if self.over_since == 0 || sec > self.last_drop + 1 {
+            self.over_since = sec;
+        }
+        let tell = sec != self.last_drop;
+        self.last_drop = sec;
+        if sec - self.over_since >= RATE_CLOSE_AFTER {
+            return RateVerdict::Close;
+        }
+        RateVerdict::Drop { tell }
+    }
+}
+
+/// Why a new frontend connection is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The process holds `--max-connections` (HTTP 503).
+    Full,
+    /// The client address holds `--max-connections-per-ip` (HTTP 429).
+    PerIp,
+}
+
+/// Buckets of the per-address table (a power of two).
+const IP_BUCKETS: usize = 1 << 16;
+
+/// Process-wide frontend connection counts: the total and per address.
+///
+/// Per address is a fixed table of counters indexed by a keyed hash of the
+/// address (an IPv6 address by its /64, which one subscriber usually gets
+/// whole): lock-free, 256 KiB whatever the number of clients, and no client
+/// can grow it. Two addresses that share a bucket share its limit; with a
+/// random key and 65,536 buckets that takes thousands of connections from
+/// colliding addresses, which the attacker cannot choose.
+pub struct ConnCounts {
+    total: AtomicUsize,
+    per_ip: Box<[AtomicU32]>,
+    hasher: ahash::RandomState,
+}
+
+impl std::fmt::Debug for ConnCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnCounts").field("total", &self.total).finish_non_exhaustive()
+    }
+}
+
+impl Default for ConnCounts {
+    fn default() -> Self {
+        ConnCounts {
+            total: AtomicUsize::new(0),
+            per_ip: (0..IP_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
+            hasher: ahash::RandomState::new(),
+        }
+    }
+}
+
+impl ConnCounts {
+    fn bucket(&self, ip: IpAddr) -> &AtomicU32 {
+        let key: u128 = match ip {
+            IpAddr::V4(a) => u32::from(a) as u128,
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => u32::from(v4) as u128,
+                None => u128::from(a) >> 64 << 64 | 1 << 32,
+            },
+        };
+        &self.per_ip[self.hasher.hash_one(key) as usize & (IP_BUCKETS - 1)]
+    }
+
+    /// Counts a new connection from `ip`, or says why it must be refused
+    /// (then nothing is counted).
+    pub fn admit(&self, ip: IpAddr, max_total: usize, max_per_ip: u32) -> Result<(), Refusal> {
+        if self.total.fetch_add(1, Ordering::Relaxed) >= max_total {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refusal::Full);
+        }
+        let b = self.bucket(ip);
+        if b.fetch_add(1, Ordering::Relaxed) >= max_per_ip {
+            b.fetch_sub(1, Ordering::Relaxed);
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refusal::PerIp);
+        }
+        Ok(())
+    }
+
+    /// Uncounts a connection admitted from `ip`.
+    pub fn release(&self, ip: IpAddr) {
+        self.total.fetch_sub(1, Ordering::Relaxed);
+        self.bucket(ip).fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Connections counted now.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// Failed logins from one address in one window before it is refused.
+pub const AUTH_FAILURES_ALLOWED: u32 = 20;
+/// The window, and how long a refused address stays refused (seconds).
+pub const AUTH_WINDOW_SECS: u64 = 10;
+/// Addresses the failure table remembers at most; the stalest is forgotten
+/// first, so a scan from many addresses cannot grow it.
+pub const AUTH_TABLE_SIZE: usize = 4096;
+
+/// Failed backend logins per address, process-wide. A mutex is fine here:
+/// it is taken once per backend connection and once per failed login, never
+/// on a message path.
+#[derive(Debug, Default)]
+pub struct AuthFailures {
+    table: Mutex<ahash::AHashMap<IpAddr, AuthRecord>>,
+}
+
+/// One address's failures.
+#[derive(Debug, Clone, Copy)]
+struct AuthRecord {
+    /// Start of the current window (unix seconds).
+    window: u64,
+    failures: u32,
+    /// Refused until this time (unix seconds), 0 when not refused.
+    refused_until: u64,
+}
+
+impl AuthFailures {
+    /// Seconds `ip` stays refused, if it is refused at `now` (unix seconds).
+    pub fn refused(&self, ip: IpAddr, now: u64) -> Option<u64> {
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(&ip).filter(|r| r.refused_until > now).map(|r| r.refused_until - now)
+    }
+
+    /// Records a failed login; returns true when this failure made the
+    /// address refused.
+    pub fn fail(&self, ip: IpAddr, now: u64) -> bool {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() >= AUTH_TABLE_SIZE && !t.contains_key(&ip) {
+            // Forget the stalest record (expired ones first, by window).
+            if let Some(old) = t.iter().min_by_key(|(_, r)| r.window.max(r.refused_until)).map(|(k, _)| *k) {
+                t.remove(&old);
+            }
+        }
+        let r = t.entry(ip).or_insert(AuthRecord { window: now, failures: 0, refused_until: 0 });
+        if now >= r.window + AUTH_WINDOW_SECS {
+            r.window = now;
+            r.failures = 0;
+        }
+        r.failures += 1;
+        if r.failures > AUTH_FAILURES_ALLOWED && r.refused_until <= now {
+            r.refused_until = now + AUTH_WINDOW_SECS;
+            r.window = now;
+            r.failures = 0;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_a_burst_of_twice_the_rate_then_the_rate() {
+        let mut r = RateLimiter::new(50, 0);
+        let allowed = (0..200).filter(|_| r.check(50, 0) == RateVerdict::Allow).count();
+        assert_eq!(allowed, 100);
+        // One second later: 50 more, and no fraction lost over 20 ms steps.
+        let mut n = 0;
+        for t in (20..=1000).step_by(20) {
+            while r.check(50, t) == RateVerdict::Allow {
+                n += 1;
+            }
+        }
+        assert_eq!(n, 50);
+    }
+
+    #[test]
+    fn drops_are_told_once_a_second_and_ten_seconds_of_excess_close() {
+        let mut r = RateLimiter::new(1, 0);
+        assert_eq!(r.check(1, 0), RateVerdict::Allow);
+        assert_eq!(r.check(1, 0), RateVerdict::Allow);
+        assert_eq!(r.check(1, 10), RateVerdict::Drop { tell: true });
+        assert_eq!(r.check(1, 20), RateVerdict::Drop { tell: false });
+        // Keep flooding at 10 commands a second.
+        let mut closed_at = None;
+        for t in (100..20_000).step_by(100) {
+            if r.check(1, t) == RateVerdict::Close {
+                closed_at = Some(t);
+                break;
+            }
+        }
+        assert_eq!(closed_at.map(|t| t / 1000), Some(RATE_CLOSE_AFTER as u64));
+    }
+
+    #[test]
+    fn a_client_that_slows_down_is_forgiven() {
+        let mut r = RateLimiter::new(1, 0);
+        r.check(1, 0);
+        r.check(1, 0);
+        for t in 0..5 {
+            assert!(matches!(r.check(1, t * 1000 + 500), RateVerdict::Drop { .. } | RateVerdict::Allow));
+            r.check(1, t * 1000 + 600);
+        }
+        // Quiet for three seconds, then within the rate for 20 s.
+        for t in 8..28 {
+            assert_eq!(r.check(1, t * 1000), RateVerdict::Allow);
+        }
+        assert_ne!(r.check(1, 28_000), RateVerdict::Close, "the old run of excess is forgotten");
+    }
+
+    #[test]
+    fn connection_counts_refuse_past_the_total_and_per_address() {
+        let c = ConnCounts::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(c.admit(a, 3, 2), Ok(()));
+        assert_eq!(c.admit(a, 3, 2), Ok(()));
+        assert_eq!(c.admit(a, 3, 2), Err(Refusal::PerIp));
+        assert_eq!(c.admit(b, 3, 2), Ok(()));
+        assert_eq!(c.admit(b, 3, 2), Err(Refusal::Full));
+        assert_eq!(c.total(), 3);
+        c.release(a);
+        assert_eq!(c.admit(b, 3, 2), Ok(()));
+    }
+
+    #[test]
+    fn ipv6_addresses_count_per_64() {
+        let c = ConnCounts::default();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(c.admit(a, 10, 1), Ok(()));
+        assert_eq!(c.admit(b, 10, 1), Err(Refusal::PerIp));
+    }
+
+    #[test]
+    fn twenty_failures_in_ten_seconds_refuse_the_address_for_ten_seconds() {
+        let f = AuthFailures::default();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for _ in 0..AUTH_FAILURES_ALLOWED {
+            assert!(!f.fail(ip, 1000));
+        }
+        assert_eq!(f.refused(ip, 1000), None);
+        assert!(f.fail(ip, 1001));
+        assert_eq!(f.refused(ip, 1001), Some(10));
+        assert_eq!(f.refused(ip, 1011), None);
+        // Failures spread over more than the window never refuse.
+        let g = AuthFailures::default();
+        for t in 0..100 {
+            assert!(!g.fail(ip, t));
+        }
+    }
+
+    #[test]
+    fn the_failure_table_is_bounded() {
+        let f = AuthFailures::default();
+        for i in 0..(AUTH_TABLE_SIZE as u32 + 500) {
+            f.fail(IpAddr::from(i.to_be_bytes()), 1000 + i as u64);
+        }
+        assert_eq!(f.table.lock().unwrap().len(), AUTH_TABLE_SIZE);
+    }
+}
