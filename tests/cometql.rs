@@ -315,8 +315,10 @@ fn raw_login(s: &Server, password: &str) -> (TcpStream, Vec<u8>) {
 
 #[test]
 fn pipelined_queries_are_answered_in_order() {
-    for io in BACKENDS {
-        let s = start(io, &[]);
+    // --max-pending 1: the connection stops being read at every gather and
+    // resumes from its buffer when the answer comes; nothing is lost.
+    for (io, extra) in [("uring", &[][..]), ("epoll", &[][..]), ("uring", &["--max-pending", "1"][..])] {
+        let s = start(io, extra);
         let (mut t, ok) = raw_login(&s, "s3cret");
         assert_eq!(ok[0], 0x00, "{io}: login");
         // 60 queries in one write: slow gathers (pipes counts, publishes)
@@ -646,5 +648,29 @@ fn prepared_statements_from_a_driver_publish_select_and_bind_every_type() {
         let (code, msg) = sql_err(db.exec_drop("INSERT INTO pipes_messages VALUES (?, 'e', 'm')", ("a b",)));
         assert_eq!(code, 12, "{msg}");
         assert!(msg.contains("'a b'"), "{msg}");
+    }
+}
+
+#[test]
+fn failed_logins_are_counted_and_an_address_that_keeps_failing_is_refused_for_a_while() {
+    for io in BACKENDS {
+        let s = start(io, &[]);
+        let bad = format!("mysql://root:wrong@{}/CometQL_v1", s.backend);
+        for i in 0..21 {
+            let (code, msg) = sql_err(mysql::Conn::new(mysql::Opts::from_url(&bad).unwrap()));
+            assert_eq!(code, 16, "{io}: attempt {i}: {msg}");
+        }
+        // The 22nd connection is refused before any password is checked,
+        // even with the right one.
+        let good = format!("mysql://root:s3cret@{}/CometQL_v1", s.backend);
+        let (code, msg) = sql_err(mysql::Conn::new(mysql::Opts::from_url(&good).unwrap()));
+        assert_eq!(code, 1129, "{io}: {msg}");
+        assert!(msg.contains("127.0.0.1") && msg.contains("blocked"), "{msg}");
+        assert!(s.metric("comet_auth_failures_total{shard=\"all\"}") >= 21);
+        assert!(s.metric("comet_auth_refusals_total{shard=\"all\"}") >= 1);
+        assert!(
+            s.drain_log().iter().any(|l| l.contains("blocked") && l.contains("127.0.0.1")),
+            "{io}: the block is logged"
+        );
     }
 }

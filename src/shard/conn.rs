@@ -695,6 +695,20 @@ impl Shard {
     }
 
     fn on_command(&mut self, id: ConnId, cmd: Command<'_>) {
+        let asks = matches!(
+            cmd,
+            Command::WebPipe { .. }
+                | Command::PipeLog { .. }
+                | Command::PipeCount { .. }
+                | Command::TrackPipeUsers { .. }
+                | Command::UserStatus { .. }
+                | Command::UserData { .. }
+        );
+        if asks && !self.may_ask(id) {
+            let max = self.shared.config.max_pending;
+            self.send_error(id, &format!("too many requests waiting for answers (at most {max}); command dropped"));
+            return;
+        }
         match cmd {
             Command::Subscribe(names) => self.cmd_subscribe(id, names),
             Command::WebPipe { pipe, event, message } => self.cmd_web_pipe(id, pipe, event, message),

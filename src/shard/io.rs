@@ -202,11 +202,8 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
             for m in batch.drain(..) {
                 s.on_mail(m);
             }
-            let was = s.outbox.is_congested();
             if s.outbox.recheck() {
                 s.unpause();
-            } else if !was && s.outbox.is_congested() {
-                ShardMetrics::add(&s.metrics.mail_congestions, 1);
             }
         });
         if inbox.has_mail() {

@@ -186,8 +186,12 @@ thread_local! {
 pub fn with_shard<R>(f: impl FnOnce(&mut Shard) -> R) -> R {
     SHARD.with_borrow_mut(|s| {
         let s = s.as_mut().expect("with_shard called off a shard thread");
+        let congested = s.outbox.is_congested();
         let r = f(s);
         s.flush_dirty();
+        if !congested && s.outbox.is_congested() {
+            ShardMetrics::add(&s.metrics.mail_congestions, 1);
+        }
         r
     })
 }

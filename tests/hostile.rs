@@ -1,0 +1,341 @@
+//! Hostile clients against the real server: each bound the server keeps is
+//! attacked here and must hold, while a bystander keeps being served.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{BACKENDS, Client, Raw, Server, eventually};
+
+fn start(io: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--io", io, "--shards", "2"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// A bystander that publishes to itself through a second connection and
+/// must get its message promptly.
+fn bystander_round_trip(s: &Server, tag: &str) -> Duration {
+    let mut sub = s.client(&format!("{tag}-sub"));
+    sub.subscribe(&[&format!("web_{tag}")]);
+    let mut publisher = s.client(&format!("{tag}-pub"));
+    // The subscription is in effect once pipe_count sees it.
+    assert!(eventually(5, || {
+        publisher.send(&format!("pipe_count\nweb_{tag}\nm\n"));
+        publisher.recv()["data"]["user_in_pipe"] == 1
+    }));
+    let t = Instant::now();
+    publisher.send(&format!("web_pipe2\nweb_{tag}\ne\n*\nhello"));
+    let got = sub.recv();
+    assert_eq!(got["data"], "hello", "{got}");
+    t.elapsed()
+}
+
+#[test]
+fn a_command_flood_is_dropped_with_one_error_a_second_then_closed_with_4029() {
+    for io in BACKENDS {
+        let s = start(io, &["--client-rate", "5"]);
+        let mut flooder = s.client("flooder");
+        // 200 commands at once: the burst (10) is handled, the rest dropped.
+        for _ in 0..200 {
+            flooder.send("pipe_count\nweb_x\nm\n");
+        }
+        let mut answers = 0;
+        let mut rate_errors = 0;
+        loop {
+            let m = flooder.recv();
+            match m["event"].as_str() {
+                Some("pipe_count") | Some("user_in_pipe") => answers += 1,
+                _ if m.to_string().contains("rate limit") => rate_errors += 1,
+                _ => {}
+            }
+            if answers + rate_errors >= 11 {
+                break;
+            }
+        }
+        assert_eq!((answers, rate_errors), (10, 1), "{io}: the burst, then one error");
+        flooder.expect_silence(300);
+        // Keep exceeding the rate (a writer thread floods while this one
+        // reads): closed with 4029 after about 10 s.
+        let mut raw = Raw::open(s.addr, "/ws/v=4&uuid=flooder2");
+        raw.frame(); // serverInfo
+        let mut writer = raw.s.try_clone().unwrap();
+        let t = Instant::now();
+        let flood = std::thread::spawn(move || {
+            let text = b"pipe_count\nweb_x\nm\n";
+            let mut f = vec![0x81, 0x80 | text.len() as u8, 0, 0, 0, 0];
+            f.extend_from_slice(text);
+            while t.elapsed() < Duration::from_secs(20) && writer.write_all(&f).is_ok() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        raw.s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut errors = 0;
+        let code = loop {
+            let (op, payload) = raw.frame();
+            if op == 8 {
+                break u16::from_be_bytes([payload[0], payload[1]]);
+            }
+            if String::from_utf8_lossy(&payload).contains("rate limit") {
+                errors += 1;
+            }
+        };
+        let _ = raw.s.shutdown(std::net::Shutdown::Both);
+        flood.join().unwrap();
+        assert!((8..=12).contains(&errors), "{io}: {errors} rate-limit errors in about 10 s");
+        assert_eq!(code, 4029, "{io}");
+        assert!(t.elapsed() >= Duration::from_secs(8), "{io}: closed after {:?}", t.elapsed());
+        assert!(s.metric("comet_rate_limit_closes_total{shard=\"all\"}") >= 1);
+        // Nobody else was affected.
+        assert!(bystander_round_trip(&s, "by") < Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn a_frame_that_never_finishes_is_closed_with_1008_after_the_message_timeout() {
+    for io in BACKENDS {
+        let s = start(io, &["--message-timeout", "1"]);
+        let mut slow = Raw::open(s.addr, "/ws/v=4&uuid=slow");
+        slow.frame(); // serverInfo
+        // A masked text frame announcing 1000 bytes, of which 10 arrive.
+        let mut head = vec![0x81, 0x80 | 126];
+        head.extend_from_slice(&1000u16.to_be_bytes());
+        head.extend_from_slice(&[1, 2, 3, 4]);
+        head.extend_from_slice(&[0u8; 10]);
+        slow.s.write_all(&head).unwrap();
+        let t = Instant::now();
+        // A byte now and then does not extend the deadline.
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(400));
+            let _ = slow.s.write_all(&[0]);
+        }
+        slow.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(slow.close_code(), 1008, "{io}");
+        assert!(t.elapsed() < Duration::from_secs(4), "{io}: {:?}", t.elapsed());
+        assert!(s.metric("comet_message_timeouts_total{shard=\"all\"}") >= 1);
+    }
+}
+
+#[test]
+fn a_request_head_or_mysql_packet_that_never_finishes_is_dropped() {
+    for io in BACKENDS {
+        let s = start(io, &["--message-timeout", "1", "--password", "s3cret"]);
+        let mut http = TcpStream::connect(s.addr).unwrap();
+        http.write_all(b"GET /ws/v=4 HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let mut sql = TcpStream::connect(s.backend).unwrap();
+        let mut greeting = [0u8; 4];
+        sql.read_exact(&mut greeting).unwrap();
+        let len = u32::from_le_bytes([greeting[0], greeting[1], greeting[2], 0]) as usize;
+        let mut rest = vec![0u8; len];
+        sql.read_exact(&mut rest).unwrap();
+        // A login packet that announces 100 bytes and sends 5.
+        sql.write_all(&[100, 0, 0, 1, 1, 2, 3, 4, 5]).unwrap();
+        let t = Instant::now();
+        for mut c in [http, sql] {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 64];
+            assert!(matches!(c.read(&mut buf), Ok(0) | Err(_)), "{io}: expected the connection closed");
+        }
+        assert!(t.elapsed() < Duration::from_secs(4), "{io}: {:?}", t.elapsed());
+    }
+}
+
+/// Sends `n` masked pings with a 125-byte payload without reading anything.
+fn flood_pings(raw: &mut Raw, n: usize) -> std::io::Result<()> {
+    let mut frame = vec![0x89, 0x80 | 125, 1, 2, 3, 4];
+    frame.extend_from_slice(&[7u8; 125]);
+    let burst: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 100).collect();
+    for _ in 0..n / 100 {
+        raw.s.write_all(&burst)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_client_that_floods_pings_and_never_reads_is_closed_as_a_slow_consumer() {
+    for io in BACKENDS {
+        // Rate high enough that every ping is answered: this is about the
+        // outbound queue's memory, charged per frame.
+        let s = Server::start(&["--io", io, "--client-rate", "1000000", "--outbound-limit", "65536", "--shards", "1"]);
+        let mut raw = Raw::open(s.addr, "/ws/v=4&uuid=pinger");
+        raw.s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = flood_pings(&mut raw, 200_000);
+        assert!(
+            eventually(10, || s.metric("comet_slow_consumer_closes_total{shard=\"all\"}") >= 1),
+            "{io}: the non-reader was never closed"
+        );
+        assert!(bystander_round_trip(&s, "by") < Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn an_echo_client_that_never_reads_is_bounded_too() {
+    for io in BACKENDS {
+        let s = Server::start(&["--io", io, "--echo-path", "/echo", "--outbound-limit", "65536", "--shards", "1"]);
+        let mut raw = Raw::open(s.addr, "/echo");
+        raw.s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let payload = vec![b'x'; 60_000];
+        for _ in 0..2000 {
+            raw.send_frame(0x82, &payload, true);
+            if s.metric("comet_slow_consumer_closes_total{shard=\"all\"}") >= 1 {
+                break;
+            }
+        }
+        assert!(
+            eventually(10, || s.metric("comet_slow_consumer_closes_total{shard=\"all\"}") >= 1),
+            "{io}: the echo non-reader was never closed"
+        );
+    }
+}
+
+/// Opens a TCP connection from `source` and sends a WebSocket upgrade;
+/// returns the status line.
+fn upgrade_status(server: SocketAddr, source: &str, keep: &mut Vec<TcpStream>) -> String {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&format!("{source}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
+    sock.connect(&server.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /ws/v=4&uuid=x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read_exact(&mut b).is_err() {
+            break;
+        }
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    keep.push(s);
+    text
+}
+
+#[test]
+fn connections_over_the_process_and_address_limits_get_503_and_429_and_backends_still_log_in() {
+    for io in BACKENDS {
+        let s = start(io, &["--max-connections", "6", "--max-connections-per-ip", "3", "--password", "s3cret"]);
+        let mut keep = Vec::new();
+        for _ in 0..3 {
+            assert!(upgrade_status(s.addr, "127.0.0.1", &mut keep).starts_with("HTTP/1.1 101"));
+        }
+        let refused = upgrade_status(s.addr, "127.0.0.1", &mut keep);
+        assert!(refused.starts_with("HTTP/1.1 429"), "{io}: {refused}");
+        assert!(refused.contains("Retry-After:"), "{refused}");
+        for _ in 0..3 {
+            assert!(upgrade_status(s.addr, "127.0.0.2", &mut keep).starts_with("HTTP/1.1 101"));
+        }
+        let full = upgrade_status(s.addr, "127.0.0.3", &mut keep);
+        assert!(full.starts_with("HTTP/1.1 503"), "{io}: {full}");
+        assert!(full.contains("Retry-After:"), "{full}");
+        // The backend port is not counted: a CometQL login still works.
+        let url = format!("mysql://root:s3cret@{}/CometQL_v1", s.backend);
+        mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).expect("backend login while the frontend is full");
+        // A connection that goes frees its place.
+        keep.truncate(0);
+        assert!(eventually(5, || {
+            let mut k = Vec::new();
+            upgrade_status(s.addr, "127.0.0.1", &mut k).starts_with("HTTP/1.1 101")
+        }));
+        assert!(s.metric("comet_refused_total{shard=\"all\"}") >= 1);
+        assert!(s.metric("comet_refused_per_ip_total{shard=\"all\"}") >= 1);
+    }
+}
+
+#[test]
+fn requests_waiting_for_answers_are_bounded_per_connection() {
+    for io in BACKENDS {
+        let s = start(io, &["--max-pending", "1"]);
+        let mut c = s.client("asker");
+        // Five questions in one write: the first waits for the other
+        // shard's answer while the rest are read, so they are refused.
+        let batch: Vec<u8> = (0..5)
+            .flat_map(|i| {
+                let text = format!("pipe_count\nweb_q\nm{i}\n");
+                let mut f = vec![0x81, 0x80 | text.len() as u8, 0, 0, 0, 0];
+                f.extend_from_slice(text.as_bytes());
+                f
+            })
+            .collect();
+        if let tungstenite::stream::MaybeTlsStream::Plain(t) = c.ws.get_mut() {
+            t.write_all(&batch).unwrap();
+        }
+        let mut answers = 0;
+        let mut refusals = 0;
+        while answers + refusals < 5 {
+            let m = c.recv();
+            if m.to_string().contains("too many requests waiting") {
+                refusals += 1;
+            } else {
+                answers += 1;
+            }
+        }
+        assert!(answers >= 1 && refusals >= 1, "{io}: {answers} answered, {refusals} refused");
+        // Once answered, the connection asks again freely.
+        c.send("pipe_count\nweb_q\nagain\n");
+        assert_eq!(c.recv()["data"]["user_in_pipe"], 0);
+    }
+}
+
+#[test]
+fn a_burst_of_big_publishes_past_the_mail_limit_pauses_reading_and_loses_nothing() {
+    for io in BACKENDS {
+        let s = start(
+            io,
+            &[
+                "--mail-limit",
+                "1048576",
+                "--password",
+                "s3cret",
+                "--max-query-size",
+                "4194304",
+                "--outbound-limit",
+                "16777216",
+            ],
+        );
+        let mut subs: Vec<Client> = (0..4).map(|i| s.client(&format!("sub{i}"))).collect();
+        for c in &mut subs {
+            c.subscribe(&["web_big"]);
+        }
+        let mut p = s.client("pub");
+        assert!(eventually(5, || {
+            p.send("pipe_count\nweb_big\nm\n");
+            p.recv()["data"]["user_in_pipe"] == 4
+        }));
+        // 100 messages of 300 KiB each go to the other shard: 60 MiB of
+        // mail (frame and text) against a 1 MiB bound.
+        let url = format!("mysql://root:s3cret@{}/CometQL_v1", s.backend);
+        let mut db = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+        use mysql::prelude::Queryable;
+        let big = "y".repeat(300 * 1024);
+        let readers: Vec<_> = subs
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || {
+                    if let tungstenite::stream::MaybeTlsStream::Plain(t) = c.ws.get_ref() {
+                        t.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    }
+                    (0..100).map(|_| c.recv()["data"].as_str().map_or(0, str::len)).sum::<usize>()
+                })
+            })
+            .collect();
+        // Five rows per INSERT: each one mails 3 MiB to the other shard.
+        let row = format!("('web_big', 'e', '{big}')");
+        let query = format!("INSERT INTO pipes_messages VALUES {}", vec![row; 5].join(", "));
+        let mut affected = 0;
+        for _ in 0..20 {
+            db.query_drop(&query).unwrap();
+            affected += db.affected_rows();
+        }
+        assert_eq!(affected, 400, "{io}");
+        for r in readers {
+            assert_eq!(r.join().unwrap(), 100 * big.len(), "{io}: a subscriber lost messages");
+        }
+        assert!(s.metric("comet_mail_congestions_total{shard=\"all\"}") >= 1, "{io}: the bound was never reached");
+    }
+}
