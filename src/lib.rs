@@ -17,9 +17,14 @@
 //! - [`frontend`]: comet URL parameters, commands and messages (sans-IO).
 //! - [`http`]: plain HTTP routes on the frontend port.
 //! - [`metrics`]: counters and the Prometheus rendering.
+//! - [`users`]: user store: keys, devices, offline queues, JWT (sans-IO).
+//! - [`cometql`]: MySQL wire protocol and the CometQL dialect (sans-IO).
+//! - [`domain`]: the bottom layer every module may use: `ConnId`, channel
+//!   names and kinds, constant-time compare, clipping of quoted values.
 
 pub mod cometql;
 pub mod config;
+pub mod domain;
 pub mod frontend;
 pub mod http;
 pub mod mailbox;

@@ -4,9 +4,11 @@
 //! the shards (publishing, counts, history) is returned as a plan for the
 //! shard glue to carry out.
 
+use super::like::like_match;
 use super::packet::{ResultSet, SERVER_VERSION};
-use super::parser::{Condition, Expr, Statement, Value, like_match};
+use super::parser::{Condition, Expr, Statement, Value};
 use super::tables::{self, TABLES, Table};
+use crate::domain::{self, ChannelError, ChannelKind, clip, is_name_char};
 use crate::users::UserQuery;
 
 /// The outcome of one statement.
@@ -219,7 +221,7 @@ fn plan_inner(st: Statement, ctx: &Ctx<'_>) -> Result<Plan, StmtResult> {
                             Some(format!("{}@localhost", ctx.dev_id))
                         }
                         "CONNECTION_ID" => Some(ctx.connection_id.to_string()),
-                        _ => return Err(StmtResult::err(2, format!("function {f}() is not supported"))),
+                        _ => return Err(StmtResult::err(2, format!("function {}() is not supported", clip(&f)))),
                     },
                 });
                 cols.push(label);
@@ -243,8 +245,8 @@ fn rows(table: &str, columns: &[&str], rows: Vec<Vec<Option<String>>>) -> Plan {
 fn use_db(db: &str, ctx: &Ctx<'_>) -> Result<Plan, StmtResult> {
     match database_dev(db, ctx.dev_id) {
         Some(dev) if (ctx.may_use_dev)(dev) => Ok(Plan::UseDb { dev_id: dev, name: db.to_string() }),
-        Some(_) => Err(StmtResult::err(403, format!("Access denied to database '{db}' with this login"))),
-        None => Err(StmtResult::err(15, format!("Unknown database '{db}': use CometQL_v1 or db_N"))),
+        Some(_) => Err(StmtResult::err(403, format!("Access denied to database {} with this login", clip(db)))),
+        None => Err(StmtResult::err(15, format!("Unknown database {}: use CometQL_v1 or db_N", clip(db)))),
     }
 }
 
@@ -285,24 +287,33 @@ fn variables(ctx: &Ctx<'_>) -> Vec<(&'static str, String)> {
 }
 
 fn table_named(name: &str) -> Result<&'static Table, StmtResult> {
-    tables::find(name).ok_or_else(|| StmtResult::err(15, format!("Table '{name}' doesn't exist")))
+    tables::find(name).ok_or_else(|| StmtResult::err(15, format!("Table {} doesn't exist", clip(name))))
 }
 
-/// Checks a channel name given through CometQL (3..64 of `[A-Za-z0-9_-]`).
-pub fn check_channel(name: &str) -> Result<(), StmtResult> {
-    if name.len() > 64 {
-        return Err(StmtResult::err(11, format!("Channel name '{name}' is longer than 64 characters")));
+/// Shortest channel name CometQL accepts (the frontend accepts 2).
+pub const MIN_CHANNEL_LEN: usize = 3;
+
+/// Checks a channel name given through CometQL (3..64 of `[A-Za-z0-9_-]`,
+/// not `msg`, `sys` or `_answer*`) and returns its kind.
+pub fn check_channel(name: &str) -> Result<ChannelKind, StmtResult> {
+    let kind = domain::check_channel(name).map_err(|e| {
+        let code = match e {
+            ChannelError::TooLong(_) => 11,
+            ChannelError::TooShort(_) => 17,
+            ChannelError::BadChar(_) => 12,
+        };
+        StmtResult::err(code, e.to_string())
+    })?;
+    if name.len() < MIN_CHANNEL_LEN {
+        return Err(StmtResult::err(
+            17,
+            format!("Channel name {} is shorter than {MIN_CHANNEL_LEN} characters", clip(name)),
+        ));
     }
-    if name.len() < 3 {
-        return Err(StmtResult::err(17, format!("Channel name '{name}' is shorter than 3 characters")));
+    if kind.is_reserved() {
+        return Err(StmtResult::err(12, format!("Channel name {} is reserved", clip(name))));
     }
-    if !name.bytes().all(crate::frontend::is_name_char) {
-        return Err(StmtResult::err(12, format!("Channel name '{name}' may contain only A-Za-z0-9_-")));
-    }
-    if name == "msg" || name == "sys" || name.starts_with("_answer") {
-        return Err(StmtResult::err(12, format!("Channel name '{name}' is reserved")));
-    }
-    Ok(())
+    Ok(kind)
 }
 
 fn check_event(event: &str) -> Result<(), StmtResult> {
@@ -310,10 +321,10 @@ fn check_event(event: &str) -> Result<(), StmtResult> {
         return Err(StmtResult::err(17, "Event name is empty"));
     }
     if event.len() > 64 {
-        return Err(StmtResult::err(11, format!("Event name '{event}' is longer than 64 characters")));
+        return Err(StmtResult::err(11, format!("Event name {} is longer than 64 characters", clip(event))));
     }
-    if !event.bytes().all(crate::frontend::is_name_char) {
-        return Err(StmtResult::err(12, format!("Event name '{event}' may contain only A-Za-z0-9_-")));
+    if !event.bytes().all(is_name_char) {
+        return Err(StmtResult::err(12, format!("Event name {} may contain only A-Za-z0-9_-", clip(event))));
     }
     Ok(())
 }
@@ -330,11 +341,13 @@ fn insert_rows(t: &Table, columns: Option<Vec<String>>, rows: Vec<Vec<Value>>) -
             for (i, c) in cols.iter().enumerate() {
                 match wanted.iter().position(|w| w == c) {
                     Some(k) if order[k] == usize::MAX => order[k] = i,
-                    Some(_) => return Err(StmtResult::err(14, format!("Column '{c}' is listed twice"))),
+                    Some(_) => return Err(StmtResult::err(14, format!("Column {} is listed twice", clip(c)))),
                     None if t.column_index(c).is_some() => {
                         return Err(StmtResult::err(14, format!("Column '{c}' of '{}' cannot be set", t.name)));
                     }
-                    None => return Err(StmtResult::err(14, format!("Unknown column '{c}' in '{}'", t.name))),
+                    None => {
+                        return Err(StmtResult::err(14, format!("Unknown column {} in '{}'", clip(c), t.name)));
+                    }
                 }
             }
             if let Some(k) = order.iter().position(|&o| o == usize::MAX) {
@@ -379,7 +392,7 @@ fn insert(table: &str, columns: Option<Vec<String>>, rows: Vec<Vec<Value>>) -> R
                 let name = r[0].text();
                 check_channel(name)?;
                 let len: u32 = r[1].text().trim().parse().ok().filter(|&n| n <= MAX_HISTORY).ok_or_else(|| {
-                    StmtResult::err(12, format!("History length '{}' must be 0..{MAX_HISTORY}", r[1].text()))
+                    StmtResult::err(12, format!("History length {} must be 0..{MAX_HISTORY}", clip(r[1].text())))
                 })?;
                 out.push((name.to_string(), len));
             }
@@ -449,7 +462,7 @@ fn user_id(v: &Value) -> Result<u64, StmtResult> {
         .parse::<u64>()
         .ok()
         .filter(|&n| n > 0)
-        .ok_or_else(|| StmtResult::err(12, format!("User id '{}' must be a positive integer", v.text())))
+        .ok_or_else(|| StmtResult::err(12, format!("User id {} must be a positive integer", clip(v.text()))))
 }
 
 /// A `users_auth` hash: 1..128 characters of `[0-9A-Za-z=+/_.-]`.
@@ -458,10 +471,10 @@ fn check_hash(h: &str) -> Result<(), StmtResult> {
         return Err(StmtResult::err(17, "Hash is empty"));
     }
     if h.len() > 128 {
-        return Err(StmtResult::err(11, format!("Hash '{h}' is longer than 128 characters")));
+        return Err(StmtResult::err(11, format!("Hash {} is longer than 128 characters", clip(h))));
     }
     if !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"=+/_.-".contains(&b)) {
-        return Err(StmtResult::err(12, format!("Hash '{h}' may contain only 0-9A-Za-z=+/_.-")));
+        return Err(StmtResult::err(12, format!("Hash {} may contain only 0-9A-Za-z=+/_.-", clip(h))));
     }
     Ok(())
 }
@@ -487,14 +500,14 @@ fn key_values(t: &Table, conds: &[Condition], allowed: &[&str]) -> Result<Vec<(S
     let mut out: Vec<(String, Vec<String>)> = Vec::new();
     for c in conds {
         if t.column_index(&c.column).is_none() {
-            return Err(StmtResult::err(14, format!("Unknown column '{}' in '{}'", c.column, t.name)));
+            return Err(StmtResult::err(14, format!("Unknown column {} in '{}'", clip(&c.column), t.name)));
         }
         if !allowed.contains(&c.column.as_str()) {
             return Err(StmtResult::err(
                 13,
                 format!(
-                    "WHERE must give primary-key values: '{}' is not the key of '{}' (use {})",
-                    c.column,
+                    "WHERE must give primary-key values: {} is not the key of '{}' (use {})",
+                    clip(&c.column),
                     t.name,
                     allowed.join(" or ")
                 ),
@@ -520,7 +533,8 @@ fn projection(
         Some(cs) => cs
             .iter()
             .map(|c| {
-                t.column_index(c).ok_or_else(|| StmtResult::err(14, format!("Unknown column '{c}' in '{}'", t.name)))
+                t.column_index(c)
+                    .ok_or_else(|| StmtResult::err(14, format!("Unknown column {} in '{}'", clip(c), t.name)))
             })
             .collect::<Result<_, _>>()?,
     };
@@ -593,7 +607,8 @@ fn delete(table: &str, conds: Vec<Condition>) -> Result<Plan, StmtResult> {
                     ids = vals
                         .iter()
                         .map(|v| {
-                            v.parse().map_err(|_| StmtResult::err(12, format!("Message id '{v}' is not a number")))
+                            v.parse()
+                                .map_err(|_| StmtResult::err(12, format!("Message id {} is not a number", clip(v))))
                         })
                         .collect::<Result<_, _>>()?;
                 }
@@ -658,6 +673,68 @@ mod tests {
     }
 
     #[test]
+    fn a_4_mib_channel_name_gives_a_short_error_naming_its_start() {
+        let long = "x".repeat(4 << 20);
+        let (code, msg) = err(&format!("INSERT INTO pipes_messages VALUES ('{long}', 'e', 'm')"));
+        assert_eq!(code, 11);
+        assert!(msg.len() < 400, "{} bytes", msg.len());
+        assert!(msg.starts_with(&format!("Channel name '{}...' (4194304 bytes)", "x".repeat(256))), "{msg}");
+        let bad = format!("bad name{long}");
+        let (code, msg) = err(&format!("INSERT INTO pipes_messages VALUES ('{bad}', 'e', 'm')"));
+        assert_eq!(code, 12);
+        assert!(msg.len() < 400 && msg.starts_with("Channel name 'bad namexxx"), "{}", &msg[..80]);
+        assert!(msg.contains(&format!("({} bytes)", bad.len())));
+    }
+
+    #[test]
+    fn every_error_quoting_a_huge_value_stays_short() {
+        let v = "v".repeat(4 << 20);
+        let digits = "9".repeat(4 << 20);
+        let queries = [
+            format!("INSERT INTO pipes_messages VALUES ('abc', '{v}', 'm')"),
+            format!("INSERT INTO pipes_settings VALUES ('abc', '{v}')"),
+            format!("INSERT INTO users_auth VALUES ('{v}', 'h')"),
+            format!("INSERT INTO users_auth VALUES (1, '{v}')"),
+            format!("INSERT INTO {v} VALUES (1)"),
+            format!("INSERT INTO pipes_messages ({v}, event, message) VALUES ('a', 'b', 'c')"),
+            format!("SELECT {v} FROM pipes WHERE name = 'abc'"),
+            format!("SELECT * FROM pipes WHERE {v} = 'abc'"),
+            format!("SELECT * FROM pipes WHERE name IN ('abc', '{v}')"),
+            format!("SELECT * FROM users_time WHERE id = '{v}'"),
+            format!("DELETE FROM pipes_messages WHERE id = '{v}'"),
+            format!("SELECT {v}()"),
+            format!("USE {v}"),
+            format!("USE db_9{digits}"),
+            format!("SELECT * FROM pipes WHERE name = 'abc' '{v}'"),
+            format!("SELECT * FROM pipes WHERE name = 'abc' {v}"),
+            format!("SELECT * FROM pipes WHERE name = 'abc' {digits}"),
+            format!("SELECT * FROM pipes WHERE name = 'abc' @@{v}"),
+            format!("SELECT * FROM pipes WHERE name = 'abc' @{v}"),
+            format!("SELECT * FROM pipes WHERE {v} LIKE 'x'"),
+            format!("SELECT * FROM pipes LIMIT {digits}"),
+            format!("{v} 1"),
+            format!("SELECT '{v}"),
+            format!("SELECT `{v}"),
+            format!("SELECT 1 /* {v}"),
+        ];
+        for q in &queries {
+            let (code, msg) = match parse(q) {
+                Ok(mut st) => err_of(plan(st.remove(0), &Ctx::standalone(1 << 20)), q),
+                Err(e) => (e.code, e.message),
+            };
+            assert!(msg.len() < 700, "{}: {code} {} bytes: {}", &q[..60], msg.len(), &msg[..100]);
+            assert!(msg.contains(" bytes)"), "{}: {msg}", &q[..60]);
+        }
+    }
+
+    fn err_of(p: Plan, q: &str) -> (u16, String) {
+        match p {
+            Plan::Done(StmtResult::Err(c, m)) => (c, m),
+            other => panic!("{}: expected an error, got {:?}", &q[..60], std::mem::discriminant(&other)),
+        }
+    }
+
+    #[test]
     fn where_must_use_the_key() {
         assert_eq!(err("SELECT * FROM pipes").0, 13);
         assert_eq!(err("SELECT * FROM pipes WHERE users = 1").0, 13);
@@ -697,6 +774,13 @@ mod tests {
         assert_eq!(rs.rows[0][0].as_deref(), Some("comet push server (CometQL)"));
         let Plan::Done(StmtResult::Rows(rs)) = run("SHOW VARIABLES LIKE 'max_allowed_packet'") else { panic!() };
         assert_eq!(rs.rows, vec![vec![Some("max_allowed_packet".into()), Some("1048576".into())]]);
+        let Plan::Done(StmtResult::Rows(rs)) = run("SHOW VARIABLES LIKE '%VERSION\\_c%'") else { panic!() };
+        assert_eq!(rs.rows.len(), 2, "version_comment and version_compile_os");
+        // The pattern that froze a shard for 41 s, with 64 `%`: no rows, at once.
+        let Plan::Done(StmtResult::Rows(rs)) = run(&format!("SHOW VARIABLES LIKE '{}q'", "%".repeat(64))) else {
+            panic!()
+        };
+        assert!(rs.rows.is_empty());
         let Plan::Done(StmtResult::Rows(rs)) = run("SHOW TABLES") else { panic!() };
         assert_eq!(rs.rows.len(), TABLES.len());
         assert_eq!(run("USE db_3"), Plan::UseDb { dev_id: 3, name: "db_3".into() });

@@ -6,6 +6,8 @@
 //! backslashes). Identifiers may be backquoted. Comments (`-- `, `#`,
 //! `/* */`) are skipped, as drivers put them in front of their queries.
 
+use crate::domain::clip;
+
 /// One token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tok {
@@ -45,7 +47,7 @@ pub fn lex(sql: &str) -> Result<Vec<Tok>, LexError> {
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 let end = sql[i + 2..]
                     .find("*/")
-                    .ok_or_else(|| LexError(format!("unterminated comment near '{}'", clip(&sql[i..]))))?;
+                    .ok_or_else(|| LexError(format!("unterminated comment near {}", clip(&sql[i..]))))?;
                 i = i + 2 + end + 2;
             }
             b'\'' | b'"' => {
@@ -68,7 +70,7 @@ pub fn lex(sql: &str) -> Result<Vec<Tok>, LexError> {
                                 break;
                             }
                         }
-                        None => return Err(LexError(format!("unterminated identifier near '{}'", clip(&sql[i..])))),
+                        None => return Err(LexError(format!("unterminated identifier near {}", clip(&sql[i..])))),
                     }
                 }
                 out.push(Tok::Quoted(s));
@@ -166,13 +168,6 @@ fn string(sql: &str, start: usize) -> Result<(String, usize), LexError> {
         i += 1;
     }
     Err(LexError(format!("unterminated string literal near {}", clip(&sql[start..]))))
-}
-
-fn clip(s: &str) -> &str {
-    match s.char_indices().nth(40) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
 }
 
 #[cfg(test)]

@@ -3,12 +3,15 @@
 //!
 //! Everything here is sans-IO: `packet` frames and encodes MySQL packets,
 //! `session` runs the handshake, authentication and command dispatch,
-//! `lexer` and `parser` read the dialect, `tables` describes the tables and
-//! `exec` turns a statement into a [`exec::Plan`]. The shard glue that carries
+//! `lexer` and `parser` read the dialect, `like` matches SHOW ... LIKE
+//! patterns, `tables` describes the tables and `exec` turns a statement into
+//! a [`exec::Plan`]. `prepared` (server-side prepared statements) builds on
+//! `packet`, never the other way round. The shard glue that carries
 //! plans out across shards is `shard::sql`.
 
 pub mod exec;
 pub mod lexer;
+pub mod like;
 pub mod packet;
 pub mod parser;
 pub mod prepared;

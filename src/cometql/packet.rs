@@ -9,6 +9,8 @@
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
+use crate::domain::ct_eq;
+
 /// Largest payload in one packet; longer payloads continue in the next.
 pub const MAX_PAYLOAD: usize = 0xFF_FFFF;
 
@@ -278,14 +280,6 @@ pub fn sha2_scramble(password: &[u8], nonce: &[u8]) -> [u8; 32] {
     out
 }
 
-/// Constant-time equality (no early exit on the first difference).
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Checks a scramble made with `plugin` against `password`.
 pub fn verify(plugin: &str, password: &str, nonce: &[u8; 20], response: &[u8]) -> bool {
     if password.is_empty() || response.is_empty() {
@@ -397,7 +391,7 @@ pub fn write_result_set_from(
     for row in &rs.rows {
         p.clear();
         if binary {
-            super::prepared::binary_row(row, &mut p);
+            binary_row(row, &mut p);
             seq = write_packet(out, seq, &p);
             continue;
         }
@@ -413,6 +407,24 @@ pub fn write_result_set_from(
         write_packet(out, seq, &ok_with_header(0xFE, 0, 0, status, ""))
     } else {
         write_packet(out, seq, &eof(status))
+    }
+}
+
+/// Appends one binary-protocol row (answers to COM_STMT_EXECUTE): every
+/// column is VAR_STRING, NULLs are flagged in a bitmap that starts at bit 2.
+pub fn binary_row(row: &[Option<String>], out: &mut Vec<u8>) {
+    out.push(0x00);
+    let start = out.len();
+    out.resize(start + (row.len() + 7 + 2) / 8, 0);
+    for (i, v) in row.iter().enumerate() {
+        if v.is_none() {
+            let bit = i + 2;
+            out[start + bit / 8] |= 1 << (bit % 8);
+        }
+    }
+    for s in row.iter().flatten() {
+        put_lenenc_int(out, s.len() as u64);
+        out.extend_from_slice(s.as_bytes());
     }
 }
 
@@ -561,5 +573,12 @@ mod tests {
             s = &s[f.consumed..];
         }
         assert_eq!((n, last), (5, 0xFE));
+    }
+
+    #[test]
+    fn binary_rows_mark_nulls_from_bit_two() {
+        let mut out = Vec::new();
+        binary_row(&[Some("ab".into()), None], &mut out);
+        assert_eq!(out, [0x00, 0b0000_1000, 2, b'a', b'b']);
     }
 }

@@ -6,9 +6,11 @@
 //! A statement is kept as its text with the byte offsets of its `?`
 //! placeholders. EXECUTE decodes the binary parameter values and splices
 //! them in as MySQL literals, and the result runs through the same parser and
-//! executor as a text query; its rows go back in the binary row format.
+//! executor as a text query; its rows go back in the binary row format,
+//! which `packet` encodes (this module depends on `packet`, never the
+//! other way round).
 
-use super::packet::{self, put_lenenc_int, take_lenenc_int};
+use super::packet::{self, take_lenenc_int};
 
 /// One prepared statement.
 #[derive(Debug, Clone)]
@@ -215,23 +217,6 @@ pub fn execute_sql(body: &[u8], stmt: &mut Prepared) -> Result<String, String> {
     Ok(sql)
 }
 
-/// Appends one binary-protocol row: every column is VAR_STRING.
-pub fn binary_row(row: &[Option<String>], out: &mut Vec<u8>) {
-    out.push(0x00);
-    let start = out.len();
-    out.resize(start + (row.len() + 7 + 2) / 8, 0);
-    for (i, v) in row.iter().enumerate() {
-        if v.is_none() {
-            let bit = i + 2;
-            out[start + bit / 8] |= 1 << (bit % 8);
-        }
-    }
-    for s in row.iter().flatten() {
-        put_lenenc_int(out, s.len() as u64);
-        out.extend_from_slice(s.as_bytes());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,12 +246,5 @@ mod tests {
         again.extend_from_slice(&[1, b'z']);
         assert_eq!(execute_sql(&again, &mut st).unwrap(), "INSERT INTO pipes_messages VALUES ('z', NULL, NULL)");
         assert!(execute_sql(&[1, 0, 0], &mut st).is_err());
-    }
-
-    #[test]
-    fn binary_rows_mark_nulls_from_bit_two() {
-        let mut out = Vec::new();
-        binary_row(&[Some("ab".into()), None], &mut out);
-        assert_eq!(out, [0x00, 0b0000_1000, 2, b'a', b'b']);
     }
 }

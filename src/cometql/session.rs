@@ -7,6 +7,7 @@
 use super::exec::{StmtResult, database_dev};
 use super::packet::{self, CLIENT_DEPRECATE_EOF, CLIENT_MULTI_STATEMENTS, CLIENT_SSL, Frame};
 use super::parser::{ParseError, Statement, parse_each};
+use crate::domain::clip;
 
 /// Where the connection is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +128,7 @@ impl Session {
         vec![
             Event::Reply(one(
                 seq,
-                &packet::err(16, &format!("Access denied for user '{user}' (using password: {yes})")),
+                &packet::err(16, &format!("Access denied for user {} (using password: {yes})", clip(user))),
             )),
             Event::Close,
         ]
@@ -191,12 +192,13 @@ impl Session {
                 Some(d) if self.may_use_dev(d, pw) => self.use_db(d, &db),
                 Some(_) => {
                     self.phase = Phase::Closed;
-                    let e = packet::err(403, &format!("Access denied for user '{user}' to database '{db}'"));
+                    let e =
+                        packet::err(403, &format!("Access denied for user {} to database {}", clip(user), clip(&db)));
                     return vec![Event::Reply(one(seq, &e)), Event::Close];
                 }
                 None => {
                     self.phase = Phase::Closed;
-                    let e = packet::err(15, &format!("Unknown database '{db}': use CometQL_v1 or db_N"));
+                    let e = packet::err(15, &format!("Unknown database {}: use CometQL_v1 or db_N", clip(&db)));
                     return vec![Event::Reply(one(seq, &e)), Event::Close];
                 }
             }
@@ -226,11 +228,11 @@ impl Session {
                     }
                     Some(_) => vec![Event::Reply(one(
                         r,
-                        &packet::err(403, &format!("Access denied to database '{db}' with this login")),
+                        &packet::err(403, &format!("Access denied to database {} with this login", clip(&db))),
                     ))],
                     None => vec![Event::Reply(one(
                         r,
-                        &packet::err(15, &format!("Unknown database '{db}': use CometQL_v1 or db_N")),
+                        &packet::err(15, &format!("Unknown database {}: use CometQL_v1 or db_N", clip(&db))),
                     ))],
                 }
             }
@@ -468,6 +470,88 @@ mod tests {
         let ev = s.on_packet(Frame { seq: 0, payload: vec![0x09], consumed: 0 }, &Pw);
         let Event::Reply(b) = &ev[0] else { panic!() };
         assert_eq!(&b[4..7], &[0xFF, 0x17, 0x04], "1047 for unknown commands");
+    }
+
+    /// A logged-in session (root, password "comet").
+    fn logged_in() -> Session {
+        let mut s = Session::new(1, NONCE);
+        let auth = packet::native_scramble(b"comet", &NONCE);
+        s.on_packet(response("root", &auth, Some(packet::NATIVE), None, 0), &Pw);
+        assert!(s.is_authenticated());
+        s
+    }
+
+    /// The one ERR packet in `bytes`: its code and message.
+    fn only_err(bytes: &[u8]) -> (u16, String) {
+        let f = packet::read_frame(bytes, 32 << 20).unwrap().unwrap();
+        assert_eq!(f.consumed, bytes.len(), "one packet");
+        assert_eq!(f.payload[0], 0xFF, "an ERR packet");
+        (u16::from_le_bytes([f.payload[1], f.payload[2]]), String::from_utf8(f.payload[9..].to_vec()).unwrap())
+    }
+
+    /// Sends one command packet and returns the bytes answered, carrying
+    /// a query out as the shard glue would (for statements that need no
+    /// shard state).
+    fn answer(s: &mut Session, cmd: u8, body: &[u8]) -> Vec<u8> {
+        use super::super::exec::{Ctx, Plan, plan};
+        let ev = s.on_packet(Frame { seq: 0, payload: [&[cmd][..], body].concat(), consumed: 0 }, &Pw);
+        match &ev[..] {
+            [Event::Reply(b)] => b.clone(),
+            [Event::Query(stmts, seq, binary)] => {
+                let ctx = Ctx::standalone(32 << 20);
+                let results: Vec<StmtResult> = stmts
+                    .iter()
+                    .map(|st| match st {
+                        Ok(st) => match plan(st.clone(), &ctx) {
+                            Plan::Done(r) => r,
+                            other => panic!("planned {other:?}"),
+                        },
+                        Err(e) => StmtResult::Err(e.code, e.message.clone()),
+                    })
+                    .collect();
+                encode_results(&results, s.deprecate_eof(), *seq, *binary)
+            }
+            other => panic!("unexpected events {other:?}"),
+        }
+    }
+
+    #[test]
+    fn huge_bad_channel_name_is_answered_with_one_short_err_packet() {
+        let mut s = logged_in();
+        let name = "n".repeat(4 << 20);
+        let sql = format!("INSERT INTO pipes_messages (name, event, message) VALUES ('{name}', 'ev', 'hi')");
+        let bytes = answer(&mut s, 0x03, sql.as_bytes());
+        assert!(bytes.len() < 400, "{} bytes on the wire", bytes.len());
+        let (code, msg) = only_err(&bytes);
+        assert_eq!(code, 11);
+        assert!(msg.starts_with("Channel name 'nnnn"), "{msg}");
+        assert!(msg.contains("...' (4194304 bytes)"), "{msg}");
+    }
+
+    #[test]
+    fn huge_values_in_session_errors_are_clipped() {
+        let big = "d".repeat(17 << 20);
+        // COM_INIT_DB with an unknown 17 MiB database name.
+        let mut s = logged_in();
+        let (code, msg) = only_err(&answer(&mut s, 0x02, big.as_bytes()));
+        assert_eq!(code, 15);
+        assert!(msg.len() < 400 && msg.contains(&format!("({} bytes)", big.len())), "{}", &msg[..80]);
+        // A syntax error on a 17 MiB word: before clipping, this ERR was
+        // larger than one packet.
+        let (code, msg) = only_err(&answer(&mut s, 0x03, big.as_bytes()));
+        assert_eq!(code, 3);
+        assert!(msg.len() < 400 && msg.starts_with("unknown statement starting with 'ddd"), "{}", &msg[..80]);
+        // A login name of 60 KiB (the auth packet limit is 64 KiB).
+        let mut s = Session::new(1, NONCE);
+        let user = "u".repeat(60 * 1024);
+        let mut f = response("x", b"x", Some(packet::NATIVE), None, 0);
+        let at = f.payload.iter().position(|&b| b == b'x').unwrap();
+        f.payload.splice(at..at + 1, user.bytes());
+        let ev = s.on_packet(f, &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        let (code, msg) = only_err(b);
+        assert_eq!(code, 16);
+        assert!(msg.len() < 400 && msg.contains("(61440 bytes)"), "{}", &msg[..80]);
     }
 
     #[test]

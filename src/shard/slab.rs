@@ -5,12 +5,9 @@
 //! that outlived its connection miss instead of reaching the next connection
 //! that got the same slot.
 
-/// Names one connection on one shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnId {
-    pub index: u32,
-    pub generation: u32,
-}
+/// Defined in the bottom layer so that users and mail can name connections
+/// without depending on the shard.
+pub use crate::domain::ConnId;
 
 /// Slots with generations and a free list.
 #[derive(Debug)]

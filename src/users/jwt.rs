@@ -10,12 +10,16 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::domain::clip;
+
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwtError {
     #[error("not a compact JWS (three base64url parts)")]
     Format,
-    #[error("algorithm {0:?} is not accepted (only HS256)")]
+    /// Holds the token's `alg` as sent; the message clips it, since a
+    /// forged header can make it as long as the whole token.
+    #[error("algorithm {} is not accepted (only HS256)", clip(.0))]
     Alg(String),
     #[error("bad signature")]
     Signature,
@@ -137,6 +141,13 @@ mod tests {
         assert_eq!(verify(&sign(&json!({"user_id": 5}), b"s"), b"s", 5, NOW), Err(JwtError::NoExp));
         let none = sign_with_header(&json!({"alg": "none"}), &good, b"s");
         assert_eq!(verify(&none, b"s", 5, NOW), Err(JwtError::Alg("none".into())));
+        assert_eq!(
+            verify(&none, b"s", 5, NOW).unwrap_err().to_string(),
+            "algorithm 'none' is not accepted (only HS256)"
+        );
+        let long_alg = sign_with_header(&json!({"alg": "x".repeat(10_000)}), &good, b"s");
+        let msg = verify(&long_alg, b"s", 5, NOW).unwrap_err().to_string();
+        assert!(msg.len() < 400 && msg.contains("(10000 bytes)"), "{msg}");
         let unsigned = format!("{}.", none.rsplit_once('.').unwrap().0);
         assert!(verify(&unsigned, b"s", 5, NOW).is_err());
         assert_eq!(verify("a.b", b"s", 5, NOW), Err(JwtError::Format));

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use ahash::{AHashMap, AHashSet};
 use smallvec::SmallVec;
 
-use crate::shard::ConnId;
+use crate::domain::{ConnId, ct_eq};
 
 /// Devices (authorized connections) one user may have at once.
 pub const MAX_DEVICES: usize = 16;
@@ -124,11 +124,6 @@ impl Presence {
     }
 }
 
-/// Constant-time string equality.
-pub fn ct_eq(a: &str, b: &str) -> bool {
-    crate::cometql::packet::ct_eq(a.as_bytes(), b.as_bytes())
-}
-
 /// The users homed on one shard.
 #[derive(Debug, Default)]
 pub struct UserStore {
@@ -190,7 +185,7 @@ impl UserStore {
             return false;
         }
         if let Some(stored) = self.get(dev, uid).and_then(|u| u.key.as_deref())
-            && ct_eq(stored, key)
+            && ct_eq(stored.as_bytes(), key.as_bytes())
         {
             return true;
         }
