@@ -339,3 +339,17 @@ fn a_burst_of_big_publishes_past_the_mail_limit_pauses_reading_and_loses_nothing
         assert!(s.metric("comet_mail_congestions_total{shard=\"all\"}") >= 1, "{io}: the bound was never reached");
     }
 }
+
+#[test]
+fn errors_quote_at_most_256_characters_of_a_huge_value() {
+    let s = Server::start(&["--io", "epoll"]);
+    let mut c = s.client("big");
+    let word = "w".repeat(60_000);
+    c.send(&word);
+    let e = c.recv()["data"]["error"].as_str().unwrap_or_default().to_string();
+    assert!(e.len() < 400, "error of {} bytes", e.len());
+    assert!(e.starts_with("Unknown command 'www") && e.ends_with("...' (60000 bytes)"), "{e}");
+    c.send(&format!("pipe_count\n{word}\nm\n"));
+    let e = c.recv()["data"]["error"].as_str().unwrap_or_default().to_string();
+    assert!(e.len() < 400 && e.contains("(60000 bytes)"), "{e}");
+}

@@ -9,12 +9,5 @@ pub mod command;
 pub mod message;
 pub mod url;
 
-/// Characters allowed in channel names (PROTOCOL.md §2).
-pub fn is_name_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
-}
-
-/// Whether `name` is a valid channel name (2..64 characters of `[A-Za-z0-9_-]`).
-pub fn is_valid_channel(name: &str) -> bool {
-    (2..=64).contains(&name.len()) && name.bytes().all(is_name_char)
-}
+/// Channel-name rules live in the bottom layer, shared with CometQL.
+pub use crate::domain::{is_name_char, is_valid_channel};

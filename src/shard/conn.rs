@@ -24,9 +24,10 @@ use super::limits::{RateLimiter, RateVerdict, Refusal};
 use super::mail::{Handoff, Publication, Query, encode_text_frame};
 use super::outq::OutQueue;
 use super::{ConnId, Pending, Shard, Then, home_shard};
+use crate::domain::{clip, is_valid_channel};
 use crate::frontend::command::{self, Command};
 use crate::frontend::message::{self, ChannelMessage, unix_now};
-use crate::frontend::{is_valid_channel, url};
+use crate::frontend::url;
 use crate::http;
 use crate::metrics::ShardMetrics;
 use crate::ws::{self, CloseCode, Decoder, Event, frame::Decoded};
@@ -456,7 +457,7 @@ impl Shard {
             && let Some(origin) = req.origin.as_deref()
             && !allowed.iter().any(|a| a == origin.trim_end_matches('/'))
         {
-            let msg = format!("origin '{}' is not allowed to connect", clip(origin));
+            let msg = format!("origin {} is not allowed to connect", clip(origin));
             self.answer_http(id, http::forbidden(&msg));
             return Http::Finished;
         }
@@ -714,7 +715,7 @@ impl Shard {
             Command::WebPipe { pipe, event, message } => self.cmd_web_pipe(id, pipe, event, message),
             Command::PipeLog { pipe, marker } => {
                 if !is_valid_channel(pipe) {
-                    self.send_error(id, &format!("Invalid channel name '{}'", clip(pipe)));
+                    self.send_error(id, &format!("Invalid channel name {}", clip(pipe)));
                     return;
                 }
                 let dev_id = self.conns.get(id).map_or(0, |c| c.dev_id);
@@ -725,7 +726,7 @@ impl Shard {
                 if !(pipe.starts_with("web_") || pipe.starts_with("track_")) || !is_valid_channel(pipe) {
                     self.send_error(
                         id,
-                        &format!("pipe_count is only allowed for web_ and track_ channels, not '{}'", clip(pipe)),
+                        &format!("pipe_count is only allowed for web_ and track_ channels, not {}", clip(pipe)),
                     );
                     return;
                 }
@@ -740,7 +741,7 @@ impl Shard {
                 if !pipe.starts_with("track_") || !is_valid_channel(pipe) {
                     self.send_error(
                         id,
-                        &format!("track_pipe_users is only allowed for track_ channels, not '{}'", clip(pipe)),
+                        &format!("track_pipe_users is only allowed for track_ channels, not {}", clip(pipe)),
                     );
                     return;
                 }
@@ -753,7 +754,7 @@ impl Shard {
             }
             Command::UserStatus { user_id } => {
                 let Some(uid) = user_id.trim().parse::<u64>().ok().filter(|&u| u > 0) else {
-                    self.send_error(id, &format!("user_status needs a user id, got '{}'", clip(user_id)));
+                    self.send_error(id, &format!("user_status needs a user id, got {}", clip(user_id)));
                     return;
                 };
                 let dev_id = self.conns.get(id).map_or(0, |c| c.dev_id);
@@ -763,7 +764,7 @@ impl Shard {
             }
             Command::UserData { marker, user_id } => {
                 let Some(uid) = user_id.trim().parse::<u64>().ok().filter(|&u| u > 0) else {
-                    self.send_error(id, &format!("user_data needs a user id, got '{}'", clip(user_id)));
+                    self.send_error(id, &format!("user_data needs a user id, got {}", clip(user_id)));
                     return;
                 };
                 let Some(c) = self.conns.get(id) else { return };
@@ -779,7 +780,7 @@ impl Shard {
             }
             Command::Statistics => {}
             Command::Unknown(word) => {
-                self.send_error(id, &format!("Unknown command '{}'", clip(word)));
+                self.send_error(id, &format!("Unknown command {}", clip(word)));
             }
         }
     }
@@ -798,7 +799,7 @@ impl Shard {
                 continue;
             }
             if !(2..=64).contains(&name.len()) {
-                errors.push(format!("Invalid channel name '{}': it must be 2..64 characters", clip(name)));
+                errors.push(format!("Invalid channel name {}: it must be 2..64 characters", clip(name)));
                 continue;
             }
             if name == "sys" || name.starts_with("_answer") {
@@ -875,7 +876,7 @@ impl Shard {
         };
         if pipe.starts_with("webauth_") {
             if user_id == 0 {
-                self.send_error(id, &format!("Only authorized users may publish to '{}'", clip(pipe)));
+                self.send_error(id, &format!("Only authorized users may publish to {}", clip(pipe)));
                 return;
             }
         } else if !pipe.starts_with("web_") {
@@ -883,7 +884,7 @@ impl Shard {
             return;
         }
         if !is_valid_channel(pipe) {
-            self.send_error(id, &format!("Invalid channel name '{}': 2..64 characters of A-Za-z0-9_-", clip(pipe)));
+            self.send_error(id, &format!("Invalid channel name {}: 2..64 characters of A-Za-z0-9_-", clip(pipe)));
             return;
         }
         let msg = ChannelMessage {
@@ -1260,14 +1261,6 @@ impl Shard {
                 _ => {}
             }
         }
-    }
-}
-
-/// Clips a client-supplied value for an error message.
-fn clip(s: &str) -> &str {
-    match s.char_indices().nth(64) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 
