@@ -1,9 +1,9 @@
-//! Starting and stopping the server: choose the I/O backend, bind one
-//! SO_REUSEPORT listener per shard, start the shard threads, then wait for
-//! SIGTERM/SIGINT and drain (close WebSockets with 1001, exit within
-//! `shutdown_timeout`).
+//! Starting and stopping the server: choose the I/O backend, claim each port
+//! for this process and bind one SO_REUSEPORT listener per shard on it, start
+//! the shard threads, then wait for SIGTERM/SIGINT and drain (close
+//! WebSockets with 1001, exit within `shutdown_timeout`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +13,11 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use crate::config::{Config, DEFAULT_PASSWORD};
 use crate::mailbox::{self, Doorbell};
 use crate::metrics::{Registry, ShardMetrics};
-use crate::runtime::{self, listener::bind_reuseport, probe::ProbeError};
+use crate::runtime::{
+    self,
+    listener::{ListenError, PortClaim},
+    probe::ProbeError,
+};
 use crate::shard::{self, Shard, Shared};
 
 /// Capacity of each shard-to-shard ring, in messages.
@@ -24,8 +28,19 @@ const MAILBOX_CAPACITY: usize = 8192;
 pub enum ServerError {
     #[error("--io uring: io_uring is not usable here: {0}")]
     NoUring(#[from] ProbeError),
-    #[error("cannot listen on {addr}: {err}")]
-    Bind { addr: SocketAddr, err: std::io::Error },
+    /// The port is in use: by another comet (whose port group this process
+    /// must not join) or by any other program.
+    #[error("another comet (or another program) is already listening on {addr}; stop it or choose another --{role}")]
+    PortTaken { role: &'static str, addr: SocketAddr },
+    /// Another process is stuck half-way through starting on this port.
+    #[error("{err}; stop that process (another comet starting?) or choose another --{role}")]
+    PortBusy { role: &'static str, err: ListenError },
+    #[error("cannot listen on --{role} {addr}: {err}")]
+    Bind { role: &'static str, addr: SocketAddr, err: std::io::Error },
+    /// Both listeners on one port would join one reuseport group and split
+    /// browsers and backends between the two protocols at random.
+    #[error("--frontend {frontend} and --backend {backend} overlap on port {}; give them different ports", frontend.port())]
+    SamePort { frontend: SocketAddr, backend: SocketAddr },
     #[error("shard {shard} failed to start: {err}")]
     Shard { shard: usize, err: String },
     #[error("cannot install signal handlers: {0}")]
@@ -34,21 +49,46 @@ pub enum ServerError {
     ShardDied(usize),
 }
 
-/// Binds `n` SO_REUSEPORT listeners on `addr`: the first bind resolves port
-/// 0, the others share the port it got. Returns the actual address.
-fn bind_all(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<socket2::Socket>), ServerError> {
-    let bind = |addr: SocketAddr| bind_reuseport(addr).map_err(|err| ServerError::Bind { addr, err });
-    let first = bind(addr)?;
-    let actual = first
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .ok_or_else(|| ServerError::Bind { addr, err: std::io::Error::other("no local address") })?;
-    let mut all = vec![first];
-    for _ in 1..n {
-        all.push(bind(actual)?);
+impl ServerError {
+    /// Names the flag (`role`) that chose the address the listener failed on.
+    fn listen(role: &'static str, err: ListenError) -> ServerError {
+        match err {
+            ListenError::Taken(addr) => ServerError::PortTaken { role, addr },
+            ListenError::LockBusy { .. } => ServerError::PortBusy { role, err },
+            ListenError::Io { addr, err } => ServerError::Bind { role, addr, err },
+        }
     }
-    Ok((actual, all))
+}
+
+/// Claims `addr` for this process (see `runtime::listener` for why) and binds
+/// `n` SO_REUSEPORT listeners on it, one per shard. Returns the actual address
+/// (port 0 resolved). `role` is the flag that chose the address, for errors.
+fn bind_all(role: &'static str, addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<socket2::Socket>), ServerError> {
+    let claim = PortClaim::take(addr).map_err(|e| ServerError::listen(role, e))?;
+    if let Some(e) = claim.lock_error() {
+        eprintln!(
+            "comet: WARNING: no start-up lock for port {} ({e}); a second comet started at the same instant on it would go unnoticed",
+            claim.addr().port()
+        );
+    }
+    let actual = claim.addr();
+    let listeners = claim.listen(n).map_err(|e| ServerError::listen(role, e))?;
+    Ok((actual, listeners))
+}
+
+/// Whether listeners on `a` and `b` would share a port group: same port (not
+/// 0, which the kernel resolves to two free ports) and addresses that overlap.
+/// Listeners are dual-stack, so `[::]` overlaps every address.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    match (a.ip(), b.ip()) {
+        (x, y) if x == y => true,
+        (IpAddr::V6(x), _) | (_, IpAddr::V6(x)) if x.is_unspecified() => true,
+        (IpAddr::V4(x), IpAddr::V4(y)) => x.is_unspecified() || y.is_unspecified(),
+        _ => false,
+    }
 }
 
 /// Runs the server until SIGTERM/SIGINT (or a shard dies).
@@ -64,8 +104,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     let n = config.shards;
 
-    let (addr, listeners) = bind_all(config.frontend, n)?;
-    let (backend_addr, backend_listeners) = bind_all(config.backend, n)?;
+    if overlap(config.frontend, config.backend) {
+        return Err(ServerError::SamePort { frontend: config.frontend, backend: config.backend });
+    }
+    let (addr, listeners) = bind_all("frontend", config.frontend, n)?;
+    let (backend_addr, backend_listeners) = bind_all("backend", config.backend, n)?;
 
     let registry = Arc::new(Registry {
         shards: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
@@ -159,4 +202,22 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         eprintln!("comet: stopped");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_follows_the_kernel_rules_for_one_port() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(overlap(a("127.0.0.1:8087"), a("127.0.0.1:8087")));
+        assert!(overlap(a("0.0.0.0:8087"), a("127.0.0.1:8087")));
+        assert!(overlap(a("127.0.0.1:8087"), a("[::]:8087")));
+        assert!(overlap(a("[::]:8087"), a("[::1]:8087")));
+        assert!(!overlap(a("127.0.0.1:8087"), a("127.0.0.2:8087")));
+        assert!(!overlap(a("0.0.0.0:8087"), a("[::1]:8087")));
+        assert!(!overlap(a("127.0.0.1:8087"), a("127.0.0.1:3300")));
+        assert!(!overlap(a("127.0.0.1:0"), a("127.0.0.1:0")));
+    }
 }

@@ -34,8 +34,17 @@ impl Server {
     /// Starts the server; `forbid_uring` installs a seccomp filter that makes
     /// io_uring_setup fail with EPERM, as Docker's default profile does.
     pub fn start_with(args: &[&str], forbid_uring: Option<()>) -> Server {
+        Self::launch("127.0.0.1:0", "127.0.0.1:0", args, forbid_uring)
+    }
+
+    /// Starts the server on the given addresses instead of random ports.
+    pub fn start_at(frontend: SocketAddr, backend: SocketAddr, args: &[&str]) -> Server {
+        Self::launch(&frontend.to_string(), &backend.to_string(), args, None)
+    }
+
+    fn launch(frontend: &str, backend: &str, args: &[&str], forbid_uring: Option<()>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_comet"));
-        cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--node-name", "test-node"])
+        cmd.args(["--frontend", frontend, "--backend", backend, "--node-name", "test-node"])
             .args(args)
             .env_remove("COMET_IO")
             .stdin(Stdio::null())
