@@ -7,6 +7,7 @@
 use super::like::like_match;
 use super::packet::{ResultSet, SERVER_VERSION};
 use super::parser::{Condition, Expr, Statement, Value};
+use super::rows::TextRow;
 use super::tables::{self, TABLES, Table};
 use crate::domain::{self, ChannelError, ChannelKind, clip, is_name_char};
 use crate::users::UserQuery;
@@ -34,8 +35,9 @@ pub struct Projection {
 }
 
 impl Projection {
-    /// Applies column choice and LIMIT to full rows.
-    pub fn apply(&self, rows: Vec<Vec<Option<String>>>) -> ResultSet {
+    /// Applies column choice and LIMIT to full rows (as [`super::rows`]
+    /// renders them, every column of the table in order).
+    pub fn apply(&self, rows: Vec<TextRow>) -> ResultSet {
         let table = tables::find(self.table).map_or(&[][..], |t| t.columns);
         let (offset, count) = self.limit.unwrap_or((0, u64::MAX));
         let rows = rows

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use ahash::AHashMap;
 
+use crate::cometql::rows::StoredMessage;
+
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -16,6 +18,14 @@ pub struct Entry {
     pub message: String,
     /// The browser sender's id; `None` for backend publishes.
     pub user_id: Option<u64>,
+}
+
+impl From<Entry> for StoredMessage {
+    /// The entry as `pipes_messages` shows it (the CometQL layer has its
+    /// own record so that it does not depend on the shard layer).
+    fn from(e: Entry) -> StoredMessage {
+        StoredMessage { id: e.id, time: e.time, event: e.event, message: e.message, user_id: e.user_id }
+    }
 }
 
 /// A channel's stored history and configured length.

@@ -5,13 +5,17 @@
 //! each of its local subscribers. Questions that need every shard's answer
 //! (how many were reached, who is subscribed) carry a request id and the
 //! asking shard; the answers come back as [`Mail::Reply`] and are gathered in
-//! `Shard::pending`.
+//! `Shard::pending`. Answers stay typed ([`Reply`], [`Records`]) until the
+//! asker has them all: a CometQL table's text rows are made only in
+//! `cometql::rows`.
 
 use std::sync::{Arc, OnceLock};
 
 use socket2::Socket;
 
+use crate::cometql::rows::{ChannelHistory, Subscriber};
 use crate::frontend::message::{ChannelMessage, Delivery};
+use crate::users::{Presence, Queued};
 use crate::ws;
 
 use super::ConnId;
@@ -116,8 +120,85 @@ impl Reply {
             Reply::Count(_) => 0,
             Reply::Members(m) => m.iter().map(|(_, u)| u.len() + 32).sum(),
             Reply::Counts(c) => c.len() * 8,
-            Reply::Rows(rows) => rows.iter().flatten().map(|c| c.as_ref().map_or(0, String::len) + 24).sum(),
             Reply::Log(l) => l.iter().map(|e| e.event.len() + e.message.len() + 80).sum(),
+            Reply::Records(r) => r.weight(),
+        }
+    }
+}
+
+impl Records {
+    /// Bytes these records hold: their strings, plus a small constant per
+    /// record for its fixed fields and the vector slot.
+    fn weight(&self) -> usize {
+        let texts = |v: &[(u64, String)]| v.iter().map(|(_, t)| t.len() + 32).sum::<usize>();
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        match self {
+            Records::None => 0,
+            Records::History(h) => h
+                .iter()
+                .map(|c| {
+                    c.channel.len()
+                        + 40
+                        + c.messages.iter().map(|m| m.event.len() + m.message.len() + 80).sum::<usize>()
+                })
+                .sum(),
+            Records::Subscribers(s) => s
+                .iter()
+                .map(|s| {
+                    s.channel.len()
+                        + s.uuid.len()
+                        + s.ip.len()
+                        + opt(&s.user_agent)
+                        + opt(&s.origin)
+                        + opt(&s.language)
+                        + 160
+                })
+                .sum(),
+            Records::Settings(v) => v.iter().map(|(n, _)| n.len() + 32).sum(),
+            Records::Keys(v) | Records::Data(v) => texts(v),
+            Records::Queues(v) => v
+                .iter()
+                .map(|(_, q)| 32 + q.iter().map(|m| m.event().len() + m.message().len() + 32).sum::<usize>())
+                .sum(),
+            Records::Presences(v) => v.len() * 24,
+            Records::Tokens(v) => v.iter().map(|t| t.len() + 24).sum(),
+        }
+    }
+
+    /// Adds another shard's records to these, after them. Every shard
+    /// answers one question with records of one kind, so the kinds match;
+    /// `None` (no answer yet) takes whatever comes. A mismatch would be a
+    /// bug: debug builds panic, release builds keep the first kind.
+    pub fn append(&mut self, other: Records) {
+        if matches!(self, Records::None) {
+            *self = other;
+            return;
+        }
+        match (self, other) {
+            (_, Records::None) => {}
+            (Records::History(a), Records::History(b)) => a.extend(b),
+            (Records::Subscribers(a), Records::Subscribers(b)) => a.extend(b),
+            (Records::Settings(a), Records::Settings(b)) => a.extend(b),
+            (Records::Keys(a), Records::Keys(b)) | (Records::Data(a), Records::Data(b)) => a.extend(b),
+            (Records::Queues(a), Records::Queues(b)) => a.extend(b),
+            (Records::Presences(a), Records::Presences(b)) => a.extend(b),
+            (Records::Tokens(a), Records::Tokens(b)) => a.extend(b),
+            (a, b) => debug_assert!(false, "one question answered with {} and {} records", a.kind(), b.kind()),
+        }
+    }
+
+    /// The variant's name, for the message of a mismatch.
+    fn kind(&self) -> &'static str {
+        match self {
+            Records::None => "no",
+            Records::History(_) => "history",
+            Records::Subscribers(_) => "subscriber",
+            Records::Settings(_) => "settings",
+            Records::Keys(_) => "key",
+            Records::Data(_) => "user data",
+            Records::Queues(_) => "offline queue",
+            Records::Presences(_) => "presence",
+            Records::Tokens(_) => "revoked token",
         }
     }
 }
@@ -163,9 +244,6 @@ pub enum Query {
     User(crate::users::UserQuery),
 }
 
-/// A row of text values (a CometQL result row).
-pub type Row = Vec<Option<String>>;
-
 /// An answer to a scattered question.
 #[derive(Debug)]
 pub enum Reply {
@@ -175,10 +253,40 @@ pub enum Reply {
     Members(Vec<(u64, String)>),
     /// Counts per asked channel, in order.
     Counts(Vec<u64>),
-    /// Result rows.
-    Rows(Vec<Row>),
     /// History entries for `pipe_log`.
     Log(Vec<super::history::Entry>),
+    /// Typed records: what a CometQL SELECT or a frontend user question
+    /// asked for.
+    Records(Records),
+}
+
+/// Records a shard answers from its own state, typed by what they are.
+/// They stay typed across shards and are merged by concatenation
+/// ([`Records::append`]); only once all are in does the asker turn them
+/// into a table's text rows (`cometql::rows`) or a frontend answer.
+#[derive(Debug, Default)]
+pub enum Records {
+    /// Nothing gathered yet (or no shard was asked).
+    #[default]
+    None,
+    /// `pipes_messages`: the history of the asked channels homed here.
+    History(Vec<ChannelHistory>),
+    /// `users_in_pipes`: the local subscribers of the asked channels.
+    Subscribers(Vec<Subscriber>),
+    /// `pipes_settings`: (channel, history length).
+    Settings(Vec<(String, u32)>),
+    /// `users_auth`: (user id, key) of the asked users that have one.
+    Keys(Vec<(u64, String)>),
+    /// `users_data` and the `user_data` command: (user id, data text) of
+    /// the asked users that have some.
+    Data(Vec<(u64, String)>),
+    /// `users_messages`: (user id, offline queue, oldest first) of the
+    /// asked users with queued messages.
+    Queues(Vec<(u64, Vec<Queued>)>),
+    /// `users_time` and the `user_status` command: (user id, presence).
+    Presences(Vec<(u64, Presence)>),
+    /// `revoked_tokens`: the revoked tokens asked for.
+    Tokens(Vec<String>),
 }
 
 /// A message between shards.
@@ -192,4 +300,57 @@ pub enum Mail {
     Reply { req: u64, reply: Reply },
     /// A connection whose user lives on the receiving shard.
     Handoff(Handoff),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailbox::Weigh;
+
+    fn data(v: &[(u64, &str)]) -> Records {
+        Records::Data(v.iter().map(|(u, t)| (*u, t.to_string())).collect())
+    }
+
+    #[test]
+    fn records_from_several_shards_are_concatenated_in_arrival_order() {
+        let mut gathered = Records::None;
+        gathered.append(data(&[(1, "a")]));
+        gathered.append(Records::None);
+        gathered.append(data(&[(2, "b"), (3, "c")]));
+        let Records::Data(v) = gathered else { panic!("{gathered:?}") };
+        assert_eq!(v, [(1, "a".to_string()), (2, "b".to_string()), (3, "c".to_string())]);
+    }
+
+    #[test]
+    fn a_reply_weighs_its_strings_plus_a_little_per_record() {
+        let weigh = |r: Records| Mail::Reply { req: 1, reply: Reply::Records(r) }.weight();
+        let empty = weigh(Records::None);
+        let big = weigh(data(&[(1, &"x".repeat(100_000))]));
+        assert!((100_000..100_000 + empty + 256).contains(&big), "{big}");
+        let subscriber = Subscriber {
+            channel: "web_a".into(),
+            user_id: 1,
+            uuid: "u".repeat(32),
+            user_agent: Some("y".repeat(5000)),
+            ip: "127.0.0.1".into(),
+            origin: None,
+            language: None,
+        };
+        let many = weigh(Records::Subscribers(vec![subscriber; 10]));
+        assert!(many >= 10 * (5000 + 32), "{many}");
+        let history = ChannelHistory {
+            channel: "web_h".into(),
+            messages: vec![
+                crate::cometql::rows::StoredMessage {
+                    id: 1,
+                    time: 2,
+                    event: "e".into(),
+                    message: "z".repeat(70_000),
+                    user_id: None,
+                };
+                3
+            ],
+        };
+        assert!(weigh(Records::History(vec![history])) >= 3 * 70_000);
+    }
 }

@@ -28,11 +28,12 @@ use ahash::AHashMap;
 pub use conn::Conn;
 pub use slab::{ConnId, Slab};
 
+use crate::cometql::rows::{ChannelHistory, Subscriber};
 use crate::config::Config;
 use crate::mailbox::Outbox;
 use crate::metrics::{Registry, ShardMetrics};
 use history::HistoryStore;
-use mail::{Mail, Publication, Query, Reply, Row};
+use mail::{Mail, Publication, Query, Records, Reply};
 
 /// A channel's subscribers on this shard.
 #[derive(Debug)]
@@ -70,7 +71,9 @@ pub struct Pending {
     pub count: u64,
     pub members: Vec<(u64, String)>,
     pub counts: Vec<u64>,
-    pub rows: Vec<Row>,
+    /// The typed records gathered so far (named for the result rows most
+    /// of them become; a frontend user question reads them directly).
+    pub rows: Records,
     pub log: Vec<history::Entry>,
     pub then: Then,
 }
@@ -97,7 +100,7 @@ impl Pending {
             count: 0,
             members: Vec::new(),
             counts: Vec::new(),
-            rows: Vec::new(),
+            rows: Records::None,
             log: Vec::new(),
             then,
         }
@@ -115,8 +118,8 @@ impl Pending {
                     *a += b;
                 }
             }
-            Reply::Rows(mut r) => self.rows.append(&mut r),
             Reply::Log(mut l) => self.log.append(&mut l),
+            Reply::Records(r) => self.rows.append(r),
         }
     }
 }
@@ -514,24 +517,18 @@ impl Shard {
             Query::Count(ch) => Reply::Count(self.local_count(dev_id, ch)),
             Query::Members(ch) => Reply::Members(self.local_members(dev_id, ch)),
             Query::Counts(names) => Reply::Counts(names.iter().map(|n| self.local_count(dev_id, n)).collect()),
-            Query::Subscribers(names) => Reply::Rows(self.subscriber_rows(dev_id, names)),
-            Query::History(names) => {
-                let mut rows = Vec::new();
-                for n in names.iter().filter(|n| home(self, n)) {
-                    for (i, e) in self.history.entries(dev_id, n).into_iter().enumerate() {
-                        rows.push(vec![
-                            Some(e.id.to_string()),
-                            Some(e.time.to_string()),
-                            Some(n.to_string()),
-                            Some(i.to_string()),
-                            Some(e.event),
-                            Some(e.message),
-                            e.user_id.map(|u| u.to_string()),
-                        ]);
-                    }
-                }
-                Reply::Rows(rows)
-            }
+            Query::Subscribers(names) => Reply::Records(Records::Subscribers(self.local_subscribers(dev_id, names))),
+            Query::History(names) => Reply::Records(Records::History(
+                names
+                    .iter()
+                    .filter(|n| home(self, n))
+                    .map(|n| ChannelHistory {
+                        channel: n.clone(),
+                        messages: self.history.entries(dev_id, n).into_iter().map(Into::into).collect(),
+                    })
+                    .filter(|h| !h.messages.is_empty())
+                    .collect(),
+            )),
             Query::HistoryDelete { names, ids } => {
                 let mut n = 0;
                 for name in names.iter().filter(|n| home_shard_of_channel(dev_id, n, shards) == me) {
@@ -550,13 +547,9 @@ impl Shard {
                 }
                 Reply::Count(n)
             }
-            Query::SettingsSelect(names) => Reply::Rows(
-                self.history
-                    .settings(dev_id, names.as_deref())
-                    .into_iter()
-                    .map(|(n, l)| vec![Some(n), Some(l.to_string())])
-                    .collect(),
-            ),
+            Query::SettingsSelect(names) => {
+                Reply::Records(Records::Settings(self.history.settings(dev_id, names.as_deref())))
+            }
             Query::SettingsDelete(names) => {
                 let mut n = 0;
                 for name in names.iter().filter(|n| home_shard_of_channel(dev_id, n, shards) == me) {
@@ -575,27 +568,28 @@ impl Shard {
         }
     }
 
-    /// `users_in_pipes` rows for the local subscribers of `names`.
-    fn subscriber_rows(&self, dev_id: u32, names: &[Arc<str>]) -> Vec<Row> {
-        let mut rows = Vec::new();
+    /// The local subscribers of `names` (`users_in_pipes`), channel by
+    /// channel in the order asked.
+    fn local_subscribers(&self, dev_id: u32, names: &[Arc<str>]) -> Vec<Subscriber> {
+        let mut subscribers = Vec::new();
         for name in names {
             let Some(ch) = self.find_channel(dev_id, name).and_then(|i| self.channels[i as usize].as_ref()) else {
                 continue;
             };
             for c in ch.subs.iter().filter_map(|&id| self.conns.get(id)) {
                 let info = c.info.as_ref();
-                rows.push(vec![
-                    Some(name.to_string()),
-                    Some(c.user_id.to_string()),
-                    Some(c.uuid.to_string()),
-                    info.map(|i| i.user_agent().to_string()),
-                    Some(info.and_then(|i| i.forwarded_ip()).map_or_else(|| c.peer.ip().to_string(), str::to_string)),
-                    info.map(|i| i.origin().to_string()),
-                    info.map(|i| i.language().to_string()),
-                ]);
+                subscribers.push(Subscriber {
+                    channel: name.clone(),
+                    user_id: c.user_id,
+                    uuid: c.uuid.to_string(),
+                    user_agent: info.map(|i| i.user_agent().to_string()),
+                    ip: info.and_then(|i| i.forwarded_ip()).map_or_else(|| c.peer.ip().to_string(), str::to_string),
+                    origin: info.map(|i| i.origin().to_string()),
+                    language: info.map(|i| i.language().to_string()),
+                });
             }
         }
-        rows
+        subscribers
     }
 
     fn maybe_complete(&mut self, req: u64) {

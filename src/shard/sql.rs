@@ -11,11 +11,12 @@ use compio::driver::SharedFd;
 use socket2::Socket;
 
 use super::conn::Phase;
-use super::mail::{Publication, Query, Row};
+use super::mail::{Publication, Query, Records};
 use super::{ConnId, Shard, Then};
 use crate::cometql::exec::{self, Ctx, Plan, Projection, StmtResult};
 use crate::cometql::packet::{self, FrameError, MAX_PAYLOAD};
 use crate::cometql::parser::{ParseError, Statement};
+use crate::cometql::rows;
 use crate::cometql::session::{self, Event, Passwords, Session};
 use crate::config::Config;
 use crate::frontend::message::{ChannelMessage, unix_now};
@@ -30,10 +31,11 @@ const MAX_AUTH_PACKET: usize = 64 * 1024;
 pub enum SqlThen {
     /// OK with affected rows = the gathered count, and this last_insert_id.
     Affected(u64),
-    /// Rows, projected.
-    Rows(Projection),
+    /// A SELECT: the gathered records, rendered as the rows of the table
+    /// they belong to (the kind of [`Records`] names it), projected.
+    Select(Projection),
     /// `pipes`: one row per asked channel with its summed count.
-    PipeRows { names: Vec<String>, proj: Projection },
+    PipeCounts { names: Vec<String>, proj: Projection },
 }
 
 /// One query's place in the answer order.
@@ -387,9 +389,9 @@ impl Shard {
                 self.publish_many(pubs, Some(then(SqlThen::Affected(0))));
                 return false;
             }
-            Plan::PipeCounts { names, proj } => (Query::Counts(arcs(&names)), SqlThen::PipeRows { names, proj }),
-            Plan::Subscribers { names, proj } => (Query::Subscribers(arcs(&names)), SqlThen::Rows(proj)),
-            Plan::HistorySelect { names, proj } => (Query::History(arcs(&names)), SqlThen::Rows(proj)),
+            Plan::PipeCounts { names, proj } => (Query::Counts(arcs(&names)), SqlThen::PipeCounts { names, proj }),
+            Plan::Subscribers { names, proj } => (Query::Subscribers(arcs(&names)), SqlThen::Select(proj)),
+            Plan::HistorySelect { names, proj } => (Query::History(arcs(&names)), SqlThen::Select(proj)),
             Plan::HistoryDelete { names, ids } => {
                 (Query::HistoryDelete { names: arcs(&names), ids }, SqlThen::Affected(0))
             }
@@ -398,7 +400,7 @@ impl Shard {
                 SqlThen::Affected(0),
             ),
             Plan::SettingsSelect { names, proj } => {
-                (Query::SettingsSelect(names.as_deref().map(arcs)), SqlThen::Rows(proj))
+                (Query::SettingsSelect(names.as_deref().map(arcs)), SqlThen::Select(proj))
             }
             Plan::SettingsDelete(names) => (Query::SettingsDelete(arcs(&names)), SqlThen::Affected(0)),
             Plan::User { query, proj, last_insert_id } => {
@@ -415,7 +417,7 @@ impl Shard {
                     slot.waiting += 1;
                 }
                 let t = match proj {
-                    Some(p) => SqlThen::Rows(p),
+                    Some(p) => SqlThen::Select(p),
                     None => SqlThen::Affected(last_insert_id),
                 };
                 self.ask_shards(&targets, dev_id, Query::User(query), then(t));
@@ -439,19 +441,12 @@ impl Shard {
         then: SqlThen,
         count: u64,
         counts: Vec<u64>,
-        rows: Vec<Row>,
+        records: Records,
     ) {
         let r = match then {
             SqlThen::Affected(last_insert_id) => StmtResult::Ok { affected: count, last_insert_id },
-            SqlThen::Rows(proj) => StmtResult::Rows(proj.apply(rows)),
-            SqlThen::PipeRows { names, proj } => {
-                let rows = names
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, n)| vec![Some(n), Some(counts.get(i).copied().unwrap_or(0).to_string())])
-                    .collect();
-                StmtResult::Rows(proj.apply(rows))
-            }
+            SqlThen::Select(proj) => select(&proj, records),
+            SqlThen::PipeCounts { names, proj } => StmtResult::Rows(proj.apply(rows::pipes(names, &counts))),
         };
         self.sql_set(id, slot_id, index, r);
         if let Some(slot) = self.sql_slot(id, slot_id) {
@@ -486,4 +481,22 @@ impl Shard {
             }
         }
     }
+}
+
+/// A SELECT's result: `records` rendered by the renderer of their table in
+/// `cometql::rows`, then projected. No records (no shard was asked, as for
+/// `WHERE id IN ()`) is a result without rows.
+fn select(proj: &Projection, records: Records) -> StmtResult {
+    let all = match records {
+        Records::None => Vec::new(),
+        Records::History(h) => rows::pipes_messages(h),
+        Records::Subscribers(s) => rows::users_in_pipes(s),
+        Records::Settings(s) => rows::pipes_settings(s),
+        Records::Keys(k) => rows::users_auth(k),
+        Records::Data(d) => rows::users_data(d),
+        Records::Queues(q) => rows::users_messages(q),
+        Records::Presences(p) => rows::users_time(p),
+        Records::Tokens(t) => rows::revoked_tokens(t),
+    };
+    StmtResult::Rows(proj.apply(all))
 }

@@ -2,12 +2,14 @@
 //! shard, the device array and offline queue in action, private messages,
 //! online/offline events, and the CometQL user tables.
 
-use super::mail::{Publication, Reply, Row, encode_text_frame};
+use std::slice;
+
+use super::mail::{Publication, Records, Reply, encode_text_frame};
 use super::{ConnId, Shard, home_shard};
 use crate::cometql::session::Passwords;
 use crate::frontend::message::{self, ChannelMessage, Delivery, unix_now};
 use crate::metrics::ShardMetrics;
-use crate::users::{Queued, UserQuery, jwt};
+use crate::users::{Presence, Queued, UserQuery, jwt};
 use crate::ws::CloseCode;
 
 /// Close code for a device whose authorization was withdrawn
@@ -127,7 +129,7 @@ impl Shard {
                 }
                 Reply::Count(mine_rows.len() as u64)
             }
-            UserQuery::AuthSelect(ids) => Reply::Rows(self.id_text_rows(dev_id, ids, |u| u.key.as_deref())),
+            UserQuery::AuthSelect(ids) => Reply::Records(Records::Keys(self.texts(dev_id, ids, |u| u.key.as_deref()))),
             UserQuery::AuthDelete(ids) => {
                 let mut n = 0;
                 for &u in ids.iter().filter(|u| mine(**u)) {
@@ -144,29 +146,17 @@ impl Shard {
                 }
                 Reply::Count(n)
             }
-            UserQuery::QueueSelect(ids) => {
-                let mut rows: Vec<Row> = Vec::new();
-                for &u in ids.iter().filter(|u| mine(**u)) {
-                    for (i, m) in self.users.queued(dev_id, u, ttl, now).into_iter().enumerate() {
-                        rows.push(vec![
-                            Some(u.to_string()),
-                            Some(i.to_string()),
-                            Some(m.event().to_string()),
-                            Some(m.message().to_string()),
-                        ]);
-                    }
-                }
-                Reply::Rows(rows)
-            }
+            UserQuery::QueueSelect(ids) => Reply::Records(Records::Queues(
+                ids.iter()
+                    .filter(|u| mine(**u))
+                    .map(|&u| (u, self.users.queued(dev_id, u, ttl, now)))
+                    .filter(|(_, q)| !q.is_empty())
+                    .collect(),
+            )),
             UserQuery::QueueDelete(ids) => {
                 Reply::Count(ids.iter().filter(|u| mine(**u)).map(|&u| self.users.clear_queue(dev_id, u)).sum())
             }
-            UserQuery::Time(ids) => Reply::Rows(
-                ids.iter()
-                    .filter(|u| mine(**u))
-                    .map(|&u| vec![Some(u.to_string()), Some(self.users.presence(dev_id, u).time().to_string())])
-                    .collect(),
-            ),
+            UserQuery::Time(ids) => Reply::Records(Records::Presences(self.presences(dev_id, ids))),
             UserQuery::DataSet(v) => {
                 let mine_rows: Vec<_> = v.iter().filter(|(u, _)| mine(*u)).collect();
                 for (uid, data) in &mine_rows {
@@ -174,7 +164,7 @@ impl Shard {
                 }
                 Reply::Count(mine_rows.len() as u64)
             }
-            UserQuery::DataSelect(ids) => Reply::Rows(self.id_text_rows(dev_id, ids, |u| u.data.as_deref())),
+            UserQuery::DataSelect(ids) => Reply::Records(Records::Data(self.texts(dev_id, ids, |u| u.data.as_deref()))),
             UserQuery::DataDelete(ids) => {
                 Reply::Count(ids.iter().filter(|u| mine(**u)).map(|&u| self.users.remove_data(dev_id, u) as u64).sum())
             }
@@ -193,14 +183,13 @@ impl Shard {
                 }
                 Reply::Count(n)
             }
-            UserQuery::RevokedSelect(filter) => Reply::Rows(
+            UserQuery::RevokedSelect(filter) => Reply::Records(Records::Tokens(
                 self.users
                     .revoked(dev_id)
                     .into_iter()
                     .filter(|t| filter.as_ref().is_none_or(|f| f.contains(t)))
-                    .map(|t| vec![Some(t)])
                     .collect(),
-            ),
+            )),
             UserQuery::Unrevoke(tokens) => Reply::Count(
                 tokens
                     .iter()
@@ -208,55 +197,62 @@ impl Shard {
                     .map(|t| self.users.unrevoke(dev_id, t) as u64)
                     .sum(),
             ),
-            UserQuery::Status(u) if mine(*u) => {
-                let p = self.users.presence(dev_id, *u);
-                Reply::Rows(vec![vec![Some(p.word().to_string()), Some(p.time().to_string())]])
+            // The frontend's questions about one user: the records of
+            // `users_time` and `users_data` for that user alone.
+            UserQuery::Status(u) => Reply::Records(Records::Presences(self.presences(dev_id, slice::from_ref(u)))),
+            UserQuery::Data(u) => {
+                Reply::Records(Records::Data(self.texts(dev_id, slice::from_ref(u), |u| u.data.as_deref())))
             }
-            UserQuery::Data(u) if mine(*u) => Reply::Rows(
-                self.users
-                    .get(dev_id, *u)
-                    .and_then(|x| x.data.as_deref())
-                    .map(|d| vec![vec![Some(d.to_string())]])
-                    .unwrap_or_default(),
-            ),
-            UserQuery::Status(_) | UserQuery::Data(_) => Reply::Rows(Vec::new()),
         }
     }
 
-    /// `(id, text)` rows for the users homed here among `ids` that have the
+    /// (user id, text) for the users homed here among `ids` that have the
     /// text `field` picks (a key, user data).
-    fn id_text_rows(&self, dev_id: u32, ids: &[u64], field: impl Fn(&crate::users::User) -> Option<&str>) -> Vec<Row> {
+    fn texts(
+        &self,
+        dev_id: u32,
+        ids: &[u64],
+        field: impl Fn(&crate::users::User) -> Option<&str>,
+    ) -> Vec<(u64, String)> {
         ids.iter()
             .filter(|&&u| home_shard(dev_id, u, self.shards) == self.id)
-            .filter_map(|&u| {
-                let text = field(self.users.get(dev_id, u)?)?;
-                Some(vec![Some(u.to_string()), Some(text.to_string())])
-            })
+            .filter_map(|&u| Some((u, field(self.users.get(dev_id, u)?)?.to_string())))
             .collect()
     }
 
-    /// Answers the `user_status` command once the home shard replied.
-    pub fn answer_user_status(&mut self, conn: ConnId, user_id: u64, rows: Vec<Row>) {
+    /// (user id, presence) for the users homed here among `ids`.
+    fn presences(&self, dev_id: u32, ids: &[u64]) -> Vec<(u64, Presence)> {
+        ids.iter()
+            .filter(|&&u| home_shard(dev_id, u, self.shards) == self.id)
+            .map(|&u| (u, self.users.presence(dev_id, u)))
+            .collect()
+    }
+
+    /// Answers the `user_status` command once the home shard replied with
+    /// the user's presence (`unknown` for a user it has never seen).
+    pub fn answer_user_status(&mut self, conn: ConnId, user_id: u64, records: Records) {
         let Some(c) = self.conns.get(conn) else { return };
         let legacy = c.legacy;
-        let (word, time) = rows
-            .into_iter()
-            .next()
-            .map(|r| {
-                let w = r.first().cloned().flatten().unwrap_or_else(|| "unknown".into());
-                let t = r.get(1).cloned().flatten().and_then(|t| t.parse().ok()).unwrap_or(-1);
-                (w, t)
-            })
-            .unwrap_or_else(|| ("unknown".into(), -1));
-        let f = encode_text_frame(|o| message::user_status_answer(user_id, &word, time, unix_now(), legacy, o));
+        let presence = match records {
+            Records::Presences(v) => v.into_iter().find(|(u, _)| *u == user_id).map(|(_, p)| p),
+            _ => None,
+        }
+        .unwrap_or(Presence::Unknown);
+        let (word, time) = (presence.word(), presence.time());
+        let f = encode_text_frame(|o| message::user_status_answer(user_id, word, time, unix_now(), legacy, o));
         self.send_frame(conn, f);
     }
 
-    /// Answers the `user_data` command once the home shard replied.
-    pub fn answer_user_data(&mut self, conn: ConnId, user_id: u64, marker: &str, rows: Vec<Row>) {
+    /// Answers the `user_data` command once the home shard replied with
+    /// the user's data text; a user without data gets an empty text.
+    pub fn answer_user_data(&mut self, conn: ConnId, user_id: u64, marker: &str, records: Records) {
         let Some(c) = self.conns.get(conn) else { return };
         let legacy = c.legacy;
-        let data = rows.into_iter().next().and_then(|r| r.into_iter().next().flatten()).unwrap_or_default();
+        let data = match records {
+            Records::Data(v) => v.into_iter().find(|(u, _)| *u == user_id).map(|(_, d)| d),
+            _ => None,
+        }
+        .unwrap_or_default();
         let f = encode_text_frame(|o| message::user_data_answer(user_id, &data, marker, unix_now(), legacy, o));
         self.send_frame(conn, f);
     }
