@@ -956,10 +956,10 @@ impl Shard {
                     self.send_frame(conn, f);
                 }
             }
-            Then::UserStatus { conn, user_id } => self.answer_user_status(conn, user_id, p.rows),
-            Then::UserData { conn, user_id, marker } => self.answer_user_data(conn, user_id, &marker, p.rows),
+            Then::UserStatus { conn, user_id } => self.answer_user_status(conn, user_id, p.records),
+            Then::UserData { conn, user_id, marker } => self.answer_user_data(conn, user_id, &marker, p.records),
             Then::Sql { conn, slot, index, then } => {
-                self.sql_complete(conn, slot, index, then, p.count, p.counts, p.rows);
+                self.sql_complete(conn, slot, index, then, p.count, p.counts, p.records);
             }
         }
     }

@@ -71,9 +71,9 @@ pub struct Pending {
     pub count: u64,
     pub members: Vec<(u64, String)>,
     pub counts: Vec<u64>,
-    /// The typed records gathered so far (named for the result rows most
-    /// of them become; a frontend user question reads them directly).
-    pub rows: Records,
+    /// The typed records gathered so far (CometQL renders them into rows;
+    /// a frontend user question reads them directly).
+    pub records: Records,
     pub log: Vec<history::Entry>,
     pub then: Then,
 }
@@ -100,7 +100,7 @@ impl Pending {
             count: 0,
             members: Vec::new(),
             counts: Vec::new(),
-            rows: Records::None,
+            records: Records::None,
             log: Vec::new(),
             then,
         }
@@ -119,7 +119,7 @@ impl Pending {
                 }
             }
             Reply::Log(mut l) => self.log.append(&mut l),
-            Reply::Records(r) => self.rows.append(r),
+            Reply::Records(r) => self.records.append(r),
         }
     }
 }
