@@ -18,7 +18,7 @@ use crate::runtime::{
     listener::{ListenError, PortClaim},
     probe::ProbeError,
 };
-use crate::shard::{self, Shard, Shared};
+use crate::shard::{self, ShardCore, Shared};
 
 /// Capacity of each shard-to-shard ring, in messages.
 const MAILBOX_CAPACITY: usize = 8192;
@@ -147,17 +147,15 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 rt.block_on(async move {
                     let listener = Arc::new(listener);
                     let backend_listener = Arc::new(backend_listener);
-                    let mut shard = Shard::new(i, n, shared, outbox);
-                    shard.listeners.push(listener.clone());
-                    shard.listeners.push(backend_listener.clone());
-                    shard::install(shard);
+                    let core = ShardCore::new(i, n, shared, outbox);
+                    shard::io::install(core, vec![listener.clone(), backend_listener.clone()]);
                     compio::runtime::spawn(shard::io::accept_loop(listener, false)).detach();
                     compio::runtime::spawn(shard::io::accept_loop(backend_listener, true)).detach();
                     compio::runtime::spawn(shard::io::mailbox_loop(inbox)).detach();
                     let _ = ready.send((i, Ok(())));
                     shard::io::sweep_loop(timeout).await;
                 });
-                drop(shard::uninstall());
+                drop(shard::io::uninstall());
             })
             .map_err(|e| ServerError::Shard { shard: i, err: e.to_string() })?;
         threads.push(t);

@@ -11,22 +11,20 @@
 //! Commands are metered by a [`RateLimiter`] (`--client-rate`), and new
 //! connections by the process-wide [`ConnCounts`](super::limits::ConnCounts).
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use compio::driver::SharedFd;
 use smallvec::SmallVec;
-use socket2::Socket;
 
+use super::core::{Effect, Pending, ShardCore, Then};
 use super::inbuf::InBuf;
 use super::limits::{RateLimiter, RateVerdict, Refusal};
-use super::mail::{Handoff, Publication, Query, encode_text_frame};
+use super::mail::{Publication, Query, encode_text_frame};
 use super::outq::OutQueue;
-use super::{ConnId, Pending, Shard, Then, home_shard};
+use super::{ConnId, home_shard};
 use crate::domain::{clip, is_valid_channel};
 use crate::frontend::command::{self, Command};
-use crate::frontend::message::{self, ChannelMessage, unix_now};
+use crate::frontend::message::{self, ChannelMessage};
 use crate::frontend::url;
 use crate::http;
 use crate::metrics::ShardMetrics;
@@ -45,8 +43,6 @@ const REFUSAL_RETRY_SECS: u32 = 5;
 pub const CLOSE_RATE_LIMIT: CloseCode = CloseCode(4029);
 /// Seconds a closing connection waits for the peer's close.
 const CLOSE_TIMEOUT: u32 = 3;
-/// Reads per readiness event before yielding to other connections.
-const READS_PER_WAKE: usize = 8;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,9 +56,10 @@ pub enum Phase {
     /// A CometQL (MySQL protocol) connection on the backend port; its
     /// state is in `Conn::sql`.
     Sql,
-    /// Close sent (or HTTP answered); waiting for output to drain and the
-    /// peer to go, until `deadline`.
-    Closing { deadline: u32 },
+    /// Close sent (or HTTP answered): once the output drains the write side
+    /// is shut (and with `drop_when_flushed` the connection dropped); then
+    /// the peer's close is awaited until `deadline`.
+    Closing { deadline: u32, drop_when_flushed: bool },
 }
 
 /// Facts about the client kept for `users_in_pipes`: Origin, User-Agent,
@@ -103,8 +100,8 @@ impl ClientInfo {
 }
 
 /// One connection. Kept small: the idle budget is 1 KiB per connection.
+/// The socket is not here: the I/O layer owns it, under the same [`ConnId`].
 pub struct Conn {
-    pub sock: SharedFd<Socket>,
     pub phase: Phase,
     /// Bytes of a partial frame, head or packet; empty (no heap) otherwise.
     pub inbuf: InBuf,
@@ -123,12 +120,6 @@ pub struct Conn {
     /// Shard time the first fragment of a message still being reassembled
     /// arrived (0: none); the whole message is held to `--message-timeout`.
     pub fragments_since: u32,
-    /// A writer task is waiting for the socket to become writable.
-    pub writer_waiting: bool,
-    /// After the output drains: shut down the write side (HTTP answers,
-    /// close frames) and, with `drop_after_flush`, drop the connection.
-    pub shutdown_after_flush: bool,
-    pub drop_after_flush: bool,
     /// Channel subscriptions: (channel index, position in its list).
     pub subs: SmallVec<[(u32, u32); 2]>,
     /// 0 for anonymous connections.
@@ -149,9 +140,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(sock: SharedFd<Socket>, peer: SocketAddr, now: u32, max_message: usize) -> Conn {
+    fn new(peer: SocketAddr, now: u32, max_message: usize) -> Conn {
         Conn {
-            sock,
             phase: Phase::Http,
             inbuf: InBuf::default(),
             decoder: Decoder::new(max_message),
@@ -161,9 +151,6 @@ impl Conn {
             counted: false,
             refusing: false,
             fragments_since: 0,
-            writer_waiting: false,
-            shutdown_after_flush: false,
-            drop_after_flush: false,
             subs: SmallVec::new(),
             user_id: 0,
             dev_id: 0,
@@ -194,9 +181,9 @@ impl Conn {
     }
 
     /// Queues a frame; returns true if the connection must be added to the
-    /// dirty list (its queue was empty and no writer is waiting).
+    /// dirty list (its queue was empty).
     pub fn push_out(&mut self, frame: Arc<[u8]>) -> bool {
-        self.out.push(frame) && !self.writer_waiting
+        self.out.push(frame)
     }
 }
 
@@ -222,36 +209,29 @@ enum Http {
     Upgraded(usize),
 }
 
-/// Result of trying to write a connection's queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flush {
-    Done,
-    Blocked,
-    Gone,
-}
-
-impl Shard {
-    /// Registers an accepted socket; returns its id and the fd for its task,
-    /// or None when it was closed at once (refused, with too many refusals
+impl ShardCore {
+    /// A frontend connection was accepted from `peer`: admits it (counted
+    /// against the connection limits), or registers it to be answered 503
+    /// or 429 and closed. None: close it at once (too many refusals are
     /// already lingering).
-    pub fn on_accept(&mut self, sock: Socket, peer: SocketAddr) -> Option<(ConnId, SharedFd<Socket>)> {
+    pub fn accept(&mut self, peer: SocketAddr) -> Option<ConnId> {
         ShardMetrics::add(&self.metrics.accepted, 1);
         let c = &self.shared.config;
         match self.shared.conn_counts.admit(peer.ip(), c.max_connections, c.max_connections_per_ip) {
             Ok(()) => {
-                let (id, fd) = self.register(sock, peer);
+                let id = self.open(peer);
                 if let Some(conn) = self.conns.get_mut(id) {
                     conn.counted = true;
                 }
-                Some((id, fd))
+                Some(id)
             }
-            Err(why) => self.refuse(sock, peer, why),
+            Err(why) => self.refuse(peer, why),
         }
     }
 
     /// Answers a connection over a limit with 503 or 429 and closes it once
     /// the answer is out (or at once when too many refusals linger).
-    fn refuse(&mut self, sock: Socket, peer: SocketAddr, why: Refusal) -> Option<(ConnId, SharedFd<Socket>)> {
+    fn refuse(&mut self, peer: SocketAddr, why: Refusal) -> Option<ConnId> {
         let (counter, resp) = match why {
             Refusal::Full => (
                 &self.metrics.refused_full,
@@ -270,102 +250,75 @@ impl Shard {
             return None;
         }
         self.refusing += 1;
-        let (id, fd) = self.register(sock, peer);
+        let id = self.open(peer);
         let deadline = self.now + REFUSAL_LINGER;
         self.send_raw(id, resp);
         self.finish_after_flush(id, false);
         if let Some(conn) = self.conns.get_mut(id) {
             conn.refusing = true;
-            conn.phase = Phase::Closing { deadline };
+            conn.phase = Phase::Closing { deadline, drop_when_flushed: false };
         }
-        Some((id, fd))
+        Some(id)
     }
 
-    /// Adds a socket to the shard (accepted here or handed over).
-    pub(super) fn register(&mut self, sock: Socket, peer: SocketAddr) -> (ConnId, SharedFd<Socket>) {
-        let _ = sock.set_tcp_nodelay(true);
-        let fd = SharedFd::new(sock);
-        let conn = Conn::new(fd.clone(), peer, self.now, self.shared.config.max_message_size);
+    /// Adds a connection to the shard (accepted here or handed over).
+    pub(super) fn open(&mut self, peer: SocketAddr) -> ConnId {
+        let conn = Conn::new(peer, self.now, self.shared.config.max_message_size);
         let id = self.conns.insert(conn);
         self.metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (id, fd)
+        id
     }
 
-    /// Takes over a connection handed over by another shard (counted as
-    /// accepted, and in the connection counts, once, by the shard that
-    /// accepted it).
-    pub fn adopt(&mut self, h: Handoff) {
-        let (id, fd) = self.register(h.sock, h.peer);
+    /// Takes over a connection handed over by another shard, with the bytes
+    /// the other shard read (counted as accepted, and in the connection
+    /// counts, once, by the shard that accepted it).
+    pub fn adopt(&mut self, peer: SocketAddr, mut head: Vec<u8>) -> ConnId {
+        let id = self.open(peer);
         if let Some(conn) = self.conns.get_mut(id) {
             conn.counted = true;
         }
-        let mut head = h.head;
-        let flow = self.feed(id, &mut head);
-        if flow != Flow::Gone {
-            compio::runtime::spawn(super::io::run_conn(id, fd)).detach();
-        }
+        self.feed(id, &mut head);
+        id
     }
 
     /// Whether connection `id` may be read now: not while the shard's mail
     /// is congested (its commands would add mail), nor while a backend
     /// connection has `--max-pending` requests waiting.
+    /// A closing connection is always read (what it sends is dropped).
     pub fn may_read(&self, id: ConnId) -> bool {
-        if self.outbox.is_congested() {
-            return false;
+        let Some(c) = self.conns.get(id) else {
+            return true;
+        };
+        match c.phase {
+            Phase::Closing { .. } => true,
+            _ if self.outbox.is_congested() => false,
+            Phase::Sql => c.pending < self.shared.config.max_pending,
+            _ => true,
         }
-        self.conns.get(id).is_none_or(|c| c.phase != Phase::Sql || c.pending < self.shared.config.max_pending)
     }
 
-    /// Reads what the socket has and handles it.
-    pub fn on_readable(&mut self, id: ConnId) -> Flow {
-        self.refresh_clock();
-        let closing = self.conns.get(id).is_some_and(|c| matches!(c.phase, Phase::Closing { .. }));
-        if !closing && !self.may_read(id) {
-            return Flow::Paused;
+    /// Bytes arrived on connection `id`. Returns whether to keep reading
+    /// it, pause (see [`ShardCore::may_read`]), or stop (it is gone).
+    pub fn readable(&mut self, id: ConnId, data: &mut [u8]) -> Flow {
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else {
+            return Flow::Gone;
+        };
+        conn.last_rx = now;
+        conn.ping_sent = None;
+        if let Phase::Closing { .. } = conn.phase {
+            // Whatever a closing peer still sends is read and dropped.
+            return Flow::Continue;
         }
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let mut flow = Flow::Continue;
-        for _ in 0..READS_PER_WAKE {
-            let Some(conn) = self.conns.get_mut(id) else {
-                flow = Flow::Gone;
-                break;
-            };
-            let sock: &Socket = &conn.sock;
-            match (&*sock).read(&mut scratch) {
-                Ok(0) => {
-                    self.drop_conn(id);
-                    flow = Flow::Gone;
-                    break;
-                }
-                Ok(n) => {
-                    conn.last_rx = self.now;
-                    conn.ping_sent = None;
-                    if let Phase::Closing { .. } = conn.phase {
-                        continue;
-                    }
-                    flow = self.feed(id, &mut scratch[..n]);
-                    if flow == Flow::Gone {
-                        break;
-                    }
-                    if !self.may_read(id) {
-                        flow = Flow::Paused;
-                        break;
-                    }
-                    if n < scratch.len() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.drop_conn(id);
-                    flow = Flow::Gone;
-                    break;
-                }
-            }
+        if self.feed(id, data) == Flow::Gone {
+            return Flow::Gone;
         }
-        self.scratch = scratch;
-        flow
+        if self.may_read(id) { Flow::Continue } else { Flow::Paused }
+    }
+
+    /// The peer closed the connection, or reading or writing it failed.
+    pub fn hangup(&mut self, id: ConnId) {
+        self.drop_conn(id);
     }
 
     /// Handles bytes received: after any pending ones (kept in `inbuf`,
@@ -487,24 +440,16 @@ impl Shard {
         let Some(conn) = self.conns.get(id) else {
             return;
         };
-        match conn.sock.try_clone() {
-            Ok(dup) => {
-                let head = bytes.to_vec();
-                let peer = conn.peer;
-                self.forget_conn(id);
-                ShardMetrics::add(&self.metrics.handoffs, 1);
-                self.outbox.send(to, super::mail::Mail::Handoff(Handoff { sock: dup, peer, head }));
-            }
-            Err(e) => {
-                eprintln!("comet: shard {}: cannot hand off {} to shard {to}: {e}", self.id, conn.peer);
-                self.answer_http(id, http::unavailable("cannot hand off connection"));
-            }
-        }
+        let peer = conn.peer;
+        // The I/O layer moves the socket (it holds it) and mails it on.
+        self.forget_conn(id);
+        ShardMetrics::add(&self.metrics.handoffs, 1);
+        self.effects.push(Effect::HandOff { id, to, peer, head: bytes.to_vec() });
     }
 
     /// Completes the upgrade of a comet connection: `101`, `serverInfo`.
     fn open_comet(&mut self, id: ConnId, req: &ws::Request, p: url::ConnectParams) {
-        let now = unix_now();
+        let now = self.unix;
         let server = concat!("comet ", env!("CARGO_PKG_VERSION"));
         let legacy = p.api_major.is_some_and(|m| m < 4);
         self.send_raw(id, req.upgrade_response());
@@ -552,7 +497,7 @@ impl Shard {
     /// Sends a fatal `error` frame, then closes with 4000 + `code`.
     pub fn fatal(&mut self, id: ConnId, code: u16, text: &str) {
         let legacy = self.conns.get(id).is_some_and(|c| c.legacy);
-        let frame = encode_text_frame(|o| message::fatal_error(code, text, unix_now(), legacy, o));
+        let frame = encode_text_frame(|o| message::fatal_error(code, text, self.unix, legacy, o));
         self.send_frame(id, frame);
         self.close_ws(id, CloseCode(4000 + code), text);
     }
@@ -560,7 +505,7 @@ impl Shard {
     /// Sends a non-fatal `error` frame on `sys`.
     pub fn send_error(&mut self, id: ConnId, text: &str) {
         let legacy = self.conns.get(id).is_some_and(|c| c.legacy);
-        let frame = encode_text_frame(|o| message::error(text, unix_now(), legacy, o));
+        let frame = encode_text_frame(|o| message::error(text, self.unix, legacy, o));
         self.send_frame(id, frame);
     }
 
@@ -859,7 +804,7 @@ impl Shard {
             event: event.to_string(),
             data: message::presence_data(conn.user_id, &conn.uuid),
             data_is_json: true,
-            time: Some(unix_now()),
+            time: Some(self.unix),
             user_id: None,
         };
         self.publish(Publication::new(dev_id, msg, Some((self.id, id))), None);
@@ -892,7 +837,7 @@ impl Shard {
             event: event.to_string(),
             data: text.to_string(),
             data_is_json: false,
-            time: Some(unix_now()),
+            time: Some(self.unix),
             user_id: Some(if hide { 0 } else { user_id }),
         };
         let p = Publication::new(dev_id, msg, Some((self.id, id)));
@@ -913,7 +858,7 @@ impl Shard {
 
     /// Runs the continuation of a question every shard has answered.
     pub fn complete(&mut self, p: Pending) {
-        let now = unix_now();
+        let now = self.unix;
         match p.then {
             Then::DeliveryReport { conn, pipe, message } => {
                 let Some(c) = self.conns.get(conn) else {
@@ -1027,9 +972,7 @@ impl Shard {
             return;
         };
         let was_ws = matches!(conn.phase, Phase::Comet | Phase::Echo);
-        conn.phase = Phase::Closing { deadline: now + CLOSE_TIMEOUT };
-        conn.shutdown_after_flush = true;
-        conn.drop_after_flush = drop_now;
+        conn.phase = Phase::Closing { deadline: now + CLOSE_TIMEOUT, drop_when_flushed: drop_now };
         let subs: SmallVec<[(u32, u32); 2]> = conn.subs.clone();
         if was_ws {
             self.metrics.websockets.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -1104,10 +1047,8 @@ impl Shard {
         let subs = conn.subs.clone();
         self.leave_all(id, &subs);
         self.detach_device(id);
-        if let Some(conn) = self.conns.get(id) {
-            // Wakes the connection's task (readable with EOF) so it ends.
-            let _ = conn.sock.shutdown(std::net::Shutdown::Both);
-        }
+        // The I/O layer shuts the socket, which ends its task.
+        self.effects.push(Effect::Close(id));
         self.forget_conn(id);
     }
 
@@ -1119,77 +1060,26 @@ impl Shard {
         }
     }
 
-    /// Writes every connection that got output during this handler.
-    pub fn flush_dirty(&mut self) {
-        while !self.dirty.is_empty() {
-            let mut dirty = std::mem::take(&mut self.dirty);
-            for id in dirty.drain(..) {
-                if self.flush(id) == Flush::Blocked
-                    && let Some(conn) = self.conns.get_mut(id)
-                    && !conn.writer_waiting
-                {
-                    conn.writer_waiting = true;
-                    compio::runtime::spawn(super::io::run_writer(id, conn.sock.clone())).detach();
-                }
-            }
-            // Keep the list's capacity: the next fan-out to as many
-            // subscribers then grows nothing.
-            if self.dirty.is_empty() {
-                self.dirty = dirty;
-            }
-        }
-    }
-
-    /// Writes as much of the queue as the socket takes.
-    pub fn flush(&mut self, id: ConnId) -> Flush {
-        let Some(conn) = self.conns.get_mut(id) else {
-            return Flush::Gone;
+    /// Connection `id`'s queue was written out. A closing connection then
+    /// has its write side shut (returns true), and is dropped if it asked to be.
+    pub fn flushed(&mut self, id: ConnId) -> bool {
+        let Some(conn) = self.conns.get(id) else {
+            return false;
         };
-        let mut written = 0u64;
-        let mut failed = false;
-        while !conn.out.is_empty() {
-            let res = match conn.out.single() {
-                // The common fan-out case: one frame, a plain send (no
-                // iovec array to build and copy in).
-                Some(bytes) => conn.sock.send_with_flags(bytes, libc::MSG_NOSIGNAL),
-                None => conn.sock.send_vectored_with_flags(&conn.out.slices(), libc::MSG_NOSIGNAL),
-            };
-            match res {
-                Ok(n) => {
-                    written += n as u64;
-                    conn.out.advance(n);
+        match conn.phase {
+            Phase::Closing { drop_when_flushed, .. } => {
+                if drop_when_flushed {
+                    self.drop_conn(id);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    ShardMetrics::add(&self.metrics.bytes_out, written);
-                    return Flush::Blocked;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
+                true
             }
+            _ => false,
         }
-        if failed {
-            ShardMetrics::add(&self.metrics.bytes_out, written);
-            self.drop_conn(id);
-            return Flush::Gone;
-        }
-        ShardMetrics::add(&self.metrics.bytes_out, written);
-        if conn.shutdown_after_flush {
-            conn.shutdown_after_flush = false;
-            let _ = conn.sock.shutdown(std::net::Shutdown::Write);
-            if conn.drop_after_flush {
-                self.drop_conn(id);
-                return Flush::Gone;
-            }
-        }
-        Flush::Done
     }
 
-    /// Heartbeats, handshake and close deadlines; runs about once a second.
-    pub fn sweep(&mut self) {
-        self.refresh_clock();
+    /// Heartbeats, handshake, message and close deadlines; the I/O layer
+    /// calls it about once a second, after [`ShardCore::set_clock`].
+    pub fn tick(&mut self) {
         self.purge_queues();
         let now = self.now;
         let interval = self.shared.config.ping_interval.as_secs() as u32;
@@ -1223,7 +1113,7 @@ impl Shard {
                 {
                     self.drop_conn(id)
                 }
-                Phase::Closing { deadline } if now >= deadline => self.drop_conn(id),
+                Phase::Closing { deadline, .. } if now >= deadline => self.drop_conn(id),
                 Phase::Comet | Phase::Echo => match conn.ping_sent {
                     Some(t) if now.saturating_sub(t) >= timeout => {
                         ShardMetrics::add(&self.metrics.heartbeat_closes, 1);
@@ -1242,16 +1132,14 @@ impl Shard {
         }
     }
 
-    /// Starts a graceful shutdown: stop accepting, close every WebSocket with
-    /// 1001, drop connections still reading a request.
+    /// Starts a graceful shutdown (the I/O layer stops accepting): close
+    /// every WebSocket with 1001, drop connections still reading a request,
+    /// answer what backends asked, then close them.
     pub fn begin_shutdown(&mut self) {
         if self.shutting_down {
             return;
         }
         self.shutting_down = true;
-        for l in self.listeners.drain(..) {
-            let _ = l.shutdown(std::net::Shutdown::Both);
-        }
         for id in self.conns.ids() {
             match self.conns.get(id).map(|c| c.phase) {
                 Some(Phase::Comet | Phase::Echo) => self.close_ws(id, CloseCode::GOING_AWAY, "server shutting down"),

@@ -1,5 +1,8 @@
-//! The async glue of a shard: the tasks that wait on sockets, mailboxes and
-//! timers, and call the synchronous handlers of [`Shard`].
+//! The I/O layer of a shard: the only part of the shard that touches
+//! sockets, tasks and clocks. It owns the sockets (by [`ConnId`], beside the
+//! core's connections) and drives the sans-IO [`ShardCore`] with what
+//! happens to them, then carries out what the core asks: queued output is
+//! written, [`Effect`]s are applied, paused readers are woken.
 //!
 //! Every socket is waited on for readiness (a one-shot poll: io_uring
 //! `POLL_ADD` or epoll), then read and written with non-blocking syscalls
@@ -9,21 +12,309 @@
 //! writes (one vectored write per connection per handler) more than repays
 //! at fan-out.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
+use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
-use std::time::Duration;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use compio::driver::SharedFd;
 use compio::driver::op::{Interest, PollOnce};
 use socket2::Socket;
 
-use super::conn::{Flow, Flush};
-use super::mail::Mail;
-use super::{ConnId, with_shard};
+use super::ConnId;
+use super::conn::Flow;
+use super::core::{Effect, ShardCore};
+use super::mail::{Handoff, Mail};
 use crate::mailbox::Inbox;
 use crate::metrics::ShardMetrics;
+
+/// Reads per readiness event before yielding to other connections.
+const READS_PER_WAKE: usize = 8;
+
+/// One connection's socket, with the generation of the id it belongs to.
+struct Sock {
+    generation: u32,
+    fd: SharedFd<Socket>,
+    /// A writer task waits for the socket to become writable.
+    writer_waiting: bool,
+}
+
+/// Result of trying to write a connection's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    Done,
+    Blocked,
+    Gone,
+}
+
+/// A shard as its thread sees it: the core, and the sockets and tasks
+/// around it.
+pub struct Shard {
+    pub core: ShardCore,
+    /// Sockets by connection slot (`ConnId::index`).
+    socks: Vec<Option<Sock>>,
+    /// Tasks of connections the core may not read now, woken when it says
+    /// that may have changed.
+    paused: Vec<Waker>,
+    /// Read buffer shared by all connections of the shard.
+    scratch: Vec<u8>,
+    /// Listening sockets, shut down to stop accepting.
+    listeners: Vec<Arc<Socket>>,
+    /// Origin of the core's monotonic clock.
+    started: Instant,
+}
+
+thread_local! {
+    static SHARD: RefCell<Option<Shard>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` on this thread's shard, then carries out what the core asked.
+/// Never held across an `.await`.
+pub fn with_shard<R>(f: impl FnOnce(&mut Shard) -> R) -> R {
+    SHARD.with_borrow_mut(|s| {
+        let s = s.as_mut().expect("with_shard called off a shard thread");
+        let congested = s.core.outbox.is_congested();
+        let r = f(s);
+        s.settle();
+        if !congested && s.core.outbox.is_congested() {
+            ShardMetrics::add(&s.core.metrics.mail_congestions, 1);
+        }
+        r
+    })
+}
+
+/// Installs a shard on the current thread, with its listeners.
+pub fn install(core: ShardCore, listeners: Vec<Arc<Socket>>) {
+    let mut shard = Shard {
+        core,
+        socks: Vec::new(),
+        paused: Vec::new(),
+        scratch: vec![0; 64 * 1024],
+        listeners,
+        started: Instant::now(),
+    };
+    shard.clock();
+    SHARD.with_borrow_mut(|s| *s = Some(shard));
+}
+
+/// Removes the shard (at thread exit).
+pub fn uninstall() -> Option<Shard> {
+    SHARD.with_borrow_mut(|s| s.take())
+}
+
+impl Shard {
+    /// Gives the core the time: monotonic since start, and the wall clock.
+    fn clock(&mut self) {
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.core.set_clock(self.started.elapsed().as_millis() as u64, unix as i64);
+    }
+
+    fn sock(&mut self, id: ConnId) -> Option<&mut Sock> {
+        self.socks.get_mut(id.index as usize)?.as_mut().filter(|s| s.generation == id.generation)
+    }
+
+    fn insert(&mut self, id: ConnId, fd: SharedFd<Socket>) {
+        let i = id.index as usize;
+        if self.socks.len() <= i {
+            self.socks.resize_with(i + 1, || None);
+        }
+        self.socks[i] = Some(Sock { generation: id.generation, fd, writer_waiting: false });
+    }
+
+    fn take_sock(&mut self, id: ConnId) -> Option<Sock> {
+        self.sock(id)?;
+        self.socks[id.index as usize].take()
+    }
+
+    /// Registers an accepted socket with the core; returns what its read
+    /// task needs, or None when the core refused it outright (closed).
+    fn accept(
+        &mut self,
+        sock: Socket,
+        peer: std::net::SocketAddr,
+        backend: bool,
+    ) -> Option<(ConnId, SharedFd<Socket>)> {
+        self.clock();
+        let _ = sock.set_tcp_nodelay(true);
+        let id = if backend { Some(self.core.accept_backend(peer)) } else { self.core.accept(peer) }?;
+        let fd = SharedFd::new(sock);
+        self.insert(id, fd.clone());
+        Some((id, fd))
+    }
+
+    /// Carries out the core's effects and writes what it queued, until
+    /// neither is left; wakes paused readers when the core says so.
+    fn settle(&mut self) {
+        loop {
+            if !self.core.effects.is_empty() {
+                for e in std::mem::take(&mut self.core.effects) {
+                    self.apply(e);
+                }
+                continue;
+            }
+            if self.core.dirty.is_empty() {
+                break;
+            }
+            let mut dirty = std::mem::take(&mut self.core.dirty);
+            for id in dirty.drain(..) {
+                self.flush(id);
+            }
+            // Keep the list's capacity: the next fan-out to as many
+            // subscribers then grows nothing.
+            if self.core.dirty.is_empty() {
+                self.core.dirty = dirty;
+            }
+        }
+        if std::mem::take(&mut self.core.unpaused) {
+            for w in self.paused.drain(..) {
+                w.wake();
+            }
+        }
+    }
+
+    fn apply(&mut self, e: Effect) {
+        match e {
+            Effect::Close(id) => {
+                if let Some(s) = self.take_sock(id) {
+                    // Wakes the read task (readable with EOF) so it ends.
+                    let _ = s.fd.shutdown(std::net::Shutdown::Both);
+                }
+                // A task waiting to be allowed to read must see it is gone.
+                for w in self.paused.drain(..) {
+                    w.wake();
+                }
+            }
+            Effect::HandOff { id, to, peer, head } => {
+                let Some(s) = self.take_sock(id) else { return };
+                // The read task of this socket ends at its next wake-up (its
+                // slot is empty); the duplicate lives on, on shard `to`.
+                match s.fd.try_clone() {
+                    Ok(sock) => self.core.outbox.send(to, Mail::Handoff(Handoff { sock, peer, head })),
+                    Err(e) => {
+                        eprintln!("comet: shard {}: cannot hand off {peer} to shard {to}: {e}", self.core.id);
+                        let _ = s.fd.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            }
+            Effect::Adopt(h) => {
+                let fd = SharedFd::new(h.sock);
+                let id = self.core.adopt(h.peer, h.head);
+                if self.core.conns.get(id).is_some() {
+                    self.insert(id, fd.clone());
+                    compio::runtime::spawn(run_conn(id, fd)).detach();
+                }
+            }
+        }
+    }
+
+    /// Writes connection `id`'s queue now, or leaves it to its writer task.
+    fn flush(&mut self, id: ConnId) {
+        let Some(s) = self.sock(id) else {
+            return;
+        };
+        if s.writer_waiting {
+            return;
+        }
+        if self.write(id) == Flush::Blocked
+            && let Some(s) = self.sock(id)
+        {
+            s.writer_waiting = true;
+            compio::runtime::spawn(run_writer(id, s.fd.clone())).detach();
+        }
+    }
+
+    /// Writes as much of the queue as the socket takes.
+    fn write(&mut self, id: ConnId) -> Flush {
+        let Some(fd) = self.sock(id).map(|s| s.fd.clone()) else {
+            return Flush::Gone;
+        };
+        let Some(conn) = self.core.conns.get_mut(id) else {
+            return Flush::Gone;
+        };
+        let mut written = 0u64;
+        let mut result = Flush::Done;
+        while !conn.out.is_empty() {
+            let res = match conn.out.single() {
+                // The common fan-out case: one frame, a plain send (no
+                // iovec array to build and copy in).
+                Some(bytes) => fd.send_with_flags(bytes, libc::MSG_NOSIGNAL),
+                None => fd.send_vectored_with_flags(&conn.out.slices(), libc::MSG_NOSIGNAL),
+            };
+            match res {
+                Ok(n) => {
+                    written += n as u64;
+                    conn.out.advance(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    result = Flush::Blocked;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    result = Flush::Gone;
+                    break;
+                }
+            }
+        }
+        ShardMetrics::add(&self.core.metrics.bytes_out, written);
+        match result {
+            Flush::Gone => self.core.hangup(id),
+            Flush::Done => {
+                if self.core.flushed(id) {
+                    let _ = fd.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            Flush::Blocked => {}
+        }
+        result
+    }
+
+    /// Reads what connection `id`'s socket has and hands it to the core.
+    fn on_readable(&mut self, id: ConnId) -> Flow {
+        self.clock();
+        // No socket: it was closed or handed to another shard, whose
+        // duplicate now reads it; this task must not take its bytes.
+        let Some(fd) = self.sock(id).map(|s| s.fd.clone()) else {
+            return Flow::Gone;
+        };
+        if !self.core.may_read(id) {
+            return Flow::Paused;
+        }
+        let mut flow = Flow::Continue;
+        for _ in 0..READS_PER_WAKE {
+            match (&*fd).read(&mut self.scratch) {
+                Ok(0) => {
+                    self.core.hangup(id);
+                    return Flow::Gone;
+                }
+                Ok(n) => {
+                    flow = self.core.readable(id, &mut self.scratch[..n]);
+                    if flow != Flow::Continue || n < self.scratch.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.core.hangup(id);
+                    return Flow::Gone;
+                }
+            }
+        }
+        flow
+    }
+
+    /// Stops accepting and starts the core's graceful shutdown.
+    fn begin_shutdown(&mut self) {
+        for l in self.listeners.drain(..) {
+            let _ = l.shutdown(std::net::Shutdown::Both);
+        }
+        self.core.begin_shutdown();
+    }
+}
 
 /// Waits until `fd` is readable (or hung up / in error).
 async fn readable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
@@ -41,14 +332,14 @@ pub async fn accept_loop(listener: Arc<Socket>, backend: bool) {
     let port = if backend { "backend" } else { "frontend" };
     // Accept errors come in storms (every retry while descriptors are out):
     // log the first, then a summary at most every 10 s.
-    let mut last_log: Option<std::time::Instant> = None;
+    let mut last_log: Option<Instant> = None;
     let mut unlogged = 0u64;
     loop {
         if let Err(e) = compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable)).await.0 {
             eprintln!("comet: listener poll failed: {e}");
             compio::time::sleep(Duration::from_millis(100)).await;
         }
-        if with_shard(|s| s.shutting_down) {
+        if with_shard(|s| s.core.shutting_down) {
             return;
         }
         let mut backoff = false;
@@ -59,9 +350,7 @@ pub async fn accept_loop(listener: Arc<Socket>, backend: bool) {
                     if sock.set_nonblocking(true).is_err() {
                         continue;
                     }
-                    let accepted =
-                        with_shard(|s| if backend { s.on_accept_sql(sock, peer) } else { s.on_accept(sock, peer) });
-                    if let Some((id, conn_fd)) = accepted {
+                    if let Some((id, conn_fd)) = with_shard(|s| s.accept(sock, peer, backend)) {
                         compio::runtime::spawn(run_conn(id, conn_fd)).detach();
                     }
                 }
@@ -72,15 +361,15 @@ pub async fn accept_loop(listener: Arc<Socket>, backend: bool) {
                     // EMFILE/ENFILE/ENOBUFS: out of descriptors or memory.
                     // Back off rather than spin; the backlog keeps the rest.
                     let shard = with_shard(|s| {
-                        ShardMetrics::add(&s.metrics.accept_errors, 1);
-                        s.id
+                        ShardMetrics::add(&s.core.metrics.accept_errors, 1);
+                        s.core.id
                     });
                     unlogged += 1;
                     if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                         eprintln!(
                             "comet: shard {shard}: {port} accept failed: {e} ({unlogged} time(s) since the last report; connections wait in the backlog)"
                         );
-                        last_log = Some(std::time::Instant::now());
+                        last_log = Some(Instant::now());
                         unlogged = 0;
                     }
                     backoff = true;
@@ -104,10 +393,10 @@ impl std::os::fd::AsFd for ListenerFd {
 }
 
 /// Drives one connection's reads until it is gone.
-pub async fn run_conn(id: ConnId, fd: SharedFd<Socket>) {
+async fn run_conn(id: ConnId, fd: SharedFd<Socket>) {
     loop {
         if readable(&fd).await.is_err() {
-            with_shard(|s| s.drop_conn(id));
+            with_shard(|s| s.core.hangup(id));
             return;
         }
         match with_shard(|s| s.on_readable(id)) {
@@ -122,15 +411,15 @@ pub async fn run_conn(id: ConnId, fd: SharedFd<Socket>) {
     }
 }
 
-/// Waits until the shard allows reading connection `id` again, handling
+/// Waits until the core allows reading connection `id` again, handling
 /// what it had buffered meanwhile; false when the connection is gone.
 async fn wait_until_readable_allowed(id: ConnId) -> bool {
     loop {
         let allowed = poll_fn(|cx| {
             with_shard(|s| {
-                if s.conns.get(id).is_none() {
+                if s.sock(id).is_none() || s.core.conns.get(id).is_none() {
                     Poll::Ready(false)
-                } else if s.may_read(id) {
+                } else if s.core.may_read(id) {
                     Poll::Ready(true)
                 } else {
                     s.paused.push(cx.waker().clone());
@@ -144,10 +433,32 @@ async fn wait_until_readable_allowed(id: ConnId) -> bool {
         }
         // Commands buffered before the pause may pause it again.
         if with_shard(|s| {
-            s.resume(id);
-            s.may_read(id)
+            s.core.resume(id);
+            s.core.may_read(id)
         }) {
             return true;
+        }
+    }
+}
+
+/// Writes a connection's backlog whenever its socket becomes writable.
+async fn run_writer(id: ConnId, fd: SharedFd<Socket>) {
+    loop {
+        if writable(&fd).await.is_err() {
+            with_shard(|s| s.core.hangup(id));
+            return;
+        }
+        let done = with_shard(|s| {
+            let r = s.write(id);
+            if r != Flush::Blocked
+                && let Some(sock) = s.sock(id)
+            {
+                sock.writer_waiting = false;
+            }
+            r != Flush::Blocked
+        });
+        if done {
+            return;
         }
     }
 }
@@ -167,29 +478,6 @@ async fn yield_now() {
     .await
 }
 
-/// Writes a connection's backlog whenever its socket becomes writable.
-pub async fn run_writer(id: ConnId, fd: SharedFd<Socket>) {
-    loop {
-        if writable(&fd).await.is_err() {
-            with_shard(|s| s.drop_conn(id));
-            return;
-        }
-        let done = with_shard(|s| match s.flush(id) {
-            Flush::Blocked => false,
-            Flush::Gone => true,
-            Flush::Done => {
-                if let Some(c) = s.conns.get_mut(id) {
-                    c.writer_waiting = false;
-                }
-                true
-            }
-        });
-        if done {
-            return;
-        }
-    }
-}
-
 /// Handles mail from the other shards, in batches, yielding between
 /// batches so a mail storm does not starve the shard's connections; retries
 /// its own overflow and ends read backpressure when a receiver pokes it;
@@ -199,11 +487,12 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
     loop {
         inbox.drain(256, |m| batch.push(m));
         with_shard(|s| {
+            s.clock();
             for m in batch.drain(..) {
-                s.on_mail(m);
+                s.core.on_mail(m);
             }
-            if s.outbox.recheck() {
-                s.unpause();
+            if s.core.outbox.recheck() {
+                s.core.unpause();
             }
         });
         if inbox.has_mail() {
@@ -212,7 +501,7 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
         }
         // The main thread forces the doorbell on SIGTERM/SIGINT.
         with_shard(|s| {
-            if s.shared.shutdown.load(Ordering::Acquire) {
+            if s.core.shared.shutdown.load(Ordering::Acquire) {
                 s.begin_shutdown();
             }
         });
@@ -220,26 +509,30 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
     }
 }
 
-/// The shard's root task: the once-a-second sweep, and shutdown.
+/// The shard's root task: the once-a-second tick, and shutdown.
 ///
 /// Returns when shutdown has closed every connection, or its timeout passed.
 pub async fn sweep_loop(shutdown_timeout: Duration) {
     let mut deadline = None;
     loop {
-        let shutting = with_shard(|s| s.shared.shutdown.load(Ordering::Acquire));
+        let shutting = with_shard(|s| s.core.shared.shutdown.load(Ordering::Acquire));
         if shutting && deadline.is_none() {
             with_shard(|s| s.begin_shutdown());
-            deadline = Some(std::time::Instant::now() + shutdown_timeout);
+            deadline = Some(Instant::now() + shutdown_timeout);
         }
+        let tick = |s: &mut Shard| {
+            s.clock();
+            s.core.tick();
+        };
         if let Some(d) = deadline {
-            if with_shard(|s| s.conns.is_empty() && s.pending.is_empty()) || std::time::Instant::now() >= d {
+            if with_shard(|s| s.core.conns.is_empty() && s.core.pending.is_empty()) || Instant::now() >= d {
                 return;
             }
             compio::time::sleep(Duration::from_millis(50)).await;
-            with_shard(|s| s.sweep());
+            with_shard(tick);
             continue;
         }
         compio::time::sleep(Duration::from_secs(1)).await;
-        with_shard(|s| s.sweep());
+        with_shard(tick);
     }
 }

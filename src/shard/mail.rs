@@ -5,7 +5,7 @@
 //! each of its local subscribers. Questions that need every shard's answer
 //! (how many were reached, who is subscribed) carry a request id and the
 //! asking shard; the answers come back as [`Mail::Reply`] and are gathered in
-//! `Shard::pending`. Answers stay typed ([`Reply`], [`Records`]) until the
+//! `ShardCore::pending`. Answers stay typed ([`Reply`], [`Records`]) until the
 //! asker has them all: a CometQL table's text rows are made only in
 //! `cometql::rows`.
 

@@ -7,19 +7,17 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use compio::driver::SharedFd;
-use socket2::Socket;
-
+use super::ConnId;
 use super::conn::Phase;
+use super::core::{ShardCore, Then};
 use super::mail::{Publication, Query, Records};
-use super::{ConnId, Shard, Then};
 use crate::cometql::exec::{self, Ctx, Plan, Projection, StmtResult};
 use crate::cometql::packet::{self, FrameError, MAX_PAYLOAD};
 use crate::cometql::parser::{ParseError, Statement};
 use crate::cometql::rows;
 use crate::cometql::session::{self, Event, Passwords, Session};
 use crate::config::Config;
-use crate::frontend::message::{ChannelMessage, unix_now};
+use crate::frontend::message::ChannelMessage;
 use crate::metrics::ShardMetrics;
 use crate::shard::limits::{AUTH_FAILURES_ALLOWED, AUTH_WINDOW_SECS};
 
@@ -102,13 +100,13 @@ fn nonce() -> [u8; 20] {
     n
 }
 
-impl Shard {
+impl ShardCore {
     /// Registers a backend connection and sends the MySQL greeting, or an
     /// ERR 1129 and a close when its address failed to log in too often.
-    pub fn on_accept_sql(&mut self, sock: Socket, peer: SocketAddr) -> Option<(ConnId, SharedFd<Socket>)> {
+    pub fn accept_backend(&mut self, peer: SocketAddr) -> ConnId {
         ShardMetrics::add(&self.metrics.accepted, 1);
-        let (id, fd) = self.register(sock, peer);
-        if let Some(secs) = self.shared.auth_failures.refused(peer.ip(), unix_now() as u64) {
+        let id = self.open(peer);
+        if let Some(secs) = self.shared.auth_failures.refused(peer.ip(), self.unix as u64) {
             ShardMetrics::add(&self.metrics.auth_refusals, 1);
             let msg = format!(
                 "Host '{}' is blocked for {secs} s after more than {AUTH_FAILURES_ALLOWED} failed logins in {AUTH_WINDOW_SECS} s",
@@ -116,7 +114,7 @@ impl Shard {
             );
             self.send_raw_bytes(id, session::one(0, &packet::err(1129, &msg)));
             self.close_after_answer(id);
-            return Some((id, fd));
+            return id;
         }
         self.next_sql_id = self.next_sql_id.wrapping_add(1);
         let conn_id = ((self.id as u32) << 24) | (self.next_sql_id & 0x00FF_FFFF);
@@ -136,14 +134,14 @@ impl Shard {
         }
         self.metrics.sql_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.send_raw_bytes(id, greeting);
-        Some((id, fd))
+        id
     }
 
     /// Counts and logs a failed login; refuses the address after too many.
     fn login_failed(&mut self, id: ConnId) {
         let Some(peer) = self.conns.get(id).map(|c| c.peer) else { return };
         ShardMetrics::add(&self.metrics.auth_failures, 1);
-        let blocked = self.shared.auth_failures.fail(peer.ip(), unix_now() as u64);
+        let blocked = self.shared.auth_failures.fail(peer.ip(), self.unix as u64);
         // One line per address when it is blocked, and otherwise at most
         // one line a minute per shard, so a guessing storm cannot flood the log.
         let now = self.now;
@@ -367,7 +365,7 @@ impl Shard {
             }
             Plan::Publish(msgs) => {
                 let max = self.shared.config.max_outbound_message;
-                let now = unix_now();
+                let now = self.unix;
                 let mut pubs = Vec::with_capacity(msgs.len());
                 for (pipe, event, data) in msgs {
                     let msg = ChannelMessage { pipe, event, data, data_is_json: false, time: Some(now), user_id: None };

@@ -4,10 +4,11 @@
 
 use std::slice;
 
+use super::core::ShardCore;
 use super::mail::{Publication, Records, Reply, encode_text_frame};
-use super::{ConnId, Shard, home_shard};
+use super::{ConnId, home_shard};
 use crate::cometql::session::Passwords;
-use crate::frontend::message::{self, ChannelMessage, Delivery, unix_now};
+use crate::frontend::message::{self, ChannelMessage, Delivery};
 use crate::metrics::ShardMetrics;
 use crate::users::{Presence, Queued, UserQuery, jwt};
 use crate::ws::CloseCode;
@@ -18,7 +19,7 @@ pub const CLOSE_DEAUTHORIZED: CloseCode = CloseCode(4001);
 /// Close code for the oldest device replaced by a 17th (PROTOCOL.md §3.1).
 pub const CLOSE_REPLACED: CloseCode = CloseCode(4009);
 
-impl Shard {
+impl ShardCore {
     /// The JWT secret of a dev_id: its password followed by the dev_id.
     pub fn jwt_secret(&self, dev_id: u32) -> Vec<u8> {
         format!("{}{dev_id}", self.shared.config.password(dev_id)).into_bytes()
@@ -31,14 +32,14 @@ impl Shard {
     /// Checks a connecting user's key; called on the user's home shard.
     pub fn authorize(&self, dev_id: u32, user_id: u64, key: &str) -> bool {
         debug_assert_eq!(home_shard(dev_id, user_id, self.shards), self.id);
-        self.users.authorize(dev_id, user_id, key, &self.jwt_secret(dev_id), unix_now())
+        self.users.authorize(dev_id, user_id, key, &self.jwt_secret(dev_id), self.unix)
     }
 
     /// After `serverInfo` of an authorized connection: deliver the offline
     /// queue, register the device (replacing the oldest of 16), announce
     /// `online` if it is the first device.
     pub fn attach_device(&mut self, id: ConnId, dev_id: u32, user_id: u64) {
-        let now = unix_now();
+        let now = self.unix;
         let legacy = self.conns.get(id).is_some_and(|c| c.legacy);
         for q in self.users.take_queue(dev_id, user_id, self.queue_ttl(), now) {
             let msg = private_message(q.event(), q.message(), Some(q.time));
@@ -63,7 +64,7 @@ impl Shard {
             return;
         }
         let (dev_id, user_id) = (c.dev_id, c.user_id);
-        if self.users.remove_device(dev_id, user_id, id, unix_now()) {
+        if self.users.remove_device(dev_id, user_id, id, self.unix) {
             self.user_status_event(dev_id, user_id, "offline");
         }
     }
@@ -94,7 +95,7 @@ impl Shard {
     /// false when the queue had to drop its oldest message.
     fn send_private(&mut self, dev_id: u32, user_id: u64, event: &str, text: &str) -> bool {
         let devices = self.users.devices(dev_id, user_id);
-        let now = unix_now();
+        let now = self.unix;
         if devices.is_empty() {
             let q = Queued::new(now, event, text);
             let cap = self.shared.config.offline_queue_size;
@@ -119,7 +120,7 @@ impl Shard {
     pub fn answer_user(&mut self, dev_id: u32, q: &UserQuery) -> Reply {
         let (me, shards) = (self.id, self.shards);
         let mine = |u: u64| home_shard(dev_id, u, shards) == me;
-        let now = unix_now();
+        let now = self.unix;
         let ttl = self.queue_ttl();
         match q {
             UserQuery::AuthSet(v) => {
@@ -239,7 +240,7 @@ impl Shard {
         }
         .unwrap_or(Presence::Unknown);
         let (word, time) = (presence.word(), presence.time());
-        let f = encode_text_frame(|o| message::user_status_answer(user_id, word, time, unix_now(), legacy, o));
+        let f = encode_text_frame(|o| message::user_status_answer(user_id, word, time, self.unix, legacy, o));
         self.send_frame(conn, f);
     }
 
@@ -253,7 +254,7 @@ impl Shard {
             _ => None,
         }
         .unwrap_or_default();
-        let f = encode_text_frame(|o| message::user_data_answer(user_id, &data, marker, unix_now(), legacy, o));
+        let f = encode_text_frame(|o| message::user_data_answer(user_id, &data, marker, self.unix, legacy, o));
         self.send_frame(conn, f);
     }
 
@@ -263,7 +264,7 @@ impl Shard {
             self.last_queue_purge = self.now;
             let ttl = self.queue_ttl();
             let retention = self.shared.config.user_retention.as_secs() as i64;
-            self.users.purge_expired(ttl, unix_now(), retention);
+            self.users.purge_expired(ttl, self.unix, retention);
         }
     }
 }

@@ -1,0 +1,591 @@
+//! The sans-IO shard core: one shard's whole state and the handlers that
+//! change it, with no sockets, no tasks and no clock of its own.
+//!
+//! The I/O layer ([`super::io`]) owns the sockets and drives the core with
+//! events: a connection accepted ([`ShardCore::accept`]), bytes read
+//! ([`ShardCore::readable`]), a hang-up, mail from another shard
+//! ([`ShardCore::on_mail`]), the clock ([`ShardCore::set_clock`]) and the
+//! once-a-second [`ShardCore::tick`]. The core answers with effects: bytes
+//! queued on connections (the [`ShardCore::dirty`] list and each
+//! connection's [`OutQueue`](super::outq::OutQueue)), [`Effect`]s (close a
+//! socket, move one to another shard), and mail in its outbox. So several
+//! cores can run in one test, with a virtual clock and the mail passed by
+//! hand (`super::sim`).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use ahash::AHashMap;
+
+use super::conn::Conn;
+use super::history::{self, HistoryStore};
+use super::mail::{Mail, Publication, Query, Records, Reply};
+use super::slab::{ConnId, Slab};
+use super::{home_shard, home_shard_of_channel};
+use crate::cometql::rows::{ChannelHistory, Subscriber};
+use crate::config::Config;
+use crate::mailbox::Outbox;
+use crate::metrics::{Registry, ShardMetrics};
+
+/// A channel's subscribers on this shard.
+#[derive(Debug)]
+pub struct Channel {
+    pub dev_id: u32,
+    pub name: Arc<str>,
+    /// Local subscribers; each records its position here so leaving is O(1).
+    pub subs: Vec<ConnId>,
+}
+
+/// What to do when all shards have answered a scattered question.
+#[derive(Debug)]
+pub enum Then {
+    /// Send the `web_pipe2` delivery report to the publishing connection.
+    DeliveryReport { conn: ConnId, pipe: String, message: String },
+    /// Answer `pipe_count`.
+    PipeCount { conn: ConnId, marker: String },
+    /// Answer `track_pipe_users`.
+    TrackUsers { conn: ConnId, marker: String },
+    /// Answer `pipe_log` with the channel's history.
+    PipeLog { conn: ConnId, pipe: String, marker: String },
+    /// Answer the `user_status` command.
+    UserStatus { conn: ConnId, user_id: u64 },
+    /// Answer the `user_data` command.
+    UserData { conn: ConnId, user_id: u64, marker: String },
+    /// Fill a statement's result in a CometQL connection's answer queue.
+    Sql { conn: ConnId, slot: u64, index: usize, then: super::sql::SqlThen },
+}
+
+/// A question waiting for answers from other shards; the answers are
+/// merged as they come.
+#[derive(Debug)]
+pub struct Pending {
+    pub remaining: usize,
+    pub count: u64,
+    pub members: Vec<(u64, String)>,
+    pub counts: Vec<u64>,
+    /// The typed records gathered so far (CometQL renders them into rows;
+    /// a frontend user question reads them directly).
+    pub records: Records,
+    pub log: Vec<history::Entry>,
+    pub then: Then,
+}
+
+impl Then {
+    /// The connection waiting for this answer.
+    fn conn(&self) -> ConnId {
+        match self {
+            Then::DeliveryReport { conn, .. }
+            | Then::PipeCount { conn, .. }
+            | Then::TrackUsers { conn, .. }
+            | Then::PipeLog { conn, .. }
+            | Then::UserStatus { conn, .. }
+            | Then::UserData { conn, .. }
+            | Then::Sql { conn, .. } => *conn,
+        }
+    }
+}
+
+impl Pending {
+    pub fn new(remaining: usize, then: Then) -> Pending {
+        Pending {
+            remaining,
+            count: 0,
+            members: Vec::new(),
+            counts: Vec::new(),
+            records: Records::None,
+            log: Vec::new(),
+            then,
+        }
+    }
+
+    fn merge(&mut self, reply: Reply) {
+        match reply {
+            Reply::Count(n) => self.count += n,
+            Reply::Members(mut m) => self.members.append(&mut m),
+            Reply::Counts(c) => {
+                if self.counts.len() < c.len() {
+                    self.counts.resize(c.len(), 0);
+                }
+                for (a, b) in self.counts.iter_mut().zip(c) {
+                    *a += b;
+                }
+            }
+            Reply::Log(mut l) => self.log.append(&mut l),
+            Reply::Records(r) => self.records.append(r),
+        }
+    }
+}
+
+/// Things a shard shares read-only with the process.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub registry: Arc<Registry>,
+    /// Set by the main thread on SIGTERM/SIGINT.
+    pub shutdown: Arc<AtomicBool>,
+    /// Frontend connections held, in total and per client address.
+    pub conn_counts: super::limits::ConnCounts,
+    /// Failed backend logins per client address.
+    pub auth_failures: super::limits::AuthFailures,
+}
+
+/// One shard's whole state.
+pub struct ShardCore {
+    pub id: usize,
+    pub shards: usize,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<ShardMetrics>,
+    pub conns: Slab<Conn>,
+    /// Channel lookup: dev_id → name → index into `channels`.
+    pub channel_index: AHashMap<u32, AHashMap<Arc<str>, u32>>,
+    pub channels: Vec<Option<Channel>>,
+    free_channels: Vec<u32>,
+    pub outbox: Outbox<Mail>,
+    pub pending: AHashMap<u64, Pending>,
+    next_req: u64,
+    /// Connections with queued output not yet tried this round.
+    pub dirty: Vec<ConnId>,
+    /// Effects for the I/O layer, in order.
+    pub effects: Vec<Effect>,
+    /// Something that kept connections from being read may have changed
+    /// (mail drained, answers came back): the I/O layer re-checks them.
+    pub unpaused: bool,
+    /// Seconds of shard time (the I/O layer's monotonic clock), for
+    /// deadlines.
+    pub now: u32,
+    /// The same clock in milliseconds (for rate limits).
+    pub now_ms: u64,
+    /// Wall-clock unix seconds, for message timestamps and token expiry.
+    pub unix: i64,
+    /// Refused connections lingering for their answer to be read.
+    pub refusing: usize,
+    pub shutting_down: bool,
+    /// History and settings of the channels homed here.
+    pub history: HistoryStore,
+    /// CometQL connection ids handed out by this shard.
+    pub next_sql_id: u32,
+    /// The users homed on this shard.
+    pub users: crate::users::UserStore,
+    /// Shard time of the last sweep of expired offline-queue entries.
+    pub last_queue_purge: u32,
+    /// Shard time a failed backend login was last logged.
+    pub auth_log_at: Option<u32>,
+}
+
+/// What the core asks of the I/O layer, besides writing queued output.
+#[derive(Debug)]
+pub enum Effect {
+    /// Shut the connection's socket both ways and forget it (the core
+    /// already has).
+    Close(ConnId),
+    /// Move the connection's socket to shard `to`, with the bytes read so
+    /// far; the core already forgot it.
+    HandOff { id: ConnId, to: usize, peer: std::net::SocketAddr, head: Vec<u8> },
+    /// Another shard handed a connection over: register its socket, then
+    /// [`ShardCore::adopt`] it.
+    Adopt(super::mail::Handoff),
+}
+
+impl ShardCore {
+    pub fn new(id: usize, shards: usize, shared: Arc<Shared>, mut outbox: Outbox<Mail>) -> ShardCore {
+        let metrics = shared.registry.shards[id].clone();
+        outbox.set_limit(shared.config.mail_limit);
+        ShardCore {
+            id,
+            shards,
+            shared,
+            metrics,
+            conns: Slab::default(),
+            channel_index: AHashMap::default(),
+            channels: Vec::new(),
+            free_channels: Vec::new(),
+            outbox,
+            pending: AHashMap::default(),
+            next_req: 0,
+            dirty: Vec::new(),
+            effects: Vec::new(),
+            unpaused: false,
+            now: 0,
+            now_ms: 0,
+            unix: 0,
+            refusing: 0,
+            shutting_down: false,
+            history: HistoryStore::default(),
+            next_sql_id: 0,
+            users: crate::users::UserStore::default(),
+            last_queue_purge: 0,
+            auth_log_at: None,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Sets the clock: `now_ms` of monotonic shard time and the wall
+    /// clock's unix seconds. The core reads no clock of its own.
+    pub fn set_clock(&mut self, now_ms: u64, unix: i64) {
+        self.now_ms = now_ms;
+        self.now = (now_ms / 1000) as u32;
+        self.unix = unix;
+    }
+
+    /// Tells the I/O layer to re-check the connections it stopped reading.
+    pub fn unpause(&mut self) {
+        self.unpaused = true;
+    }
+
+    pub fn find_channel(&self, dev_id: u32, name: &str) -> Option<u32> {
+        self.channel_index.get(&dev_id)?.get(name).copied()
+    }
+
+    fn channel_or_create(&mut self, dev_id: u32, name: &str) -> u32 {
+        if let Some(i) = self.find_channel(dev_id, name) {
+            return i;
+        }
+        let name: Arc<str> = Arc::from(name);
+        let ch = Channel { dev_id, name: name.clone(), subs: Vec::new() };
+        let idx = match self.free_channels.pop() {
+            Some(i) => {
+                self.channels[i as usize] = Some(ch);
+                i
+            }
+            None => {
+                self.channels.push(Some(ch));
+                (self.channels.len() - 1) as u32
+            }
+        };
+        self.channel_index.entry(dev_id).or_default().insert(name, idx);
+        idx
+    }
+
+    /// Adds `id` to channel `name`; returns false if already subscribed.
+    pub fn subscribe(&mut self, id: ConnId, dev_id: u32, name: &str) -> bool {
+        let ch = self.channel_or_create(dev_id, name);
+        let Some(conn) = self.conns.get_mut(id) else {
+            return false;
+        };
+        if conn.subs.iter().any(|&(c, _)| c == ch) {
+            return false;
+        }
+        let Some(channel) = self.channels[ch as usize].as_mut() else {
+            return false;
+        };
+        conn.subs.push((ch, channel.subs.len() as u32));
+        channel.subs.push(id);
+        true
+    }
+
+    /// Removes `id` from channel index `ch` (O(1) swap-remove).
+    pub fn unsubscribe(&mut self, id: ConnId, ch: u32) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Some(k) = conn.subs.iter().position(|&(c, _)| c == ch) else {
+            return;
+        };
+        let (_, pos) = conn.subs.swap_remove(k);
+        let Some(channel) = self.channels[ch as usize].as_mut() else {
+            return;
+        };
+        let pos = pos as usize;
+        channel.subs.swap_remove(pos);
+        if let Some(&moved) = channel.subs.get(pos)
+            && let Some(mc) = self.conns.get_mut(moved)
+            && let Some(entry) = mc.subs.iter_mut().find(|(c, _)| *c == ch)
+        {
+            entry.1 = pos as u32;
+        }
+        if channel.subs.is_empty() {
+            let (dev_id, name) = (channel.dev_id, channel.name.clone());
+            self.channels[ch as usize] = None;
+            self.free_channels.push(ch);
+            if let Some(m) = self.channel_index.get_mut(&dev_id) {
+                m.remove(&*name);
+                if m.is_empty() {
+                    self.channel_index.remove(&dev_id);
+                }
+            }
+        }
+    }
+
+    /// Number of local subscribers of a channel.
+    pub fn local_count(&self, dev_id: u32, name: &str) -> u64 {
+        self.find_channel(dev_id, name)
+            .and_then(|i| self.channels[i as usize].as_ref())
+            .map_or(0, |c| c.subs.len() as u64)
+    }
+
+    /// Presence members of a channel on this shard.
+    pub fn local_members(&self, dev_id: u32, name: &str) -> Vec<(u64, String)> {
+        let Some(ch) = self.find_channel(dev_id, name).and_then(|i| self.channels[i as usize].as_ref()) else {
+            return Vec::new();
+        };
+        ch.subs.iter().filter_map(|&id| self.conns.get(id)).map(|c| (c.user_id, c.uuid.to_string())).collect()
+    }
+
+    /// Writes a publication to this shard's subscribers; returns how many
+    /// connections it was queued to.
+    pub fn deliver_local(&mut self, p: &Publication) -> u64 {
+        if p.store && home_shard_of_channel(p.dev_id, &p.msg.pipe, self.shards) == self.id {
+            let entry = history::Entry {
+                id: 0,
+                time: p.msg.time.unwrap_or(self.unix),
+                event: p.msg.event.clone(),
+                message: p.msg.data.clone(),
+                user_id: p.msg.user_id,
+            };
+            self.history.append(p.dev_id, &p.msg.pipe, entry, self.id, self.shards);
+        }
+        let Some(ch) = self.find_channel(p.dev_id, &p.msg.pipe) else {
+            return 0;
+        };
+        let Some(channel) = self.channels[ch as usize].as_ref() else {
+            return 0;
+        };
+        let exclude = p.exclude.filter(|(s, _)| *s == self.id).map(|(_, c)| c);
+        let limit = self.shared.config.outbound_limit;
+        let mut delivered = 0u64;
+        let mut slow: Vec<ConnId> = Vec::new();
+        for &id in &channel.subs {
+            if Some(id) == exclude {
+                continue;
+            }
+            let Some(conn) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if !conn.accepts_messages() {
+                continue;
+            }
+            let frame = if conn.legacy { p.legacy_frame() } else { &p.frame };
+            if conn.out.cost() + super::outq::OutQueue::cost_of(frame) > limit {
+                slow.push(id);
+                continue;
+            }
+            if conn.push_out(frame.clone()) {
+                self.dirty.push(id);
+            }
+            delivered += 1;
+        }
+        ShardMetrics::add(&self.metrics.messages_out, delivered);
+        for id in slow {
+            self.close_slow_consumer(id);
+        }
+        delivered
+    }
+
+    /// Publishes on every shard; `then` (if any) runs when all have answered
+    /// with the number of connections written.
+    pub fn publish(&mut self, p: Publication, then: Option<Then>) {
+        self.publish_many(vec![p], then);
+    }
+
+    /// Publishes several messages in order; `then` gets the total count.
+    pub fn publish_many(&mut self, pubs: Vec<Publication>, then: Option<Then>) {
+        let n = pubs.len();
+        let req = then.map(|then| {
+            let id = self.new_request(Pending::new((self.shards - 1) * n, then));
+            (self.id, id)
+        });
+        for p in pubs {
+            let p = Arc::new(p);
+            let local = self.deliver_local(&p);
+            if let Some((_, id)) = req
+                && let Some(pending) = self.pending.get_mut(&id)
+            {
+                pending.count += local;
+            }
+            for to in (0..self.shards).filter(|&s| s != self.id) {
+                self.outbox.send(to, Mail::Deliver { publication: p.clone(), req });
+            }
+        }
+        if let Some((_, id)) = req {
+            self.maybe_complete(id);
+        }
+    }
+
+    /// Registers a gather; its connection counts it against `--max-pending`.
+    fn new_request(&mut self, p: Pending) -> u64 {
+        if let Some(c) = self.conns.get_mut(p.then.conn()) {
+            c.pending = c.pending.saturating_add(1);
+        }
+        self.next_req += 1;
+        self.pending.insert(self.next_req, p);
+        self.next_req
+    }
+
+    /// Whether connection `id` may start another gather (`--max-pending`).
+    pub fn may_ask(&self, id: ConnId) -> bool {
+        self.conns.get(id).is_some_and(|c| c.pending < self.shared.config.max_pending)
+    }
+
+    /// Asks every shard (this one included) `query`; `then` runs with the
+    /// merged answers.
+    pub fn ask_all(&mut self, dev_id: u32, query: Query, then: Then) {
+        let all: Vec<usize> = (0..self.shards).collect();
+        self.ask_shards(&all, dev_id, query, then);
+    }
+
+    /// Asks the shards in `targets` (distinct) `query`; `then` runs with
+    /// the merged answers.
+    pub fn ask_shards(&mut self, targets: &[usize], dev_id: u32, query: Query, then: Then) {
+        let others: Vec<usize> = targets.iter().copied().filter(|&s| s != self.id).collect();
+        let local = targets.contains(&self.id).then(|| self.answer(dev_id, &query));
+        let mut pending = Pending::new(others.len(), then);
+        if let Some(l) = local {
+            pending.merge(l);
+        }
+        let id = self.new_request(pending);
+        let query = Arc::new(query);
+        for to in others {
+            self.outbox.send(to, Mail::Ask { dev_id, query: query.clone(), req: (self.id, id) });
+        }
+        self.maybe_complete(id);
+    }
+
+    /// The distinct home shards of `user_ids` (every shard for `None`).
+    pub fn user_targets(&self, dev_id: u32, user_ids: Option<Vec<u64>>) -> Vec<usize> {
+        match user_ids {
+            None => (0..self.shards).collect(),
+            Some(ids) => {
+                let mut t: Vec<usize> = ids.iter().map(|&u| home_shard(dev_id, u, self.shards)).collect();
+                t.sort_unstable();
+                t.dedup();
+                t
+            }
+        }
+    }
+
+    /// Answers a question from this shard's own state.
+    pub fn answer(&mut self, dev_id: u32, q: &Query) -> Reply {
+        let (me, shards) = (self.id, self.shards);
+        let home = move |_: &ShardCore, name: &str| home_shard_of_channel(dev_id, name, shards) == me;
+        match q {
+            Query::Count(ch) => Reply::Count(self.local_count(dev_id, ch)),
+            Query::Members(ch) => Reply::Members(self.local_members(dev_id, ch)),
+            Query::Counts(names) => Reply::Counts(names.iter().map(|n| self.local_count(dev_id, n)).collect()),
+            Query::Subscribers(names) => Reply::Records(Records::Subscribers(self.local_subscribers(dev_id, names))),
+            Query::History(names) => Reply::Records(Records::History(
+                names
+                    .iter()
+                    .filter(|n| home(self, n))
+                    .map(|n| ChannelHistory {
+                        channel: n.clone(),
+                        messages: self.history.entries(dev_id, n).into_iter().map(Into::into).collect(),
+                    })
+                    .filter(|h| !h.messages.is_empty())
+                    .collect(),
+            )),
+            Query::HistoryDelete { names, ids } => {
+                let mut n = 0;
+                for name in names.iter().filter(|n| home_shard_of_channel(dev_id, n, shards) == me) {
+                    n += self.history.clear(dev_id, name);
+                }
+                if !ids.is_empty() {
+                    n += self.history.remove_ids(dev_id, ids);
+                }
+                Reply::Count(n)
+            }
+            Query::SettingsSet(items) => {
+                let mut n = 0;
+                for (name, len) in items.iter().filter(|(n, _)| home_shard_of_channel(dev_id, n, shards) == me) {
+                    self.history.set_length(dev_id, name, *len);
+                    n += 1;
+                }
+                Reply::Count(n)
+            }
+            Query::SettingsSelect(names) => {
+                Reply::Records(Records::Settings(self.history.settings(dev_id, names.as_deref())))
+            }
+            Query::SettingsDelete(names) => {
+                let mut n = 0;
+                for name in names.iter().filter(|n| home_shard_of_channel(dev_id, n, shards) == me) {
+                    n += self.history.remove_setting(dev_id, name) as u64;
+                }
+                Reply::Count(n)
+            }
+            Query::User(q) => self.answer_user(dev_id, q),
+            Query::Log(name) => {
+                if home(self, name) {
+                    Reply::Log(self.history.entries(dev_id, name))
+                } else {
+                    Reply::Log(Vec::new())
+                }
+            }
+        }
+    }
+
+    /// The local subscribers of `names` (`users_in_pipes`), channel by
+    /// channel in the order asked.
+    fn local_subscribers(&self, dev_id: u32, names: &[Arc<str>]) -> Vec<Subscriber> {
+        let mut subscribers = Vec::new();
+        for name in names {
+            let Some(ch) = self.find_channel(dev_id, name).and_then(|i| self.channels[i as usize].as_ref()) else {
+                continue;
+            };
+            for c in ch.subs.iter().filter_map(|&id| self.conns.get(id)) {
+                let info = c.info.as_ref();
+                subscribers.push(Subscriber {
+                    channel: name.clone(),
+                    user_id: c.user_id,
+                    uuid: c.uuid.to_string(),
+                    user_agent: info.map(|i| i.user_agent().to_string()),
+                    ip: info.and_then(|i| i.forwarded_ip()).map_or_else(|| c.peer.ip().to_string(), str::to_string),
+                    origin: info.map(|i| i.origin().to_string()),
+                    language: info.map(|i| i.language().to_string()),
+                });
+            }
+        }
+        subscribers
+    }
+
+    fn maybe_complete(&mut self, req: u64) {
+        if self.pending.get(&req).is_some_and(|p| p.remaining == 0)
+            && let Some(p) = self.pending.remove(&req)
+        {
+            let conn = p.then.conn();
+            let max = self.shared.config.max_pending;
+            let mut was_full = false;
+            if let Some(c) = self.conns.get_mut(conn) {
+                was_full = c.pending >= max;
+                c.pending = c.pending.saturating_sub(1);
+            }
+            self.complete(p);
+            if was_full {
+                // A backend connection stopped at --max-pending reads again.
+                self.resume(conn);
+                self.unpause();
+            }
+        }
+    }
+
+    /// Handles one message from another shard.
+    pub fn on_mail(&mut self, mail: Mail) {
+        match mail {
+            Mail::Deliver { publication, req } => {
+                let n = self.deliver_local(&publication);
+                if let Some((from, id)) = req {
+                    self.outbox.send(from, Mail::Reply { req: id, reply: Reply::Count(n) });
+                }
+            }
+            Mail::Ask { dev_id, query, req: (from, id) } => {
+                let reply = self.answer(dev_id, &query);
+                self.outbox.send(from, Mail::Reply { req: id, reply });
+            }
+            Mail::Reply { req, reply } => {
+                if let Some(p) = self.pending.get_mut(&req) {
+                    p.remaining -= 1;
+                    p.merge(reply);
+                    self.maybe_complete(req);
+                }
+            }
+            // The socket is the I/O layer's to register; it then calls `adopt`.
+            Mail::Handoff(h) => self.effects.push(Effect::Adopt(h)),
+        }
+    }
+
+    /// Seconds since the shard started, for `elapsed` checks.
+    pub fn uptime(&self) -> u32 {
+        self.now
+    }
+}

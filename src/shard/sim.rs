@@ -1,0 +1,1 @@
+//! In-process simulation of several shard cores (tests only).
