@@ -1,1 +1,575 @@
-//! In-process simulation of several shard cores (tests only).
+//! In-process simulation of several shard cores, for deterministic tests.
+//!
+//! [`Sim`] runs N [`ShardCore`]s of one process in one thread with a virtual
+//! clock. It plays the I/O layer's part: it feeds bytes to connections,
+//! "writes" their queued output into per-connection buffers (or leaves it
+//! queued, for a client that does not read), carries out effects, and passes
+//! mail between cores only when told to ([`Sim::settle`] passes it until
+//! nothing moves; [`Sim::run_local`] keeps it back), so the order in which
+//! answers come back can be chosen. No socket, task or real clock is
+//! involved, except that a hand-off carries a socket pair end because the
+//! mail type moves a real socket.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use super::ConnId;
+use super::conn::Flow;
+use super::core::{Effect, ShardCore, Shared};
+use super::mail::{Handoff, Mail};
+use crate::config::Config;
+use crate::mailbox::{self, Inbox};
+use crate::metrics::{Registry, ShardMetrics};
+
+/// A simulated client connection: where it lives now (a hand-off moves it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Client {
+    pub peer: SocketAddr,
+}
+
+/// Several cores, a virtual clock, and what each connection was sent.
+pub struct Sim {
+    pub cores: Vec<ShardCore>,
+    inboxes: Vec<Inbox<Mail>>,
+    now_ms: u64,
+    /// Where each client's connection is: (shard, id).
+    at: HashMap<SocketAddr, (usize, ConnId)>,
+    /// Bytes written to each client and not yet read by the test.
+    received: HashMap<SocketAddr, Vec<u8>>,
+    /// Clients whose connection the server closed (or shut for writing).
+    pub closed: HashSet<SocketAddr>,
+    /// Clients that do not read: their output stays queued.
+    stalled: HashSet<SocketAddr>,
+    next_port: u16,
+}
+
+/// Unix time the simulation starts at.
+const UNIX_START: i64 = 1_800_000_000;
+
+impl Sim {
+    /// `shards` cores of one process with `config`.
+    pub fn new(shards: usize, config: Config) -> Sim {
+        let registry = Arc::new(Registry {
+            shards: (0..shards).map(|_| Arc::new(ShardMetrics::default())).collect(),
+            io_backend: "sim",
+            started: std::time::Instant::now(),
+        });
+        let shared = Arc::new(Shared {
+            config: Arc::new(config),
+            registry,
+            shutdown: Arc::new(AtomicBool::new(false)),
+            conn_counts: Default::default(),
+            auth_failures: Default::default(),
+        });
+        let mut cores = Vec::new();
+        let mut inboxes = Vec::new();
+        for (i, (outbox, inbox)) in mailbox::mesh(shards, 64).into_iter().enumerate() {
+            let mut core = ShardCore::new(i, shards, shared.clone(), outbox);
+            core.set_clock(0, UNIX_START);
+            cores.push(core);
+            inboxes.push(inbox);
+        }
+        Sim {
+            cores,
+            inboxes,
+            now_ms: 0,
+            at: HashMap::new(),
+            received: HashMap::new(),
+            closed: HashSet::new(),
+            stalled: HashSet::new(),
+            next_port: 10_000,
+        }
+    }
+
+    /// A new client from `ip`, accepted by shard `shard` on the frontend
+    /// port (or the backend port); None when it was refused outright.
+    pub fn connect_from(&mut self, shard: usize, ip: &str, backend: bool) -> Option<Client> {
+        self.next_port += 1;
+        let peer: SocketAddr = format!("{ip}:{}", self.next_port).parse().expect("address");
+        let core = &mut self.cores[shard];
+        let id = if backend { Some(core.accept_backend(peer)) } else { core.accept(peer) }?;
+        self.at.insert(peer, (shard, id));
+        self.run_local();
+        Some(Client { peer })
+    }
+
+    /// A WebSocket client on shard `shard` that upgraded with `params`;
+    /// the 101 head is consumed.
+    pub fn websocket(&mut self, shard: usize, params: &str) -> Client {
+        let c = self.connect_from(shard, "10.0.0.1", false).expect("admitted");
+        self.send(c, upgrade(params).as_bytes());
+        self.settle();
+        let head = self.take(c);
+        let text = String::from_utf8_lossy(&head);
+        assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+        let end = text.find("\r\n\r\n").expect("a whole head") + 4;
+        self.received.insert(c.peer, head[end..].to_vec());
+        c
+    }
+
+    /// Where the client's connection lives now.
+    pub fn home(&self, c: Client) -> Option<(usize, ConnId)> {
+        self.at.get(&c.peer).copied()
+    }
+
+    /// Sends bytes from the client (delivered only if the core reads it
+    /// now; returns what the core said).
+    pub fn send(&mut self, c: Client, bytes: &[u8]) -> Flow {
+        let Some((shard, id)) = self.home(c) else {
+            return Flow::Gone;
+        };
+        let core = &mut self.cores[shard];
+        if !core.may_read(id) {
+            return Flow::Paused;
+        }
+        let mut data = bytes.to_vec();
+        let flow = core.readable(id, &mut data);
+        self.run_local();
+        flow
+    }
+
+    /// Sends a masked WebSocket text frame.
+    pub fn send_text(&mut self, c: Client, text: &str) -> Flow {
+        self.send(c, &masked(0x81, text.as_bytes()))
+    }
+
+    /// The client closes its connection.
+    pub fn hangup(&mut self, c: Client) {
+        if let Some((shard, id)) = self.home(c) {
+            self.cores[shard].hangup(id);
+            self.run_local();
+        }
+    }
+
+    /// Marks a client as not reading (its output stays queued) or reading.
+    pub fn stall(&mut self, c: Client, stalled: bool) {
+        if stalled {
+            self.stalled.insert(c.peer);
+        } else {
+            self.stalled.remove(&c.peer);
+            if let Some((shard, id)) = self.home(c) {
+                self.cores[shard].dirty.push(id);
+            }
+            self.run_local();
+        }
+    }
+
+    /// Carries out effects and writes output on every core, passing no mail.
+    pub fn run_local(&mut self) {
+        for shard in 0..self.cores.len() {
+            loop {
+                let effects = std::mem::take(&mut self.cores[shard].effects);
+                let dirty = std::mem::take(&mut self.cores[shard].dirty);
+                if effects.is_empty() && dirty.is_empty() {
+                    break;
+                }
+                for e in effects {
+                    self.apply(shard, e);
+                }
+                for id in dirty {
+                    self.write(shard, id);
+                }
+            }
+            self.cores[shard].unpaused = false;
+        }
+    }
+
+    /// Passes mail between cores (and runs them) until nothing moves.
+    pub fn settle(&mut self) {
+        loop {
+            self.run_local();
+            let mut moved = 0;
+            for shard in 0..self.cores.len() {
+                let mut batch = Vec::new();
+                moved += self.inboxes[shard].drain(usize::MAX, |m| batch.push(m));
+                for m in batch {
+                    self.cores[shard].on_mail(m);
+                }
+                self.cores[shard].outbox.recheck();
+            }
+            if moved == 0 {
+                self.run_local();
+                return;
+            }
+        }
+    }
+
+    /// Moves the virtual clock on by `ms`, ticking every core once per
+    /// second crossed, and settles.
+    pub fn advance(&mut self, ms: u64) {
+        let end = self.now_ms + ms;
+        while self.now_ms < end {
+            let step = (1000 - self.now_ms % 1000).min(end - self.now_ms);
+            self.now_ms += step;
+            for core in &mut self.cores {
+                core.set_clock(self.now_ms, UNIX_START + (self.now_ms / 1000) as i64);
+                if self.now_ms.is_multiple_of(1000) {
+                    core.tick();
+                }
+            }
+            self.settle();
+        }
+    }
+
+    fn apply(&mut self, shard: usize, e: Effect) {
+        match e {
+            Effect::Close(id) => {
+                if let Some(peer) = self.peer_of(shard, id) {
+                    self.closed.insert(peer);
+                    self.at.remove(&peer);
+                }
+            }
+            Effect::HandOff { id, to, peer, head } => {
+                self.at.remove(&peer);
+                let _ = id;
+                let (sock, _other) =
+                    socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket pair");
+                self.cores[shard].outbox.send(to, Mail::Handoff(Handoff { sock, peer, head }));
+            }
+            Effect::Adopt(h) => {
+                let id = self.cores[shard].adopt(h.peer, h.head);
+                if self.cores[shard].conns.get(id).is_some() {
+                    self.at.insert(h.peer, (shard, id));
+                }
+            }
+        }
+    }
+
+    fn peer_of(&self, shard: usize, id: ConnId) -> Option<SocketAddr> {
+        self.at.iter().find(|(_, at)| **at == (shard, id)).map(|(p, _)| *p)
+    }
+
+    fn write(&mut self, shard: usize, id: ConnId) {
+        let Some(peer) = self.peer_of(shard, id) else { return };
+        if self.stalled.contains(&peer) {
+            return;
+        }
+        let core = &mut self.cores[shard];
+        let Some(conn) = core.conns.get_mut(id) else { return };
+        let out = self.received.entry(peer).or_default();
+        while !conn.out.is_empty() {
+            let n: usize = conn.out.slices().iter().map(|s| s.len()).sum();
+            for s in conn.out.slices() {
+                out.extend_from_slice(&s);
+            }
+            conn.out.advance(n);
+        }
+        if core.flushed(id) {
+            self.closed.insert(peer);
+        }
+    }
+
+    /// Takes every byte the client was sent so far.
+    pub fn take(&mut self, c: Client) -> Vec<u8> {
+        self.received.remove(&c.peer).unwrap_or_default()
+    }
+
+    /// Takes the whole server frames the client was sent: (opcode, payload).
+    pub fn frames(&mut self, c: Client) -> Vec<(u8, Vec<u8>)> {
+        let bytes = self.take(c);
+        let mut frames = Vec::new();
+        let mut p = &bytes[..];
+        while p.len() >= 2 {
+            let (len, head) = match p[1] & 0x7F {
+                126 => (u16::from_be_bytes([p[2], p[3]]) as usize, 4),
+                127 => (u64::from_be_bytes(p[2..10].try_into().expect("8 bytes")) as usize, 10),
+                n => (n as usize, 2),
+            };
+            frames.push((p[0] & 0x0F, p[head..head + len].to_vec()));
+            p = &p[head + len..];
+        }
+        frames
+    }
+
+    /// The text messages the client was sent, as JSON.
+    pub fn messages(&mut self, c: Client) -> Vec<serde_json::Value> {
+        self.frames(c)
+            .into_iter()
+            .filter(|(op, _)| *op == 1)
+            .map(|(_, p)| serde_json::from_slice(&p).expect("JSON"))
+            .collect()
+    }
+
+    /// The close code the client was sent, if any.
+    pub fn close_code(&mut self, c: Client) -> Option<u16> {
+        self.frames(c).into_iter().find(|(op, _)| *op == 8).map(|(_, p)| u16::from_be_bytes([p[0], p[1]]))
+    }
+}
+
+/// A WebSocket upgrade request for `/ws/<params>`.
+pub fn upgrade(params: &str) -> String {
+    format!(
+        "GET /ws/{params} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// A masked client frame with first byte `first`.
+pub fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![first];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let key = [9u8, 8, 7, 6];
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::home_shard;
+
+    fn config() -> Config {
+        Config { shards: 2, ..Config::default() }
+    }
+
+    fn anon(uuid: &str) -> String {
+        format!("v=4&api=js&uuid={uuid}")
+    }
+
+    /// A subscriber of `channel` on `shard`, its serverInfo consumed.
+    fn subscriber(sim: &mut Sim, shard: usize, uuid: &str, channel: &str) -> Client {
+        let c = sim.websocket(shard, &anon(uuid));
+        sim.send_text(c, &format!("subscription\n{channel}"));
+        sim.settle();
+        let info = sim.messages(c);
+        assert_eq!(info[0]["event"], "serverInfo", "{info:?}");
+        c
+    }
+
+    #[test]
+    fn a_publish_reaches_every_subscriber_on_every_shard_once_and_the_report_counts_them() {
+        let mut sim = Sim::new(2, config());
+        let subs: Vec<Client> = (0..6).map(|i| subscriber(&mut sim, i % 2, &format!("s{i}"), "web_news")).collect();
+        let publisher = sim.websocket(0, &anon("pub"));
+        sim.messages(publisher);
+        sim.send_text(publisher, "web_pipe2\nweb_news\nupdate\n*\nhello");
+        // Before mail moves, only shard 0's subscribers have it and the
+        // report waits for shard 1's count.
+        assert_eq!(sim.messages(subs[0]).len(), 1);
+        assert!(sim.messages(subs[1]).is_empty());
+        assert!(sim.messages(publisher).is_empty());
+        sim.settle();
+        for (i, c) in subs.iter().enumerate().skip(1) {
+            let m = sim.messages(*c);
+            assert_eq!(m.len(), 1, "subscriber {i}: {m:?}");
+            assert_eq!(m[0]["data"], "hello");
+        }
+        let report = sim.messages(publisher);
+        assert_eq!(report[0]["data"]["number_messages"], 6, "{report:?}");
+    }
+
+    #[test]
+    fn a_connection_that_names_a_user_is_handed_to_the_users_home_shard() {
+        let mut sim = Sim::new(2, config());
+        let user = (1..100).find(|&u| home_shard(0, u, 2) == 1).expect("a user homed on shard 1");
+        let c = sim.connect_from(0, "10.0.0.9", false).expect("admitted");
+        sim.send(c, upgrade(&format!("v=4&api=js&myid={user}&sesion=nokey&uuid=h")).as_bytes());
+        assert_eq!(sim.home(c), None, "in flight between shards");
+        assert!(sim.cores[0].conns.is_empty());
+        sim.settle();
+        let (shard, _) = sim.home(c).expect("adopted");
+        assert_eq!(shard, 1);
+        let head = sim.take(c);
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        // Counted once in the process's connection counts.
+        assert_eq!(sim.cores[0].shared.conn_counts.total(), 1);
+    }
+
+    #[test]
+    fn presence_is_announced_across_shards_and_not_to_the_one_who_joined() {
+        let mut sim = Sim::new(2, config());
+        let a = subscriber(&mut sim, 0, "a", "track_room");
+        let b = subscriber(&mut sim, 1, "b", "track_room");
+        let to_a = sim.messages(a);
+        assert_eq!(to_a.len(), 1, "{to_a:?}");
+        assert_eq!(to_a[0]["event"], "subscription");
+        assert_eq!(to_a[0]["data"]["uuid"], "b");
+        assert!(sim.messages(b).is_empty(), "no echo of one's own presence");
+        // b leaves by closing: a hears it.
+        sim.send(b, &masked(0x88, &1000u16.to_be_bytes()));
+        sim.settle();
+        let to_a = sim.messages(a);
+        assert_eq!(to_a[0]["event"], "unsubscription", "{to_a:?}");
+    }
+
+    #[test]
+    fn cometql_answers_leave_in_query_order_when_gathers_finish_later() {
+        use crate::cometql::packet;
+        let mut sim = Sim::new(2, config());
+        let c = sim.connect_from(0, "10.0.0.5", true).expect("admitted");
+        let greeting = sim.take(c);
+        // The nonce: 8 bytes after the version string, 12 more later on.
+        let g = &greeting[4..];
+        let vend = g.iter().position(|&b| b == 0).expect("version");
+        let mut nonce = g[vend + 5..vend + 13].to_vec();
+        nonce.extend_from_slice(&g[vend + 14 + 2 + 1 + 2 + 2 + 1 + 10..][..12]);
+        let scramble = packet::native_scramble(b"comet", &nonce);
+        let mut login = Vec::new();
+        login.extend_from_slice(&(0x200u32 | 0x8000 | 0x80000).to_le_bytes());
+        login.extend_from_slice(&(1u32 << 24).to_le_bytes());
+        login.push(45);
+        login.extend_from_slice(&[0; 23]);
+        login.extend_from_slice(b"root\0");
+        login.push(20);
+        login.extend_from_slice(&scramble);
+        login.extend_from_slice(b"mysql_native_password\0");
+        let mut bytes = Vec::new();
+        packet::write_packet(&mut bytes, 1, &login);
+        sim.send(c, &bytes);
+        let ok = sim.take(c);
+        assert_eq!(ok[4], 0x00, "login OK");
+        // A gather (pipes counts from both shards) then an immediate answer.
+        let mut q = Vec::new();
+        for text in ["SELECT name, users FROM pipes WHERE name = 'web_x'", "SELECT 'second'"] {
+            let mut p = vec![0x03];
+            p.extend_from_slice(text.as_bytes());
+            packet::write_packet(&mut q, 0, &p);
+        }
+        sim.send(c, &q);
+        assert!(sim.take(c).is_empty(), "the second answer waits for the first");
+        sim.settle();
+        let answers = String::from_utf8_lossy(&sim.take(c)).into_owned();
+        let first = answers.find("web_x").expect("the first answer");
+        let second = answers.find("second").expect("the second answer");
+        assert!(first < second, "{answers:?}");
+    }
+
+    #[test]
+    fn a_client_over_the_rate_gets_one_error_a_second_and_4029_after_ten_seconds() {
+        let mut sim = Sim::new(2, Config { client_rate: 2, ..config() });
+        let c = sim.websocket(0, &anon("flood"));
+        sim.messages(c);
+        let mut errors = 0;
+        let mut handled = 0;
+        let mut close = None;
+        for _ in 0..12 {
+            for _ in 0..10 {
+                sim.send_text(c, "web_pipe2\nweb_x\ne\n*\nm");
+            }
+            sim.settle();
+            for (op, payload) in sim.frames(c) {
+                match op {
+                    8 => close = Some(u16::from_be_bytes([payload[0], payload[1]])),
+                    _ if String::from_utf8_lossy(&payload).contains("rate limit") => errors += 1,
+                    _ => handled += 1,
+                }
+            }
+            if close.is_some() {
+                break;
+            }
+            sim.advance(1000);
+        }
+        // A burst of 4, then 2 a second; the 2 admitted in the second of
+        // the close are handled but not reported (the connection is closing).
+        assert_eq!(handled, 4 + 2 * 9, "delivery reports");
+        assert_eq!(errors, 10, "one a second, for seconds 0..9; the 11th second closes");
+        assert_eq!(close, Some(4029));
+    }
+
+    #[test]
+    fn an_unfinished_frame_is_closed_with_1008_at_the_message_timeout() {
+        let mut sim = Sim::new(2, config());
+        let c = sim.websocket(0, &anon("slow"));
+        sim.messages(c);
+        let frame = masked(0x81, b"subscription\nweb_a");
+        sim.send(c, &frame[..5]);
+        for _ in 0..9 {
+            sim.advance(1000);
+            sim.send(c, &[]);
+        }
+        assert_eq!(sim.close_code(c), None, "still within 10 s");
+        sim.advance(1000);
+        assert_eq!(sim.close_code(c), Some(1008));
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_is_closed_at_the_outbound_limit_counting_overhead() {
+        let mut sim = Sim::new(1, Config { shards: 1, outbound_limit: 64 * 1024, client_rate: 1_000_000, ..config() });
+        let c = sim.websocket(0, &anon("nonreader"));
+        sim.messages(c);
+        sim.stall(c, true);
+        // Pongs of 2 bytes: at 66 bytes each, 993 fit in 64 KiB; the next
+        // one closes the connection.
+        let closes = |sim: &Sim| sim.cores[0].metrics.slow_consumer_closes.load(std::sync::atomic::Ordering::Relaxed);
+        let mut pings = 0;
+        while closes(&sim) == 0 && pings < 5000 {
+            sim.send(c, &masked(0x89, b""));
+            pings += 1;
+        }
+        assert_eq!(pings, 64 * 1024 / 66 + 1);
+        sim.stall(c, false);
+        assert_eq!(sim.close_code(c), Some(4008), "the queued pongs were dropped, the close sent");
+    }
+
+    #[test]
+    fn connections_past_the_limits_are_refused_with_429_then_503() {
+        let mut sim = Sim::new(2, Config { max_connections: 3, max_connections_per_ip: 2, ..config() });
+        let a = sim.connect_from(0, "10.1.0.1", false).expect("first");
+        sim.connect_from(1, "10.1.0.1", false).expect("second");
+        let refused = sim.connect_from(0, "10.1.0.1", false).expect("answered");
+        assert!(sim.take(refused).starts_with(b"HTTP/1.1 429"));
+        sim.connect_from(1, "10.1.0.2", false).expect("third");
+        let full = sim.connect_from(0, "10.1.0.3", false).expect("answered");
+        assert!(sim.take(full).starts_with(b"HTTP/1.1 503"));
+        // Backends are not counted.
+        let db = sim.connect_from(0, "10.1.0.3", true).expect("backend");
+        assert_eq!(sim.take(db)[4], 10, "a MySQL greeting (protocol 10)");
+        // A connection that goes frees its place.
+        sim.hangup(a);
+        let ok = sim.connect_from(1, "10.1.0.3", false).expect("admitted");
+        assert!(sim.take(ok).is_empty(), "no refusal");
+    }
+
+    #[test]
+    fn requests_waiting_for_other_shards_are_bounded_per_connection() {
+        let mut sim = Sim::new(2, Config { max_pending: 2, ..config() });
+        let c = sim.websocket(0, &anon("asker"));
+        sim.messages(c);
+        for _ in 0..3 {
+            sim.send_text(c, "pipe_count\nweb_q\nm\n");
+        }
+        let early = sim.messages(c);
+        assert_eq!(early.len(), 1, "{early:?}");
+        assert!(early[0].to_string().contains("too many requests waiting"), "{early:?}");
+        sim.settle();
+        assert_eq!(sim.messages(c).len(), 2, "the two admitted are answered");
+        sim.send_text(c, "pipe_count\nweb_q\nm\n");
+        sim.settle();
+        assert_eq!(sim.messages(c)[0]["data"]["user_in_pipe"], 0);
+    }
+
+    #[test]
+    fn mail_past_the_limit_stops_reading_until_the_receiver_drains() {
+        let mut sim = Sim::new(
+            2,
+            Config { mail_limit: 1 << 20, max_message_size: 1 << 20, outbound_limit: 16 << 20, ..config() },
+        );
+        let publisher = sim.websocket(0, &anon("pub"));
+        sim.messages(publisher);
+        let big = "z".repeat(200 * 1024);
+        let mut sent = 0;
+        while sim.send_text(publisher, &format!("web_pipe2\nweb_big\ne\n*\n{big}")) == Flow::Continue {
+            sent += 1;
+            assert!(sent < 20, "never congested");
+        }
+        let id = sim.home(publisher).expect("open").1;
+        assert!(!sim.cores[0].may_read(id), "reading stopped");
+        assert_eq!(sim.send_text(publisher, "web_pipe2\nweb_big\ne\n*\nx"), Flow::Paused);
+        sim.settle();
+        assert!(sim.cores[0].may_read(id), "reading resumed once the other shard drained");
+        let reports = sim.messages(publisher);
+        assert_eq!(reports.len(), sent + 1, "every publish was reported: {}", reports.len());
+    }
+}
