@@ -780,7 +780,8 @@ fn pump(conns: &mut [Pumped], t0: Instant, stop: &AtomicBool) {
         for (i, c) in conns.iter().enumerate() {
             if c.closed_at.is_none() {
                 live.push(i);
-                let events = libc::POLLOUT | if c.reads { libc::POLLIN } else { 0 };
+                // A client that never reads still sees the server's FIN.
+                let events = libc::POLLOUT | if c.reads { libc::POLLIN } else { libc::POLLRDHUP };
                 fds.push(libc::pollfd { fd: c.s.as_raw_fd(), events, revents: 0 });
             }
         }
@@ -804,7 +805,7 @@ fn pump(conns: &mut [Pumped], t0: Instant, stop: &AtomicBool) {
             if c.closed_at.is_none() && re & libc::POLLOUT != 0 {
                 c.write_some(t0);
             }
-            if c.closed_at.is_none() && re & (libc::POLLHUP | libc::POLLERR) != 0 {
+            if c.closed_at.is_none() && re & (libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) != 0 {
                 c.close(t0);
             }
         }
