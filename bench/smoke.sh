@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A short run of every comet-bench scenario (seconds, small N), so the tool
 # keeps working; CI runs it. Checks zero loss where loss is measurable and
-# that slow clients are closed with 4008.
+# that slow clients are closed with 4008; the attack scenarios only have to
+# finish.
 # Usage: bench/smoke.sh [target-dir-profile]   (default: debug)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,5 +41,24 @@ check "$out/churn.json" 'f[0]["connections"] > 0 and f[0]["delivered"] > 0'
 check "$out/slow.json" 'f[0]["extra"]["server slow-consumer closes (4008)"] == 5'
 "$B" "${common[@]}" compare fanout --subs 200 --rate 20 --seconds 1 --json "$out/compare.json"
 check "$out/compare.json" 'sorted(x["target"] for x in f) == ["comet", "nchan", "node-ws"] and all(x["loss"] == 0 for x in f)'
+# Hostile traffic: each attack runs to completion at a small size. Their
+# targets are not enforced here (the fixes they measure may not be merged).
+attack() { # name, then the scenario and its flags
+  local name=$1
+  shift
+  "$B" "${common[@]}" attack "$@" --json "$out/attack-$name.json"
+  check "$out/attack-$name.json" 'f[0]["scenario"].startswith("attack") and len(f[0]["checks"]) > 0'
+}
+attack flood flood --attackers 5 --subs 20 --seconds 2
+attack flood-count flood --kind pipe-count --attackers 5 --subs 20 --seconds 2 --subs-never-read
+attack like like --percents 2,4 --timeout 5
+attack nonreader nonreader --clients 3 --seconds 2
+attack nonreader-echo nonreader --echo --clients 3 --seconds 2 --size 1024
+attack slowloris slowloris --clients 3 --message-timeout 1 --seconds 2
+attack slowloris-head slowloris --mode head --clients 3 --message-timeout 1 --seconds 2
+attack exhaust exhaust --conns 200 --procs 2
+attack bigquery bigquery --mib 1,2
+attack errsize errsize --bytes 65536
+attack logins logins --seconds 1
 rm -rf "$out"
 echo "bench smoke: all scenarios ran"

@@ -10,6 +10,7 @@
 //! Output: a table on stdout, `--json FILE` with every figure, `--svg FILE`
 //! with the latency distribution, and a progress line on stderr.
 
+mod attack;
 mod proc;
 mod report;
 mod target;
@@ -70,6 +71,10 @@ struct Global {
     /// comet's --io when spawned.
     #[arg(long, default_value = "auto", global = true)]
     io: String,
+    /// One more flag for a spawned comet, e.g. `--server-arg=--max-query-size=67108864`
+    /// (repeatable; comet only).
+    #[arg(long = "server-arg", global = true, allow_hyphen_values = true)]
+    server_args: Vec<String>,
     /// Spread client sockets over this many source addresses 127.0.0.x.
     #[arg(long, default_value_t = 4, global = true)]
     sources: u8,
@@ -98,6 +103,12 @@ enum Cmd {
     Churn(ChurnArgs),
     /// comet: clients that stop reading; bounded server memory, 4008 closes.
     Slow(SlowArgs),
+    /// comet: hostile traffic, one attack of the hardening issue per scenario,
+    /// with the issue's targets printed as PASS/FAIL.
+    Attack {
+        #[command(subcommand)]
+        scenario: attack::Attack,
+    },
     /// Run a scenario against comet, nchan and node-ws; print comet/peer ratios.
     Compare {
         #[command(subcommand)]
@@ -274,6 +285,10 @@ fn main() {
     let g = cli.g.clone();
     let results: Vec<Figures> = match cli.cmd {
         Cmd::Compare { scenario } => compare(&g, scenario),
+        Cmd::Attack { scenario } => match attack::main(&g, &scenario) {
+            Some(f) => vec![f],
+            None => return,
+        },
         Cmd::UsersMem { users, queued } => {
             users_mem(users, queued);
             return;
@@ -323,6 +338,8 @@ fn spawn_opts(g: &Global) -> Spawn {
         io: g.io.clone(),
         password: g.password.clone(),
         bench_dir,
+        extra_args: g.server_args.clone(),
+        log: None,
     }
 }
 

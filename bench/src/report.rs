@@ -42,6 +42,35 @@ pub struct Figures {
     pub extra: BTreeMap<String, f64>,
     /// (percentile, ms) points of the latency distribution.
     pub latency_curve: Vec<(f64, f64)>,
+    /// Targets a hostile-traffic scenario holds the server to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Check>,
+}
+
+/// One target of a hostile-traffic scenario: `value` must stay at or
+/// below `limit` (or, with `at_least`, reach it).
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub what: String,
+    pub value: f64,
+    pub limit: f64,
+    pub unit: String,
+    pub at_least: bool,
+    pub pass: bool,
+}
+
+impl Figures {
+    /// Records a target that `value` must not exceed.
+    pub fn check_at_most(&mut self, what: &str, value: f64, limit: f64, unit: &str) {
+        let pass = value <= limit;
+        self.checks.push(Check { what: what.into(), value, limit, unit: unit.into(), at_least: false, pass });
+    }
+
+    /// Records a target that `value` must reach.
+    pub fn check_at_least(&mut self, what: &str, value: f64, limit: f64, unit: &str) {
+        let pass = value >= limit;
+        self.checks.push(Check { what: what.into(), value, limit, unit: unit.into(), at_least: true, pass });
+    }
 }
 
 impl Figures {
@@ -94,32 +123,61 @@ pub fn print_table(all: &[Figures]) {
         ("server RSS bytes / connection", |f| f.rss_bytes_per_conn, ""),
         ("handshakes/s", |f| f.handshakes_per_sec, ""),
     ];
+    let keys: std::collections::BTreeSet<&String> = all.iter().flat_map(|f| f.extra.keys()).collect();
+    let w = keys.iter().map(|k| k.chars().count() + 1).max().unwrap_or(0).max(36);
     let mut out = String::new();
-    let _ = write!(out, "{:<36}", format!("{} ", all.first().map_or("", |f| f.scenario.as_str())));
+    let _ = write!(out, "{:<w$}", format!("{} ", all.first().map_or("", |f| f.scenario.as_str())));
     for f in all {
         let _ = write!(out, "{:>16}", f.target);
     }
     out.push('\n');
     for (name, get, _) in rows {
-        if all.iter().all(|f| get(f) == 0.0) && name != "loss" {
+        // Loss is shown even when zero, except for attacks, which count none.
+        let loss_counts = all.iter().any(|f| !f.scenario.starts_with("attack"));
+        if all.iter().all(|f| get(f) == 0.0) && (name != "loss" || !loss_counts) {
             continue;
         }
-        let _ = write!(out, "{name:<36}");
+        let _ = write!(out, "{name:<w$}");
         for f in all {
             let v = get(f);
             let _ = if v.fract() == 0.0 { write!(out, "{:>16}", v as u64) } else { write!(out, "{v:>16.3}") };
         }
         out.push('\n');
     }
-    let keys: std::collections::BTreeSet<&String> = all.iter().flat_map(|f| f.extra.keys()).collect();
     for k in keys {
-        let _ = write!(out, "{k:<36}");
+        let _ = write!(out, "{k:<w$}");
         for f in all {
             let _ = write!(out, "{:>16.3}", f.extra.get(k).copied().unwrap_or(0.0));
         }
         out.push('\n');
     }
+    for f in all.iter().filter(|f| !f.checks.is_empty()) {
+        let _ = writeln!(out, "targets ({}):", f.target);
+        for c in &f.checks {
+            let op = if c.at_least { ">=" } else { "<=" };
+            let verdict = if c.pass { "PASS" } else { "FAIL" };
+            let _ = writeln!(
+                out,
+                "  {verdict}  {:<48} {:>12} {op} {} {}",
+                c.what,
+                format_value(c.value),
+                format_value(c.limit),
+                c.unit
+            );
+        }
+    }
     print!("{out}");
+}
+
+/// A figure without needless decimals.
+fn format_value(v: f64) -> String {
+    if v.is_infinite() {
+        "inf".into()
+    } else if v.fract() == 0.0 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v:.3}")
+    }
 }
 
 /// comet / peer ratios: below 1 is better for comet on CPU, latency and

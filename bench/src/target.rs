@@ -39,6 +39,10 @@ pub struct Spawn {
     pub password: String,
     /// The repository's bench/ folder (for the peers' files).
     pub bench_dir: PathBuf,
+    /// More flags for a spawned comet (`--server-arg`), after the bench's own.
+    pub extra_args: Vec<String>,
+    /// Where a spawned server's stdout and stderr go (default: discarded).
+    pub log: Option<PathBuf>,
 }
 
 /// A running (or attached) server.
@@ -95,6 +99,7 @@ impl Target {
                     "--password",
                     &s.password,
                 ]);
+                c.args(&s.extra_args);
                 c
             }
             Kind::Nchan => {
@@ -118,7 +123,14 @@ impl Target {
                 c
             }
         };
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        let (out, err) = match &s.log {
+            Some(p) => {
+                let f = std::fs::File::create(p)?;
+                (Stdio::from(f.try_clone()?), Stdio::from(f))
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
+        let mut child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn()?;
         for addr in std::iter::once(front).chain(back) {
             wait_port(addr, &mut child, kind.name())?;
         }

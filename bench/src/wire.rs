@@ -14,18 +14,36 @@ pub fn epoch_us() -> u64 {
 
 /// Connects from source address 127.0.0.`source`.
 pub fn connect_from(server: &SocketAddr, source: u8) -> std::io::Result<TcpStream> {
+    connect_within(server, source, None)
+}
+
+/// Connects from 127.0.0.`source`, giving up after `timeout` (a full
+/// listen backlog drops SYNs, and the kernel retries them for minutes).
+pub fn connect_within(server: &SocketAddr, source: u8, timeout: Option<Duration>) -> std::io::Result<TcpStream> {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     let local: SocketAddr = format!("127.0.0.{source}:0").parse().expect("address");
     sock.bind(&local.into())?;
-    sock.connect(&(*server).into())?;
+    match timeout {
+        Some(t) => sock.connect_timeout(&(*server).into(), t)?,
+        None => sock.connect(&(*server).into())?,
+    }
     let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    s.set_read_timeout(Some(timeout.unwrap_or(Duration::from_secs(15))))?;
     s.set_nodelay(true)?;
     Ok(s)
 }
 
 /// Sends an upgrade request for `path` and reads past the 101 head.
 pub fn ws_handshake(s: &mut TcpStream, path: &str) -> std::io::Result<()> {
+    match ws_upgrade(s, path)? {
+        (101, _) => Ok(()),
+        (_, head) => Err(std::io::Error::other(format!("upgrade refused: {head}"))),
+    }
+}
+
+/// Sends an upgrade request for `path` and reads the answer's head; returns
+/// its status code (101 when upgraded) and the head as text.
+pub fn ws_upgrade(s: &mut TcpStream, path: &str) -> std::io::Result<(u16, String)> {
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -41,30 +59,38 @@ pub fn ws_handshake(s: &mut TcpStream, path: &str) -> std::io::Result<()> {
             return Err(std::io::Error::other("handshake answer too long"));
         }
     }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        return Err(std::io::Error::other(format!("upgrade refused: {}", String::from_utf8_lossy(&head))));
-    }
-    Ok(())
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, head))
 }
 
 /// Sends a masked text frame.
 pub fn send_text(s: &mut TcpStream, text: &str) -> std::io::Result<()> {
-    let p = text.as_bytes();
-    let mut v = Vec::with_capacity(p.len() + 14);
-    v.push(0x81);
-    if p.len() < 126 {
-        v.push(0x80 | p.len() as u8);
-    } else if p.len() <= 0xFFFF {
-        v.push(0x80 | 126);
-        v.extend_from_slice(&(p.len() as u16).to_be_bytes());
-    } else {
-        v.push(0x80 | 127);
-        v.extend_from_slice(&(p.len() as u64).to_be_bytes());
-    }
+    let mut v = Vec::with_capacity(text.len() + 14);
+    encode_masked(0x1, text.as_bytes(), &mut v);
+    s.write_all(&v)
+}
+
+/// Appends a masked client frame (FIN set) with `opcode` and `p` to `v`.
+pub fn encode_masked(opcode: u8, p: &[u8], v: &mut Vec<u8>) {
+    v.push(0x80 | opcode);
+    push_masked_len(p.len(), v);
     let key = [0x11u8, 0x22, 0x33, 0x44];
     v.extend_from_slice(&key);
     v.extend(p.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    s.write_all(&v)
+}
+
+/// Appends the second header byte (mask bit set) and any extended length.
+pub fn push_masked_len(len: usize, v: &mut Vec<u8>) {
+    if len < 126 {
+        v.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        v.push(0x80 | 126);
+        v.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        v.push(0x80 | 127);
+        v.extend_from_slice(&(len as u64).to_be_bytes());
+    }
 }
 
 /// Parses one unmasked server frame: (opcode, payload start, total length).
@@ -147,13 +173,36 @@ pub fn lenenc(p: &mut &[u8]) -> u64 {
 
 /// Logs in to CometQL with mysql_native_password.
 pub fn mysql_login(addr: &SocketAddr, password: &str) -> std::io::Result<TcpStream> {
-    use sha1::{Digest, Sha1};
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
-    let g = mysql_read(&mut s)?;
+    mysql_auth(&mut s, password)?;
+    Ok(s)
+}
+
+/// Reads the greeting and answers it with `password`; Ok once the server
+/// says OK, else the server's error packet as text.
+pub fn mysql_auth(s: &mut TcpStream, password: &str) -> std::io::Result<()> {
+    let g = mysql_read(s)?;
+    if g.first() == Some(&0xFF) {
+        return Err(std::io::Error::other(format!("refused before login: {}", String::from_utf8_lossy(&g))));
+    }
+    s.write_all(&native_auth_response(&g, password)?)?;
+    let ok = mysql_read(s)?;
+    if ok.first() != Some(&0) {
+        return Err(std::io::Error::other(format!("login refused: {}", String::from_utf8_lossy(&ok))));
+    }
+    Ok(())
+}
+
+/// The handshake response packet (sequence 1) that answers `greeting`
+/// as user `root` with mysql_native_password.
+pub fn native_auth_response(greeting: &[u8], password: &str) -> std::io::Result<Vec<u8>> {
+    use sha1::{Digest, Sha1};
+    let g = greeting;
     let vend = g.iter().position(|&b| b == 0).ok_or_else(|| std::io::Error::other("bad greeting"))?;
-    let mut nonce = g[vend + 5..vend + 13].to_vec();
-    nonce.extend_from_slice(&g[vend + 32..vend + 44]);
+    let bad = || std::io::Error::other("greeting too short");
+    let mut nonce = g.get(vend + 5..vend + 13).ok_or_else(bad)?.to_vec();
+    nonce.extend_from_slice(g.get(vend + 32..vend + 44).ok_or_else(bad)?);
     let h1: [u8; 20] = Sha1::digest(password.as_bytes()).into();
     let h2: [u8; 20] = Sha1::digest(h1).into();
     let mut h = Sha1::new();
@@ -172,12 +221,7 @@ pub fn mysql_login(addr: &SocketAddr, password: &str) -> std::io::Result<TcpStre
     p.extend_from_slice(b"mysql_native_password\0");
     let mut out = Vec::new();
     mysql_packet(&mut out, 1, &p);
-    s.write_all(&out)?;
-    let ok = mysql_read(&mut s)?;
-    if ok.first() != Some(&0) {
-        return Err(std::io::Error::other(format!("login refused: {}", String::from_utf8_lossy(&ok))));
-    }
-    Ok(s)
+    Ok(out)
 }
 
 /// Runs one query and returns affected rows (OK) or an error.
