@@ -282,6 +282,7 @@ pub fn main(g: &Global, attack: &Attack) -> Option<Figures> {
         let mut opts = crate::spawn_opts(g);
         opts.extra_args = server_flags(attack, &g.server_args);
         opts.log = log.clone();
+        opts.lift_per_ip_limit = false;
         Target::spawn(Kind::Comet, &opts).unwrap_or_else(|e| die(&format!("cannot start comet: {e}")))
     } else {
         Target::attach(Kind::Comet, g.server, Some(g.backend), &g.password, g.pid)

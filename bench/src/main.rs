@@ -340,6 +340,7 @@ fn spawn_opts(g: &Global) -> Spawn {
         bench_dir,
         extra_args: g.server_args.clone(),
         log: None,
+        lift_per_ip_limit: true,
     }
 }
 

@@ -43,6 +43,11 @@ pub struct Spawn {
     pub extra_args: Vec<String>,
     /// Where a spawned server's stdout and stderr go (default: discarded).
     pub log: Option<PathBuf>,
+    /// A load test from a few loopback addresses: lift comet's per-address
+    /// connection limit (through the environment, which older builds
+    /// ignore, so old and new binaries run the same command). Attack
+    /// scenarios leave comet's defaults alone.
+    pub lift_per_ip_limit: bool,
 }
 
 /// A running (or attached) server.
@@ -100,6 +105,9 @@ impl Target {
                     &s.password,
                 ]);
                 c.args(&s.extra_args);
+                if s.lift_per_ip_limit {
+                    c.env("COMET_MAX_CONNECTIONS_PER_IP", "10000000");
+                }
                 c
             }
             Kind::Nchan => {

@@ -39,6 +39,11 @@ const MAX_REFUSING: usize = 64;
 const REFUSAL_LINGER: u32 = 1;
 /// Seconds a refused client is asked to wait (`Retry-After`).
 const REFUSAL_RETRY_SECS: u32 = 5;
+/// Deliveries one connection's commands may make in one turn before the
+/// rest of its input waits for the next turn: a burst of publishes to a
+/// large channel must not keep every other connection of the shard waiting
+/// (about 10 ms of fan-out here).
+pub const WORK_PER_WAKE: usize = 4096;
 /// Close code for a client that kept exceeding `--client-rate`.
 pub const CLOSE_RATE_LIMIT: CloseCode = CloseCode(4029);
 /// Seconds a closing connection waits for the peer's close.
@@ -195,6 +200,9 @@ pub enum Flow {
     /// Do not read: the shard's mail is congested, or this connection has
     /// as many requests waiting as it may. Wait until the shard says so.
     Paused,
+    /// This connection's commands made a turn's worth of work: let the
+    /// other connections run, then [`ShardCore::resume`] it.
+    Yield,
     /// The connection is gone from the shard: stop.
     Gone,
 }
@@ -313,7 +321,7 @@ impl ShardCore {
         if self.feed(id, data) == Flow::Gone {
             return Flow::Gone;
         }
-        if self.may_read(id) { Flow::Continue } else { Flow::Paused }
+        self.next_flow(id)
     }
 
     /// The peer closed the connection, or reading or writing it failed.
@@ -374,12 +382,31 @@ impl ShardCore {
         }
     }
 
-    /// Resumes a connection that stopped being read: handles the input it
-    /// had buffered (a backend connection stops mid-buffer when it reaches
-    /// `--max-pending`).
-    pub fn resume(&mut self, id: ConnId) {
-        if self.conns.get(id).is_some_and(|c| !c.inbuf.is_empty() && c.phase == Phase::Sql) && self.may_read(id) {
+    /// Resumes a connection that stopped being read or yielded its turn:
+    /// handles the complete commands it had buffered (a backend connection
+    /// stops mid-buffer at `--max-pending`; any connection stops after
+    /// [`WORK_PER_WAKE`] deliveries). The caller resets [`ShardCore::work`]
+    /// first; the answer says what to do next, as for [`ShardCore::readable`].
+    pub fn resume(&mut self, id: ConnId) -> Flow {
+        let Some(c) = self.conns.get(id) else {
+            return Flow::Gone;
+        };
+        if !c.inbuf.is_empty() && matches!(c.phase, Phase::Sql | Phase::Comet | Phase::Echo) && self.may_read(id) {
             self.feed(id, &mut []);
+        }
+        self.next_flow(id)
+    }
+
+    /// After handling input: keep reading, yield the turn, pause, or stop.
+    fn next_flow(&self, id: ConnId) -> Flow {
+        if self.conns.get(id).is_none() {
+            Flow::Gone
+        } else if !self.may_read(id) {
+            Flow::Paused
+        } else if self.work >= WORK_PER_WAKE {
+            Flow::Yield
+        } else {
+            Flow::Continue
         }
     }
 
@@ -569,6 +596,11 @@ impl ShardCore {
             }
             if self.conns.get(id).is_none_or(|c| !matches!(c.phase, Phase::Comet | Phase::Echo)) {
                 pos = buf.len();
+                break;
+            }
+            if self.work >= WORK_PER_WAKE {
+                // Enough fan-out for one turn: the rest stays buffered and
+                // is handled after the other connections had theirs.
                 break;
             }
         }

@@ -147,6 +147,9 @@ pub struct ShardCore {
     pub dirty: Vec<ConnId>,
     /// Effects for the I/O layer, in order.
     pub effects: Vec<Effect>,
+    /// Deliveries made since the I/O layer last reset it: the measure of a
+    /// turn's work (see [`super::conn::WORK_PER_WAKE`]).
+    pub work: usize,
     /// Something that kept connections from being read may have changed
     /// (mail drained, answers came back): the I/O layer re-checks them.
     pub unpaused: bool,
@@ -204,6 +207,7 @@ impl ShardCore {
             next_req: 0,
             dirty: Vec::new(),
             effects: Vec::new(),
+            work: 0,
             unpaused: false,
             now: 0,
             now_ms: 0,
@@ -368,6 +372,7 @@ impl ShardCore {
             delivered += 1;
         }
         ShardMetrics::add(&self.metrics.messages_out, delivered);
+        self.work += 1 + delivered as usize;
         for id in slow {
             self.close_slow_consumer(id);
         }

@@ -33,6 +33,9 @@ use crate::metrics::ShardMetrics;
 
 /// Reads per readiness event before yielding to other connections.
 const READS_PER_WAKE: usize = 8;
+/// Deliveries the mailbox task makes per turn (a connection makes
+/// [`super::conn::WORK_PER_WAKE`]).
+const MAIL_WORK_PER_TURN: usize = 16 * super::conn::WORK_PER_WAKE;
 
 /// One connection's socket, with the generation of the id it belongs to.
 struct Sock {
@@ -283,6 +286,7 @@ impl Shard {
         if !self.core.may_read(id) {
             return Flow::Paused;
         }
+        self.core.work = 0;
         let mut flow = Flow::Continue;
         for _ in 0..READS_PER_WAKE {
             match (&*fd).read(&mut self.scratch) {
@@ -399,9 +403,19 @@ async fn run_conn(id: ConnId, fd: SharedFd<Socket>) {
             with_shard(|s| s.core.hangup(id));
             return;
         }
-        match with_shard(|s| s.on_readable(id)) {
+        let mut flow = with_shard(|s| s.on_readable(id));
+        // A turn's worth of work done: let the others run, then go on with
+        // what this connection has buffered.
+        while flow == Flow::Yield {
+            yield_now().await;
+            flow = with_shard(|s| {
+                s.core.work = 0;
+                s.core.resume(id)
+            });
+        }
+        match flow {
             Flow::Gone => return,
-            Flow::Continue => {}
+            Flow::Continue | Flow::Yield => {}
             Flow::Paused => {
                 if !wait_until_readable_allowed(id).await {
                     return;
@@ -432,11 +446,16 @@ async fn wait_until_readable_allowed(id: ConnId) -> bool {
             return false;
         }
         // Commands buffered before the pause may pause it again.
-        if with_shard(|s| {
-            s.core.resume(id);
-            s.core.may_read(id)
-        }) {
-            return true;
+        loop {
+            match with_shard(|s| {
+                s.core.work = 0;
+                s.core.resume(id)
+            }) {
+                Flow::Gone => return false,
+                Flow::Continue => return true,
+                Flow::Yield => yield_now().await,
+                Flow::Paused => break,
+            }
         }
     }
 }
@@ -483,19 +502,27 @@ async fn yield_now() {
 /// its own overflow and ends read backpressure when a receiver pokes it;
 /// starts shutdown when the main thread asks for it.
 pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
-    let mut batch: Vec<Mail> = Vec::with_capacity(256);
+    let mut batch: std::collections::VecDeque<Mail> = std::collections::VecDeque::with_capacity(256);
     loop {
-        inbox.drain(256, |m| batch.push(m));
+        if batch.is_empty() {
+            inbox.drain(256, |m| batch.push_back(m));
+        }
         with_shard(|s| {
             s.clock();
-            for m in batch.drain(..) {
+            // Mail gets a larger turn than a connection (it carries the
+            // work of every other shard's connections and the answers
+            // they wait for), but still a bounded one.
+            s.core.work = 0;
+            while s.core.work < MAIL_WORK_PER_TURN
+                && let Some(m) = batch.pop_front()
+            {
                 s.core.on_mail(m);
             }
             if s.core.outbox.recheck() {
                 s.core.unpause();
             }
         });
-        if inbox.has_mail() {
+        if !batch.is_empty() || inbox.has_mail() {
             yield_now().await;
             continue;
         }

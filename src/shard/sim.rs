@@ -125,7 +125,14 @@ impl Sim {
             return Flow::Paused;
         }
         let mut data = bytes.to_vec();
-        let flow = core.readable(id, &mut data);
+        core.work = 0;
+        let mut flow = core.readable(id, &mut data);
+        while flow == Flow::Yield {
+            self.run_local();
+            let core = &mut self.cores[shard];
+            core.work = 0;
+            flow = core.resume(id);
+        }
         self.run_local();
         flow
     }
@@ -571,5 +578,39 @@ mod tests {
         assert!(sim.cores[0].may_read(id), "reading resumed once the other shard drained");
         let reports = sim.messages(publisher);
         assert_eq!(reports.len(), sent + 1, "every publish was reported: {}", reports.len());
+    }
+
+    #[test]
+    fn a_burst_of_publishes_to_a_big_channel_yields_its_turn_and_loses_nothing() {
+        let mut sim = Sim::new(1, Config { shards: 1, client_rate: 1000, max_connections_per_ip: 100_000, ..config() });
+        let subs: Vec<Client> = (0..1500).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_big")).collect();
+        let publisher = sim.websocket(0, &anon("pub"));
+        sim.messages(publisher);
+        let burst: Vec<u8> =
+            (0..10).flat_map(|i| masked(0x81, format!("web_pipe2\nweb_big\ne\n*\n{i}").as_bytes())).collect();
+        let id = sim.home(publisher).expect("open").1;
+        let core = &mut sim.cores[0];
+        core.work = 0;
+        let mut data = burst.clone();
+        // 1,500 deliveries a publish: the turn ends after the third.
+        assert_eq!(core.readable(id, &mut data), Flow::Yield);
+        let mut turns = 1;
+        loop {
+            sim.run_local();
+            let core = &mut sim.cores[0];
+            core.work = 0;
+            match core.resume(id) {
+                Flow::Yield => turns += 1,
+                Flow::Continue => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        sim.run_local();
+        assert_eq!(turns + 1, 4, "10 publishes in turns of 3");
+        for c in subs.iter().step_by(100) {
+            let got: Vec<String> =
+                sim.messages(*c).iter().map(|m| m["data"].as_str().unwrap_or_default().to_string()).collect();
+            assert_eq!(got, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
+        }
     }
 }

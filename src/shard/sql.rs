@@ -198,9 +198,9 @@ impl ShardCore {
                 continue;
             }
             let authenticated = sc.session.is_authenticated();
-            if authenticated && !self.may_read(id) {
-                // --max-pending reached, or the shard's mail is congested:
-                // leave the rest buffered until answers come back.
+            if authenticated && (!self.may_read(id) || self.work >= super::conn::WORK_PER_WAKE) {
+                // --max-pending reached, the shard's mail is congested, or
+                // this turn's work is done: leave the rest buffered.
                 break;
             }
             let Some(sc) = self.sql(id) else { return buf.len() };
