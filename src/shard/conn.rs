@@ -403,7 +403,7 @@ impl ShardCore {
             Flow::Gone
         } else if !self.may_read(id) {
             Flow::Paused
-        } else if self.work >= WORK_PER_WAKE {
+        } else if self.work >= WORK_PER_WAKE && self.conns.get(id).is_some_and(|c| c.phase != Phase::Sql) {
             Flow::Yield
         } else {
             Flow::Continue

@@ -198,9 +198,13 @@ impl ShardCore {
                 continue;
             }
             let authenticated = sc.session.is_authenticated();
-            if authenticated && (!self.may_read(id) || self.work >= super::conn::WORK_PER_WAKE) {
-                // --max-pending reached, the shard's mail is congested, or
-                // this turn's work is done: leave the rest buffered.
+            // Backend queries are not held to a connection's turn of work:
+            // an authenticated backend publishing is what the server is
+            // for, and a pipelined batch then goes out as one write per
+            // subscriber. --max-pending and mail backpressure bound it.
+            if authenticated && !self.may_read(id) {
+                // --max-pending reached, or the shard's mail is congested:
+                // leave the rest buffered until answers come back.
                 break;
             }
             let Some(sc) = self.sql(id) else { return buf.len() };
