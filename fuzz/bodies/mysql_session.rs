@@ -239,8 +239,7 @@ impl Conn {
             | Plan::HistorySelect { names, proj } => rows_for(&names, &proj),
             Plan::SettingsSelect { names, proj } => rows_for(&names.unwrap_or_default(), &proj),
             Plan::User { proj: Some(proj), query, .. } => {
-                let ids: Vec<String> =
-                    query.user_ids().unwrap_or_default().iter().map(|id| id.to_string()).collect();
+                let ids: Vec<String> = query.user_ids().unwrap_or_default().iter().map(|id| id.to_string()).collect();
                 rows_for(&ids, &proj)
             }
             Plan::User { last_insert_id, .. } => StmtResult::Ok { affected: 1, last_insert_id },

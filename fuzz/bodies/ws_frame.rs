@@ -13,7 +13,10 @@ use comet::ws::{CloseCode, Decoder, Event, Opcode, encode_close, encode_frame, f
 /// What one `decode` call produced, owned so two runs can be compared.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seen {
-    Message { text: bool, payload: Vec<u8> },
+    Message {
+        text: bool,
+        payload: Vec<u8>,
+    },
     Ping(Vec<u8>),
     Pong,
     Close(Option<u16>),
