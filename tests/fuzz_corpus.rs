@@ -26,9 +26,12 @@ mod ws_frame;
 #[path = "../fuzz/bodies/ws_handshake.rs"]
 mod ws_handshake;
 
+/// A fuzz body: the same `run` the cargo-fuzz target calls.
+type Body = fn(&[u8]);
+
 /// Every fuzz target and its body; `every_target_is_replayed` keeps this
 /// list in step with `fuzz/fuzz_targets/`.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Body)] = &[
     ("cometql", cometql::run),
     ("command", command::run),
     ("jwt", jwt::run),

@@ -11,6 +11,7 @@
 //! bodies must also give back exactly the values they encoded.
 
 use comet::cometql::lexer::{Tok, lex};
+use comet::cometql::packet;
 use comet::cometql::prepared::{self, Prepared};
 
 pub fn run(data: &[u8]) {
@@ -151,7 +152,7 @@ fn build(mut d: &[u8]) -> (Vec<u8>, Vec<Want>) {
             _ => {
                 let len = next(1)[0] as usize;
                 let b = next(len);
-                vals.push(len as u8);
+                packet::put_lenenc_int(&mut vals, len as u64);
                 vals.extend_from_slice(&b);
                 (0xFD, Want::Str(String::from_utf8_lossy(&b).into_owned()))
             }
