@@ -76,7 +76,10 @@ pub fn verify(token: &str, secret: &[u8], user_id: u64, now: i64) -> Result<(), 
     if alg != "HS256" {
         return Err(JwtError::Alg(alg.to_string()));
     }
-    let sig = URL_SAFE_NO_PAD.decode(sig.trim_end_matches('=')).map_err(|_| JwtError::Format)?;
+    // No padding is trimmed here (JWS has none, RFC 7515 §2): each signature
+    // must have exactly one spelling, because revocation matches whole token
+    // strings and `h.p.s=` would otherwise verify as a second, unrevoked copy.
+    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| JwtError::Format)?;
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| JwtError::Signature)?;
     mac.update(h.as_bytes());
     mac.update(b".");
@@ -151,5 +154,16 @@ mod tests {
         let unsigned = format!("{}.", none.rsplit_once('.').unwrap().0);
         assert!(verify(&unsigned, b"s", 5, NOW).is_err());
         assert_eq!(verify("a.b", b"s", 5, NOW), Err(JwtError::Format));
+    }
+
+    #[test]
+    fn a_signature_has_one_spelling() {
+        // Found by the jwt fuzz target: a revoked token with `=` appended
+        // verified, and the revocation list (whole strings) did not know it.
+        let t = sign(&json!({"user_id": 5, "exp": NOW + 60}), b"s");
+        assert_eq!(verify(&t, b"s", 5, NOW), Ok(()));
+        for padded in [format!("{t}="), format!("{t}==")] {
+            assert_eq!(verify(&padded, b"s", 5, NOW), Err(JwtError::Format), "{padded}");
+        }
     }
 }

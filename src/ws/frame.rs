@@ -273,9 +273,16 @@ pub fn encode_frame(opcode: Opcode, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
-/// Appends a close frame with `code` and a short UTF-8 reason.
+/// Appends a close frame with `code` and a short UTF-8 reason, cut to the
+/// 123 bytes a control frame has room for, at a character boundary: a
+/// reason that is not valid UTF-8 makes the client fail the connection
+/// (RFC 6455 §5.5.1, §8.1).
 pub fn encode_close(code: CloseCode, reason: &str, out: &mut Vec<u8>) {
-    let reason = &reason.as_bytes()[..reason.len().min(123)];
+    let mut n = reason.len().min(123);
+    while !reason.is_char_boundary(n) {
+        n -= 1;
+    }
+    let reason = &reason.as_bytes()[..n];
     frame_header(Opcode::Close, 2 + reason.len(), out);
     out.extend_from_slice(&code.0.to_be_bytes());
     out.extend_from_slice(reason);
@@ -447,5 +454,22 @@ mod tests {
         encode_close(CloseCode::SLOW_CONSUMER, "slow consumer", &mut out);
         assert_eq!(&out[..4], &[0x88, 15, 0x0F, 0xA8]);
         assert_eq!(&out[4..], b"slow consumer");
+    }
+
+    #[test]
+    fn long_close_reason_is_cut_at_a_character_boundary() {
+        // Found by the ws_frame fuzz target: the cut at 123 bytes split a
+        // multi-byte character, and the client saw invalid UTF-8 (1007).
+        let reason = format!("{}é", "x".repeat(122));
+        let mut out = Vec::new();
+        encode_close(CloseCode::POLICY, &reason, &mut out);
+        assert_eq!(out[1] as usize, 2 + 122);
+        assert_eq!(&out[4..], "x".repeat(122).as_bytes());
+        let mut client = vec![out[0], 0x80 | out[1], 0, 0, 0, 0];
+        client.extend_from_slice(&out[2..]);
+        assert!(matches!(
+            Decoder::new(9).decode(&mut client),
+            Decoded::Event { event: Event::Close { code: Some(1008) }, .. }
+        ));
     }
 }
