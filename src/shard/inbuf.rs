@@ -13,21 +13,24 @@
 #[derive(Debug, Default)]
 pub struct InBuf {
     bytes: Vec<u8>,
-    /// Bytes of `bytes` already consumed.
-    start: usize,
-    /// Shard time (seconds) the unfinished input started arriving.
-    since: Option<u32>,
+    /// Bytes of `bytes` already consumed (u32: input is bounded far below
+    /// 4 GiB by the message and query size limits; every idle connection
+    /// carries this struct).
+    start: u32,
+    /// Shard time (seconds) + 1 the unfinished input started arriving; 0
+    /// when nothing is pending.
+    since: u32,
 }
 
 impl InBuf {
     /// Whether no unconsumed bytes are held.
     pub fn is_empty(&self) -> bool {
-        self.start == self.bytes.len()
+        self.start as usize == self.bytes.len()
     }
 
     /// Unconsumed bytes held.
     pub fn len(&self) -> usize {
-        self.bytes.len() - self.start
+        self.bytes.len() - self.start as usize
     }
 
     /// Appends received bytes.
@@ -37,30 +40,32 @@ impl InBuf {
 
     /// The unconsumed bytes (mutable: the WebSocket decoder unmasks in place).
     pub fn pending(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.start..]
+        &mut self.bytes[self.start as usize..]
     }
 
     /// Marks `n` bytes at the front as consumed; `now` is the shard time,
     /// recorded as the start of whatever remains unfinished.
     pub fn consume(&mut self, n: usize, now: u32) {
-        self.start = (self.start + n).min(self.bytes.len());
-        if self.is_empty() {
+        let start = (self.start as usize + n).min(self.bytes.len());
+        if start == self.bytes.len() {
             // Nothing pending: give the memory back.
             *self = InBuf::default();
             return;
         }
-        if n > 0 || self.since.is_none() {
-            self.since = Some(now);
+        if n > 0 || self.since == 0 {
+            self.since = now.saturating_add(1);
         }
-        if self.start >= self.bytes.len() - self.start {
-            self.bytes.drain(..self.start);
+        if start >= self.bytes.len() - start {
+            self.bytes.drain(..start);
             self.start = 0;
+        } else {
+            self.start = start as u32;
         }
     }
 
     /// When the unfinished input started arriving (None when empty).
     pub fn since(&self) -> Option<u32> {
-        self.since
+        self.since.checked_sub(1)
     }
 
     /// Drops everything held.

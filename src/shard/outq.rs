@@ -35,8 +35,10 @@ pub struct OutQueue {
     head: u32,
     /// Bytes of `frames[head]` already written.
     offset: u32,
-    /// Memory charged for the unwritten frames (bytes + overhead each).
-    cost: usize,
+    /// Memory charged for the unwritten frames (bytes + overhead each);
+    /// u32 because every bound on it is far below 4 GiB and every idle
+    /// connection carries this struct.
+    cost: u32,
 }
 
 impl OutQueue {
@@ -47,7 +49,7 @@ impl OutQueue {
 
     /// Memory charged for what waits: the figure `--outbound-limit` bounds.
     pub fn cost(&self) -> usize {
-        self.cost
+        self.cost as usize
     }
 
     /// What queuing `frame` would add to [`OutQueue::cost`].
@@ -58,7 +60,7 @@ impl OutQueue {
     /// Queues a frame; returns true if the queue was empty before.
     pub fn push(&mut self, frame: Arc<[u8]>) -> bool {
         let was_empty = self.is_empty();
-        self.cost += Self::cost_of(&frame);
+        self.cost = self.cost.saturating_add(Self::cost_of(&frame) as u32);
         self.frames.push(frame);
         was_empty
     }
@@ -95,7 +97,7 @@ impl OutQueue {
             let left = front.len() - self.offset as usize;
             if n >= left {
                 n -= left;
-                self.cost -= Self::cost_of(front);
+                self.cost = self.cost.saturating_sub(Self::cost_of(front) as u32);
                 self.head += 1;
                 self.offset = 0;
             } else {
