@@ -54,8 +54,8 @@ attack flood-count flood --kind pipe-count --attackers 5 --subs 20 --seconds 2 -
 attack like like --percents 2,4 --timeout 5
 attack nonreader nonreader --clients 3 --seconds 2
 attack nonreader-echo nonreader --echo --clients 3 --seconds 2 --size 1024
-attack slowloris slowloris --clients 3 --message-timeout 1 --seconds 2
-attack slowloris-head slowloris --mode head --clients 3 --message-timeout 1 --seconds 2
+attack slowloris slowloris --clients 3 --message-timeout 1 --server-arg=--message-timeout=1 --seconds 3
+attack slowloris-head slowloris --mode head --clients 3 --message-timeout 1 --server-arg=--message-timeout=1 --seconds 3
 attack exhaust exhaust --conns 200 --procs 2
 attack bigquery bigquery --mib 1,2
 attack errsize errsize --bytes 65536
