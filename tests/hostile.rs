@@ -198,11 +198,7 @@ fn upgrade_status(server: SocketAddr, source: &str, keep: &mut Vec<TcpStream>) -
     sock.connect(&server.into()).unwrap();
     let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /ws/v=4&uuid=x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
+    s.write_all(common::upgrade_request("/ws/v=4&uuid=x").as_bytes()).unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -1290,15 +1290,7 @@ fn nonreader(g: &Global, t: &Target, a: &NonreaderArgs) -> Figures {
             }
             Pumped::new(s, burst.clone(), frame.len(), false)
         })();
-        match opened {
-            Ok(p) => clients.push(p),
-            Err(e) => {
-                f.failed_connections += 1;
-                if f.failed_connections == 1 {
-                    eprintln!("nonreader: cannot open a client: {e}");
-                }
-            }
-        }
+        keep_opened(&mut clients, &mut f, opened, "nonreader");
     }
     f.connections = clients.len() as u64;
     let watch = RssWatch::start(t.pid, a.guard.rss_limit_mib);
@@ -1414,15 +1406,7 @@ fn slowloris(g: &Global, t: &Target, a: &SlowlorisArgs) -> Figures {
                 inbuf: Vec::new(),
             })
         })();
-        match opened {
-            Ok(c) => clients.push(c),
-            Err(e) => {
-                f.failed_connections += 1;
-                if f.failed_connections == 1 {
-                    eprintln!("slowloris: cannot open a client: {e}");
-                }
-            }
-        }
+        keep_opened(&mut clients, &mut f, opened, "slowloris");
     }
     f.connections = clients.len() as u64;
     let t0 = Instant::now();
@@ -1930,4 +1914,17 @@ fn logins(t: &Target, a: &LoginsArgs) -> Figures {
     f.check_at_least("refused before the password check", refused as f64, 1.0, "attempts");
     f.check_at_least("right password from another address works", if other_ok { 1.0 } else { 0.0 }, 1.0, "");
     f
+}
+
+/// Keeps a client that opened, or counts the failure (and reports the first).
+fn keep_opened<T>(clients: &mut Vec<T>, f: &mut Figures, opened: std::io::Result<T>, scenario: &str) {
+    match opened {
+        Ok(c) => clients.push(c),
+        Err(e) => {
+            f.failed_connections += 1;
+            if f.failed_connections == 1 {
+                eprintln!("{scenario}: cannot open a client: {e}");
+            }
+        }
+    }
 }
