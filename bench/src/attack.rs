@@ -789,9 +789,7 @@ fn pump(conns: &mut [Pumped], t0: Instant, stop: &AtomicBool) {
         if live.is_empty() {
             return;
         }
-        // SAFETY: `fds` holds `fds.len()` initialized pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        if n <= 0 {
+        if !poll_ready(&mut fds, 100) {
             continue;
         }
         for (k, &i) in live.iter().enumerate() {
@@ -856,9 +854,7 @@ fn drain(socks: Vec<TcpStream>, stop: &AtomicBool) -> (u64, u64) {
         if fds.is_empty() {
             break;
         }
-        // SAFETY: `fds` holds `fds.len()` initialized pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        if n <= 0 {
+        if !poll_ready(&mut fds, 100) {
             continue;
         }
         for (k, &i) in idx.iter().enumerate() {
@@ -1927,4 +1923,11 @@ fn keep_opened<T>(clients: &mut Vec<T>, f: &mut Figures, opened: std::io::Result
             }
         }
     }
+}
+
+/// Waits up to `ms` for any of `fds` to be ready; false on timeout or error.
+fn poll_ready(fds: &mut [libc::pollfd], ms: i32) -> bool {
+    // SAFETY: `fds` is a live slice of `fds.len()` initialized pollfd structs,
+    // which poll(2) reads and whose `revents` it writes, and nothing else.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) > 0 }
 }

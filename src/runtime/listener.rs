@@ -60,7 +60,7 @@ pub enum ListenError {
     /// Something already listens on an address overlapping this one.
     #[error("another comet (or another program) is already listening on {0}")]
     Taken(SocketAddr),
-    /// Another process kept the start-up lock of this port past [`LOCK_WAIT`].
+    /// Another process kept the start-up lock of this port past `LOCK_WAIT` (2 s).
     #[error(
         "another process has held the start-up lock of port {port} (abstract Unix socket @{}) for over {} s",
         lock_name(*port),
