@@ -107,6 +107,9 @@ pub struct Cli {
     /// Commands per second one WebSocket may send (burst: twice as many); more are dropped with an error [default: 50].
     #[arg(long, env = "COMET_CLIENT_RATE")]
     pub client_rate: Option<u32>,
+    /// Browser publishes per second to one channel, process-wide (burst: twice as many; 0: unlimited); more are dropped with an error [default: 100].
+    #[arg(long, env = "COMET_CHANNEL_RATE")]
+    pub channel_rate: Option<u32>,
     /// Seconds a started WebSocket frame, HTTP head or MySQL packet has to arrive whole [default: 10].
     #[arg(long, env = "COMET_MESSAGE_TIMEOUT")]
     pub message_timeout: Option<u64>,
@@ -145,6 +148,7 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<u32>,
     pub client_rate: Option<u32>,
+    pub channel_rate: Option<u32>,
     pub message_timeout: Option<u64>,
     pub mail_limit: Option<usize>,
     pub max_pending: Option<u16>,
@@ -202,6 +206,9 @@ pub struct Config {
     pub max_connections_per_ip: u32,
     /// Commands per second per WebSocket; the burst is twice this.
     pub client_rate: u32,
+    /// Browser publishes per second to one channel (0: unlimited); each
+    /// shard admits its share.
+    pub channel_rate: u32,
     /// How long a started frame, head or packet may take to arrive whole.
     pub message_timeout: Duration,
     /// Bytes of mail in flight from one shard to another before the sender
@@ -255,6 +262,7 @@ impl Default for Config {
                 .min(10_000_000),
             max_connections_per_ip: 1000,
             client_rate: 50,
+            channel_rate: 100,
             message_timeout: Duration::from_secs(10),
             mail_limit: 16 << 20,
             max_pending: 64,
@@ -314,6 +322,7 @@ impl Config {
                 .or(file.max_connections_per_ip)
                 .unwrap_or(d.max_connections_per_ip),
             client_rate: cli.client_rate.or(file.client_rate).unwrap_or(d.client_rate),
+            channel_rate: cli.channel_rate.or(file.channel_rate).unwrap_or(d.channel_rate),
             message_timeout: cli.message_timeout.or(file.message_timeout).map_or(d.message_timeout, secs),
             mail_limit: cli.mail_limit.or(file.mail_limit).unwrap_or(d.mail_limit),
             max_pending: cli.max_pending.or(file.max_pending).unwrap_or(d.max_pending),
@@ -368,6 +377,9 @@ impl Config {
         }
         if self.client_rate == 0 || self.client_rate > 1_000_000 {
             return bad(format!("client-rate must be 1..=1000000 commands per second, got {}", self.client_rate));
+        }
+        if self.channel_rate > 1_000_000 {
+            return bad(format!("channel-rate must be 0..=1000000 publishes per second, got {}", self.channel_rate));
         }
         if self.message_timeout.is_zero() {
             return bad("message-timeout must be at least 1 second".into());

@@ -19,6 +19,36 @@ pub struct ConnId {
     pub generation: u32,
 }
 
+/// A client's address, packed: every connection keeps one, and
+/// `SocketAddr` spends 32 bytes on flow info and scope ids no client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    ip: std::net::IpAddr,
+    port: u16,
+}
+
+impl Peer {
+    pub fn ip(&self) -> std::net::IpAddr {
+        self.ip
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.ip, self.port)
+    }
+}
+
+impl From<std::net::SocketAddr> for Peer {
+    fn from(a: std::net::SocketAddr) -> Peer {
+        Peer { ip: a.ip(), port: a.port() }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.addr().fmt(f)
+    }
+}
+
 /// Constant-time equality: no early exit on the first difference, so the
 /// time taken does not tell an attacker how much of a key or scramble was
 /// right. Lengths are not secret (a length mismatch returns at once).
@@ -235,6 +265,16 @@ pub fn publish_target(name: &str) -> (&str, bool) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn peer_keeps_address_and_port() {
+        for a in ["203.0.113.9:8087", "[2001:db8::1]:443"] {
+            let addr: std::net::SocketAddr = a.parse().unwrap();
+            let p = super::Peer::from(addr);
+            assert_eq!((p.addr(), p.ip(), p.to_string()), (addr, addr.ip(), a.to_string()));
+        }
+        assert!(std::mem::size_of::<super::Peer>() <= 20);
+    }
+
     use super::*;
 
     #[test]

@@ -45,6 +45,8 @@ pub struct ShardMetrics {
     pub refused_per_ip: AtomicU64,
     /// Commands dropped over `--client-rate`.
     pub rate_limited: AtomicU64,
+    /// Browser publishes dropped over `--channel-rate`.
+    pub channel_rate_limited: AtomicU64,
     /// Connections closed with 4029 for exceeding the rate for 10 s.
     pub rate_limit_closes: AtomicU64,
     /// Connections closed because a started frame, head or packet did not
@@ -89,7 +91,7 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 22] = [
+        let families: [(&str, &str, &str, Get); 23] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -101,6 +103,9 @@ impl Registry {
             ),
             ("comet_rate_limited_total", "counter", "Client commands dropped over --client-rate.", |m| {
                 m.rate_limited.load(Relaxed) as i64
+            }),
+            ("comet_channel_rate_limited_total", "counter", "Browser publishes dropped over --channel-rate.", |m| {
+                m.channel_rate_limited.load(Relaxed) as i64
             }),
             ("comet_rate_limit_closes_total", "counter", "Connections closed with 4029 (rate limit).", |m| {
                 m.rate_limit_closes.load(Relaxed) as i64

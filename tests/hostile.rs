@@ -94,6 +94,45 @@ fn a_command_flood_is_dropped_with_one_error_a_second_then_closed_with_4029() {
 }
 
 #[test]
+fn browsers_flooding_one_channel_are_held_to_the_channel_rate() {
+    for io in BACKENDS {
+        // 20 a second process-wide, burst 40 (each of the 2 shards: 10, 20).
+        let s = start(io, &["--channel-rate", "20"]);
+        let mut sub = s.client("hot-sub");
+        sub.subscribe(&["web_hot"]);
+        let mut publishers: Vec<Client> = (0..4).map(|i| s.client(&format!("hot-pub{i}"))).collect();
+        for p in &mut publishers {
+            for _ in 0..50 {
+                p.send("web_pipe2\nweb_hot\ne\n*\nflood");
+            }
+        }
+        // Every publish is answered: a delivery report or the rate error.
+        let (mut reports, mut refused) = (0, 0);
+        for p in &mut publishers {
+            for _ in 0..50 {
+                let m = p.recv();
+                if m.to_string().contains("rate limit: channel web_hot takes at most 20 messages per second") {
+                    refused += 1;
+                } else {
+                    assert_eq!(m["event"], "answer", "{io}: {m}");
+                    reports += 1;
+                }
+            }
+        }
+        // The bursts, and what refills while the 200 arrive (well under 1 s).
+        assert!((20..=60).contains(&reports), "{io}: {reports} admitted, {refused} refused");
+        let mut delivered = 0;
+        while delivered < reports {
+            assert_eq!(sub.recv()["data"], "flood", "{io}");
+            delivered += 1;
+        }
+        sub.expect_silence(300);
+        // Other channels are not held back.
+        assert!(bystander_round_trip(&s, "calm") < Duration::from_secs(1));
+    }
+}
+
+#[test]
 fn a_frame_that_never_finishes_is_closed_with_1008_after_the_message_timeout() {
     for io in BACKENDS {
         let s = start(io, &["--message-timeout", "1"]);

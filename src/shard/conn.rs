@@ -22,13 +22,13 @@ use super::limits::{RateLimiter, RateVerdict, Refusal};
 use super::mail::{Publication, Query, encode_text_frame};
 use super::outq::OutQueue;
 use super::{ConnId, home_shard};
-use crate::domain::{clip, is_valid_channel};
+use crate::domain::{Peer, clip, is_valid_channel};
 use crate::frontend::command::{self, Command};
 use crate::frontend::message::{self, ChannelMessage};
 use crate::frontend::url;
 use crate::http;
 use crate::metrics::ShardMetrics;
-use crate::ws::{self, CloseCode, Decoder, Event, frame::Decoded};
+use crate::ws::{self, CloseCode, Decoder, Event, Fragments, frame::Decoded};
 
 /// Seconds a client has to send its request head (or a backend to log in).
 const HANDSHAKE_TIMEOUT: u32 = 10;
@@ -67,40 +67,60 @@ pub enum Phase {
     Closing { deadline: u32, drop_when_flushed: bool },
 }
 
-/// Facts about the client kept for `users_in_pipes`: Origin, User-Agent,
-/// Accept-Language and the address a trusted proxy forwarded for, in one
-/// allocation (`\0`-separated), since every idle connection carries them and
-/// four `String`s would cost four allocations and 96 bytes of headers. When
-/// no proxy forwarded an address, the IP is `Conn::peer`'s.
-#[derive(Debug)]
+/// Facts about a WebSocket client kept for presence and `users_in_pipes`:
+/// its `uuid`, Origin, User-Agent, Accept-Language and the address a
+/// trusted proxy forwarded for, in one allocation (`\0`-separated), since
+/// every idle connection carries them and five `String`s would cost five
+/// allocations and 120 bytes of headers. Empty (no heap) for connections
+/// that are not WebSockets. When no proxy forwarded an address, the IP is
+/// `Conn::peer`'s.
+#[derive(Debug, Default)]
 pub struct ClientInfo(Box<str>);
 
 impl ClientInfo {
-    pub fn new(origin: Option<&str>, user_agent: Option<&str>, language: Option<&str>, ip: Option<&str>) -> ClientInfo {
+    pub fn new(
+        uuid: &str,
+        origin: Option<&str>,
+        user_agent: Option<&str>,
+        language: Option<&str>,
+        ip: Option<&str>,
+    ) -> ClientInfo {
         let clean = |s: Option<&str>| s.unwrap_or("").replace('\0', "");
-        let s = format!("{}\0{}\0{}\0{}", clean(origin), clean(user_agent), clean(language), clean(ip));
+        let s = format!(
+            "{}\0{}\0{}\0{}\0{}",
+            clean(Some(uuid)),
+            clean(origin),
+            clean(user_agent),
+            clean(language),
+            clean(ip)
+        );
         ClientInfo(s.into_boxed_str())
     }
 
     /// The client address forwarded by a trusted proxy, if any.
     pub fn forwarded_ip(&self) -> Option<&str> {
-        Some(self.field(3)).filter(|s| !s.is_empty())
+        Some(self.field(4)).filter(|s| !s.is_empty())
     }
 
     fn field(&self, i: usize) -> &str {
         self.0.split('\0').nth(i).unwrap_or("")
     }
 
-    pub fn origin(&self) -> &str {
+    /// The `uuid` connection parameter (presence members carry it).
+    pub fn uuid(&self) -> &str {
         self.field(0)
     }
 
-    pub fn user_agent(&self) -> &str {
+    pub fn origin(&self) -> &str {
         self.field(1)
     }
 
-    pub fn language(&self) -> &str {
+    pub fn user_agent(&self) -> &str {
         self.field(2)
+    }
+
+    pub fn language(&self) -> &str {
+        self.field(3)
     }
 }
 
@@ -110,7 +130,8 @@ pub struct Conn {
     pub phase: Phase,
     /// Bytes of a partial frame, head or packet; empty (no heap) otherwise.
     pub inbuf: InBuf,
-    pub decoder: Decoder,
+    /// A fragmented message being reassembled (the decoder's state).
+    pub fragments: Fragments,
     /// Frames waiting to be written.
     pub out: OutQueue,
     /// Commands allowed per second (WebSocket connections).
@@ -130,26 +151,26 @@ pub struct Conn {
     /// 0 for anonymous connections.
     pub user_id: u64,
     pub dev_id: u32,
-    pub uuid: Box<str>,
     /// API major version < 4: messages also carry `event_name`.
     pub legacy: bool,
-    pub peer: SocketAddr,
+    pub peer: Peer,
     /// Shard time of the last byte received.
     pub last_rx: u32,
-    /// Shard time a heartbeat ping was sent, if it is unanswered.
-    pub ping_sent: Option<u32>,
+    /// Shard time a heartbeat ping was sent, if it is unanswered (0: none;
+    /// pings go out after `--ping-interval` of silence, never at time 0).
+    pub ping_sent: u32,
     pub opened: u32,
-    pub info: Option<ClientInfo>,
+    pub info: ClientInfo,
     /// The MySQL session of a backend connection.
     pub sql: Option<Box<super::sql::SqlConn>>,
 }
 
 impl Conn {
-    fn new(peer: SocketAddr, now: u32, max_message: usize) -> Conn {
+    fn new(peer: SocketAddr, now: u32) -> Conn {
         Conn {
             phase: Phase::Http,
             inbuf: InBuf::default(),
-            decoder: Decoder::new(max_message),
+            fragments: Fragments::default(),
             out: OutQueue::default(),
             rate: RateLimiter::default(),
             pending: 0,
@@ -159,13 +180,12 @@ impl Conn {
             subs: SmallVec::new(),
             user_id: 0,
             dev_id: 0,
-            uuid: Box::from(""),
             legacy: false,
-            peer,
+            peer: peer.into(),
             last_rx: now,
-            ping_sent: None,
+            ping_sent: 0,
             opened: now,
-            info: None,
+            info: ClientInfo::default(),
             sql: None,
         }
     }
@@ -271,7 +291,7 @@ impl ShardCore {
 
     /// Adds a connection to the shard (accepted here or handed over).
     pub(super) fn open(&mut self, peer: SocketAddr) -> ConnId {
-        let conn = Conn::new(peer, self.now, self.shared.config.max_message_size);
+        let conn = Conn::new(peer, self.now);
         let id = self.conns.insert(conn);
         self.metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         id
@@ -313,7 +333,7 @@ impl ShardCore {
             return Flow::Gone;
         };
         conn.last_rx = now;
-        conn.ping_sent = None;
+        conn.ping_sent = 0;
         if let Phase::Closing { .. } = conn.phase {
             // Whatever a closing peer still sends is read and dropped.
             return Flow::Continue;
@@ -467,7 +487,7 @@ impl ShardCore {
         let Some(conn) = self.conns.get(id) else {
             return;
         };
-        let peer = conn.peer;
+        let peer = conn.peer.addr();
         // The I/O layer moves the socket (it holds it) and mails it on.
         self.forget_conn(id);
         ShardMetrics::add(&self.metrics.handoffs, 1);
@@ -487,7 +507,6 @@ impl ShardCore {
         conn.rate = RateLimiter::new(self.shared.config.client_rate, self.now_ms);
         conn.dev_id = p.dev_id;
         conn.legacy = legacy;
-        conn.uuid = p.uuid.clone().into_boxed_str();
         conn.user_id = 0;
         // X-Forwarded-For counts only from a configured trusted proxy, and
         // only when it is an address.
@@ -496,12 +515,13 @@ impl ShardCore {
             .as_deref()
             .filter(|_| self.shared.config.trusted_proxies.contains(&conn.peer.ip()))
             .filter(|f| f.parse::<std::net::IpAddr>().is_ok());
-        conn.info = Some(ClientInfo::new(
+        conn.info = ClientInfo::new(
+            &p.uuid,
             req.origin.as_deref(),
             req.user_agent.as_deref(),
             req.accept_language.as_deref(),
             forwarded,
-        ));
+        );
         self.metrics.websockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // This runs on the user's home shard (the connection was handed
         // over), so the key check and device registration are local.
@@ -541,7 +561,7 @@ impl ShardCore {
         let Some(conn) = self.conns.get_mut(id) else {
             return buf.len();
         };
-        let mut decoder = std::mem::replace(&mut conn.decoder, Decoder::new(0));
+        let mut decoder = Decoder::resume(self.shared.config.max_message_size, std::mem::take(&mut conn.fragments));
         let mut pos = 0;
         loop {
             if buf.len() == pos {
@@ -611,7 +631,7 @@ impl ShardCore {
                 (true, 0) => now.max(1),
                 (true, t) => t,
             };
-            conn.decoder = decoder;
+            conn.fragments = decoder.suspend();
         }
         pos
     }
@@ -834,7 +854,7 @@ impl ShardCore {
         let msg = ChannelMessage {
             pipe: channel.to_string(),
             event: event.to_string(),
-            data: message::presence_data(conn.user_id, &conn.uuid),
+            data: message::presence_data(conn.user_id, conn.info.uuid()),
             data_is_json: true,
             time: Some(self.unix),
             user_id: None,
@@ -862,6 +882,17 @@ impl ShardCore {
         }
         if !is_valid_channel(pipe) {
             self.send_error(id, &format!("Invalid channel name {}: 2..64 characters of A-Za-z0-9_-", clip(pipe)));
+            return;
+        }
+        if !self.channel_rates.admit(dev_id, pipe, self.now_ms) {
+            ShardMetrics::add(&self.metrics.channel_rate_limited, 1);
+            let rate = self.shared.config.channel_rate;
+            self.send_error(
+                id,
+                &format!(
+                    "rate limit: channel {pipe} takes at most {rate} messages per second from browsers; message dropped"
+                ),
+            );
             return;
         }
         let msg = ChannelMessage {
@@ -1147,12 +1178,12 @@ impl ShardCore {
                 }
                 Phase::Closing { deadline, .. } if now >= deadline => self.drop_conn(id),
                 Phase::Comet | Phase::Echo => match conn.ping_sent {
-                    Some(t) if now.saturating_sub(t) >= timeout => {
+                    t if t != 0 && now.saturating_sub(t) >= timeout => {
                         ShardMetrics::add(&self.metrics.heartbeat_closes, 1);
                         self.close_ws(id, CloseCode::HEARTBEAT_TIMEOUT, "no answer to ping");
                     }
-                    None if now.saturating_sub(conn.last_rx) >= interval => {
-                        conn.ping_sent = Some(now);
+                    0 if now.saturating_sub(conn.last_rx) >= interval => {
+                        conn.ping_sent = now.max(1);
                         let mut f = Vec::with_capacity(2);
                         ws::encode_frame(ws::Opcode::Ping, &[], &mut f);
                         self.send_frame(id, f.into());
@@ -1186,13 +1217,22 @@ impl ShardCore {
 
 #[cfg(test)]
 mod tests {
-    use super::ClientInfo;
+    use super::{ClientInfo, Conn};
 
     #[test]
-    fn client_info_keeps_three_fields_in_one_allocation() {
-        let i = ClientInfo::new(Some("https://a.example"), None, Some("de\0-DE"), None);
-        assert_eq!((i.origin(), i.user_agent(), i.language()), ("https://a.example", "", "de-DE"));
+    fn client_info_keeps_five_fields_in_one_allocation() {
+        let i = ClientInfo::new("u-1", Some("https://a.example"), None, Some("de\0-DE"), None);
+        assert_eq!((i.uuid(), i.origin(), i.user_agent(), i.language()), ("u-1", "https://a.example", "", "de-DE"));
         assert_eq!(i.forwarded_ip(), None);
-        assert_eq!(ClientInfo::new(None, None, None, Some("203.0.113.9")).forwarded_ip(), Some("203.0.113.9"));
+        assert_eq!(ClientInfo::new("a\0b", None, None, None, Some("203.0.113.9")).forwarded_ip(), Some("203.0.113.9"));
+        assert_eq!(ClientInfo::new("a\0b", None, None, None, None).uuid(), "ab");
+        assert_eq!(ClientInfo::default().uuid(), "");
+    }
+
+    /// Every idle connection carries a `Conn`: growing it is a decision
+    /// to make here, against the idle-memory figures in bench/RESULTS.md.
+    #[test]
+    fn conn_stays_within_its_budget() {
+        assert!(std::mem::size_of::<Conn>() <= 208, "Conn is {} bytes", std::mem::size_of::<Conn>());
     }
 }

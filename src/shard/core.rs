@@ -173,6 +173,8 @@ pub struct ShardCore {
     pub last_queue_purge: u32,
     /// Shard time a failed backend login was last logged.
     pub auth_log_at: Option<u32>,
+    /// `--channel-rate`: this shard's share of browser publishes per channel.
+    pub channel_rates: super::limits::ChannelRates,
 }
 
 /// What the core asks of the I/O layer, besides writing queued output.
@@ -193,6 +195,7 @@ impl ShardCore {
     pub fn new(id: usize, shards: usize, shared: Arc<Shared>, mut outbox: Outbox<Mail>) -> ShardCore {
         let metrics = shared.registry.shards[id].clone();
         outbox.set_limit(shared.config.mail_limit);
+        let channel_rates = super::limits::ChannelRates::new(shared.config.channel_rate, shards, 0);
         ShardCore {
             id,
             shards,
@@ -219,6 +222,7 @@ impl ShardCore {
             users: crate::users::UserStore::default(),
             last_queue_purge: 0,
             auth_log_at: None,
+            channel_rates,
         }
     }
 
@@ -325,7 +329,7 @@ impl ShardCore {
         let Some(ch) = self.find_channel(dev_id, name).and_then(|i| self.channels[i as usize].as_ref()) else {
             return Vec::new();
         };
-        ch.subs.iter().filter_map(|&id| self.conns.get(id)).map(|c| (c.user_id, c.uuid.to_string())).collect()
+        ch.subs.iter().filter_map(|&id| self.conns.get(id)).map(|c| (c.user_id, c.info.uuid().to_string())).collect()
     }
 
     /// Writes a publication to this shard's subscribers; returns how many
@@ -529,15 +533,15 @@ impl ShardCore {
                 continue;
             };
             for c in ch.subs.iter().filter_map(|&id| self.conns.get(id)) {
-                let info = c.info.as_ref();
+                let info = &c.info;
                 subscribers.push(Subscriber {
                     channel: name.clone(),
                     user_id: c.user_id,
-                    uuid: c.uuid.to_string(),
-                    user_agent: info.map(|i| i.user_agent().to_string()),
-                    ip: info.and_then(|i| i.forwarded_ip()).map_or_else(|| c.peer.ip().to_string(), str::to_string),
-                    origin: info.map(|i| i.origin().to_string()),
-                    language: info.map(|i| i.language().to_string()),
+                    uuid: info.uuid().to_string(),
+                    user_agent: Some(info.user_agent().to_string()),
+                    ip: info.forwarded_ip().map_or_else(|| c.peer.ip().to_string(), str::to_string),
+                    origin: Some(info.origin().to_string()),
+                    language: Some(info.language().to_string()),
                 });
             }
         }

@@ -10,16 +10,45 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 /// Seconds of continuous excess after which a connection is closed (4029).
 pub const RATE_CLOSE_AFTER: u32 = 10;
 
-/// A token bucket per WebSocket: `rate` commands per second, burst `2 * rate`.
-///
-/// Twelve bytes, since every connection carries one. Time is in milliseconds
-/// of shard time; the stamp advances only by the time the added tokens
-/// represent, so fractions of a token are not lost between commands.
+/// A token bucket: `rate` a second, burst `2 * rate`. Time is in
+/// milliseconds of shard time; the stamp advances only by the time the
+/// added tokens represent, so fractions of a token are not lost.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RateLimiter {
+pub struct Bucket {
     tokens: u32,
     /// Shard time (ms, wrapping) up to which tokens were added.
     stamp: u32,
+}
+
+impl Bucket {
+    /// A full bucket at shard time `now_ms`.
+    pub fn full(rate: u32, now_ms: u64) -> Bucket {
+        Bucket { tokens: rate.saturating_mul(2), stamp: now_ms as u32 }
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, rate: u32, now_ms: u64) -> bool {
+        let now = now_ms as u32;
+        let burst = rate.saturating_mul(2);
+        let elapsed = now.wrapping_sub(self.stamp);
+        let add = (elapsed as u64 * rate as u64 / 1000).min(burst as u64) as u32;
+        if add > 0 {
+            self.tokens = self.tokens.saturating_add(add).min(burst);
+            self.stamp = if self.tokens == burst { now } else { self.stamp.wrapping_add(add * 1000 / rate) };
+        }
+        let had = self.tokens > 0;
+        self.tokens = self.tokens.saturating_sub(1);
+        had
+    }
+}
+
+/// A token bucket per WebSocket: `rate` commands per second, burst
+/// `2 * rate`, and the run of excess that ends in 4029.
+///
+/// Sixteen bytes, since every connection carries one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RateLimiter {
+    bucket: Bucket,
     /// Shard second the current run of excess started (0: none).
     over_since: u32,
     /// Shard second of the last dropped command, and whether its error
@@ -42,24 +71,14 @@ pub enum RateVerdict {
 impl RateLimiter {
     /// A full bucket at shard time `now_ms`.
     pub fn new(rate: u32, now_ms: u64) -> RateLimiter {
-        RateLimiter { tokens: rate.saturating_mul(2), stamp: now_ms as u32, over_since: 0, last_drop: 0 }
+        RateLimiter { bucket: Bucket::full(rate, now_ms), over_since: 0, last_drop: 0 }
     }
 
     /// Takes one token for a command at `now_ms` (ms); `rate` per second.
     pub fn check(&mut self, rate: u32, now_ms: u64) -> RateVerdict {
-        let now = now_ms as u32;
-        let burst = rate.saturating_mul(2);
-        let elapsed = now.wrapping_sub(self.stamp);
-        let add = (elapsed as u64 * rate as u64 / 1000).min(burst as u64) as u32;
-        if add > 0 {
-            self.tokens = self.tokens.saturating_add(add).min(burst);
-            // Keep the remainder: advance by the time the tokens represent.
-            self.stamp = if self.tokens == burst { now } else { self.stamp.wrapping_add(add * 1000 / rate) };
-        }
         // Seconds are counted from 1 so that 0 can mean "none".
         let sec = (now_ms / 1000) as u32 + 1;
-        if self.tokens > 0 {
-            self.tokens -= 1;
+        if self.bucket.take(rate, now_ms) {
             // A second with no drop ends a run of excess.
             if self.over_since != 0 && sec > self.last_drop + 1 {
                 self.over_since = 0;
@@ -75,6 +94,59 @@ impl RateLimiter {
             return RateVerdict::Close;
         }
         RateVerdict::Drop { tell }
+    }
+}
+
+/// Buckets of the per-channel table (a power of two).
+const CHANNEL_BUCKETS: usize = 1 << 14;
+
+/// `--channel-rate`: browser publishes per second to one channel, each
+/// shard admitting its share.
+///
+/// The cost of a publish is its fan-out, which a per-connection rate does
+/// not bound: fifty browsers within their own rate, all publishing to a
+/// channel with a thousand subscribers, ask for millions of deliveries a
+/// second. A fixed table of token buckets indexed by a keyed hash of
+/// (dev_id, channel): 128 KiB a shard whatever the number of channels, and
+/// no client can grow it. Channels that share a bucket share its rate; with
+/// a random key and 16,384 buckets an attacker cannot pick whose channel
+/// his flood shares, and the few buckets a flood drains are a small part of
+/// the table.
+pub struct ChannelRates {
+    /// This shard's share of the rate (0: unlimited).
+    rate: u32,
+    buckets: Box<[Bucket]>,
+    hasher: ahash::RandomState,
+}
+
+impl std::fmt::Debug for ChannelRates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelRates").field("rate", &self.rate).finish_non_exhaustive()
+    }
+}
+
+impl ChannelRates {
+    /// `rate` per second in the whole process (0: unlimited), shared by
+    /// `shards` shards; every shard admits at least one a second.
+    pub fn new(rate: u32, shards: usize, now_ms: u64) -> ChannelRates {
+        let share = if rate == 0 { 0 } else { rate.div_ceil(shards.max(1) as u32) };
+        let buckets =
+            if share == 0 { Box::default() } else { vec![Bucket::full(share, now_ms); CHANNEL_BUCKETS].into() };
+        ChannelRates { rate: share, buckets, hasher: ahash::RandomState::new() }
+    }
+
+    /// This shard's share of the rate (0: unlimited).
+    pub fn share(&self) -> u32 {
+        self.rate
+    }
+
+    /// Whether a browser publish to `channel` of `dev_id` is within the rate.
+    pub fn admit(&mut self, dev_id: u32, channel: &str, now_ms: u64) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let i = self.hasher.hash_one((dev_id, channel)) as usize & (CHANNEL_BUCKETS - 1);
+        self.buckets[i].take(self.rate, now_ms)
     }
 }
 
@@ -216,6 +288,34 @@ impl AuthFailures {
             return true;
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod channel_rate_tests {
+    use super::ChannelRates;
+
+    #[test]
+    fn a_channel_gets_its_share_and_others_are_untouched() {
+        // 100 a second over 2 shards: 50 here, burst 100.
+        let mut r = ChannelRates::new(100, 2, 0);
+        assert_eq!(r.share(), 50);
+        let admitted = (0..1000).filter(|_| r.admit(1, "web_flood", 0)).count();
+        assert_eq!(admitted, 100);
+        assert!(r.admit(1, "web_quiet", 0) || r.admit(1, "web_quiet2", 0));
+        // The same name under another dev_id is another channel.
+        assert!(r.admit(2, "web_flood", 0));
+        // A second later, one second's worth comes back.
+        let again = (0..1000).filter(|_| r.admit(1, "web_flood", 1000)).count();
+        assert_eq!(again, 50);
+    }
+
+    #[test]
+    fn zero_means_unlimited_and_costs_no_table() {
+        let mut r = ChannelRates::new(0, 2, 0);
+        assert!((0..100_000).all(|_| r.admit(1, "web_x", 0)));
+        assert_eq!(r.buckets.len(), 0);
+        assert_eq!(ChannelRates::new(1, 4, 0).share(), 1);
     }
 }
 

@@ -486,6 +486,45 @@ mod tests {
     }
 
     #[test]
+    fn browsers_flooding_one_channel_get_its_rate_and_other_channels_are_untouched() {
+        // 20 a second process-wide: each of the 2 shards admits 10, burst 20.
+        let mut sim = Sim::new(2, Config { channel_rate: 20, ..config() });
+        let subs: Vec<Client> = (0..2).map(|i| subscriber(&mut sim, i, &format!("s{i}"), "web_hot")).collect();
+        let calm = subscriber(&mut sim, 1, "calm", "web_calm");
+        let publishers: Vec<Client> = (0..10).map(|i| sim.websocket(i % 2, &anon(&format!("p{i}")))).collect();
+        for &p in &publishers {
+            sim.messages(p);
+        }
+        let mut refused = 0;
+        for round in 0..2 {
+            for &p in &publishers {
+                for _ in 0..10 {
+                    sim.send_text(p, "web_pipe2\nweb_hot\ne\n*\nm");
+                }
+            }
+            sim.send_text(publishers[0], "web_pipe2\nweb_calm\ne\n*\nquiet");
+            sim.settle();
+            for &p in &publishers {
+                refused += sim
+                    .frames(p)
+                    .iter()
+                    .filter(|(_, b)| String::from_utf8_lossy(b).contains("rate limit: channel web_hot"))
+                    .count();
+            }
+            // The first round drains both bursts (20 + 20); a second
+            // later each shard has 10 more.
+            let want = if round == 0 { 40 } else { 20 };
+            for &c in &subs {
+                assert_eq!(sim.messages(c).len(), want, "round {round}");
+            }
+            let m = sim.messages(calm);
+            assert_eq!((m.len(), &m[0]["data"]), (1, &serde_json::json!("quiet")), "round {round}");
+            sim.advance(1000);
+        }
+        assert_eq!(refused, 200 - 60);
+    }
+
+    #[test]
     fn an_unfinished_frame_is_closed_with_1008_at_the_message_timeout() {
         let mut sim = Sim::new(2, config());
         let c = sim.websocket(0, &anon("slow"));

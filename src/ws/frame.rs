@@ -100,9 +100,25 @@ pub struct Decoder {
     partial: Option<Box<(bool, Vec<u8>)>>,
 }
 
+/// What a [`Decoder`] keeps between reads: the fragmented message being
+/// assembled, if any. A connection stores this (one pointer, no heap when
+/// idle) rather than a whole decoder, whose size limit is the server's.
+#[derive(Debug, Default)]
+pub struct Fragments(Option<Box<(bool, Vec<u8>)>>);
+
 impl Decoder {
     pub fn new(max_message: usize) -> Decoder {
         Decoder { max_message, partial: None }
+    }
+
+    /// A decoder that goes on with the fragments a connection kept.
+    pub fn resume(max_message: usize, kept: Fragments) -> Decoder {
+        Decoder { max_message, partial: kept.0 }
+    }
+
+    /// What the connection keeps until its next read.
+    pub fn suspend(self) -> Fragments {
+        Fragments(self.partial)
     }
 
     /// Decodes at most one frame from the front of `buf`, unmasking in place.

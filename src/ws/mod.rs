@@ -10,5 +10,5 @@
 pub mod frame;
 pub mod handshake;
 
-pub use frame::{CloseCode, Decoder, Event, Opcode, encode_close, encode_frame, frame_header};
+pub use frame::{CloseCode, Decoder, Event, Fragments, Opcode, encode_close, encode_frame, frame_header};
 pub use handshake::{HandshakeError, Request, accept_key, parse_request};
