@@ -44,6 +44,9 @@ const REFUSAL_RETRY_SECS: u32 = 5;
 /// large channel must not keep every other connection of the shard waiting
 /// (about 10 ms of fan-out here).
 pub const WORK_PER_WAKE: usize = 4096;
+/// How long a connection that went over `--client-rate` is not read.
+pub const THROTTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Close code for a client that kept exceeding `--client-rate`.
 pub const CLOSE_RATE_LIMIT: CloseCode = CloseCode(4029);
 /// Seconds a closing connection waits for the peer's close.
@@ -143,6 +146,9 @@ pub struct Conn {
     pub counted: bool,
     /// A refused connection lingering for its 503/429 to be read.
     pub refusing: bool,
+    /// Commands were dropped over the rate since the last read: the next
+    /// read waits [`THROTTLE`].
+    pub throttled: bool,
     /// Shard time the first fragment of a message still being reassembled
     /// arrived (0: none); the whole message is held to `--message-timeout`.
     pub fragments_since: u32,
@@ -176,6 +182,7 @@ impl Conn {
             pending: 0,
             counted: false,
             refusing: false,
+            throttled: false,
             fragments_since: 0,
             subs: SmallVec::new(),
             user_id: 0,
@@ -223,6 +230,11 @@ pub enum Flow {
     /// This connection's commands made a turn's worth of work: let the
     /// other connections run, then [`ShardCore::resume`] it.
     Yield,
+    /// The connection sent commands over `--client-rate`, which were
+    /// dropped: read it again only after [`THROTTLE`], so that a flood
+    /// waits in the kernel's buffers (and the sender's, through TCP flow
+    /// control) instead of costing the shard a decode per dropped command.
+    Throttle,
     /// The connection is gone from the shard: stop.
     Gone,
 }
@@ -418,9 +430,12 @@ impl ShardCore {
     }
 
     /// After handling input: keep reading, yield the turn, pause, or stop.
-    fn next_flow(&self, id: ConnId) -> Flow {
-        if self.conns.get(id).is_none() {
-            Flow::Gone
+    fn next_flow(&mut self, id: ConnId) -> Flow {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return Flow::Gone;
+        };
+        if std::mem::take(&mut conn.throttled) {
+            Flow::Throttle
         } else if !self.may_read(id) {
             Flow::Paused
         } else if self.work >= WORK_PER_WAKE && self.conns.get(id).is_some_and(|c| c.phase != Phase::Sql) {
@@ -652,6 +667,7 @@ impl ShardCore {
         match conn.rate.check(rate, now_ms) {
             RateVerdict::Allow => true,
             RateVerdict::Drop { tell: first } => {
+                conn.throttled = true;
                 ShardMetrics::add(&self.metrics.rate_limited, 1);
                 if first && tell {
                     let text =

@@ -416,6 +416,7 @@ async fn run_conn(id: ConnId, fd: SharedFd<Socket>) {
         match flow {
             Flow::Gone => return,
             Flow::Continue | Flow::Yield => {}
+            Flow::Throttle => compio::time::sleep(super::conn::THROTTLE).await,
             Flow::Paused => {
                 if !wait_until_readable_allowed(id).await {
                     return;
@@ -452,7 +453,7 @@ async fn wait_until_readable_allowed(id: ConnId) -> bool {
                 s.core.resume(id)
             }) {
                 Flow::Gone => return false,
-                Flow::Continue => return true,
+                Flow::Continue | Flow::Throttle => return true,
                 Flow::Yield => yield_now().await,
                 Flow::Paused => break,
             }

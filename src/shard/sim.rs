@@ -461,9 +461,13 @@ mod tests {
         let mut errors = 0;
         let mut handled = 0;
         let mut close = None;
-        for _ in 0..12 {
-            for _ in 0..10 {
-                sim.send_text(c, "web_pipe2\nweb_x\ne\n*\nm");
+        for round in 0..12 {
+            let flows: Vec<Flow> = (0..10).map(|_| sim.send_text(c, "web_pipe2\nweb_x\ne\n*\nm")).collect();
+            if round == 0 {
+                // Within the burst the connection is read on; past it, the
+                // I/O layer is told to wait before reading it again.
+                assert_eq!(flows[..4], [Flow::Continue; 4]);
+                assert_eq!(flows[4..], [Flow::Throttle; 6]);
             }
             sim.settle();
             for (op, payload) in sim.frames(c) {
