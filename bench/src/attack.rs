@@ -110,6 +110,11 @@ pub struct FloodArgs {
     /// reading its answers).
     #[arg(long, default_value_t = 50)]
     attackers: usize,
+    /// Commands per second each attacker sends (0: as fast as it can). At
+    /// or under the server's `--client-rate` the attackers are never closed,
+    /// and only the per-channel bound (`--channel-rate`) holds the fan-out.
+    #[arg(long, default_value_t = 0.0)]
+    attacker_rate: f64,
     /// Subscribers of the flooded channel (they read what arrives).
     #[arg(long, default_value_t = 1000)]
     subs: usize,
@@ -672,6 +677,8 @@ struct Pumped {
     frame_len: usize,
     at: usize,
     written: u64,
+    /// Frames per second at most (0: unlimited).
+    rate: f64,
     reads: bool,
     inbuf: Vec<u8>,
     answered: u64,
@@ -691,6 +698,7 @@ impl Pumped {
             frame_len,
             at: 0,
             written: 0,
+            rate: 0.0,
             reads,
             inbuf: Vec::new(),
             answered: 0,
@@ -712,9 +720,22 @@ impl Pumped {
         }
     }
 
+    /// Bytes it may write now (its rate, counted from `t0`).
+    fn budget(&self, t0: Instant) -> usize {
+        if self.rate <= 0.0 {
+            return usize::MAX;
+        }
+        let allowed = (t0.elapsed().as_secs_f64() * self.rate).floor() as u64 * self.frame_len as u64;
+        allowed.saturating_sub(self.written) as usize
+    }
+
     fn write_some(&mut self, t0: Instant) {
         for _ in 0..4 {
-            match (&self.s).write(&self.burst[self.at..]) {
+            let n = (self.burst.len() - self.at).min(self.budget(t0));
+            if n == 0 {
+                return;
+            }
+            match (&self.s).write(&self.burst[self.at..self.at + n]) {
                 Ok(0) => return self.close(t0),
                 Ok(n) => {
                     self.written += n as u64;
@@ -782,14 +803,16 @@ fn pump(conns: &mut [Pumped], t0: Instant, stop: &AtomicBool) {
             if c.closed_at.is_none() {
                 live.push(i);
                 // A client that never reads still sees the server's FIN.
-                let events = libc::POLLOUT | if c.reads { libc::POLLIN } else { libc::POLLRDHUP };
+                let out = if c.budget(t0) > 0 { libc::POLLOUT } else { 0 };
+                let events = out | if c.reads { libc::POLLIN } else { libc::POLLRDHUP };
                 fds.push(libc::pollfd { fd: c.s.as_raw_fd(), events, revents: 0 });
             }
         }
         if live.is_empty() {
             return;
         }
-        if !poll_ready(&mut fds, 100) {
+        // Paced attackers wait for their next frame's time, not a socket.
+        if !poll_ready(&mut fds, 10) {
             continue;
         }
         for (k, &i) in live.iter().enumerate() {
@@ -1072,6 +1095,7 @@ fn flood(g: &Global, t: &Target, a: &FloodArgs) -> Figures {
     for i in 0..a.attackers {
         match open_anon(&t.front, source(g, a.subs + i), &format!("fa{i}"), SETUP_TIMEOUT)
             .and_then(|s| Pumped::new(s, burst.clone(), frame.len(), true))
+            .map(|p| Pumped { rate: a.attacker_rate, ..p })
         {
             Ok(p) => attackers.push(p),
             Err(_) => f.failed_connections += 1,

@@ -35,7 +35,7 @@ use crate::metrics::ShardMetrics;
 const READS_PER_WAKE: usize = 8;
 /// Deliveries the mailbox task makes per turn (a connection makes
 /// [`super::conn::WORK_PER_WAKE`]).
-const MAIL_WORK_PER_TURN: usize = 16 * super::conn::WORK_PER_WAKE;
+const MAIL_WORK_PER_TURN: usize = 2 * super::conn::WORK_PER_WAKE;
 
 /// One connection's socket, with the generation of the id it belongs to.
 struct Sock {
