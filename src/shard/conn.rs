@@ -998,7 +998,7 @@ impl ShardCore {
 
     /// Marks the connection as closing: no more messages; after the queue
     /// drains the write side is shut; `drop_now` drops it right after.
-    fn finish_after_flush(&mut self, id: ConnId, drop_now: bool) {
+    pub(super) fn finish_after_flush(&mut self, id: ConnId, drop_now: bool) {
         let now = self.now;
         let Some(conn) = self.conns.get_mut(id) else {
             return;
@@ -1141,7 +1141,16 @@ impl ShardCore {
                 // handshake time is dropped, like a silent browser.
                 Phase::Sql
                     if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT
-                        && conn.sql.as_ref().is_some_and(|s| !s.session.is_authenticated()) =>
+                        && conn.sql.as_ref().is_some_and(|s| s.logging_in()) =>
+                {
+                    self.drop_conn(id)
+                }
+                // An HTTP API connection that keeps nothing waiting (no
+                // request started, no answer owed) is closed after a while.
+                Phase::Sql
+                    if now.saturating_sub(conn.last_rx) >= super::api::IDLE_TIMEOUT
+                        && conn.out.is_empty()
+                        && conn.sql.as_ref().is_some_and(|s| s.is_http() && !s.answering()) =>
                 {
                     self.drop_conn(id)
                 }

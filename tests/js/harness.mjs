@@ -23,8 +23,10 @@ export async function freePort() {
 export async function startComet({ password, ports, extraArgs = [] }) {
   const front = ports?.front ?? (await freePort());
   const back = ports?.back ?? (await freePort());
+  const api = ports?.api ?? (await freePort());
   const child = spawn(BIN, ['--frontend', `127.0.0.1:${front}`, '--backend', `127.0.0.1:${back}`,
-    '--shards', '2', '--password', password, ...extraArgs], { stdio: ['ignore', 'ignore', 'pipe'] });
+    '--api', `127.0.0.1:${api}`, '--shards', '2', '--password', password, ...extraArgs],
+  { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   await new Promise((resolve, reject) => {
     const t = setTimeout(() => reject(new Error(`comet did not start:\n${log}`)), 15000);
@@ -36,7 +38,7 @@ export async function startComet({ password, ports, extraArgs = [] }) {
   });
   child.removeAllListeners('exit');
   return {
-    child, front, back, base: `http://127.0.0.1:${front}`,
+    child, front, back, api, base: `http://127.0.0.1:${front}`, apiBase: `http://127.0.0.1:${api}`,
     stop: () => new Promise((r) => { child.once('exit', r); child.kill('SIGKILL'); }),
   };
 }
