@@ -105,8 +105,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     let n = config.shards;
 
-    let ports: Vec<(&'static str, SocketAddr)> =
-        [("frontend", config.frontend), ("backend", config.backend)].into_iter().chain(config.api.map(|a| ("api", a))).collect();
+    let ports: Vec<(&'static str, SocketAddr)> = [("frontend", config.frontend), ("backend", config.backend)]
+        .into_iter()
+        .chain(config.api.map(|a| ("api", a)))
+        .collect();
     for (i, &(a_role, a)) in ports.iter().enumerate() {
         if let Some(&(b_role, b)) = ports[i + 1..].iter().find(|(_, b)| overlap(a, *b)) {
             return Err(ServerError::SamePort { a_role, a, b_role, b });

@@ -447,10 +447,21 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
     // Start comet with a tiny descriptor limit, then open more connections
     // than it can hold.
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
-    cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "off", "--shards", "1", "--io", "epoll"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+    cmd.args([
+        "--frontend",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:0",
+        "--api",
+        "off",
+        "--shards",
+        "1",
+        "--io",
+        "epoll",
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
     // SAFETY: setrlimit in the forked child before exec; no allocation.
     unsafe {
         cmd.pre_exec(|| {

@@ -70,9 +70,7 @@ pub fn target(raw: &str) -> Result<Target, ApiError> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let (k, v) = (decode(k)?, decode(v)?);
         if k == "dev_id" {
-            dev_id = v
-                .parse()
-                .map_err(|_| ApiError::new(400, 12, format!("dev_id {} is not a number", clip(&v))))?;
+            dev_id = v.parse().map_err(|_| ApiError::new(400, 12, format!("dev_id {} is not a number", clip(&v))))?;
         } else {
             params.push((k, v));
         }
@@ -193,8 +191,8 @@ fn conditions(pairs: Vec<(&String, &String)>) -> Result<Vec<Condition>, ApiError
 /// the text `{"a":1}`, exactly what CometQL publishes for
 /// `VALUES (..., '{"a":1}')`.
 fn insert_rows(body: &[u8]) -> Result<(Vec<String>, Vec<Vec<Value>>), ApiError> {
-    let json: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(400, 3, format!("The body is not valid JSON: {e}")))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::new(400, 3, format!("The body is not valid JSON: {e}")))?;
     let objects = match json {
         serde_json::Value::Object(o) => vec![o],
         serde_json::Value::Array(a) => {
@@ -337,26 +335,21 @@ mod tests {
     #[test]
     fn a_post_is_the_insert_cometql_would_parse() {
         let st = stmt("POST", "/api/pipes_messages", r#"{"name":"news","event":"e","message":{"a":1}}"#).unwrap();
-        assert_eq!(
-            st,
-            sql(r#"INSERT INTO pipes_messages (event, message, name) VALUES ('e', '{"a":1}', 'news')"#)
-        );
-        let st = stmt("POST", "/api/users_messages", r#"[{"id":5,"event":"e","message":"hi"},{"id":6,"event":"e","message":null}]"#)
-            .unwrap();
-        assert_eq!(
-            st,
-            sql("INSERT INTO users_messages (event, id, message) VALUES ('e', 5, 'hi'), ('e', 6, NULL)")
-        );
+        assert_eq!(st, sql(r#"INSERT INTO pipes_messages (event, message, name) VALUES ('e', '{"a":1}', 'news')"#));
+        let st = stmt(
+            "POST",
+            "/api/users_messages",
+            r#"[{"id":5,"event":"e","message":"hi"},{"id":6,"event":"e","message":null}]"#,
+        )
+        .unwrap();
+        assert_eq!(st, sql("INSERT INTO users_messages (event, id, message) VALUES ('e', 5, 'hi'), ('e', 6, NULL)"));
     }
 
     #[test]
     fn a_get_is_the_select_with_repeated_columns_as_in() {
         let t = target("/api/pipes?name=a%20b&dev_id=3&name=web_x+y").unwrap();
         assert_eq!(t.dev_id, 3);
-        assert_eq!(
-            route("GET", &t, b"").unwrap(),
-            sql("SELECT * FROM pipes WHERE name IN ('a b', 'web_x y')")
-        );
+        assert_eq!(route("GET", &t, b"").unwrap(), sql("SELECT * FROM pipes WHERE name IN ('a b', 'web_x y')"));
         assert_eq!(
             stmt("GET", "/api/pipes_messages?name=abc&limit=2&offset=1", "").unwrap(),
             sql("SELECT * FROM pipes_messages WHERE name = 'abc' LIMIT 1, 2")
@@ -401,7 +394,11 @@ mod tests {
             rows: vec![vec![Some("web_a".into()), Some("3".into()), None]],
         };
         let r = answer(&StmtResult::Rows(rs), false);
-        assert!(r.ends_with(br#"{"rows":[{"name":"web_a","users":3,"message":null}]}"#), "{}", String::from_utf8_lossy(&r));
+        assert!(
+            r.ends_with(br#"{"rows":[{"name":"web_a","users":3,"message":null}]}"#),
+            "{}",
+            String::from_utf8_lossy(&r)
+        );
         let e = answer(&StmtResult::err(12, "Channel name 'a\"b' is bad"), true);
         let text = String::from_utf8_lossy(&e);
         assert!(text.starts_with("HTTP/1.1 422 Unprocessable Content\r\n"), "{text}");

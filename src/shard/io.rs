@@ -155,12 +155,7 @@ impl Shard {
 
     /// Registers an accepted socket with the core; returns what its read
     /// task needs, or None when the core refused it outright (closed).
-    fn accept(
-        &mut self,
-        sock: Socket,
-        peer: std::net::SocketAddr,
-        port: Port,
-    ) -> Option<(ConnId, SharedFd<Socket>)> {
+    fn accept(&mut self, sock: Socket, peer: std::net::SocketAddr, port: Port) -> Option<(ConnId, SharedFd<Socket>)> {
         self.clock();
         let _ = sock.set_tcp_nodelay(true);
         let id = match port {

@@ -51,11 +51,7 @@ impl Server {
         if !args.contains(&"--api") {
             cmd.args(["--api", "127.0.0.1:0"]);
         }
-        cmd.args(args)
-            .env_remove("COMET_IO")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(args).env_remove("COMET_IO").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         if forbid_uring.is_some() {
             forbid_io_uring(&mut cmd);
         }
