@@ -16,6 +16,7 @@ use super::conn::Phase;
 use super::core::ShardCore;
 use super::sql::{Slot, SqlConn};
 use crate::api::{self, ApiError, http1};
+use crate::cometql::session::Passwords;
 use crate::domain::ct_eq;
 use crate::metrics::ShardMetrics;
 use crate::shard::limits::{AUTH_FAILURES_ALLOWED, AUTH_WINDOW_SECS};
@@ -121,8 +122,7 @@ impl ShardCore {
             );
             return Err(ApiError { retry_after: Some(secs), ..ApiError::new(429, 1129, message) });
         }
-        let config = &self.shared.config;
-        let password = config.dev_passwords.get(&dev_id).unwrap_or(&config.password);
+        let password = self.shared.config.password(dev_id);
         if key.is_some_and(|k| ct_eq(k.as_bytes(), password.as_bytes())) {
             return Ok(());
         }

@@ -87,8 +87,9 @@ pub struct SqlConn {
 /// How a backend connection speaks.
 #[derive(Debug)]
 pub enum Transport {
-    /// CometQL over the MySQL protocol.
-    MySql(MySqlConn),
+    /// CometQL over the MySQL protocol (boxed: an HTTP connection need not
+    /// carry a MySQL session's size).
+    MySql(Box<MySqlConn>),
     /// The HTTP API.
     Http(HttpConn),
 }
@@ -199,13 +200,13 @@ impl ShardCore {
         if let Some(c) = self.conns.get_mut(id) {
             c.phase = Phase::Sql;
             c.sql = Some(Box::new(SqlConn {
-                transport: Transport::MySql(MySqlConn {
+                transport: Transport::MySql(Box::new(MySqlConn {
                     session,
                     skip: 0,
                     skip_more: false,
                     skip_error: None,
                     skip_seq: 0,
-                }),
+                })),
                 slots: VecDeque::new(),
                 front: 0,
             }));
