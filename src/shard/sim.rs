@@ -501,6 +501,23 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_http_api_connection_is_closed_and_a_busy_one_is_not() {
+        let mut sim = Sim::new(2, config());
+        let idle = sim.connect_api(0, "10.0.0.7");
+        let busy = sim.connect_api(1, "10.0.0.8");
+        let secs = super::super::api::IDLE_TIMEOUT as u64;
+        for _ in 0..secs - 1 {
+            sim.advance(1000);
+            sim.send(busy, b"GET /api/users_time?id=1 HTTP/1.1\r\nX-API-Key: comet\r\n\r\n");
+        }
+        assert!(!sim.closed.contains(&idle.peer), "still within the idle time");
+        assert_eq!(String::from_utf8_lossy(&sim.take(busy)).matches("200 OK").count() as u64, secs - 1);
+        sim.advance(2000);
+        assert!(sim.closed.contains(&idle.peer), "idle past {secs} s");
+        assert!(!sim.closed.contains(&busy.peer), "the busy one was active a second ago");
+    }
+
+    #[test]
     fn a_client_over_the_rate_gets_one_error_a_second_and_4029_after_ten_seconds() {
         let mut sim = Sim::new(2, Config { client_rate: 2, ..config() });
         let c = sim.websocket(0, &anon("flood"));
