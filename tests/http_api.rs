@@ -377,6 +377,27 @@ fn bodies_over_the_limit_get_413_and_hold_no_memory() {
 }
 
 #[test]
+fn oversized_heads_and_chunked_bodies_are_refused_and_the_connection_closed() {
+    let s = start("epoll", &[]);
+    let huge = format!("GET /api/pipes?name={} HTTP/1.1\r\n\r\n", "a".repeat(20_000));
+    let many: String = (0..40).map(|i| format!("X-Filler-{i}: y\r\n")).collect();
+    let cases = [
+        (huge.into_bytes(), 431, 11),
+        (format!("GET /api/pipes?name=abc HTTP/1.1\r\n{many}\r\n").into_bytes(), 431, 20),
+        (b"POST /api/pipes_messages HTTP/1.1\r\nX-API-Key: api-pw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(), 411, 2),
+        (b"GET /api/pipes?name=abc HTTP/1.1\r\nContent-Length: x\r\n\r\n".to_vec(), 400, 3),
+    ];
+    for (raw, status, code) in cases {
+        let mut h = Http::connect(api(&s));
+        h.send(&raw);
+        let a = h.read();
+        assert_eq!((a.status, a.code()), (status, code), "{a:?}");
+        assert_eq!(a.header("connection"), Some("close"));
+        assert!(h.closed());
+    }
+}
+
+#[test]
 fn an_unfinished_request_is_dropped_after_the_message_timeout() {
     let s = start("epoll", &["--message-timeout", "2"]);
     let mut head = Http::connect(api(&s));
