@@ -22,8 +22,10 @@ pub struct Head {
     pub target: String,
     /// The key from `Authorization: Bearer ...` or `X-API-Key`.
     pub key: Option<String>,
-    /// Whether the connection stays open after the answer (HTTP/1.1 unless
-    /// `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`).
+    /// Whether the connection stays open after the answer: HTTP/1.1 unless
+    /// `Connection: close`. An HTTP/1.0 request is answered and closed
+    /// (HTTP/1.0 keep-alive would need its own answer header; the clients
+    /// backends use all speak HTTP/1.1).
     pub keep_alive: bool,
     /// The client waits for `100 Continue` before sending its body.
     pub expect_continue: bool,
@@ -105,8 +107,6 @@ pub fn parse_head(buf: &[u8], max_body: usize) -> Result<Option<Head>, Refusal> 
         } else if name.eq_ignore_ascii_case("connection") {
             if has_token(v, "close") {
                 head.keep_alive = false;
-            } else if has_token(v, "keep-alive") {
-                head.keep_alive = true;
             }
         } else if name.eq_ignore_ascii_case("expect") && v.eq_ignore_ascii_case("100-continue") {
             head.expect_continue = http11;
@@ -180,7 +180,7 @@ mod tests {
         assert_eq!(h.key.as_deref(), Some("s3cret"));
         assert_eq!((h.body_len, h.keep_alive, h.expect_continue), (5, true, false));
         assert_eq!(h.head_len, raw.len() - 5);
-        let h = parse_head(b"GET / HTTP/1.0\r\nX-API-Key: k\r\n\r\n", 100).unwrap().unwrap();
+        let h = parse_head(b"GET / HTTP/1.0\r\nX-API-Key: k\r\nConnection: keep-alive\r\n\r\n", 100).unwrap().unwrap();
         assert_eq!((h.key.as_deref(), h.keep_alive), (Some("k"), false));
         let h = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", 100).unwrap().unwrap();
         assert!(!h.keep_alive);
