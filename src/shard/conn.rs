@@ -170,6 +170,12 @@ impl Conn {
         }
     }
 
+    /// An HTTP API connection with no request started, no answer owed and
+    /// nothing left to write.
+    pub fn idle_http(&self) -> bool {
+        self.inbuf.is_empty() && self.out.is_empty() && self.sql.as_ref().is_some_and(|s| s.is_http() && !s.answering())
+    }
+
     /// Whether nothing waits to be written.
     pub fn out_is_empty(&self) -> bool {
         self.out.is_empty()
@@ -1147,11 +1153,7 @@ impl ShardCore {
                 }
                 // An HTTP API connection that keeps nothing waiting (no
                 // request started, no answer owed) is closed after a while.
-                Phase::Sql
-                    if now.saturating_sub(conn.last_rx) >= super::api::IDLE_TIMEOUT
-                        && conn.out.is_empty()
-                        && conn.sql.as_ref().is_some_and(|s| s.is_http() && !s.answering()) =>
-                {
+                Phase::Sql if now.saturating_sub(conn.last_rx) >= super::api::IDLE_TIMEOUT && conn.idle_http() => {
                     self.drop_conn(id)
                 }
                 Phase::Closing { deadline, .. } if now >= deadline => self.drop_conn(id),
@@ -1185,6 +1187,8 @@ impl ShardCore {
             match self.conns.get(id).map(|c| c.phase) {
                 Some(Phase::Comet | Phase::Echo) => self.close_ws(id, CloseCode::GOING_AWAY, "server shutting down"),
                 Some(Phase::Http) => self.drop_conn(id),
+                // An HTTP API connection that is owed nothing just goes.
+                Some(Phase::Sql) if self.conns.get(id).is_some_and(|c| c.idle_http()) => self.drop_conn(id),
                 // Answer what was asked, then close.
                 Some(Phase::Sql) => self.sql_push_raw(id, Vec::new(), true),
                 _ => {}
