@@ -398,6 +398,39 @@ fn oversized_heads_and_chunked_bodies_are_refused_and_the_connection_closed() {
 }
 
 #[test]
+fn a_client_that_pipelines_and_never_reads_is_disconnected_at_the_answer_bound() {
+    // Unread answers are bounded at max(16 x --outbound-limit, 4 x
+    // --max-query-size) = 1 MiB here, as for CometQL clients.
+    let s = start("epoll", &["--outbound-limit", "65536", "--max-query-size", "1024"]);
+    let before = rss_kib(&s);
+    let mut h = Http::connect(api(&s));
+    let one = request_bytes("GET", "/api/users_time?id=1", Some(KEY), None);
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
+    let started = Instant::now();
+    let mut sent = 0;
+    // Never read: the server's queue of answers grows until it gives up.
+    h.r.get_mut().set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    while started.elapsed() < Duration::from_secs(20) {
+        if h.r.get_mut().write_all(&batch).is_err() {
+            break;
+        }
+        sent += 1000;
+    }
+    let mut log = Vec::new();
+    assert!(
+        eventually(10, || {
+            log.extend(s.drain_log());
+            log.iter().any(|l| l.contains("does not read its answers"))
+        }),
+        "after {sent} requests: {log:?}"
+    );
+    let grown = rss_kib(&s).saturating_sub(before);
+    assert!(grown < 16 * 1024, "RSS grew by {grown} KiB");
+    let mut other = Http::connect(api(&s));
+    assert_eq!(rows(&other.get("/api/users_time?id=2"))[0]["time"], -1);
+}
+
+#[test]
 fn an_unfinished_request_is_dropped_after_the_message_timeout() {
     let s = start("epoll", &["--message-timeout", "2"]);
     let mut head = Http::connect(api(&s));

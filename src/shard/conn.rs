@@ -985,7 +985,7 @@ impl ShardCore {
         let Some(conn) = self.conns.get_mut(id) else { return };
         if conn.phase == Phase::Sql && conn.out.cost() + OutQueue::cost_of(&bytes) > sql_limit {
             eprintln!(
-                "comet: shard {}: CometQL client {} does not read its answers; disconnecting",
+                "comet: shard {}: backend client {} (CometQL or HTTP API) does not read its answers; disconnecting",
                 self.id, conn.peer
             );
             self.drop_conn(id);
