@@ -35,6 +35,8 @@ grep -q '<polyline' "$out/fanout.svg"
 check "$out/private.json" 'f[0]["loss"] == 0 and f[0]["delivered"] == 800'
 "$B" "${common[@]}" publish --subs 50 --conns 2 --inserts 200 --window 16 --json "$out/publish.json"
 check "$out/publish.json" 'f[0]["loss"] == 0'
+"$B" "${common[@]}" publish --subs 50 --conns 2 --inserts 200 --window 16 --http --json "$out/publish_http.json"
+check "$out/publish_http.json" '[x["target"] for x in f] == ["comet", "comet-http"] and all(x["loss"] == 0 and x["delivered"] == 20000 for x in f)'
 "$B" "${common[@]}" churn --users 200 --online 40 --seconds 2 --rate 200 --json "$out/churn.json"
 check "$out/churn.json" 'f[0]["connections"] > 0 and f[0]["delivered"] > 0'
 "$B" "${common[@]}" slow --slow 5 --size 16384 --messages 800 --json "$out/slow.json"

@@ -27,6 +27,40 @@ pub enum IoChoice {
     Epoll,
 }
 
+/// A listener that can be turned off: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    At(SocketAddr),
+}
+
+impl Listen {
+    /// The address to listen on, `None` when off.
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Off => None,
+            Listen::At(a) => Some(a),
+        }
+    }
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Listen::Off);
+        }
+        s.parse().map(Listen::At).map_err(|e| format!("{s:?} is neither \"off\" nor an IP:port address ({e})"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Listen, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Command-line flags; each also reads `COMET_<NAME>` from the environment.
 #[derive(Debug, Parser, Default)]
 #[command(
@@ -44,6 +78,9 @@ pub struct Cli {
     /// Address for application backends (CometQL over the MySQL protocol) [default: 127.0.0.1:3300].
     #[arg(long, env = "COMET_BACKEND")]
     pub backend: Option<SocketAddr>,
+    /// Address of the HTTP API for backends (the CometQL tables over HTTP/JSON), or "off" [default: 127.0.0.1:8088].
+    #[arg(long, env = "COMET_API", value_name = "ADDR|off")]
+    pub api: Option<Listen>,
     /// Backend password for every dev_id [default: "comet", refused on non-loopback addresses].
     #[arg(long, env = "COMET_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
@@ -127,6 +164,7 @@ pub struct Cli {
 pub struct FileConfig {
     pub frontend: Option<SocketAddr>,
     pub backend: Option<SocketAddr>,
+    pub api: Option<Listen>,
     pub password: Option<String>,
     pub shards: Option<usize>,
     pub io: Option<IoChoice>,
@@ -174,6 +212,8 @@ pub enum ConfigError {
 pub struct Config {
     pub frontend: SocketAddr,
     pub backend: SocketAddr,
+    /// The HTTP API's address; `None`: off.
+    pub api: Option<SocketAddr>,
     pub password: String,
     pub shards: usize,
     pub io: IoChoice,
@@ -235,6 +275,7 @@ impl Default for Config {
         Config {
             frontend: "127.0.0.1:8087".parse().expect("literal address"),
             backend: "127.0.0.1:3300".parse().expect("literal address"),
+            api: Some("127.0.0.1:8088".parse().expect("literal address")),
             password: DEFAULT_PASSWORD.to_string(),
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             io: IoChoice::Auto,
@@ -286,6 +327,7 @@ impl Config {
         let c = Config {
             frontend: cli.frontend.or(file.frontend).unwrap_or(d.frontend),
             backend: cli.backend.or(file.backend).unwrap_or(d.backend),
+            api: cli.api.or(file.api).map_or(d.api, Listen::addr),
             password: cli.password.or(file.password).unwrap_or(d.password),
             shards: cli.shards.or(file.shards).unwrap_or(d.shards),
             io: cli.io.or(file.io).unwrap_or(d.io),
@@ -355,7 +397,8 @@ impl Config {
             return bad("password must not be empty".into());
         }
         if self.password == DEFAULT_PASSWORD {
-            for (what, addr) in [("frontend", self.frontend), ("backend", self.backend)] {
+            let api = self.api.map(|a| ("api", a));
+            for (what, addr) in [("frontend", self.frontend), ("backend", self.backend)].into_iter().chain(api) {
                 if !addr.ip().is_loopback() {
                     return bad(format!(
                         "refusing to bind {what} {addr} (not loopback) with the default password; set --password or COMET_PASSWORD"
@@ -431,6 +474,17 @@ mod tests {
         let cli =
             Cli { frontend: Some("0.0.0.0:8087".parse().unwrap()), password: Some("s3cret".into()), ..Cli::default() };
         assert!(Config::load(cli).is_ok());
+    }
+
+    #[test]
+    fn the_api_listener_defaults_to_loopback_and_can_be_turned_off() {
+        assert_eq!(Config::load(Cli::default()).unwrap().api, Some("127.0.0.1:8088".parse().unwrap()));
+        let off = Cli { api: Some("off".parse().unwrap()), ..Cli::default() };
+        assert_eq!(Config::load(off).unwrap().api, None);
+        let public = Cli { api: Some("0.0.0.0:8088".parse().unwrap()), ..Cli::default() };
+        let e = Config::load(public).unwrap_err().to_string();
+        assert!(e.contains("api 0.0.0.0:8088"), "{e}");
+        assert!("nowhere".parse::<Listen>().unwrap_err().contains("\"nowhere\""));
     }
 
     #[test]

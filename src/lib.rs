@@ -19,9 +19,12 @@
 //! - [`metrics`]: counters and the Prometheus rendering.
 //! - [`users`]: user store: keys, devices, offline queues, JWT (sans-IO).
 //! - [`cometql`]: MySQL wire protocol and the CometQL dialect (sans-IO).
+//! - [`api`]: the HTTP API for backends, a mirror of the CometQL tables
+//!   (sans-IO framing, request → statement, JSON answers).
 //! - [`domain`]: the bottom layer every module may use: `ConnId`, channel
 //!   names and kinds, constant-time compare, clipping of quoted values.
 
+pub mod api;
 pub mod cometql;
 pub mod config;
 pub mod domain;

@@ -116,13 +116,13 @@ impl Registry {
                 "Connections closed for an unfinished frame, head or packet.",
                 |m| m.message_timeouts.load(Relaxed) as i64,
             ),
-            ("comet_auth_failures_total", "counter", "Failed CometQL logins.", |m| {
+            ("comet_auth_failures_total", "counter", "Failed backend logins: CometQL logins and HTTP API keys.", |m| {
                 m.auth_failures.load(Relaxed) as i64
             }),
             (
                 "comet_auth_refusals_total",
                 "counter",
-                "CometQL connections refused after too many failed logins.",
+                "CometQL connections and HTTP API requests refused after too many failed logins.",
                 |m| m.auth_refusals.load(Relaxed) as i64,
             ),
             (

@@ -18,6 +18,7 @@ use crate::runtime::{
     listener::{ListenError, PortClaim},
     probe::ProbeError,
 };
+use crate::shard::io::Port;
 use crate::shard::{self, ShardCore, Shared};
 
 /// Capacity of each shard-to-shard ring, in messages.
@@ -37,10 +38,10 @@ pub enum ServerError {
     PortBusy { role: &'static str, err: ListenError },
     #[error("cannot listen on --{role} {addr}: {err}")]
     Bind { role: &'static str, addr: SocketAddr, err: std::io::Error },
-    /// Both listeners on one port would join one reuseport group and split
-    /// browsers and backends between the two protocols at random.
-    #[error("--frontend {frontend} and --backend {backend} overlap on port {}; give them different ports", frontend.port())]
-    SamePort { frontend: SocketAddr, backend: SocketAddr },
+    /// Two listeners on one port would join one reuseport group and split
+    /// clients between the two protocols at random.
+    #[error("--{a_role} {a} and --{b_role} {b} overlap on port {}; give them different ports", a.port())]
+    SamePort { a_role: &'static str, a: SocketAddr, b_role: &'static str, b: SocketAddr },
     #[error("shard {shard} failed to start: {err}")]
     Shard { shard: usize, err: String },
     #[error("cannot install signal handlers: {0}")]
@@ -104,11 +105,24 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     let n = config.shards;
 
-    if overlap(config.frontend, config.backend) {
-        return Err(ServerError::SamePort { frontend: config.frontend, backend: config.backend });
+    let ports: Vec<(&'static str, SocketAddr)> = [("frontend", config.frontend), ("backend", config.backend)]
+        .into_iter()
+        .chain(config.api.map(|a| ("api", a)))
+        .collect();
+    for (i, &(a_role, a)) in ports.iter().enumerate() {
+        if let Some(&(b_role, b)) = ports[i + 1..].iter().find(|(_, b)| overlap(a, *b)) {
+            return Err(ServerError::SamePort { a_role, a, b_role, b });
+        }
     }
     let (addr, listeners) = bind_all("frontend", config.frontend, n)?;
     let (backend_addr, backend_listeners) = bind_all("backend", config.backend, n)?;
+    let (api_addr, api_listeners) = match config.api {
+        Some(a) => {
+            let (addr, socks) = bind_all("api", a, n)?;
+            (Some(addr), socks.into_iter().map(Some).collect())
+        }
+        None => (None, (0..n).map(|_| None).collect::<Vec<_>>()),
+    };
 
     let registry = Arc::new(Registry {
         shards: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
@@ -128,8 +142,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let bells: Vec<Arc<Doorbell>> = mesh.iter().map(|(_, inbox)| inbox.bell().clone()).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
     let mut threads = Vec::with_capacity(n);
-    for (i, (((outbox, inbox), listener), backend_listener)) in
-        mesh.into_iter().zip(listeners).zip(backend_listeners).enumerate()
+    for (i, ((((outbox, inbox), listener), backend_listener), api_listener)) in
+        mesh.into_iter().zip(listeners).zip(backend_listeners).zip(api_listeners).enumerate()
     {
         let shared = shared.clone();
         let ready = ready_tx.clone();
@@ -147,10 +161,15 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 rt.block_on(async move {
                     let listener = Arc::new(listener);
                     let backend_listener = Arc::new(backend_listener);
+                    let api_listener = api_listener.map(Arc::new);
                     let core = ShardCore::new(i, n, shared, outbox);
-                    shard::io::install(core, vec![listener.clone(), backend_listener.clone()]);
-                    compio::runtime::spawn(shard::io::accept_loop(listener, false)).detach();
-                    compio::runtime::spawn(shard::io::accept_loop(backend_listener, true)).detach();
+                    let all = [Some(listener.clone()), Some(backend_listener.clone()), api_listener.clone()];
+                    shard::io::install(core, all.into_iter().flatten().collect());
+                    compio::runtime::spawn(shard::io::accept_loop(listener, Port::Frontend)).detach();
+                    compio::runtime::spawn(shard::io::accept_loop(backend_listener, Port::Backend)).detach();
+                    if let Some(l) = api_listener {
+                        compio::runtime::spawn(shard::io::accept_loop(l, Port::Api)).detach();
+                    }
                     compio::runtime::spawn(shard::io::mailbox_loop(inbox)).detach();
                     let _ = ready.send((i, Ok(())));
                     shard::io::sweep_loop(timeout).await;
@@ -172,6 +191,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     eprintln!("comet: {n} shards on {}", backend.name());
     eprintln!("comet: backend (CometQL) listening on {backend_addr}");
+    match api_addr {
+        Some(a) => eprintln!("comet: HTTP API listening on {a}"),
+        None => eprintln!("comet: HTTP API off"),
+    }
     eprintln!("comet: frontend listening on {addr}");
 
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;

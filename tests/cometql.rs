@@ -668,9 +668,14 @@ fn failed_logins_are_counted_and_an_address_that_keeps_failing_is_refused_for_a_
         assert!(msg.contains("127.0.0.1") && msg.contains("blocked"), "{msg}");
         assert!(s.metric("comet_auth_failures_total{shard=\"all\"}") >= 21);
         assert!(s.metric("comet_auth_refusals_total{shard=\"all\"}") >= 1);
+        // The log is read by another thread: wait for the line a little.
+        let mut log = Vec::new();
         assert!(
-            s.drain_log().iter().any(|l| l.contains("blocked") && l.contains("127.0.0.1")),
-            "{io}: the block is logged"
+            eventually(5, || {
+                log.extend(s.drain_log());
+                log.iter().any(|l| l.contains("blocked") && l.contains("127.0.0.1"))
+            }),
+            "{io}: the block is logged: {log:?}"
         );
     }
 }

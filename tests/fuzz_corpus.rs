@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 mod cometql;
 #[path = "../fuzz/bodies/command.rs"]
 mod command;
+#[path = "../fuzz/bodies/http_api.rs"]
+mod http_api;
 #[path = "../fuzz/bodies/jwt.rs"]
 mod jwt;
 #[path = "../fuzz/bodies/mysql_packet.rs"]
@@ -34,6 +36,7 @@ type Body = fn(&[u8]);
 const TARGETS: &[(&str, Body)] = &[
     ("cometql", cometql::run),
     ("command", command::run),
+    ("http_api", http_api::run),
     ("jwt", jwt::run),
     ("mysql_packet", mysql_packet::run),
     ("mysql_prepared", mysql_prepared::run),
@@ -87,6 +90,11 @@ fn corpus_cometql() {
 #[test]
 fn corpus_command() {
     replay("command");
+}
+
+#[test]
+fn corpus_http_api() {
+    replay("http_api");
 }
 
 #[test]

@@ -56,6 +56,9 @@ struct Global {
     /// comet's CometQL address.
     #[arg(long, default_value = "127.0.0.1:3300", global = true)]
     backend: SocketAddr,
+    /// comet's HTTP API address.
+    #[arg(long, default_value = "127.0.0.1:8088", global = true)]
+    api: SocketAddr,
     /// The target's pid, for CPU and memory readings (its children count too).
     #[arg(long, global = true)]
     pid: Option<u32>,
@@ -250,6 +253,20 @@ struct PublishArgs {
     inserts: usize,
     #[arg(long, default_value_t = 32)]
     window: usize,
+    /// Also publish over the HTTP API (pipelined keep-alive POSTs, the same
+    /// sizes), after the CometQL run against the same server: the two are
+    /// reported side by side, as `comet` and `comet-http`.
+    #[arg(long)]
+    http: bool,
+}
+
+/// How `publish` reaches comet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Pipelined INSERTs over the MySQL protocol.
+    CometQl,
+    /// Pipelined `POST /api/pipes_messages` on keep-alive connections.
+    Http,
 }
 
 /// Sizes and rate of `churn`.
@@ -309,6 +326,11 @@ fn main() {
             sink(&g, subs, offset, channels, messages);
             return;
         }
+        Cmd::Publish(a) if a.http => {
+            let t = target_for(&g, g.target).unwrap_or_else(|e| die(&format!("cannot start {}: {e}", g.target.name())));
+            let cometql = comet_only(&t, "publish", || publish(&g, &t, &a, Via::CometQl));
+            vec![cometql, publish(&g, &t, &a, Via::Http)]
+        }
         cmd => {
             let t = target_for(&g, g.target).unwrap_or_else(|e| die(&format!("cannot start {}: {e}", g.target.name())));
             vec![run(&g, &t, &cmd)]
@@ -348,7 +370,9 @@ fn target_for(g: &Global, kind: Kind) -> std::io::Result<Target> {
     if g.spawn {
         Target::spawn(kind, &spawn_opts(g))
     } else {
-        Ok(Target::attach(kind, g.server, (kind == Kind::Comet).then_some(g.backend), &g.password, g.pid))
+        let mut t = Target::attach(kind, g.server, (kind == Kind::Comet).then_some(g.backend), &g.password, g.pid);
+        t.api = (kind == Kind::Comet).then_some(g.api);
+        Ok(t)
     }
 }
 
@@ -358,7 +382,7 @@ fn run(g: &Global, t: &Target, cmd: &Cmd) -> Figures {
         Cmd::Connect(a) => connect(g, t, a),
         Cmd::Fanout(a) => fanout(g, t, a),
         Cmd::Private(a) => comet_only(t, "private", || private(g, t, a)),
-        Cmd::Publish(a) => comet_only(t, "publish", || publish(g, t, a)),
+        Cmd::Publish(a) => comet_only(t, "publish", || publish(g, t, a, Via::CometQl)),
         Cmd::Churn(a) => comet_only(t, "churn", || churn(g, t, a)),
         Cmd::Slow(a) => comet_only(t, "slow", || slow(g, t, a)),
         _ => unreachable!("handled in main"),
@@ -852,9 +876,53 @@ fn pipelined(s: &mut TcpStream, count: usize, window: usize, query: impl Fn(usiz
     collector.join().expect("collector")
 }
 
-fn publish(g: &Global, t: &Target, a: &PublishArgs) -> Figures {
-    let mut f = Figures { scenario: "publish".into(), target: t.kind.name().into(), ..Figures::default() };
-    let channel = "bench_publish";
+/// Sends pipelined keep-alive HTTP requests (`request(i)` gives each one's
+/// bytes), at most `window` unanswered; returns the summed `"affected"`.
+fn http_pipelined(s: &mut TcpStream, count: usize, window: usize, request: impl Fn(usize) -> Vec<u8>) -> u64 {
+    let reader = s.try_clone().expect("clone");
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(window);
+    let collector = std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(reader);
+        let mut sum = 0u64;
+        for _ in 0..count {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("status line");
+            assert!(line.starts_with("HTTP/1.1 200"), "request failed: {line}");
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                r.read_line(&mut h).expect("header");
+                let h = h.trim_end().to_ascii_lowercase();
+                if h.is_empty() {
+                    break;
+                }
+                if let Some(v) = h.strip_prefix("content-length:") {
+                    len = v.trim().parse().expect("length");
+                }
+            }
+            let mut body = vec![0u8; len];
+            std::io::Read::read_exact(&mut r, &mut body).expect("body");
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("json answer");
+            sum += v["affected"].as_u64().unwrap_or(0);
+            let _ = rx.recv();
+        }
+        sum
+    });
+    for i in 0..count {
+        tx.send(()).expect("window");
+        s.write_all(&request(i)).expect("write");
+    }
+    drop(tx);
+    collector.join().expect("collector")
+}
+
+fn publish(g: &Global, t: &Target, a: &PublishArgs, via: Via) -> Figures {
+    let target = match via {
+        Via::CometQl => t.kind.name().to_string(),
+        Via::Http => format!("{}-http", t.kind.name()),
+    };
+    let mut f = Figures { scenario: "publish".into(), target, ..Figures::default() };
+    let channel = if via == Via::Http { "bench_publish_http" } else { "bench_publish" };
     let mut socks = Vec::with_capacity(a.subs);
     for i in 0..a.subs {
         match t.subscribe(source(g, i), channel, &format!("p{i}")) {
@@ -870,19 +938,38 @@ fn publish(g: &Global, t: &Target, a: &PublishArgs) -> Figures {
     let rs = readers(socks, 1, total as f64);
     let cpu0 = t.cpu();
     let t0 = Instant::now();
-    let back = t.back.expect("comet backend");
+    let (back, api) = (t.back.expect("comet backend"), t.api);
     let writers: Vec<_> = (0..a.conns)
         .map(|_| {
             let (password, inserts, window) = (t.password.clone(), a.inserts, a.window);
-            std::thread::spawn(move || {
-                let mut s = wire::mysql_login(&back, &password).expect("CometQL login");
-                pipelined(&mut s, inserts, window, |_| {
-                    let ts = wire::epoch_us();
-                    format!("INSERT INTO pipes_messages (name, event, message) VALUES ('{channel}', 'bench', '{ts}')")
-                })
+            std::thread::spawn(move || match via {
+                Via::CometQl => {
+                    let mut s = wire::mysql_login(&back, &password).expect("CometQL login");
+                    pipelined(&mut s, inserts, window, |_| {
+                        let ts = wire::epoch_us();
+                        format!("INSERT INTO pipes_messages (name, event, message) VALUES ('{channel}', 'bench', '{ts}')")
+                    })
+                }
+                Via::Http => {
+                    let api = api.expect("comet's HTTP API address (--api)");
+                    let mut s = TcpStream::connect(api).expect("HTTP API connection");
+                    let _ = s.set_nodelay(true);
+                    http_pipelined(&mut s, inserts, window, |_| {
+                        let body = format!(
+                            "{{\"name\":\"{channel}\",\"event\":\"bench\",\"message\":\"{}\"}}",
+                            wire::epoch_us()
+                        );
+                        format!(
+                            "POST /api/pipes_messages HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {password}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .into_bytes()
+                    })
+                }
             })
         })
         .collect();
+    // Over HTTP, one POST is one INSERT: the figures share their rows.
     finish_inserts(f, t, writers, rs, cpu0, t0, total, "server CPU µs per INSERT")
 }
 

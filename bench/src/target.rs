@@ -56,6 +56,8 @@ pub struct Target {
     pub front: SocketAddr,
     /// comet's CometQL address.
     pub back: Option<SocketAddr>,
+    /// comet's HTTP API address.
+    pub api: Option<SocketAddr>,
     pub password: String,
     pub pid: Option<u32>,
     child: Option<Child>,
@@ -83,27 +85,24 @@ fn wait_port(addr: SocketAddr, child: &mut Child, what: &str) -> std::io::Result
 impl Target {
     /// Uses a server that is already running.
     pub fn attach(kind: Kind, front: SocketAddr, back: Option<SocketAddr>, password: &str, pid: Option<u32>) -> Target {
-        Target { kind, front, back, password: password.to_string(), pid, child: None, _dir: None }
+        Target { kind, front, back, api: None, password: password.to_string(), pid, child: None, _dir: None }
     }
 
     /// Starts a server of `kind` on free loopback ports.
     pub fn spawn(kind: Kind, s: &Spawn) -> std::io::Result<Target> {
         let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
         let mut back = None;
+        let mut api = None;
         let mut dir = None;
         let mut cmd = match kind {
             Kind::Comet => {
                 let b: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
                 back = Some(b);
+                let a: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+                api = Some(a);
                 let mut c = Command::new(&s.comet_bin);
-                c.args(["--frontend", &front.to_string(), "--backend", &b.to_string()]).args([
-                    "--shards",
-                    &s.workers.to_string(),
-                    "--io",
-                    &s.io,
-                    "--password",
-                    &s.password,
-                ]);
+                c.args(["--frontend", &front.to_string(), "--backend", &b.to_string(), "--api", &a.to_string()])
+                    .args(["--shards", &s.workers.to_string(), "--io", &s.io, "--password", &s.password]);
                 c.args(&s.extra_args);
                 if s.lift_per_ip_limit {
                     c.env("COMET_MAX_CONNECTIONS_PER_IP", "10000000");
@@ -139,11 +138,11 @@ impl Target {
             None => (Stdio::null(), Stdio::null()),
         };
         let mut child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn()?;
-        for addr in std::iter::once(front).chain(back) {
+        for addr in std::iter::once(front).chain(back).chain(api) {
             wait_port(addr, &mut child, kind.name())?;
         }
         let password = if kind == Kind::Comet { s.password.clone() } else { String::new() };
-        Ok(Target { kind, front, back, password, pid: Some(child.id()), child: Some(child), _dir: dir })
+        Ok(Target { kind, front, back, api, password, pid: Some(child.id()), child: Some(child), _dir: dir })
     }
 
     /// Opens a WebSocket subscribed to `channel` (waits for comet's serverInfo).

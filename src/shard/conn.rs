@@ -197,6 +197,12 @@ impl Conn {
         }
     }
 
+    /// An HTTP API connection with no request started, no answer owed and
+    /// nothing left to write.
+    pub fn idle_http(&self) -> bool {
+        self.inbuf.is_empty() && self.out.is_empty() && self.sql.as_ref().is_some_and(|s| s.is_http() && !s.answering())
+    }
+
     /// Whether nothing waits to be written.
     pub fn out_is_empty(&self) -> bool {
         self.out.is_empty()
@@ -1026,7 +1032,7 @@ impl ShardCore {
         let Some(conn) = self.conns.get_mut(id) else { return };
         if conn.phase == Phase::Sql && conn.out.cost() + OutQueue::cost_of(&bytes) > sql_limit {
             eprintln!(
-                "comet: shard {}: CometQL client {} does not read its answers; disconnecting",
+                "comet: shard {}: backend client {} (CometQL or HTTP API) does not read its answers; disconnecting",
                 self.id, conn.peer
             );
             self.drop_conn(id);
@@ -1045,7 +1051,7 @@ impl ShardCore {
 
     /// Marks the connection as closing: no more messages; after the queue
     /// drains the write side is shut; `drop_now` drops it right after.
-    fn finish_after_flush(&mut self, id: ConnId, drop_now: bool) {
+    pub(super) fn finish_after_flush(&mut self, id: ConnId, drop_now: bool) {
         let now = self.now;
         let Some(conn) = self.conns.get_mut(id) else {
             return;
@@ -1188,8 +1194,13 @@ impl ShardCore {
                 // handshake time is dropped, like a silent browser.
                 Phase::Sql
                     if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT
-                        && conn.sql.as_ref().is_some_and(|s| !s.session.is_authenticated()) =>
+                        && conn.sql.as_ref().is_some_and(|s| s.logging_in()) =>
                 {
+                    self.drop_conn(id)
+                }
+                // An HTTP API connection that keeps nothing waiting (no
+                // request started, no answer owed) is closed after a while.
+                Phase::Sql if now.saturating_sub(conn.last_rx) >= super::api::IDLE_TIMEOUT && conn.idle_http() => {
                     self.drop_conn(id)
                 }
                 Phase::Closing { deadline, .. } if now >= deadline => self.drop_conn(id),
@@ -1223,6 +1234,8 @@ impl ShardCore {
             match self.conns.get(id).map(|c| c.phase) {
                 Some(Phase::Comet | Phase::Echo) => self.close_ws(id, CloseCode::GOING_AWAY, "server shutting down"),
                 Some(Phase::Http) => self.drop_conn(id),
+                // An HTTP API connection that is owed nothing just goes.
+                Some(Phase::Sql) if self.conns.get(id).is_some_and(|c| c.idle_http()) => self.drop_conn(id),
                 // Answer what was asked, then close.
                 Some(Phase::Sql) => self.sql_push_raw(id, Vec::new(), true),
                 _ => {}

@@ -37,6 +37,27 @@ const READS_PER_WAKE: usize = 8;
 /// [`super::conn::WORK_PER_WAKE`]).
 const MAIL_WORK_PER_TURN: usize = 2 * super::conn::WORK_PER_WAKE;
 
+/// Which port a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// Browsers: WebSocket and plain HTTP.
+    Frontend,
+    /// Backends: CometQL over the MySQL protocol.
+    Backend,
+    /// Backends: the HTTP API.
+    Api,
+}
+
+impl Port {
+    fn name(self) -> &'static str {
+        match self {
+            Port::Frontend => "frontend",
+            Port::Backend => "backend",
+            Port::Api => "api",
+        }
+    }
+}
+
 /// One connection's socket, with the generation of the id it belongs to.
 struct Sock {
     generation: u32,
@@ -134,15 +155,14 @@ impl Shard {
 
     /// Registers an accepted socket with the core; returns what its read
     /// task needs, or None when the core refused it outright (closed).
-    fn accept(
-        &mut self,
-        sock: Socket,
-        peer: std::net::SocketAddr,
-        backend: bool,
-    ) -> Option<(ConnId, SharedFd<Socket>)> {
+    fn accept(&mut self, sock: Socket, peer: std::net::SocketAddr, port: Port) -> Option<(ConnId, SharedFd<Socket>)> {
         self.clock();
         let _ = sock.set_tcp_nodelay(true);
-        let id = if backend { Some(self.core.accept_backend(peer)) } else { self.core.accept(peer) }?;
+        let id = match port {
+            Port::Frontend => self.core.accept(peer),
+            Port::Backend => Some(self.core.accept_backend(peer)),
+            Port::Api => Some(self.core.accept_api(peer)),
+        }?;
         let fd = SharedFd::new(sock);
         self.insert(id, fd.clone());
         Some((id, fd))
@@ -329,11 +349,10 @@ async fn writable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
     compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Writable)).await.0.map(|_| ())
 }
 
-/// Accepts connections on one listener until it is shut down; `backend`:
-/// the CometQL port, else the frontend (WebSocket and HTTP) port.
-pub async fn accept_loop(listener: Arc<Socket>, backend: bool) {
+/// Accepts connections on one listener until it is shut down.
+pub async fn accept_loop(listener: Arc<Socket>, which: Port) {
     let fd = SharedFd::new(ListenerFd(listener.clone()));
-    let port = if backend { "backend" } else { "frontend" };
+    let port = which.name();
     // Accept errors come in storms (every retry while descriptors are out):
     // log the first, then a summary at most every 10 s.
     let mut last_log: Option<Instant> = None;
@@ -354,7 +373,7 @@ pub async fn accept_loop(listener: Arc<Socket>, backend: bool) {
                     if sock.set_nonblocking(true).is_err() {
                         continue;
                     }
-                    if let Some((id, conn_fd)) = with_shard(|s| s.accept(sock, peer, backend)) {
+                    if let Some((id, conn_fd)) = with_shard(|s| s.accept(sock, peer, which)) {
                         compio::runtime::spawn(run_conn(id, conn_fd)).detach();
                     }
                 }

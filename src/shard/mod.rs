@@ -8,9 +8,11 @@
 //! The pure pieces the core is made of are modules of their own: the
 //! outbound queue ([`outq`]), the input buffer ([`inbuf`]), rate and
 //! connection limits ([`limits`]), history ([`history`]), the slab of
-//! connections ([`slab`]). [`conn`], [`sql`] and [`users`] hold the core's
-//! handlers for WebSocket, CometQL and user operations.
+//! connections ([`slab`]). [`conn`], [`sql`], [`api`] and [`users`] hold
+//! the core's handlers for WebSocket, CometQL, the HTTP API and user
+//! operations.
 
+pub mod api;
 pub mod conn;
 pub mod core;
 pub mod history;

@@ -95,6 +95,16 @@ impl Sim {
         Some(Client { peer })
     }
 
+    /// A new client of the HTTP API port, accepted by shard `shard`.
+    pub fn connect_api(&mut self, shard: usize, ip: &str) -> Client {
+        self.next_port += 1;
+        let peer: SocketAddr = format!("{ip}:{}", self.next_port).parse().expect("address");
+        let id = self.cores[shard].accept_api(peer);
+        self.at.insert(peer, (shard, id));
+        self.run_local();
+        Client { peer }
+    }
+
     /// A WebSocket client on shard `shard` that upgraded with `params`;
     /// the 101 head is consumed.
     pub fn websocket(&mut self, shard: usize, params: &str) -> Client {
@@ -451,6 +461,60 @@ mod tests {
         let first = answers.find("web_x").expect("the first answer");
         let second = answers.find("second").expect("the second answer");
         assert!(first < second, "{answers:?}");
+    }
+
+    #[test]
+    fn http_api_answers_leave_in_request_order_when_gathers_finish_later() {
+        let mut sim = Sim::new(2, config());
+        let c = sim.connect_api(0, "10.0.0.6");
+        // A gather (pipes counts from both shards), an answer needing no
+        // shard (an unknown table), then a publish (counted on both).
+        let reqs = [
+            "GET /api/pipes?name=web_x HTTP/1.1\r\nX-API-Key: comet\r\n\r\n".to_string(),
+            "GET /api/nope HTTP/1.1\r\nX-API-Key: comet\r\n\r\n".to_string(),
+            {
+                let body = r#"{"name":"web_x","event":"e","message":"m"}"#;
+                format!(
+                    "POST /api/pipes_messages HTTP/1.1\r\nAuthorization: Bearer comet\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            },
+        ];
+        // Byte by byte: a request split anywhere is reassembled.
+        for b in reqs.concat().as_bytes() {
+            sim.send(c, std::slice::from_ref(b));
+        }
+        assert!(sim.take(c).is_empty(), "the later answers wait for the first");
+        sim.settle();
+        let answers = String::from_utf8_lossy(&sim.take(c)).into_owned();
+        let bodies: Vec<&str> =
+            answers.split("HTTP/1.1 ").skip(1).map(|a| a.split("\r\n\r\n").nth(1).unwrap()).collect();
+        assert_eq!(
+            bodies,
+            [
+                r#"{"rows":[{"name":"web_x","users":0}]}"#,
+                r#"{"error":{"code":15,"message":"Table 'nope' doesn't exist"}}"#,
+                r#"{"affected":0}"#
+            ],
+            "{answers}"
+        );
+    }
+
+    #[test]
+    fn an_idle_http_api_connection_is_closed_and_a_busy_one_is_not() {
+        let mut sim = Sim::new(2, config());
+        let idle = sim.connect_api(0, "10.0.0.7");
+        let busy = sim.connect_api(1, "10.0.0.8");
+        let secs = super::super::api::IDLE_TIMEOUT as u64;
+        for _ in 0..secs - 1 {
+            sim.advance(1000);
+            sim.send(busy, b"GET /api/users_time?id=1 HTTP/1.1\r\nX-API-Key: comet\r\n\r\n");
+        }
+        assert!(!sim.closed.contains(&idle.peer), "still within the idle time");
+        assert_eq!(String::from_utf8_lossy(&sim.take(busy)).matches("200 OK").count() as u64, secs - 1);
+        sim.advance(2000);
+        assert!(sim.closed.contains(&idle.peer), "idle past {secs} s");
+        assert!(!sim.closed.contains(&busy.peer), "the busy one was active a second ago");
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! The shard glue for CometQL connections: feeds packets to the sans-IO
-//! [`Session`], carries out statement [`Plan`]s across shards, and writes
-//! answers strictly in the order the queries came, even when a later query
-//! is answered before an earlier one finished gathering.
+//! The shard glue for backend connections, on both transports: CometQL
+//! (feeds MySQL packets to the sans-IO [`Session`]) and the HTTP API (whose
+//! requests `shard::api` turns into the same statements). Here statement
+//! [`Plan`]s are carried out across shards and answers are written strictly
+//! in the order the queries (or HTTP requests) came, even when a later one
+//! is answered before an earlier one finished gathering; only the final
+//! encoding of an answer depends on the transport.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -11,6 +14,7 @@ use super::ConnId;
 use super::conn::Phase;
 use super::core::{ShardCore, Then};
 use super::mail::{Publication, Query, Records};
+use crate::api;
 use crate::cometql::exec::{self, Ctx, Plan, Projection, StmtResult};
 use crate::cometql::packet::{self, FrameError, MAX_PAYLOAD};
 use crate::cometql::parser::{ParseError, Statement};
@@ -36,9 +40,9 @@ pub enum SqlThen {
     PipeCounts { names: Vec<String>, proj: Projection },
 }
 
-/// One query's place in the answer order.
+/// One query's (or HTTP request's) place in the answer order.
 #[derive(Debug, Default)]
-struct Slot {
+pub(super) struct Slot {
     /// Results per statement; `None` while gathering.
     results: Vec<Option<StmtResult>>,
     /// Bytes ready to send instead of results (auth replies, errors).
@@ -53,21 +57,94 @@ struct Slot {
     seq: u8,
     /// Rows in the binary protocol (an answer to COM_STMT_EXECUTE).
     binary: bool,
+    /// The dev_id an HTTP request acts on (a CometQL session's own dev_id
+    /// is read per statement, since `USE db_N` may change it mid-query).
+    dev_id: u32,
 }
 
 impl Slot {
+    /// The slot of an HTTP request on `dev_id`; `close`: the connection
+    /// closes after its answer.
+    pub(super) fn http(dev_id: u32, close: bool) -> Slot {
+        Slot { dev_id, close, ..Slot::default() }
+    }
+
     fn ready(&self) -> bool {
         !self.executing && self.waiting == 0 && (self.raw.is_some() || self.results.iter().all(Option::is_some))
     }
 }
 
-/// A CometQL connection's state beyond the generic connection.
+/// A backend connection's state beyond the generic connection: its
+/// transport, and its answers in order.
 #[derive(Debug)]
 pub struct SqlConn {
-    pub session: Session,
+    pub transport: Transport,
     slots: VecDeque<Slot>,
     /// Id of `slots[0]`.
     front: u64,
+}
+
+/// How a backend connection speaks.
+#[derive(Debug)]
+pub enum Transport {
+    /// CometQL over the MySQL protocol (boxed: an HTTP connection need not
+    /// carry a MySQL session's size).
+    MySql(Box<MySqlConn>),
+    /// The HTTP API.
+    Http(HttpConn),
+}
+
+/// The HTTP API side of a backend connection.
+#[derive(Debug, Default)]
+pub struct HttpConn {
+    /// `100 Continue` was sent for the request whose body is arriving.
+    pub continued: bool,
+    /// A request asked to close the connection after its answer: what
+    /// follows it is not read.
+    pub closing: bool,
+}
+
+impl SqlConn {
+    /// A new HTTP API connection.
+    pub fn http() -> SqlConn {
+        SqlConn { transport: Transport::Http(HttpConn::default()), slots: VecDeque::new(), front: 0 }
+    }
+
+    /// The MySQL session of a CometQL connection.
+    pub fn session(&self) -> Option<&Session> {
+        match &self.transport {
+            Transport::MySql(m) => Some(&m.session),
+            Transport::Http(_) => None,
+        }
+    }
+
+    fn mysql(&mut self) -> Option<&mut MySqlConn> {
+        match &mut self.transport {
+            Transport::MySql(m) => Some(m),
+            Transport::Http(_) => None,
+        }
+    }
+
+    pub fn is_http(&self) -> bool {
+        matches!(self.transport, Transport::Http(_))
+    }
+
+    /// Whether a CometQL client has not logged in yet (an HTTP connection
+    /// has no login: each request carries its key).
+    pub fn logging_in(&self) -> bool {
+        self.session().is_some_and(|s| !s.is_authenticated())
+    }
+
+    /// Whether answers are still owed.
+    pub fn answering(&self) -> bool {
+        !self.slots.is_empty()
+    }
+}
+
+/// The MySQL side of a CometQL connection.
+#[derive(Debug)]
+pub struct MySqlConn {
+    pub session: Session,
     /// Bytes of an oversized packet still to discard.
     skip: usize,
     /// The discarded packet is continued by another one.
@@ -123,13 +200,15 @@ impl ShardCore {
         if let Some(c) = self.conns.get_mut(id) {
             c.phase = Phase::Sql;
             c.sql = Some(Box::new(SqlConn {
-                session,
+                transport: Transport::MySql(Box::new(MySqlConn {
+                    session,
+                    skip: 0,
+                    skip_more: false,
+                    skip_error: None,
+                    skip_seq: 0,
+                })),
                 slots: VecDeque::new(),
                 front: 0,
-                skip: 0,
-                skip_more: false,
-                skip_error: None,
-                skip_seq: 0,
             }));
         }
         self.metrics.sql_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -137,8 +216,9 @@ impl ShardCore {
         id
     }
 
-    /// Counts and logs a failed login; refuses the address after too many.
-    fn login_failed(&mut self, id: ConnId) {
+    /// Counts and logs a failed login (a CometQL login or an HTTP API key);
+    /// refuses the address after too many.
+    pub(super) fn login_failed(&mut self, id: ConnId) {
         let Some(peer) = self.conns.get(id).map(|c| c.peer) else { return };
         ShardMetrics::add(&self.metrics.auth_failures, 1);
         let blocked = self.shared.auth_failures.fail(peer.ip(), self.unix as u64);
@@ -147,29 +227,37 @@ impl ShardCore {
         let now = self.now;
         if blocked {
             eprintln!(
-                "comet: shard {}: CometQL logins from {} blocked for {AUTH_WINDOW_SECS} s after more than {AUTH_FAILURES_ALLOWED} failures",
+                "comet: shard {}: backend logins (CometQL and HTTP API) from {} blocked for {AUTH_WINDOW_SECS} s after more than {AUTH_FAILURES_ALLOWED} failures",
                 self.id,
                 peer.ip()
             );
         } else if self.auth_log_at.is_none_or(|t| now >= t + 60) {
             eprintln!(
-                "comet: shard {}: CometQL login failed from {peer} (further failures are counted in comet_auth_failures_total)",
+                "comet: shard {}: backend login (CometQL or HTTP API key) failed from {peer} (further failures are counted in comet_auth_failures_total)",
                 self.id
             );
             self.auth_log_at = Some(now);
         }
     }
 
-    fn sql(&mut self, id: ConnId) -> Option<&mut SqlConn> {
+    pub(super) fn sql(&mut self, id: ConnId) -> Option<&mut SqlConn> {
         self.conns.get_mut(id).and_then(|c| c.sql.as_deref_mut())
     }
 
-    /// Handles bytes from a CometQL connection; returns bytes consumed.
+    /// The MySQL side of CometQL connection `id`.
+    fn mysql(&mut self, id: ConnId) -> Option<&mut MySqlConn> {
+        self.sql(id).and_then(SqlConn::mysql)
+    }
+
+    /// Handles bytes from a backend connection; returns bytes consumed.
     pub fn on_sql(&mut self, id: ConnId, buf: &mut [u8]) -> usize {
+        if self.sql(id).is_some_and(|sc| sc.is_http()) {
+            return self.on_api(id, buf);
+        }
         let config = self.shared.config.clone();
         let mut pos = 0;
         loop {
-            let Some(sc) = self.sql(id) else { return buf.len() };
+            let Some(sc) = self.mysql(id) else { return buf.len() };
             if sc.skip > 0 || sc.skip_more {
                 if sc.skip == 0 {
                     // The next packet continues the oversized payload.
@@ -207,7 +295,7 @@ impl ShardCore {
                 // leave the rest buffered until answers come back.
                 break;
             }
-            let Some(sc) = self.sql(id) else { return buf.len() };
+            let Some(sc) = self.mysql(id) else { return buf.len() };
             let limit = if authenticated { config.max_query_size + 1 } else { MAX_AUTH_PACKET };
             match packet::read_frame(&buf[pos..], limit) {
                 Ok(None) => break,
@@ -242,7 +330,9 @@ impl ShardCore {
                     for e in events {
                         match e {
                             Event::Reply(bytes) => self.sql_push_raw(id, bytes, false),
-                            Event::Query(stmts, seq, binary) => self.sql_query(id, stmts, seq, binary),
+                            Event::Query(stmts, seq, binary) => {
+                                self.sql_query(id, stmts, Slot { seq, binary, ..Slot::default() })
+                            }
                             Event::Close => {
                                 self.sql_push_raw(id, Vec::new(), true);
                                 return buf.len();
@@ -283,19 +373,15 @@ impl ShardCore {
         ]
     }
 
-    /// Starts executing a COM_QUERY's statements in a new answer slot.
-    fn sql_query(&mut self, id: ConnId, stmts: Vec<Result<Statement, ParseError>>, seq: u8, binary: bool) {
+    /// Starts executing a COM_QUERY's statements (or an HTTP request's
+    /// one statement) in a new answer slot made from `slot`, which says how
+    /// the answer is encoded.
+    pub(super) fn sql_query(&mut self, id: ConnId, stmts: Vec<Result<Statement, ParseError>>, slot: Slot) {
         ShardMetrics::add(&self.metrics.sql_queries, 1);
         let n = stmts.len();
         let Some(sc) = self.sql(id) else { return };
         let slot_id = sc.front + sc.slots.len() as u64;
-        sc.slots.push_back(Slot {
-            results: (0..n).map(|_| None).collect(),
-            executing: true,
-            seq,
-            binary,
-            ..Slot::default()
-        });
+        sc.slots.push_back(Slot { results: (0..n).map(|_| None).collect(), executing: true, ..slot });
         for (i, st) in stmts.into_iter().enumerate() {
             // A statement that did not parse fails here, after the ones
             // before it ran, as MySQL does.
@@ -306,14 +392,16 @@ impl ShardCore {
             let plan = {
                 let status = self.status_rows();
                 let config = self.shared.config.clone();
+                let Some(dev_id) = self.sql_dev_id(id, slot_id) else { return };
                 let Some(sc) = self.sql(id) else { return };
-                let s = &sc.session;
-                let may = |d: u32| s.may_use_dev(d, &*config);
+                let session = sc.session();
+                // An HTTP request's key opens its dev_id and no other.
+                let may = |d: u32| session.map_or(d == dev_id, |s| s.may_use_dev(d, &*config));
                 let status_fn = || status.clone();
                 let ctx = Ctx {
-                    dev_id: s.dev_id,
-                    database: &s.database,
-                    connection_id: s.connection_id,
+                    dev_id,
+                    database: session.map_or("CometQL_v1", |s| s.database.as_str()),
+                    connection_id: session.map_or(0, |s| s.connection_id),
                     may_use_dev: &may,
                     status: &status_fn,
                     max_query_size: config.max_query_size,
@@ -334,6 +422,14 @@ impl ShardCore {
         self.sql_flush(id);
     }
 
+    /// The dev_id the statements of slot `slot_id` act on now.
+    fn sql_dev_id(&mut self, id: ConnId, slot_id: u64) -> Option<u32> {
+        if let Some(m) = self.mysql(id) {
+            return Some(m.session.dev_id);
+        }
+        self.sql_slot(id, slot_id).map(|s| s.dev_id)
+    }
+
     fn sql_slot(&mut self, id: ConnId, slot_id: u64) -> Option<&mut Slot> {
         let sc = self.sql(id)?;
         let k = slot_id.checked_sub(sc.front)? as usize;
@@ -350,8 +446,7 @@ impl ShardCore {
 
     /// Carries out one plan; returns true when it failed (execution stops).
     fn sql_run(&mut self, id: ConnId, slot_id: u64, index: usize, plan: Plan) -> bool {
-        let Some(sc) = self.sql(id) else { return true };
-        let dev_id = sc.session.dev_id;
+        let Some(dev_id) = self.sql_dev_id(id, slot_id) else { return true };
         let arcs = |v: &[String]| v.iter().map(|s| Arc::<str>::from(s.as_str())).collect::<Vec<_>>();
         let then = |t: super::sql::SqlThen| Then::Sql { conn: id, slot: slot_id, index, then: t };
         let (query, sql_then) = match plan {
@@ -361,8 +456,8 @@ impl ShardCore {
                 return failed;
             }
             Plan::UseDb { dev_id, name } => {
-                if let Some(sc) = self.sql(id) {
-                    sc.session.use_db(dev_id, &name);
+                if let Some(m) = self.mysql(id) {
+                    m.session.use_db(dev_id, &name);
                 }
                 self.sql_set(id, slot_id, index, StmtResult::Ok { affected: 0, last_insert_id: 0 });
                 return false;
@@ -464,21 +559,32 @@ impl ShardCore {
             if !sc.slots.front().is_some_and(Slot::ready) {
                 return;
             }
-            let deprecate_eof = sc.session.deprecate_eof();
+            let deprecate_eof = sc.session().is_some_and(Session::deprecate_eof);
+            let http = sc.is_http();
             let Some(slot) = sc.slots.pop_front() else { return };
             sc.front += 1;
             let bytes = match slot.raw {
                 Some(b) => b,
                 None => {
                     let results: Vec<StmtResult> = slot.results.into_iter().flatten().collect();
-                    session::encode_results(&results, deprecate_eof, slot.seq, slot.binary)
+                    match results.first() {
+                        Some(r) if http => api::answer(r, slot.close),
+                        _ => session::encode_results(&results, deprecate_eof, slot.seq, slot.binary),
+                    }
                 }
             };
             if !bytes.is_empty() {
                 self.send_raw_bytes(id, bytes);
             }
             if slot.close {
-                self.close_after_answer(id);
+                if http {
+                    // Lingering close: the client may still be sending (a
+                    // refused body); reading on until it closes keeps a
+                    // reset from destroying the answer before it is read.
+                    self.finish_after_flush(id, false);
+                } else {
+                    self.close_after_answer(id);
+                }
                 return;
             }
         }

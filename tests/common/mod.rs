@@ -23,6 +23,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The CometQL (MySQL protocol) address.
     pub backend: SocketAddr,
+    /// The HTTP API's address (None when the test turned it off).
+    pub api: Option<SocketAddr>,
     pub log: mpsc::Receiver<String>,
 }
 
@@ -44,12 +46,12 @@ impl Server {
 
     fn launch(frontend: &str, backend: &str, args: &[&str], forbid_uring: Option<()>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_comet"));
-        cmd.args(["--frontend", frontend, "--backend", backend, "--node-name", "test-node"])
-            .args(args)
-            .env_remove("COMET_IO")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(["--frontend", frontend, "--backend", backend, "--node-name", "test-node"]);
+        // A random port for the HTTP API too, unless the test chose one.
+        if !args.contains(&"--api") {
+            cmd.args(["--api", "127.0.0.1:0"]);
+        }
+        cmd.args(args).env_remove("COMET_IO").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         if forbid_uring.is_some() {
             forbid_io_uring(&mut cmd);
         }
@@ -66,6 +68,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut seen = Vec::new();
         let mut backend = None;
+        let mut api = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
@@ -73,10 +76,13 @@ impl Server {
                     if let Some(a) = line.strip_prefix("comet: backend (CometQL) listening on ") {
                         backend = Some(a.trim().parse().expect("address"));
                     }
+                    if let Some(a) = line.strip_prefix("comet: HTTP API listening on ") {
+                        api = Some(a.trim().parse().expect("address"));
+                    }
                     if let Some(a) = line.strip_prefix("comet: frontend listening on ") {
                         let addr = a.trim().parse().expect("address");
                         let backend = backend.expect("backend address logged before frontend");
-                        return Server { child, addr, backend, log: rx };
+                        return Server { child, addr, backend, api, log: rx };
                     }
                     seen.push(line);
                 }

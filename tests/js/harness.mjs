@@ -23,8 +23,10 @@ export async function freePort() {
 export async function startComet({ password, ports, extraArgs = [] }) {
   const front = ports?.front ?? (await freePort());
   const back = ports?.back ?? (await freePort());
+  const api = ports?.api ?? (await freePort());
   const child = spawn(BIN, ['--frontend', `127.0.0.1:${front}`, '--backend', `127.0.0.1:${back}`,
-    '--shards', '2', '--password', password, ...extraArgs], { stdio: ['ignore', 'ignore', 'pipe'] });
+    '--api', `127.0.0.1:${api}`, '--shards', '2', '--password', password, ...extraArgs],
+  { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   await new Promise((resolve, reject) => {
     const t = setTimeout(() => reject(new Error(`comet did not start:\n${log}`)), 15000);
@@ -36,7 +38,7 @@ export async function startComet({ password, ports, extraArgs = [] }) {
   });
   child.removeAllListeners('exit');
   return {
-    child, front, back, base: `http://127.0.0.1:${front}`,
+    child, front, back, api, base: `http://127.0.0.1:${front}`, apiBase: `http://127.0.0.1:${api}`,
     stop: () => new Promise((r) => { child.once('exit', r); child.kill('SIGKILL'); }),
   };
 }
@@ -50,4 +52,43 @@ export async function until(what, fn, ms = 10000) {
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/**
+ * A comet WebSocket client on `port` (Node 20's global WebSocket is behind
+ * a flag, so a tiny one): `params` are the connection's URL parameters
+ * (anonymous by default); it subscribes to `channel` when given. Every
+ * message received is pushed onto `messages`.
+ */
+export async function subscriber(port, channel, params = 'sesion=&myid=&devid=0&v=4.08&uuid=node') {
+  const sock = net.connect(port, '127.0.0.1');
+  await new Promise((r) => sock.once('connect', r));
+  sock.write(`GET /ws/${params} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+    'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n');
+  let buf = Buffer.alloc(0);
+  const messages = [];
+  let headDone = false;
+  sock.on('data', (d) => {
+    buf = Buffer.concat([buf, d]);
+    if (!headDone) {
+      const i = buf.indexOf('\r\n\r\n');
+      if (i < 0) return;
+      buf = buf.subarray(i + 4);
+      headDone = true;
+    }
+    for (;;) {
+      if (buf.length < 2) return;
+      let len = buf[1] & 0x7f, off = 2;
+      if (len === 126) { if (buf.length < 4) return; len = buf.readUInt16BE(2); off = 4; }
+      if (buf.length < off + len) return;
+      if ((buf[0] & 0x0f) === 1) messages.push(JSON.parse(buf.subarray(off, off + len).toString()));
+      buf = buf.subarray(off + len);
+    }
+  });
+  if (channel) {
+    const text = Buffer.from(`subscription\n${channel}`);
+    const mask = Buffer.from([1, 2, 3, 4]);
+    sock.write(Buffer.concat([Buffer.from([0x81, 0x80 | text.length]), mask, Buffer.from(text.map((b, i) => b ^ mask[i % 4]))]));
+  }
+  return { messages, close: () => sock.destroy() };
 }

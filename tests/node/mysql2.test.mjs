@@ -4,48 +4,16 @@
 // subscriber on the WebSocket side checks what arrives.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import net from 'node:net';
 import mysql from 'mysql2/promise';
-import { startComet, until } from '../js/harness.mjs';
+import { startComet, subscriber as wsSubscriber, until } from '../js/harness.mjs';
 
 let srv;
 
 before(async () => { srv = await startComet({ password: 'nodepw' }); });
 after(() => srv?.stop());
 
+const subscriber = (channel) => wsSubscriber(srv.front, channel);
 const connect = () => mysql.createConnection({ host: '127.0.0.1', port: srv.back, user: 'root', password: 'nodepw', database: 'CometQL_v1' });
-
-/** A WebSocket subscriber (Node 20's global WebSocket is behind a flag, so a tiny client). */
-async function subscriber(channel) {
-  const sock = net.connect(srv.front, '127.0.0.1');
-  await new Promise((r) => sock.once('connect', r));
-  sock.write('GET /ws/sesion=&myid=&devid=0&v=4.08&uuid=node HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n' +
-    'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n');
-  let buf = Buffer.alloc(0);
-  const messages = [];
-  let headDone = false;
-  sock.on('data', (d) => {
-    buf = Buffer.concat([buf, d]);
-    if (!headDone) {
-      const i = buf.indexOf('\r\n\r\n');
-      if (i < 0) return;
-      buf = buf.subarray(i + 4);
-      headDone = true;
-    }
-    for (;;) {
-      if (buf.length < 2) return;
-      let len = buf[1] & 0x7f, off = 2;
-      if (len === 126) { if (buf.length < 4) return; len = buf.readUInt16BE(2); off = 4; }
-      if (buf.length < off + len) return;
-      messages.push(JSON.parse(buf.subarray(off, off + len).toString()));
-      buf = buf.subarray(off + len);
-    }
-  });
-  const text = Buffer.from(`subscription\n${channel}`);
-  const mask = Buffer.from([1, 2, 3, 4]);
-  sock.write(Buffer.concat([Buffer.from([0x81, 0x80 | text.length]), mask, Buffer.from(text.map((b, i) => b ^ mask[i % 4]))]));
-  return { messages, close: () => sock.destroy() };
-}
 
 test('text queries with client-side placeholders publish and read', async () => {
   const sub = await subscriber('node_chan');
