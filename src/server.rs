@@ -114,6 +114,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             return Err(ServerError::SamePort { a_role, a, b_role, b });
         }
     }
+    // Before any listener: once clients can connect they may take every
+    // descriptor, and the signal handlers need one of their own.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
     let (addr, listeners) = bind_all("frontend", config.frontend, n)?;
     let (backend_addr, backend_listeners) = bind_all("backend", config.backend, n)?;
     let (api_addr, api_listeners) = match config.api {
@@ -197,7 +200,6 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     eprintln!("comet: frontend listening on {addr}");
 
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
     loop {
         if signals.pending().next().is_some() {
             break;
