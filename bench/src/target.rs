@@ -98,11 +98,22 @@ impl Target {
             Kind::Comet => {
                 let b: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
                 back = Some(b);
-                let a: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
-                api = Some(a);
                 let mut c = Command::new(&s.comet_bin);
-                c.args(["--frontend", &front.to_string(), "--backend", &b.to_string(), "--api", &a.to_string()])
-                    .args(["--shards", &s.workers.to_string(), "--io", &s.io, "--password", &s.password]);
+                c.args(["--frontend", &front.to_string(), "--backend", &b.to_string()]).args([
+                    "--shards",
+                    &s.workers.to_string(),
+                    "--io",
+                    &s.io,
+                    "--password",
+                    &s.password,
+                ]);
+                // Builds older than the HTTP API (A/B runs against a base
+                // commit) have no --api and no default port 8088 to clash on.
+                if has_api_flag(&s.comet_bin) {
+                    let a: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+                    api = Some(a);
+                    c.args(["--api", &a.to_string()]);
+                }
                 c.args(&s.extra_args);
                 if s.lift_per_ip_limit {
                     c.env("COMET_MAX_CONNECTIONS_PER_IP", "10000000");
@@ -240,4 +251,9 @@ impl Publisher {
             }
         }
     }
+}
+
+/// Whether this comet binary has the HTTP API's `--api` flag.
+fn has_api_flag(bin: &std::path::Path) -> bool {
+    Command::new(bin).arg("--help").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--api"))
 }
