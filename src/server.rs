@@ -124,6 +124,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         auth_failures: Default::default(),
     });
 
+    // Before any shard accepts: a flood of clients at start could otherwise
+    // take the last descriptor the signal pipe needs, and a SIGTERM during
+    // start would kill the process instead of draining it.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
     let mesh = mailbox::mesh(n, MAILBOX_CAPACITY);
     let bells: Vec<Arc<Doorbell>> = mesh.iter().map(|(_, inbox)| inbox.bell().clone()).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
@@ -174,7 +178,6 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     eprintln!("comet: backend (CometQL) listening on {backend_addr}");
     eprintln!("comet: frontend listening on {addr}");
 
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
     loop {
         if signals.pending().next().is_some() {
             break;
