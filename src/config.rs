@@ -5,7 +5,7 @@
 //! "not given" is distinguishable from "given the default"; [`Config::load`]
 //! merges them and validates the result once, before any thread starts.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -51,7 +51,7 @@ impl std::str::FromStr for Listen {
         if s.eq_ignore_ascii_case("off") {
             return Ok(Listen::Off);
         }
-        s.parse().map(Listen::At).map_err(|e| format!("{s:?} is neither \"off\" nor an IP:port address ({e})"))
+        parse_addr(s).map(Listen::At).map_err(|e| format!("neither \"off\" nor an address: {e}"))
     }
 }
 
@@ -61,100 +61,109 @@ impl<'de> Deserialize<'de> for Listen {
     }
 }
 
+/// The end of `--help`: what only the TOML file can say.
+const TOML_ONLY_HELP: &str = "\
+In the --config TOML file only (no flag, no COMET_* variable):
+  public_user_data = [1, 2]     dev_ids whose user_data any connection may read
+  [passwords]                   per-dev_id backend passwords, e.g. \"5\" = \"secret\"
+Every flag above is also a TOML key: its name with '_' for '-' (max_pending = 64).
+Addresses are IP:PORT or HOST:PORT (a host name is resolved once, at start).";
+
 /// Command-line flags; each also reads `COMET_<NAME>` from the environment.
 #[derive(Debug, Parser, Default)]
 #[command(
     name = "comet",
     version,
-    about = "comet: a real-time push server (WebSocket frontend, CometQL/MySQL-protocol backend)"
+    about = "comet: a real-time push server (WebSocket frontend, CometQL/MySQL-protocol backend)",
+    after_help = TOML_ONLY_HELP
 )]
 pub struct Cli {
     /// TOML configuration file; flags and COMET_* variables override it.
-    #[arg(long, env = "COMET_CONFIG")]
+    #[arg(long, env = "COMET_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address for browsers (WebSocket and plain HTTP) [default: 127.0.0.1:8087].
-    #[arg(long, env = "COMET_FRONTEND")]
+    #[arg(long, env = "COMET_FRONTEND", value_name = "ADDR", value_parser = parse_addr)]
     pub frontend: Option<SocketAddr>,
     /// Address for application backends (CometQL over the MySQL protocol) [default: 127.0.0.1:3300].
-    #[arg(long, env = "COMET_BACKEND")]
+    #[arg(long, env = "COMET_BACKEND", value_name = "ADDR", value_parser = parse_addr)]
     pub backend: Option<SocketAddr>,
     /// Address of the HTTP API for backends (the CometQL tables over HTTP/JSON), or "off" [default: 127.0.0.1:8088].
     #[arg(long, env = "COMET_API", value_name = "ADDR|off")]
     pub api: Option<Listen>,
     /// Backend password for every dev_id [default: "comet", refused on non-loopback addresses].
-    #[arg(long, env = "COMET_PASSWORD", hide_env_values = true)]
+    #[arg(long, env = "COMET_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
     /// Number of shard threads, one runtime each [default: number of CPUs].
-    #[arg(long, env = "COMET_SHARDS")]
+    #[arg(long, env = "COMET_SHARDS", value_name = "N")]
     pub shards: Option<usize>,
     /// I/O backend: auto probes io_uring and falls back to epoll [default: auto].
     #[arg(long, env = "COMET_IO", value_enum)]
     pub io: Option<IoChoice>,
     /// Serve a plain WebSocket echo endpoint at this path (for conformance tests) [default: off].
-    #[arg(long, env = "COMET_ECHO_PATH")]
+    #[arg(long, env = "COMET_ECHO_PATH", value_name = "PATH")]
     pub echo_path: Option<String>,
     /// Largest message a client may send, in bytes; larger ones close with 1009 [default: 65536].
-    #[arg(long, env = "COMET_MAX_MESSAGE_SIZE")]
+    #[arg(long, env = "COMET_MAX_MESSAGE_SIZE", value_name = "BYTES")]
     pub max_message_size: Option<usize>,
     /// Largest message the server sends, in bytes; larger publishes are refused [default: 1048576].
-    #[arg(long, env = "COMET_MAX_OUTBOUND_MESSAGE")]
+    #[arg(long, env = "COMET_MAX_OUTBOUND_MESSAGE", value_name = "BYTES")]
     pub max_outbound_message: Option<usize>,
     /// Seconds of silence before the server pings a connection [default: 25].
-    #[arg(long, env = "COMET_PING_INTERVAL")]
+    #[arg(long, env = "COMET_PING_INTERVAL", value_name = "SECONDS")]
     pub ping_interval: Option<u64>,
     /// Seconds to wait for any data after a ping before closing [default: 10].
-    #[arg(long, env = "COMET_PING_TIMEOUT")]
+    #[arg(long, env = "COMET_PING_TIMEOUT", value_name = "SECONDS")]
     pub ping_timeout: Option<u64>,
     /// Bytes a connection may have queued for sending before it is closed as a slow consumer (4008) [default: 1048576].
-    #[arg(long, env = "COMET_OUTBOUND_LIMIT")]
+    #[arg(long, env = "COMET_OUTBOUND_LIMIT", value_name = "BYTES")]
     pub outbound_limit: Option<usize>,
     /// Seconds a graceful shutdown may take before the process exits anyway [default: 10].
-    #[arg(long, env = "COMET_SHUTDOWN_TIMEOUT")]
+    #[arg(long, env = "COMET_SHUTDOWN_TIMEOUT", value_name = "SECONDS")]
     pub shutdown_timeout: Option<u64>,
     /// Channels one connection may subscribe to [default: 32].
-    #[arg(long, env = "COMET_MAX_SUBSCRIPTIONS")]
+    #[arg(long, env = "COMET_MAX_SUBSCRIPTIONS", value_name = "N")]
     pub max_subscriptions: Option<usize>,
     /// Node name reported by /info [default: the host name].
-    #[arg(long, env = "COMET_NODE_NAME")]
+    #[arg(long, env = "COMET_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
     /// Largest CometQL query in bytes; larger ones get error 11 [default: 1048576].
-    #[arg(long, env = "COMET_MAX_QUERY_SIZE")]
+    #[arg(long, env = "COMET_MAX_QUERY_SIZE", value_name = "BYTES")]
     pub max_query_size: Option<usize>,
     /// Private messages kept per offline user; the oldest is dropped when full [default: 64].
-    #[arg(long, env = "COMET_OFFLINE_QUEUE_SIZE")]
+    #[arg(long, env = "COMET_OFFLINE_QUEUE_SIZE", value_name = "N")]
     pub offline_queue_size: Option<usize>,
     /// Seconds a queued private message stays deliverable [default: 300].
-    #[arg(long, env = "COMET_OFFLINE_QUEUE_TTL")]
+    #[arg(long, env = "COMET_OFFLINE_QUEUE_TTL", value_name = "SECONDS")]
     pub offline_queue_ttl: Option<u64>,
     /// Seconds an offline user with no key, data or queue (a JWT user) is remembered for users_time [default: 604800].
-    #[arg(long, env = "COMET_USER_RETENTION")]
+    #[arg(long, env = "COMET_USER_RETENTION", value_name = "SECONDS")]
     pub user_retention: Option<u64>,
     /// Origins allowed to open WebSockets, comma-separated (others get 403) [default: any].
-    #[arg(long, env = "COMET_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(long, env = "COMET_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
     /// Proxy addresses whose X-Forwarded-For is trusted for the client IP, comma-separated [default: none].
-    #[arg(long, env = "COMET_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(long, env = "COMET_TRUSTED_PROXIES", value_name = "IPS", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
     /// Frontend connections this process holds at most; more get HTTP 503 [default: the descriptor limit less a reserve for the backend port].
-    #[arg(long, env = "COMET_MAX_CONNECTIONS")]
+    #[arg(long, env = "COMET_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
     /// Frontend connections one client address (an IPv6 /64) may hold; more get HTTP 429 [default: 1000].
-    #[arg(long, env = "COMET_MAX_CONNECTIONS_PER_IP")]
+    #[arg(long, env = "COMET_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<u32>,
     /// Commands per second one WebSocket may send (burst: twice as many); more are dropped with an error [default: 50].
-    #[arg(long, env = "COMET_CLIENT_RATE")]
+    #[arg(long, env = "COMET_CLIENT_RATE", value_name = "N")]
     pub client_rate: Option<u32>,
     /// Browser publishes per second to one channel, process-wide (burst: twice as many; 0: unlimited); more are dropped with an error [default: 100].
-    #[arg(long, env = "COMET_CHANNEL_RATE")]
+    #[arg(long, env = "COMET_CHANNEL_RATE", value_name = "N")]
     pub channel_rate: Option<u32>,
     /// Seconds a started WebSocket frame, HTTP head or MySQL packet has to arrive whole [default: 10].
-    #[arg(long, env = "COMET_MESSAGE_TIMEOUT")]
+    #[arg(long, env = "COMET_MESSAGE_TIMEOUT", value_name = "SECONDS")]
     pub message_timeout: Option<u64>,
     /// Bytes of mail one shard may have in flight to another before it stops reading its clients [default: 16777216].
-    #[arg(long, env = "COMET_MAIL_LIMIT")]
+    #[arg(long, env = "COMET_MAIL_LIMIT", value_name = "BYTES")]
     pub mail_limit: Option<usize>,
     /// Cross-shard requests one connection may have waiting for answers [default: 64].
-    #[arg(long, env = "COMET_MAX_PENDING")]
+    #[arg(long, env = "COMET_MAX_PENDING", value_name = "N")]
     pub max_pending: Option<u16>,
 }
 
@@ -162,7 +171,9 @@ pub struct Cli {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    #[serde(default, deserialize_with = "resolve_addr")]
     pub frontend: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "resolve_addr")]
     pub backend: Option<SocketAddr>,
     pub api: Option<Listen>,
     pub password: Option<String>,
@@ -442,6 +453,25 @@ impl Config {
     }
 }
 
+/// Parses a listen address: `IP:PORT`, or `HOST:PORT` resolved once with the
+/// system resolver (`localhost:8087`); the first address it answers is used.
+pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let hint = "give IP:PORT (127.0.0.1:8087, [::1]:8087) or HOST:PORT (localhost:8087)";
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| format!("'{text}' resolves to no address; {hint}")),
+        Err(e) => Err(format!("cannot use '{text}' as an address ({e}); {hint}")),
+    }
+}
+
+/// serde's side of [`parse_addr`], for the TOML file's addresses.
+fn resolve_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_addr(&text).map(Some).map_err(serde::de::Error::custom)
+}
+
 fn parse_passwords(
     m: std::collections::BTreeMap<String, String>,
 ) -> Result<std::collections::BTreeMap<u32, String>, ConfigError> {
@@ -505,5 +535,33 @@ mod tests {
         std::fs::write(&path, "shardz = 3\n").unwrap();
         let e = Config::load(Cli { config: Some(path), ..Cli::default() }).unwrap_err().to_string();
         assert!(e.contains("shardz"), "{e}");
+    }
+
+    #[test]
+    fn addresses_may_be_host_names() {
+        let a = parse_addr("localhost:8087").unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 8087, "{a}");
+        assert_eq!(parse_addr("[::1]:9").unwrap().to_string(), "[::1]:9");
+        let e = parse_addr("localhost").unwrap_err();
+        assert!(e.contains("'localhost'") && e.contains("HOST:PORT"), "{e}");
+        let cli = Cli::try_parse_from(["comet", "--frontend", "localhost:0"]).unwrap();
+        assert!(cli.frontend.unwrap().ip().is_loopback());
+        let dir = std::env::temp_dir().join(format!("comet-addr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "backend = \"localhost:3301\"\n").unwrap();
+        let c = Config::load(Cli { config: Some(path), ..Cli::default() }).unwrap();
+        assert!(c.backend.ip().is_loopback() && c.backend.port() == 3301);
+    }
+
+    #[test]
+    fn help_names_units_and_the_toml_only_keys() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for want in ["--ping-interval <SECONDS>", "--outbound-limit <BYTES>", "--shards <N>", "--frontend <ADDR>"] {
+            assert!(help.contains(want), "help lacks {want}:\n{help}");
+        }
+        assert!(!help.contains("<PING_INTERVAL>"), "{help}");
+        assert!(help.contains("public_user_data") && help.contains("[passwords]"), "{help}");
     }
 }

@@ -5,7 +5,7 @@
 //! What lives here: [`ConnId`] (how a connection is named across shards),
 //! [`ct_eq`] (secret comparison), [`clip`] (how a client value is quoted in
 //! an error), and channel names with their [`ChannelKind`] parsed once
-//! (PROTOCOL.md §2). What does not: anything with state, I/O or a wire
+//! (docs/protocol.md, "Channels"). What does not: anything with state, I/O or a wire
 //! encoding; those belong to the layers above.
 
 use std::fmt;
@@ -107,7 +107,7 @@ impl fmt::Display for Clipped<'_> {
     }
 }
 
-/// Shortest channel name (PROTOCOL.md §2; CometQL asks for 3, see
+/// Shortest channel name (docs/protocol.md, "Channels"; CometQL asks for 3, see
 /// `cometql::exec::check_channel`).
 pub const MIN_CHANNEL_LEN: usize = 2;
 /// Longest channel name.
@@ -146,7 +146,7 @@ impl fmt::Display for ChannelError<'_> {
 
 impl std::error::Error for ChannelError<'_> {}
 
-/// What a channel name means (PROTOCOL.md §2), decided by its prefix once
+/// What a channel name means (docs/protocol.md, "Channels"), decided by its prefix once
 /// instead of by `starts_with` at every place that cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChannelKind {
@@ -208,7 +208,7 @@ impl ChannelKind {
         matches!(self, ChannelKind::Sys | ChannelKind::Msg | ChannelKind::Answer)
     }
 
-    /// Whether browsers may publish with `web_pipe2` (§1.7); `WebAuth` also
+    /// Whether browsers may publish with `web_pipe2` (docs/protocol.md); `WebAuth` also
     /// needs an authorized connection.
     pub fn browser_may_publish(self) -> bool {
         matches!(self, ChannelKind::Web | ChannelKind::WebAuth)
@@ -252,7 +252,7 @@ pub fn is_valid_channel(name: &str) -> bool {
     check_channel(name).is_ok()
 }
 
-/// The hidden-sender form of a browser publish (§1.7): `@web_NAME` publishes
+/// The hidden-sender form of a browser publish (docs/protocol.md): `@web_NAME` publishes
 /// to `web_NAME` with `user_id` 0. Returns the channel name and whether the
 /// sender is hidden; the `@` is accepted only before `web_`, so `@track_x`
 /// comes back unchanged (and then fails the name check).

@@ -1,4 +1,4 @@
-//! Plain HTTP on the frontend port (PROTOCOL.md §5): health checks, CORS
+//! Plain HTTP on the frontend port (docs/protocol.md, "Plain HTTP"): health checks, CORS
 //! preflight, Prometheus metrics, and short error answers. Every answer
 //! closes the connection: these are low-rate requests from load balancers,
 //! scrapers and browsers' preflights, and closing keeps the connection state

@@ -3,7 +3,7 @@
 //! Browsers hold WebSocket connections (the *frontend*, [`frontend`] over
 //! [`ws`]); application backends publish through CometQL over the MySQL
 //! protocol (the *backend*). The wire protocols are those of CppComet,
-//! described in PROTOCOL.md. The process runs one shard per core
+//! described in docs/protocol.md and docs/cometql.md. The process runs one shard per core
 //! ([`shard`]), each a thread with its own compio runtime ([`runtime`]);
 //! shards share nothing but [`mailbox`] rings.
 //!

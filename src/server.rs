@@ -114,8 +114,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             return Err(ServerError::SamePort { a_role, a, b_role, b });
         }
     }
-    // Before any listener: once clients can connect they may take every
-    // descriptor, and the signal handlers need one of their own.
+    // Before any listener: a flood of clients at start could otherwise take
+    // the last descriptor the signal pipe needs, and a SIGTERM during start
+    // would kill the process instead of draining it.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
     let (addr, listeners) = bind_all("frontend", config.frontend, n)?;
     let (backend_addr, backend_listeners) = bind_all("backend", config.backend, n)?;

@@ -162,3 +162,24 @@ fn a_restarted_comet_takes_its_ports_back_over_time_wait_connections() {
     assert_eq!(b.addr, frontend);
     assert_serves(&b, 2, "restarted");
 }
+
+#[test]
+fn host_names_are_resolved_for_the_listen_addresses() {
+    let s = Server::start_named("localhost:0", "localhost:0", &["--password", "pw", "--shards", "1"]);
+    assert!(s.addr.ip().is_loopback() && s.backend.ip().is_loopback(), "{} {}", s.addr, s.backend);
+    let (status, body) = s.http_get("/info");
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains("\"status\":\"ok\""), "{body}");
+    assert_serves(&s, 1, "localhost");
+}
+
+#[test]
+fn an_address_without_a_port_is_refused_with_what_to_give() {
+    let out = Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args(["--frontend", "localhost", "--password", "pw"])
+        .output()
+        .expect("run comet");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'localhost'") && err.contains("IP:PORT"), "{err}");
+}

@@ -1,11 +1,11 @@
 //! Fuzz body for the CometQL lexer, parser and planner
-//! (`comet::cometql::{lexer, parser, exec}`, PROTOCOL.md §4.2–4.4).
+//! (`comet::cometql::{lexer, parser, exec}`, docs/cometql.md).
 //!
 //! The input is a query text. Only a lexing error may fail the whole text;
 //! every statement that parses is written back as canonical SQL (quoted
 //! names, escaped strings, `IN` lists) and must parse to itself, which pins
 //! string unescaping, name folding and each statement shape. Every plan is
-//! checked for what the shard glue relies on: error codes from §4.4, rows as
+//! checked for what the shard glue relies on: error codes from docs/cometql.md, rows as
 //! wide as their columns, channel names valid before anything is published.
 
 use comet::cometql::exec::{self, Ctx, Plan, StmtResult};
@@ -37,7 +37,7 @@ pub fn run(data: &[u8]) {
     }
 }
 
-/// The error codes of PROTOCOL.md §4.4.
+/// The error codes of docs/cometql.md ("Errors").
 fn known_code(code: u16) -> bool {
     matches!(code, 1..=3 | 10..=21 | 403 | 500)
 }

@@ -1,5 +1,5 @@
-//! Fuzz body for client commands (`comet::frontend::command`, PROTOCOL.md
-//! §1.5) and the JSON answers that echo their arguments (§1.6).
+//! Fuzz body for client commands (`comet::frontend::command`, docs/protocol.md
+//! "Commands") and the JSON answers that echo their arguments ("Messages").
 //!
 //! The input is one text message. The parsed command must borrow only from
 //! it, carry no separator in a single-line argument, and parse to itself
@@ -82,7 +82,7 @@ fn render(cmd: &Command<'_>) -> String {
 }
 
 /// A browser publish reaches subscribers and the sender's delivery report
-/// with the text exactly as sent (PROTOCOL.md §1.7: no MySQL escaping).
+/// with the text exactly as sent (docs/protocol.md, "web_pipe2": no MySQL escaping).
 fn check_publish(pipe: &str, event: &str, text: &str) {
     let m = ChannelMessage {
         pipe: pipe.to_string(),

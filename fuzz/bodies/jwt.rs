@@ -1,4 +1,4 @@
-//! Fuzz body for JWT user keys (`comet::users::jwt`, PROTOCOL.md §1.3).
+//! Fuzz body for JWT user keys (`comet::users::jwt`, docs/protocol.md "JWT keys").
 //!
 //! Input layout: one control byte, then text. The text is tried as a token:
 //! one that verifies must be HS256, for the user it claims, not expired, and

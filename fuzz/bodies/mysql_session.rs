@@ -31,7 +31,7 @@ impl Passwords for Pw {
     }
 }
 
-/// The dev_id a login name stands for, as PROTOCOL.md §4.1 says.
+/// The dev_id a login name stands for, as docs/cometql.md ("Logging in") says.
 fn login_dev(user: &str) -> Option<u32> {
     match user {
         "root" | "0" => Some(0),

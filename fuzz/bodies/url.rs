@@ -1,5 +1,5 @@
-//! Fuzz body for the connection URL (`comet::frontend::url`, PROTOCOL.md
-//! §1.1).
+//! Fuzz body for the connection URL (`comet::frontend::url`, docs/protocol.md
+//! "Connecting").
 //!
 //! The input is a request path. Its parameters are parsed, written back in
 //! a canonical form (every key byte percent-encoded) and parsed again: the

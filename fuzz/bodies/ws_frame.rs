@@ -2,8 +2,8 @@
 //!
 //! Input layout: two bytes of message size limit, one byte of read size,
 //! then the client byte stream. The stream is decoded twice, once from one
-//! buffer and once as it would arrive in reads of that size (PROTOCOL.md
-//! §1.4: "one frame may span many reads"), and both must see the same frames
+//! buffer and once as it would arrive in reads of that size (docs/protocol.md
+//! "Frames": a frame may span many reads), and both must see the same frames
 //! and the same failure. Every message the decoder hands out is then encoded
 //! as a server frame, masked back into a client frame and decoded again.
 

@@ -1,5 +1,5 @@
 //! CometQL: the backend API, a small SQL dialect over the MySQL client/server
-//! protocol (PROTOCOL.md §4), so any MySQL driver is a comet client.
+//! protocol (docs/cometql.md), so any MySQL driver is a comet client.
 //!
 //! Everything here is sans-IO: `packet` frames and encodes MySQL packets,
 //! `session` runs the handshake, authentication and command dispatch,

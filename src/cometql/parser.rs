@@ -1,5 +1,5 @@
 //! The CometQL dialect: a hand-written recursive-descent parser over
-//! [`lexer`](super::lexer) tokens (PROTOCOL.md §4.2).
+//! [`lexer`](super::lexer) tokens (docs/cometql.md, "Statements").
 //!
 //! It knows statement shapes only; which tables and columns exist, and what
 //! a WHERE may name, is checked by [`tables`](super::tables) and the
@@ -81,7 +81,7 @@ pub enum Statement {
     Failed(ParseError),
 }
 
-/// A parse error: code from PROTOCOL.md §4.4 and a message naming the value.
+/// A parse error: code from docs/cometql.md ("Errors") and a message naming the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
     pub code: u16,

@@ -1,4 +1,4 @@
-//! The CometQL tables (PROTOCOL.md §4.3): their columns, keys and what each
+//! The CometQL tables (docs/cometql.md, "Tables"): their columns, keys and what each
 //! statement may do with them. The executor checks every statement against
 //! this list before anything runs, so column and WHERE errors are uniform.
 

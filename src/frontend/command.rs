@@ -1,4 +1,4 @@
-//! Client → server commands (PROTOCOL.md §1.5).
+//! Client → server commands (docs/protocol.md, "Commands").
 //!
 //! A command is a word, `\n`, then `\n`-separated arguments. Parsing borrows
 //! from the message bytes and never fails: what it cannot read becomes

@@ -1,4 +1,4 @@
-//! Server → client messages (PROTOCOL.md §1.6), encoded by hand.
+//! Server → client messages (docs/protocol.md, "Messages"), encoded by hand.
 //!
 //! Every message is one JSON object whose keys are in alphabetical (byte)
 //! order, as the reference server emitted them, so byte-level fixtures stay
@@ -144,7 +144,7 @@ pub struct ChannelMessage {
     /// `data` is raw JSON to embed as is (presence `{user_id, uuid}`).
     pub data_is_json: bool,
     /// `message_send_time`; `None` for messages that carry none (private
-    /// messages and user status events, per the PROTOCOL.md fixtures).
+    /// messages and user status events, as docs/protocol.md shows).
     pub time: Option<i64>,
     /// Sender's id for browser publishes; `None` for backend publishes.
     pub user_id: Option<u64>,
@@ -311,7 +311,7 @@ mod tests {
         }
     }
 
-    // Fixtures copied from PROTOCOL.md §1.2 and §1.6.
+    // Fixtures as in docs/protocol.md ("serverInfo", "Messages").
     #[test]
     fn protocol_md_channel_message_fixtures() {
         assert_eq!(

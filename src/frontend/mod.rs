@@ -1,4 +1,4 @@
-//! The comet text protocol spoken by browsers over WebSocket (PROTOCOL.md §1).
+//! The comet text protocol spoken by browsers over WebSocket (docs/protocol.md).
 //!
 //! `url` reads the connection parameters from the upgrade path, `command`
 //! parses client commands, `message` encodes every server message as JSON with

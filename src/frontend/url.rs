@@ -1,4 +1,4 @@
-//! Connection parameters from the upgrade URL (PROTOCOL.md §1.1).
+//! Connection parameters from the upgrade URL (docs/protocol.md, "Connecting").
 //!
 //! CppComet read them by position; comet reads them by name, from either the
 //! path form `/ws/sesion=..&myid=..` or a query string `/ws?sesion=..`, under

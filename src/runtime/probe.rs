@@ -1,4 +1,4 @@
-//! Choosing the I/O backend once, at start (ARCHITECTURE.md §1).
+//! Choosing the I/O backend once, at start (docs/architecture.md).
 //!
 //! io_uring is blocked in many real deployments (Docker's default seccomp
 //! profile, gVisor, `kernel.io_uring_disabled`, RHEL 9), where

@@ -16,7 +16,7 @@ use crate::ws::CloseCode;
 /// Close code for a device whose authorization was withdrawn
 /// (`users_auth` DELETE or a revoked token).
 pub const CLOSE_DEAUTHORIZED: CloseCode = CloseCode(4001);
-/// Close code for the oldest device replaced by a 17th (PROTOCOL.md §3.1).
+/// Close code for the oldest device replaced by a 17th (docs/protocol.md, "Users and devices").
 pub const CLOSE_REPLACED: CloseCode = CloseCode(4009);
 
 impl ShardCore {

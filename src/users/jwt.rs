@@ -1,4 +1,4 @@
-//! HS256 JSON Web Tokens as user keys (PROTOCOL.md §1.3).
+//! HS256 JSON Web Tokens as user keys (docs/protocol.md, "JWT keys").
 //!
 //! The secret is the dev_id's backend password followed by the dev_id in
 //! decimal. Only `alg: HS256` is accepted (never `none`); the payload must

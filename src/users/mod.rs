@@ -1,6 +1,6 @@
 //! Users, sans-IO: keys, the fixed 16-slot device array, the ring-buffer
 //! offline queue, last-online times, user data and revoked tokens
-//! (PROTOCOL.md §3). One [`UserStore`] lives on each shard and holds the
+//! (docs/protocol.md, "Users and devices"). One [`UserStore`] lives on each shard and holds the
 //! users whose home is that shard, so every operation on a user is local.
 //!
 //! An offline user costs one map entry and a small struct: the device array

@@ -3,6 +3,8 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { chromium } from 'playwright-core';
 import { startComet, until } from '../js/harness.mjs';
 
@@ -178,4 +180,31 @@ test('the demo page renders, connects and shows the mysql commands', async () =>
     const overflow = await p.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
     assert.equal(overflow, false, 'no horizontal scrolling in a phone-sized window');
   } finally { await srv.stop(); }
+});
+
+test('examples/browser/index.html, served from its own origin, shows a channel message and, once the form logs in, the queued private message', async () => {
+  const srv = await startServer();
+  // Serve the example page as its README says: a static server on another port.
+  const html = readFileSync(new URL('../../examples/browser/index.html', import.meta.url));
+  const site = createServer((req, res) => { res.writeHead(200, { 'Content-Type': 'text/html' }); res.end(html); });
+  await new Promise((r) => site.listen(0, '127.0.0.1', r));
+  try {
+    const p = await (await browser.newContext()).newPage();
+    p.on('pageerror', (e) => console.error('page error:', e));
+    await p.goto(`http://127.0.0.1:${site.address().port}/?comet=127.0.0.1:${srv.front}&channel=news_example`);
+    await until('connected anonymously', async () => (await p.textContent('#status')) === 'connected, anonymous');
+    await until('subscribed', async () => mysql(srv, "SELECT users FROM pipes WHERE name = 'news_example'").trim() === '1');
+    mysql(srv, "INSERT INTO pipes_messages (name, event, message) VALUES ('news_example', 'update', '{\"headline\":\"from the backend\"}')");
+    await until('channel message shown', async () => (await p.textContent('#log')).includes('news_example / update: {"headline":"from the backend"}'));
+    mysql(srv, "INSERT INTO users_auth (id, hash) VALUES (7, 'example-key-7')");
+    mysql(srv, "INSERT INTO users_messages (id, event, message) VALUES (7, 'greeting', '{\"text\":\"hi\"}')");
+    await p.fill('#user-id', '7');
+    await p.fill('#user-key', 'example-key-7');
+    await p.click('#login button');
+    await until('connected as user 7', async () => (await p.textContent('#status')) === 'connected, user 7');
+    await until('private message shown', async () => (await p.textContent('#log')).includes('private / greeting (was waiting while offline): {"text":"hi"}'));
+  } finally {
+    site.close();
+    await srv.stop();
+  }
 });

@@ -44,6 +44,11 @@ impl Server {
         Self::launch(&frontend.to_string(), &backend.to_string(), args, None)
     }
 
+    /// Starts the server with addresses given as text (`localhost:0`).
+    pub fn start_named(frontend: &str, backend: &str, args: &[&str]) -> Server {
+        Self::launch(frontend, backend, args, None)
+    }
+
     fn launch(frontend: &str, backend: &str, args: &[&str], forbid_uring: Option<()>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_comet"));
         cmd.args(["--frontend", frontend, "--backend", backend, "--node-name", "test-node"]);
