@@ -160,7 +160,7 @@ pub fn plan(st: Statement, ctx: &Ctx<'_>) -> Plan {
 
 fn plan_inner(st: Statement, ctx: &Ctx<'_>) -> Result<Plan, StmtResult> {
     match st {
-        Statement::Set => Ok(Plan::Done(StmtResult::Ok { affected: 0, last_insert_id: 0 })),
+        Statement::Set(_) => Ok(Plan::Done(StmtResult::Ok { affected: 0, last_insert_id: 0 })),
         Statement::Failed(e) => Err(StmtResult::Err(e.code, e.message)),
         Statement::Use(db) => use_db(&db, ctx),
         Statement::ShowDatabases => Ok(rows("SCHEMATA", &["Database"], vec![vec![Some("CometQL_v1".into())]])),

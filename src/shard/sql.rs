@@ -11,6 +11,7 @@ use super::ConnId;
 use super::conn::Phase;
 use super::core::{ShardCore, Then};
 use super::mail::{Publication, Query, Records};
+use crate::cometql::charset::Charset;
 use crate::cometql::exec::{self, Ctx, Plan, Projection, StmtResult};
 use crate::cometql::packet::{self, FrameError, MAX_PAYLOAD};
 use crate::cometql::parser::{ParseError, Statement};
@@ -53,6 +54,8 @@ struct Slot {
     seq: u8,
     /// Rows in the binary protocol (an answer to COM_STMT_EXECUTE).
     binary: bool,
+    /// The character set the answer's text is sent in.
+    charset: Charset,
 }
 
 impl Slot {
@@ -81,6 +84,10 @@ pub struct SqlConn {
 impl Passwords for Config {
     fn password(&self, dev_id: u32) -> &str {
         self.dev_passwords.get(&dev_id).map_or(&self.password, |s| s.as_str())
+    }
+
+    fn max_long_data(&self) -> usize {
+        self.max_query_size
     }
 }
 
@@ -242,7 +249,9 @@ impl ShardCore {
                     for e in events {
                         match e {
                             Event::Reply(bytes) => self.sql_push_raw(id, bytes, false),
-                            Event::Query(stmts, seq, binary) => self.sql_query(id, stmts, seq, binary),
+                            Event::Query(stmts, seq, binary, charset) => {
+                                self.sql_query(id, stmts, seq, binary, charset)
+                            }
                             Event::Close => {
                                 self.sql_push_raw(id, Vec::new(), true);
                                 return buf.len();
@@ -284,7 +293,14 @@ impl ShardCore {
     }
 
     /// Starts executing a COM_QUERY's statements in a new answer slot.
-    fn sql_query(&mut self, id: ConnId, stmts: Vec<Result<Statement, ParseError>>, seq: u8, binary: bool) {
+    fn sql_query(
+        &mut self,
+        id: ConnId,
+        stmts: Vec<Result<Statement, ParseError>>,
+        seq: u8,
+        binary: bool,
+        charset: Charset,
+    ) {
         ShardMetrics::add(&self.metrics.sql_queries, 1);
         let n = stmts.len();
         let Some(sc) = self.sql(id) else { return };
@@ -294,6 +310,7 @@ impl ShardCore {
             executing: true,
             seq,
             binary,
+            charset,
             ..Slot::default()
         });
         for (i, st) in stmts.into_iter().enumerate() {
@@ -471,7 +488,7 @@ impl ShardCore {
                 Some(b) => b,
                 None => {
                     let results: Vec<StmtResult> = slot.results.into_iter().flatten().collect();
-                    session::encode_results(&results, deprecate_eof, slot.seq, slot.binary)
+                    session::encode_results(&results, deprecate_eof, slot.seq, slot.binary, slot.charset)
                 }
             };
             if !bytes.is_empty() {
