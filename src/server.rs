@@ -41,6 +41,9 @@ pub enum ServerError {
     /// browsers and backends between the two protocols at random.
     #[error("--frontend {frontend} and --backend {backend} overlap on port {}; give them different ports", frontend.port())]
     SamePort { frontend: SocketAddr, backend: SocketAddr },
+    /// `--metrics` shares a port group with another listener.
+    #[error("--metrics {metrics} and --{role} {other} overlap on port {}; give them different ports", metrics.port())]
+    MetricsOverlap { metrics: SocketAddr, role: &'static str, other: SocketAddr },
     #[error("shard {shard} failed to start: {err}")]
     Shard { shard: usize, err: String },
     #[error("cannot install signal handlers: {0}")]
@@ -107,13 +110,34 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     if overlap(config.frontend, config.backend) {
         return Err(ServerError::SamePort { frontend: config.frontend, backend: config.backend });
     }
+    if let Some(m) = config.metrics {
+        for (role, other) in [("frontend", config.frontend), ("backend", config.backend)] {
+            if overlap(m, other) {
+                return Err(ServerError::MetricsOverlap { metrics: m, role, other });
+            }
+        }
+    }
     let (addr, listeners) = bind_all("frontend", config.frontend, n)?;
     let (backend_addr, backend_listeners) = bind_all("backend", config.backend, n)?;
+    // Claimed like the other ports, so a second comet refuses to start on it.
+    let metrics_listener = match config.metrics {
+        Some(m) => {
+            let (m_addr, mut l) = bind_all("metrics", m, 1)?;
+            let l: std::net::TcpListener = l.pop().expect("one listener").into();
+            l.set_nonblocking(false).map_err(|err| ServerError::Bind { role: "metrics", addr: m_addr, err })?;
+            Some((m_addr, l))
+        }
+        None => None,
+    };
 
     let registry = Arc::new(Registry {
         shards: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
         io_backend: backend.name(),
         started: Instant::now(),
+    });
+    let metrics_addr = metrics_listener.map(|(a, l)| {
+        crate::metrics::serve(l, registry.clone(), config.message_timeout);
+        a
     });
     let shutdown = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
@@ -171,6 +195,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         }
     }
     eprintln!("comet: {n} shards on {}", backend.name());
+    if let Some(m_addr) = metrics_addr {
+        eprintln!("comet: metrics listening on {m_addr}");
+    }
     eprintln!("comet: backend (CometQL) listening on {backend_addr}");
     eprintln!("comet: frontend listening on {addr}");
 

@@ -45,7 +45,8 @@ pub fn run(data: &[u8]) {
         if !want.is_empty() {
             again.extend(std::iter::repeat_n(0xFF, want.len().div_ceil(8)));
             again.push(0);
-            let sql = prepared::execute_sql(&again, &mut st, Charset::Utf8mb4).expect("all-NULL EXECUTE with remembered types");
+            let sql = prepared::execute_sql(&again, &mut st, Charset::Utf8mb4)
+                .expect("all-NULL EXECUTE with remembered types");
             assert!(values(&sql, want.len()).iter().all(|g| g == &[Tok::Word("NULL".into())]));
         }
     }

@@ -364,9 +364,14 @@ fn check_result_set<'a>(
             check_status(&p[3..], more);
             break;
         }
-        rows.push(if binary { binary_row(p, rs.columns.len(), charset) } else { text_row(p, rs.columns.len(), charset) });
+        rows.push(if binary {
+            binary_row(p, rs.columns.len(), charset)
+        } else {
+            text_row(p, rs.columns.len(), charset)
+        });
     }
-    let trip = |v: &Option<String>| v.as_ref().map(|s| charset.decode(&charset.encode(s)).expect("decodes").into_owned());
+    let trip =
+        |v: &Option<String>| v.as_ref().map(|s| charset.decode(&charset.encode(s)).expect("decodes").into_owned());
     let want: Vec<Vec<Option<String>>> = rs.rows.iter().map(|r| r.iter().map(trip).collect()).collect();
     assert_eq!(rows, want, "the rows a client reads");
 }

@@ -45,7 +45,8 @@ impl Prepared {
             return;
         }
         if param as usize >= self.marks.len() {
-            self.long_error = Some((3, format!("Long data for parameter {param}, but the statement has {}", self.marks.len())));
+            self.long_error =
+                Some((3, format!("Long data for parameter {param}, but the statement has {}", self.marks.len())));
         } else if self.long_bytes + data.len() > max {
             self.long_error = Some((11, format!("Long data of more than {max} bytes (--max-query-size)")));
         }

@@ -247,7 +247,8 @@ impl Session {
                 vec![Event::Close]
             }
             0x02 => {
-                let db = self.client_charset.decode(body).unwrap_or_else(|_| String::from_utf8_lossy(body)).into_owned();
+                let db =
+                    self.client_charset.decode(body).unwrap_or_else(|_| String::from_utf8_lossy(body)).into_owned();
                 match database_dev(&db, self.login_dev) {
                     Some(d) if self.may_use_dev(d, pw) => {
                         self.use_db(d, &db);
@@ -456,13 +457,7 @@ pub fn one(seq: u8, payload: &[u8]) -> Vec<u8> {
 /// and MORE_RESULTS on all but the
 /// last. Execution stops at the first error, so an error is always last.
 /// Text (rows, error messages) is sent in `charset`.
-pub fn encode_results(
-    results: &[StmtResult],
-    deprecate_eof: bool,
-    seq: u8,
-    binary: bool,
-    charset: Charset,
-) -> Vec<u8> {
+pub fn encode_results(results: &[StmtResult], deprecate_eof: bool, seq: u8, binary: bool, charset: Charset) -> Vec<u8> {
     let mut out = Vec::new();
     let mut seq = seq;
     for (i, r) in results.iter().enumerate() {
