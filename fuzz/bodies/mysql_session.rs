@@ -200,6 +200,7 @@ impl Conn {
                     may_use_dev: &may,
                     status: &status,
                     max_query_size: 1 << 20,
+                    charsets: (s.client_charset, s.results_charset),
                 };
                 exec::plan(st, &ctx)
             };

@@ -334,6 +334,7 @@ impl ShardCore {
                     may_use_dev: &may,
                     status: &status_fn,
                     max_query_size: config.max_query_size,
+                    charsets: (s.client_charset, s.results_charset),
                 };
                 exec::plan(st, &ctx)
             };
