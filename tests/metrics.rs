@@ -103,7 +103,7 @@ fn metrics_listener_bounds_head_size_and_time() {
     for c in &mut idle {
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut b = Vec::new();
-        assert!(matches!(c.read_to_end(&mut b), Ok(_)), "an unfinished head is closed");
+        assert!(c.read_to_end(&mut b).is_ok(), "an unfinished head is closed");
         assert!(b.is_empty(), "no answer to a head that never finished");
     }
 }
