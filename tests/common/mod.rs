@@ -127,9 +127,10 @@ impl Server {
 
     /// A metric such as `comet_websockets`: the sum of its per-shard series
     /// (`comet_websockets{shard="0"}`, ...), as Prometheus' `sum()` makes it.
+    /// With labels (`comet_websockets{shard="1"}`), that one series.
     pub fn metric(&self, name: &str) -> i64 {
         let body = self.metrics_text();
-        let prefix = format!("{name}{{");
+        let prefix = if name.contains('{') { format!("{name} ") } else { format!("{name}{{") };
         let values: Vec<i64> = body
             .lines()
             .filter(|l| l.starts_with(&prefix))
