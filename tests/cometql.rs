@@ -851,3 +851,48 @@ print(cur.fetchall())
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "(('café é',), ('?é',))\n");
 }
+
+#[test]
+fn long_data_is_bounded_per_connection_by_max_query_size() {
+    let s = start("epoll", &["--max-query-size", "4096"]);
+    let (mut t, ok) = raw_login_as(&s, "s3cret", 0, 45);
+    assert_eq!(ok[0], 0x00);
+    // Two statements, each fed long data: together they may not pass the
+    // bound, even though each alone stays under it.
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (_, prep) = command(&mut t, b"\x16SELECT ?");
+        assert_eq!(prep[0], 0x00);
+        read_packet(&mut t);
+        read_packet(&mut t);
+        ids.push([prep[1], prep[2], prep[3], prep[4]]);
+    }
+    let mut out = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        for _ in 0..(if i == 0 { 3 } else { 400 }) {
+            let mut p = vec![0x18];
+            p.extend_from_slice(id);
+            p.extend_from_slice(&0u16.to_le_bytes());
+            p.extend_from_slice(&[b'x'; 1000]);
+            packet(&mut out, 0, &p);
+        }
+    }
+    t.write_all(&out).unwrap();
+    // The second statement passed the bound: its EXECUTE gets ERR 11.
+    let exec = |id: &[u8; 4]| [&[0x17][..], id, &[0, 1, 0, 0, 0, 0, 1, 0xfd, 0]].concat();
+    let (_, e) = command(&mut t, &exec(&ids[1]));
+    assert_eq!(&e[..3], &[0xFF, 11, 0], "{}", String::from_utf8_lossy(&e));
+    assert!(String::from_utf8_lossy(&e).contains("--max-query-size"));
+    // The first one kept its 3000 bytes and runs.
+    let mut out = Vec::new();
+    packet(&mut out, 0, &exec(&ids[0]));
+    t.write_all(&out).unwrap();
+    let (_, cols) = read_packet(&mut t);
+    assert_eq!(cols, [1], "one column");
+    read_packet(&mut t); // column definition
+    read_packet(&mut t); // EOF
+    let (_, row) = read_packet(&mut t);
+    assert_eq!(row.len(), 1 + 1 + 3 + 3000, "header, null bitmap, length, 3000 bytes");
+    read_packet(&mut t); // EOF
+    assert_eq!(command(&mut t, &[0x0e]).1[0], 0x00, "the connection is still usable");
+}

@@ -39,7 +39,8 @@ impl Prepared {
     }
 
     /// Appends COM_STMT_SEND_LONG_DATA's `data` to parameter `param`; past
-    /// `max` bytes in all, the data is dropped and the next EXECUTE fails.
+    /// `max` bytes in all (what the connection's `--max-query-size` leaves
+    /// this statement), the data is dropped and the next EXECUTE fails.
     pub fn long_data(&mut self, param: u16, data: &[u8], max: usize) {
         if self.long_error.is_some() {
             return;
@@ -48,7 +49,8 @@ impl Prepared {
             self.long_error =
                 Some((3, format!("Long data for parameter {param}, but the statement has {}", self.marks.len())));
         } else if self.long_bytes + data.len() > max {
-            self.long_error = Some((11, format!("Long data of more than {max} bytes (--max-query-size)")));
+            self.long_error =
+                Some((11, "Long data held by this connection would pass --max-query-size: send less".to_string()));
         }
         if self.long_error.is_some() {
             self.reset();

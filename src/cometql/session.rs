@@ -305,9 +305,12 @@ impl Session {
             0x18 => {
                 if body.len() >= 6 {
                     let id = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
-                    let max = pw.max_long_data();
+                    // The bound is per connection: what other statements
+                    // hold counts against it too.
+                    let held: usize = self.stmts.iter().filter(|(k, _)| **k != id).map(|(_, s)| s.long_bytes).sum();
+                    let room = pw.max_long_data().saturating_sub(held);
                     if let Some(st) = self.stmts.get_mut(&id) {
-                        st.long_data(u16::from_le_bytes([body[4], body[5]]), &body[6..], max);
+                        st.long_data(u16::from_le_bytes([body[4], body[5]]), &body[6..], room);
                     }
                 }
                 Vec::new()
