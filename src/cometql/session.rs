@@ -44,8 +44,8 @@ pub enum Event {
 /// Passwords per dev_id, as the session needs them.
 pub trait Passwords {
     fn password(&self, dev_id: u32) -> &str;
-    /// Bytes of COM_STMT_SEND_LONG_DATA one statement may hold
-    /// (`--max-query-size`).
+    /// Bytes of COM_STMT_SEND_LONG_DATA one connection may hold, all its
+    /// statements together (`--max-query-size`).
     fn max_long_data(&self) -> usize {
         1 << 20
     }
