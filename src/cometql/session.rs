@@ -254,14 +254,10 @@ impl Session {
                         self.use_db(d, &db);
                         vec![ok()]
                     }
-                    Some(_) => vec![Event::Reply(one(
-                        r,
-                        &packet::err(403, &format!("Access denied to database {} with this login", clip(&db))),
-                    ))],
-                    None => vec![Event::Reply(one(
-                        r,
-                        &packet::err(15, &format!("Unknown database {}: use CometQL_v1 or db_N", clip(&db))),
-                    ))],
+                    Some(_) => {
+                        vec![self.err(r, 403, &format!("Access denied to database {} with this login", clip(&db)))]
+                    }
+                    None => vec![self.err(r, 15, &format!("Unknown database {}: use CometQL_v1 or db_N", clip(&db)))],
                 }
             }
             0x03 => {
@@ -350,7 +346,7 @@ impl Session {
             Err(e) => return vec![self.err(r, INVALID_STRING, &format!("Statement {e}"))],
         };
         if let Err(e) = super::lexer::lex(&sql) {
-            return vec![Event::Reply(one(r, &packet::err(3, &e.0)))];
+            return vec![self.err(r, 3, &e.0)];
         }
         if self.stmts.len() >= MAX_STATEMENTS {
             return vec![Event::Reply(one(r, &packet::err(18, "Too many prepared statements: close some first")))];
@@ -381,7 +377,7 @@ impl Session {
                 vec![Event::Query(st, r, true, self.results_charset)]
             }
             Ok(_) => vec![Event::Reply(one(r, &packet::err(3, "A prepared statement must be exactly one statement")))],
-            Err(ParseError { code, message }) => vec![Event::Reply(one(r, &packet::err(code, &message)))],
+            Err(ParseError { code, message }) => vec![self.err(r, code, &message)],
         }
     }
 }
