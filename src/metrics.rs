@@ -257,6 +257,12 @@ fn answer(mut stream: std::net::TcpStream, registry: &Registry, timeout: std::ti
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     };
+    let mut reply = reply;
+    if head.starts_with(b"HEAD ")
+        && let Some(end) = reply.windows(4).position(|w| w == b"\r\n\r\n")
+    {
+        reply.truncate(end + 4);
+    }
     let _ = stream.write_all(&reply);
 }
 
