@@ -298,7 +298,7 @@ fn plain_http_routes() {
         let want = if io == "uring" { "io_uring" } else { "epoll" };
         let (_, metrics) = s.http_get("/metrics");
         assert!(metrics.contains(&format!("io_backend=\"{want}\"")), "{metrics}");
-        assert!(metrics.contains("comet_bytes_out_total"));
+        assert!(metrics.contains("comet_bytes_out_total{shard=\"0\"}"));
         // A broken upgrade gets a 400 with a reason.
         let (status, body) = http_request(
             s.addr,
