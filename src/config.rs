@@ -51,7 +51,7 @@ impl std::str::FromStr for Listen {
         if s.eq_ignore_ascii_case("off") {
             return Ok(Listen::Off);
         }
-        parse_addr(s).map(Listen::At).map_err(|e| format!("neither \"off\" nor an address: {e}"))
+        parse_addr(s).map(Listen::At).map_err(|e| format!("{s:?} is neither \"off\" nor an address: {e}"))
     }
 }
 
@@ -68,6 +68,14 @@ In the --config TOML file only (no flag, no COMET_* variable):
   [passwords]                   per-dev_id backend passwords, e.g. \"5\" = \"secret\"
 Every flag above is also a TOML key: its name with '_' for '-' (max_pending = 64).
 Addresses are IP:PORT or HOST:PORT (a host name is resolved once, at start).";
+
+/// An on/off setting (`--demo on|off`; `demo = "off"` in the file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
 
 /// Command-line flags; each also reads `COMET_<NAME>` from the environment.
 #[derive(Debug, Parser, Default)]
@@ -165,6 +173,12 @@ pub struct Cli {
     /// Cross-shard requests one connection may have waiting for answers [default: 64].
     #[arg(long, env = "COMET_MAX_PENDING", value_name = "N")]
     pub max_pending: Option<u16>,
+    /// Serve Prometheus /metrics on its own listener at this address, and no longer on the frontend port [default: on the frontend port].
+    #[arg(long, env = "COMET_METRICS", value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// The demo page at / and /index.html (comet.js is always served) [default: on].
+    #[arg(long, env = "COMET_DEMO", value_enum)]
+    pub demo: Option<Switch>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -201,6 +215,8 @@ pub struct FileConfig {
     pub message_timeout: Option<u64>,
     pub mail_limit: Option<usize>,
     pub max_pending: Option<u16>,
+    pub metrics: Option<SocketAddr>,
+    pub demo: Option<Switch>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -267,10 +283,15 @@ pub struct Config {
     pub mail_limit: usize,
     /// Cross-shard requests a connection may have outstanding.
     pub max_pending: u16,
+    /// Where `/metrics` has its own listener; `None`: on the frontend port.
+    pub metrics: Option<SocketAddr>,
+    /// Whether the frontend serves the demo page at `/`.
+    pub demo: bool,
 }
 
 /// Descriptors kept out of `max_connections`' default: the backend port,
-/// `/metrics`, refusals being answered, files.
+/// `/metrics` (its own listener holds at most `metrics::METRICS_WORKERS`
+/// connections plus the listening socket), refusals being answered, files.
 pub const DESCRIPTOR_RESERVE: usize = 384;
 
 /// The process's open-file limit (soft), if it can be read.
@@ -318,6 +339,8 @@ impl Default for Config {
             message_timeout: Duration::from_secs(10),
             mail_limit: 16 << 20,
             max_pending: 64,
+            metrics: None,
+            demo: true,
         }
     }
 }
@@ -379,6 +402,8 @@ impl Config {
             message_timeout: cli.message_timeout.or(file.message_timeout).map_or(d.message_timeout, secs),
             mail_limit: cli.mail_limit.or(file.mail_limit).unwrap_or(d.mail_limit),
             max_pending: cli.max_pending.or(file.max_pending).unwrap_or(d.max_pending),
+            metrics: cli.metrics.or(file.metrics),
+            demo: cli.demo.or(file.demo).map_or(d.demo, |s| s == Switch::On),
         };
         c.validate()?;
         Ok(c)
@@ -532,6 +557,11 @@ mod tests {
         std::fs::write(&path, "[passwords]\nx = \"three\"\n").unwrap();
         let e = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap_err().to_string();
         assert!(e.contains("'x'"), "{e}");
+        std::fs::write(&path, "metrics = \"127.0.0.1:9100\"\ndemo = \"off\"\n").unwrap();
+        let c = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap();
+        assert_eq!((c.metrics.map(|a| a.port()), c.demo), (Some(9100), false));
+        let cli = Cli { config: Some(path.clone()), demo: Some(Switch::On), ..Cli::default() };
+        assert!(Config::load(cli).unwrap().demo);
         std::fs::write(&path, "shardz = 3\n").unwrap();
         let e = Config::load(Cli { config: Some(path), ..Cli::default() }).unwrap_err().to_string();
         assert!(e.contains("shardz"), "{e}");

@@ -1,5 +1,7 @@
 //! Plain HTTP on the frontend port (docs/protocol.md, "Plain HTTP"): health checks, CORS
-//! preflight, Prometheus metrics, and short error answers. Every answer
+//! preflight, the JavaScript client, the demo page (unless `--demo off`),
+//! Prometheus metrics (unless `--metrics` gives them their own listener,
+//! `metrics::serve`), and short error answers. Every answer
 //! closes the connection: these are low-rate requests from load balancers,
 //! scrapers and browsers' preflights, and closing keeps the connection state
 //! machine simple.
@@ -8,7 +10,8 @@ use crate::config::Config;
 use crate::metrics::Registry;
 use crate::ws::Request;
 
-fn response(status: &str, content_type: &str, extra: &str, body: &[u8]) -> Vec<u8> {
+/// A whole response that closes the connection.
+pub fn response(status: &str, content_type: &str, extra: &str, body: &[u8]) -> Vec<u8> {
     let mut r = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n{extra}\r\n",
         body.len()
@@ -82,13 +85,8 @@ pub fn route(req: &Request, registry: &Registry, config: &Config) -> Vec<u8> {
             asset(req, "application/javascript; charset=utf-8", COMET_JS.as_bytes())
         }
         "/comet.d.ts" => asset(req, "application/typescript; charset=utf-8", COMET_DTS.as_bytes()),
-        "/" | "/index.html" => asset(req, "text/html; charset=utf-8", demo_page(config).as_bytes()),
-        "/metrics" => response(
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            "Cache-Control: no-store\r\n",
-            registry.render().as_bytes(),
-        ),
+        "/" | "/index.html" if config.demo => asset(req, "text/html; charset=utf-8", demo_page(config).as_bytes()),
+        "/metrics" if config.metrics.is_none() => metrics_response(registry),
         _ => response(
             "404 Not Found",
             "text/plain; charset=utf-8",
@@ -102,6 +100,16 @@ pub fn route(req: &Request, registry: &Registry, config: &Config) -> Vec<u8> {
         r.truncate(end + 4);
     }
     r
+}
+
+/// `/metrics`' answer: the Prometheus text exposition.
+pub fn metrics_response(registry: &Registry) -> Vec<u8> {
+    response(
+        "200 OK",
+        "text/plain; version=0.0.4; charset=utf-8",
+        "Cache-Control: no-store\r\n",
+        registry.render().as_bytes(),
+    )
 }
 
 /// The JavaScript client, embedded in the binary.

@@ -171,15 +171,146 @@ impl Registry {
             }),
         ];
         for (name, kind, help, get) in families {
+            // One series per shard and no total: `sum()` makes the total,
+            // and a total series would count everything twice in it.
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            let mut total = 0i64;
             for (i, m) in self.shards.iter().enumerate() {
-                let v = get(m);
-                total += v;
-                let _ = writeln!(s, "{name}{{shard=\"{i}\"}} {v}");
+                let _ = writeln!(s, "{name}{{shard=\"{i}\"}} {}", get(m));
             }
-            let _ = writeln!(s, "{name}{{shard=\"all\"}} {total}");
         }
         s
+    }
+}
+
+/// Connections the `--metrics` listener serves at once: one per worker
+/// thread. More wait in the kernel's accept queue; a client holding all of
+/// them is cut off after the message timeout, so a scraper waits at most that
+/// long. Counted in `config::DESCRIPTOR_RESERVE`.
+pub const METRICS_WORKERS: usize = 4;
+
+/// Largest request head the `--metrics` listener reads; longer gets 431.
+pub const METRICS_MAX_HEAD: usize = 8 * 1024;
+
+/// Serves `/metrics` on its own listener (`--metrics ADDR`), off the public
+/// frontend port. Plain blocking threads, not shards: a scrape every few
+/// seconds needs no event loop, and these threads keep answering when the
+/// shards are busy or the frontend is at `--max-connections` (they use the
+/// descriptor reserve, not the frontend's budget). Each request must arrive
+/// whole within `timeout`; every answer closes its connection.
+pub fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, timeout: std::time::Duration) {
+    let listener = Arc::new(listener);
+    for i in 0..METRICS_WORKERS {
+        let listener = listener.clone();
+        let registry = registry.clone();
+        let spawned = std::thread::Builder::new().name(format!("comet-metrics-{i}")).spawn(move || {
+            loop {
+                match listener.accept() {
+                    Ok((stream, _)) => answer(stream, &registry, timeout),
+                    // Out of descriptors or memory: wait instead of spinning.
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("comet: cannot start a /metrics thread: {e}");
+        }
+    }
+}
+
+/// Reads one request head from `stream` and answers it.
+fn answer(mut stream: std::net::TcpStream, registry: &Registry, timeout: std::time::Duration) {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    let _ = stream.set_write_timeout(Some(timeout));
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let reply = loop {
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break route(&head[..end]).unwrap_or_else(|| crate::http::metrics_response(registry));
+        }
+        if head.len() > METRICS_MAX_HEAD {
+            let r = crate::http::response(
+                "431 Request Header Fields Too Large",
+                "text/plain; charset=utf-8",
+                "",
+                format!("request head over {METRICS_MAX_HEAD} bytes\n").as_bytes(),
+            );
+            let _ = stream.write_all(&r);
+            // Read a little of what is still coming before closing, so the
+            // kernel does not reset the connection over unread bytes and
+            // lose the answer; bounded by the deadline and 64 KiB.
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let mut drained = 0;
+            while drained < 64 * 1024 {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                    break;
+                }
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+            return;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    };
+    let mut reply = reply;
+    if head.starts_with(b"HEAD ")
+        && let Some(end) = reply.windows(4).position(|w| w == b"\r\n\r\n")
+    {
+        reply.truncate(end + 4);
+    }
+    let _ = stream.write_all(&reply);
+}
+
+/// The answer to a request head, or `None` for `GET /metrics` (rendered by
+/// the caller).
+fn route(head: &[u8]) -> Option<Vec<u8>> {
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let text = "text/plain; charset=utf-8";
+    if method != "GET" && method != "HEAD" {
+        let body = format!("method {} is not allowed here\n", crate::domain::clip(method));
+        return Some(crate::http::response("405 Method Not Allowed", text, "Allow: GET, HEAD\r\n", body.as_bytes()));
+    }
+    if path != "/metrics" {
+        let body = format!("no such path: {}; this port serves /metrics only\n", crate::domain::clip(path));
+        return Some(crate::http::response("404 Not Found", text, "", body.as_bytes()));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_get_metrics_is_served_and_there_is_no_total_series() {
+        assert!(route(b"GET /metrics HTTP/1.1\r\nHost: x").is_none());
+        assert!(route(b"GET /metrics?x=1 HTTP/1.0").is_none());
+        let r = String::from_utf8(route(b"GET / HTTP/1.1").unwrap()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+        let r = String::from_utf8(route(b"POST /metrics HTTP/1.1").unwrap()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+        let reg = Registry {
+            shards: vec![Arc::default(), Arc::default()],
+            io_backend: "epoll",
+            started: std::time::Instant::now(),
+        };
+        reg.shards[1].accepted.fetch_add(3, Relaxed);
+        let text = reg.render();
+        assert!(text.contains("comet_connections_accepted_total{shard=\"1\"} 3\n"), "{text}");
+        assert!(!text.contains("shard=\"all\""), "{text}");
     }
 }

@@ -108,6 +108,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let ports: Vec<(&'static str, SocketAddr)> = [("frontend", config.frontend), ("backend", config.backend)]
         .into_iter()
         .chain(config.api.map(|a| ("api", a)))
+        .chain(config.metrics.map(|m| ("metrics", m)))
         .collect();
     for (i, &(a_role, a)) in ports.iter().enumerate() {
         if let Some(&(b_role, b)) = ports[i + 1..].iter().find(|(_, b)| overlap(a, *b)) {
@@ -127,11 +128,25 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         }
         None => (None, (0..n).map(|_| None).collect::<Vec<_>>()),
     };
+    // Claimed like the other ports, so a second comet refuses to start on it.
+    let metrics_listener = match config.metrics {
+        Some(m) => {
+            let (m_addr, mut l) = bind_all("metrics", m, 1)?;
+            let l: std::net::TcpListener = l.pop().expect("one listener").into();
+            l.set_nonblocking(false).map_err(|err| ServerError::Bind { role: "metrics", addr: m_addr, err })?;
+            Some((m_addr, l))
+        }
+        None => None,
+    };
 
     let registry = Arc::new(Registry {
         shards: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
         io_backend: backend.name(),
         started: Instant::now(),
+    });
+    let metrics_addr = metrics_listener.map(|(a, l)| {
+        crate::metrics::serve(l, registry.clone(), config.message_timeout);
+        a
     });
     let shutdown = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
@@ -194,6 +209,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         }
     }
     eprintln!("comet: {n} shards on {}", backend.name());
+    if let Some(m_addr) = metrics_addr {
+        eprintln!("comet: metrics listening on {m_addr}");
+    }
     eprintln!("comet: backend (CometQL) listening on {backend_addr}");
     match api_addr {
         Some(a) => eprintln!("comet: HTTP API listening on {a}"),

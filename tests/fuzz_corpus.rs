@@ -7,6 +7,8 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
+#[path = "../fuzz/bodies/charset.rs"]
+mod charset;
 #[path = "../fuzz/bodies/cometql.rs"]
 mod cometql;
 #[path = "../fuzz/bodies/command.rs"]
@@ -34,6 +36,7 @@ type Body = fn(&[u8]);
 /// Every fuzz target and its body; `every_target_is_replayed` keeps this
 /// list in step with `fuzz/fuzz_targets/`.
 const TARGETS: &[(&str, Body)] = &[
+    ("charset", charset::run),
     ("cometql", cometql::run),
     ("command", command::run),
     ("http_api", http_api::run),
@@ -80,6 +83,11 @@ fn every_target_is_replayed() {
     on_disk.sort();
     let listed: Vec<&str> = TARGETS.iter().map(|(name, _)| *name).collect();
     assert_eq!(on_disk, listed, "fuzz/fuzz_targets and TARGETS disagree");
+}
+
+#[test]
+fn corpus_charset() {
+    replay("charset");
 }
 
 #[test]

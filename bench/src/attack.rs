@@ -454,10 +454,14 @@ fn http_get(front: &SocketAddr, source: u8, path: &str, timeout: Duration) -> st
     Ok((status, text))
 }
 
-/// One value from comet's /metrics, if it answers within a few seconds.
-fn metric(t: &Target, line: &str) -> Option<f64> {
+/// One metric from comet's /metrics summed over its per-shard series, if
+/// it answers within a few seconds.
+fn metric(t: &Target, name: &str) -> Option<f64> {
     let (_, body) = http_get(&t.front, 1, "/metrics", PROBE_TIMEOUT).ok()?;
-    body.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok())
+    let prefix = format!("{name}{{");
+    let values: Vec<f64> =
+        body.lines().filter(|l| l.starts_with(&prefix)).filter_map(|l| l.rsplit(' ').next()?.parse().ok()).collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// A CometQL answer.
@@ -1211,7 +1215,7 @@ fn flood(g: &Global, t: &Target, a: &FloodArgs) -> Figures {
         f.extra.insert("flood deliveries read by subscribers".into(), sub_frames as f64);
         f.extra.insert("subscribers closed by the server".into(), sub_closed as f64);
     }
-    if let Some(v) = metric(t, "comet_slow_consumer_closes_total{shard=\"all\"}") {
+    if let Some(v) = metric(t, "comet_slow_consumer_closes_total") {
         f.extra.insert("server slow-consumer closes (4008)".into(), v);
     }
     f.extra.insert("server RSS peak MiB".into(), mib(peak));
@@ -1360,7 +1364,7 @@ fn nonreader(g: &Global, t: &Target, a: &NonreaderArgs) -> Figures {
     f.extra.insert("server RSS peak MiB".into(), mib(peak));
     f.extra.insert("server RSS growth MiB".into(), growth);
     f.extra.insert("server RSS growth per client MiB".into(), growth / n);
-    if let Some(v) = metric(t, "comet_slow_consumer_closes_total{shard=\"all\"}") {
+    if let Some(v) = metric(t, "comet_slow_consumer_closes_total") {
         f.extra.insert("server slow-consumer closes (4008)".into(), v);
     }
     f.check_at_least("clients closed by the server", tl.close_times.len() as f64, all.len() as f64, "clients");
@@ -1663,10 +1667,8 @@ fn exhaust(g: &Global, t: &Target, a: &ExhaustArgs) -> Figures {
         Err(e) => eprintln!("exhaust: one more WebSocket upgrade: failed after {ws_ms:.0} ms: {}", why(e)),
     }
     if let Ok((_, body)) = &metrics
-        && let Some(v) = body
-            .lines()
-            .find_map(|l| l.strip_prefix("comet_connections{shard=\"all\"}"))
-            .and_then(|v| v.trim().parse().ok())
+        && let Some(v) =
+            body.lines().find_map(|l| l.strip_prefix("comet_connections")).and_then(|v| v.trim().parse().ok())
     {
         f.extra.insert("server's comet_connections".into(), v);
     }

@@ -1111,7 +1111,7 @@ fn slow(g: &Global, t: &Target, a: &SlowArgs) -> Figures {
     f.rss_kib_after = t.rss_kib().unwrap_or(0);
     // The server's own count; a slow client that cannot drain its backlog
     // within the close deadline is dropped before it could read the frame.
-    let server_closes = comet_metric(t, "comet_slow_consumer_closes_total{shard=\"all\"}");
+    let server_closes = comet_metric(t, "comet_slow_consumer_closes_total");
     f.extra.insert("server slow-consumer closes (4008)".into(), server_closes.unwrap_or(-1.0));
     // Clients that can still read find the 4008 close after their backlog.
     let mut closed_4008 = 0u64;
@@ -1133,13 +1133,17 @@ fn slow(g: &Global, t: &Target, a: &SlowArgs) -> Figures {
 }
 
 /// One value from comet's /metrics.
-fn comet_metric(t: &Target, line: &str) -> Option<f64> {
+fn comet_metric(t: &Target, name: &str) -> Option<f64> {
     use std::io::Read;
     let mut s = TcpStream::connect(t.front).ok()?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n").ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
-    body.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok())
+    // One series per shard: the total is their sum.
+    let prefix = format!("{name}{{");
+    let values: Vec<f64> =
+        body.lines().filter(|l| l.starts_with(&prefix)).filter_map(|l| l.rsplit(' ').next()?.parse().ok()).collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// CPU seconds the calling thread has used.

@@ -10,7 +10,7 @@
 
 use comet::cometql::exec::{self, Ctx, Plan, StmtResult};
 use comet::cometql::lexer::lex;
-use comet::cometql::parser::{Condition, Expr, Statement, Value, parse, parse_each};
+use comet::cometql::parser::{CharsetSet, CharsetVar, Condition, Expr, Statement, Value, parse, parse_each};
 use comet::cometql::tables;
 use comet::users::UserQuery;
 
@@ -124,7 +124,23 @@ fn sql_of(st: &Statement) -> String {
         Statement::ShowColumns { table } => format!("SHOW COLUMNS FROM {}", name(table)),
         Statement::ShowStatus { like: l } => format!("SHOW STATUS{}", like(l)),
         Statement::ShowVariables { like: l } => format!("SHOW VARIABLES{}", like(l)),
-        Statement::Set => "SET NAMES utf8mb4".into(),
+        Statement::Set(items) if items.is_empty() => "SET autocommit = 1".into(),
+        Statement::Set(items) => {
+            let items: Vec<String> = items
+                .iter()
+                .map(|CharsetSet { var, name }| {
+                    let v = name.as_deref().map_or("NULL".to_string(), string);
+                    match var {
+                        CharsetVar::Names => format!("NAMES {v}"),
+                        CharsetVar::CharacterSet => format!("CHARACTER SET {v}"),
+                        CharsetVar::Client => format!("character_set_client = {v}"),
+                        CharsetVar::Results => format!("@@session.character_set_results = {v}"),
+                        CharsetVar::Connection => format!("SESSION character_set_connection := {v}"),
+                    }
+                })
+                .collect();
+            format!("SET {}", items.join(", "))
+        }
         Statement::Use(db) => format!("USE {}", name(db)),
         Statement::Failed(e) => panic!("the parser never returns Failed: {e:?}"),
     }

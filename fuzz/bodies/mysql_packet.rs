@@ -77,7 +77,7 @@ fn encode(r: &HandshakeResponse) -> Vec<u8> {
     let caps = r.capabilities;
     let mut p = caps.to_le_bytes().to_vec();
     p.extend_from_slice(&(1u32 << 24).to_le_bytes());
-    p.push(45);
+    p.push(r.collation);
     p.extend_from_slice(&[0; 23]);
     p.extend_from_slice(r.user.as_bytes());
     p.push(0);

@@ -10,6 +10,7 @@
 //! one value per mark, never more (a parameter must not become SQL); built
 //! bodies must also give back exactly the values they encoded.
 
+use comet::cometql::charset::Charset;
 use comet::cometql::lexer::{Tok, lex};
 use comet::cometql::packet;
 use comet::cometql::prepared::{self, Prepared};
@@ -22,15 +23,15 @@ pub fn run(data: &[u8]) {
     if mode & 1 == 0 {
         let n = (mode >> 1 & 7) as usize;
         let mut st = statement(n);
-        if let Ok(sql) = prepared::execute_sql(rest, &mut st) {
+        if let Ok(sql) = prepared::execute_sql(rest, &mut st, Charset::Utf8mb4) {
             assert_eq!(st.types.len(), n, "types are kept for the next EXECUTE");
             values(&sql, n);
         }
     } else {
         let (body, want) = build(rest);
         let mut st = statement(want.len());
-        let sql = prepared::execute_sql(&body, &mut st)
-            .unwrap_or_else(|e| panic!("well-formed EXECUTE {body:?} refused: {e}"));
+        let sql = prepared::execute_sql(&body, &mut st, Charset::Latin1)
+            .unwrap_or_else(|e| panic!("well-formed EXECUTE {body:?} refused: {e:?}"));
         let got = values(&sql, want.len());
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             match w {
@@ -44,7 +45,8 @@ pub fn run(data: &[u8]) {
         if !want.is_empty() {
             again.extend(std::iter::repeat_n(0xFF, want.len().div_ceil(8)));
             again.push(0);
-            let sql = prepared::execute_sql(&again, &mut st).expect("all-NULL EXECUTE with remembered types");
+            let sql = prepared::execute_sql(&again, &mut st, Charset::Utf8mb4)
+                .expect("all-NULL EXECUTE with remembered types");
             assert!(values(&sql, want.len()).iter().all(|g| g == &[Tok::Word("NULL".into())]));
         }
     }
@@ -57,8 +59,9 @@ fn check_marks(sql: &str) {
     assert!(marks.windows(2).all(|w| w[0] < w[1]));
     assert!(marks.iter().all(|&m| sql.as_bytes()[m] == b'?'));
     if marks.is_empty() {
-        let mut st = Prepared { sql: sql.to_string(), marks, types: Vec::new() };
-        assert_eq!(prepared::execute_sql(&[1, 0, 0, 0, 0, 1, 0, 0, 0], &mut st).as_deref(), Ok(sql));
+        assert_eq!(marks.len(), 0);
+        let mut st = Prepared::new(sql.to_string());
+        assert_eq!(prepared::execute_sql(&[1, 0, 0, 0, 0, 1, 0, 0, 0], &mut st, Charset::Utf8mb4).as_deref(), Ok(sql));
     }
 }
 
@@ -67,7 +70,7 @@ fn statement(n: usize) -> Prepared {
     let sql = format!("SELECT ({})", vec!["?"; n].join(", "));
     let marks = prepared::placeholders(&sql);
     assert_eq!(marks.len(), n);
-    Prepared { sql, marks, types: Vec::new() }
+    Prepared::new(sql)
 }
 
 /// Lexes a spliced statement made by [`statement`] and returns the tokens of
@@ -154,7 +157,9 @@ fn build(mut d: &[u8]) -> (Vec<u8>, Vec<Want>) {
                 let b = next(len);
                 packet::put_lenenc_int(&mut vals, len as u64);
                 vals.extend_from_slice(&b);
-                (0xFD, Want::Str(String::from_utf8_lossy(&b).into_owned()))
+                // Any bytes are latin1 text: the well-formed EXECUTE is run on
+                // a latin1 connection.
+                (0xFD, Want::Str(Charset::Latin1.decode(&b).expect("latin1 decodes any byte").into_owned()))
             }
         };
         types.extend_from_slice(&[ty, if unsigned { 0x80 } else { 0 }]);

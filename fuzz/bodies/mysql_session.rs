@@ -15,6 +15,7 @@
 //! decodes, as a MySQL client reads it, to exactly the rows that were
 //! encoded; a PREPARE announces as many parameters as the text has marks.
 
+use comet::cometql::charset::Charset;
 use comet::cometql::exec::{self, Ctx, Plan, StmtResult};
 use comet::cometql::packet::{self, ResultSet};
 use comet::cometql::session::{self, Event, Passwords, Session};
@@ -144,7 +145,7 @@ impl Conn {
                         }
                     }
                 }
-                Event::Query(stmts, q_seq, binary) => {
+                Event::Query(stmts, q_seq, binary, charset) => {
                     assert!(self.s.is_authenticated());
                     assert_eq!(q_seq, answer_seq, "a query's answer continues the client's sequence");
                     assert!(!stmts.is_empty());
@@ -152,7 +153,7 @@ impl Conn {
                         assert!(self.s.capabilities & packet::CLIENT_MULTI_STATEMENTS != 0);
                         assert!(!binary, "a prepared statement is one statement");
                     }
-                    self.query(stmts, q_seq, binary);
+                    self.query(stmts, q_seq, binary, charset);
                 }
                 Event::Close => self.closed = true,
             }
@@ -178,7 +179,13 @@ impl Conn {
 
     /// Plans a query's statements as the shard glue does, fakes what needs
     /// the shards, encodes the answer and reads it back as a client would.
-    fn query(&mut self, stmts: Vec<Result<parser::Statement, parser::ParseError>>, seq: u8, binary: bool) {
+    fn query(
+        &mut self,
+        stmts: Vec<Result<parser::Statement, parser::ParseError>>,
+        seq: u8,
+        binary: bool,
+        charset: Charset,
+    ) {
         let mut results = Vec::new();
         for st in stmts {
             let st = st.unwrap_or_else(parser::Statement::Failed);
@@ -193,6 +200,7 @@ impl Conn {
                     may_use_dev: &may,
                     status: &status,
                     max_query_size: 1 << 20,
+                    charsets: (s.client_charset, s.results_charset),
                 };
                 exec::plan(st, &ctx)
             };
@@ -203,9 +211,9 @@ impl Conn {
                 break;
             }
         }
-        let bytes = session::encode_results(&results, self.s.deprecate_eof(), seq, binary);
+        let bytes = session::encode_results(&results, self.s.deprecate_eof(), seq, binary, charset);
         let packets = read_packets(&bytes, seq);
-        check_results(&packets, &results, self.s.deprecate_eof(), binary);
+        check_results(&packets, &results, self.s.deprecate_eof(), binary, charset);
     }
 
     /// What the shards would answer, made up from the plan's own names.
@@ -282,7 +290,9 @@ fn check_prepare_ok(packets: &[Vec<u8>], sql: &str, deprecate_eof: bool) {
 
 /// Reads an encoded answer as a MySQL client does and compares it with the
 /// results that were encoded.
-fn check_results(packets: &[Vec<u8>], results: &[StmtResult], deprecate_eof: bool, binary: bool) {
+/// Text is read back in the client's `charset`, so a value is expected as
+/// it survives the trip ('?' where the set has no character).
+fn check_results(packets: &[Vec<u8>], results: &[StmtResult], deprecate_eof: bool, binary: bool, charset: Charset) {
     let mut it = packets.iter();
     for (i, r) in results.iter().enumerate() {
         let more = i + 1 < results.len();
@@ -298,10 +308,10 @@ fn check_results(packets: &[Vec<u8>], results: &[StmtResult], deprecate_eof: boo
             StmtResult::Err(code, msg) => {
                 check_err(p);
                 assert_eq!(u16::from_le_bytes([p[1], p[2]]), *code);
-                assert_eq!(&p[9..], msg.as_bytes());
+                assert_eq!(&p[9..], &*charset.encode(msg));
                 assert!(!more, "an error is the last result");
             }
-            StmtResult::Rows(rs) => check_result_set(p, &mut it, rs, deprecate_eof, binary, more),
+            StmtResult::Rows(rs) => check_result_set(p, &mut it, rs, deprecate_eof, binary, more, charset),
         }
     }
     assert!(it.next().is_none(), "packets after the last result");
@@ -323,6 +333,7 @@ fn check_result_set<'a>(
     deprecate_eof: bool,
     binary: bool,
     more: bool,
+    charset: Charset,
 ) {
     // Zero columns would encode as 0x00, which a client reads as an OK.
     assert!(!rs.columns.is_empty(), "a result set without columns");
@@ -337,7 +348,7 @@ fn check_result_set<'a>(
             strs.push(d[..n].to_vec());
             d = &d[n..];
         }
-        assert_eq!(strs[4], col.as_bytes(), "column name");
+        assert_eq!(strs[4], &*charset.encode(col), "column name");
         assert_eq!(d.len(), 13, "fixed part of a column definition");
     }
     if !deprecate_eof {
@@ -354,12 +365,19 @@ fn check_result_set<'a>(
             check_status(&p[3..], more);
             break;
         }
-        rows.push(if binary { binary_row(p, rs.columns.len()) } else { text_row(p, rs.columns.len()) });
+        rows.push(if binary {
+            binary_row(p, rs.columns.len(), charset)
+        } else {
+            text_row(p, rs.columns.len(), charset)
+        });
     }
-    assert_eq!(rows, rs.rows, "the rows a client reads");
+    let trip =
+        |v: &Option<String>| v.as_ref().map(|s| charset.decode(&charset.encode(s)).expect("decodes").into_owned());
+    let want: Vec<Vec<Option<String>>> = rs.rows.iter().map(|r| r.iter().map(trip).collect()).collect();
+    assert_eq!(rows, want, "the rows a client reads");
 }
 
-fn text_row(mut p: &[u8], columns: usize) -> Vec<Option<String>> {
+fn text_row(mut p: &[u8], columns: usize, charset: Charset) -> Vec<Option<String>> {
     let mut row = Vec::new();
     for _ in 0..columns {
         if p.first() == Some(&0xFB) {
@@ -368,14 +386,14 @@ fn text_row(mut p: &[u8], columns: usize) -> Vec<Option<String>> {
             continue;
         }
         let n = packet::take_lenenc_int(&mut p).expect("text value length") as usize;
-        row.push(Some(String::from_utf8(p[..n].to_vec()).expect("values are UTF-8")));
+        row.push(Some(charset.decode(&p[..n]).expect("values decode").into_owned()));
         p = &p[n..];
     }
     assert!(p.is_empty(), "bytes after the last value");
     row
 }
 
-fn binary_row(p: &[u8], columns: usize) -> Vec<Option<String>> {
+fn binary_row(p: &[u8], columns: usize, charset: Charset) -> Vec<Option<String>> {
     assert_eq!(p[0], 0x00);
     let bitmap = &p[1..1 + (columns + 7 + 2) / 8];
     let mut p = &p[1 + bitmap.len()..];
@@ -387,7 +405,7 @@ fn binary_row(p: &[u8], columns: usize) -> Vec<Option<String>> {
             continue;
         }
         let n = packet::take_lenenc_int(&mut p).expect("binary value length") as usize;
-        row.push(Some(String::from_utf8(p[..n].to_vec()).expect("values are UTF-8")));
+        row.push(Some(charset.decode(&p[..n]).expect("values decode").into_owned()));
         p = &p[n..];
     }
     assert!(p.is_empty(), "bytes after the last value");

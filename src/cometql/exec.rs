@@ -4,6 +4,7 @@
 //! the shards (publishing, counts, history) is returned as a plan for the
 //! shard glue to carry out.
 
+use super::charset::Charset;
 use super::like::like_match;
 use super::packet::{ResultSet, SERVER_VERSION};
 use super::parser::{Condition, Expr, Statement, Value};
@@ -116,6 +117,8 @@ pub struct Ctx<'a> {
     /// Rows for SHOW STATUS.
     pub status: &'a dyn Fn() -> Vec<(String, String)>,
     pub max_query_size: usize,
+    /// The session's client and result character sets, for `@@character_set_*`.
+    pub charsets: (Charset, Charset),
 }
 
 impl Ctx<'static> {
@@ -135,6 +138,7 @@ impl Ctx<'static> {
             may_use_dev: &any_dev,
             status: &no_status,
             max_query_size,
+            charsets: (Charset::Utf8mb4, Charset::Utf8mb4),
         }
     }
 }
@@ -160,7 +164,7 @@ pub fn plan(st: Statement, ctx: &Ctx<'_>) -> Plan {
 
 fn plan_inner(st: Statement, ctx: &Ctx<'_>) -> Result<Plan, StmtResult> {
     match st {
-        Statement::Set => Ok(Plan::Done(StmtResult::Ok { affected: 0, last_insert_id: 0 })),
+        Statement::Set(_) => Ok(Plan::Done(StmtResult::Ok { affected: 0, last_insert_id: 0 })),
         Statement::Failed(e) => Err(StmtResult::Err(e.code, e.message)),
         Statement::Use(db) => use_db(&db, ctx),
         Statement::ShowDatabases => Ok(rows("SCHEMATA", &["Database"], vec![vec![Some("CometQL_v1".into())]])),
@@ -262,9 +266,9 @@ fn variables(ctx: &Ctx<'_>) -> Vec<(&'static str, String)> {
         ("max_allowed_packet", ctx.max_query_size.to_string()),
         ("autocommit", s("1")),
         ("auto_increment_increment", s("1")),
-        ("character_set_client", s("utf8mb4")),
-        ("character_set_connection", s("utf8mb4")),
-        ("character_set_results", s("utf8mb4")),
+        ("character_set_client", s(ctx.charsets.0.name())),
+        ("character_set_connection", s(ctx.charsets.0.name())),
+        ("character_set_results", s(ctx.charsets.1.name())),
         ("character_set_server", s("utf8mb4")),
         ("collation_connection", s("utf8mb4_general_ci")),
         ("collation_server", s("utf8mb4_general_ci")),
@@ -645,6 +649,7 @@ mod tests {
             may_use_dev: &|d| d < 10,
             status: &|| vec![("Uptime".into(), "5".into())],
             max_query_size: 1 << 20,
+            charsets: (Charset::Latin1, Charset::Utf8mb4),
         };
         plan(parse(sql).unwrap().pop().unwrap(), &ctx)
     }
@@ -774,6 +779,11 @@ mod tests {
     fn connect_time_queries() {
         let Plan::Done(StmtResult::Rows(rs)) = run("SELECT @@version_comment LIMIT 1") else { panic!() };
         assert_eq!(rs.rows[0][0].as_deref(), Some("comet push server (CometQL)"));
+        // The session's character sets (the test context: latin1 in, utf8mb4 out).
+        let Plan::Done(StmtResult::Rows(rs)) = run("SELECT @@character_set_client, @@character_set_results") else {
+            panic!()
+        };
+        assert_eq!(rs.rows[0], [Some("latin1".to_string()), Some("utf8mb4".to_string())]);
         let Plan::Done(StmtResult::Rows(rs)) = run("SHOW VARIABLES LIKE 'max_allowed_packet'") else { panic!() };
         assert_eq!(rs.rows, vec![vec![Some("max_allowed_packet".into()), Some("1048576".into())]]);
         let Plan::Done(StmtResult::Rows(rs)) = run("SHOW VARIABLES LIKE '%VERSION\\_c%'") else { panic!() };

@@ -9,6 +9,7 @@
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
+use super::charset::Charset;
 use crate::domain::ct_eq;
 
 /// Largest payload in one packet; longer payloads continue in the next.
@@ -184,6 +185,8 @@ pub struct HandshakeResponse {
     pub auth: Vec<u8>,
     pub database: Option<String>,
     pub plugin: Option<String>,
+    /// The collation id the client's character set is named by (0: none).
+    pub collation: u8,
 }
 
 fn take_cstr<'a>(p: &mut &'a [u8]) -> Option<&'a [u8]> {
@@ -247,7 +250,7 @@ pub fn parse_handshake_response(payload: &[u8]) -> Option<HandshakeResponse> {
     } else {
         None
     };
-    Some(HandshakeResponse { capabilities, user, auth, database, plugin })
+    Some(HandshakeResponse { capabilities, user, auth, database, plugin, collation: payload[8] })
 }
 
 /// `mysql_native_password`: SHA1(pw) XOR SHA1(nonce + SHA1(SHA1(pw))).
@@ -324,11 +327,18 @@ fn ok_with_header(header: u8, affected: u64, last_insert_id: u64, status: u16, i
 
 /// An ERR packet's payload with SQLSTATE HY000.
 pub fn err(code: u16, message: &str) -> Vec<u8> {
+    err_state(code, b"HY000", message.as_bytes())
+}
+
+/// An ERR packet's payload with its SQLSTATE; `message` is already in the
+/// client's character set.
+pub fn err_state(code: u16, state: &[u8; 5], message: &[u8]) -> Vec<u8> {
     let mut p = Vec::with_capacity(9 + message.len());
     p.push(0xFF);
     p.extend_from_slice(&code.to_le_bytes());
-    p.extend_from_slice(b"#HY000");
-    p.extend_from_slice(message.as_bytes());
+    p.push(b'#');
+    p.extend_from_slice(state);
+    p.extend_from_slice(message);
     p
 }
 
@@ -349,7 +359,7 @@ pub struct ResultSet {
 
 /// Appends a whole result set as packets from sequence 1.
 pub fn write_result_set(out: &mut Vec<u8>, rs: &ResultSet, deprecate_eof: bool, status: u16) {
-    write_result_set_from(out, 1, rs, deprecate_eof, status, false);
+    write_result_set_from(out, 1, rs, deprecate_eof, status, false, Charset::Utf8mb4);
 }
 
 /// Appends a whole result set from sequence `seq`; returns the next one.
@@ -357,6 +367,8 @@ pub fn write_result_set(out: &mut Vec<u8>, rs: &ResultSet, deprecate_eof: bool, 
 /// columns, an OK with header 0xFE at the end). `status` goes into the
 /// final packet.
 /// `binary`: rows in the binary protocol (answers to COM_STMT_EXECUTE).
+/// `charset`: the client's result character set: text is converted to it
+/// and column definitions carry its collation.
 pub fn write_result_set_from(
     out: &mut Vec<u8>,
     mut seq: u8,
@@ -364,6 +376,7 @@ pub fn write_result_set_from(
     deprecate_eof: bool,
     status: u16,
     binary: bool,
+    charset: Charset,
 ) -> u8 {
     let mut p = Vec::with_capacity(64);
     put_lenenc_int(&mut p, rs.columns.len() as u64);
@@ -372,12 +385,12 @@ pub fn write_result_set_from(
         p.clear();
         put_lenenc_str(&mut p, b"def");
         put_lenenc_str(&mut p, b"CometQL_v1");
-        put_lenenc_str(&mut p, rs.table.as_bytes());
-        put_lenenc_str(&mut p, rs.table.as_bytes());
-        put_lenenc_str(&mut p, c.as_bytes());
-        put_lenenc_str(&mut p, c.as_bytes());
+        put_lenenc_str(&mut p, &charset.encode(&rs.table));
+        put_lenenc_str(&mut p, &charset.encode(&rs.table));
+        put_lenenc_str(&mut p, &charset.encode(c));
+        put_lenenc_str(&mut p, &charset.encode(c));
         p.push(0x0C);
-        p.extend_from_slice(&(CHARSET as u16).to_le_bytes());
+        p.extend_from_slice(&charset.collation().to_le_bytes());
         p.extend_from_slice(&1_048_576u32.to_le_bytes());
         p.push(TYPE_VAR_STRING);
         p.extend_from_slice(&0u16.to_le_bytes());
@@ -391,13 +404,13 @@ pub fn write_result_set_from(
     for row in &rs.rows {
         p.clear();
         if binary {
-            binary_row(row, &mut p);
+            binary_row(row, &mut p, charset);
             seq = write_packet(out, seq, &p);
             continue;
         }
         for v in row {
             match v {
-                Some(s) => put_lenenc_str(&mut p, s.as_bytes()),
+                Some(s) => put_lenenc_str(&mut p, &charset.encode(s)),
                 None => p.push(0xFB),
             }
         }
@@ -412,7 +425,7 @@ pub fn write_result_set_from(
 
 /// Appends one binary-protocol row (answers to COM_STMT_EXECUTE): every
 /// column is VAR_STRING, NULLs are flagged in a bitmap that starts at bit 2.
-pub fn binary_row(row: &[Option<String>], out: &mut Vec<u8>) {
+pub fn binary_row(row: &[Option<String>], out: &mut Vec<u8>, charset: Charset) {
     out.push(0x00);
     let start = out.len();
     out.resize(start + (row.len() + 7 + 2) / 8, 0);
@@ -423,8 +436,7 @@ pub fn binary_row(row: &[Option<String>], out: &mut Vec<u8>) {
         }
     }
     for s in row.iter().flatten() {
-        put_lenenc_int(out, s.len() as u64);
-        out.extend_from_slice(s.as_bytes());
+        put_lenenc_str(out, &charset.encode(s));
     }
 }
 
@@ -543,6 +555,7 @@ mod tests {
         assert_eq!(r.auth, [1, 2, 3]);
         assert_eq!(r.database.as_deref(), Some("CometQL_v1"));
         assert_eq!(r.plugin.as_deref(), Some(NATIVE));
+        assert_eq!(r.collation, 45);
         assert_eq!(parse_handshake_response(&p[..20]), None);
     }
 
@@ -578,7 +591,28 @@ mod tests {
     #[test]
     fn binary_rows_mark_nulls_from_bit_two() {
         let mut out = Vec::new();
-        binary_row(&[Some("ab".into()), None], &mut out);
+        binary_row(&[Some("ab".into()), None], &mut out, Charset::Utf8mb4);
         assert_eq!(out, [0x00, 0b0000_1000, 2, b'a', b'b']);
+    }
+
+    #[test]
+    fn latin1_results_carry_collation_8_and_latin1_text() {
+        let rs = ResultSet { table: "t".into(), columns: vec!["a".into()], rows: vec![vec![Some("é€中".into())]] };
+        let mut out = Vec::new();
+        write_result_set_from(&mut out, 1, &rs, true, 2, false, Charset::Latin1);
+        let mut frames = Vec::new();
+        let mut s = &out[..];
+        while let Ok(Some(f)) = read_frame(s, 1 << 20) {
+            s = &s[f.consumed..];
+            frames.push(f.payload);
+        }
+        // The column definition ends with: 0x0C, collation (2), length (4),
+        // type, flags (2), decimals, filler (2).
+        let def = &frames[1];
+        assert_eq!(&def[def.len() - 12..def.len() - 10], &8u16.to_le_bytes());
+        assert_eq!(frames[2], [3, 0xE9, 0x80, b'?']);
+        let mut bin = Vec::new();
+        binary_row(&[Some("é".into())], &mut bin, Charset::Latin1);
+        assert_eq!(bin, [0x00, 0, 1, 0xE9]);
     }
 }

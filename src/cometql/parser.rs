@@ -74,11 +74,36 @@ pub enum Statement {
     ShowVariables {
         like: Option<String>,
     },
-    Set,
+    /// `SET ...`: accepted; of its assignments only the connection's
+    /// character sets have an effect, which the session applies.
+    Set(Vec<CharsetSet>),
     Use(String),
     /// A statement of a multi-statement query that did not parse: it fails
     /// when its turn comes.
     Failed(ParseError),
+}
+
+/// Which character set variable a `SET` assigns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CharsetVar {
+    /// `SET NAMES x`: client, connection and results.
+    Names,
+    /// `SET CHARACTER SET x` (or `CHARSET x`): client and results.
+    CharacterSet,
+    /// `character_set_client = x`.
+    Client,
+    /// `character_set_results = x` (`NULL`: results are not converted).
+    Results,
+    /// `character_set_connection = x`: checked, no effect (comet converts to
+    /// UTF-8 at the edge).
+    Connection,
+}
+
+/// One character set assignment of a `SET`; `None` is `NULL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CharsetSet {
+    pub var: CharsetVar,
+    pub name: Option<String>,
 }
 
 /// A parse error: code from docs/cometql.md ("Errors") and a message naming the value.
@@ -251,15 +276,85 @@ impl Parser<'_> {
             return Ok(Statement::ShowColumns { table });
         }
         if self.eat_kw("set") {
-            // SET NAMES, SET autocommit=1, SET SESSION ...: accepted, no effect.
-            self.i = self.t.len();
-            return Ok(Statement::Set);
+            return Ok(Statement::Set(self.set_items()));
         }
         if self.eat_kw("use") {
             let db = self.ident_raw()?;
             return Ok(Statement::Use(db));
         }
         Err(syntax(format!("unknown statement starting with {}", self.describe())))
+    }
+
+    /// The assignments of a `SET`, comma-separated. Only character set
+    /// assignments are kept; any other (`autocommit=1`, `SESSION
+    /// sql_mode=...`) is skipped to the next comma outside parentheses, as
+    /// comet has no such settings.
+    fn set_items(&mut self) -> Vec<CharsetSet> {
+        let mut out = Vec::new();
+        while self.i < self.t.len() {
+            for scope in ["session", "local", "global", "persist"] {
+                self.eat_kw(scope);
+            }
+            let var = if self.eat_kw("names") {
+                Some(CharsetVar::Names)
+            } else if self.eat_kw("charset") || (self.is_kw("character") && self.next_is_kw("set")) {
+                if self.eat_kw("character") {
+                    self.i += 1;
+                }
+                Some(CharsetVar::CharacterSet)
+            } else {
+                let name = match self.peek() {
+                    Some(Tok::Word(w)) | Some(Tok::Quoted(w)) => Some(w.to_ascii_lowercase()),
+                    Some(Tok::SysVar(v)) => {
+                        let v = v.to_ascii_lowercase();
+                        let v = ["session.", "local.", "global."].iter().fold(v, |v, p| match v.strip_prefix(p) {
+                            Some(rest) => rest.to_string(),
+                            None => v,
+                        });
+                        Some(v)
+                    }
+                    _ => None,
+                };
+                let var = match name.as_deref() {
+                    Some("character_set_client") => Some(CharsetVar::Client),
+                    Some("character_set_results") => Some(CharsetVar::Results),
+                    Some("character_set_connection") => Some(CharsetVar::Connection),
+                    _ => None,
+                };
+                if var.is_some() {
+                    self.i += 1;
+                    self.eat_sym(':');
+                    self.eat_sym('=');
+                }
+                var
+            };
+            if let Some(var) = var {
+                let name = match self.peek() {
+                    Some(Tok::Word(w)) if w.eq_ignore_ascii_case("null") => None,
+                    Some(Tok::Word(w)) | Some(Tok::Quoted(w)) | Some(Tok::Str(w)) => Some(w.clone()),
+                    // `SET NAMES` with nothing (or a number) after it: a name
+                    // MySQL does not know either.
+                    _ => Some(self.describe()),
+                };
+                out.push(CharsetSet { var, name });
+            }
+            let mut depth = 0usize;
+            while let Some(t) = self.peek() {
+                match t {
+                    Tok::Sym('(') => depth += 1,
+                    Tok::Sym(')') => depth = depth.saturating_sub(1),
+                    Tok::Sym(',') if depth == 0 => break,
+                    _ => {}
+                }
+                self.i += 1;
+            }
+            self.eat_sym(',');
+        }
+        out
+    }
+
+    fn next_is_kw(&self, kw: &str) -> bool {
+        matches!(self.t.get(self.i + 1), Some(Tok::Word(w)) if w.eq_ignore_ascii_case(kw))
     }
 
     /// A name with its case kept (database names).
@@ -559,8 +654,23 @@ mod tests {
                 "auto_increment_increment".into()
             )])
         );
-        assert_eq!(one("SET NAMES utf8mb4"), Statement::Set);
-        assert_eq!(one("set autocommit=1"), Statement::Set);
+        let cs = |var, name: Option<&str>| CharsetSet { var, name: name.map(str::to_string) };
+        assert_eq!(one("SET NAMES utf8mb4"), Statement::Set(vec![cs(CharsetVar::Names, Some("utf8mb4"))]));
+        assert_eq!(one("set autocommit=1"), Statement::Set(vec![]));
+        assert_eq!(
+            one("SET autocommit=1, NAMES 'latin1' COLLATE latin1_swedish_ci, sql_mode=CONCAT(@@sql_mode, ',X')"),
+            Statement::Set(vec![cs(CharsetVar::Names, Some("latin1"))])
+        );
+        assert_eq!(
+            one("SET CHARACTER SET latin1, @@session.character_set_results = NULL, SESSION character_set_client=utf8"),
+            Statement::Set(vec![
+                cs(CharsetVar::CharacterSet, Some("latin1")),
+                cs(CharsetVar::Results, None),
+                cs(CharsetVar::Client, Some("utf8")),
+            ])
+        );
+        assert_eq!(one("SET CHARSET gbk"), Statement::Set(vec![cs(CharsetVar::CharacterSet, Some("gbk"))]));
+        assert_eq!(one("SET NAMES"), Statement::Set(vec![cs(CharsetVar::Names, Some("end of query"))]));
         assert_eq!(
             one("SHOW VARIABLES LIKE 'max_allowed%'"),
             Statement::ShowVariables { like: Some("max_allowed%".into()) }

@@ -4,9 +4,10 @@
 //! [`encode_results`]. Every reply is an event, even the immediate ones, so
 //! the glue can keep pipelined answers in order behind a slow query.
 
+use super::charset::{Charset, INVALID_STRING, UNKNOWN_CHARSET};
 use super::exec::{StmtResult, database_dev};
 use super::packet::{self, CLIENT_DEPRECATE_EOF, CLIENT_MULTI_STATEMENTS, CLIENT_SSL, Frame};
-use super::parser::{ParseError, Statement, parse_each};
+use super::parser::{CharsetVar, ParseError, Statement, parse_each};
 use crate::domain::clip;
 
 /// Where the connection is.
@@ -33,7 +34,9 @@ pub enum Event {
     /// A COM_QUERY's statements to execute, answered in this position;
     /// the answer's packets start at sequence `seq`.
     /// `binary`: an EXECUTE, answered with binary-protocol rows.
-    Query(Vec<Result<Statement, ParseError>>, u8, bool),
+    /// The character set is the one results go back in (as it was when
+    /// the query arrived, so pipelined answers keep theirs).
+    Query(Vec<Result<Statement, ParseError>>, u8, bool, Charset),
     /// Close after what is queued has been sent.
     Close,
 }
@@ -41,7 +44,16 @@ pub enum Event {
 /// Passwords per dev_id, as the session needs them.
 pub trait Passwords {
     fn password(&self, dev_id: u32) -> &str;
+    /// Bytes of COM_STMT_SEND_LONG_DATA one connection may hold, all its
+    /// statements together (`--max-query-size`).
+    fn max_long_data(&self) -> usize {
+        1 << 20
+    }
 }
+
+/// COM_SET_OPTION's options.
+const MYSQL_OPTION_MULTI_STATEMENTS_ON: u16 = 0;
+const MYSQL_OPTION_MULTI_STATEMENTS_OFF: u16 = 1;
 
 /// One CometQL connection's protocol state.
 #[derive(Debug)]
@@ -49,8 +61,14 @@ pub struct Session {
     pub connection_id: u32,
     nonce: [u8; 20],
     phase: Phase,
-    /// Capabilities both sides have.
+    /// Capabilities both sides have. COM_SET_OPTION turns
+    /// CLIENT_MULTI_STATEMENTS on and off here, as MySQL does.
     pub capabilities: u32,
+    /// What the client's text is in (handshake, `SET NAMES`,
+    /// `character_set_client`).
+    pub client_charset: Charset,
+    /// What results go back in (`SET NAMES`, `character_set_results`).
+    pub results_charset: Charset,
     /// The dev_id the login authenticated for.
     pub login_dev: u32,
     /// The dev_id queries act on (changed by `db_N`).
@@ -69,6 +87,8 @@ impl Session {
             nonce,
             phase: Phase::Greeting,
             capabilities: 0,
+            client_charset: Charset::Utf8mb4,
+            results_charset: Charset::Utf8mb4,
             login_dev: 0,
             dev_id: 0,
             database: "CometQL_v1".into(),
@@ -148,6 +168,13 @@ impl Session {
             return vec![Event::Reply(one(seq, &packet::err(3, msg))), Event::Close];
         };
         self.capabilities = r.capabilities & packet::SERVER_CAPABILITIES;
+        match Charset::from_collation(r.collation) {
+            Ok(c) => (self.client_charset, self.results_charset) = (c, c),
+            Err(e) => {
+                self.phase = Phase::Closed;
+                return vec![Event::Reply(one(seq, &packet::err(UNKNOWN_CHARSET, &e))), Event::Close];
+            }
+        }
         let dev = match r.user.as_str() {
             "root" | "0" => 0,
             u => match u.parse::<u32>() {
@@ -220,36 +247,36 @@ impl Session {
                 vec![Event::Close]
             }
             0x02 => {
-                let db = String::from_utf8_lossy(body).into_owned();
+                let db =
+                    self.client_charset.decode(body).unwrap_or_else(|_| String::from_utf8_lossy(body)).into_owned();
                 match database_dev(&db, self.login_dev) {
                     Some(d) if self.may_use_dev(d, pw) => {
                         self.use_db(d, &db);
                         vec![ok()]
                     }
-                    Some(_) => vec![Event::Reply(one(
-                        r,
-                        &packet::err(403, &format!("Access denied to database {} with this login", clip(&db))),
-                    ))],
-                    None => vec![Event::Reply(one(
-                        r,
-                        &packet::err(15, &format!("Unknown database {}: use CometQL_v1 or db_N", clip(&db))),
-                    ))],
+                    Some(_) => {
+                        vec![self.err(r, 403, &format!("Access denied to database {} with this login", clip(&db)))]
+                    }
+                    None => vec![self.err(r, 15, &format!("Unknown database {}: use CometQL_v1 or db_N", clip(&db)))],
                 }
             }
             0x03 => {
-                let Ok(sql) = std::str::from_utf8(body) else {
-                    return vec![Event::Reply(one(r, &packet::err(3, "Query is not valid UTF-8")))];
+                let sql = match self.client_charset.decode(body) {
+                    Ok(sql) => sql,
+                    Err(e) => return vec![self.err(r, INVALID_STRING, &format!("Query {e}"))],
                 };
-                match parse_each(sql) {
-                    Ok(st) if st.len() > 1 && self.capabilities & CLIENT_MULTI_STATEMENTS == 0 => {
-                        vec![Event::Reply(one(
-                            r,
-                            &packet::err(3, "Several statements in one query need the CLIENT_MULTI_STATEMENTS option"),
-                        ))]
+                match parse_each(&sql) {
+                    Ok(st) if st.len() > 1 && self.capabilities & CLIENT_MULTI_STATEMENTS == 0 => vec![self.err(
+                        r,
+                        3,
+                        "Several statements in one query need the CLIENT_MULTI_STATEMENTS option (or COM_SET_OPTION)",
+                    )],
+                    Ok(st) if st.is_empty() => vec![self.err(r, 3, "Query was empty")],
+                    Ok(mut st) => {
+                        self.apply_charsets(&mut st);
+                        vec![Event::Query(st, r, false, self.results_charset)]
                     }
-                    Ok(st) if st.is_empty() => vec![Event::Reply(one(r, &packet::err(3, "Query was empty")))],
-                    Ok(st) => vec![Event::Query(st, r, false)],
-                    Err(ParseError { code, message }) => vec![Event::Reply(one(r, &packet::err(code, &message)))],
+                    Err(ParseError { code, message }) => vec![self.err(r, code, &message)],
                 }
             }
             0x04 => {
@@ -269,6 +296,21 @@ impl Session {
             }
             0x16 => self.stmt_prepare(body, r),
             0x17 => self.stmt_execute(body, r),
+            // COM_STMT_SEND_LONG_DATA has no answer; an error waits for
+            // the EXECUTE.
+            0x18 => {
+                if body.len() >= 6 {
+                    let id = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+                    // The bound is per connection: what other statements
+                    // hold counts against it too.
+                    let held: usize = self.stmts.iter().filter(|(k, _)| **k != id).map(|(_, s)| s.long_bytes).sum();
+                    let room = pw.max_long_data().saturating_sub(held);
+                    if let Some(st) = self.stmts.get_mut(&id) {
+                        st.long_data(u16::from_le_bytes([body[4], body[5]]), &body[6..], room);
+                    }
+                }
+                Vec::new()
+            }
             // COM_STMT_CLOSE has no answer.
             0x19 => {
                 if body.len() >= 4 {
@@ -276,8 +318,19 @@ impl Session {
                 }
                 Vec::new()
             }
-            // COM_STMT_RESET: nothing is buffered per statement.
-            0x1A => vec![ok()],
+            // COM_STMT_RESET: forgets the statement's long data.
+            0x1A => {
+                let id = body.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                match id.and_then(|id| self.stmts.get_mut(&id)) {
+                    Some(st) => {
+                        st.reset();
+                        st.long_error = None;
+                        vec![ok()]
+                    }
+                    None => vec![self.err(r, 3, &format!("Unknown prepared statement {}", id.unwrap_or(0)))],
+                }
+            }
+            0x1B => self.set_option(body, r),
             other => vec![Event::Reply(one(r, &packet::err(1047, &format!("Unknown command {other:#04x}"))))],
         }
     }
@@ -288,19 +341,20 @@ const MAX_STATEMENTS: usize = 1024;
 
 impl Session {
     fn stmt_prepare(&mut self, body: &[u8], r: u8) -> Vec<Event> {
-        let Ok(sql) = std::str::from_utf8(body) else {
-            return vec![Event::Reply(one(r, &packet::err(3, "Query is not valid UTF-8")))];
+        let sql = match self.client_charset.decode(body) {
+            Ok(sql) => sql.into_owned(),
+            Err(e) => return vec![self.err(r, INVALID_STRING, &format!("Statement {e}"))],
         };
-        if let Err(e) = super::lexer::lex(sql) {
-            return vec![Event::Reply(one(r, &packet::err(3, &e.0)))];
+        if let Err(e) = super::lexer::lex(&sql) {
+            return vec![self.err(r, 3, &e.0)];
         }
         if self.stmts.len() >= MAX_STATEMENTS {
             return vec![Event::Reply(one(r, &packet::err(18, "Too many prepared statements: close some first")))];
         }
         self.next_stmt = self.next_stmt.wrapping_add(1).max(1);
-        let marks = super::prepared::placeholders(sql);
-        let n = marks.len();
-        self.stmts.insert(self.next_stmt, super::prepared::Prepared { sql: sql.to_string(), marks, types: Vec::new() });
+        let st = super::prepared::Prepared::new(sql);
+        let n = st.marks.len();
+        self.stmts.insert(self.next_stmt, st);
         vec![Event::Reply(super::prepared::prepare_ok(self.next_stmt, n, self.deprecate_eof(), r))]
     }
 
@@ -312,14 +366,80 @@ impl Session {
                 &packet::err(3, &format!("Unknown prepared statement {}", id.unwrap_or(0))),
             ))];
         };
-        let sql = match super::prepared::execute_sql(body, stmt) {
+        let charset = self.client_charset;
+        let sql = match super::prepared::execute_sql(body, stmt, charset) {
             Ok(sql) => sql,
-            Err(e) => return vec![Event::Reply(one(r, &packet::err(3, &e)))],
+            Err((code, e)) => return vec![self.err(r, code, &e)],
         };
         match parse_each(&sql) {
-            Ok(st) if st.len() == 1 => vec![Event::Query(st, r, true)],
+            Ok(mut st) if st.len() == 1 => {
+                self.apply_charsets(&mut st);
+                vec![Event::Query(st, r, true, self.results_charset)]
+            }
             Ok(_) => vec![Event::Reply(one(r, &packet::err(3, "A prepared statement must be exactly one statement")))],
-            Err(ParseError { code, message }) => vec![Event::Reply(one(r, &packet::err(code, &message)))],
+            Err(ParseError { code, message }) => vec![self.err(r, code, &message)],
+        }
+    }
+}
+
+impl Session {
+    /// An ERR reply whose message is in the client's result character set.
+    fn err(&self, seq: u8, code: u16, message: &str) -> Event {
+        Event::Reply(one(seq, &packet::err_state(code, b"HY000", &self.results_charset.encode(message))))
+    }
+
+    /// COM_SET_OPTION: switches multi-statements for this connection and
+    /// answers with an EOF packet (an OK packet with the EOF header under
+    /// CLIENT_DEPRECATE_EOF), as MySQL does; an unknown option is ERR 1047,
+    /// a body that is not two bytes ERR 1835.
+    fn set_option(&mut self, body: &[u8], r: u8) -> Vec<Event> {
+        let Ok(option) = <[u8; 2]>::try_from(body).map(u16::from_le_bytes) else {
+            return vec![Event::Reply(one(r, &packet::err_state(1835, b"HY000", b"Malformed communication packet.")))];
+        };
+        match option {
+            MYSQL_OPTION_MULTI_STATEMENTS_ON => self.capabilities |= CLIENT_MULTI_STATEMENTS,
+            MYSQL_OPTION_MULTI_STATEMENTS_OFF => self.capabilities &= !CLIENT_MULTI_STATEMENTS,
+            _ => return vec![Event::Reply(one(r, &packet::err_state(1047, b"08S01", b"Unknown command")))],
+        }
+        let status = packet::SERVER_STATUS_AUTOCOMMIT;
+        let eof = if self.deprecate_eof() { packet::ok_eof(status) } else { packet::eof(status) };
+        vec![Event::Reply(one(r, &eof))]
+    }
+
+    /// Applies the character set assignments of the `SET` statements in a
+    /// query before it runs (so its results come back in the new set). A
+    /// character set comet does not speak turns its `SET` into ERR 1115,
+    /// naming it; assignments after the first error are not applied, as
+    /// MySQL stops there.
+    fn apply_charsets(&mut self, stmts: &mut [Result<Statement, ParseError>]) {
+        for st in stmts.iter_mut() {
+            let items = match st {
+                Ok(Statement::Set(items)) => items,
+                Ok(_) => continue,
+                Err(_) => return,
+            };
+            let (mut client, mut results) = (self.client_charset, self.results_charset);
+            for item in items.iter() {
+                // NULL: results are not converted, so they are UTF-8.
+                let cs = match item.name.as_deref().map(Charset::from_name) {
+                    None => Ok(Charset::Utf8mb4),
+                    Some(r) => r,
+                };
+                let cs = match cs {
+                    Ok(cs) => cs,
+                    Err(message) => {
+                        *st = Err(ParseError { code: UNKNOWN_CHARSET, message });
+                        return;
+                    }
+                };
+                match item.var {
+                    CharsetVar::Names | CharsetVar::CharacterSet => (client, results) = (cs, cs),
+                    CharsetVar::Client => client = cs,
+                    CharsetVar::Results => results = cs,
+                    CharsetVar::Connection => {}
+                }
+            }
+            (self.client_charset, self.results_charset) = (client, results);
         }
     }
 }
@@ -335,7 +455,8 @@ pub fn one(seq: u8, payload: &[u8]) -> Vec<u8> {
 /// with sequence numbers running on from `seq` (1 after a one-packet query)
 /// and MORE_RESULTS on all but the
 /// last. Execution stops at the first error, so an error is always last.
-pub fn encode_results(results: &[StmtResult], deprecate_eof: bool, seq: u8, binary: bool) -> Vec<u8> {
+/// Text (rows, error messages) is sent in `charset`.
+pub fn encode_results(results: &[StmtResult], deprecate_eof: bool, seq: u8, binary: bool, charset: Charset) -> Vec<u8> {
     let mut out = Vec::new();
     let mut seq = seq;
     for (i, r) in results.iter().enumerate() {
@@ -345,8 +466,12 @@ pub fn encode_results(results: &[StmtResult], deprecate_eof: bool, seq: u8, bina
             StmtResult::Ok { affected, last_insert_id } => {
                 packet::write_packet(&mut out, seq, &packet::ok(*affected, *last_insert_id, status, ""))
             }
-            StmtResult::Err(code, msg) => packet::write_packet(&mut out, seq, &packet::err(*code, msg)),
-            StmtResult::Rows(rs) => packet::write_result_set_from(&mut out, seq, rs, deprecate_eof, status, binary),
+            StmtResult::Err(code, msg) => {
+                packet::write_packet(&mut out, seq, &packet::err_state(*code, b"HY000", &charset.encode(msg)))
+            }
+            StmtResult::Rows(rs) => {
+                packet::write_result_set_from(&mut out, seq, rs, deprecate_eof, status, binary, charset)
+            }
         };
     }
     out
@@ -497,7 +622,7 @@ mod tests {
         let ev = s.on_packet(Frame { seq: 0, payload: [&[cmd][..], body].concat(), consumed: 0 }, &Pw);
         match &ev[..] {
             [Event::Reply(b)] => b.clone(),
-            [Event::Query(stmts, seq, binary)] => {
+            [Event::Query(stmts, seq, binary, charset)] => {
                 let ctx = Ctx::standalone(32 << 20);
                 let results: Vec<StmtResult> = stmts
                     .iter()
@@ -509,7 +634,7 @@ mod tests {
                         Err(e) => StmtResult::Err(e.code, e.message.clone()),
                     })
                     .collect();
-                encode_results(&results, s.deprecate_eof(), *seq, *binary)
+                encode_results(&results, s.deprecate_eof(), *seq, *binary, *charset)
             }
             other => panic!("unexpected events {other:?}"),
         }
@@ -555,10 +680,103 @@ mod tests {
     }
 
     #[test]
+    fn com_set_option_answers_eof_and_switches_multi_statements() {
+        let mut s = logged_in();
+        let multi = |s: &mut Session| answer(s, 0x03, b"SELECT 1; SELECT 2")[4];
+        assert_eq!(multi(&mut s), 0xFF, "off: the client did not ask for it at login");
+        // COM_SET_OPTION, MYSQL_OPTION_MULTI_STATEMENTS_ON: the request
+        // 03 00 00 00 1b 00 00 is answered with EOF fe 00 00 02 00.
+        let req = [0x03, 0x00, 0x00, 0x00, 0x1b, 0x00, 0x00];
+        let f = packet::read_frame(&req, 100).unwrap().unwrap();
+        let ev = s.on_packet(f, &Pw);
+        assert_eq!(ev, [Event::Reply(vec![0x05, 0x00, 0x00, 0x01, 0xfe, 0x00, 0x00, 0x02, 0x00])]);
+        assert_ne!(multi(&mut s), 0xFF, "on: two statements run");
+        // ..._OFF (1) turns it off again.
+        let ev = s.on_packet(Frame { seq: 0, payload: vec![0x1b, 0x01, 0x00], consumed: 0 }, &Pw);
+        assert_eq!(ev, [Event::Reply(vec![0x05, 0x00, 0x00, 0x01, 0xfe, 0x00, 0x00, 0x02, 0x00])]);
+        assert_eq!(multi(&mut s), 0xFF);
+        // Unknown option: ERR 1047 with SQLSTATE 08S01, as MySQL answers.
+        let ev = s.on_packet(Frame { seq: 0, payload: vec![0x1b, 0x07, 0x00], consumed: 0 }, &Pw);
+        let mut want = vec![0x18, 0x00, 0x00, 0x01, 0xff, 0x17, 0x04];
+        want.extend_from_slice(b"#08S01Unknown command");
+        assert_eq!(ev, [Event::Reply(want)]);
+        // A short body: ERR 1835.
+        let ev = s.on_packet(Frame { seq: 0, payload: vec![0x1b, 0x00], consumed: 0 }, &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert_eq!(&b[4..7], &[0xFF, 0x2B, 0x07]);
+    }
+
+    #[test]
+    fn com_set_option_under_deprecate_eof_answers_an_ok_with_the_eof_header() {
+        let mut s = Session::new(1, NONCE);
+        let auth = packet::native_scramble(b"comet", &NONCE);
+        s.on_packet(response("root", &auth, Some(packet::NATIVE), None, CLIENT_DEPRECATE_EOF), &Pw);
+        let ev = s.on_packet(Frame { seq: 0, payload: vec![0x1b, 0x00, 0x00], consumed: 0 }, &Pw);
+        assert_eq!(ev, [Event::Reply(vec![0x07, 0x00, 0x00, 0x01, 0xfe, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00])]);
+    }
+
+    #[test]
+    fn latin1_from_the_handshake_converts_queries_and_results() {
+        let mut s = Session::new(1, NONCE);
+        let mut f = response("root", &packet::native_scramble(b"comet", &NONCE), Some(packet::NATIVE), None, 0);
+        f.payload[8] = 8; // latin1_swedish_ci
+        s.on_packet(f, &Pw);
+        assert_eq!((s.client_charset, s.results_charset), (Charset::Latin1, Charset::Latin1));
+        // SELECT 'café' in latin1: the value comes back as latin1, with
+        // collation 8 in its column definition.
+        let bytes = answer(&mut s, 0x03, b"SELECT 'caf\xe9' AS v");
+        assert!(bytes.windows(4).any(|w| w == b"caf\xe9"), "{bytes:x?}");
+        assert!(!bytes.windows(2).any(|w| w == "é".as_bytes()));
+        let mut rest = &bytes[..];
+        let mut payloads = Vec::new();
+        while let Ok(Some(f)) = packet::read_frame(rest, 1 << 20) {
+            rest = &rest[f.consumed..];
+            payloads.push(f.payload);
+        }
+        let def = &payloads[1];
+        assert_eq!(&def[def.len() - 12..def.len() - 10], &[8, 0]);
+    }
+
+    #[test]
+    fn set_names_switches_the_charset_and_unknown_ones_are_refused_by_name() {
+        let mut s = logged_in();
+        // Invalid UTF-8 on a utf8mb4 connection: refused, naming the byte.
+        let (code, msg) = only_err(&answer(&mut s, 0x03, b"SELECT '\xe9'"));
+        assert_eq!(code, INVALID_STRING);
+        assert!(msg.contains("not valid utf8mb4 (byte 0xE9 at offset 8)"), "{msg}");
+        assert_eq!(answer(&mut s, 0x03, b"SET NAMES latin1")[4], 0x00);
+        assert_eq!(s.client_charset, Charset::Latin1);
+        let bytes = answer(&mut s, 0x03, b"SELECT '\xe9'");
+        assert!(bytes.windows(2).any(|w| w == [1, 0xE9]), "{bytes:x?}");
+        // The prepared path reads the statement text in latin1 too.
+        let ev = s.on_packet(Frame { seq: 0, payload: b"\x16SELECT '\xe9', ?".to_vec(), consumed: 0 }, &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert_eq!(b[4], 0x00, "PREPARE_OK");
+        let (code, msg) = only_err(&answer(&mut s, 0x03, b"SET NAMES gbk"));
+        assert_eq!(code, UNKNOWN_CHARSET);
+        assert!(msg.contains("'gbk' is not supported"), "{msg}");
+        let (code, msg) = only_err(&answer(&mut s, 0x03, b"SET character_set_client = 'klingon'"));
+        assert_eq!((code, msg.as_str()), (1115, "Unknown character set: 'klingon'"));
+        assert_eq!(s.client_charset, Charset::Latin1, "a refused SET changes nothing");
+        answer(&mut s, 0x03, b"SET character_set_client = utf8mb4, character_set_results = NULL");
+        assert_eq!((s.client_charset, s.results_charset), (Charset::Utf8mb4, Charset::Utf8mb4));
+        // At the handshake, an unsupported collation is refused by name.
+        let mut s = Session::new(1, NONCE);
+        let mut f = response("root", &packet::native_scramble(b"comet", &NONCE), Some(packet::NATIVE), None, 0);
+        f.payload[8] = 51; // cp1251_general_ci
+        let ev = s.on_packet(f, &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        let (code, msg) = only_err(b);
+        assert_eq!(code, 1115);
+        assert!(msg.contains("'cp1251' (collation 51)"), "{msg}");
+        assert_eq!(ev[1], Event::Close);
+    }
+
+    #[test]
     fn multi_results_continue_sequence_and_flag_more() {
         let r =
             vec![StmtResult::Ok { affected: 1, last_insert_id: 0 }, StmtResult::Ok { affected: 2, last_insert_id: 0 }];
-        let b = encode_results(&r, false, 1, false);
+        let b = encode_results(&r, false, 1, false, Charset::Utf8mb4);
         let f1 = packet::read_frame(&b, 100).unwrap().unwrap();
         let f2 = packet::read_frame(&b[f1.consumed..], 100).unwrap().unwrap();
         assert_eq!((f1.seq, f2.seq), (1, 2));

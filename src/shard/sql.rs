@@ -15,6 +15,7 @@ use super::conn::Phase;
 use super::core::{ShardCore, Then};
 use super::mail::{Publication, Query, Records};
 use crate::api;
+use crate::cometql::charset::Charset;
 use crate::cometql::exec::{self, Ctx, Plan, Projection, StmtResult};
 use crate::cometql::packet::{self, FrameError, MAX_PAYLOAD};
 use crate::cometql::parser::{ParseError, Statement};
@@ -60,6 +61,8 @@ pub(super) struct Slot {
     /// The dev_id an HTTP request acts on (a CometQL session's own dev_id
     /// is read per statement, since `USE db_N` may change it mid-query).
     dev_id: u32,
+    /// The character set the answer's text is sent in.
+    charset: Charset,
 }
 
 impl Slot {
@@ -158,6 +161,10 @@ pub struct MySqlConn {
 impl Passwords for Config {
     fn password(&self, dev_id: u32) -> &str {
         self.dev_passwords.get(&dev_id).map_or(&self.password, |s| s.as_str())
+    }
+
+    fn max_long_data(&self) -> usize {
+        self.max_query_size
     }
 }
 
@@ -330,8 +337,8 @@ impl ShardCore {
                     for e in events {
                         match e {
                             Event::Reply(bytes) => self.sql_push_raw(id, bytes, false),
-                            Event::Query(stmts, seq, binary) => {
-                                self.sql_query(id, stmts, Slot { seq, binary, ..Slot::default() })
+                            Event::Query(stmts, seq, binary, charset) => {
+                                self.sql_query(id, stmts, Slot { seq, binary, charset, ..Slot::default() })
                             }
                             Event::Close => {
                                 self.sql_push_raw(id, Vec::new(), true);
@@ -405,6 +412,8 @@ impl ShardCore {
                     may_use_dev: &may,
                     status: &status_fn,
                     max_query_size: config.max_query_size,
+                    charsets: session
+                        .map_or((Charset::Utf8mb4, Charset::Utf8mb4), |s| (s.client_charset, s.results_charset)),
                 };
                 exec::plan(st, &ctx)
             };
@@ -569,7 +578,7 @@ impl ShardCore {
                     let results: Vec<StmtResult> = slot.results.into_iter().flatten().collect();
                     match results.first() {
                         Some(r) if http => api::answer(r, slot.close),
-                        _ => session::encode_results(&results, deprecate_eof, slot.seq, slot.binary),
+                        _ => session::encode_results(&results, deprecate_eof, slot.seq, slot.binary, slot.charset),
                     }
                 }
             };

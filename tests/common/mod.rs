@@ -25,6 +25,8 @@ pub struct Server {
     pub backend: SocketAddr,
     /// The HTTP API's address (None when the test turned it off).
     pub api: Option<SocketAddr>,
+    /// The `--metrics` listener, when one was asked for.
+    pub metrics: Option<SocketAddr>,
     pub log: mpsc::Receiver<String>,
 }
 
@@ -74,10 +76,14 @@ impl Server {
         let mut seen = Vec::new();
         let mut backend = None;
         let mut api = None;
+        let mut metrics = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    if let Some(a) = line.strip_prefix("comet: metrics listening on ") {
+                        metrics = Some(a.trim().parse().expect("address"));
+                    }
                     if let Some(a) = line.strip_prefix("comet: backend (CometQL) listening on ") {
                         backend = Some(a.trim().parse().expect("address"));
                     }
@@ -87,7 +93,7 @@ impl Server {
                     if let Some(a) = line.strip_prefix("comet: frontend listening on ") {
                         let addr = a.trim().parse().expect("address");
                         let backend = backend.expect("backend address logged before frontend");
-                        return Server { child, addr, backend, api, log: rx };
+                        return Server { child, addr, backend, api, metrics, log: rx };
                     }
                     seen.push(line);
                 }
@@ -122,12 +128,27 @@ impl Server {
         http_request(self.addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
     }
 
-    /// The value of a metric line such as `comet_websockets{shard="all"}`.
-    pub fn metric(&self, line_prefix: &str) -> i64 {
-        let (_, body) = self.http_get("/metrics");
-        body.lines()
-            .find_map(|l| l.strip_prefix(line_prefix).map(|v| v.trim().parse::<i64>().unwrap()))
-            .unwrap_or_else(|| panic!("no metric {line_prefix} in:\n{body}"))
+    /// The `/metrics` text, from the `--metrics` listener if there is one.
+    pub fn metrics_text(&self) -> String {
+        let at = self.metrics.unwrap_or(self.addr);
+        let (status, body) = http_request(at, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(status.contains("200"), "{status}: {body}");
+        body
+    }
+
+    /// A metric such as `comet_websockets`: the sum of its per-shard series
+    /// (`comet_websockets{shard="0"}`, ...), as Prometheus' `sum()` makes it.
+    /// With labels (`comet_websockets{shard="1"}`), that one series.
+    pub fn metric(&self, name: &str) -> i64 {
+        let body = self.metrics_text();
+        let prefix = if name.contains('{') { format!("{name} ") } else { format!("{name}{{") };
+        let values: Vec<i64> = body
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number"))
+            .collect();
+        assert!(!values.is_empty(), "no metric {name} in:\n{body}");
+        values.iter().sum()
     }
 
     pub fn sigterm(&self) {
