@@ -113,6 +113,11 @@ fn presence_events_and_no_spurious_pair_on_resubscribe() {
         let s = start(io, &[]);
         let mut a = s.client("watcher");
         a.subscribe(&["track_room"]);
+        // An answer on a's own connection means its subscription is in
+        // place (commands of one connection run in order); only then may
+        // b's join, which comes as mail from b's shard, expect to reach it.
+        a.send("track_pipe_users\ntrack_room\nm0\n");
+        assert_eq!(a.recv()["marker"], "m0", "{io}");
         let mut b = s.client("q1W2e3");
         b.subscribe(&["track_room", "web_other"]);
         let ev = a.recv();
