@@ -122,7 +122,7 @@ fn a_second_comet_on_the_metrics_port_refuses_to_start() {
     let s = start("epoll", &["--metrics", "127.0.0.1:0", "--password", "pw"]);
     let m = s.metrics.unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_comet"))
-        .args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--metrics", &m.to_string()])
+        .args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--metrics", &m.to_string(), "--api", "off"])
         .args(["--shards", "1", "--password", "pw"])
         .env_remove("COMET_IO")
         .stdin(Stdio::null())
