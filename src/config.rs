@@ -27,6 +27,16 @@ pub enum IoChoice {
     Epoll,
 }
 
+/// When a statement that changes persisted state is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The OK is sent once the change is on disk (fsync, grouped).
+    Sync,
+    /// The OK is sent at once; the data dir is synced at least every second.
+    Async,
+}
+
 /// Command-line flags; each also reads `COMET_<NAME>` from the environment.
 #[derive(Debug, Parser, Default)]
 #[command(
@@ -116,6 +126,15 @@ pub struct Cli {
     /// Cross-shard requests one connection may have waiting for answers [default: 64].
     #[arg(long, env = "COMET_MAX_PENDING")]
     pub max_pending: Option<u16>,
+    /// Directory of the persisted state (keys, user data, queues, history), created on first start [default: comet-data].
+    #[arg(long, env = "COMET_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep all state in memory only: a restart loses it [default: off].
+    #[arg(long, env = "COMET_EPHEMERAL")]
+    pub ephemeral: bool,
+    /// sync: answer a write once it is on disk; async: at once, synced every second [default: sync].
+    #[arg(long, env = "COMET_DURABILITY", value_enum)]
+    pub durability: Option<Durability>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -148,6 +167,9 @@ pub struct FileConfig {
     pub message_timeout: Option<u64>,
     pub mail_limit: Option<usize>,
     pub max_pending: Option<u16>,
+    pub data_dir: Option<PathBuf>,
+    pub ephemeral: Option<bool>,
+    pub durability: Option<Durability>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -209,7 +231,13 @@ pub struct Config {
     pub mail_limit: usize,
     /// Cross-shard requests a connection may have outstanding.
     pub max_pending: u16,
+    /// Where the persisted state lives; `None` with `--ephemeral`.
+    pub data_dir: Option<PathBuf>,
+    pub durability: Durability,
 }
+
+/// The data dir used when none is given: in the working directory.
+pub const DEFAULT_DATA_DIR: &str = "comet-data";
 
 /// Descriptors kept out of `max_connections`' default: the backend port,
 /// `/metrics`, refusals being answered, files.
@@ -258,6 +286,8 @@ impl Default for Config {
             message_timeout: Duration::from_secs(10),
             mail_limit: 16 << 20,
             max_pending: 64,
+            data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),
+            durability: Durability::Sync,
         }
     }
 }
@@ -317,6 +347,12 @@ impl Config {
             message_timeout: cli.message_timeout.or(file.message_timeout).map_or(d.message_timeout, secs),
             mail_limit: cli.mail_limit.or(file.mail_limit).unwrap_or(d.mail_limit),
             max_pending: cli.max_pending.or(file.max_pending).unwrap_or(d.max_pending),
+            data_dir: if cli.ephemeral || file.ephemeral == Some(true) {
+                None
+            } else {
+                Some(cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)))
+            },
+            durability: cli.durability.or(file.durability).unwrap_or(d.durability),
         };
         c.validate()?;
         Ok(c)

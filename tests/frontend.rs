@@ -374,7 +374,7 @@ fn auto_falls_back_to_epoll_when_seccomp_forbids_io_uring() {
 #[test]
 fn uring_refuses_to_start_when_io_uring_is_forbidden() {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
-    cmd.args(["--io", "uring", "--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0"]);
+    cmd.args(["--io", "uring", "--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--ephemeral"]);
     common::forbid_io_uring(&mut cmd);
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
@@ -447,10 +447,20 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
     // Start comet with a tiny descriptor limit, then open more connections
     // than it can hold.
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
-    cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--shards", "1", "--io", "epoll"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+    cmd.args([
+        "--frontend",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--io",
+        "epoll",
+        "--ephemeral",
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
     // SAFETY: setrlimit in the forked child before exec; no allocation.
     unsafe {
         cmd.pre_exec(|| {

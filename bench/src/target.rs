@@ -105,6 +105,10 @@ impl Target {
                     &s.password,
                 ]);
                 c.args(&s.extra_args);
+                // A bench measures the memory path unless it asks for a data dir.
+                if !s.extra_args.iter().any(|a| a == "--data-dir" || a == "--ephemeral") {
+                    c.arg("--ephemeral");
+                }
                 if s.lift_per_ip_limit {
                     c.env("COMET_MAX_CONNECTIONS_PER_IP", "10000000");
                 }

@@ -151,6 +151,9 @@ impl Shard {
     /// Carries out the core's effects and writes what it queued, until
     /// neither is left; wakes paused readers when the core says so.
     fn settle(&mut self) {
+        // Changes no answer waits for (a device leaving, a queue delivered,
+        // a sweep) go to the store now.
+        self.core.record_changes();
         loop {
             if !self.core.effects.is_empty() {
                 for e in std::mem::take(&mut self.core.effects) {
@@ -513,6 +516,7 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
             // work of every other shard's connections and the answers
             // they wait for), but still a bounded one.
             s.core.work = 0;
+            s.core.storage_progress();
             while s.core.work < MAIL_WORK_PER_TURN
                 && let Some(m) = batch.pop_front()
             {
