@@ -253,11 +253,13 @@ fn a_torn_journal_tail_is_recovered_and_logged() {
     drop(d);
     kill(s);
     let jnl = journals(&dir.0).pop().expect("a journal file");
-    let len = std::fs::metadata(&jnl).unwrap().len();
-    // Cut the last write in half, as a crash during it would.
-    std::fs::OpenOptions::new().write(true).open(&jnl).unwrap().set_len(len - 100).unwrap();
+    // Journals are preallocated with zeros: the data ends at the last
+    // non-zero byte. Cut the last write in half, as a crash during it would.
+    let bytes = std::fs::read(&jnl).unwrap();
+    let end = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+    std::fs::OpenOptions::new().write(true).open(&jnl).unwrap().set_len(end as u64 - 100).unwrap();
     let s = start(&dir, &[]);
-    let log = s.drain_log();
+    let log = s.startup.clone();
     let mut d = db(&s);
     let data: Vec<(u64, String)> = d
         .query(format!(
@@ -276,36 +278,46 @@ fn a_full_disk_gives_errors_not_a_crash_and_writes_resume_when_space_returns() {
     let dir = TempDir::new("full");
     let exe = env!("CARGO_BIN_EXE_comet");
     let mut cmd = Command::new(exe);
-    cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--shards", "2", "--password", "pw"]).args([
-        "--data-dir",
-        dir.path(),
-        "--node-name",
-        "test-node",
-        "--offline-queue-size",
-        "100000",
-    ]);
-    // SAFETY: setrlimit and signal in the forked child before exec: no
-    // allocation, no lock. The file size limit is what a full disk looks
-    // like to the writer (EFBIG instead of ENOSPC); SIGXFSZ is ignored so
-    // the write fails instead of killing the process.
+    cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--shards", "2", "--password", "pw"]);
+    cmd.args(["--data-dir", dir.path(), "--node-name", "test-node"]);
+    cmd.args(["--offline-queue-size", "100000", "--max-query-size", "4194304"]);
+    // SAFETY: signal(2) in the forked child before exec: no allocation,
+    // no lock. SIGXFSZ is ignored so that a write over the file size limit
+    // fails (EFBIG) instead of killing the process.
     unsafe {
         cmd.pre_exec(|| {
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let lim = libc::rlimit { rlim_cur: 256 * 1024, rlim_max: libc::RLIM_INFINITY };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             Ok(())
         });
     }
     let s = Server::spawn_cmd(cmd);
     let mut d = db(&s);
+    // The disk fills: a file size limit, set on the running process, is
+    // what a full disk looks like to the writer (no write past 2 MiB of any
+    // file, EFBIG where a full disk gives ENOSPC).
+    let set_limit = |bytes: u64| {
+        let lim = libc::rlimit { rlim_cur: bytes, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: prlimit(2) on our own child's pid with a valid struct.
+        let rc = unsafe { libc::prlimit(s.child.id() as i32, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    set_limit(2 << 20);
     let mut watcher = s.client("w");
     watcher.subscribe(&["web_live"]);
-    let big = "y".repeat(4000);
+    // Incompressible text (the journal compresses).
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let big: String = (0..60_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'a' + (x % 26) as u8) as char
+        })
+        .collect();
     let mut failed = None;
-    for i in 0..400 {
-        match d.query_drop(format!("INSERT INTO users_messages (id, event, message) VALUES (8, 'e', '{big}{i}')")) {
+    for i in 0..40 {
+        let rows: Vec<String> = (0..10).map(|j| format!("(8, 'e', '{big}{i}.{j}')")).collect();
+        match d.query_drop(format!("INSERT INTO users_messages (id, event, message) VALUES {}", rows.join(", "))) {
             Ok(()) => {}
             Err(e) => {
                 failed = Some(e.to_string());
@@ -319,10 +331,7 @@ fn a_full_disk_gives_errors_not_a_crash_and_writes_resume_when_space_returns() {
     d.query_drop("INSERT INTO pipes_messages (name, event, message) VALUES ('web_live', 'e', 'still here')").unwrap();
     assert_eq!(watcher.recv()["data"], "still here");
     // Space returns.
-    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: prlimit(2) on our own child's pid with a valid struct.
-    let rc = unsafe { libc::prlimit(s.child.id() as i32, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
-    assert_eq!(rc, 0);
+    set_limit(libc::RLIM_INFINITY);
     assert!(eventually(10, || d.query_drop("INSERT INTO users_data (id, data) VALUES (8, 'back')").is_ok()));
     let log = s.drain_log();
     assert!(log.iter().any(|l| l.contains("File too large")), "{log:#?}");

@@ -145,7 +145,29 @@ fn open_db(db_path: &Path) -> Result<(Database, Keyspace), fjall::Error> {
     Ok((db, state))
 }
 
-/// Journal files and their sizes, to tell after recovery what it dropped.
+/// Where the data of a journal file ends: fjall preallocates journals with
+/// zeros, which recovery cuts off without anything being lost.
+fn data_end(path: &Path) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else { return 0 };
+    let mut end = f.metadata().map_or(0, |m| m.len());
+    let mut buf = vec![0u8; 1 << 16];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = (end - start) as usize;
+        if f.seek(SeekFrom::Start(start)).is_err() || f.read_exact(&mut buf[..n]).is_err() {
+            return end;
+        }
+        if let Some(i) = buf[..n].iter().rposition(|&b| b != 0) {
+            return start + i as u64 + 1;
+        }
+        end = start;
+    }
+    0
+}
+
+/// Journal files and where their data ends, to tell after recovery what
+/// it dropped.
 fn journal_sizes(dir: &Path) -> Vec<(PathBuf, u64)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -156,7 +178,7 @@ fn journal_sizes(dir: &Path) -> Vec<(PathBuf, u64)> {
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "jnl") {
-                out.push((p.clone(), e.metadata().map_or(0, |m| m.len())));
+                out.push((p.clone(), data_end(&p)));
             }
         }
     }

@@ -24,6 +24,8 @@ pub struct Server {
     /// The CometQL (MySQL protocol) address.
     pub backend: SocketAddr,
     pub log: mpsc::Receiver<String>,
+    /// What the server logged while starting, up to "frontend listening".
+    pub startup: Vec<String>,
 }
 
 impl Server {
@@ -83,7 +85,7 @@ impl Server {
                     if let Some(a) = line.strip_prefix("comet: frontend listening on ") {
                         let addr = a.trim().parse().expect("address");
                         let backend = backend.expect("backend address logged before frontend");
-                        return Server { child, addr, backend, log: rx };
+                        return Server { child, addr, backend, log: rx, startup: seen };
                     }
                     seen.push(line);
                 }
