@@ -341,3 +341,39 @@ fn a_full_disk_gives_errors_not_a_crash_and_writes_resume_when_space_returns() {
     let back: Option<String> = d.query_first("SELECT data FROM users_data WHERE id = 8").unwrap();
     assert_eq!(back.as_deref(), Some("back"));
 }
+
+#[test]
+fn async_durability_loses_nothing_when_the_process_is_killed() {
+    let dir = TempDir::new("async");
+    let s = start(&dir, &["--durability", "async"]);
+    let mut d = db(&s);
+    for uid in 1..=30 {
+        d.query_drop(format!("INSERT INTO users_auth (id, hash) VALUES ({uid}, 'k{uid}')")).unwrap();
+    }
+    drop(d);
+    kill(s);
+    let s = start(&dir, &["--durability", "async"]);
+    let mut d = db(&s);
+    let n: Vec<u64> = d.query("SELECT id FROM users_auth WHERE id IN (1, 15, 30)").unwrap();
+    assert_eq!(n.len(), 3, "{n:?}");
+}
+
+#[test]
+fn a_store_of_a_newer_format_refuses_to_start() {
+    let dir = TempDir::new("newer");
+    kill(start(&dir, &[]));
+    {
+        let db = fjall::Database::builder(dir.0.join("db")).open().unwrap();
+        let state = db.keyspace("state", fjall::KeyspaceCreateOptions::default).unwrap();
+        state.insert(b"\0format", 99u32.to_be_bytes()).unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--data-dir", dir.path()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("newer comet") && err.contains("format 99") && err.contains(dir.path()), "{err}");
+}
