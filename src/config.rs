@@ -33,7 +33,8 @@ pub enum IoChoice {
 pub enum Durability {
     /// The OK is sent once the change is on disk (fsync, grouped).
     Sync,
-    /// The OK is sent at once; the data dir is synced at least every second.
+    /// The OK is sent once the change is handed to the OS (no disk wait);
+    /// the data dir is synced at least every second.
     Async,
 }
 
@@ -132,7 +133,7 @@ pub struct Cli {
     /// Keep all state in memory only: a restart loses it [default: off].
     #[arg(long, env = "COMET_EPHEMERAL")]
     pub ephemeral: bool,
-    /// sync: answer a write once it is on disk; async: at once, synced every second [default: sync].
+    /// sync: answer a write once it is on disk; async: once handed to the OS, synced every second [default: sync].
     #[arg(long, env = "COMET_DURABILITY", value_enum)]
     pub durability: Option<Durability>,
 }
@@ -303,6 +304,11 @@ impl Config {
             }
             None => FileConfig::default(),
         };
+        if (cli.ephemeral || file.ephemeral == Some(true)) && (cli.data_dir.is_some() || file.data_dir.is_some()) {
+            return Err(ConfigError::Invalid(
+                "--ephemeral keeps nothing on disk and --data-dir names where to keep it: give one of them".into(),
+            ));
+        }
         let d = Config::default();
         let secs = Duration::from_secs;
         let c = Config {

@@ -106,7 +106,7 @@ impl Target {
                 ]);
                 c.args(&s.extra_args);
                 // A bench measures the memory path unless it asks for a data dir.
-                if !s.extra_args.iter().any(|a| a == "--data-dir" || a == "--ephemeral") {
+                if !s.extra_args.iter().any(|a| a.starts_with("--data-dir") || a == "--ephemeral") {
                     c.arg("--ephemeral");
                 }
                 if s.lift_per_ip_limit {

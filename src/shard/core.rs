@@ -88,12 +88,10 @@ pub enum Deferred {
 /// What recording a handler's changes means for its answer.
 #[derive(Debug)]
 pub enum Written {
-    /// Answer at once: nothing persisted changed, or `--durability async`.
+    /// Answer at once: nothing persisted changed (or nothing is persisted).
     Now,
     /// Answer once the store has batch `seq`.
     Wait(u64),
-    /// Answer with this error: the store is failing (async mode).
-    Failed(Arc<str>),
 }
 
 impl Then {
@@ -280,11 +278,10 @@ impl ShardCore {
         if changes.is_empty() {
             return Written::Now;
         }
-        let seq = store.send(changes);
-        match store.durability() {
-            crate::config::Durability::Sync => Written::Wait(seq),
-            crate::config::Durability::Async => store.failing().map_or(Written::Now, Written::Failed),
-        }
+        // Both modes wait for the storage thread: sync until the change is
+        // on disk, async only until it is handed to the OS (no disk wait),
+        // so that a crash of the process never loses an acknowledged write.
+        Written::Wait(store.send(changes))
     }
 
     /// Too many changes wait for the store: stop reading clients.
@@ -298,7 +295,6 @@ impl ShardCore {
         match self.record_changes() {
             Written::Now => self.outbox.send(to, Mail::Reply { req, reply }),
             Written::Wait(seq) => self.deferred.push_back((seq, Deferred::Reply { to, req, reply })),
-            Written::Failed(e) => self.outbox.send(to, Mail::Reply { req, reply: Reply::Failed(e) }),
         }
     }
 
@@ -527,7 +523,6 @@ impl ShardCore {
                         pending.remaining += 1;
                         self.deferred.push_back((seq, Deferred::Local(id)));
                     }
-                    Written::Failed(e) => pending.failed = Some(e),
                 }
             }
             for to in (0..self.shards).filter(|&s| s != self.id) {
@@ -570,9 +565,6 @@ impl ShardCore {
         let mut pending = Pending::new(others.len() + matches!(written, Written::Wait(_)) as usize, then);
         if let Some(l) = local {
             pending.merge(l);
-        }
-        if let Written::Failed(e) = &written {
-            pending.failed = Some(e.clone());
         }
         let id = self.new_request(pending);
         if let Written::Wait(seq) = written {

@@ -51,8 +51,8 @@ impl ShardCore {
                 encode_text_frame(|o| msg.encode(d, o))
             })
             .collect();
-        // With --durability sync the queue is sent once its removal is on
-        // disk, so a crash cannot deliver it a second time.
+        // The queue is sent once its removal is stored (on disk with
+        // --durability sync), so a crash cannot deliver it a second time.
         match self.record_changes() {
             Written::Wait(seq) if !frames.is_empty() => {
                 self.deferred.push_back((seq, Deferred::Frames { conn: id, frames }));

@@ -35,6 +35,13 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use super::{Backend, Change, HistoryRecord, StoreError};
 use crate::users::Queued;
 
+/// The memtable: what is written but not yet in sorted tables, held in
+/// memory (on top of comet's own state) and replayed from the journal at
+/// start. fjall's 64 MiB default is RSS a push server would rather keep.
+const MEMTABLE_BYTES: u64 = 16 << 20;
+/// Journals kept before memtables must be flushed (fjall's minimum): with
+/// the memtable above, the journal part of the data dir stays under this.
+const JOURNAL_BYTES: u64 = 64 << 20;
 /// The store format this comet writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_KEY: &[u8] = b"\0format";
@@ -142,8 +149,8 @@ impl FjallStore {
 fn open_db(db_path: &Path) -> Result<(Database, Keyspace), fjall::Error> {
     // Every committed batch goes to the OS at once (a crash of the process
     // loses nothing in either mode); `persist(SyncAll)` makes it durable.
-    let db = Database::builder(db_path).cache_size(CACHE_BYTES).open()?;
-    let state = db.keyspace("state", KeyspaceCreateOptions::default)?;
+    let db = Database::builder(db_path).cache_size(CACHE_BYTES).max_journaling_size(JOURNAL_BYTES).open()?;
+    let state = db.keyspace("state", || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES))?;
     Ok((db, state))
 }
 

@@ -7,8 +7,9 @@
 //! batch, syncs once (`--durability sync`: group commit, one fsync for the
 //! writes of every shard since the last one), then tells each shard how far
 //! its batches are done and rings its doorbell. With `--durability async`
-//! completions go out after the write reaches the OS, and the thread syncs
-//! at least every second.
+//! completions go out once the write is handed to the OS (a write(2), no
+//! fsync), so a crash of the process loses nothing acknowledged, and the
+//! thread syncs at least every second.
 //!
 //! A lane is bounded in bytes by `--mail-limit`, like the mail between
 //! shards: past it the shard stops reading its clients until the storage
@@ -58,8 +59,8 @@ pub struct Hub {
     durability: Durability,
     /// The storage thread parks here when idle.
     thread: Mutex<Option<std::thread::Thread>>,
-    /// Set when the last write failed, cleared by the next that works: in
-    /// async mode a write statement answers this error.
+    /// Set when the last write failed, cleared by the next that works (to
+    /// log the failure and the recovery once each).
     failing: Mutex<Option<Arc<str>>>,
     stop: AtomicBool,
 }
@@ -115,10 +116,6 @@ impl StoreHandle {
         StoreHandle { hub: hub.clone(), lane: hub.lanes[shard].clone(), next_seq: 0, limit, storage: None }
     }
 
-    pub fn durability(&self) -> Durability {
-        self.hub.durability
-    }
-
     /// Sends changes to the storage thread; returns the batch's number.
     pub fn send(&mut self, changes: Vec<Change>) -> u64 {
         self.next_seq += 1;
@@ -146,11 +143,6 @@ impl StoreHandle {
     /// Completions that arrived since the last call, in order.
     pub fn take_done(&self) -> VecDeque<Done> {
         std::mem::take(&mut *self.lane.done.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// The cause of the last failed write, while writes fail.
-    pub fn failing(&self) -> Option<Arc<str>> {
-        self.hub.failing.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 

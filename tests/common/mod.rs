@@ -48,7 +48,7 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_comet"));
         cmd.args(["--frontend", frontend, "--backend", backend, "--node-name", "test-node"]).args(args);
         // Tests that do not test persistence leave no data dir behind.
-        if !args.iter().any(|a| *a == "--data-dir" || *a == "--ephemeral") {
+        if !args.iter().any(|a| a.starts_with("--data-dir") || *a == "--ephemeral") {
             cmd.arg("--ephemeral");
         }
         cmd.env_remove("COMET_IO").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
