@@ -454,6 +454,18 @@ mod tests {
     }
 
     #[test]
+    fn the_data_dir_is_on_by_default_and_ephemeral_turns_it_off() {
+        let c = Config::load(Cli::default()).unwrap();
+        assert_eq!(c.data_dir.as_deref(), Some(std::path::Path::new(DEFAULT_DATA_DIR)));
+        assert_eq!(c.durability, Durability::Sync);
+        let c = Config::load(Cli { ephemeral: true, ..Cli::default() }).unwrap();
+        assert_eq!(c.data_dir, None);
+        let both = Cli { ephemeral: true, data_dir: Some("/tmp/x".into()), ..Cli::default() };
+        let e = Config::load(both).unwrap_err().to_string();
+        assert!(e.contains("--ephemeral") && e.contains("--data-dir"), "{e}");
+    }
+
+    #[test]
     fn default_password_on_public_address_is_refused() {
         let cli = Cli { frontend: Some("0.0.0.0:8087".parse().unwrap()), ..Cli::default() };
         let e = Config::load(cli).unwrap_err().to_string();

@@ -24,7 +24,7 @@ export async function startComet({ password, ports, extraArgs = [] }) {
   const front = ports?.front ?? (await freePort());
   const back = ports?.back ?? (await freePort());
   const child = spawn(BIN, ['--frontend', `127.0.0.1:${front}`, '--backend', `127.0.0.1:${back}`,
-    '--shards', '2', '--password', password, ...extraArgs], { stdio: ['ignore', 'ignore', 'pipe'] });
+    '--shards', '2', '--password', password, '--ephemeral', ...extraArgs], { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   await new Promise((resolve, reject) => {
     const t = setTimeout(() => reject(new Error(`comet did not start:\n${log}`)), 15000);
