@@ -377,3 +377,44 @@ fn a_store_of_a_newer_format_refuses_to_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("newer comet") && err.contains("format 99") && err.contains(dir.path()), "{err}");
 }
+
+#[test]
+fn a_backend_outrunning_the_disk_is_paused_by_the_mail_limit_and_nothing_is_lost() {
+    // --mail-limit also bounds the changes waiting for the storage thread:
+    // with the smallest one (1 MiB) and 60 KB messages the shard stops
+    // reading the flooding connection, and resumes each time the storage
+    // thread caught up.
+    let dir = TempDir::new("lane");
+    let args = ["--mail-limit", "1048576", "--offline-queue-size", "10000"];
+    let s = start(&dir, &args);
+    let (mut t, ok) = raw_login(&s, "pw");
+    assert_eq!(ok[0], 0);
+    let text = "z".repeat(60_000);
+    let mut out = Vec::new();
+    let n = 400;
+    for i in 0..n {
+        let mut p = vec![0x03];
+        p.extend_from_slice(
+            format!("INSERT INTO users_messages (id, event, message) VALUES ({}, 'e', '{text}{i}')", i % 7 + 1)
+                .as_bytes(),
+        );
+        packet(&mut out, 0, &p);
+    }
+    let mut writer = t.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&out).is_ok());
+    for i in 0..n {
+        assert_eq!(read_ok(&mut t), Some(true), "answer {i}");
+    }
+    assert!(sender.join().unwrap());
+    assert!(s.metric("comet_store_congestions_total{shard=\"all\"}") > 0, "the bound was reached");
+    let mut d = db(&s);
+    let ids = "1, 2, 3, 4, 5, 6, 7";
+    let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({ids})")).unwrap();
+    assert_eq!(got.len(), n);
+    drop(d);
+    kill(s);
+    let s = start(&dir, &args);
+    let mut d = db(&s);
+    let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({ids})")).unwrap();
+    assert_eq!(got.len(), n, "all of them on disk");
+}

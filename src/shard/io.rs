@@ -80,10 +80,14 @@ pub fn with_shard<R>(f: impl FnOnce(&mut Shard) -> R) -> R {
     SHARD.with_borrow_mut(|s| {
         let s = s.as_mut().expect("with_shard called off a shard thread");
         let congested = s.core.outbox.is_congested();
+        let store_congested = s.core.store_congested();
         let r = f(s);
         s.settle();
         if !congested && s.core.outbox.is_congested() {
             ShardMetrics::add(&s.core.metrics.mail_congestions, 1);
+        }
+        if !store_congested && s.core.store_congested() {
+            ShardMetrics::add(&s.core.metrics.store_congestions, 1);
         }
         r
     })
