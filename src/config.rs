@@ -77,6 +77,17 @@ pub enum Switch {
     Off,
 }
 
+/// When a statement that changes persisted state is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The OK is sent once the change is on disk (fsync, grouped).
+    Sync,
+    /// The OK is sent once the change is handed to the OS (no disk wait);
+    /// the data dir is synced at least every second.
+    Async,
+}
+
 /// Command-line flags; each also reads `COMET_<NAME>` from the environment.
 #[derive(Debug, Parser, Default)]
 #[command(
@@ -179,6 +190,15 @@ pub struct Cli {
     /// The demo page at / and /index.html (comet.js is always served) [default: on].
     #[arg(long, env = "COMET_DEMO", value_enum)]
     pub demo: Option<Switch>,
+    /// Directory of the persisted state (keys, user data, queues, history), created on first start [default: comet-data].
+    #[arg(long, env = "COMET_DATA_DIR", value_name = "PATH")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep all state in memory only: a restart loses it [default: off].
+    #[arg(long, env = "COMET_EPHEMERAL")]
+    pub ephemeral: bool,
+    /// sync: answer a write once it is on disk; async: once handed to the OS, synced every second [default: sync].
+    #[arg(long, env = "COMET_DURABILITY", value_enum)]
+    pub durability: Option<Durability>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -217,6 +237,9 @@ pub struct FileConfig {
     pub max_pending: Option<u16>,
     pub metrics: Option<SocketAddr>,
     pub demo: Option<Switch>,
+    pub data_dir: Option<PathBuf>,
+    pub ephemeral: Option<bool>,
+    pub durability: Option<Durability>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -287,7 +310,13 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Whether the frontend serves the demo page at `/`.
     pub demo: bool,
+    /// Where the persisted state lives; `None` with `--ephemeral`.
+    pub data_dir: Option<PathBuf>,
+    pub durability: Durability,
 }
+
+/// The data dir used when none is given: in the working directory.
+pub const DEFAULT_DATA_DIR: &str = "comet-data";
 
 /// Descriptors kept out of `max_connections`' default: the backend port,
 /// `/metrics` (its own listener holds at most `metrics::METRICS_WORKERS`
@@ -341,6 +370,8 @@ impl Default for Config {
             max_pending: 64,
             metrics: None,
             demo: true,
+            data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),
+            durability: Durability::Sync,
         }
     }
 }
@@ -356,6 +387,11 @@ impl Config {
             }
             None => FileConfig::default(),
         };
+        if (cli.ephemeral || file.ephemeral == Some(true)) && (cli.data_dir.is_some() || file.data_dir.is_some()) {
+            return Err(ConfigError::Invalid(
+                "--ephemeral keeps nothing on disk and --data-dir names where to keep it: give one of them".into(),
+            ));
+        }
         let d = Config::default();
         let secs = Duration::from_secs;
         let c = Config {
@@ -404,6 +440,12 @@ impl Config {
             max_pending: cli.max_pending.or(file.max_pending).unwrap_or(d.max_pending),
             metrics: cli.metrics.or(file.metrics),
             demo: cli.demo.or(file.demo).map_or(d.demo, |s| s == Switch::On),
+            data_dir: if cli.ephemeral || file.ephemeral == Some(true) {
+                None
+            } else {
+                Some(cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)))
+            },
+            durability: cli.durability.or(file.durability).unwrap_or(d.durability),
         };
         c.validate()?;
         Ok(c)
@@ -519,6 +561,18 @@ mod tests {
         assert_eq!(c.frontend.to_string(), "127.0.0.1:8087");
         assert_eq!(c.backend.to_string(), "127.0.0.1:3300");
         assert_eq!(c.password, DEFAULT_PASSWORD);
+    }
+
+    #[test]
+    fn the_data_dir_is_on_by_default_and_ephemeral_turns_it_off() {
+        let c = Config::load(Cli::default()).unwrap();
+        assert_eq!(c.data_dir.as_deref(), Some(std::path::Path::new(DEFAULT_DATA_DIR)));
+        assert_eq!(c.durability, Durability::Sync);
+        let c = Config::load(Cli { ephemeral: true, ..Cli::default() }).unwrap();
+        assert_eq!(c.data_dir, None);
+        let both = Cli { ephemeral: true, data_dir: Some("/tmp/x".into()), ..Cli::default() };
+        let e = Config::load(both).unwrap_err().to_string();
+        assert!(e.contains("--ephemeral") && e.contains("--data-dir"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - [`frontend`]: comet URL parameters, commands and messages (sans-IO).
 //! - [`http`]: plain HTTP routes on the frontend port.
 //! - [`metrics`]: counters and the Prometheus rendering.
+//! - [`store`]: durable state: the storage thread and the embedded engine.
 //! - [`users`]: user store: keys, devices, offline queues, JWT (sans-IO).
 //! - [`cometql`]: MySQL wire protocol and the CometQL dialect (sans-IO).
 //! - [`api`]: the HTTP API for backends, a mirror of the CometQL tables
@@ -35,5 +36,6 @@ pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod shard;
+pub mod store;
 pub mod users;
 pub mod ws;

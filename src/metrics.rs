@@ -59,6 +59,9 @@ pub struct ShardMetrics {
     /// Times the shard stopped reading clients because its mail to another
     /// shard passed `--mail-limit`.
     pub mail_congestions: AtomicU64,
+    /// Times the shard stopped reading clients because the changes waiting
+    /// for the storage thread passed `--mail-limit`.
+    pub store_congestions: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -91,7 +94,7 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 23] = [
+        let families: [(&str, &str, &str, Get); 24] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -130,6 +133,12 @@ impl Registry {
                 "counter",
                 "Times a shard stopped reading clients for mail backpressure.",
                 |m| m.mail_congestions.load(Relaxed) as i64,
+            ),
+            (
+                "comet_store_congestions_total",
+                "counter",
+                "Times a shard stopped reading clients until the storage thread caught up.",
+                |m| m.store_congestions.load(Relaxed) as i64,
             ),
             ("comet_accept_errors_total", "counter", "Failed accepts (out of descriptors or memory).", |m| {
                 m.accept_errors.load(Relaxed) as i64

@@ -18,8 +18,13 @@ use crate::runtime::{
     listener::{ListenError, PortClaim},
     probe::ProbeError,
 };
+use crate::shard::history::HistoryStore;
 use crate::shard::io::Port;
-use crate::shard::{self, ShardCore, Shared};
+use crate::shard::{self, ShardCore, Shared, home_shard, home_shard_of_channel};
+use crate::store::fjall::FjallStore;
+use crate::store::writer::{Hub, StoreHandle};
+use crate::store::{Backend, Change, StoreError};
+use crate::users::{UserStore, jwt};
 
 /// Capacity of each shard-to-shard ring, in messages.
 const MAILBOX_CAPACITY: usize = 8192;
@@ -48,6 +53,10 @@ pub enum ServerError {
     Signals(std::io::Error),
     #[error("shard {0} stopped unexpectedly")]
     ShardDied(usize),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("cannot start the storage thread: {0}")]
+    StoreThread(std::io::Error),
 }
 
 impl ServerError {
@@ -105,6 +114,16 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     let n = config.shards;
 
+    // The data dir first: a second comet on it must be told about the dir,
+    // whatever its ports.
+    let mut loaded = match &config.data_dir {
+        Some(dir) => Some(open_store(dir, n)?),
+        None => {
+            eprintln!("comet: --ephemeral: all state is in memory only; a restart loses it");
+            None
+        }
+    };
+
     let ports: Vec<(&'static str, SocketAddr)> = [("frontend", config.frontend), ("backend", config.backend)]
         .into_iter()
         .chain(config.api.map(|a| ("api", a)))
@@ -159,10 +178,20 @@ pub fn run(config: Config) -> Result<(), ServerError> {
 
     let mesh = mailbox::mesh(n, MAILBOX_CAPACITY);
     let bells: Vec<Arc<Doorbell>> = mesh.iter().map(|(_, inbox)| inbox.bell().clone()).collect();
+    let mut per_shard: Vec<Option<(StoreHandle, UserStore, HistoryStore)>> = (0..n).map(|_| None).collect();
+    let mut storage = None;
+    if let Some(l) = loaded.take() {
+        let hub = Hub::new(&bells, config.durability);
+        for (i, (users, history)) in l.users.into_iter().zip(l.history).enumerate() {
+            per_shard[i] = Some((StoreHandle::new(&hub, i, config.mail_limit), users, history));
+        }
+        let thread = crate::store::writer::spawn(hub.clone(), l.backend).map_err(ServerError::StoreThread)?;
+        storage = Some((hub, thread));
+    }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
     let mut threads = Vec::with_capacity(n);
-    for (i, ((((outbox, inbox), listener), backend_listener), api_listener)) in
-        mesh.into_iter().zip(listeners).zip(backend_listeners).zip(api_listeners).enumerate()
+    for (i, (((((outbox, inbox), listener), backend_listener), api_listener), state)) in
+        mesh.into_iter().zip(listeners).zip(backend_listeners).zip(api_listeners).zip(per_shard).enumerate()
     {
         let shared = shared.clone();
         let ready = ready_tx.clone();
@@ -181,7 +210,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                     let listener = Arc::new(listener);
                     let backend_listener = Arc::new(backend_listener);
                     let api_listener = api_listener.map(Arc::new);
-                    let core = ShardCore::new(i, n, shared, outbox);
+                    let mut core = ShardCore::new(i, n, shared, outbox);
+                    if let Some((store, users, history)) = state {
+                        core.attach_store(store, users, history);
+                    }
                     let all = [Some(listener.clone()), Some(backend_listener.clone()), api_listener.clone()];
                     shard::io::install(core, all.into_iter().flatten().collect());
                     compio::runtime::spawn(shard::io::accept_loop(listener, Port::Frontend)).detach();
@@ -240,10 +272,52 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let stuck = threads.iter().filter(|t| !t.is_finished()).count();
     if stuck > 0 {
         eprintln!("comet: {stuck} shard(s) still draining at the shutdown timeout; exiting");
-    } else {
+    }
+    if let Some((hub, thread)) = storage {
+        // Whatever the shards sent is written and synced before exit.
+        hub.stop();
+        let _ = thread.join();
+    }
+    if stuck == 0 {
         eprintln!("comet: stopped");
     }
     Ok(())
+}
+
+/// The opened store and the state it held, already split by home shard.
+struct Loaded {
+    backend: Box<dyn Backend>,
+    users: Vec<UserStore>,
+    history: Vec<HistoryStore>,
+}
+
+/// Opens the data dir and loads its state into each shard's stores: users
+/// on their home shard, history and settings on their channel's.
+fn open_store(dir: &std::path::Path, n: usize) -> Result<Loaded, ServerError> {
+    let started = Instant::now();
+    let mut backend = FjallStore::open(dir)?;
+    let mut users: Vec<UserStore> = (0..n).map(|_| UserStore::default()).collect();
+    let mut history: Vec<HistoryStore> = (0..n).map(|_| HistoryStore::default()).collect();
+    let mut records = 0u64;
+    backend.load(&mut |c| {
+        records += 1;
+        match &c {
+            Change::Key { dev, uid, .. }
+            | Change::Data { dev, uid, .. }
+            | Change::LastOnline { dev, uid, .. }
+            | Change::QueuePut { dev, uid, .. }
+            | Change::QueueDel { dev, uid, .. } => users[home_shard(*dev, *uid, n)].restore(c),
+            Change::Revoked { dev, token, .. } => {
+                let uid = jwt::claimed_user(token).unwrap_or(0);
+                users[home_shard(*dev, uid, n)].restore(c)
+            }
+            Change::HistoryPut { dev, channel, .. }
+            | Change::HistoryDel { dev, channel, .. }
+            | Change::Setting { dev, channel, .. } => history[home_shard_of_channel(*dev, channel, n)].restore(c),
+        }
+    })?;
+    eprintln!("comet: data dir {}: loaded {records} records in {} ms", dir.display(), started.elapsed().as_millis());
+    Ok(Loaded { backend: Box::new(backend), users, history })
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{BACKENDS, Client, Server, eventually};
+use common::{BACKENDS, Client, Server, eventually, packet, raw_login, raw_login_as, read_packet};
 use mysql::prelude::Queryable;
 
 fn start(io: &str, extra: &[&str]) -> Server {
@@ -259,67 +259,6 @@ fn per_dev_passwords_from_the_config_file() {
     // dev 0's login may not switch to dev 5's database.
     let mut db = connect(&s);
     assert_eq!(sql_err(db.query_drop("USE db_5")).0, 403);
-}
-
-/// Writes a MySQL packet.
-fn packet(out: &mut Vec<u8>, seq: u8, payload: &[u8]) {
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes()[..3]);
-    out.push(seq);
-    out.extend_from_slice(payload);
-}
-
-fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut h = [0u8; 4];
-    s.read_exact(&mut h).unwrap();
-    let len = u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize;
-    let mut p = vec![0u8; len];
-    s.read_exact(&mut p).unwrap();
-    (h[3], p)
-}
-
-/// Logs in by hand with mysql_native_password; returns the stream.
-fn raw_login(s: &Server, password: &str) -> (TcpStream, Vec<u8>) {
-    raw_login_as(s, password, 0x10000, 45)
-}
-
-/// CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH.
-const BASE_CAPS: u32 = 0x200 | 0x8000 | 0x80000;
-
-/// Logs in by hand with `extra_caps` besides [`BASE_CAPS`] and the
-/// character set of `collation`; returns the stream and the answer.
-fn raw_login_as(s: &Server, password: &str, extra_caps: u32, collation: u8) -> (TcpStream, Vec<u8>) {
-    use sha1::{Digest, Sha1};
-    let mut t = TcpStream::connect(s.backend).unwrap();
-    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (_, g) = read_packet(&mut t);
-    let vend = g.iter().position(|&b| b == 0).unwrap();
-    let mut nonce = g[vend + 5..vend + 13].to_vec();
-    // filler, capabilities (low), charset, status, capabilities (high),
-    // auth data length, 10 reserved bytes, then the rest of the nonce.
-    let rest = &g[vend + 14 + 2 + 1 + 2 + 2 + 1 + 10..];
-    nonce.extend_from_slice(&rest[..12]);
-    let h1: [u8; 20] = Sha1::digest(password.as_bytes()).into();
-    let h2: [u8; 20] = Sha1::digest(h1).into();
-    let mut h = Sha1::new();
-    h.update(&nonce);
-    h.update(h2);
-    let h3: [u8; 20] = h.finalize().into();
-    let scramble: Vec<u8> = h1.iter().zip(h3).map(|(a, b)| a ^ b).collect();
-    let caps: u32 = BASE_CAPS | extra_caps;
-    let mut p = Vec::new();
-    p.extend_from_slice(&caps.to_le_bytes());
-    p.extend_from_slice(&(1u32 << 24).to_le_bytes());
-    p.push(collation);
-    p.extend_from_slice(&[0; 23]);
-    p.extend_from_slice(b"root\0");
-    p.push(20);
-    p.extend_from_slice(&scramble);
-    p.extend_from_slice(b"mysql_native_password\0");
-    let mut out = Vec::new();
-    packet(&mut out, 1, &p);
-    t.write_all(&out).unwrap();
-    let (_, ok) = read_packet(&mut t);
-    (t, ok)
 }
 
 #[test]

@@ -390,7 +390,7 @@ fn auto_falls_back_to_epoll_when_seccomp_forbids_io_uring() {
 #[test]
 fn uring_refuses_to_start_when_io_uring_is_forbidden() {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
-    cmd.args(["--io", "uring", "--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "off"]);
+    cmd.args(["--io", "uring", "--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "off", "--ephemeral"]);
     common::forbid_io_uring(&mut cmd);
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
@@ -474,6 +474,7 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
         "1",
         "--io",
         "epoll",
+        "--ephemeral",
     ])
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::null())

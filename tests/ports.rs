@@ -27,7 +27,7 @@ fn start(io: &str) -> Server {
 fn run_refused(frontend: SocketAddr, backend: SocketAddr) -> (ExitStatus, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_comet"))
         .args(["--frontend", &frontend.to_string(), "--backend", &backend.to_string()])
-        .args(["--shards", "2", "--password", "pw", "--node-name", "test-node", "--api", "127.0.0.1:0"])
+        .args(["--shards", "2", "--password", "pw", "--node-name", "test-node", "--api", "127.0.0.1:0", "--ephemeral"])
         .env_remove("COMET_IO")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -112,6 +112,19 @@ enum Cmd {
         #[command(subcommand)]
         scenario: attack::Attack,
     },
+    /// comet: `private` or `publish` with --durability sync, --durability
+    /// async and --ephemeral in one run (fresh temp data dirs); prints each
+    /// one's INSERT/s as a share of --ephemeral's.
+    Durability {
+        #[command(subcommand)]
+        scenario: DurabilityScenario,
+    },
+    /// comet: start-up time and RSS with N users with keys and N queued
+    /// messages in the data dir, against --ephemeral holding the same.
+    StoreLoad {
+        #[arg(long, default_value_t = 1_000_000)]
+        users: usize,
+    },
     /// Run a scenario against comet, nchan and node-ws; print comet/peer ratios.
     Compare {
         #[command(subcommand)]
@@ -170,6 +183,13 @@ enum Cmd {
 }
 
 /// The scenarios that every target (comet, nchan, node-ws) can run.
+#[derive(Subcommand, Clone)]
+enum DurabilityScenario {
+    Private(PrivateArgs),
+    Publish(PublishArgs),
+}
+
+/// The scenarios `compare` runs.
 #[derive(Subcommand, Clone)]
 enum CompareScenario {
     Idle(IdleArgs),
@@ -253,6 +273,10 @@ struct PublishArgs {
     inserts: usize,
     #[arg(long, default_value_t = 32)]
     window: usize,
+    /// Messages the channel keeps in its history (pipes_settings); 0: none,
+    /// so nothing is written to the store.
+    #[arg(long, default_value_t = 0)]
+    history: u32,
     /// Also publish over the HTTP API (pipelined keep-alive POSTs, the same
     /// sizes), after the CometQL run against the same server: the two are
     /// reported side by side, as `comet` and `comet-http`.
@@ -302,6 +326,11 @@ fn main() {
     let g = cli.g.clone();
     let results: Vec<Figures> = match cli.cmd {
         Cmd::Compare { scenario } => compare(&g, scenario),
+        Cmd::Durability { scenario } => durability(&g, scenario),
+        Cmd::StoreLoad { users } => {
+            store_load(&g, users);
+            return;
+        }
         Cmd::Attack { scenario } => match attack::main(&g, &scenario) {
             Some(f) => vec![f],
             None => return,
@@ -414,6 +443,151 @@ fn compare(g: &Global, scenario: CompareScenario) -> Vec<Figures> {
         std::thread::sleep(Duration::from_millis(500));
     }
     out
+}
+
+/// Runs a CometQL scenario against comet with each durability setting.
+fn durability(g: &Global, scenario: DurabilityScenario) -> Vec<Figures> {
+    let cmd = match scenario {
+        DurabilityScenario::Private(a) => Cmd::Private(a),
+        DurabilityScenario::Publish(a) => Cmd::Publish(a),
+    };
+    let mut out: Vec<Figures> = Vec::new();
+    for mode in ["sync", "async", "ephemeral"] {
+        let mut g = g.clone();
+        g.spawn = true;
+        let dir = std::env::temp_dir().join(format!("comet-bench-store-{}-{mode}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        if mode == "ephemeral" {
+            g.server_args.push("--ephemeral".into());
+        } else {
+            g.server_args.extend(["--data-dir".into(), dir.to_string_lossy().into_owned()]);
+            g.server_args.extend(["--durability".into(), mode.into()]);
+        }
+        eprintln!("durability: {mode}");
+        let mut f = match Target::spawn(Kind::Comet, &spawn_opts(&g)) {
+            Ok(t) => run(&g, &t, &cmd),
+            Err(e) => die(&format!("cannot start comet: {e}")),
+        };
+        f.target = format!("comet {mode}");
+        let _ = std::fs::remove_dir_all(&dir);
+        out.push(f);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let rate = |f: &Figures| f.extra.get("INSERTs/s").copied().unwrap_or(0.0);
+    if let Some(eph) = out.iter().find(|f| f.target == "comet ephemeral").map(rate) {
+        for f in &out {
+            println!("{}: {:.0} INSERT/s, {:.0}% of ephemeral", f.target, rate(f), 100.0 * rate(f) / eph.max(1.0));
+        }
+    }
+    out
+}
+
+/// RSS of a process in KiB, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Fills a comet with `users` keys and as many queued messages, in
+/// multi-row INSERTs.
+fn fill_users(t: &Target, users: usize) {
+    let back = t.back.expect("comet backend");
+    let mut s = wire::mysql_login(&back, &t.password).expect("CometQL login");
+    for start in (1..=users).step_by(1000) {
+        let end = (start + 999).min(users);
+        let keys: Vec<String> = (start..=end).map(|u| format!("({u}, 'key-of-user-{u}')")).collect();
+        wire::mysql_exec(&mut s, &format!("INSERT INTO users_auth (id, hash) VALUES {}", keys.join(",")))
+            .expect("keys");
+        let msgs: Vec<String> = (start..=end).map(|u| format!("({u}, 'bench', 'queued message for {u}')")).collect();
+        wire::mysql_exec(&mut s, &format!("INSERT INTO users_messages (id, event, message) VALUES {}", msgs.join(",")))
+            .expect("messages");
+        if start % 100_000 == 1 {
+            eprint!("\rstore-load: {end}/{users}   ");
+        }
+    }
+    eprintln!();
+}
+
+/// Start-up time and RSS with `users` users and queued messages loaded
+/// from the data dir, and RSS of --ephemeral holding the same.
+fn store_load(g: &Global, users: usize) {
+    let dir = std::env::temp_dir().join(format!("comet-bench-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut g = g.clone();
+    // Long queue TTL: the messages must still be there at the restart.
+    g.server_args.extend(["--offline-queue-ttl".into(), "86400".into()]);
+    let mut eg = g.clone();
+    eg.server_args.push("--ephemeral".into());
+    let t = Target::spawn(Kind::Comet, &spawn_opts(&eg)).unwrap_or_else(|e| die(&format!("cannot start comet: {e}")));
+    fill_users(&t, users);
+    let rss_ephemeral = rss_kib(t.pid.unwrap_or(0));
+    drop(t);
+    let mut dg = g.clone();
+    dg.server_args.extend(["--data-dir".into(), dir.to_string_lossy().into_owned()]);
+    dg.server_args.extend(["--durability".into(), "async".into()]);
+    let t = Target::spawn(Kind::Comet, &spawn_opts(&dg)).unwrap_or_else(|e| die(&format!("cannot start comet: {e}")));
+    fill_users(&t, users);
+    let rss_filled = rss_kib(t.pid.unwrap_or(0));
+    drop(t);
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let t = Target::spawn(Kind::Comet, &spawn_opts(&dg)).unwrap_or_else(|e| die(&format!("cannot start comet: {e}")));
+    let start_ms = started.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_loaded = rss_kib(t.pid.unwrap_or(0));
+    let back = t.back.expect("comet backend");
+    let mut s = wire::mysql_login(&back, &t.password).expect("CometQL login");
+    let probe = format!("SELECT message FROM users_messages WHERE id = {users}");
+    let q = {
+        let mut q = vec![0x03];
+        q.extend_from_slice(probe.as_bytes());
+        let mut b = Vec::new();
+        wire::mysql_packet(&mut b, 0, &q);
+        b
+    };
+    s.write_all(&q).expect("probe");
+    // Column count, column, EOF, then a row (or EOF when there is none).
+    for _ in 0..3 {
+        wire::mysql_read(&mut s).expect("probe answer");
+    }
+    let row = wire::mysql_read(&mut s).expect("probe row");
+    let found = row.first() != Some(&0xFE);
+    drop(t);
+    let du = dir_size(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("store-load: {users} users with keys and {users} queued messages");
+    println!("  start-up (spawn to listening, load included): {start_ms:.0} ms");
+    println!("  RSS --ephemeral after filling:       {rss_ephemeral} KiB");
+    println!("  RSS with the store after filling:    {rss_filled} KiB");
+    println!(
+        "  RSS after a restart that loaded it:  {rss_loaded} KiB ({:.2}x ephemeral)",
+        rss_loaded as f64 / rss_ephemeral.max(1) as f64
+    );
+    println!("  data dir: {} MiB", du / (1 << 20));
+    println!("  the last user's queued message after the restart: {}", if found { "there" } else { "MISSING" });
+}
+
+/// Bytes of the files under `dir`.
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                total += e.metadata().map_or(0, |m| m.len());
+            }
+        }
+    }
+    total
 }
 
 fn source(g: &Global, i: usize) -> u8 {
@@ -931,6 +1105,15 @@ fn publish(g: &Global, t: &Target, a: &PublishArgs, via: Via) -> Figures {
         }
     }
     f.connections = socks.len() as u64;
+    if a.history > 0 {
+        let back = t.back.expect("comet backend");
+        let mut s = wire::mysql_login(&back, &t.password).expect("CometQL login");
+        wire::mysql_exec(
+            &mut s,
+            &format!("INSERT INTO pipes_settings (name, length) VALUES ('{channel}', {})", a.history),
+        )
+        .expect("pipes_settings");
+    }
     std::thread::sleep(Duration::from_millis(500));
     let total = a.conns * a.inserts;
     f.messages = total as u64;

@@ -115,6 +115,10 @@ impl Target {
                     c.args(["--api", &a.to_string()]);
                 }
                 c.args(&s.extra_args);
+                // A bench measures the memory path unless it asks for a data dir.
+                if !s.extra_args.iter().any(|a| a.starts_with("--data-dir") || a == "--ephemeral") {
+                    c.arg("--ephemeral");
+                }
                 if s.lift_per_ip_limit {
                     c.env("COMET_MAX_CONNECTIONS_PER_IP", "10000000");
                 }

@@ -337,7 +337,7 @@ impl ShardCore {
         };
         match c.phase {
             Phase::Closing { .. } => true,
-            _ if self.outbox.is_congested() => false,
+            _ if self.outbox.is_congested() || self.store_congested() => false,
             Phase::Sql => c.pending < self.shared.config.max_pending,
             _ => true,
         }
@@ -988,9 +988,10 @@ impl ShardCore {
             }
             Then::UserStatus { conn, user_id } => self.answer_user_status(conn, user_id, p.records),
             Then::UserData { conn, user_id, marker } => self.answer_user_data(conn, user_id, &marker, p.records),
-            Then::Sql { conn, slot, index, then } => {
-                self.sql_complete(conn, slot, index, then, p.count, p.counts, p.records);
-            }
+            Then::Sql { conn, slot, index, then } => match p.failed {
+                Some(cause) => self.sql_failed(conn, slot, index, &cause),
+                None => self.sql_complete(conn, slot, index, then, p.count, p.counts, p.records),
+            },
         }
     }
 

@@ -67,7 +67,31 @@ pub struct Pending {
     /// a frontend user question reads them directly).
     pub records: Records,
     pub log: Vec<history::Entry>,
+    /// A shard's change could not be stored: why (a CometQL write answers
+    /// this error).
+    pub failed: Option<Arc<str>>,
     pub then: Then,
+}
+
+/// An answer held until the store has the changes it made
+/// (`--durability sync`).
+#[derive(Debug)]
+pub enum Deferred {
+    /// Mail this reply to shard `to`.
+    Reply { to: usize, req: u64, reply: Reply },
+    /// Count this shard's own part of gather `req` as answered.
+    Local(u64),
+    /// Write a user's offline queue to a device once its removal is stored.
+    Frames { conn: ConnId, frames: Vec<Arc<[u8]>> },
+}
+
+/// What recording a handler's changes means for its answer.
+#[derive(Debug)]
+pub enum Written {
+    /// Answer at once: nothing persisted changed (or nothing is persisted).
+    Now,
+    /// Answer once the store has batch `seq`.
+    Wait(u64),
 }
 
 impl Then {
@@ -94,6 +118,7 @@ impl Pending {
             counts: Vec::new(),
             records: Records::None,
             log: Vec::new(),
+            failed: None,
             then,
         }
     }
@@ -112,6 +137,7 @@ impl Pending {
             }
             Reply::Log(mut l) => self.log.append(&mut l),
             Reply::Records(r) => self.records.append(r),
+            Reply::Failed(e) => self.failed = Some(e),
         }
     }
 }
@@ -175,6 +201,10 @@ pub struct ShardCore {
     pub auth_log_at: Option<u32>,
     /// `--channel-rate`: this shard's share of browser publishes per channel.
     pub channel_rates: super::limits::ChannelRates,
+    /// This shard's lane to the storage thread; `None` with `--ephemeral`.
+    pub store: Option<crate::store::writer::StoreHandle>,
+    /// Answers waiting for the store, by batch number (ascending).
+    pub deferred: std::collections::VecDeque<(u64, Deferred)>,
 }
 
 /// What the core asks of the I/O layer, besides writing queued output.
@@ -223,6 +253,93 @@ impl ShardCore {
             last_queue_purge: 0,
             auth_log_at: None,
             channel_rates,
+            store: None,
+            deferred: Default::default(),
+        }
+    }
+
+    /// Connects the shard to the store, with the state loaded for it: from
+    /// now on its changes are recorded and sent.
+    pub fn attach_store(
+        &mut self,
+        store: crate::store::writer::StoreHandle,
+        mut users: crate::users::UserStore,
+        mut history: HistoryStore,
+    ) {
+        users.journal = Some(Vec::new());
+        history.journal = Some(Vec::new());
+        self.users = users;
+        self.history = history;
+        self.store = Some(store);
+    }
+
+    /// Sends the changes recorded since the last call to the store.
+    /// Returns what that means for the answer of the handler that made them.
+    pub fn record_changes(&mut self) -> Written {
+        let Some(store) = self.store.as_mut() else { return Written::Now };
+        let mut changes = self.users.take_changes();
+        changes.append(&mut self.history.take_changes());
+        if changes.is_empty() {
+            return Written::Now;
+        }
+        // Both modes wait for the storage thread: sync until the change is
+        // on disk, async only until it is handed to the OS (no disk wait),
+        // so that a crash of the process never loses an acknowledged write.
+        Written::Wait(store.send(changes))
+    }
+
+    /// Too many changes wait for the store: stop reading clients.
+    pub fn store_congested(&self) -> bool {
+        self.store.as_ref().is_some_and(|s| s.is_congested())
+    }
+
+    /// Mails `reply` to shard `to` once the changes the answer made are
+    /// stored (at once when there are none).
+    fn reply_after_write(&mut self, to: usize, req: u64, reply: Reply) {
+        match self.record_changes() {
+            Written::Now => self.outbox.send(to, Mail::Reply { req, reply }),
+            Written::Wait(seq) => self.deferred.push_back((seq, Deferred::Reply { to, req, reply })),
+        }
+    }
+
+    /// Releases the answers whose changes the store now has (or failed to
+    /// write), in order; lets clients be read again when the lane drained.
+    pub fn storage_progress(&mut self) {
+        let Some(store) = self.store.as_ref() else { return };
+        let done = store.take_done();
+        if done.is_empty() {
+            return;
+        }
+        for d in done {
+            while self.deferred.front().is_some_and(|(seq, _)| *seq <= d.upto) {
+                let Some((_, action)) = self.deferred.pop_front() else { break };
+                match action {
+                    Deferred::Reply { to, req, reply } => {
+                        let reply = match &d.error {
+                            Some(e) => Reply::Failed(e.clone()),
+                            None => reply,
+                        };
+                        self.outbox.send(to, Mail::Reply { req, reply });
+                    }
+                    Deferred::Frames { conn, frames } => {
+                        for f in frames {
+                            self.send_frame(conn, f);
+                        }
+                    }
+                    Deferred::Local(req) => {
+                        if let Some(p) = self.pending.get_mut(&req) {
+                            p.remaining -= 1;
+                            if let Some(e) = &d.error {
+                                p.failed = Some(e.clone());
+                            }
+                            self.maybe_complete(req);
+                        }
+                    }
+                }
+            }
+        }
+        if !self.store_congested() {
+            self.unpause();
         }
     }
 
@@ -399,10 +516,18 @@ impl ShardCore {
         for p in pubs {
             let p = Arc::new(p);
             let local = self.deliver_local(&p);
+            let written = self.record_changes();
             if let Some((_, id)) = req
                 && let Some(pending) = self.pending.get_mut(&id)
             {
                 pending.count += local;
+                match written {
+                    Written::Now => {}
+                    Written::Wait(seq) => {
+                        pending.remaining += 1;
+                        self.deferred.push_back((seq, Deferred::Local(id)));
+                    }
+                }
             }
             for to in (0..self.shards).filter(|&s| s != self.id) {
                 self.outbox.send(to, Mail::Deliver { publication: p.clone(), req });
@@ -440,11 +565,15 @@ impl ShardCore {
     pub fn ask_shards(&mut self, targets: &[usize], dev_id: u32, query: Query, then: Then) {
         let others: Vec<usize> = targets.iter().copied().filter(|&s| s != self.id).collect();
         let local = targets.contains(&self.id).then(|| self.answer(dev_id, &query));
-        let mut pending = Pending::new(others.len(), then);
+        let written = self.record_changes();
+        let mut pending = Pending::new(others.len() + matches!(written, Written::Wait(_)) as usize, then);
         if let Some(l) = local {
             pending.merge(l);
         }
         let id = self.new_request(pending);
+        if let Written::Wait(seq) = written {
+            self.deferred.push_back((seq, Deferred::Local(id)));
+        }
         let query = Arc::new(query);
         for to in others {
             self.outbox.send(to, Mail::Ask { dev_id, query: query.clone(), req: (self.id, id) });
@@ -573,13 +702,16 @@ impl ShardCore {
         match mail {
             Mail::Deliver { publication, req } => {
                 let n = self.deliver_local(&publication);
-                if let Some((from, id)) = req {
-                    self.outbox.send(from, Mail::Reply { req: id, reply: Reply::Count(n) });
+                match req {
+                    Some((from, id)) => self.reply_after_write(from, id, Reply::Count(n)),
+                    None => {
+                        self.record_changes();
+                    }
                 }
             }
             Mail::Ask { dev_id, query, req: (from, id) } => {
                 let reply = self.answer(dev_id, &query);
-                self.outbox.send(from, Mail::Reply { req: id, reply });
+                self.reply_after_write(from, id, reply);
             }
             Mail::Reply { req, reply } => {
                 if let Some(p) = self.pending.get_mut(&req) {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ahash::AHashMap;
 
 use crate::cometql::rows::StoredMessage;
+use crate::store::{Change, HistoryRecord};
 
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,9 +45,55 @@ pub const TRUST_DEFAULT: u32 = 100;
 pub struct HistoryStore {
     channels: AHashMap<u32, AHashMap<Arc<str>, Stored>>,
     next_id: u64,
+    /// Changes to persisted state not yet sent to the store; `None` when
+    /// nothing is persisted (`--ephemeral`).
+    pub journal: Option<Vec<Change>>,
+}
+
+impl From<HistoryRecord> for Entry {
+    fn from(r: HistoryRecord) -> Entry {
+        Entry { id: r.id, time: r.time, event: r.event, message: r.message, user_id: r.user_id }
+    }
+}
+
+impl From<&Entry> for HistoryRecord {
+    fn from(e: &Entry) -> HistoryRecord {
+        HistoryRecord { id: e.id, time: e.time, event: e.event.clone(), message: e.message.clone(), user_id: e.user_id }
+    }
+}
+
+/// Drops entries from the front down to `len`, from the store too.
+fn trim(s: &mut Stored, len: usize, dev: u32, name: &Arc<str>, journal: &mut Option<Vec<Change>>) {
+    while s.entries.len() > len {
+        if let Some(e) = s.entries.pop_front()
+            && let Some(j) = journal.as_mut()
+        {
+            j.push(Change::HistoryDel { dev, channel: name.clone(), id: e.id });
+        }
+    }
 }
 
 impl HistoryStore {
+    /// The changes recorded since the last call.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        self.journal.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Puts back state read from the store at start (not journaled).
+    /// Entries come in key order, which is id order within a channel.
+    pub fn restore(&mut self, c: Change) {
+        match c {
+            Change::HistoryPut { dev, channel, entry } => {
+                self.next_id = self.next_id.max(entry.id + 1);
+                self.channels.entry(dev).or_default().entry(channel).or_default().entries.push_back(entry.into());
+            }
+            Change::Setting { dev, channel, len } => {
+                self.channels.entry(dev).or_default().entry(channel).or_default().setting = len;
+            }
+            _ => {}
+        }
+    }
+
     fn limit(name: &str, s: Option<&Stored>) -> u32 {
         match s.and_then(|s| s.setting) {
             Some(n) => n,
@@ -65,11 +112,17 @@ impl HistoryStore {
         }
         self.next_id += 1;
         e.id = self.next_id * shards as u64 + shard as u64;
-        let s = self.channels.entry(dev_id).or_default().entry(Arc::from(name)).or_default();
-        s.entries.push_back(e);
-        while s.entries.len() > limit {
-            s.entries.pop_front();
+        let m = self.channels.entry(dev_id).or_default();
+        let key = match m.get_key_value(name) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(name),
+        };
+        let s = m.entry(key.clone()).or_default();
+        if let Some(j) = self.journal.as_mut() {
+            j.push(Change::HistoryPut { dev: dev_id, channel: key.clone(), entry: (&e).into() });
         }
+        s.entries.push_back(e);
+        trim(s, limit, dev_id, &key, &mut self.journal);
     }
 
     /// The history of a channel, oldest first.
@@ -84,9 +137,10 @@ impl HistoryStore {
     /// Clears a channel's history; returns how many entries went.
     pub fn clear(&mut self, dev_id: u32, name: &str) -> u64 {
         let Some(m) = self.channels.get_mut(&dev_id) else { return 0 };
+        let Some(key) = m.get_key_value(name).map(|(k, _)| k.clone()) else { return 0 };
         let Some(s) = m.get_mut(name) else { return 0 };
         let n = s.entries.len() as u64;
-        s.entries.clear();
+        trim(s, 0, dev_id, &key, &mut self.journal);
         if s.setting.is_none() {
             m.remove(name);
         }
@@ -97,9 +151,15 @@ impl HistoryStore {
     pub fn remove_ids(&mut self, dev_id: u32, ids: &[u64]) -> u64 {
         let Some(m) = self.channels.get_mut(&dev_id) else { return 0 };
         let mut n = 0;
-        for s in m.values_mut() {
+        for (key, s) in m.iter_mut() {
             let before = s.entries.len();
-            s.entries.retain(|e| !ids.contains(&e.id));
+            s.entries.retain(|e| {
+                let keep = !ids.contains(&e.id);
+                if !keep && let Some(j) = self.journal.as_mut() {
+                    j.push(Change::HistoryDel { dev: dev_id, channel: key.clone(), id: e.id });
+                }
+                keep
+            });
             n += (before - s.entries.len()) as u64;
         }
         n
@@ -107,17 +167,30 @@ impl HistoryStore {
 
     /// Sets a channel's history length, trimming what is over it.
     pub fn set_length(&mut self, dev_id: u32, name: &str, len: u32) {
-        let s = self.channels.entry(dev_id).or_default().entry(Arc::from(name)).or_default();
+        let m = self.channels.entry(dev_id).or_default();
+        let key = match m.get_key_value(name) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(name),
+        };
+        let s = m.entry(key.clone()).or_default();
         s.setting = Some(len);
-        while s.entries.len() > len as usize {
-            s.entries.pop_front();
+        if let Some(j) = self.journal.as_mut() {
+            j.push(Change::Setting { dev: dev_id, channel: key.clone(), len: Some(len) });
         }
+        trim(s, len as usize, dev_id, &key, &mut self.journal);
     }
 
     /// Removes a channel's setting and history; returns whether it had a setting.
     pub fn remove_setting(&mut self, dev_id: u32, name: &str) -> bool {
         let Some(m) = self.channels.get_mut(&dev_id) else { return false };
-        m.remove(name).is_some_and(|s| s.setting.is_some())
+        let Some((key, mut s)) = m.remove_entry(name) else { return false };
+        trim(&mut s, 0, dev_id, &key, &mut self.journal);
+        if s.setting.is_some()
+            && let Some(j) = self.journal.as_mut()
+        {
+            j.push(Change::Setting { dev: dev_id, channel: key, len: None });
+        }
+        s.setting.is_some()
     }
 
     /// Channels with settings: (name, length), optionally only `names`.

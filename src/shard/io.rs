@@ -104,10 +104,14 @@ pub fn with_shard<R>(f: impl FnOnce(&mut Shard) -> R) -> R {
     SHARD.with_borrow_mut(|s| {
         let s = s.as_mut().expect("with_shard called off a shard thread");
         let congested = s.core.outbox.is_congested();
+        let store_congested = s.core.store_congested();
         let r = f(s);
         s.settle();
         if !congested && s.core.outbox.is_congested() {
             ShardMetrics::add(&s.core.metrics.mail_congestions, 1);
+        }
+        if !store_congested && s.core.store_congested() {
+            ShardMetrics::add(&s.core.metrics.store_congestions, 1);
         }
         r
     })
@@ -174,6 +178,9 @@ impl Shard {
     /// Carries out the core's effects and writes what it queued, until
     /// neither is left; wakes paused readers when the core says so.
     fn settle(&mut self) {
+        // Changes no answer waits for (a device leaving, a queue delivered,
+        // a sweep) go to the store now.
+        self.core.record_changes();
         loop {
             if !self.core.effects.is_empty() {
                 for e in std::mem::take(&mut self.core.effects) {
@@ -548,6 +555,7 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
             // work of every other shard's connections and the answers
             // they wait for), but still a bounded one.
             s.core.work = 0;
+            s.core.storage_progress();
             while s.core.work < MAIL_WORK_PER_TURN
                 && let Some(m) = batch.pop_front()
             {

@@ -122,6 +122,7 @@ impl Reply {
             Reply::Counts(c) => c.len() * 8,
             Reply::Log(l) => l.iter().map(|e| e.event.len() + e.message.len() + 80).sum(),
             Reply::Records(r) => r.weight(),
+            Reply::Failed(e) => e.len(),
         }
     }
 }
@@ -258,6 +259,8 @@ pub enum Reply {
     /// Typed records: what a CometQL SELECT or a frontend user question
     /// asked for.
     Records(Records),
+    /// The change was made in memory but could not be stored: why.
+    Failed(Arc<str>),
 }
 
 /// Records a shard answers from its own state, typed by what they are.

@@ -561,6 +561,17 @@ impl ShardCore {
         self.sql_flush(id);
     }
 
+    /// Statement `index` changed state in memory that the store could not
+    /// write: it answers MySQL's "error writing file" with the cause.
+    pub fn sql_failed(&mut self, id: ConnId, slot_id: u64, index: usize, cause: &str) {
+        let msg = format!("The change is made in memory but not stored, so a restart loses it: {cause}");
+        self.sql_set(id, slot_id, index, StmtResult::err(1026, msg));
+        if let Some(slot) = self.sql_slot(id, slot_id) {
+            slot.waiting = slot.waiting.saturating_sub(1);
+        }
+        self.sql_flush(id);
+    }
+
     /// Sends every answer at the front of the queue that is complete.
     fn sql_flush(&mut self, id: ConnId) {
         loop {

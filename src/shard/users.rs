@@ -4,7 +4,7 @@
 
 use std::slice;
 
-use super::core::ShardCore;
+use super::core::{Deferred, ShardCore, Written};
 use super::mail::{Publication, Records, Reply, encode_text_frame};
 use super::{ConnId, home_shard};
 use crate::cometql::session::Passwords;
@@ -41,10 +41,27 @@ impl ShardCore {
     pub fn attach_device(&mut self, id: ConnId, dev_id: u32, user_id: u64) {
         let now = self.unix;
         let legacy = self.conns.get(id).is_some_and(|c| c.legacy);
-        for q in self.users.take_queue(dev_id, user_id, self.queue_ttl(), now) {
-            let msg = private_message(q.event(), q.message(), Some(q.time));
-            let d = Delivery { legacy, history_marker: None, from_queue: true };
-            self.send_frame(id, encode_text_frame(|o| msg.encode(d, o)));
+        let frames: Vec<_> = self
+            .users
+            .take_queue(dev_id, user_id, self.queue_ttl(), now)
+            .into_iter()
+            .map(|q| {
+                let msg = private_message(q.event(), q.message(), Some(q.time));
+                let d = Delivery { legacy, history_marker: None, from_queue: true };
+                encode_text_frame(|o| msg.encode(d, o))
+            })
+            .collect();
+        // The queue is sent once its removal is stored (on disk with
+        // --durability sync), so a crash cannot deliver it a second time.
+        match self.record_changes() {
+            Written::Wait(seq) if !frames.is_empty() => {
+                self.deferred.push_back((seq, Deferred::Frames { conn: id, frames }));
+            }
+            _ => {
+                for f in frames {
+                    self.send_frame(id, f);
+                }
+            }
         }
         let reg = self.users.add_device(dev_id, user_id, id);
         if let Some(old) = reg.evicted {

@@ -15,6 +15,7 @@ use ahash::{AHashMap, AHashSet};
 use smallvec::SmallVec;
 
 use crate::domain::{ConnId, ct_eq};
+use crate::store::Change;
 
 /// Devices (authorized connections) one user may have at once.
 pub const MAX_DEVICES: usize = 16;
@@ -54,6 +55,15 @@ impl Queued {
     }
 }
 
+/// An offline queue, oldest first. `head` is the stored position of the
+/// oldest entry: entries are stored at consecutive positions, so removing
+/// the oldest is one delete of a key the store can compute.
+#[derive(Debug, Default)]
+pub struct Queue {
+    pub head: u64,
+    pub items: VecDeque<Queued>,
+}
+
 /// The device slots of an online user.
 #[derive(Debug, Default)]
 pub struct Devices {
@@ -73,7 +83,7 @@ pub struct User {
     pub devices: Option<Box<Devices>>,
     /// The offline queue: a ring bounded by the configured capacity; boxed
     /// so that a user without one pays 8 bytes, not a `VecDeque`'s 32.
-    pub queue: Option<Box<VecDeque<Queued>>>,
+    pub queue: Option<Box<Queue>>,
     /// Unix time the last device closed; 0 when never seen offline.
     pub offline_since: i64,
 }
@@ -132,9 +142,43 @@ pub struct UserStore {
     registrations: u64,
     /// Messages dropped from full offline queues (for `/metrics`).
     pub dropped: u64,
+    /// Changes to persisted state not yet sent to the store; `None` when
+    /// nothing is persisted (`--ephemeral`).
+    pub journal: Option<Vec<Change>>,
 }
 
 impl UserStore {
+    fn log(&mut self, c: impl FnOnce() -> Change) {
+        if let Some(j) = self.journal.as_mut() {
+            j.push(c());
+        }
+    }
+
+    /// The changes recorded since the last call.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        self.journal.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Puts back state read from the store at start (not journaled).
+    pub fn restore(&mut self, c: Change) {
+        match c {
+            Change::Key { dev, uid, key } => self.entry(dev, uid).key = key,
+            Change::Data { dev, uid, data } => self.entry(dev, uid).data = data,
+            Change::LastOnline { dev, uid, time } => self.entry(dev, uid).offline_since = time.unwrap_or(0),
+            Change::Revoked { dev, token, on: true } => {
+                self.revoked.entry(dev).or_default().insert(token);
+            }
+            Change::QueuePut { dev, uid, seq, msg } => {
+                let q = self
+                    .entry(dev, uid)
+                    .queue
+                    .get_or_insert_with(|| Box::new(Queue { head: seq, items: VecDeque::new() }));
+                q.items.push_back(msg);
+            }
+            _ => {}
+        }
+    }
+
     pub fn get(&self, dev: u32, uid: u64) -> Option<&User> {
         self.users.get(&dev)?.get(&uid)
     }
@@ -165,6 +209,7 @@ impl UserStore {
 
     pub fn set_key(&mut self, dev: u32, uid: u64, key: &str) {
         self.entry(dev, uid).key = Some(key.into());
+        self.log(|| Change::Key { dev, uid, key: Some(key.into()) });
     }
 
     /// Removes the key; returns whether there was one and the devices to close.
@@ -173,6 +218,9 @@ impl UserStore {
             return (false, SmallVec::new());
         };
         let had = u.key.take().is_some();
+        if had {
+            self.log(|| Change::Key { dev, uid, key: None });
+        }
         let devices = self.devices(dev, uid);
         self.tidy(dev, uid);
         (had, devices)
@@ -220,6 +268,7 @@ impl UserStore {
         if d.slots.iter().all(Option::is_none) {
             u.devices = None;
             u.offline_since = now;
+            self.log(|| Change::LastOnline { dev, uid, time: Some(now) });
             return true;
         }
         false
@@ -240,42 +289,54 @@ impl UserStore {
             self.dropped += 1;
             return false;
         }
+        let mut journal = self.journal.take();
         let u = self.entry(dev, uid);
-        let queue = u.queue.get_or_insert_with(|| Box::new(VecDeque::with_capacity(1)));
-        expire(queue, ttl, now);
+        let queue = u.queue.get_or_insert_with(|| Box::new(Queue { head: 0, items: VecDeque::with_capacity(1) }));
+        expire(queue, ttl, now, dev, uid, journal.as_mut());
         let mut kept_all = true;
-        while queue.len() >= capacity {
-            queue.pop_front();
+        while queue.items.len() >= capacity {
+            pop_oldest(queue, dev, uid, journal.as_mut());
             kept_all = false;
         }
-        queue.push_back(q);
+        if let Some(j) = journal.as_mut() {
+            j.push(Change::QueuePut { dev, uid, seq: queue.head + queue.items.len() as u64, msg: q.clone() });
+        }
+        queue.items.push_back(q);
+        self.journal = journal;
         if !kept_all {
             self.dropped += 1;
         }
         kept_all
     }
 
-    /// Takes the user's unexpired queued messages, oldest first.
+    /// Takes the user's unexpired queued messages, oldest first (the store
+    /// forgets all of them, expired or not).
     pub fn take_queue(&mut self, dev: u32, uid: u64, ttl: i64, now: i64) -> Vec<Queued> {
         let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else { return Vec::new() };
         let Some(mut queue) = u.queue.take() else { return Vec::new() };
-        expire(&mut queue, ttl, now);
-        let out: Vec<Queued> = (*queue).into();
-        out
+        let mut journal = self.journal.take();
+        expire(&mut queue, ttl, now, dev, uid, journal.as_mut());
+        forget(&queue, dev, uid, journal.as_mut());
+        self.journal = journal;
+        queue.items.into()
     }
 
     /// The unexpired queued messages (for `SELECT ... FROM users_messages`).
     pub fn queued(&mut self, dev: u32, uid: u64, ttl: i64, now: i64) -> Vec<Queued> {
         let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else { return Vec::new() };
         let Some(queue) = u.queue.as_mut() else { return Vec::new() };
-        expire(queue, ttl, now);
-        queue.iter().cloned().collect()
+        expire(queue, ttl, now, dev, uid, self.journal.as_mut());
+        queue.items.iter().cloned().collect()
     }
 
     /// Empties a queue; returns how many messages were removed.
     pub fn clear_queue(&mut self, dev: u32, uid: u64) -> u64 {
         let Some(u) = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)) else { return 0 };
-        let n = u.queue.take().map_or(0, |q| q.len() as u64);
+        let queue = u.queue.take();
+        if let Some(q) = &queue {
+            forget(q, dev, uid, self.journal.as_mut());
+        }
+        let n = queue.map_or(0, |q| q.items.len() as u64);
         self.tidy(dev, uid);
         n
     }
@@ -287,31 +348,43 @@ impl UserStore {
     /// then answers -1 (unknown) for them. Returns how many were forgotten.
     pub fn purge_expired(&mut self, ttl: i64, now: i64, retention: i64) -> usize {
         let mut forgotten = 0;
-        for m in self.users.values_mut() {
-            for u in m.values_mut() {
+        let mut journal = self.journal.take();
+        for (&dev, m) in self.users.iter_mut() {
+            for (&uid, u) in m.iter_mut() {
                 if let Some(q) = u.queue.as_mut() {
-                    expire(q, ttl, now);
-                    if q.is_empty() {
+                    expire(q, ttl, now, dev, uid, journal.as_mut());
+                    if q.items.is_empty() {
                         u.queue = None;
                     }
                 }
             }
             let before = m.len();
-            m.retain(|_, u| {
-                !(u.key.is_none()
+            m.retain(|&uid, u| {
+                let forget = u.key.is_none()
                     && u.data.is_none()
                     && u.devices.is_none()
                     && u.queue.is_none()
                     && u.offline_since > 0
-                    && now - u.offline_since >= retention)
+                    && now - u.offline_since >= retention;
+                if forget && let Some(j) = journal.as_mut() {
+                    j.push(Change::LastOnline { dev, uid, time: None });
+                }
+                !forget
             });
             forgotten += before - m.len();
         }
         self.users.retain(|_, m| !m.is_empty());
         // A revoked token past its `exp` could not be used anyway.
-        for set in self.revoked.values_mut() {
-            set.retain(|t| jwt::claimed_exp(t).is_none_or(|exp| exp > now));
+        for (&dev, set) in self.revoked.iter_mut() {
+            set.retain(|t| {
+                let keep = jwt::claimed_exp(t).is_none_or(|exp| exp > now);
+                if !keep && let Some(j) = journal.as_mut() {
+                    j.push(Change::Revoked { dev, token: t.clone(), on: false });
+                }
+                keep
+            });
         }
+        self.journal = journal;
         self.revoked.retain(|_, s| !s.is_empty());
         forgotten
     }
@@ -326,20 +399,32 @@ impl UserStore {
 
     pub fn set_data(&mut self, dev: u32, uid: u64, data: &str) {
         self.entry(dev, uid).data = Some(data.into());
+        self.log(|| Change::Data { dev, uid, data: Some(data.into()) });
     }
 
     pub fn remove_data(&mut self, dev: u32, uid: u64) -> bool {
         let had = self.users.get_mut(&dev).and_then(|m| m.get_mut(&uid)).is_some_and(|u| u.data.take().is_some());
+        if had {
+            self.log(|| Change::Data { dev, uid, data: None });
+        }
         self.tidy(dev, uid);
         had
     }
 
     pub fn revoke(&mut self, dev: u32, token: &str) -> bool {
-        self.revoked.entry(dev).or_default().insert(token.into())
+        let new = self.revoked.entry(dev).or_default().insert(token.into());
+        if new {
+            self.log(|| Change::Revoked { dev, token: token.into(), on: true });
+        }
+        new
     }
 
     pub fn unrevoke(&mut self, dev: u32, token: &str) -> bool {
-        self.revoked.get_mut(&dev).is_some_and(|s| s.remove(token))
+        let had = self.revoked.get_mut(&dev).is_some_and(|s| s.remove(token));
+        if had {
+            self.log(|| Change::Revoked { dev, token: token.into(), on: false });
+        }
+        had
     }
 
     pub fn is_revoked(&self, dev: u32, token: &str) -> bool {
@@ -355,9 +440,27 @@ impl UserStore {
     }
 }
 
-fn expire(q: &mut VecDeque<Queued>, ttl: i64, now: i64) {
-    while q.front().is_some_and(|m| m.time + ttl <= now) {
-        q.pop_front();
+/// Drops the queue's expired entries (from the store too).
+fn expire(q: &mut Queue, ttl: i64, now: i64, dev: u32, uid: u64, mut journal: Option<&mut Vec<Change>>) {
+    while q.items.front().is_some_and(|m| m.time + ttl <= now) {
+        pop_oldest(q, dev, uid, journal.as_deref_mut());
+    }
+}
+
+/// Drops the oldest entry (from the store too).
+fn pop_oldest(q: &mut Queue, dev: u32, uid: u64, journal: Option<&mut Vec<Change>>) {
+    if q.items.pop_front().is_some() {
+        if let Some(j) = journal {
+            j.push(Change::QueueDel { dev, uid, seq: q.head });
+        }
+        q.head += 1;
+    }
+}
+
+/// Removes every entry of a queue being taken or cleared from the store.
+fn forget(q: &Queue, dev: u32, uid: u64, journal: Option<&mut Vec<Change>>) {
+    if let Some(j) = journal {
+        j.extend((0..q.items.len() as u64).map(|i| Change::QueueDel { dev, uid, seq: q.head + i }));
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Server {
     /// The `--metrics` listener, when one was asked for.
     pub metrics: Option<SocketAddr>,
     pub log: mpsc::Receiver<String>,
+    /// What the server logged while starting, up to "frontend listening".
+    pub startup: Vec<String>,
 }
 
 impl Server {
@@ -58,10 +60,22 @@ impl Server {
         if !args.contains(&"--api") {
             cmd.args(["--api", "127.0.0.1:0"]);
         }
-        cmd.args(args).env_remove("COMET_IO").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.args(args);
+        // Tests that do not test persistence leave no data dir behind.
+        if !args.iter().any(|a| a.starts_with("--data-dir") || *a == "--ephemeral") {
+            cmd.arg("--ephemeral");
+        }
+        cmd.env_remove("COMET_IO").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         if forbid_uring.is_some() {
             forbid_io_uring(&mut cmd);
         }
+        Self::spawn_cmd(cmd)
+    }
+
+    /// Starts comet from a prepared command (its stderr is taken over) and
+    /// waits until it listens.
+    pub fn spawn_cmd(mut cmd: Command) -> Server {
+        cmd.env_remove("COMET_IO").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start comet");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -93,7 +107,7 @@ impl Server {
                     if let Some(a) = line.strip_prefix("comet: frontend listening on ") {
                         let addr = a.trim().parse().expect("address");
                         let backend = backend.expect("backend address logged before frontend");
-                        return Server { child, addr, backend, api, metrics, log: rx };
+                        return Server { child, addr, backend, api, metrics, log: rx, startup: seen };
                     }
                     seen.push(line);
                 }
@@ -359,4 +373,65 @@ impl Raw {
             }
         }
     }
+}
+
+/// Writes a MySQL packet.
+pub fn packet(out: &mut Vec<u8>, seq: u8, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes()[..3]);
+    out.push(seq);
+    out.extend_from_slice(payload);
+}
+
+pub fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h).unwrap();
+    let len = u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize;
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).unwrap();
+    (h[3], p)
+}
+
+/// Logs in by hand with mysql_native_password; returns the stream.
+pub fn raw_login(s: &Server, password: &str) -> (TcpStream, Vec<u8>) {
+    raw_login_as(s, password, 0x10000, 45)
+}
+
+/// CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH.
+pub const BASE_CAPS: u32 = 0x200 | 0x8000 | 0x80000;
+
+/// Logs in by hand with `extra_caps` besides [`BASE_CAPS`] and the
+/// character set of `collation`; returns the stream and the answer.
+pub fn raw_login_as(s: &Server, password: &str, extra_caps: u32, collation: u8) -> (TcpStream, Vec<u8>) {
+    use sha1::{Digest, Sha1};
+    let mut t = TcpStream::connect(s.backend).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (_, g) = read_packet(&mut t);
+    let vend = g.iter().position(|&b| b == 0).unwrap();
+    let mut nonce = g[vend + 5..vend + 13].to_vec();
+    // filler, capabilities (low), charset, status, capabilities (high),
+    // auth data length, 10 reserved bytes, then the rest of the nonce.
+    let rest = &g[vend + 14 + 2 + 1 + 2 + 2 + 1 + 10..];
+    nonce.extend_from_slice(&rest[..12]);
+    let h1: [u8; 20] = Sha1::digest(password.as_bytes()).into();
+    let h2: [u8; 20] = Sha1::digest(h1).into();
+    let mut h = Sha1::new();
+    h.update(&nonce);
+    h.update(h2);
+    let h3: [u8; 20] = h.finalize().into();
+    let scramble: Vec<u8> = h1.iter().zip(h3).map(|(a, b)| a ^ b).collect();
+    let caps: u32 = BASE_CAPS | extra_caps;
+    let mut p = Vec::new();
+    p.extend_from_slice(&caps.to_le_bytes());
+    p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+    p.push(collation);
+    p.extend_from_slice(&[0; 23]);
+    p.extend_from_slice(b"root\0");
+    p.push(20);
+    p.extend_from_slice(&scramble);
+    p.extend_from_slice(b"mysql_native_password\0");
+    let mut out = Vec::new();
+    packet(&mut out, 1, &p);
+    t.write_all(&out).unwrap();
+    let (_, ok) = read_packet(&mut t);
+    (t, ok)
 }

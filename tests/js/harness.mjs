@@ -25,7 +25,7 @@ export async function startComet({ password, ports, extraArgs = [] }) {
   const back = ports?.back ?? (await freePort());
   const api = ports?.api ?? (await freePort());
   const child = spawn(BIN, ['--frontend', `127.0.0.1:${front}`, '--backend', `127.0.0.1:${back}`,
-    '--api', `127.0.0.1:${api}`, '--shards', '2', '--password', password, ...extraArgs],
+    '--api', `127.0.0.1:${api}`, '--shards', '2', '--password', password, '--ephemeral', ...extraArgs],
   { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   await new Promise((resolve, reject) => {

@@ -1,0 +1,242 @@
+//! The storage thread and the shards' lanes to it.
+//!
+//! Each shard has one [`Lane`]: batches of changes go in, completions come
+//! back. A lock guards each list, held only to push or to swap the list
+//! out, never across a disk operation, so a shard never waits for the disk.
+//! The storage thread takes what every shard sent, applies it as one write
+//! batch, syncs once (`--durability sync`: group commit, one fsync for the
+//! writes of every shard since the last one), then tells each shard how far
+//! its batches are done and rings its doorbell. With `--durability async`
+//! completions go out once the write is handed to the OS (a write(2), no
+//! fsync), so a crash of the process loses nothing acknowledged, and the
+//! thread syncs at least every second.
+//!
+//! A lane is bounded in bytes by `--mail-limit`, like the mail between
+//! shards: past it the shard stops reading its clients until the storage
+//! thread has taken the backlog.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::{Backend, Batch, Change};
+use crate::config::Durability;
+use crate::mailbox::Doorbell;
+
+/// How often an async store syncs, at the latest.
+const ASYNC_SYNC_EVERY: Duration = Duration::from_secs(1);
+/// Under load (the last group was large), how long a sync store lets more
+/// writes join a group before it syncs: fewer, larger fsyncs cost less CPU
+/// per write, and under load the wait is shorter than one fsync anyway.
+const LINGER: Duration = Duration::from_micros(1000);
+/// Changes in the last group that count as load.
+const LINGER_AFTER: usize = 32;
+
+/// Batches up to `upto` are done; `error` says why they did not reach the
+/// disk, if they did not.
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub upto: u64,
+    pub error: Option<Arc<str>>,
+}
+
+/// One shard's lane to the storage thread and back.
+#[derive(Debug)]
+pub struct Lane {
+    inbound: Mutex<Vec<Batch>>,
+    /// Weight of the batches not yet taken by the storage thread.
+    bytes: AtomicUsize,
+    done: Mutex<VecDeque<Done>>,
+    /// The shard's doorbell, rung when completions arrive.
+    bell: Arc<Doorbell>,
+}
+
+/// What every shard and the storage thread share.
+#[derive(Debug)]
+pub struct Hub {
+    lanes: Vec<Arc<Lane>>,
+    durability: Durability,
+    /// The storage thread parks here when idle.
+    thread: Mutex<Option<std::thread::Thread>>,
+    /// Set when the last write failed, cleared by the next that works (to
+    /// log the failure and the recovery once each).
+    failing: Mutex<Option<Arc<str>>>,
+    stop: AtomicBool,
+}
+
+impl Hub {
+    /// One lane per shard, each ringing that shard's doorbell.
+    pub fn new(bells: &[Arc<Doorbell>], durability: Durability) -> Arc<Hub> {
+        Arc::new(Hub {
+            lanes: bells
+                .iter()
+                .map(|b| {
+                    Arc::new(Lane {
+                        inbound: Mutex::new(Vec::new()),
+                        bytes: AtomicUsize::new(0),
+                        done: Mutex::new(VecDeque::new()),
+                        bell: b.clone(),
+                    })
+                })
+                .collect(),
+            durability,
+            thread: Mutex::new(None),
+            failing: Mutex::new(None),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    fn wake(&self) {
+        if let Some(t) = self.thread.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            t.unpark();
+        }
+    }
+
+    /// Tells the storage thread to write what is left, sync, and end.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+}
+
+/// A shard's end of its lane.
+#[derive(Debug)]
+pub struct StoreHandle {
+    hub: Arc<Hub>,
+    lane: Arc<Lane>,
+    next_seq: u64,
+    limit: usize,
+    storage: Option<std::thread::Thread>,
+}
+
+impl StoreHandle {
+    /// Shard `shard`'s end; `limit` bounds the bytes in flight.
+    pub fn new(hub: &Arc<Hub>, shard: usize, limit: usize) -> StoreHandle {
+        StoreHandle { hub: hub.clone(), lane: hub.lanes[shard].clone(), next_seq: 0, limit, storage: None }
+    }
+
+    /// Sends changes to the storage thread; returns the batch's number.
+    pub fn send(&mut self, changes: Vec<Change>) -> u64 {
+        self.next_seq += 1;
+        let weight = changes.iter().map(Change::weight).sum();
+        self.lane.bytes.fetch_add(weight, Ordering::SeqCst);
+        self.lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).push(Batch {
+            seq: self.next_seq,
+            changes,
+            weight,
+        });
+        if self.storage.is_none() {
+            self.storage = self.hub.thread.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        }
+        if let Some(t) = &self.storage {
+            t.unpark();
+        }
+        self.next_seq
+    }
+
+    /// Too much is waiting for the storage thread: stop reading clients.
+    pub fn is_congested(&self) -> bool {
+        self.lane.bytes.load(Ordering::SeqCst) > self.limit
+    }
+
+    /// Completions that arrived since the last call, in order.
+    pub fn take_done(&self) -> VecDeque<Done> {
+        std::mem::take(&mut *self.lane.done.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Starts the storage thread; it ends after [`Hub::stop`], once everything
+/// sent before is written and synced.
+pub fn spawn(hub: Arc<Hub>, mut backend: Box<dyn Backend>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let h = hub.clone();
+    let t = std::thread::Builder::new().name("comet-store".into()).spawn(move || run(&h, backend.as_mut()))?;
+    *hub.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(t.thread().clone());
+    Ok(t)
+}
+
+fn run(hub: &Hub, backend: &mut dyn Backend) {
+    let mut taken: Vec<(usize, Vec<Batch>)> = Vec::new();
+    let mut changes: Vec<Change> = Vec::new();
+    let mut unsynced = false;
+    let mut last_sync = Instant::now();
+    let mut logged_failure: Option<Instant> = None;
+    let mut last_group = 0usize;
+    loop {
+        let stopping = hub.stop.load(Ordering::SeqCst);
+        if hub.durability == Durability::Sync && last_group >= LINGER_AFTER && !stopping {
+            std::thread::sleep(LINGER);
+        }
+        taken.clear();
+        for (i, lane) in hub.lanes.iter().enumerate() {
+            let batches = std::mem::take(&mut *lane.inbound.lock().unwrap_or_else(PoisonError::into_inner));
+            if !batches.is_empty() {
+                let w: usize = batches.iter().map(|b| b.weight).sum();
+                lane.bytes.fetch_sub(w, Ordering::SeqCst);
+                taken.push((i, batches));
+            }
+        }
+        if taken.is_empty() {
+            if unsynced && (stopping || last_sync.elapsed() >= ASYNC_SYNC_EVERY) {
+                let r = backend.sync();
+                note(hub, &r, &mut logged_failure);
+                unsynced = r.is_err();
+                last_sync = Instant::now();
+            }
+            if stopping {
+                return;
+            }
+            last_group = 0;
+            std::thread::park_timeout(ASYNC_SYNC_EVERY);
+            continue;
+        }
+        changes.clear();
+        for (_, batches) in &mut taken {
+            for b in batches.iter_mut() {
+                changes.append(&mut b.changes);
+            }
+        }
+        last_group = changes.len();
+        let mut result = backend.apply(&changes);
+        if result.is_ok() {
+            match hub.durability {
+                Durability::Sync => {
+                    result = backend.sync();
+                    last_sync = Instant::now();
+                }
+                Durability::Async => unsynced = true,
+            }
+        }
+        note(hub, &result, &mut logged_failure);
+        let error: Option<Arc<str>> = result.err().map(|e| Arc::from(e.to_string()));
+        for (i, batches) in &taken {
+            let upto = batches.last().map_or(0, |b| b.seq);
+            let lane = &hub.lanes[*i];
+            lane.done.lock().unwrap_or_else(PoisonError::into_inner).push_back(Done { upto, error: error.clone() });
+            lane.bell.poke();
+        }
+    }
+}
+
+/// Records whether writes work; logs a failure when it starts and at most
+/// once a minute while it lasts, and the recovery.
+fn note(hub: &Hub, r: &Result<(), super::StoreError>, logged: &mut Option<Instant>) {
+    let mut failing = hub.failing.lock().unwrap_or_else(PoisonError::into_inner);
+    match r {
+        Ok(()) => {
+            if failing.take().is_some() {
+                eprintln!("comet: store: writes work again");
+                *logged = None;
+            }
+        }
+        Err(e) => {
+            if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                eprintln!(
+                    "comet: store: {e}; write statements get an error (their change holds in memory only) until this is fixed"
+                );
+                *logged = Some(Instant::now());
+            }
+            *failing = Some(Arc::from(e.to_string()));
+        }
+    }
+}

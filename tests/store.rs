@@ -1,0 +1,420 @@
+//! Durable state against the real binary on a real disk: SIGKILL and
+//! restart, a kill in the middle of a pipelined batch, a full disk, a torn
+//! journal, two processes on one data dir.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{Client, Server, eventually, packet, raw_login};
+use mysql::prelude::Queryable;
+use serde_json::json;
+
+/// A fresh data dir under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("comet-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start(dir: &TempDir, extra: &[&str]) -> Server {
+    let mut args = vec!["--shards", "2", "--password", "pw", "--data-dir", dir.path()];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn kill(mut s: Server) -> Vec<String> {
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    s.drain_log()
+}
+
+fn db(s: &Server) -> mysql::Conn {
+    let url = format!("mysql://root:pw@{}/CometQL_v1", s.backend);
+    mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).expect("mysql connect")
+}
+
+fn user(s: &Server, uid: u64, key: &str) -> (Client, serde_json::Value) {
+    let mut c = Client::connect(&s.url(&format!("sesion={key}&myid={uid}&devid=0&v=4.08&uuid=d{uid}&api=js")));
+    let info = c.recv();
+    assert_eq!(info["event"], "serverInfo", "{info}");
+    (c, info)
+}
+
+#[test]
+fn everything_survives_sigkill_and_queued_messages_are_delivered_once() {
+    let dir = TempDir::new("sigkill");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let token = comet::users::jwt::sign(&json!({"user_id": 31, "exp": now + 600}), b"pw0");
+    let s = start(&dir, &[]);
+    let mut d = db(&s);
+    for uid in 1..=20 {
+        d.query_drop(format!("INSERT INTO users_auth (id, hash) VALUES ({uid}, 'key{uid}')")).unwrap();
+    }
+    d.query_drop("INSERT INTO users_data (id, data) VALUES (3, 'three'), (4, 'four')").unwrap();
+    d.query_drop(format!("INSERT INTO revoked_tokens (token) VALUES ('{token}')")).unwrap();
+    for i in 0..3 {
+        d.query_drop(format!("INSERT INTO users_messages (id, event, message) VALUES (5, 'ev', 'five{i}')")).unwrap();
+        d.query_drop(format!("INSERT INTO users_messages (id, event, message) VALUES (6, 'ev', 'six{i}')")).unwrap();
+    }
+    d.query_drop("INSERT INTO pipes_settings (name, length) VALUES ('web_h', 10)").unwrap();
+    for i in 0..3 {
+        d.query_drop(format!("INSERT INTO pipes_messages (name, event, message) VALUES ('web_h', 'e', 'h{i}')"))
+            .unwrap();
+    }
+    // A user that comes and goes has a last-online time.
+    let (c, _) = user(&s, 7, "key7");
+    drop(c);
+    assert!(eventually(5, || {
+        let t: Option<i64> = d.query_first("SELECT time FROM users_time WHERE id = 7").unwrap();
+        t.unwrap_or(0) > 0
+    }));
+    // Another write after the offline event on the same user: once it is
+    // acknowledged, the offline time is on disk too (one lane, in order).
+    d.query_drop("INSERT INTO users_data (id, data) VALUES (7, 'seven')").unwrap();
+    drop(d);
+    kill(s);
+
+    let s = start(&dir, &[]);
+    let mut d = db(&s);
+    let keys: Vec<(u64, String)> =
+        d.query("SELECT id, hash FROM users_auth WHERE id IN (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20)").unwrap();
+    assert_eq!(keys.len(), 20, "{keys:?}");
+    assert!(keys.contains(&(13, "key13".to_string())));
+    let data: Vec<(u64, String)> = d.query("SELECT id, data FROM users_data WHERE id IN (3, 4, 7)").unwrap();
+    assert_eq!(data.len(), 3, "{data:?}");
+    let tokens: Vec<String> = d.query("SELECT token FROM revoked_tokens").unwrap();
+    assert_eq!(tokens, vec![token.clone()]);
+    let (_, info) = user(&s, 31, &token);
+    assert_eq!(info["authorized"], false, "the revoked token stays revoked");
+    let history: Vec<String> = d.query("SELECT message FROM pipes_messages WHERE name = 'web_h'").unwrap();
+    assert_eq!(history, ["h0", "h1", "h2"]);
+    let settings: Vec<(String, u32)> = d.query("SELECT name, length FROM pipes_settings").unwrap();
+    assert_eq!(settings, [("web_h".to_string(), 10)]);
+    let t: Option<i64> = d.query_first("SELECT time FROM users_time WHERE id = 7").unwrap();
+    assert!(t.unwrap_or(0) > now - 60, "{t:?}");
+    let queued: Vec<(u64, String)> = d.query("SELECT id, message FROM users_messages WHERE id IN (5, 6)").unwrap();
+    assert_eq!(queued.len(), 6, "{queued:?}");
+    // User 5 gets its queue once; another write on it after delivery.
+    let (mut c5, info) = user(&s, 5, "key5");
+    assert_eq!(info["authorized"], true);
+    for i in 0..3 {
+        let m = c5.recv();
+        assert_eq!((m["data"].as_str(), m["fromQueue"].as_bool()), (Some(format!("five{i}").as_str()), Some(true)));
+    }
+    drop(c5);
+    drop(d);
+    kill(s);
+
+    let s = start(&dir, &[]);
+    let mut d = db(&s);
+    let left: Vec<(u64, String)> = d.query("SELECT id, message FROM users_messages WHERE id IN (5, 6)").unwrap();
+    assert_eq!(left.len(), 3, "user 5's delivered queue is gone, user 6's is there: {left:?}");
+    assert!(left.iter().all(|(u, _)| *u == 6));
+    let (mut c5, _) = user(&s, 5, "key5");
+    c5.expect_silence(300);
+    let (mut c6, _) = user(&s, 6, "key6");
+    assert_eq!(c6.recv()["data"], "six0");
+    // History trimmed or deleted leaves the disk too.
+    d.query_drop("DELETE FROM pipes_messages WHERE name = 'web_h'").unwrap();
+    drop(d);
+    kill(s);
+    let s = start(&dir, &[]);
+    let mut d = db(&s);
+    let history: Vec<String> = d.query("SELECT message FROM pipes_messages WHERE name = 'web_h'").unwrap();
+    assert!(history.is_empty(), "{history:?}");
+    // A graceful stop keeps everything as well.
+    s.sigterm();
+    drop(d);
+}
+
+/// Reads one OK or ERR answer; true for OK.
+fn read_ok(t: &mut std::net::TcpStream) -> Option<bool> {
+    let mut h = [0u8; 4];
+    std::io::Read::read_exact(t, &mut h).ok()?;
+    let mut p = vec![0u8; u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize];
+    std::io::Read::read_exact(t, &mut p).ok()?;
+    Some(p.first() == Some(&0))
+}
+
+#[test]
+fn every_acknowledged_insert_survives_a_sigkill_in_the_middle_of_a_pipeline() {
+    let dir = TempDir::new("pipeline");
+    let s = start(&dir, &["--offline-queue-size", "10000"]);
+    let (mut t, ok) = raw_login(&s, "pw");
+    assert_eq!(ok[0], 0);
+    let mut out = Vec::new();
+    for i in 0..3000 {
+        let mut p = vec![0x03];
+        p.extend_from_slice(
+            format!("INSERT INTO users_messages (id, event, message) VALUES (42, 'e', 'm{i}')").as_bytes(),
+        );
+        packet(&mut out, 0, &p);
+    }
+    let mut writer = t.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let _ = writer.write_all(&out);
+    });
+    let mut acked = 0;
+    while acked < 1000 {
+        assert_eq!(read_ok(&mut t), Some(true), "answer {acked}");
+        acked += 1;
+    }
+    let pid = s.child.id() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    while let Some(true) = read_ok(&mut t) {
+        acked += 1;
+    }
+    let _ = sender.join();
+    kill(s);
+    let s = start(&dir, &["--offline-queue-size", "10000"]);
+    let mut d = db(&s);
+    let stored: Vec<String> = d.query("SELECT message FROM users_messages WHERE id = 42").unwrap();
+    assert!(stored.len() >= acked, "{} stored, {acked} acknowledged", stored.len());
+    for (i, m) in stored.iter().take(acked).enumerate() {
+        assert_eq!(m, &format!("m{i}"));
+    }
+    eprintln!("{acked} acknowledged before the kill, {} stored", stored.len());
+}
+
+#[test]
+fn a_second_comet_on_the_same_data_dir_refuses_naming_the_dir() {
+    let dir = TempDir::new("twice");
+    let _first = start(&dir, &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--data-dir", dir.path()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(dir.path()) && err.contains("in use by another comet"), "{err}");
+}
+
+#[test]
+fn an_unusable_data_dir_refuses_to_start_naming_the_path() {
+    let file = TempDir::new("notadir");
+    std::fs::write(&file.0, b"a file").unwrap();
+    let bad = format!("{}/sub", file.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--data-dir", &bad])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&bad), "{err}");
+    let _ = std::fs::remove_file(&file.0);
+}
+
+/// The journal files of a data dir, largest last.
+fn journals(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "jnl") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort_by_key(|p| std::fs::metadata(p).map_or(0, |m| m.len()));
+    out
+}
+
+#[test]
+fn a_torn_journal_tail_is_recovered_and_logged() {
+    let dir = TempDir::new("torn");
+    let s = start(&dir, &[]);
+    let mut d = db(&s);
+    for uid in 1..=50 {
+        d.query_drop(format!("INSERT INTO users_data (id, data) VALUES ({uid}, '{}')", "x".repeat(200))).unwrap();
+    }
+    drop(d);
+    kill(s);
+    let jnl = journals(&dir.0).pop().expect("a journal file");
+    // Journals are preallocated with zeros: the data ends at the last
+    // non-zero byte. Cut the last write in half, as a crash during it would.
+    let bytes = std::fs::read(&jnl).unwrap();
+    let end = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+    std::fs::OpenOptions::new().write(true).open(&jnl).unwrap().set_len(end as u64 - 100).unwrap();
+    let s = start(&dir, &[]);
+    let log = s.startup.clone();
+    let mut d = db(&s);
+    let data: Vec<(u64, String)> = d
+        .query(format!(
+            "SELECT id, data FROM users_data WHERE id IN ({})",
+            (1..=50).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+        ))
+        .unwrap();
+    assert!((45..50).contains(&data.len()), "all but the torn last batch: {}", data.len());
+    assert!(log.iter().any(|l| l.contains("torn tail") && l.contains("dropped")), "{log:#?}");
+    // It writes again.
+    d.query_drop("INSERT INTO users_data (id, data) VALUES (99, 'after')").unwrap();
+}
+
+#[test]
+fn a_full_disk_gives_errors_not_a_crash_and_writes_resume_when_space_returns() {
+    let dir = TempDir::new("full");
+    let exe = env!("CARGO_BIN_EXE_comet");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--shards", "2", "--password", "pw"]);
+    cmd.args(["--data-dir", dir.path(), "--node-name", "test-node"]);
+    cmd.args(["--offline-queue-size", "100000", "--max-query-size", "4194304"]);
+    // SAFETY: signal(2) in the forked child before exec: no allocation,
+    // no lock. SIGXFSZ is ignored so that a write over the file size limit
+    // fails (EFBIG) instead of killing the process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let s = Server::spawn_cmd(cmd);
+    let mut d = db(&s);
+    // The disk fills: a file size limit, set on the running process, is
+    // what a full disk looks like to the writer (no write past 2 MiB of any
+    // file, EFBIG where a full disk gives ENOSPC).
+    let set_limit = |bytes: u64| {
+        let lim = libc::rlimit { rlim_cur: bytes, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: prlimit(2) on our own child's pid with a valid struct.
+        let rc = unsafe { libc::prlimit(s.child.id() as i32, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    set_limit(2 << 20);
+    let mut watcher = s.client("w");
+    watcher.subscribe(&["web_live"]);
+    // Incompressible text (the journal compresses).
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let big: String = (0..60_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'a' + (x % 26) as u8) as char
+        })
+        .collect();
+    let mut failed = None;
+    for i in 0..40 {
+        let rows: Vec<String> = (0..10).map(|j| format!("(8, 'e', '{big}{i}.{j}')")).collect();
+        match d.query_drop(format!("INSERT INTO users_messages (id, event, message) VALUES {}", rows.join(", "))) {
+            Ok(()) => {}
+            Err(e) => {
+                failed = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let failed = failed.expect("a write fails when the disk is full");
+    assert!(failed.contains("File too large") && failed.contains("not stored"), "{failed}");
+    // Deliveries to online users go on.
+    d.query_drop("INSERT INTO pipes_messages (name, event, message) VALUES ('web_live', 'e', 'still here')").unwrap();
+    assert_eq!(watcher.recv()["data"], "still here");
+    // Space returns.
+    set_limit(libc::RLIM_INFINITY);
+    assert!(eventually(10, || d.query_drop("INSERT INTO users_data (id, data) VALUES (8, 'back')").is_ok()));
+    let log = s.drain_log();
+    assert!(log.iter().any(|l| l.contains("File too large")), "{log:#?}");
+    kill(s);
+    let s = start(&dir, &[]);
+    let mut d = db(&s);
+    let back: Option<String> = d.query_first("SELECT data FROM users_data WHERE id = 8").unwrap();
+    assert_eq!(back.as_deref(), Some("back"));
+}
+
+#[test]
+fn async_durability_loses_nothing_when_the_process_is_killed() {
+    let dir = TempDir::new("async");
+    let s = start(&dir, &["--durability", "async"]);
+    let mut d = db(&s);
+    for uid in 1..=30 {
+        d.query_drop(format!("INSERT INTO users_auth (id, hash) VALUES ({uid}, 'k{uid}')")).unwrap();
+    }
+    drop(d);
+    kill(s);
+    let s = start(&dir, &["--durability", "async"]);
+    let mut d = db(&s);
+    let n: Vec<u64> = d.query("SELECT id FROM users_auth WHERE id IN (1, 15, 30)").unwrap();
+    assert_eq!(n.len(), 3, "{n:?}");
+}
+
+#[test]
+fn a_store_of_a_newer_format_refuses_to_start() {
+    let dir = TempDir::new("newer");
+    kill(start(&dir, &[]));
+    {
+        let db = fjall::Database::builder(dir.0.join("db")).open().unwrap();
+        let state = db.keyspace("state", fjall::KeyspaceCreateOptions::default).unwrap();
+        state.insert(b"\0format", 99u32.to_be_bytes()).unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--data-dir", dir.path()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("newer comet") && err.contains("format 99") && err.contains(dir.path()), "{err}");
+}
+
+#[test]
+fn a_backend_outrunning_the_disk_is_paused_by_the_mail_limit_and_nothing_is_lost() {
+    // --mail-limit also bounds the changes waiting for the storage thread:
+    // with the smallest one (1 MiB) and 60 KB messages the shard stops
+    // reading the flooding connection, and resumes each time the storage
+    // thread caught up.
+    let dir = TempDir::new("lane");
+    let args = ["--mail-limit", "1048576", "--offline-queue-size", "10000"];
+    let s = start(&dir, &args);
+    let (mut t, ok) = raw_login(&s, "pw");
+    assert_eq!(ok[0], 0);
+    let text = "z".repeat(60_000);
+    let mut out = Vec::new();
+    let n = 400;
+    for i in 0..n {
+        let mut p = vec![0x03];
+        p.extend_from_slice(
+            format!("INSERT INTO users_messages (id, event, message) VALUES ({}, 'e', '{text}{i}')", i % 7 + 1)
+                .as_bytes(),
+        );
+        packet(&mut out, 0, &p);
+    }
+    let mut writer = t.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&out).is_ok());
+    for i in 0..n {
+        assert_eq!(read_ok(&mut t), Some(true), "answer {i}");
+    }
+    assert!(sender.join().unwrap());
+    assert!(s.metric("comet_store_congestions_total") > 0, "the bound was reached");
+    let mut d = db(&s);
+    let ids = "1, 2, 3, 4, 5, 6, 7";
+    let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({ids})")).unwrap();
+    assert_eq!(got.len(), n);
+    drop(d);
+    kill(s);
+    let s = start(&dir, &args);
+    let mut d = db(&s);
+    let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({ids})")).unwrap();
+    assert_eq!(got.len(), n, "all of them on disk");
+}
