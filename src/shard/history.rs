@@ -44,7 +44,8 @@ pub const TRUST_DEFAULT: u32 = 100;
 #[derive(Debug, Default)]
 pub struct HistoryStore {
     channels: AHashMap<u32, AHashMap<Arc<str>, Stored>>,
-    next_id: u64,
+    /// The largest id given or restored: the next is above it.
+    last_id: u64,
     /// Changes to persisted state not yet sent to the store; `None` when
     /// nothing is persisted (`--ephemeral`).
     pub journal: Option<Vec<Change>>,
@@ -73,6 +74,15 @@ fn trim(s: &mut Stored, len: usize, dev: u32, name: &Arc<str>, journal: &mut Opt
     }
 }
 
+/// The smallest id above `last` that is `shard` modulo `shards`: ids are
+/// unique across shards and increase on each, also after a restart (with
+/// any shard count) restored `last` from the store. Saturates rather than
+/// wrapping (2^64 appends are not reached).
+fn next_id(last: u64, shard: usize, shards: usize) -> u64 {
+    let (shard, shards) = (shard as u64, shards.max(1) as u64);
+    (last / shards).saturating_add(1).saturating_mul(shards).saturating_add(shard)
+}
+
 impl HistoryStore {
     /// The changes recorded since the last call.
     pub fn take_changes(&mut self) -> Vec<Change> {
@@ -84,7 +94,7 @@ impl HistoryStore {
     pub fn restore(&mut self, c: Change) {
         match c {
             Change::HistoryPut { dev, channel, entry } => {
-                self.next_id = self.next_id.max(entry.id + 1);
+                self.last_id = self.last_id.max(entry.id);
                 self.channels.entry(dev).or_default().entry(channel).or_default().entries.push_back(entry.into());
             }
             Change::Setting { dev, channel, len } => {
@@ -110,8 +120,8 @@ impl HistoryStore {
         if limit == 0 {
             return;
         }
-        self.next_id += 1;
-        e.id = self.next_id * shards as u64 + shard as u64;
+        e.id = next_id(self.last_id, shard, shards);
+        self.last_id = e.id;
         let m = self.channels.entry(dev_id).or_default();
         let key = match m.get_key_value(name) {
             Some((k, _)) => k.clone(),
@@ -203,6 +213,27 @@ impl HistoryStore {
             .collect();
         v.sort();
         v
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::next_id;
+
+    #[test]
+    fn ids_stay_unique_per_shard_and_grow_by_at_most_the_shard_count_across_restarts() {
+        // 16 shards, a restart after every append: the restored largest id
+        // is where the next starts (it used to be multiplied by 16).
+        let mut last = 0;
+        for _ in 0..100 {
+            let id = next_id(last, 3, 16);
+            assert!(id > last && id - last <= 32 && id % 16 == 3, "{last} -> {id}");
+            last = id;
+        }
+        assert!(last < 100 * 16 + 16);
+        // Another shard count after a restart still gives a larger id.
+        assert!(next_id(last, 1, 2) > last);
+        assert_eq!(next_id(u64::MAX - 3, 0, 4), u64::MAX);
     }
 }
 
