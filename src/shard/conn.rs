@@ -44,6 +44,9 @@ const REFUSAL_RETRY_SECS: u32 = 5;
 /// large channel must not keep every other connection of the shard waiting
 /// (about 10 ms of fan-out here).
 pub const WORK_PER_WAKE: usize = 4096;
+/// Longest event name a browser may publish with (as in CometQL).
+const MAX_EVENT_NAME: usize = 64;
+
 /// How long a connection that went over `--client-rate` is not read.
 pub const THROTTLE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -904,6 +907,12 @@ impl ShardCore {
         }
         if !is_valid_channel(pipe) {
             self.send_error(id, &format!("Invalid channel name {}: 2..64 characters of A-Za-z0-9_-", clip(pipe)));
+            return;
+        }
+        // The same bound as CometQL's (the stored history keeps an event
+        // name's length in two bytes).
+        if event.len() > MAX_EVENT_NAME {
+            self.send_error(id, &format!("Event name {} is longer than {MAX_EVENT_NAME} characters", clip(event)));
             return;
         }
         if !self.channel_rates.admit(dev_id, pipe, self.now_ms) {

@@ -593,6 +593,21 @@ mod tests {
     }
 
     #[test]
+    fn a_browser_event_name_longer_than_cometqls_is_refused() {
+        let mut sim = Sim::new(2, config());
+        let sub = subscriber(&mut sim, 1, "s", "web_ev");
+        let p = sim.websocket(0, &anon("p"));
+        sim.messages(p);
+        sim.send_text(p, &format!("web_pipe2\nweb_ev\n{}\n*\nm", "e".repeat(65)));
+        sim.send_text(p, &format!("web_pipe2\nweb_ev\n{}\n*\nok", "e".repeat(64)));
+        sim.settle();
+        let to_p = sim.messages(p);
+        assert!(to_p.iter().any(|m| m.to_string().contains("longer than 64 characters")), "{to_p:?}");
+        let got = sim.messages(sub);
+        assert_eq!((got.len(), &got[0]["data"]), (1, &serde_json::json!("ok")), "{got:?}");
+    }
+
+    #[test]
     fn an_unfinished_frame_is_closed_with_1008_at_the_message_timeout() {
         let mut sim = Sim::new(2, config());
         let c = sim.websocket(0, &anon("slow"));

@@ -240,8 +240,14 @@ fn history_value(e: &HistoryRecord) -> Vec<u8> {
     v.extend_from_slice(&e.time.to_be_bytes());
     v.push(e.user_id.is_some() as u8);
     v.extend_from_slice(&e.user_id.unwrap_or(0).to_be_bytes());
-    v.extend_from_slice(&(e.event.len() as u16).to_be_bytes());
-    v.extend_from_slice(e.event.as_bytes());
+    // Event names are at most 64 bytes at every edge; never let a longer
+    // one wrap its two-byte length and corrupt the record.
+    let mut elen = e.event.len().min(u16::MAX as usize);
+    while !e.event.is_char_boundary(elen) {
+        elen -= 1;
+    }
+    v.extend_from_slice(&(elen as u16).to_be_bytes());
+    v.extend_from_slice(&e.event.as_bytes()[..elen]);
     v.extend_from_slice(e.message.as_bytes());
     v
 }
