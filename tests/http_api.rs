@@ -450,6 +450,30 @@ fn an_unfinished_request_is_dropped_after_the_message_timeout() {
     assert_eq!(rows(&h.read())[0]["users"], 0);
 }
 
+#[test]
+fn a_request_without_a_good_key_is_answered_before_its_body_is_held() {
+    let s = start("epoll", &["--message-timeout", "30"]);
+    // A wrong key and a promised megabyte: 401 at once, no 100 Continue,
+    // and the connection closes; nothing waits for the body.
+    let mut h = Http::connect(api(&s));
+    h.send(b"POST /api/pipes_messages HTTP/1.1\r\nX-API-Key: wrong\r\nExpect: 100-continue\r\nContent-Length: 1000000\r\n\r\n{");
+    let started = Instant::now();
+    let a = h.read();
+    assert_eq!((a.status, a.code()), (401, 16), "{a:?}");
+    assert!(h.closed(), "closed after the answer");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // The right key with the body still coming: served once it arrives.
+    let mut h = Http::connect(api(&s));
+    let body = br#"{"name":"web_early","event":"e","message":"m"}"#;
+    h.send(
+        format!("POST /api/pipes_messages HTTP/1.1\r\nX-API-Key: {KEY}\r\nContent-Length: {}\r\n\r\n", body.len())
+            .as_bytes(),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    h.send(body);
+    assert_eq!(ok(&h.read())["affected"], 0);
+}
+
 /// Sum of a metric over its per-shard series.
 fn metric_sum(s: &Server, name: &str) -> i64 {
     let (_, body) = s.http_get("/metrics");

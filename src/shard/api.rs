@@ -67,6 +67,22 @@ impl ShardCore {
             };
             let end = pos + head.head_len + head.body_len;
             if end > buf.len() {
+                // The key first: a client without one holds no body here,
+                // and gets no `100 Continue`.
+                if self.sql(id).and_then(SqlConn::http_mut).is_some_and(|h| !h.key_checked) {
+                    let checked =
+                        api::target(&head.target).and_then(|t| self.api_key(id, t.dev_id, head.key.as_deref()));
+                    if let Err(e) = checked {
+                        if let Some(http) = self.sql(id).and_then(SqlConn::http_mut) {
+                            http.closing = true;
+                        }
+                        self.sql_push_raw(id, api::error_answer(&e, true), true);
+                        return buf.len();
+                    }
+                    if let Some(http) = self.sql(id).and_then(SqlConn::http_mut) {
+                        http.key_checked = true;
+                    }
+                }
                 if head.expect_continue
                     && let Some(http) = self.sql(id).and_then(SqlConn::http_mut)
                     && !http.continued
@@ -78,6 +94,7 @@ impl ShardCore {
             }
             if let Some(http) = self.sql(id).and_then(SqlConn::http_mut) {
                 http.continued = false;
+                http.key_checked = false;
             }
             let body = &buf[pos + head.head_len..end];
             pos = end;
@@ -114,6 +131,13 @@ impl ShardCore {
         let Some(peer) = self.conns.get(id).map(|c| c.peer) else {
             return Err(ApiError::new(500, 500, "connection gone"));
         };
+        let cached = self.sql(id).and_then(SqlConn::http_mut).and_then(|h| h.good_key.as_ref());
+        if let (Some((d, k)), Some(key)) = (cached, key)
+            && *d == dev_id
+            && ct_eq(k.as_bytes(), key.as_bytes())
+        {
+            return Ok(());
+        }
         if let Some(secs) = self.shared.auth_failures.refused(peer.ip(), self.unix as u64) {
             ShardMetrics::add(&self.metrics.auth_refusals, 1);
             let message = format!(
@@ -123,7 +147,10 @@ impl ShardCore {
             return Err(ApiError { retry_after: Some(secs), ..ApiError::new(429, 1129, message) });
         }
         let password = self.shared.config.password(dev_id);
-        if key.is_some_and(|k| ct_eq(k.as_bytes(), password.as_bytes())) {
+        if let Some(k) = key.filter(|k| ct_eq(k.as_bytes(), password.as_bytes())) {
+            if let Some(http) = self.sql(id).and_then(SqlConn::http_mut) {
+                http.good_key = Some((dev_id, Box::from(k)));
+            }
             return Ok(());
         }
         self.login_failed(id);

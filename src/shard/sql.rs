@@ -105,6 +105,13 @@ pub struct HttpConn {
     /// A request asked to close the connection after its answer: what
     /// follows it is not read.
     pub closing: bool,
+    /// The key of the request whose body is arriving was checked (before
+    /// any of the body is held or `100 Continue` is sent).
+    pub key_checked: bool,
+    /// The last (dev_id, key) that opened its dev_id on this connection:
+    /// the same key again needs neither the process-wide failed-login
+    /// table (a lock) nor another comparison.
+    pub good_key: Option<(u32, Box<str>)>,
 }
 
 impl SqlConn {
