@@ -228,9 +228,8 @@ pub fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, timeout: 
 
 /// Reads one request head from `stream` and answers it.
 fn answer(mut stream: std::net::TcpStream, registry: &Registry, timeout: std::time::Duration) {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let deadline = std::time::Instant::now() + timeout;
-    let _ = stream.set_write_timeout(Some(timeout));
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let reply = loop {
@@ -244,7 +243,7 @@ fn answer(mut stream: std::net::TcpStream, registry: &Registry, timeout: std::ti
                 "",
                 format!("request head over {METRICS_MAX_HEAD} bytes\n").as_bytes(),
             );
-            let _ = stream.write_all(&r);
+            write_by(&mut stream, &r, deadline);
             // Read a little of what is still coming before closing, so the
             // kernel does not reset the connection over unread bytes and
             // lose the answer; bounded by the deadline and 64 KiB.
@@ -277,7 +276,24 @@ fn answer(mut stream: std::net::TcpStream, registry: &Registry, timeout: std::ti
     {
         reply.truncate(end + 4);
     }
-    let _ = stream.write_all(&reply);
+    write_by(&mut stream, &reply, deadline);
+}
+
+/// Writes `bytes` unless `deadline` passes first: each write may wait only
+/// for what is left of it (a per-write timeout alone would let a scraper
+/// that reads a little now and then hold a worker for ever).
+fn write_by(stream: &mut std::net::TcpStream, mut bytes: &[u8], deadline: std::time::Instant) {
+    use std::io::Write;
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.write(bytes) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => bytes = &bytes[n..],
+        }
+    }
 }
 
 /// The answer to a request head, or `None` for `GET /metrics` (rendered by
