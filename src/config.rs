@@ -158,6 +158,9 @@ pub struct Cli {
     /// Frontend connections one client address (an IPv6 /64) may hold; more get HTTP 429 [default: 1000].
     #[arg(long, env = "COMET_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<u32>,
+    /// New frontend connections per second this process accepts (burst: one second's worth; 0: unlimited); more get HTTP 503 with Retry-After [default: 0].
+    #[arg(long, env = "COMET_MAX_ACCEPT_RATE", value_name = "N")]
+    pub max_accept_rate: Option<u32>,
     /// Commands per second one WebSocket may send (burst: twice as many); more are dropped with an error [default: 50].
     #[arg(long, env = "COMET_CLIENT_RATE", value_name = "N")]
     pub client_rate: Option<u32>,
@@ -210,6 +213,7 @@ pub struct FileConfig {
     pub user_retention: Option<u64>,
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<u32>,
+    pub max_accept_rate: Option<u32>,
     pub client_rate: Option<u32>,
     pub channel_rate: Option<u32>,
     pub message_timeout: Option<u64>,
@@ -271,6 +275,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Frontend connections per client address (IPv6: per /64); 429 beyond.
     pub max_connections_per_ip: u32,
+    /// New frontend connections a second, process-wide (0: unlimited);
+    /// HTTP 503 beyond.
+    pub max_accept_rate: u32,
     /// Commands per second per WebSocket; the burst is twice this.
     pub client_rate: u32,
     /// Browser publishes per second to one channel (0: unlimited); each
@@ -334,6 +341,7 @@ impl Default for Config {
                 .map_or(65_536, |n| n.saturating_sub(DESCRIPTOR_RESERVE).max(64))
                 .min(10_000_000),
             max_connections_per_ip: 1000,
+            max_accept_rate: 0,
             client_rate: 50,
             channel_rate: 100,
             message_timeout: Duration::from_secs(10),
@@ -397,6 +405,7 @@ impl Config {
                 .max_connections_per_ip
                 .or(file.max_connections_per_ip)
                 .unwrap_or(d.max_connections_per_ip),
+            max_accept_rate: cli.max_accept_rate.or(file.max_accept_rate).unwrap_or(d.max_accept_rate),
             client_rate: cli.client_rate.or(file.client_rate).unwrap_or(d.client_rate),
             channel_rate: cli.channel_rate.or(file.channel_rate).unwrap_or(d.channel_rate),
             message_timeout: cli.message_timeout.or(file.message_timeout).map_or(d.message_timeout, secs),
@@ -453,6 +462,12 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_connections_per_ip == 0 {
             return bad("max-connections and max-connections-per-ip must be at least 1".into());
+        }
+        if self.max_accept_rate > 1_000_000 {
+            return bad(format!(
+                "max-accept-rate must be 0..=1000000 connections per second, got {}",
+                self.max_accept_rate
+            ));
         }
         if self.client_rate == 0 || self.client_rate > 1_000_000 {
             return bad(format!("client-rate must be 1..=1000000 commands per second, got {}", self.client_rate));

@@ -125,6 +125,8 @@ pub struct Shared {
     pub shutdown: Arc<AtomicBool>,
     /// Frontend connections held, in total and per client address.
     pub conn_counts: super::limits::ConnCounts,
+    /// New frontend connections a second (`--max-accept-rate`).
+    pub accept_rate: super::limits::AcceptRate,
     /// Failed backend logins per client address.
     pub auth_failures: super::limits::AuthFailures,
 }

@@ -61,6 +61,7 @@ impl Sim {
             registry,
             shutdown: Arc::new(AtomicBool::new(false)),
             conn_counts: Default::default(),
+            accept_rate: Default::default(),
             auth_failures: Default::default(),
         });
         let mut cores = Vec::new();
@@ -644,6 +645,38 @@ mod tests {
         sim.hangup(a);
         let ok = sim.connect_from(1, "10.1.0.3", false).expect("admitted");
         assert!(sim.take(ok).is_empty(), "no refusal");
+    }
+
+    #[test]
+    fn new_connections_over_the_accept_rate_get_503_and_the_rate_is_shared_by_the_shards() {
+        let mut sim = Sim::new(2, Config { max_accept_rate: 4, ..config() });
+        let c = sim.websocket(0, &anon("early"));
+        sim.messages(c);
+        // The burst is one second's worth, taken from both shards.
+        for shard in [1, 0, 1] {
+            let ok = sim.connect_from(shard, "10.2.0.1", false).expect("admitted");
+            assert!(sim.take(ok).is_empty(), "no refusal");
+        }
+        for shard in [0, 1] {
+            let refused = sim.connect_from(shard, "10.2.0.2", false).expect("answered");
+            let head = String::from_utf8(sim.take(refused)).expect("text");
+            assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+            assert!(head.contains("Retry-After: 2\r\n"), "{head}");
+            assert!(head.contains("--max-accept-rate"), "{head}");
+        }
+        let refused: u64 =
+            sim.cores.iter().map(|c| c.metrics.refused_rate.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        assert_eq!(refused, 2);
+        // A quarter of a second later there is one token again.
+        sim.advance(250);
+        let ok = sim.connect_from(1, "10.2.0.3", false).expect("admitted");
+        assert!(sim.take(ok).is_empty(), "no refusal");
+        let again = sim.connect_from(0, "10.2.0.3", false).expect("answered");
+        assert!(sim.take(again).starts_with(b"HTTP/1.1 503"));
+        // The connected client is served all along.
+        sim.send_text(c, "pipe_count\nweb_x\nm\n");
+        sim.settle();
+        assert_eq!(sim.messages(c)[0]["data"]["user_in_pipe"], 0);
     }
 
     #[test]
