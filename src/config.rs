@@ -167,6 +167,9 @@ pub struct Cli {
     /// Browser publishes per second to one channel, process-wide (burst: twice as many; 0: unlimited); more are dropped with an error [default: 100].
     #[arg(long, env = "COMET_CHANNEL_RATE", value_name = "N")]
     pub channel_rate: Option<u32>,
+    /// Milliseconds a channel message may wait so that the messages of a window go to each subscriber in one write (0: at once) [default: 0].
+    #[arg(long, env = "COMET_WRITE_DELAY", value_name = "MS")]
+    pub write_delay: Option<u64>,
     /// Seconds a started WebSocket frame, HTTP head or MySQL packet has to arrive whole [default: 10].
     #[arg(long, env = "COMET_MESSAGE_TIMEOUT", value_name = "SECONDS")]
     pub message_timeout: Option<u64>,
@@ -216,6 +219,7 @@ pub struct FileConfig {
     pub max_accept_rate: Option<u32>,
     pub client_rate: Option<u32>,
     pub channel_rate: Option<u32>,
+    pub write_delay: Option<u64>,
     pub message_timeout: Option<u64>,
     pub mail_limit: Option<usize>,
     pub max_pending: Option<u16>,
@@ -283,6 +287,9 @@ pub struct Config {
     /// Browser publishes per second to one channel (0: unlimited); each
     /// shard admits its share.
     pub channel_rate: u32,
+    /// Milliseconds channel messages wait, per shard window, so that each
+    /// subscriber gets the window's messages in one write (0: at once).
+    pub write_delay_ms: u64,
     /// How long a started frame, head or packet may take to arrive whole.
     pub message_timeout: Duration,
     /// Bytes of mail in flight from one shard to another before the sender
@@ -344,6 +351,7 @@ impl Default for Config {
             max_accept_rate: 0,
             client_rate: 50,
             channel_rate: 100,
+            write_delay_ms: 0,
             message_timeout: Duration::from_secs(10),
             mail_limit: 16 << 20,
             max_pending: 64,
@@ -408,6 +416,7 @@ impl Config {
             max_accept_rate: cli.max_accept_rate.or(file.max_accept_rate).unwrap_or(d.max_accept_rate),
             client_rate: cli.client_rate.or(file.client_rate).unwrap_or(d.client_rate),
             channel_rate: cli.channel_rate.or(file.channel_rate).unwrap_or(d.channel_rate),
+            write_delay_ms: cli.write_delay.or(file.write_delay).unwrap_or(d.write_delay_ms),
             message_timeout: cli.message_timeout.or(file.message_timeout).map_or(d.message_timeout, secs),
             mail_limit: cli.mail_limit.or(file.mail_limit).unwrap_or(d.mail_limit),
             max_pending: cli.max_pending.or(file.max_pending).unwrap_or(d.max_pending),
@@ -474,6 +483,9 @@ impl Config {
         }
         if self.channel_rate > 1_000_000 {
             return bad(format!("channel-rate must be 0..=1000000 publishes per second, got {}", self.channel_rate));
+        }
+        if self.write_delay_ms > 1000 {
+            return bad(format!("write-delay must be 0..=1000 milliseconds, got {}", self.write_delay_ms));
         }
         if self.message_timeout.is_zero() {
             return bad("message-timeout must be at least 1 second".into());

@@ -42,6 +42,8 @@ pub struct Sim {
     pub closed: HashSet<SocketAddr>,
     /// Clients that do not read: their output stays queued.
     stalled: HashSet<SocketAddr>,
+    /// Writes made to each client (one per flush of its queue).
+    pub writes: HashMap<SocketAddr, usize>,
     next_port: u16,
 }
 
@@ -80,6 +82,7 @@ impl Sim {
             received: HashMap::new(),
             closed: HashSet::new(),
             stalled: HashSet::new(),
+            writes: HashMap::new(),
             next_port: 10_000,
         }
     }
@@ -226,6 +229,9 @@ impl Sim {
                 if self.now_ms.is_multiple_of(1000) {
                     core.tick();
                 }
+                // Any time passing ends a `--write-delay` window.
+                let mut delayed = std::mem::take(&mut core.delayed);
+                core.dirty.append(&mut delayed);
             }
             self.settle();
         }
@@ -266,6 +272,9 @@ impl Sim {
         }
         let core = &mut self.cores[shard];
         let Some(conn) = core.conns.get_mut(id) else { return };
+        if !conn.out.is_empty() {
+            *self.writes.entry(peer).or_default() += 1;
+        }
         let out = self.received.entry(peer).or_default();
         while !conn.out.is_empty() {
             let n: usize = conn.out.slices().iter().map(|s| s.len()).sum();
@@ -677,6 +686,40 @@ mod tests {
         sim.send_text(c, "pipe_count\nweb_x\nm\n");
         sim.settle();
         assert_eq!(sim.messages(c)[0]["data"]["user_in_pipe"], 0);
+    }
+
+    #[test]
+    fn with_a_write_delay_the_messages_of_a_window_reach_each_subscriber_in_one_write() {
+        let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 20, ..config() });
+        let subs: Vec<Client> = (0..3).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_hot")).collect();
+        let publisher = sim.websocket(0, &anon("pub"));
+        sim.messages(publisher);
+        let before: Vec<usize> = subs.iter().map(|c| sim.writes.get(&c.peer).copied().unwrap_or(0)).collect();
+        for i in 0..3 {
+            sim.send_text(publisher, &format!("web_pipe2\nweb_hot\ne\n*\n{i}"));
+        }
+        sim.settle();
+        // Answers to commands are not delayed: the publisher has its reports.
+        assert_eq!(sim.messages(publisher).len(), 3);
+        assert!(sim.messages(subs[0]).is_empty(), "held for the window");
+        assert_eq!(sim.cores[0].delayed.len(), 3, "each subscriber listed once");
+        sim.advance(20);
+        for (c, before) in subs.iter().zip(before) {
+            let got: Vec<String> =
+                sim.messages(*c).iter().map(|m| m["data"].as_str().unwrap_or_default().to_string()).collect();
+            assert_eq!(got, ["0", "1", "2"]);
+            assert_eq!(sim.writes[&c.peer], before + 1, "three messages, one write");
+        }
+        // Without the delay: a write per message.
+        let mut sim = Sim::new(1, Config { shards: 1, ..config() });
+        let c = subscriber(&mut sim, 0, "s", "web_hot");
+        let publisher = sim.websocket(0, &anon("pub"));
+        let before = sim.writes[&c.peer];
+        for i in 0..3 {
+            sim.send_text(publisher, &format!("web_pipe2\nweb_hot\ne\n*\n{i}"));
+        }
+        sim.settle();
+        assert_eq!(sim.writes[&c.peer], before + 3);
     }
 
     #[test]
