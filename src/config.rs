@@ -595,6 +595,25 @@ mod tests {
     }
 
     #[test]
+    fn the_accept_rate_and_write_delay_come_from_flags_the_file_or_defaults_and_are_bounded() {
+        let d = Config::load(Cli::default()).unwrap();
+        assert_eq!((d.max_accept_rate, d.write_delay_ms), (0, 0));
+        let dir = std::env::temp_dir().join(format!("comet-storm-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "max_accept_rate = 5000\nwrite_delay = 20\n").unwrap();
+        let c = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap();
+        assert_eq!((c.max_accept_rate, c.write_delay_ms), (5000, 20));
+        let cli = Cli::try_parse_from(["comet", "--max-accept-rate", "7", "--write-delay", "5"]).unwrap();
+        let c = Config::load(Cli { config: Some(path), ..cli }).unwrap();
+        assert_eq!((c.max_accept_rate, c.write_delay_ms), (7, 5));
+        let e = Config::load(Cli { write_delay: Some(1001), ..Cli::default() }).unwrap_err().to_string();
+        assert!(e.contains("write-delay") && e.contains("1001"), "{e}");
+        let e = Config::load(Cli { max_accept_rate: Some(2_000_000), ..Cli::default() }).unwrap_err().to_string();
+        assert!(e.contains("max-accept-rate"), "{e}");
+    }
+
+    #[test]
     fn addresses_may_be_host_names() {
         let a = parse_addr("localhost:8087").unwrap();
         assert!(a.ip().is_loopback() && a.port() == 8087, "{a}");
