@@ -13,6 +13,7 @@
 mod attack;
 mod proc;
 mod report;
+mod storm;
 mod target;
 mod wire;
 
@@ -150,6 +151,19 @@ enum Cmd {
         #[arg(long, default_value_t = 200_000)]
         iterations: usize,
     },
+    /// comet: a reconnect storm. C clients (over several processes and
+    /// source addresses, every K-th an authorized user) are subscribed, the
+    /// server restarts on the same ports, and all reconnect with jittered
+    /// backoff: time until all are subscribed, failed connects, CPU, peak RSS.
+    Storm(StormArgs),
+    /// (internal) one client process of `storm`.
+    #[command(hide = true)]
+    StormClient {
+        #[command(flatten)]
+        a: StormArgs,
+        #[arg(long)]
+        offset: usize,
+    },
     /// (internal) subscribers and their reader for `fanout --procs`.
     #[command(hide = true)]
     Sink {
@@ -204,6 +218,27 @@ struct ConnectArgs {
     #[arg(long)]
     auth: bool,
     #[arg(long, default_value_t = 4)]
+    threads: usize,
+}
+
+/// Sizes of `storm`.
+#[derive(Args, Clone)]
+struct StormArgs {
+    #[arg(long, default_value_t = 15_000)]
+    clients: usize,
+    /// Client processes (one may hold at most 20,000 descriptors here).
+    #[arg(long, default_value_t = 3)]
+    procs: usize,
+    /// Every K-th client is an authorized user (0: none).
+    #[arg(long, default_value_t = 10)]
+    auth_every: usize,
+    #[arg(long, default_value_t = 100)]
+    channels: usize,
+    /// Attempts per client before it gives up.
+    #[arg(long, default_value_t = 20)]
+    retries: u32,
+    /// Connecting threads per client process.
+    #[arg(long, default_value_t = 16)]
     threads: usize,
 }
 
@@ -327,6 +362,11 @@ fn main() {
             hold(&g, conns, channels, offset);
             return;
         }
+        Cmd::StormClient { a, offset } => {
+            storm::client(&g, &a, offset);
+            return;
+        }
+        Cmd::Storm(a) => vec![storm::storm(&g, &a)],
         Cmd::Sink { subs, offset, channels, messages } => {
             sink(&g, subs, offset, channels, messages);
             return;
