@@ -40,6 +40,10 @@ check "$out/publish_http.json" '[x["target"] for x in f] == ["comet", "comet-htt
 "$B" "${common[@]}" durability publish --subs 20 --conns 2 --inserts 200 --window 16 --history 10 --json "$out/durability.json"
 check "$out/durability.json" 'len(f) == 3 and all(x["loss"] == 0 for x in f)'
 "$B" "${common[@]}" store-load --users 2000
+"$B" "${common[@]}" --server-arg=--max-accept-rate=2000 storm --clients 400 --procs 2 --threads 4 --json "$out/storm.json"
+check "$out/storm.json" 'f[0]["connections"] == 400 and f[0]["extra"]["subscribed after restart (server count)"] == 400 and f[0]["failed_connections"] == 0'
+"$B" "${common[@]}" --variant-arg=--write-delay=20 fanout --subs 100 --rate 20 --seconds 1 --json "$out/write_delay.json"
+check "$out/write_delay.json" '[x["target"] for x in f] == ["comet", "write-delay=20"] and all(x["loss"] == 0 and x["delivered"] == 2000 for x in f)'
 "$B" "${common[@]}" churn --users 200 --online 40 --seconds 2 --rate 200 --json "$out/churn.json"
 check "$out/churn.json" 'f[0]["connections"] > 0 and f[0]["delivered"] > 0'
 "$B" "${common[@]}" slow --slow 5 --size 16384 --messages 800 --json "$out/slow.json"

@@ -169,12 +169,18 @@ pub struct Cli {
     /// Frontend connections one client address (an IPv6 /64) may hold; more get HTTP 429 [default: 1000].
     #[arg(long, env = "COMET_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<u32>,
+    /// New frontend connections per second this process accepts (burst: one second's worth; 0: unlimited); more get HTTP 503 with Retry-After [default: 0].
+    #[arg(long, env = "COMET_MAX_ACCEPT_RATE", value_name = "N")]
+    pub max_accept_rate: Option<u32>,
     /// Commands per second one WebSocket may send (burst: twice as many); more are dropped with an error [default: 50].
     #[arg(long, env = "COMET_CLIENT_RATE", value_name = "N")]
     pub client_rate: Option<u32>,
     /// Browser publishes per second to one channel, process-wide (burst: twice as many; 0: unlimited); more are dropped with an error [default: 100].
     #[arg(long, env = "COMET_CHANNEL_RATE", value_name = "N")]
     pub channel_rate: Option<u32>,
+    /// Milliseconds a channel message may wait so that the messages of a window go to each subscriber in one write (0: at once) [default: 0].
+    #[arg(long, env = "COMET_WRITE_DELAY", value_name = "MS")]
+    pub write_delay: Option<u64>,
     /// Seconds a started WebSocket frame, HTTP head or MySQL packet has to arrive whole [default: 10].
     #[arg(long, env = "COMET_MESSAGE_TIMEOUT", value_name = "SECONDS")]
     pub message_timeout: Option<u64>,
@@ -230,8 +236,10 @@ pub struct FileConfig {
     pub user_retention: Option<u64>,
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<u32>,
+    pub max_accept_rate: Option<u32>,
     pub client_rate: Option<u32>,
     pub channel_rate: Option<u32>,
+    pub write_delay: Option<u64>,
     pub message_timeout: Option<u64>,
     pub mail_limit: Option<usize>,
     pub max_pending: Option<u16>,
@@ -294,11 +302,17 @@ pub struct Config {
     pub max_connections: usize,
     /// Frontend connections per client address (IPv6: per /64); 429 beyond.
     pub max_connections_per_ip: u32,
+    /// New frontend connections a second, process-wide (0: unlimited);
+    /// HTTP 503 beyond.
+    pub max_accept_rate: u32,
     /// Commands per second per WebSocket; the burst is twice this.
     pub client_rate: u32,
     /// Browser publishes per second to one channel (0: unlimited); each
     /// shard admits its share.
     pub channel_rate: u32,
+    /// Milliseconds channel messages wait, per shard window, so that each
+    /// subscriber gets the window's messages in one write (0: at once).
+    pub write_delay_ms: u64,
     /// How long a started frame, head or packet may take to arrive whole.
     pub message_timeout: Duration,
     /// Bytes of mail in flight from one shard to another before the sender
@@ -363,8 +377,10 @@ impl Default for Config {
                 .map_or(65_536, |n| n.saturating_sub(DESCRIPTOR_RESERVE).max(64))
                 .min(10_000_000),
             max_connections_per_ip: 1000,
+            max_accept_rate: 0,
             client_rate: 50,
             channel_rate: 100,
+            write_delay_ms: 0,
             message_timeout: Duration::from_secs(10),
             mail_limit: 16 << 20,
             max_pending: 64,
@@ -433,8 +449,10 @@ impl Config {
                 .max_connections_per_ip
                 .or(file.max_connections_per_ip)
                 .unwrap_or(d.max_connections_per_ip),
+            max_accept_rate: cli.max_accept_rate.or(file.max_accept_rate).unwrap_or(d.max_accept_rate),
             client_rate: cli.client_rate.or(file.client_rate).unwrap_or(d.client_rate),
             channel_rate: cli.channel_rate.or(file.channel_rate).unwrap_or(d.channel_rate),
+            write_delay_ms: cli.write_delay.or(file.write_delay).unwrap_or(d.write_delay_ms),
             message_timeout: cli.message_timeout.or(file.message_timeout).map_or(d.message_timeout, secs),
             mail_limit: cli.mail_limit.or(file.mail_limit).unwrap_or(d.mail_limit),
             max_pending: cli.max_pending.or(file.max_pending).unwrap_or(d.max_pending),
@@ -496,11 +514,20 @@ impl Config {
         if self.max_connections == 0 || self.max_connections_per_ip == 0 {
             return bad("max-connections and max-connections-per-ip must be at least 1".into());
         }
+        if self.max_accept_rate > 1_000_000 {
+            return bad(format!(
+                "max-accept-rate must be 0..=1000000 connections per second, got {}",
+                self.max_accept_rate
+            ));
+        }
         if self.client_rate == 0 || self.client_rate > 1_000_000 {
             return bad(format!("client-rate must be 1..=1000000 commands per second, got {}", self.client_rate));
         }
         if self.channel_rate > 1_000_000 {
             return bad(format!("channel-rate must be 0..=1000000 publishes per second, got {}", self.channel_rate));
+        }
+        if self.write_delay_ms > 1000 {
+            return bad(format!("write-delay must be 0..=1000 milliseconds, got {}", self.write_delay_ms));
         }
         if self.message_timeout.is_zero() {
             return bad("message-timeout must be at least 1 second".into());
@@ -619,6 +646,25 @@ mod tests {
         std::fs::write(&path, "shardz = 3\n").unwrap();
         let e = Config::load(Cli { config: Some(path), ..Cli::default() }).unwrap_err().to_string();
         assert!(e.contains("shardz"), "{e}");
+    }
+
+    #[test]
+    fn the_accept_rate_and_write_delay_come_from_flags_the_file_or_defaults_and_are_bounded() {
+        let d = Config::load(Cli::default()).unwrap();
+        assert_eq!((d.max_accept_rate, d.write_delay_ms), (0, 0));
+        let dir = std::env::temp_dir().join(format!("comet-storm-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "max_accept_rate = 5000\nwrite_delay = 20\n").unwrap();
+        let c = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap();
+        assert_eq!((c.max_accept_rate, c.write_delay_ms), (5000, 20));
+        let cli = Cli::try_parse_from(["comet", "--max-accept-rate", "7", "--write-delay", "5"]).unwrap();
+        let c = Config::load(Cli { config: Some(path), ..cli }).unwrap();
+        assert_eq!((c.max_accept_rate, c.write_delay_ms), (7, 5));
+        let e = Config::load(Cli { write_delay: Some(1001), ..Cli::default() }).unwrap_err().to_string();
+        assert!(e.contains("write-delay") && e.contains("1001"), "{e}");
+        let e = Config::load(Cli { max_accept_rate: Some(2_000_000), ..Cli::default() }).unwrap_err().to_string();
+        assert!(e.contains("max-accept-rate"), "{e}");
     }
 
     #[test]

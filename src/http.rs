@@ -42,14 +42,14 @@ pub fn unavailable(reason: &str) -> Vec<u8> {
 /// `503 Service Unavailable` with `Retry-After`: the server is full.
 pub fn unavailable_retry(reason: &str, retry_after: u32) -> Vec<u8> {
     let body = format!("{reason}\n");
-    let extra = format!("Retry-After: {retry_after}\r\n");
+    let extra = format!("Retry-After: {retry_after}\r\nAccess-Control-Expose-Headers: Retry-After\r\n");
     response("503 Service Unavailable", "text/plain; charset=utf-8", &extra, body.as_bytes())
 }
 
 /// `429 Too Many Requests` with `Retry-After`: this client holds too much.
 pub fn too_many(reason: &str, retry_after: u32) -> Vec<u8> {
     let body = format!("{reason}\n");
-    let extra = format!("Retry-After: {retry_after}\r\n");
+    let extra = format!("Retry-After: {retry_after}\r\nAccess-Control-Expose-Headers: Retry-After\r\n");
     response("429 Too Many Requests", "text/plain; charset=utf-8", &extra, body.as_bytes())
 }
 

@@ -43,6 +43,8 @@ pub struct ShardMetrics {
     pub refused_full: AtomicU64,
     /// Frontend connections refused with 429 (`--max-connections-per-ip`).
     pub refused_per_ip: AtomicU64,
+    /// Frontend connections refused with 503 (`--max-accept-rate`).
+    pub refused_rate: AtomicU64,
     /// Commands dropped over `--client-rate`.
     pub rate_limited: AtomicU64,
     /// Browser publishes dropped over `--channel-rate`.
@@ -94,7 +96,7 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 24] = [
+        let families: [(&str, &str, &str, Get); 25] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -103,6 +105,12 @@ impl Registry {
                 "counter",
                 "Frontend connections refused with 429 (--max-connections-per-ip).",
                 |m| m.refused_per_ip.load(Relaxed) as i64,
+            ),
+            (
+                "comet_refused_rate_total",
+                "counter",
+                "Frontend connections refused with 503 (--max-accept-rate).",
+                |m| m.refused_rate.load(Relaxed) as i64,
             ),
             ("comet_rate_limited_total", "counter", "Client commands dropped over --client-rate.", |m| {
                 m.rate_limited.load(Relaxed) as i64

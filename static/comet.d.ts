@@ -37,6 +37,10 @@ export interface CometMessage<T = unknown> {
 export type CometCallback<T = unknown> = (msg: CometMessage<T>) => void;
 
 export declare class cometServerApi {
+  /** Connects, and reconnects after a close with jittered exponential backoff (0.5 s doubling to 30 s),
+   * except after 4009 and 4400-4499. After 4029 it waits 10-20 s. When an upgrade fails before opening,
+   * it GETs /info on the same node: a 503 or 429 there gives the server's Retry-After, and the client
+   * waits between it and twice it. */
   start(opts?: CometStartOptions): boolean;
   stop(): void;
   restart(opts?: CometStartOptions): boolean;

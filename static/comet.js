@@ -14,6 +14,9 @@
   var API_VERSION = '4.08';
   var BACKOFF_BASE_MS = 500;
   var BACKOFF_CAP_MS = 30000;
+  // Longest Retry-After honoured, and the wait after a 4029 (rate limit).
+  var RETRY_AFTER_CAP_MS = 300000;
+  var RATE_CLOSE_WAIT_MS = 10000;
 
   // The host that served this script is the default node, not a SaaS host.
   var scriptHost = (function () {
@@ -58,6 +61,13 @@
     var pipe = dot < 0 ? name : name.slice(0, dot);
     var event = dot < 0 ? null : name.slice(dot + 1);
     return { pipe: pipe, event: event, channel: pipe === 'msg' ? null : pipe };
+  }
+
+  // Retry-After: delay-seconds or an HTTP date; 0 when absent or unreadable.
+  function retryAfterMs(h) {
+    if (!h) { return 0; }
+    var ms = /^\s*\d+\s*$/.test(h) ? Number(h) * 1000 : Date.parse(h) - Date.now();
+    return ms > 0 ? Math.min(ms, RETRY_AFTER_CAP_MS) : 0;
   }
 
   /** One client; `CometServer()` returns the shared one. */
@@ -206,6 +216,7 @@
     }
     var q = 'sesion=' + encodeURIComponent(o.user_key) + '&myid=' + encodeURIComponent(o.user_id || '') +
       '&devid=' + o.dev_id + '&v=' + API_VERSION + '&uuid=' + encodeURIComponent(this.uuid) + '&api=js';
+    this.node = node;
     return (o.wss ? 'wss://' : 'ws://') + node + '/ws/' + q;
   };
 
@@ -216,8 +227,11 @@
     var ws;
     try { ws = new root.WebSocket(this.url()); } catch (e) { this.scheduleReconnect(); return; }
     this.ws = ws;
+    var opened = false;
+    var node = this.node;
     ws.onopen = function () {
       if (self.ws !== ws) { return; }
+      opened = true;
       self.attempt = 0;
       self.setConnected(true);
       self.sendSubscriptions();
@@ -235,19 +249,42 @@
       self.setConnected(false);
       // 4009: replaced by a newer device; 44xx: fatal server errors.
       if (ev.code === 4009 || (ev.code >= 4400 && ev.code < 4500)) { self.noReconnect = true; }
+      // 4029: this client sent over the rate for seconds; come back slowly.
+      if (ev.code === 4029) { self.scheduleReconnect(RATE_CLOSE_WAIT_MS); return; }
+      // Never opened: the upgrade may have been refused with 503 or 429
+      // and Retry-After, which a WebSocket cannot see; ask the same node.
+      if (!opened) { self.probe(node); return; }
       self.scheduleReconnect();
     };
     ws.onerror = function () { /* onclose follows */ };
   };
 
-  P.scheduleReconnect = function () {
+  // After an upgrade that failed: a plain GET of /info on the same node.
+  // Refused too, it carries the server's Retry-After (CORS exposes it);
+  // answered, the server takes connections again and the usual backoff
+  // applies. A node unreachable over HTTP: the usual backoff.
+  P.probe = function (node) {
     var self = this;
     if (this.stopped || this.noReconnect) { return; }
-    // Exponential backoff with full jitter.
+    if (!root.fetch || !node) { this.scheduleReconnect(); return; }
+    var url = (this.opts.wss ? 'https://' : 'http://') + node + '/info';
+    root.fetch(url, { cache: 'no-store', credentials: 'omit' }).then(function (r) {
+      var wait = r.status === 503 || r.status === 429 ? retryAfterMs(r.headers.get('Retry-After')) : 0;
+      self.scheduleReconnect(wait);
+    }, function () { self.scheduleReconnect(); });
+  };
+
+  // Exponential backoff with full jitter; with `atLeastMs` (a server's
+  // Retry-After), a wait between it and twice it, which spreads a storm of
+  // refused clients over that window instead of bringing them back at once.
+  P.scheduleReconnect = function (atLeastMs) {
+    var self = this;
+    if (this.stopped || this.noReconnect || this.ws) { return; }
     var cap = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, this.attempt));
     this.attempt++;
+    var wait = atLeastMs > 0 ? atLeastMs * (1 + Math.random()) : Math.random() * cap;
     clearTimeout(this.timer);
-    this.timer = setTimeout(function () { self.connectNow(); }, Math.random() * cap);
+    this.timer = setTimeout(function () { self.connectNow(); }, wait);
   };
 
   P.setConnected = function (c) {

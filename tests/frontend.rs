@@ -531,3 +531,33 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
     assert!((1..=3).contains(&accept_lines), "one accept-error report, not a storm: {logs:#?}");
     assert!(logs.iter().any(|l| l.contains("shard 0: frontend accept failed")), "{logs:#?}");
 }
+
+#[test]
+fn with_a_write_delay_a_burst_of_channel_messages_arrives_after_the_delay_in_one_write() {
+    use std::io::Read;
+    for io in BACKENDS {
+        let s = start(io, &["--write-delay", "300"]);
+        let mut sub = Raw::open(s.addr, "/ws/v=4&uuid=hot-sub");
+        sub.frame(); // serverInfo
+        sub.send_frame(0x81, b"subscription\nweb_hot", true);
+        let mut publisher = s.client("hot-pub");
+        wait_count(&mut publisher, "web_hot", 1);
+        let t = std::time::Instant::now();
+        for i in 0..5 {
+            publisher.send(&format!("web_pipe2\nweb_hot\ne\n*\nhot-msg-{i}"));
+        }
+        // The reports to the publisher are not delayed.
+        for _ in 0..5 {
+            let report = publisher.recv();
+            assert_eq!(report["data"]["number_messages"], 1, "{io}: {report}");
+        }
+        assert!(t.elapsed() < Duration::from_millis(250), "{io}: reports took {:?}", t.elapsed());
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = sub.s.read(&mut buf).unwrap();
+        let waited = t.elapsed();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(waited >= Duration::from_millis(250), "{io}: delivered after {waited:?}, before the window closed");
+        assert!(waited < Duration::from_millis(2000), "{io}: delivered after {waited:?}");
+        assert_eq!(text.matches("hot-msg-").count(), 5, "{io}: the five messages in one read: {text}");
+    }
+}

@@ -282,6 +282,89 @@ fn connections_over_the_process_and_address_limits_get_503_and_429_and_backends_
     }
 }
 
+/// One connection of a reconnect storm: the status code of the answer to
+/// its upgrade, or 0 when the server closed it unanswered.
+fn storm_attempt(server: SocketAddr, source: &str) -> u16 {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&format!("{source}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
+    if sock.connect(&server.into()).is_err() {
+        return 0;
+    }
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if s.write_all(common::upgrade_request("/ws/v=4&uuid=storm").as_bytes()).is_err() {
+        return 0;
+    }
+    let mut head = [0u8; 12];
+    match s.read_exact(&mut head) {
+        Ok(()) => std::str::from_utf8(&head[9..12]).ok().and_then(|c| c.parse().ok()).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+#[test]
+fn a_reconnect_storm_over_the_accept_rate_gets_503_and_connected_clients_keep_their_speed() {
+    for io in BACKENDS {
+        let rate = 100;
+        let s = start(io, &["--max-accept-rate", &rate.to_string()]);
+        // Connected before the storm (4 of the burst's 100 tokens).
+        let mut sub = s.client("calm-sub");
+        sub.subscribe(&["web_calm"]);
+        let mut publisher = s.client("calm-pub");
+        assert!(eventually(5, || {
+            publisher.send("pipe_count\nweb_calm\nm\n");
+            publisher.recv()["data"]["user_in_pipe"] == 1
+        }));
+        let before = bystander_round_trip(&s, "before");
+        let t = Instant::now();
+        let storm: Vec<_> = (0..4)
+            .map(|i| {
+                let addr = s.addr;
+                std::thread::spawn(move || {
+                    let mut codes = Vec::new();
+                    while t.elapsed() < Duration::from_secs(2) {
+                        codes.push(storm_attempt(addr, &format!("127.0.1.{}", i + 1)));
+                    }
+                    codes
+                })
+            })
+            .collect();
+        // While it rages, the calm clients are served.
+        let mut slowest = Duration::ZERO;
+        let mut n = 0;
+        while t.elapsed() < Duration::from_millis(1800) {
+            let sent = Instant::now();
+            publisher.send(&format!("web_pipe2\nweb_calm\ne\n*\n{n}"));
+            assert_eq!(sub.recv()["data"], n.to_string(), "{io}");
+            slowest = slowest.max(sent.elapsed());
+            n += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let codes: Vec<u16> = storm.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let elapsed = t.elapsed().as_secs_f64();
+        let upgraded = codes.iter().filter(|&&c| c == 101).count();
+        let refused = codes.iter().filter(|&&c| c == 503).count();
+        let unanswered = codes.iter().filter(|&&c| c == 0).count();
+        assert_eq!(upgraded + refused + unanswered, codes.len(), "{io}: only 101, 503 or a close: {codes:?}");
+        // The burst (less the 8 taken above) and the rate over the storm.
+        let most = rate as f64 * (1.0 + elapsed) + 5.0;
+        assert!(upgraded >= 50 && upgraded as f64 <= most, "{io}: {upgraded} upgraded in {elapsed:.2}s");
+        assert!(refused >= 100, "{io}: {refused} refused with 503, {unanswered} unanswered of {}", codes.len());
+        // /metrics on the frontend port is a new connection too: it is
+        // answered once the bucket has refilled.
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(s.metric("comet_refused_rate_total") >= refused as i64, "{io}");
+        assert!(
+            slowest < Duration::from_millis(250) + before * 10,
+            "{io}: a calm round trip took {slowest:?} during the storm ({before:?} before)"
+        );
+        eprintln!(
+            "{io}: {} attempts in {elapsed:.2}s: {upgraded} upgraded, {refused} refused (503), {unanswered} unanswered; slowest calm round trip {slowest:?} ({n} sent)",
+            codes.len()
+        );
+    }
+}
+
 #[test]
 fn requests_waiting_for_answers_are_bounded_per_connection() {
     for io in BACKENDS {

@@ -13,6 +13,7 @@
 mod attack;
 mod proc;
 mod report;
+mod storm;
 mod target;
 mod wire;
 
@@ -78,6 +79,11 @@ struct Global {
     /// (repeatable; comet only).
     #[arg(long = "server-arg", global = true, allow_hyphen_values = true)]
     server_args: Vec<String>,
+    /// Run the scenario a second time, in the same invocation, against a
+    /// comet spawned with this flag added, e.g. `--variant-arg=--write-delay=20`
+    /// (repeatable; needs --spawn); prints both rows and their ratios.
+    #[arg(long = "variant-arg", global = true, allow_hyphen_values = true)]
+    variant_args: Vec<String>,
     /// Spread client sockets over this many source addresses 127.0.0.x.
     #[arg(long, default_value_t = 4, global = true)]
     sources: u8,
@@ -158,6 +164,19 @@ enum Cmd {
         #[arg(long, default_value_t = 200_000)]
         iterations: usize,
     },
+    /// comet: a reconnect storm. C clients (over several processes and
+    /// source addresses, every K-th an authorized user) are subscribed, the
+    /// server restarts on the same ports, and all reconnect with jittered
+    /// backoff: time until all are subscribed, failed connects, CPU, peak RSS.
+    Storm(StormArgs),
+    /// (internal) one client process of `storm`.
+    #[command(hide = true)]
+    StormClient {
+        #[command(flatten)]
+        a: StormArgs,
+        #[arg(long)]
+        offset: usize,
+    },
     /// (internal) subscribers and their reader for `fanout --procs`.
     #[command(hide = true)]
     Sink {
@@ -219,6 +238,27 @@ struct ConnectArgs {
     #[arg(long)]
     auth: bool,
     #[arg(long, default_value_t = 4)]
+    threads: usize,
+}
+
+/// Sizes of `storm`.
+#[derive(Args, Clone)]
+struct StormArgs {
+    #[arg(long, default_value_t = 15_000)]
+    clients: usize,
+    /// Client processes (one may hold at most 20,000 descriptors here).
+    #[arg(long, default_value_t = 3)]
+    procs: usize,
+    /// Every K-th client is an authorized user (0: none).
+    #[arg(long, default_value_t = 10)]
+    auth_every: usize,
+    #[arg(long, default_value_t = 100)]
+    channels: usize,
+    /// Attempts per client before it gives up.
+    #[arg(long, default_value_t = 20)]
+    retries: u32,
+    /// Connecting threads per client process.
+    #[arg(long, default_value_t = 16)]
     threads: usize,
 }
 
@@ -351,6 +391,11 @@ fn main() {
             hold(&g, conns, channels, offset);
             return;
         }
+        Cmd::StormClient { a, offset } => {
+            storm::client(&g, &a, offset);
+            return;
+        }
+        Cmd::Storm(a) => vec![storm::storm(&g, &a)],
         Cmd::Sink { subs, offset, channels, messages } => {
             sink(&g, subs, offset, channels, messages);
             return;
@@ -360,6 +405,7 @@ fn main() {
             let cometql = comet_only(&t, "publish", || publish(&g, &t, &a, Via::CometQl));
             vec![cometql, publish(&g, &t, &a, Via::Http)]
         }
+        cmd if !g.variant_args.is_empty() => variants(&g, &cmd),
         cmd => {
             let t = target_for(&g, g.target).unwrap_or_else(|e| die(&format!("cannot start {}: {e}", g.target.name())));
             vec![run(&g, &t, &cmd)]
@@ -416,6 +462,39 @@ fn run(g: &Global, t: &Target, cmd: &Cmd) -> Figures {
         Cmd::Slow(a) => comet_only(t, "slow", || slow(g, t, a)),
         _ => unreachable!("handled in main"),
     }
+}
+
+/// The scenario against a spawned comet, then against one spawned with
+/// `--variant-arg`s added; the second row is named after them.
+fn variants(g: &Global, cmd: &Cmd) -> Vec<Figures> {
+    if !g.spawn || g.target != Kind::Comet {
+        die("--variant-arg needs --spawn and --target comet");
+    }
+    let mut out = Vec::new();
+    let mut gv = g.clone();
+    gv.server_args.extend(g.variant_args.iter().cloned());
+    for (i, g) in [g, &gv].into_iter().enumerate() {
+        let t = target_for(g, Kind::Comet).unwrap_or_else(|e| die(&format!("cannot start comet: {e}")));
+        let mut f = run(g, &t, cmd);
+        if i == 1 {
+            // Short enough for the table's column: "write-delay=20".
+            f.target = g.variant_args.iter().map(|a| a.trim_start_matches('-')).collect::<Vec<_>>().join(",");
+        }
+        out.push(f);
+        drop(t);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let r = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "n/a".into() };
+    let (base, var) = (&out[0], &out[1]);
+    println!(
+        "comet {} / comet: CPU per delivery {}, p99 latency {:.1} ms vs {:.1} ms ({:+.1} ms)",
+        g.variant_args.join(" "),
+        r(var.cpu_s_per_million, base.cpu_s_per_million),
+        var.p99_ms,
+        base.p99_ms,
+        var.p99_ms - base.p99_ms
+    );
+    out
 }
 
 fn comet_only(t: &Target, what: &str, f: impl FnOnce() -> Figures) -> Figures {

@@ -45,6 +45,12 @@ fn rss_one(pid: u32) -> Option<u64> {
     s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
 }
 
+/// Peak resident memory of one process (VmHWM), KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+}
+
 /// Resident memory of a process tree, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     tree(pid).into_iter().filter_map(rss_one).sum()

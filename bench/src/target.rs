@@ -90,13 +90,25 @@ impl Target {
 
     /// Starts a server of `kind` on free loopback ports.
     pub fn spawn(kind: Kind, s: &Spawn) -> std::io::Result<Target> {
-        let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+        Target::spawn_at(kind, s, None)
+    }
+
+    /// Starts comet again on the ports of `old` (a restart), or a server of
+    /// `kind` on free ports.
+    pub fn spawn_at(
+        kind: Kind,
+        s: &Spawn,
+        old: Option<(SocketAddr, Option<SocketAddr>, Option<SocketAddr>)>,
+    ) -> std::io::Result<Target> {
+        let port_or_free =
+            |a: Option<SocketAddr>| a.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().expect("address"));
+        let front: SocketAddr = port_or_free(old.map(|o| o.0));
         let mut back = None;
         let mut api = None;
         let mut dir = None;
         let mut cmd = match kind {
             Kind::Comet => {
-                let b: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+                let b = port_or_free(old.and_then(|o| o.1));
                 back = Some(b);
                 let mut c = Command::new(&s.comet_bin);
                 c.args(["--frontend", &front.to_string(), "--backend", &b.to_string()]).args([
@@ -109,14 +121,18 @@ impl Target {
                 ]);
                 // Builds older than the HTTP API (A/B runs against a base
                 // commit) have no --api and no default port 8088 to clash on.
-                if has_api_flag(&s.comet_bin) {
-                    let a: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+                let help = comet_help(&s.comet_bin);
+                if help.contains("--api") {
+                    let a = port_or_free(old.and_then(|o| o.2));
                     api = Some(a);
                     c.args(["--api", &a.to_string()]);
                 }
                 c.args(&s.extra_args);
-                // A bench measures the memory path unless it asks for a data dir.
-                if !s.extra_args.iter().any(|a| a.starts_with("--data-dir") || a == "--ephemeral") {
+                // A bench measures the memory path unless it asks for a data
+                // dir (builds older than the store have no --ephemeral).
+                if help.contains("--ephemeral")
+                    && !s.extra_args.iter().any(|a| a.starts_with("--data-dir") || a == "--ephemeral")
+                {
                     c.arg("--ephemeral");
                 }
                 if s.lift_per_ip_limit {
@@ -198,6 +214,11 @@ impl Target {
     pub fn rss_kib(&self) -> Option<u64> {
         self.pid.map(crate::proc::rss_kib)
     }
+
+    /// Peak resident memory of the server process (VmHWM), KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.pid.and_then(crate::proc::peak_rss_kib)
+    }
 }
 
 impl Drop for Target {
@@ -257,7 +278,11 @@ impl Publisher {
     }
 }
 
-/// Whether this comet binary has the HTTP API's `--api` flag.
-fn has_api_flag(bin: &std::path::Path) -> bool {
-    Command::new(bin).arg("--help").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--api"))
+/// What `comet --help` prints, to tell which flags this build has.
+fn comet_help(bin: &std::path::Path) -> String {
+    Command::new(bin)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }

@@ -39,6 +39,10 @@ const MAX_REFUSING: usize = 64;
 const REFUSAL_LINGER: u32 = 1;
 /// Seconds a refused client is asked to wait (`Retry-After`).
 const REFUSAL_RETRY_SECS: u32 = 5;
+/// Seconds a client refused over `--max-accept-rate` is asked to wait: a
+/// storm is spread over this (and the clients' jitter) rather than over
+/// the five seconds of a full server.
+const RATE_RETRY_SECS: u32 = 2;
 /// Deliveries one connection's commands may make in one turn before the
 /// rest of its input waits for the next turn: a burst of publishes to a
 /// large channel must not keep every other connection of the shard waiting
@@ -266,6 +270,9 @@ impl ShardCore {
     pub fn accept(&mut self, peer: SocketAddr) -> Option<ConnId> {
         ShardMetrics::add(&self.metrics.accepted, 1);
         let c = &self.shared.config;
+        if !self.shared.accept_rate.admit(c.max_accept_rate, self.now_ms) {
+            return self.refuse(peer, Refusal::Rate);
+        }
         match self.shared.conn_counts.admit(peer.ip(), c.max_connections, c.max_connections_per_ip) {
             Ok(()) => {
                 let id = self.open(peer);
@@ -287,6 +294,13 @@ impl ShardCore {
                 http::unavailable_retry(
                     "comet is at its connection limit (--max-connections); retry later",
                     REFUSAL_RETRY_SECS,
+                ),
+            ),
+            Refusal::Rate => (
+                &self.metrics.refused_rate,
+                http::unavailable_retry(
+                    "comet is taking new connections slower than they come (--max-accept-rate); retry later",
+                    RATE_RETRY_SECS,
                 ),
             ),
             Refusal::PerIp => (

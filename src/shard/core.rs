@@ -151,6 +151,8 @@ pub struct Shared {
     pub shutdown: Arc<AtomicBool>,
     /// Frontend connections held, in total and per client address.
     pub conn_counts: super::limits::ConnCounts,
+    /// New frontend connections a second (`--max-accept-rate`).
+    pub accept_rate: super::limits::AcceptRate,
     /// Failed backend logins per client address.
     pub auth_failures: super::limits::AuthFailures,
 }
@@ -171,6 +173,12 @@ pub struct ShardCore {
     next_req: u64,
     /// Connections with queued output not yet tried this round.
     pub dirty: Vec<ConnId>,
+    /// With `--write-delay`: connections that channel messages made dirty,
+    /// written when the shard's window ends (the I/O layer's one timer),
+    /// together with whatever else they were queued by then. A connection
+    /// is listed when its queue turns non-empty, so at most once until it
+    /// is written.
+    pub delayed: Vec<ConnId>,
     /// Effects for the I/O layer, in order.
     pub effects: Vec<Effect>,
     /// Deliveries made since the I/O layer last reset it: the measure of a
@@ -239,6 +247,7 @@ impl ShardCore {
             pending: AHashMap::default(),
             next_req: 0,
             dirty: Vec::new(),
+            delayed: Vec::new(),
             effects: Vec::new(),
             work: 0,
             unpaused: false,
@@ -468,6 +477,7 @@ impl ShardCore {
         let Some(channel) = self.channels[ch as usize].as_ref() else {
             return 0;
         };
+        let delay = self.shared.config.write_delay_ms > 0;
         let exclude = p.exclude.filter(|(s, _)| *s == self.id).map(|(_, c)| c);
         let limit = self.shared.config.outbound_limit;
         let mut delivered = 0u64;
@@ -488,7 +498,7 @@ impl ShardCore {
                 continue;
             }
             if conn.push_out(frame.clone()) {
-                self.dirty.push(id);
+                if delay { self.delayed.push(id) } else { self.dirty.push(id) }
             }
             delivered += 1;
         }

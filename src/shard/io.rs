@@ -92,6 +92,9 @@ pub struct Shard {
     listeners: Vec<Arc<Socket>>,
     /// Origin of the core's monotonic clock.
     started: Instant,
+    /// A `--write-delay` window is open: its timer task will write the
+    /// core's delayed connections.
+    delay_armed: bool,
 }
 
 thread_local! {
@@ -126,6 +129,7 @@ pub fn install(core: ShardCore, listeners: Vec<Arc<Socket>>) {
         scratch: vec![0; 64 * 1024],
         listeners,
         started: Instant::now(),
+        delay_armed: false,
     };
     shard.clock();
     SHARD.with_borrow_mut(|s| *s = Some(shard));
@@ -206,6 +210,27 @@ impl Shard {
                 w.wake();
             }
         }
+        // The first delayed connection opens the shard's window: one timer
+        // for all of them, not one per connection.
+        if !self.core.delayed.is_empty() && !self.delay_armed {
+            self.delay_armed = true;
+            let delay = Duration::from_millis(self.core.shared.config.write_delay_ms);
+            compio::runtime::spawn(async move {
+                compio::time::sleep(delay).await;
+                with_shard(|s| s.end_delay_window());
+            })
+            .detach();
+        }
+    }
+
+    /// The `--write-delay` window is over: its connections join the dirty
+    /// list, which `settle` writes (each queue in one vectored write).
+    fn end_delay_window(&mut self) {
+        self.delay_armed = false;
+        let mut delayed = std::mem::take(&mut self.core.delayed);
+        self.core.dirty.append(&mut delayed);
+        // Keep the list's capacity for the next window.
+        self.core.delayed = delayed;
     }
 
     fn apply(&mut self, e: Effect) {

@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Seconds of continuous excess after which a connection is closed (4029).
 pub const RATE_CLOSE_AFTER: u32 = 10;
@@ -157,6 +157,56 @@ pub enum Refusal {
     Full,
     /// The client address holds `--max-connections-per-ip` (HTTP 429).
     PerIp,
+    /// New connections come faster than `--max-accept-rate` (HTTP 503).
+    Rate,
+}
+
+/// `--max-accept-rate`: new frontend connections a second, process-wide,
+/// burst one second's worth.
+///
+/// One token bucket shared by every shard, lock-free: a single `AtomicU64`
+/// holds the shard time of the last refill (ms, high half) and the
+/// thousandths of a token spent and not yet refilled (low half), so a
+/// full bucket is all zeroes. Counting in thousandths keeps fractions of a
+/// token at any rate up to 1,000,000 a second, and a compare-and-swap
+/// updates both halves at once. Shards' clocks start a few milliseconds
+/// apart; a stamp from a clock that is ahead only delays the next refill
+/// by that much.
+#[derive(Debug, Default)]
+pub struct AcceptRate {
+    state: AtomicU64,
+}
+
+impl AcceptRate {
+    /// Takes a token for a new connection at shard time `now_ms`; false
+    /// when the bucket is empty. `rate` 0 admits everything.
+    pub fn admit(&self, rate: u32, now_ms: u64) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let now = now_ms as u32;
+        let cap = rate as u64 * 1000;
+        let mut cur = self.state.load(Ordering::Relaxed);
+        loop {
+            let (stamp, spent) = ((cur >> 32) as u32, cur as u32 as u64);
+            // A stamp up to a minute "ahead" of now comes from another
+            // shard's clock: no refill until this one catches up.
+            let elapsed = now.wrapping_sub(stamp);
+            let (stamp, spent) = if elapsed <= u32::MAX - 60_000 {
+                (now, spent.saturating_sub(elapsed as u64 * rate as u64))
+            } else {
+                (stamp, spent)
+            };
+            if spent + 1000 > cap {
+                return false;
+            }
+            let next = (stamp as u64) << 32 | (spent + 1000);
+            match self.state.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
 }
 
 /// Buckets of the per-address table (a power of two).
@@ -327,6 +377,39 @@ mod channel_rate_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_accept_rate_allows_a_second_worth_then_the_rate_without_losing_fractions() {
+        let r = AcceptRate::default();
+        assert!((0..1000).all(|_| r.admit(0, 0)), "0: unlimited");
+        assert_eq!((0..100).filter(|_| r.admit(30, 5)).count(), 30, "a full bucket: one second's worth");
+        // 1.5 tokens a step at 1500/s over 1 ms steps: 1,500 in a second.
+        let r = AcceptRate::default();
+        assert_eq!((0..5000).filter(|_| r.admit(1500, 0)).count(), 1500);
+        let mut more = 0;
+        for ms in 1..=1000 {
+            more += (0..10).filter(|_| r.admit(1500, ms)).count();
+        }
+        assert_eq!(more, 1500);
+        // A clock a few ms behind the stamp (another shard's) refills
+        // nothing and does not wrap into a refill.
+        assert!(!r.admit(1500, 990));
+        // An idle day refills the bucket to its burst, no more.
+        assert_eq!((0..5000).filter(|_| r.admit(1500, 86_400_000)).count(), 1500);
+    }
+
+    #[test]
+    fn the_accept_rate_is_shared_exactly_between_threads() {
+        let r = std::sync::Arc::new(AcceptRate::default());
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || (0..10_000).filter(|_| r.admit(5000, 7)).count())
+            })
+            .collect();
+        let total: usize = handles.into_iter().map(|h| h.join().expect("thread")).sum();
+        assert_eq!(total, 5000, "no token granted twice, none lost");
+    }
 
     #[test]
     fn the_bucket_allows_a_burst_of_twice_the_rate_then_the_rate() {

@@ -42,6 +42,8 @@ pub struct Sim {
     pub closed: HashSet<SocketAddr>,
     /// Clients that do not read: their output stays queued.
     stalled: HashSet<SocketAddr>,
+    /// Writes made to each client (one per flush of its queue).
+    pub writes: HashMap<SocketAddr, usize>,
     next_port: u16,
 }
 
@@ -61,6 +63,7 @@ impl Sim {
             registry,
             shutdown: Arc::new(AtomicBool::new(false)),
             conn_counts: Default::default(),
+            accept_rate: Default::default(),
             auth_failures: Default::default(),
         });
         let mut cores = Vec::new();
@@ -79,6 +82,7 @@ impl Sim {
             received: HashMap::new(),
             closed: HashSet::new(),
             stalled: HashSet::new(),
+            writes: HashMap::new(),
             next_port: 10_000,
         }
     }
@@ -225,6 +229,9 @@ impl Sim {
                 if self.now_ms.is_multiple_of(1000) {
                     core.tick();
                 }
+                // Any time passing ends a `--write-delay` window.
+                let mut delayed = std::mem::take(&mut core.delayed);
+                core.dirty.append(&mut delayed);
             }
             self.settle();
         }
@@ -265,6 +272,9 @@ impl Sim {
         }
         let core = &mut self.cores[shard];
         let Some(conn) = core.conns.get_mut(id) else { return };
+        if !conn.out.is_empty() {
+            *self.writes.entry(peer).or_default() += 1;
+        }
         let out = self.received.entry(peer).or_default();
         while !conn.out.is_empty() {
             let n: usize = conn.out.slices().iter().map(|s| s.len()).sum();
@@ -659,6 +669,72 @@ mod tests {
         sim.hangup(a);
         let ok = sim.connect_from(1, "10.1.0.3", false).expect("admitted");
         assert!(sim.take(ok).is_empty(), "no refusal");
+    }
+
+    #[test]
+    fn new_connections_over_the_accept_rate_get_503_and_the_rate_is_shared_by_the_shards() {
+        let mut sim = Sim::new(2, Config { max_accept_rate: 4, ..config() });
+        let c = sim.websocket(0, &anon("early"));
+        sim.messages(c);
+        // The burst is one second's worth, taken from both shards.
+        for shard in [1, 0, 1] {
+            let ok = sim.connect_from(shard, "10.2.0.1", false).expect("admitted");
+            assert!(sim.take(ok).is_empty(), "no refusal");
+        }
+        for shard in [0, 1] {
+            let refused = sim.connect_from(shard, "10.2.0.2", false).expect("answered");
+            let head = String::from_utf8(sim.take(refused)).expect("text");
+            assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+            assert!(head.contains("Retry-After: 2\r\n"), "{head}");
+            assert!(head.contains("--max-accept-rate"), "{head}");
+        }
+        let refused: u64 =
+            sim.cores.iter().map(|c| c.metrics.refused_rate.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        assert_eq!(refused, 2);
+        // A quarter of a second later there is one token again.
+        sim.advance(250);
+        let ok = sim.connect_from(1, "10.2.0.3", false).expect("admitted");
+        assert!(sim.take(ok).is_empty(), "no refusal");
+        let again = sim.connect_from(0, "10.2.0.3", false).expect("answered");
+        assert!(sim.take(again).starts_with(b"HTTP/1.1 503"));
+        // The connected client is served all along.
+        sim.send_text(c, "pipe_count\nweb_x\nm\n");
+        sim.settle();
+        assert_eq!(sim.messages(c)[0]["data"]["user_in_pipe"], 0);
+    }
+
+    #[test]
+    fn with_a_write_delay_the_messages_of_a_window_reach_each_subscriber_in_one_write() {
+        let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 20, ..config() });
+        let subs: Vec<Client> = (0..3).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_hot")).collect();
+        let publisher = sim.websocket(0, &anon("pub"));
+        sim.messages(publisher);
+        let before: Vec<usize> = subs.iter().map(|c| sim.writes.get(&c.peer).copied().unwrap_or(0)).collect();
+        for i in 0..3 {
+            sim.send_text(publisher, &format!("web_pipe2\nweb_hot\ne\n*\n{i}"));
+        }
+        sim.settle();
+        // Answers to commands are not delayed: the publisher has its reports.
+        assert_eq!(sim.messages(publisher).len(), 3);
+        assert!(sim.messages(subs[0]).is_empty(), "held for the window");
+        assert_eq!(sim.cores[0].delayed.len(), 3, "each subscriber listed once");
+        sim.advance(20);
+        for (c, before) in subs.iter().zip(before) {
+            let got: Vec<String> =
+                sim.messages(*c).iter().map(|m| m["data"].as_str().unwrap_or_default().to_string()).collect();
+            assert_eq!(got, ["0", "1", "2"]);
+            assert_eq!(sim.writes[&c.peer], before + 1, "three messages, one write");
+        }
+        // Without the delay: a write per message.
+        let mut sim = Sim::new(1, Config { shards: 1, ..config() });
+        let c = subscriber(&mut sim, 0, "s", "web_hot");
+        let publisher = sim.websocket(0, &anon("pub"));
+        let before = sim.writes[&c.peer];
+        for i in 0..3 {
+            sim.send_text(publisher, &format!("web_pipe2\nweb_hot\ne\n*\n{i}"));
+        }
+        sim.settle();
+        assert_eq!(sim.writes[&c.peer], before + 3);
     }
 
     #[test]

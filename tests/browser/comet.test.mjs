@@ -163,6 +163,54 @@ test('the server restarts under the page: the client reconnects, resubscribes an
   } finally { await srv.stop(); }
 });
 
+test('an upgrade refused over --max-accept-rate: the client reads Retry-After from /info and reconnects after it, not before', async () => {
+  // One new connection a second, burst one.
+  const srv = await startComet({ password: PASSWORD, extraArgs: ['--node-name', 'browser-test', '--max-accept-rate', '1'] });
+  try {
+    const ctx = await browser.newContext();
+    const p = await ctx.newPage();
+    p.on('pageerror', (e) => console.error('page error:', e));
+    await until('page loaded', async () => (await p.goto(`${srv.base}/info`)).status() === 200);
+    // The script is a second connection: refused until the bucket refills.
+    await until('comet.js loaded', async () => {
+      try { await p.addScriptTag({ url: `${srv.base}/comet.js` }); return true; } catch { return false; }
+    }, 5000);
+    // That took the only token: the next comes a second later, so the
+    // upgrade and the client's /info probe are both refused.
+    await p.evaluate(() => {
+      window.log = [];
+      const t0 = performance.now();
+      const W = window.WebSocket;
+      window.WebSocket = function (url, protocols) {
+        window.log.push({ what: 'ws', t: performance.now() - t0 });
+        return new W(url, protocols);
+      };
+      const f = window.fetch;
+      window.fetch = (...args) => f(...args).then((r) => {
+        window.log.push({ what: 'fetch', t: performance.now() - t0, status: r.status, retry: r.headers.get('Retry-After') });
+        return r;
+      });
+      CometServer().start({});
+    });
+    await until('connected', () => p.evaluate(() => CometServer().isConnected()), 15000);
+    const log = await p.evaluate(() => window.log);
+    const ws = log.filter((e) => e.what === 'ws');
+    const probe = log.find((e) => e.what === 'fetch');
+    assert.ok(probe, JSON.stringify(log));
+    assert.equal(probe.status, 503, JSON.stringify(log));
+    assert.equal(probe.retry, '2', 'Retry-After is readable across origins');
+    assert.equal(ws.length, 2, `one refused upgrade, one after the wait: ${JSON.stringify(log)}`);
+    const waited = ws[1].t - probe.t;
+    assert.ok(waited >= 2000 && waited <= 4500, `reconnected ${waited} ms after the refusal (Retry-After: 2, jitter up to 2 s)`);
+    // /metrics is a new connection too, answered once a token is there.
+    await until('refusals counted', async () => {
+      try { return (await metric(srv, 'comet_refused_rate_total')) >= 2; } catch { return false; }
+    });
+    console.log('refused and reconnected:', JSON.stringify(log));
+    await ctx.close();
+  } finally { await srv.stop(); }
+});
+
 test('the demo page renders, connects and shows the mysql commands', async () => {
   const srv = await startServer();
   try {
