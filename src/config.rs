@@ -179,6 +179,12 @@ pub struct Cli {
     /// The demo page at / and /index.html (comet.js is always served) [default: on].
     #[arg(long, env = "COMET_DEMO", value_enum)]
     pub demo: Option<Switch>,
+    /// permessage-deflate (RFC 7692, without context takeover) for WebSocket clients that offer it [default: on].
+    #[arg(long, env = "COMET_COMPRESSION", value_enum)]
+    pub compression: Option<Switch>,
+    /// Never compress for clients whose User-Agent contains one of these substrings, comma-separated [default: none].
+    #[arg(long, env = "COMET_COMPRESSION_EXCLUDE_UA", value_name = "SUBSTRINGS", value_delimiter = ',')]
+    pub compression_exclude_ua: Option<Vec<String>>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -217,6 +223,8 @@ pub struct FileConfig {
     pub max_pending: Option<u16>,
     pub metrics: Option<SocketAddr>,
     pub demo: Option<Switch>,
+    pub compression: Option<Switch>,
+    pub compression_exclude_ua: Option<Vec<String>>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -287,6 +295,10 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Whether the frontend serves the demo page at `/`.
     pub demo: bool,
+    /// Whether WebSockets may negotiate permessage-deflate.
+    pub compression: bool,
+    /// User-Agent substrings of clients never offered compression.
+    pub compression_exclude_ua: Vec<String>,
 }
 
 /// Descriptors kept out of `max_connections`' default: the backend port,
@@ -341,6 +353,8 @@ impl Default for Config {
             max_pending: 64,
             metrics: None,
             demo: true,
+            compression: true,
+            compression_exclude_ua: Vec::new(),
         }
     }
 }
@@ -404,6 +418,15 @@ impl Config {
             max_pending: cli.max_pending.or(file.max_pending).unwrap_or(d.max_pending),
             metrics: cli.metrics.or(file.metrics),
             demo: cli.demo.or(file.demo).map_or(d.demo, |s| s == Switch::On),
+            compression: cli.compression.or(file.compression).map_or(d.compression, |s| s == Switch::On),
+            compression_exclude_ua: cli
+                .compression_exclude_ua
+                .or(file.compression_exclude_ua)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect(),
         };
         c.validate()?;
         Ok(c)
@@ -562,6 +585,11 @@ mod tests {
         assert_eq!((c.metrics.map(|a| a.port()), c.demo), (Some(9100), false));
         let cli = Cli { config: Some(path.clone()), demo: Some(Switch::On), ..Cli::default() };
         assert!(Config::load(cli).unwrap().demo);
+        std::fs::write(&path, "compression = \"off\"\ncompression_exclude_ua = [\"OldBot/1\", \" \"]\n").unwrap();
+        let c = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap();
+        assert_eq!((c.compression, c.compression_exclude_ua), (false, vec!["OldBot/1".to_string()]));
+        let cli = Cli { config: Some(path.clone()), compression: Some(Switch::On), ..Cli::default() };
+        assert!(Config::load(cli).unwrap().compression);
         std::fs::write(&path, "shardz = 3\n").unwrap();
         let e = Config::load(Cli { config: Some(path), ..Cli::default() }).unwrap_err().to_string();
         assert!(e.contains("shardz"), "{e}");

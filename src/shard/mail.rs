@@ -29,6 +29,11 @@ pub struct Publication {
     pub frame: Arc<[u8]>,
     /// The frame with `event_name`, for older clients; built on first need.
     legacy: OnceLock<Arc<[u8]>>,
+    /// The two frames compressed (permessage-deflate, RSV1), built the first
+    /// time a shard delivers to a connection that negotiated it; `None`
+    /// inside: under the threshold or not smaller. Shards share the
+    /// publication, so each variant is compressed once per publish.
+    deflated: [OnceLock<Option<Arc<[u8]>>>; 2],
     /// The connection that published it (a browser's `web_pipe2`, or the
     /// subscriber whose presence this announces): it does not receive it.
     pub exclude: Option<(usize, ConnId)>,
@@ -41,7 +46,7 @@ impl Publication {
     pub fn new(dev_id: u32, msg: ChannelMessage, exclude: Option<(usize, ConnId)>) -> Publication {
         let frame = encode_text_frame(|out| msg.encode(Delivery::default(), out));
         let store = !msg.data_is_json;
-        Publication { dev_id, msg, frame, legacy: OnceLock::new(), exclude, store }
+        Publication { dev_id, msg, frame, legacy: OnceLock::new(), deflated: Default::default(), exclude, store }
     }
 
     /// The frame for a client that wants `event_name` too.
@@ -51,6 +56,17 @@ impl Publication {
                 self.msg.encode(Delivery { legacy: true, history_marker: None, from_queue: false }, out)
             })
         })
+    }
+
+    /// The compressed frame for a connection that negotiated
+    /// permessage-deflate, if compressing is worth it.
+    pub fn deflated_frame(&self, legacy: bool, deflater: &mut ws::deflate::Deflater) -> Option<&Arc<[u8]>> {
+        self.deflated[legacy as usize]
+            .get_or_init(|| {
+                let plain = if legacy { self.legacy_frame() } else { &self.frame };
+                deflater.frame(plain).map(Arc::from)
+            })
+            .as_ref()
     }
 
     /// Size of the frame on the wire.

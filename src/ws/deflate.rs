@@ -1,0 +1,347 @@
+//! permessage-deflate (RFC 7692), always without context takeover.
+//!
+//! comet accepts the extension only as
+//! `permessage-deflate; server_no_context_takeover; client_no_context_takeover`:
+//! every message is compressed and inflated on its own, so a connection keeps
+//! no deflate state at all (one bit: negotiated or not). A shard owns one
+//! [`Deflater`] and one [`Inflater`] and resets them per message.
+//!
+//! Negotiation ([`negotiate`]) takes the client's offers in order and accepts
+//! the first one it can honour (RFC 7692 §5, §7.1):
+//! - an offer with an unknown parameter, a repeated parameter or an invalid
+//!   value is declined, and the next offer is tried;
+//! - `server_max_window_bits` must carry a value 8..=15; comet's compressor
+//!   always uses a 32 KiB window, so only `15` can be honoured and an offer
+//!   asking for less is declined (§7.1.2.1 allows declining);
+//! - `client_max_window_bits` (with no value or 8..=15) is accepted and not
+//!   answered: the inflater has a 32 KiB window, which covers any client
+//!   window, so the client keeps whatever it offered (§7.1.2.2);
+//! - `server_no_context_takeover` and `client_no_context_takeover` are
+//!   answered whether offered or not (§7.1.1.1, §7.1.1.2 allow both).
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// The `Sec-WebSocket-Extensions` value comet answers with.
+pub const RESPONSE: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// Frames whose payload is shorter are sent uncompressed: below this,
+/// deflate's block overhead and the CPU are not worth the few bytes saved
+/// (see bench/RESULTS.md, "permessage-deflate").
+pub const THRESHOLD: usize = 256;
+
+/// The 4 bytes a sync flush ends with, removed by the sender and added back
+/// by the receiver (RFC 7692 §7.2.1, §7.2.2).
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// Whether one of the offers in the `Sec-WebSocket-Extensions` values is
+/// acceptable; `true` means answer with [`RESPONSE`].
+pub fn negotiate<'a>(values: impl IntoIterator<Item = &'a str>) -> bool {
+    values.into_iter().flat_map(split_outside_quotes(',')).any(acceptable)
+}
+
+/// Splits on `sep` where it is not inside a quoted string.
+fn split_outside_quotes(sep: char) -> impl Fn(&str) -> Vec<&str> {
+    move |s: &str| {
+        let mut parts = Vec::new();
+        let (mut start, mut quoted, mut escaped) = (0, false, false);
+        for (i, c) in s.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                c if c == sep && !quoted => {
+                    parts.push(&s[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&s[start..]);
+        parts
+    }
+}
+
+/// One offer: `permessage-deflate` and parameters comet can honour.
+fn acceptable(offer: &str) -> bool {
+    let parts = split_outside_quotes(';')(offer);
+    let mut parts = parts.iter().map(|p| p.trim());
+    if !parts.next().is_some_and(|n| n.eq_ignore_ascii_case("permessage-deflate")) {
+        return false;
+    }
+    let mut seen = [false; 4];
+    for param in parts {
+        let (name, value) = match param.split_once('=') {
+            Some((n, v)) => {
+                let v = v.trim();
+                let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+                (n.trim(), Some(v))
+            }
+            None => (param, None),
+        };
+        let slot = match name.to_ascii_lowercase().as_str() {
+            "server_no_context_takeover" if value.is_none() => 0,
+            "client_no_context_takeover" if value.is_none() => 1,
+            "server_max_window_bits" if value == Some("15") => 2,
+            "client_max_window_bits" if value.is_none_or(|v| window_bits(v).is_some()) => 3,
+            _ => return false,
+        };
+        if std::mem::replace(&mut seen[slot], true) {
+            return false;
+        }
+    }
+    true
+}
+
+/// A window size 8..=15 written as 1*DIGIT without a leading zero.
+fn window_bits(v: &str) -> Option<u8> {
+    if v.is_empty() || v.starts_with('0') || !v.bytes().all(|b| b.is_ascii_digit()) || v.len() > 2 {
+        return None;
+    }
+    v.parse().ok().filter(|b| (8..=15).contains(b))
+}
+
+/// A shard's compressor: one raw-deflate state, reset for every message.
+pub struct Deflater(Compress);
+
+impl Default for Deflater {
+    fn default() -> Deflater {
+        Deflater(Compress::new(Compression::fast(), false))
+    }
+}
+
+impl std::fmt::Debug for Deflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deflater")
+    }
+}
+
+impl Deflater {
+    /// Compresses a whole server frame (FIN set, unmasked, text or binary)
+    /// into a frame with RSV1; `None` when `frame` is not such a frame, its
+    /// payload is under [`THRESHOLD`] or compression would not shrink it.
+    pub fn frame(&mut self, frame: &[u8]) -> Option<Vec<u8>> {
+        let (b0, payload) = split_frame(frame)?;
+        if payload.len() < THRESHOLD || !matches!(b0, 0x81 | 0x82) {
+            return None;
+        }
+        let z = self.compress(payload)?;
+        if z.len() >= payload.len() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(z.len() + 10);
+        super::frame_header(if b0 == 0x81 { super::Opcode::Text } else { super::Opcode::Binary }, z.len(), &mut out);
+        out[0] |= 0x40;
+        out.extend_from_slice(&z);
+        Some(out)
+    }
+
+    /// Raw deflate of one message, sync-flushed, without the 4-byte tail.
+    pub fn compress(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
+        let c = &mut self.0;
+        c.reset();
+        let mut out = Vec::with_capacity(payload.len() / 2 + 64);
+        loop {
+            let done = c.total_in() as usize;
+            c.compress_vec(&payload[done..], &mut out, FlushCompress::Sync).ok()?;
+            if c.total_in() as usize == payload.len() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity().max(64));
+        }
+        if out.ends_with(&TAIL) {
+            out.truncate(out.len() - 4);
+        }
+        Some(out)
+    }
+}
+
+/// The first byte and the payload of an unmasked server frame.
+fn split_frame(frame: &[u8]) -> Option<(u8, &[u8])> {
+    let b1 = *frame.get(1)?;
+    let (len, pos) = match b1 {
+        126 => (u16::from_be_bytes([*frame.get(2)?, *frame.get(3)?]) as usize, 4),
+        127 => (u64::from_be_bytes(frame.get(2..10)?.try_into().ok()?) as usize, 10),
+        l if l < 126 => (l as usize, 2),
+        _ => return None,
+    };
+    let payload = frame.get(pos..)?;
+    (payload.len() == len).then_some((frame[0], payload))
+}
+
+/// Why a compressed message was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflateError {
+    /// It inflates to more than the limit (close 1009).
+    TooBig,
+    /// It is not a valid deflate stream (close 1007).
+    Invalid,
+}
+
+/// A shard's decompressor: one raw-inflate state, reset for every message.
+pub struct Inflater(Decompress);
+
+impl Default for Inflater {
+    fn default() -> Inflater {
+        Inflater(Decompress::new(false))
+    }
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inflater")
+    }
+}
+
+impl Inflater {
+    /// Inflates one message into `out` (cleared first), producing at most
+    /// `limit + 1` bytes: a bomb stops there with [`InflateError::TooBig`].
+    pub fn inflate(&mut self, data: &[u8], limit: usize, out: &mut Vec<u8>) -> Result<(), InflateError> {
+        let d = &mut self.0;
+        d.reset(false);
+        out.clear();
+        let cap = limit + 1;
+        for input in [data, &TAIL[..]] {
+            let start = d.total_in();
+            loop {
+                let done = (d.total_in() - start) as usize;
+                if done == input.len() {
+                    break;
+                }
+                if out.len() == out.capacity() {
+                    if out.len() >= cap {
+                        return Err(InflateError::TooBig);
+                    }
+                    let want = (out.capacity().max(input.len() * 4).max(1024)).min(cap - out.len());
+                    out.reserve_exact(want);
+                }
+                let before = (d.total_in(), d.total_out());
+                let status =
+                    d.decompress_vec(&input[done..], out, FlushDecompress::Sync).map_err(|_| InflateError::Invalid)?;
+                if out.len() > limit {
+                    return Err(InflateError::TooBig);
+                }
+                match status {
+                    // A final block: whatever follows is not deflate data,
+                    // except the tail comet added.
+                    Status::StreamEnd => return Ok(()),
+                    Status::Ok | Status::BufError => {
+                        if (d.total_in(), d.total_out()) == before && out.len() < out.capacity() {
+                            return Err(InflateError::Invalid);
+                        }
+                    }
+                }
+            }
+        }
+        // Output still pending inside the inflater after all the input.
+        loop {
+            if out.len() == out.capacity() {
+                if out.len() >= cap {
+                    return Err(InflateError::TooBig);
+                }
+                out.reserve_exact((out.capacity().max(1024)).min(cap - out.len()));
+            }
+            let before = d.total_out();
+            d.decompress_vec(&[], out, FlushDecompress::Sync).map_err(|_| InflateError::Invalid)?;
+            if out.len() > limit {
+                return Err(InflateError::TooBig);
+            }
+            if d.total_out() == before {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offers_are_accepted_or_declined_per_rfc7692() {
+        let yes = [
+            "permessage-deflate",
+            "permessage-deflate; client_max_window_bits",
+            "permessage-deflate; client_max_window_bits=10; server_no_context_takeover",
+            "x-webkit-deflate-frame, permessage-deflate; client_no_context_takeover",
+            "permessage-deflate; server_max_window_bits=15",
+            "permessage-deflate; server_max_window_bits=\"15\"",
+            "permessage-deflate; server_max_window_bits=10, permessage-deflate",
+            "Permessage-Deflate ;Client_Max_Window_Bits = 8",
+        ];
+        for v in yes {
+            assert!(negotiate([v]), "{v}");
+        }
+        let no = [
+            "",
+            "x-webkit-deflate-frame",
+            "permessage-deflate; server_max_window_bits=10",
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; client_max_window_bits=16",
+            "permessage-deflate; client_max_window_bits=7",
+            "permessage-deflate; client_max_window_bits=015",
+            "permessage-deflate; server_no_context_takeover=1",
+            "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+            "permessage-deflate; foo",
+            "permessage-deflate; foo=\"a,permessage-deflate\"",
+        ];
+        for v in no {
+            assert!(!negotiate([v]), "{v}");
+        }
+        // Offers spread over several header lines.
+        assert!(negotiate(["permessage-deflate; foo", "permessage-deflate; client_max_window_bits"]));
+    }
+
+    #[test]
+    fn rfc7692_hello_fixture_round_trips() {
+        // RFC 7692 §7.2.3.1: "Hello" compressed without context takeover.
+        let z = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+        let mut out = Vec::new();
+        Inflater::default().inflate(&z, 100, &mut out).unwrap();
+        assert_eq!(out, b"Hello");
+        let mut d = Deflater::default();
+        let mine = d.compress(b"Hello").unwrap();
+        let mut back = Vec::new();
+        Inflater::default().inflate(&mine, 100, &mut back).unwrap();
+        assert_eq!(back, b"Hello");
+        // RFC 7692 §7.2.3.3: a block with no compression.
+        Inflater::default().inflate(&[0x00, 0x05, 0x00, 0xfa, 0xff, b'H', b'e', b'l', b'l', b'o', 0x00], 100, &mut back).unwrap();
+        assert_eq!(back, b"Hello");
+    }
+
+    #[test]
+    fn frames_compress_above_the_threshold_only() {
+        let mut d = Deflater::default();
+        let mut small = Vec::new();
+        super::super::encode_frame(super::super::Opcode::Text, &[b'a'; THRESHOLD - 1], &mut small);
+        assert_eq!(d.frame(&small), None);
+        let json = br#"{"event":"message","data":"hello hello hello"}"#.repeat(20);
+        let mut big = Vec::new();
+        super::super::encode_frame(super::super::Opcode::Text, &json, &mut big);
+        let z = d.frame(&big).unwrap();
+        assert_eq!(z[0], 0xC1);
+        let (_, payload) = split_frame(&z).unwrap();
+        let mut back = Vec::new();
+        Inflater::default().inflate(payload, json.len(), &mut back).unwrap();
+        assert_eq!(back, json);
+        // Control frames are never compressed.
+        let mut ping = Vec::new();
+        super::super::encode_frame(super::super::Opcode::Ping, &[b'a'; 100], &mut ping);
+        assert_eq!(d.frame(&ping), None);
+    }
+
+    #[test]
+    fn a_bomb_stops_at_the_limit() {
+        let mut d = Deflater::default();
+        let z = d.compress(&vec![b'a'; 10 << 20]).unwrap();
+        assert!(z.len() < 100_000, "{}", z.len());
+        let mut out = Vec::new();
+        let mut inf = Inflater::default();
+        assert_eq!(inf.inflate(&z, 65536, &mut out), Err(InflateError::TooBig));
+        assert!(out.capacity() <= 65537 + 1024, "{}", out.capacity());
+        // Exactly at the limit is fine, and the inflater is reusable.
+        let z = d.compress(&[b'b'; 65536]).unwrap();
+        inf.inflate(&z, 65536, &mut out).unwrap();
+        assert_eq!(out.len(), 65536);
+        assert_eq!(inf.inflate(&[0xff, 0xff, 0xff], 100, &mut out), Err(InflateError::Invalid));
+    }
+}
