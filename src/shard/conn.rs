@@ -159,8 +159,10 @@ pub struct Conn {
     pub dev_id: u32,
     /// API major version < 4: messages also carry `event_name`.
     pub legacy: bool,
-    /// permessage-deflate was negotiated (no context: one bit is all of it).
-    pub deflate: bool,
+    /// permessage-deflate: 0 when not negotiated, else the server window
+    /// the client allowed, 8..=15 (no context is kept: this byte is all of
+    /// it; see [`ws::deflate::fits_window`]).
+    pub deflate: u8,
     pub peer: Peer,
     /// Shard time of the last byte received.
     pub last_rx: u32,
@@ -190,7 +192,7 @@ impl Conn {
             user_id: 0,
             dev_id: 0,
             legacy: false,
-            deflate: false,
+            deflate: 0,
             peer: peer.into(),
             last_rx: now,
             ping_sent: 0,
@@ -490,7 +492,7 @@ impl ShardCore {
             self.send_raw(id, req.upgrade_response(deflate));
             if let Some(c) = self.conns.get_mut(id) {
                 c.phase = Phase::Echo;
-                c.deflate = deflate;
+                c.deflate = deflate.map_or(0, |d| d.window_bits());
             }
             self.metrics.websockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Http::Upgraded(head_len);
@@ -510,14 +512,15 @@ impl ShardCore {
 
     /// Whether to accept permessage-deflate: offered acceptably, on, and the
     /// client is not one `--compression-exclude-ua` names.
-    fn wants_deflate(&self, req: &ws::Request) -> bool {
+    fn wants_deflate(&self, req: &ws::Request) -> Option<ws::deflate::Accepted> {
         let c = &self.shared.config;
-        let excluded = req.user_agent.as_deref().is_some_and(|ua| c.compression_exclude_ua.iter().any(|s| ua.contains(s.as_str())));
-        let yes = c.compression && !excluded && req.offers_deflate();
-        if yes {
-            ShardMetrics::add(&self.metrics.deflate_websockets, 1);
+        let ua = req.user_agent.as_deref().unwrap_or("");
+        if !c.compression || c.compression_exclude_ua.iter().any(|s| ua.contains(s.as_str())) {
+            return None;
         }
-        yes
+        let accepted = req.offers_deflate()?;
+        ShardMetrics::add(&self.metrics.deflate_websockets, 1);
+        Some(accepted)
     }
 
     /// Moves connection `id` and its unread bytes to shard `to`.
@@ -543,7 +546,7 @@ impl ShardCore {
             return;
         };
         conn.phase = Phase::Comet;
-        conn.deflate = deflate;
+        conn.deflate = deflate.map_or(0, |d| d.window_bits());
         conn.rate = RateLimiter::new(self.shared.config.client_rate, self.now_ms);
         conn.dev_id = p.dev_id;
         conn.legacy = legacy;
@@ -602,7 +605,7 @@ impl ShardCore {
             return buf.len();
         };
         let max = self.shared.config.max_message_size;
-        let mut decoder = Decoder::resume(max, conn.deflate, std::mem::take(&mut conn.fragments));
+        let mut decoder = Decoder::resume(max, conn.deflate > 0, std::mem::take(&mut conn.fragments));
         let mut pos = 0;
         loop {
             if buf.len() == pos {
@@ -1067,10 +1070,16 @@ impl ShardCore {
         ShardMetrics::add(&self.metrics.messages_out, 1);
         // Connections that negotiated permessage-deflate get big data frames
         // (echo, history, answers) compressed here, one frame at a time.
-        let frame = match conn.deflate.then(|| self.deflater.frame(&frame)).flatten() {
+        let z = match conn.deflate {
+            0 => None,
+            w if conn.phase == Phase::Echo => self.deflater.frame_every(&frame, w),
+            w if ws::deflate::fits_window(frame.len(), w) => self.deflater.frame(&frame),
+            _ => None,
+        };
+        let frame = match z {
             Some(z) => {
                 ShardMetrics::add(&self.metrics.deflated_frames, 1);
-                ShardMetrics::add(&self.metrics.deflate_bytes_saved, (frame.len() - z.len()) as u64);
+                ShardMetrics::add(&self.metrics.deflate_bytes_saved, frame.len().saturating_sub(z.len()) as u64);
                 z.into()
             }
             None => frame,

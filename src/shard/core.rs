@@ -377,8 +377,11 @@ impl ShardCore {
             }
             let plain = if conn.legacy { p.legacy_frame() } else { &p.frame };
             let frame = match conn.deflate {
-                true => p.deflated_frame(conn.legacy, &mut self.deflater).unwrap_or(plain),
-                false => plain,
+                0 => plain,
+                w if crate::ws::deflate::fits_window(plain.len(), w) => {
+                    p.deflated_frame(conn.legacy, &mut self.deflater).unwrap_or(plain)
+                }
+                _ => plain,
             };
             if conn.out.cost() + super::outq::OutQueue::cost_of(frame) > limit {
                 slow.push(id);

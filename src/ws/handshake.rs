@@ -82,15 +82,15 @@ impl Request {
         Ok(())
     }
 
-    /// Whether an acceptable permessage-deflate offer was made (see
+    /// The first acceptable permessage-deflate offer, if one was made (see
     /// [`super::deflate::negotiate`]).
-    pub fn offers_deflate(&self) -> bool {
-        self.ws_extensions.as_deref().is_some_and(|v| super::deflate::negotiate([v]))
+    pub fn offers_deflate(&self) -> Option<super::deflate::Accepted> {
+        super::deflate::negotiate(self.ws_extensions.as_deref())
     }
 
-    /// The `101 Switching Protocols` answer; `deflate`: accept
-    /// permessage-deflate (only after [`Request::offers_deflate`]).
-    pub fn upgrade_response(&self, deflate: bool) -> Vec<u8> {
+    /// The `101 Switching Protocols` answer; `deflate`: the accepted
+    /// permessage-deflate offer (from [`Request::offers_deflate`]).
+    pub fn upgrade_response(&self, deflate: Option<super::deflate::Accepted>) -> Vec<u8> {
         let key = self.ws_key.as_deref().unwrap_or("");
         let mut r = String::with_capacity(160);
         r.push_str(
@@ -103,9 +103,9 @@ impl Request {
             r.push_str(p);
             r.push_str("\r\n");
         }
-        if deflate {
+        if let Some(d) = deflate {
             r.push_str("Sec-WebSocket-Extensions: ");
-            r.push_str(super::deflate::RESPONSE);
+            r.push_str(&d.response());
             r.push_str("\r\n");
         }
         r.push_str("\r\n");
@@ -209,7 +209,7 @@ mod tests {
         let r = parse_request(RFC_REQUEST).unwrap().unwrap();
         assert_eq!(r.head_len, RFC_REQUEST.len());
         r.validate_upgrade().unwrap();
-        let resp = String::from_utf8(r.upgrade_response(false)).unwrap();
+        let resp = String::from_utf8(r.upgrade_response(None)).unwrap();
         assert_eq!(
             resp,
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\r\n"
@@ -225,15 +225,22 @@ mod tests {
             r.ws_extensions.as_deref(),
             Some("permessage-deflate; server_max_window_bits=10, permessage-deflate; client_max_window_bits")
         );
-        assert!(r.offers_deflate());
+        let accepted = r.offers_deflate();
+        assert_eq!(accepted.map(|a| a.window_bits()), Some(10));
         assert_eq!(
-            String::from_utf8(r.upgrade_response(true)).unwrap(),
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n\r\n"
+            String::from_utf8(r.upgrade_response(accepted)).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=10\r\n\r\n"
         );
-        // Only a window comet cannot honour: no extension in the answer.
-        let only_small = b"GET /ws HTTP/1.1\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=8\r\n\r\n";
-        assert!(!parse_request(only_small).unwrap().unwrap().offers_deflate());
-        assert!(!parse_request(RFC_REQUEST).unwrap().unwrap().offers_deflate());
+        // Chromium's offer.
+        let chrome =
+            b"GET /ws HTTP/1.1\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n";
+        let accepted = parse_request(chrome).unwrap().unwrap().offers_deflate();
+        assert_eq!(accepted, Some(super::super::deflate::Accepted { server_max_window_bits: None }));
+        // No acceptable offer: no extension in the answer.
+        let bad =
+            b"GET /ws HTTP/1.1\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=16\r\n\r\n";
+        assert_eq!(parse_request(bad).unwrap().unwrap().offers_deflate(), None);
+        assert_eq!(parse_request(RFC_REQUEST).unwrap().unwrap().offers_deflate(), None);
     }
 
     #[test]
