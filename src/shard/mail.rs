@@ -328,6 +328,31 @@ mod tests {
     }
 
     #[test]
+    fn a_publication_is_compressed_once_per_variant() {
+        let msg = |data: String| ChannelMessage {
+            pipe: "web_z".into(),
+            event: "e".into(),
+            data,
+            data_is_json: false,
+            time: Some(1),
+            user_id: None,
+        };
+        let p = Publication::new(0, msg("compressible text ".repeat(50)), None);
+        let mut d = ws::deflate::Deflater::default();
+        let a = p.deflated_frame(false, &mut d).unwrap().clone();
+        let b = p.deflated_frame(false, &mut ws::deflate::Deflater::default()).unwrap();
+        assert!(Arc::ptr_eq(&a, b), "the second subscriber (or shard) reuses the first compression");
+        assert_eq!(a[0], 0xC1);
+        assert!(a.len() < p.frame.len() / 4);
+        let legacy = p.deflated_frame(true, &mut d).unwrap();
+        assert!(!Arc::ptr_eq(&a, legacy));
+        // Under the threshold: no compressed variant, every time.
+        let small = Publication::new(0, msg("hi".into()), None);
+        assert!(small.deflated_frame(false, &mut d).is_none());
+        assert!(small.deflated_frame(false, &mut d).is_none());
+    }
+
+    #[test]
     fn records_from_several_shards_are_concatenated_in_arrival_order() {
         let mut gathered = Records::None;
         gathered.append(data(&[(1, "a")]));
