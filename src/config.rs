@@ -205,6 +205,12 @@ pub struct Cli {
     /// sync: answer a write once it is on disk; async: once handed to the OS, synced every second [default: sync].
     #[arg(long, env = "COMET_DURABILITY", value_enum)]
     pub durability: Option<Durability>,
+    /// permessage-deflate (RFC 7692, without context takeover) for WebSocket clients that offer it [default: on].
+    #[arg(long, env = "COMET_COMPRESSION", value_enum)]
+    pub compression: Option<Switch>,
+    /// Never compress for clients whose User-Agent contains one of these substrings, comma-separated [default: none].
+    #[arg(long, env = "COMET_COMPRESSION_EXCLUDE_UA", value_name = "SUBSTRINGS", value_delimiter = ',')]
+    pub compression_exclude_ua: Option<Vec<String>>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -248,6 +254,8 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub ephemeral: Option<bool>,
     pub durability: Option<Durability>,
+    pub compression: Option<Switch>,
+    pub compression_exclude_ua: Option<Vec<String>>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -327,6 +335,10 @@ pub struct Config {
     /// Where the persisted state lives; `None` with `--ephemeral`.
     pub data_dir: Option<PathBuf>,
     pub durability: Durability,
+    /// Whether WebSockets may negotiate permessage-deflate.
+    pub compression: bool,
+    /// User-Agent substrings of clients never offered compression.
+    pub compression_exclude_ua: Vec<String>,
 }
 
 /// The data dir used when none is given: in the working directory.
@@ -388,6 +400,8 @@ impl Default for Config {
             demo: true,
             data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),
             durability: Durability::Sync,
+            compression: true,
+            compression_exclude_ua: Vec::new(),
         }
     }
 }
@@ -464,6 +478,15 @@ impl Config {
                 Some(cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)))
             },
             durability: cli.durability.or(file.durability).unwrap_or(d.durability),
+            compression: cli.compression.or(file.compression).map_or(d.compression, |s| s == Switch::On),
+            compression_exclude_ua: cli
+                .compression_exclude_ua
+                .or(file.compression_exclude_ua)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect(),
         };
         c.validate()?;
         Ok(c)
@@ -643,6 +666,11 @@ mod tests {
         assert_eq!((c.metrics.map(|a| a.port()), c.demo), (Some(9100), false));
         let cli = Cli { config: Some(path.clone()), demo: Some(Switch::On), ..Cli::default() };
         assert!(Config::load(cli).unwrap().demo);
+        std::fs::write(&path, "compression = \"off\"\ncompression_exclude_ua = [\"OldBot/1\", \" \"]\n").unwrap();
+        let c = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap();
+        assert_eq!((c.compression, c.compression_exclude_ua), (false, vec!["OldBot/1".to_string()]));
+        let cli = Cli { config: Some(path.clone()), compression: Some(Switch::On), ..Cli::default() };
+        assert!(Config::load(cli).unwrap().compression);
         std::fs::write(&path, "shardz = 3\n").unwrap();
         let e = Config::load(Cli { config: Some(path), ..Cli::default() }).unwrap_err().to_string();
         assert!(e.contains("shardz"), "{e}");

@@ -29,6 +29,14 @@ pub struct ShardMetrics {
     pub heartbeat_closes: AtomicU64,
     /// Connections handed to another shard.
     pub handoffs: AtomicU64,
+    /// WebSocket connections that negotiated permessage-deflate.
+    pub deflate_websockets: AtomicU64,
+    /// Frames queued compressed (one per recipient).
+    pub deflated_frames: AtomicU64,
+    /// Bytes compression saved on the queued frames (one count per recipient).
+    pub deflate_bytes_saved: AtomicU64,
+    /// Compressed client messages inflated.
+    pub inflated_messages: AtomicU64,
     /// Open CometQL (backend) connections.
     pub sql_connections: AtomicI64,
     /// CometQL queries received.
@@ -96,7 +104,7 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 25] = [
+        let families: [(&str, &str, &str, Get); 29] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -185,6 +193,18 @@ impl Registry {
             }),
             ("comet_handoffs_total", "counter", "Connections handed to their user's home shard.", |m| {
                 m.handoffs.load(Relaxed) as i64
+            }),
+            ("comet_deflate_websockets_total", "counter", "WebSockets that negotiated permessage-deflate.", |m| {
+                m.deflate_websockets.load(Relaxed) as i64
+            }),
+            ("comet_deflated_frames_total", "counter", "Frames queued compressed, one per recipient.", |m| {
+                m.deflated_frames.load(Relaxed) as i64
+            }),
+            ("comet_deflate_bytes_saved_total", "counter", "Bytes permessage-deflate saved on queued frames.", |m| {
+                m.deflate_bytes_saved.load(Relaxed) as i64
+            }),
+            ("comet_inflated_messages_total", "counter", "Compressed client messages inflated.", |m| {
+                m.inflated_messages.load(Relaxed) as i64
             }),
         ];
         for (name, kind, help, get) in families {

@@ -82,6 +82,26 @@ fn websocket_decoder_and_handshake_survive_garbage() {
 }
 
 #[test]
+fn deflate_offers_and_compressed_messages_survive_garbage() {
+    let mut r = Rng(0x5eed_00df);
+    let mut d = ws::deflate::Deflater::default();
+    let mut inf = ws::deflate::Inflater::default();
+    let good = d.compress(&b"pipe_count\nweb_a\nm\n".repeat(30)).unwrap();
+    let mut out = Vec::new();
+    for i in 0..ROUNDS / 10 {
+        let offer =
+            r.mutate(b"permessage-deflate; client_max_window_bits; server_max_window_bits=10, permessage-deflate");
+        let _ = ws::deflate::negotiate([String::from_utf8_lossy(&offer).as_ref()]);
+        let z = if i % 2 == 0 { r.bytes(300) } else { r.mutate(&good) };
+        let limit = 1 + (r.next() % 2000) as usize;
+        let _ = inf.inflate(&z, limit, &mut out);
+        assert!(out.len() <= limit + 1, "inflated {} past the limit {limit}", out.len());
+    }
+    inf.inflate(&good, 1 << 20, &mut out).unwrap();
+    assert_eq!(out, b"pipe_count\nweb_a\nm\n".repeat(30));
+}
+
+#[test]
 fn comet_commands_and_urls_survive_garbage() {
     let mut r = Rng(0x5eed_0002);
     for i in 0..ROUNDS {

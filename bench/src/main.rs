@@ -72,6 +72,10 @@ struct Global {
     /// comet shards and nginx workers when spawned.
     #[arg(long, default_value_t = 2, global = true)]
     workers: usize,
+    /// Offer permessage-deflate in every WebSocket handshake (as browsers
+    /// do); compressed frames are inflated by the readers.
+    #[arg(long, global = true)]
+    deflate: bool,
     /// comet's --io when spawned.
     #[arg(long, default_value = "auto", global = true)]
     io: String,
@@ -281,6 +285,10 @@ struct FanoutArgs {
     /// hold at most 20,000 descriptors here).
     #[arg(long, default_value_t = 1)]
     procs: usize,
+    /// Pad each published message with compressible text to this many
+    /// bytes (0: the timestamp alone).
+    #[arg(long, default_value_t = 0)]
+    message_bytes: usize,
 }
 
 /// Sizes and rate of `private`.
@@ -364,6 +372,7 @@ struct SlowArgs {
 fn main() {
     let cli = Cli::parse();
     let g = cli.g.clone();
+    wire::OFFER_DEFLATE.store(g.deflate, std::sync::atomic::Ordering::Relaxed);
     let results: Vec<Figures> = match cli.cmd {
         Cmd::Compare { scenario } => compare(&g, scenario),
         Cmd::Durability { scenario } => durability(&g, scenario),
@@ -1004,7 +1013,12 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
         if let Some(d) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(d);
         }
-        if let Err(e) = publisher.publish(&chans[m % chans.len()], &wire::epoch_us().to_string()) {
+        let mut text = wire::epoch_us().to_string();
+        while text.len() < a.message_bytes {
+            text.push_str(" user 4711 wrote: lorem ipsum dolor sit amet, consectetur;");
+        }
+        text.truncate(a.message_bytes.max(16).min(text.len()));
+        if let Err(e) = publisher.publish(&chans[m % chans.len()], &text) {
             eprintln!("fanout: publish failed: {e}");
         }
         if m.is_multiple_of(20) {

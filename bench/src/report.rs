@@ -267,6 +267,7 @@ pub fn read_all(socks: Vec<TcpStream>, want: u64) -> (u64, Histogram<u64>) {
     let mut got = 0u64;
     let mut events = polling::Events::new();
     let mut scratch = vec![0u8; 64 * 1024];
+    let (mut inflater, mut inflated) = (comet::ws::deflate::Inflater::default(), Vec::new());
     let mut last_progress = Instant::now();
     while got < want && last_progress.elapsed() < Duration::from_secs(20) {
         events.clear();
@@ -282,8 +283,10 @@ pub fn read_all(socks: Vec<TcpStream>, want: u64) -> (u64, Histogram<u64>) {
                         buf.extend_from_slice(&scratch[..n]);
                         let mut pos = 0;
                         while let Some((op, ps, end)) = wire::parse_frame(&buf[pos..]) {
+                            let p =
+                                wire::frame_payload(buf[pos], &buf[pos + ps..pos + end], &mut inflater, &mut inflated);
                             if op == 1
-                                && let Some(ts) = wire::payload_ts(&buf[pos + ps..pos + end])
+                                && let Some(ts) = wire::payload_ts(p)
                             {
                                 got += 1;
                                 let now = wire::epoch_us();

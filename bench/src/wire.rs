@@ -41,12 +41,19 @@ pub fn ws_handshake(s: &mut TcpStream, path: &str) -> std::io::Result<()> {
     }
 }
 
+/// `--deflate`: every handshake offers permessage-deflate, as browsers do.
+pub static OFFER_DEFLATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Sends an upgrade request for `path` and reads the answer's head; returns
 /// its status code (101 when upgraded) and the head as text.
 pub fn ws_upgrade(s: &mut TcpStream, path: &str) -> std::io::Result<(u16, String)> {
+    let ext = match OFFER_DEFLATE.load(std::sync::atomic::Ordering::Relaxed) {
+        true => "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+        false => "",
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
     )?;
     let mut head = Vec::with_capacity(256);
     let mut b = [0u8; 1];
@@ -127,6 +134,22 @@ pub fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
     let mut p = vec![0u8; len];
     s.read_exact(&mut p)?;
     Ok((h[0] & 0x0F, p))
+}
+
+/// The payload of a frame, inflated when it has RSV1 (permessage-deflate).
+pub fn frame_payload<'a>(
+    first: u8,
+    payload: &'a [u8],
+    inflater: &mut comet::ws::deflate::Inflater,
+    out: &'a mut Vec<u8>,
+) -> &'a [u8] {
+    if first & 0x40 == 0 {
+        return payload;
+    }
+    match inflater.inflate(payload, 16 << 20, out) {
+        Ok(()) => out,
+        Err(_) => &[],
+    }
 }
 
 /// The publish time (µs since the unix epoch) a message carries: comet's

@@ -143,7 +143,7 @@ fn step(d: &mut Decoder, buf: &mut [u8]) -> (Seen, Option<usize>) {
     let (seen, consumed) = match r {
         Decoded::Event { event, consumed } => {
             let seen = match event {
-                Event::Message { text, payload } => Seen::Message { text, payload: payload.to_vec() },
+                Event::Message { text, payload, .. } => Seen::Message { text, payload: payload.to_vec() },
                 Event::Ping(p) => Seen::Ping(p.to_vec()),
                 Event::Pong => Seen::Pong,
                 Event::Close { code } => Seen::Close(code),

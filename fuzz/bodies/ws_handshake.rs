@@ -49,7 +49,7 @@ pub fn run(data: &[u8]) {
     assert_eq!(req.method, "GET");
     assert!(req.wants_websocket());
     let key = req.ws_key.clone().expect("validated upgrade has a key");
-    let answer = req.upgrade_response();
+    let answer = req.upgrade_response(req.offers_deflate());
     let mut headers = [httparse::EMPTY_HEADER; 8];
     let mut resp = httparse::Response::new(&mut headers);
     let status = resp.parse(&answer).expect("the 101 answer is valid HTTP");

@@ -166,6 +166,10 @@ pub struct Conn {
     pub dev_id: u32,
     /// API major version < 4: messages also carry `event_name`.
     pub legacy: bool,
+    /// permessage-deflate: 0 when not negotiated, else the server window
+    /// the client allowed, 8..=15 (no context is kept: this byte is all of
+    /// it; see [`ws::deflate::fits_window`]).
+    pub deflate: u8,
     pub peer: Peer,
     /// Shard time of the last byte received.
     pub last_rx: u32,
@@ -195,6 +199,7 @@ impl Conn {
             user_id: 0,
             dev_id: 0,
             legacy: false,
+            deflate: 0,
             peer: peer.into(),
             last_rx: now,
             ping_sent: 0,
@@ -500,9 +505,11 @@ impl ShardCore {
             return Http::Finished;
         }
         if echo {
-            self.send_raw(id, req.upgrade_response());
+            let deflate = self.wants_deflate(&req);
+            self.send_raw(id, req.upgrade_response(deflate));
             if let Some(c) = self.conns.get_mut(id) {
                 c.phase = Phase::Echo;
+                c.deflate = deflate.map_or(0, |d| d.window_bits());
             }
             self.metrics.websockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Http::Upgraded(head_len);
@@ -518,6 +525,19 @@ impl ShardCore {
         }
         self.open_comet(id, &req, p);
         Http::Upgraded(head_len)
+    }
+
+    /// Whether to accept permessage-deflate: offered acceptably, on, and the
+    /// client is not one `--compression-exclude-ua` names.
+    fn wants_deflate(&self, req: &ws::Request) -> Option<ws::deflate::Accepted> {
+        let c = &self.shared.config;
+        let ua = req.user_agent.as_deref().unwrap_or("");
+        if !c.compression || c.compression_exclude_ua.iter().any(|s| ua.contains(s.as_str())) {
+            return None;
+        }
+        let accepted = req.offers_deflate()?;
+        ShardMetrics::add(&self.metrics.deflate_websockets, 1);
+        Some(accepted)
     }
 
     /// Moves connection `id` and its unread bytes to shard `to`.
@@ -537,11 +557,13 @@ impl ShardCore {
         let now = self.unix;
         let server = concat!("comet ", env!("CARGO_PKG_VERSION"));
         let legacy = p.api_major.is_some_and(|m| m < 4);
-        self.send_raw(id, req.upgrade_response());
+        let deflate = self.wants_deflate(req);
+        self.send_raw(id, req.upgrade_response(deflate));
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
         conn.phase = Phase::Comet;
+        conn.deflate = deflate.map_or(0, |d| d.window_bits());
         conn.rate = RateLimiter::new(self.shared.config.client_rate, self.now_ms);
         conn.dev_id = p.dev_id;
         conn.legacy = legacy;
@@ -599,7 +621,8 @@ impl ShardCore {
         let Some(conn) = self.conns.get_mut(id) else {
             return buf.len();
         };
-        let mut decoder = Decoder::resume(self.shared.config.max_message_size, std::mem::take(&mut conn.fragments));
+        let max = self.shared.config.max_message_size;
+        let mut decoder = Decoder::resume(max, conn.deflate > 0, std::mem::take(&mut conn.fragments));
         let mut pos = 0;
         loop {
             if buf.len() == pos {
@@ -616,7 +639,11 @@ impl ShardCore {
                 Decoded::Event { event, consumed } => {
                     pos += consumed;
                     let gone = match event {
-                        Event::Message { text, payload } => {
+                        Event::Message { text, compressed: true, payload } => {
+                            let whole = decoder.take_assembled();
+                            self.on_compressed(id, text, whole.as_deref().unwrap_or(payload))
+                        }
+                        Event::Message { text, compressed: false, payload } => {
                             if decoder.has_assembled() {
                                 let whole = decoder.take_assembled().unwrap_or_default();
                                 self.on_message(id, text, &whole)
@@ -706,6 +733,39 @@ impl ShardCore {
                 false
             }
         }
+    }
+
+    /// A compressed client message: inflated with the shard's inflater,
+    /// held to `--max-message-size` (1009) and, for text, to UTF-8 (1007).
+    /// Returns true when the connection closed.
+    fn on_compressed(&mut self, id: ConnId, text: bool, deflated: &[u8]) -> bool {
+        use ws::deflate::InflateError;
+        let max = self.shared.config.max_message_size;
+        let mut out = std::mem::take(&mut self.inflated);
+        let result = self.inflater.inflate(deflated, max, &mut out);
+        ShardMetrics::add(&self.metrics.inflated_messages, 1);
+        let gone = match result {
+            Err(InflateError::TooBig) => {
+                self.close_ws(id, CloseCode::TOO_BIG, "message too big");
+                true
+            }
+            Err(InflateError::Invalid) => {
+                self.close_ws(id, CloseCode::INVALID_PAYLOAD, "invalid deflate data");
+                true
+            }
+            Ok(()) if text && std::str::from_utf8(&out).is_err() => {
+                self.close_ws(id, CloseCode::INVALID_PAYLOAD, "");
+                true
+            }
+            Ok(()) => self.on_message(id, text, &out),
+        };
+        // Keep the buffer for the next message, but not a big one.
+        out.clear();
+        if out.capacity() > 64 * 1024 {
+            out = Vec::new();
+        }
+        self.inflated = out;
+        gone
     }
 
     /// One complete client message. Returns true when the connection closed.
@@ -1032,6 +1092,22 @@ impl ShardCore {
             return;
         }
         ShardMetrics::add(&self.metrics.messages_out, 1);
+        // Connections that negotiated permessage-deflate get big data frames
+        // (echo, history, answers) compressed here, one frame at a time.
+        let z = match conn.deflate {
+            0 => None,
+            w if conn.phase == Phase::Echo => self.deflater.frame_every(&frame, w),
+            w if ws::deflate::fits_window(frame.len(), w) => self.deflater.frame(&frame),
+            _ => None,
+        };
+        let frame = match z {
+            Some(z) => {
+                ShardMetrics::add(&self.metrics.deflated_frames, 1);
+                ShardMetrics::add(&self.metrics.deflate_bytes_saved, frame.len().saturating_sub(z.len()) as u64);
+                z.into()
+            }
+            None => frame,
+        };
         if conn.push_out(frame) {
             self.dirty.push(id);
         }

@@ -213,6 +213,12 @@ pub struct ShardCore {
     pub store: Option<crate::store::writer::StoreHandle>,
     /// Answers waiting for the store, by batch number (ascending).
     pub deferred: std::collections::VecDeque<(u64, Deferred)>,
+    /// permessage-deflate: the shard's one compressor and one inflater
+    /// (reset per message: no connection keeps a context), and the buffer
+    /// client messages are inflated into.
+    pub deflater: crate::ws::deflate::Deflater,
+    pub inflater: crate::ws::deflate::Inflater,
+    pub inflated: Vec<u8>,
 }
 
 /// What the core asks of the I/O layer, besides writing queued output.
@@ -262,6 +268,9 @@ impl ShardCore {
             last_queue_purge: 0,
             auth_log_at: None,
             channel_rates,
+            deflater: Default::default(),
+            inflater: Default::default(),
+            inflated: Vec::new(),
             store: None,
             deferred: Default::default(),
         }
@@ -481,6 +490,7 @@ impl ShardCore {
         let exclude = p.exclude.filter(|(s, _)| *s == self.id).map(|(_, c)| c);
         let limit = self.shared.config.outbound_limit;
         let mut delivered = 0u64;
+        let (mut deflated, mut saved) = (0u64, 0u64);
         let mut slow: Vec<ConnId> = Vec::new();
         for &id in &channel.subs {
             if Some(id) == exclude {
@@ -492,10 +502,21 @@ impl ShardCore {
             if !conn.accepts_messages() {
                 continue;
             }
-            let frame = if conn.legacy { p.legacy_frame() } else { &p.frame };
+            let plain = if conn.legacy { p.legacy_frame() } else { &p.frame };
+            let frame = match conn.deflate {
+                0 => plain,
+                w if crate::ws::deflate::fits_window(plain.len(), w) => {
+                    p.deflated_frame(conn.legacy, &mut self.deflater).unwrap_or(plain)
+                }
+                _ => plain,
+            };
             if conn.out.cost() + super::outq::OutQueue::cost_of(frame) > limit {
                 slow.push(id);
                 continue;
+            }
+            if frame.len() < plain.len() {
+                deflated += 1;
+                saved += (plain.len() - frame.len()) as u64;
             }
             if conn.push_out(frame.clone()) {
                 if delay { self.delayed.push(id) } else { self.dirty.push(id) }
@@ -503,6 +524,10 @@ impl ShardCore {
             delivered += 1;
         }
         ShardMetrics::add(&self.metrics.messages_out, delivered);
+        if deflated > 0 {
+            ShardMetrics::add(&self.metrics.deflated_frames, deflated);
+            ShardMetrics::add(&self.metrics.deflate_bytes_saved, saved);
+        }
         self.work += 1 + delivered as usize;
         for id in slow {
             self.close_slow_consumer(id);

@@ -29,6 +29,11 @@ pub struct Publication {
     pub frame: Arc<[u8]>,
     /// The frame with `event_name`, for older clients; built on first need.
     legacy: OnceLock<Arc<[u8]>>,
+    /// The two frames compressed (permessage-deflate, RSV1), built the first
+    /// time a shard delivers to a connection that negotiated it; `None`
+    /// inside: under the threshold or not smaller. Shards share the
+    /// publication, so each variant is compressed once per publish.
+    deflated: [OnceLock<Option<Arc<[u8]>>>; 2],
     /// The connection that published it (a browser's `web_pipe2`, or the
     /// subscriber whose presence this announces): it does not receive it.
     pub exclude: Option<(usize, ConnId)>,
@@ -41,7 +46,7 @@ impl Publication {
     pub fn new(dev_id: u32, msg: ChannelMessage, exclude: Option<(usize, ConnId)>) -> Publication {
         let frame = encode_text_frame(|out| msg.encode(Delivery::default(), out));
         let store = !msg.data_is_json;
-        Publication { dev_id, msg, frame, legacy: OnceLock::new(), exclude, store }
+        Publication { dev_id, msg, frame, legacy: OnceLock::new(), deflated: Default::default(), exclude, store }
     }
 
     /// The frame for a client that wants `event_name` too.
@@ -51,6 +56,17 @@ impl Publication {
                 self.msg.encode(Delivery { legacy: true, history_marker: None, from_queue: false }, out)
             })
         })
+    }
+
+    /// The compressed frame for a connection that negotiated
+    /// permessage-deflate, if compressing is worth it.
+    pub fn deflated_frame(&self, legacy: bool, deflater: &mut ws::deflate::Deflater) -> Option<&Arc<[u8]>> {
+        self.deflated[legacy as usize]
+            .get_or_init(|| {
+                let plain = if legacy { self.legacy_frame() } else { &self.frame };
+                deflater.frame(plain).map(Arc::from)
+            })
+            .as_ref()
     }
 
     /// Size of the frame on the wire.
@@ -312,6 +328,31 @@ mod tests {
 
     fn data(v: &[(u64, &str)]) -> Records {
         Records::Data(v.iter().map(|(u, t)| (*u, t.to_string())).collect())
+    }
+
+    #[test]
+    fn a_publication_is_compressed_once_per_variant() {
+        let msg = |data: String| ChannelMessage {
+            pipe: "web_z".into(),
+            event: "e".into(),
+            data,
+            data_is_json: false,
+            time: Some(1),
+            user_id: None,
+        };
+        let p = Publication::new(0, msg("compressible text ".repeat(50)), None);
+        let mut d = ws::deflate::Deflater::default();
+        let a = p.deflated_frame(false, &mut d).unwrap().clone();
+        let b = p.deflated_frame(false, &mut ws::deflate::Deflater::default()).unwrap();
+        assert!(Arc::ptr_eq(&a, b), "the second subscriber (or shard) reuses the first compression");
+        assert_eq!(a[0], 0xC1);
+        assert!(a.len() < p.frame.len() / 4);
+        let legacy = p.deflated_frame(true, &mut d).unwrap();
+        assert!(!Arc::ptr_eq(&a, legacy));
+        // Under the threshold: no compressed variant, every time.
+        let small = Publication::new(0, msg("hi".into()), None);
+        assert!(small.deflated_frame(false, &mut d).is_none());
+        assert!(small.deflated_frame(false, &mut d).is_none());
     }
 
     #[test]

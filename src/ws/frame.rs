@@ -64,8 +64,10 @@ impl CloseCode {
 /// One thing the decoder found in the byte stream.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    /// A complete text or binary message.
-    Message { text: bool, payload: &'a [u8] },
+    /// A complete text or binary message. `compressed`: its first frame had
+    /// RSV1 (permessage-deflate), so `payload` is deflate data, not yet
+    /// checked for UTF-8 or size: the caller inflates it.
+    Message { text: bool, compressed: bool, payload: &'a [u8] },
     /// A ping; the caller answers with a pong carrying the same payload.
     Ping(&'a [u8]),
     /// A pong; ignored by comet except as a sign of life.
@@ -96,24 +98,40 @@ pub enum Decoded<'a> {
 pub struct Decoder {
     /// Largest accepted message, in bytes (default 64 KiB).
     max_message: usize,
-    /// A fragmented message being assembled: is-text and the bytes so far.
-    partial: Option<Box<(bool, Vec<u8>)>>,
+    /// permessage-deflate was negotiated: RSV1 may start a data message.
+    deflate: bool,
+    /// A fragmented message being assembled.
+    partial: Option<Box<Partial>>,
+}
+
+/// A fragmented message being assembled.
+#[derive(Debug)]
+struct Partial {
+    text: bool,
+    /// Its first frame had RSV1: the bytes are deflate data.
+    compressed: bool,
+    bytes: Vec<u8>,
 }
 
 /// What a [`Decoder`] keeps between reads: the fragmented message being
 /// assembled, if any. A connection stores this (one pointer, no heap when
 /// idle) rather than a whole decoder, whose size limit is the server's.
 #[derive(Debug, Default)]
-pub struct Fragments(Option<Box<(bool, Vec<u8>)>>);
+pub struct Fragments(Option<Box<Partial>>);
 
 impl Decoder {
     pub fn new(max_message: usize) -> Decoder {
-        Decoder { max_message, partial: None }
+        Decoder { max_message, deflate: false, partial: None }
+    }
+
+    /// A decoder for a connection that negotiated permessage-deflate.
+    pub fn with_deflate(max_message: usize, deflate: bool) -> Decoder {
+        Decoder { max_message, deflate, partial: None }
     }
 
     /// A decoder that goes on with the fragments a connection kept.
-    pub fn resume(max_message: usize, kept: Fragments) -> Decoder {
-        Decoder { max_message, partial: kept.0 }
+    pub fn resume(max_message: usize, deflate: bool, kept: Fragments) -> Decoder {
+        Decoder { max_message, deflate, partial: kept.0 }
     }
 
     /// What the connection keeps until its next read.
@@ -129,12 +147,18 @@ impl Decoder {
         let b0 = buf[0];
         let b1 = buf[1];
         let fin = b0 & 0x80 != 0;
-        if b0 & 0x70 != 0 {
+        if b0 & 0x30 != 0 {
             return Decoded::Fail(CloseCode::PROTOCOL_ERROR);
         }
         let Some(opcode) = Opcode::from_u8(b0 & 0x0F) else {
             return Decoded::Fail(CloseCode::PROTOCOL_ERROR);
         };
+        // RSV1 marks a compressed message: only with permessage-deflate, and
+        // only on the first frame of a data message (RFC 7692 §6.1).
+        let compressed = b0 & 0x40 != 0;
+        if compressed && (!self.deflate || !matches!(opcode, Opcode::Text | Opcode::Binary)) {
+            return Decoded::Fail(CloseCode::PROTOCOL_ERROR);
+        }
         if b1 & 0x80 == 0 {
             // Clients must mask (RFC 6455 §5.1).
             return Decoded::Fail(CloseCode::PROTOCOL_ERROR);
@@ -165,8 +189,13 @@ impl Decoder {
         }
         // Size check before waiting for the bytes: a peer announcing a huge
         // frame is refused at once instead of being buffered.
-        let held = self.partial.as_ref().map_or(0, |p| p.1.len() as u64);
-        if !opcode.is_control() && held + len > self.max_message as u64 {
+        // Compressed bytes get a little room: deflate's stored blocks make
+        // incompressible data slightly longer than it inflates to; the
+        // inflated size is held to `max_message` by the caller.
+        let held = self.partial.as_ref().map_or(0, |p| p.bytes.len() as u64);
+        let deflated = compressed || self.partial.as_ref().is_some_and(|p| p.compressed);
+        let max = if deflated { self.max_message + self.max_message / 1024 + 64 } else { self.max_message };
+        if !opcode.is_control() && held + len > max as u64 {
             return Decoded::Fail(CloseCode::TOO_BIG);
         }
         let len = len as usize;
@@ -201,35 +230,37 @@ impl Decoder {
                     return Decoded::Fail(CloseCode::PROTOCOL_ERROR);
                 }
                 let text = opcode == Opcode::Text;
+                let check = text && !compressed;
                 if fin {
-                    if text && std::str::from_utf8(payload).is_err() {
+                    if check && std::str::from_utf8(payload).is_err() {
                         return Decoded::Fail(CloseCode::INVALID_PAYLOAD);
                     }
-                    return Decoded::Event { event: Event::Message { text, payload }, consumed };
+                    return Decoded::Event { event: Event::Message { text, compressed, payload }, consumed };
                 }
-                if text && utf8_prefix_invalid(payload) {
+                if check && utf8_prefix_invalid(payload) {
                     return Decoded::Fail(CloseCode::INVALID_PAYLOAD);
                 }
-                self.partial = Some(Box::new((text, payload.to_vec())));
+                self.partial = Some(Box::new(Partial { text, compressed, bytes: payload.to_vec() }));
                 Decoded::Fragment { consumed }
             }
             Opcode::Continuation => {
                 let Some(partial) = self.partial.as_mut() else {
                     return Decoded::Fail(CloseCode::PROTOCOL_ERROR);
                 };
-                partial.1.extend_from_slice(payload);
-                let text = partial.0;
+                partial.bytes.extend_from_slice(payload);
+                let (text, compressed) = (partial.text, partial.compressed);
+                let check = text && !compressed;
                 if !fin {
-                    if text && utf8_prefix_invalid(&partial.1) {
+                    if check && utf8_prefix_invalid(&partial.bytes) {
                         return Decoded::Fail(CloseCode::INVALID_PAYLOAD);
                     }
                     return Decoded::Fragment { consumed };
                 }
-                if text && std::str::from_utf8(&partial.1).is_err() {
+                if check && std::str::from_utf8(&partial.bytes).is_err() {
                     return Decoded::Fail(CloseCode::INVALID_PAYLOAD);
                 }
                 // The assembled message is handed out by `take_assembled`.
-                Decoded::Event { event: Event::Message { text, payload: &[] }, consumed }
+                Decoded::Event { event: Event::Message { text, compressed, payload: &[] }, consumed }
             }
         }
     }
@@ -242,7 +273,7 @@ impl Decoder {
 
     /// Takes the reassembled message after a final continuation frame.
     pub fn take_assembled(&mut self) -> Option<Vec<u8>> {
-        self.partial.take().map(|p| p.1)
+        self.partial.take().map(|p| p.bytes)
     }
 }
 
@@ -333,7 +364,7 @@ mod tests {
         let mut d = Decoder::new(65536);
         assert_eq!(
             d.decode(&mut buf),
-            Decoded::Event { event: Event::Message { text: true, payload: b"Hello" }, consumed: 11 }
+            Decoded::Event { event: Event::Message { text: true, compressed: false, payload: b"Hello" }, consumed: 11 }
         );
     }
 
@@ -369,6 +400,7 @@ mod tests {
     #[test]
     fn reserved_bits_and_opcodes_are_protocol_errors() {
         for first in [0xC1u8, 0xA1, 0x91, 0x83, 0x8B] {
+            // RSV1 (0xC1) too, when permessage-deflate was not negotiated.
             let mut buf = masked(first, b"x");
             assert_eq!(
                 Decoder::new(100).decode(&mut buf),
@@ -376,6 +408,50 @@ mod tests {
                 "first byte {first:#x}"
             );
         }
+    }
+
+    #[test]
+    fn rsv1_only_on_the_first_frame_of_a_negotiated_data_message() {
+        // RFC 7692 §7.2.3.1 "Hello", compressed, masked.
+        let z = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+        let mut whole = masked(0xC1, &z);
+        assert!(matches!(
+            Decoder::with_deflate(100, true).decode(&mut whole),
+            Decoded::Event { event: Event::Message { text: true, compressed: true, payload }, .. } if payload == z
+        ));
+        // Not UTF-8 checked before inflating, nor held to the plain limit.
+        let mut binary_z = masked(0xC1, &[0xff; 110]);
+        assert!(matches!(Decoder::with_deflate(100, true).decode(&mut binary_z), Decoded::Event { .. }));
+        let mut bigger = masked(0xC1, &[0xff; 170]);
+        assert_eq!(Decoder::with_deflate(100, true).decode(&mut bigger), Decoded::Fail(CloseCode::TOO_BIG));
+        // Control frames, continuation frames, RSV2/RSV3: 1002.
+        for (frames, why) in [
+            (vec![masked(0xC9, b"")], "ping"),
+            (vec![masked(0xC8, &[0x03, 0xE8])], "close"),
+            (vec![masked(0x41, &z[..3]), masked(0xC0, &z[3..])], "continuation"),
+            (vec![masked(0xE1, &z)], "rsv2"),
+        ] {
+            let mut d = Decoder::with_deflate(100, true);
+            let n = frames.len();
+            for (i, mut f) in frames.into_iter().enumerate() {
+                let r = d.decode(&mut f);
+                if i + 1 < n {
+                    assert!(matches!(r, Decoded::Fragment { .. }), "{why}");
+                } else {
+                    assert_eq!(r, Decoded::Fail(CloseCode::PROTOCOL_ERROR), "{why}");
+                }
+            }
+        }
+        // Fragmented: RSV1 on the first frame, none on the continuation.
+        let mut d = Decoder::with_deflate(100, true);
+        let mut a = masked(0x41, &z[..3]);
+        assert!(matches!(d.decode(&mut a), Decoded::Fragment { .. }));
+        let mut b = masked(0x80, &z[3..]);
+        assert!(matches!(
+            d.decode(&mut b),
+            Decoded::Event { event: Event::Message { text: true, compressed: true, .. }, .. }
+        ));
+        assert_eq!(d.take_assembled().unwrap(), z);
     }
 
     #[test]

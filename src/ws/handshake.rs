@@ -44,6 +44,8 @@ pub struct Request {
     pub ws_version: Option<String>,
     /// First value offered in `Sec-WebSocket-Protocol`, echoed back.
     pub ws_protocol: Option<String>,
+    /// Every `Sec-WebSocket-Extensions` line, joined with ", ".
+    pub ws_extensions: Option<String>,
     pub origin: Option<String>,
     pub user_agent: Option<String>,
     pub accept_language: Option<String>,
@@ -80,8 +82,15 @@ impl Request {
         Ok(())
     }
 
-    /// The `101 Switching Protocols` answer.
-    pub fn upgrade_response(&self) -> Vec<u8> {
+    /// The first acceptable permessage-deflate offer, if one was made (see
+    /// [`super::deflate::negotiate`]).
+    pub fn offers_deflate(&self) -> Option<super::deflate::Accepted> {
+        super::deflate::negotiate(self.ws_extensions.as_deref())
+    }
+
+    /// The `101 Switching Protocols` answer; `deflate`: the accepted
+    /// permessage-deflate offer (from [`Request::offers_deflate`]).
+    pub fn upgrade_response(&self, deflate: Option<super::deflate::Accepted>) -> Vec<u8> {
         let key = self.ws_key.as_deref().unwrap_or("");
         let mut r = String::with_capacity(160);
         r.push_str(
@@ -92,6 +101,11 @@ impl Request {
         if let Some(p) = &self.ws_protocol {
             r.push_str("Sec-WebSocket-Protocol: ");
             r.push_str(p);
+            r.push_str("\r\n");
+        }
+        if let Some(d) = deflate {
+            r.push_str("Sec-WebSocket-Extensions: ");
+            r.push_str(&d.response());
             r.push_str("\r\n");
         }
         r.push_str("\r\n");
@@ -156,6 +170,14 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HandshakeError> {
             if r.ws_protocol.is_none() {
                 r.ws_protocol = v.split(',').map(str::trim).find(|s| !s.is_empty()).map(String::from);
             }
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            match &mut r.ws_extensions {
+                Some(e) => {
+                    e.push_str(", ");
+                    e.push_str(v);
+                }
+                None => r.ws_extensions = Some(v.to_string()),
+            }
         } else if name.eq_ignore_ascii_case("origin") {
             r.origin = Some(v.to_string());
         } else if name.eq_ignore_ascii_case("user-agent") {
@@ -187,12 +209,38 @@ mod tests {
         let r = parse_request(RFC_REQUEST).unwrap().unwrap();
         assert_eq!(r.head_len, RFC_REQUEST.len());
         r.validate_upgrade().unwrap();
-        let resp = String::from_utf8(r.upgrade_response()).unwrap();
+        let resp = String::from_utf8(r.upgrade_response(None)).unwrap();
         assert_eq!(
             resp,
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\r\n"
         );
         assert_eq!(r.origin.as_deref(), Some("http://example.com"));
+    }
+
+    #[test]
+    fn deflate_offers_over_several_lines_are_answered_byte_exactly() {
+        let req = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=10\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n";
+        let r = parse_request(req).unwrap().unwrap();
+        assert_eq!(
+            r.ws_extensions.as_deref(),
+            Some("permessage-deflate; server_max_window_bits=10, permessage-deflate; client_max_window_bits")
+        );
+        let accepted = r.offers_deflate();
+        assert_eq!(accepted.map(|a| a.window_bits()), Some(10));
+        assert_eq!(
+            String::from_utf8(r.upgrade_response(accepted)).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=10\r\n\r\n"
+        );
+        // Chromium's offer.
+        let chrome =
+            b"GET /ws HTTP/1.1\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n";
+        let accepted = parse_request(chrome).unwrap().unwrap().offers_deflate();
+        assert_eq!(accepted, Some(super::super::deflate::Accepted { server_max_window_bits: None }));
+        // No acceptable offer: no extension in the answer.
+        let bad =
+            b"GET /ws HTTP/1.1\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=16\r\n\r\n";
+        assert_eq!(parse_request(bad).unwrap().unwrap().offers_deflate(), None);
+        assert_eq!(parse_request(RFC_REQUEST).unwrap().unwrap().offers_deflate(), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! bytes in and writes the bytes that come out, which is what lets the unit
 //! tests and the Autobahn suite pin the behaviour exactly.
 
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 

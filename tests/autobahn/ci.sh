@@ -8,7 +8,7 @@ bin=${1:-target/debug/comet}
 status=0
 for io in uring epoll; do
   log=$(mktemp)
-  "$bin" --frontend 127.0.0.1:0 --backend 127.0.0.1:0 --api off --ephemeral --echo-path /echo --shards 2 --io "$io" 2>"$log" &
+  "$bin" --frontend 127.0.0.1:0 --backend 127.0.0.1:0 --api off --ephemeral --echo-path /echo --max-message-size 1048576 --shards 2 --io "$io" 2>"$log" &
   pid=$!
   addr=""
   for _ in $(seq 100); do

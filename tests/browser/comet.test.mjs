@@ -77,6 +77,27 @@ test('two browsers chat over a web_ channel and the sender gets its delivery rep
   } finally { await srv.stop(); }
 });
 
+test('permessage-deflate: Chromium negotiates it, big messages both ways arrive whole and compressed', async () => {
+  const srv = await startServer();
+  try {
+    const a = await page(srv);
+    const b = await page(srv);
+    for (const p of [a, b]) {
+      await p.evaluate(() => { record('web_big.message'); CometServer().start({}); });
+    }
+    await until('both subscribed', async () => (await subscribers(a, 'web_big')) === 2);
+    assert.ok(await metric(srv, 'comet_deflate_websockets_total') >= 2, 'Chromium offered and comet accepted');
+    const text = 'a long chat line that compresses well; '.repeat(60);
+    await a.evaluate((t) => CometServer().web_pipe_send('web_big', 'message', { text: t }), text);
+    const got = await until('b receives the big message', async () => (await received(b, 'web_big.message'))[0]);
+    assert.deepEqual(got.data, { text });
+    assert.ok(await metric(srv, 'comet_deflated_frames_total') >= 1, 'the big message went compressed');
+    assert.ok(await metric(srv, 'comet_deflate_bytes_saved_total') > 1000);
+    // Chromium compresses what it sends too: comet inflated it.
+    assert.ok(await metric(srv, 'comet_inflated_messages_total') >= 1, 'the browser sent compressed');
+  } finally { await srv.stop(); }
+});
+
 test('presence: a second browser joining and leaving shows up in the first', async () => {
   const srv = await startServer();
   try {
