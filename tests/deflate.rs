@@ -52,21 +52,7 @@ impl Z {
 
     /// Reads one frame: (first byte, payload).
     fn frame(&mut self) -> (u8, Vec<u8>) {
-        let mut h = [0u8; 2];
-        self.s.read_exact(&mut h).unwrap();
-        let mut len = (h[1] & 0x7F) as u64;
-        if len == 126 {
-            let mut b = [0u8; 2];
-            self.s.read_exact(&mut b).unwrap();
-            len = u16::from_be_bytes(b) as u64;
-        } else if len == 127 {
-            let mut b = [0u8; 8];
-            self.s.read_exact(&mut b).unwrap();
-            len = u64::from_be_bytes(b);
-        }
-        let mut p = vec![0u8; len as usize];
-        self.s.read_exact(&mut p).unwrap();
-        (h[0], p)
+        common::read_frame(&mut self.s)
     }
 
     /// Reads one data message: (first byte, text, inflated if RSV1).

@@ -324,21 +324,8 @@ impl Raw {
 
     /// Reads one server frame: (opcode, payload).
     pub fn frame(&mut self) -> (u8, Vec<u8>) {
-        let mut h = [0u8; 2];
-        self.s.read_exact(&mut h).unwrap();
-        let mut len = (h[1] & 0x7F) as u64;
-        if len == 126 {
-            let mut b = [0u8; 2];
-            self.s.read_exact(&mut b).unwrap();
-            len = u16::from_be_bytes(b) as u64;
-        } else if len == 127 {
-            let mut b = [0u8; 8];
-            self.s.read_exact(&mut b).unwrap();
-            len = u64::from_be_bytes(b);
-        }
-        let mut p = vec![0u8; len as usize];
-        self.s.read_exact(&mut p).unwrap();
-        (h[0] & 0x0F, p)
+        let (first, p) = read_frame(&mut self.s);
+        (first & 0x0F, p)
     }
 
     /// Sends a masked frame with the given first byte.
@@ -373,6 +360,25 @@ impl Raw {
             }
         }
     }
+}
+
+/// Reads one unmasked server frame: (its first byte, payload).
+pub fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).unwrap();
+    let mut len = (h[1] & 0x7F) as u64;
+    if len == 126 {
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).unwrap();
+        len = u16::from_be_bytes(b) as u64;
+    } else if len == 127 {
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b).unwrap();
+        len = u64::from_be_bytes(b);
+    }
+    let mut p = vec![0u8; len as usize];
+    s.read_exact(&mut p).unwrap();
+    (h[0], p)
 }
 
 /// Writes a MySQL packet.
