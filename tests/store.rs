@@ -390,31 +390,41 @@ fn a_backend_outrunning_the_disk_is_paused_by_the_mail_limit_and_nothing_is_lost
     let (mut t, ok) = raw_login(&s, "pw");
     assert_eq!(ok[0], 0);
     let text = "z".repeat(60_000);
-    let mut out = Vec::new();
     let n = 400;
-    for i in 0..n {
-        let mut p = vec![0x03];
-        p.extend_from_slice(
-            format!("INSERT INTO users_messages (id, event, message) VALUES ({}, 'e', '{text}{i}')", i % 7 + 1)
-                .as_bytes(),
-        );
-        packet(&mut out, 0, &p);
+    // Whether the lane fills depends on which is faster here, the disk or
+    // the shard parsing 60 KB queries (a busy machine slows the shard):
+    // send rounds of 24 MB until the bound was reached, at most five.
+    let mut rounds = 0;
+    while rounds < 5 {
+        rounds += 1;
+        let mut out = Vec::new();
+        for i in 0..n {
+            let mut p = vec![0x03];
+            p.extend_from_slice(
+                format!("INSERT INTO users_messages (id, event, message) VALUES ({}, 'e', '{text}{i}')", i % 7 + 1)
+                    .as_bytes(),
+            );
+            packet(&mut out, 0, &p);
+        }
+        let mut writer = t.try_clone().unwrap();
+        let sender = std::thread::spawn(move || writer.write_all(&out).is_ok());
+        for i in 0..n {
+            assert_eq!(read_ok(&mut t), Some(true), "round {rounds}, answer {i}");
+        }
+        assert!(sender.join().unwrap());
+        if s.metric("comet_store_congestions_total") > 0 {
+            break;
+        }
     }
-    let mut writer = t.try_clone().unwrap();
-    let sender = std::thread::spawn(move || writer.write_all(&out).is_ok());
-    for i in 0..n {
-        assert_eq!(read_ok(&mut t), Some(true), "answer {i}");
-    }
-    assert!(sender.join().unwrap());
-    assert!(s.metric("comet_store_congestions_total") > 0, "the bound was reached");
+    assert!(s.metric("comet_store_congestions_total") > 0, "the bound was reached in {rounds} rounds");
     let mut d = db(&s);
     let ids = "1, 2, 3, 4, 5, 6, 7";
     let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({ids})")).unwrap();
-    assert_eq!(got.len(), n);
+    assert_eq!(got.len(), n * rounds);
     drop(d);
     kill(s);
     let s = start(&dir, &args);
     let mut d = db(&s);
     let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({ids})")).unwrap();
-    assert_eq!(got.len(), n, "all of them on disk");
+    assert_eq!(got.len(), n * rounds, "all of them on disk");
 }
