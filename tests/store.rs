@@ -194,17 +194,22 @@ fn every_acknowledged_insert_survives_a_sigkill_in_the_middle_of_a_pipeline() {
     eprintln!("{acked} acknowledged before the kill, {} stored", stored.len());
 }
 
-#[test]
-fn a_second_comet_on_the_same_data_dir_refuses_naming_the_dir() {
-    let dir = TempDir::new("twice");
-    let _first = start(&dir, &[]);
+/// Starts comet on `dir` expecting it to refuse; returns what it logged.
+fn refused_start(dir: &TempDir) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_comet"))
-        .args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--data-dir", dir.path()])
+        .args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "off", "--data-dir", dir.path()])
         .stdin(Stdio::null())
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_second_comet_on_the_same_data_dir_refuses_naming_the_dir() {
+    let dir = TempDir::new("twice");
+    let _first = start(&dir, &[]);
+    let err = refused_start(&dir);
     assert!(err.contains(dir.path()) && err.contains("in use by another comet"), "{err}");
 }
 
@@ -368,13 +373,7 @@ fn a_store_of_a_newer_format_refuses_to_start() {
         state.insert(b"\0format", 99u32.to_be_bytes()).unwrap();
         db.persist(fjall::PersistMode::SyncAll).unwrap();
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_comet"))
-        .args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--data-dir", dir.path()])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&dir);
     assert!(err.contains("newer comet") && err.contains("format 99") && err.contains(dir.path()), "{err}");
 }
 
