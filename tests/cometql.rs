@@ -133,10 +133,15 @@ fn history_settings_select_delete_and_pipe_log() {
         assert_eq!(got, ["m3", "m4", "from browser"], "{io}");
 
         let ids: Vec<u64> = db.query("SELECT id FROM pipes_messages WHERE name = 'web_hist'").unwrap();
-        db.query_drop(format!("DELETE FROM pipes_messages WHERE id = {}", ids[0])).unwrap();
+        // name AND id: that id in that channel only, never the whole channel.
+        db.query_drop(format!("DELETE FROM pipes_messages WHERE name = 'web_other' AND id = {}", ids[0])).unwrap();
+        assert_eq!(db.affected_rows(), 0, "{io}: the id is not in web_other");
+        db.query_drop(format!("DELETE FROM pipes_messages WHERE name = 'web_hist' AND id = {}", ids[0])).unwrap();
+        assert_eq!(db.affected_rows(), 1, "{io}: one entry, not the channel");
+        db.query_drop(format!("DELETE FROM pipes_messages WHERE id = {}", ids[1])).unwrap();
         assert_eq!(db.affected_rows(), 1);
         db.query_drop("DELETE FROM pipes_messages WHERE name = 'web_hist'").unwrap();
-        assert_eq!(db.affected_rows(), 2);
+        assert_eq!(db.affected_rows(), 1);
         let left: Vec<String> = db.query("SELECT message FROM pipes_messages WHERE name = 'web_hist'").unwrap();
         assert!(left.is_empty());
         db.query_drop("DELETE FROM pipes_settings WHERE name = 'web_hist'").unwrap();

@@ -650,12 +650,16 @@ impl ShardCore {
                     .collect(),
             )),
             Query::HistoryDelete { names, ids } => {
+                // `WHERE name AND id` removes those ids from those channels
+                // only; `WHERE name` clears them; `WHERE id` looks everywhere.
                 let mut n = 0;
-                for name in names.iter().filter(|n| home_shard_of_channel(dev_id, n, shards) == me) {
-                    n += self.history.clear(dev_id, name);
-                }
-                if !ids.is_empty() {
-                    n += self.history.remove_ids(dev_id, ids);
+                if ids.is_empty() {
+                    for name in names.iter().filter(|n| home_shard_of_channel(dev_id, n, shards) == me) {
+                        n += self.history.clear(dev_id, name);
+                    }
+                } else {
+                    let within = (!names.is_empty()).then_some(&names[..]);
+                    n += self.history.remove_ids(dev_id, within, ids);
                 }
                 Reply::Count(n)
             }

@@ -157,11 +157,15 @@ impl HistoryStore {
         n
     }
 
-    /// Removes entries with these ids from any channel of the dev_id.
-    pub fn remove_ids(&mut self, dev_id: u32, ids: &[u64]) -> u64 {
+    /// Removes entries with these ids from the dev_id's channels: from
+    /// every channel, or only from the `within` ones (`WHERE name AND id`).
+    pub fn remove_ids(&mut self, dev_id: u32, within: Option<&[Arc<str>]>, ids: &[u64]) -> u64 {
         let Some(m) = self.channels.get_mut(&dev_id) else { return 0 };
         let mut n = 0;
         for (key, s) in m.iter_mut() {
+            if within.is_some_and(|names| !names.contains(key)) {
+                continue;
+            }
             let before = s.entries.len();
             s.entries.retain(|e| {
                 let keep = !ids.contains(&e.id);
@@ -282,7 +286,8 @@ mod tests {
         b.append(0, "web_b", e("y"), 1, 2);
         let (ia, ib) = (a.entries(0, "web_a")[0].id, b.entries(0, "web_b")[0].id);
         assert_ne!(ia, ib);
-        assert_eq!(a.remove_ids(0, &[ia]), 1);
+        assert_eq!(a.remove_ids(0, Some(&["web_b".into()]), &[ia]), 0, "not in that channel");
+        assert_eq!(a.remove_ids(0, None, &[ia]), 1);
         assert!(a.entries(0, "web_a").is_empty());
         assert_eq!(a.settings(0, None), vec![("web_a".into(), 5)]);
         assert!(a.remove_setting(0, "web_a"));
