@@ -169,6 +169,9 @@ pub struct Cli {
     /// Frontend connections one client address (an IPv6 /64) may hold; more get HTTP 429 [default: 1000].
     #[arg(long, env = "COMET_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<u32>,
+    /// Backend connections (CometQL and HTTP API together) this process holds at most; more get MySQL ERR 1040 or HTTP 503 [default: 256].
+    #[arg(long, env = "COMET_MAX_BACKEND_CONNECTIONS", value_name = "N")]
+    pub max_backend_connections: Option<usize>,
     /// New frontend connections per second this process accepts (burst: one second's worth; 0: unlimited); more get HTTP 503 with Retry-After [default: 0].
     #[arg(long, env = "COMET_MAX_ACCEPT_RATE", value_name = "N")]
     pub max_accept_rate: Option<u32>,
@@ -242,6 +245,7 @@ pub struct FileConfig {
     pub user_retention: Option<u64>,
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<u32>,
+    pub max_backend_connections: Option<usize>,
     pub max_accept_rate: Option<u32>,
     pub client_rate: Option<u32>,
     pub channel_rate: Option<u32>,
@@ -310,6 +314,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Frontend connections per client address (IPv6: per /64); 429 beyond.
     pub max_connections_per_ip: u32,
+    /// CometQL and HTTP API connections the process holds at most (within
+    /// [`DESCRIPTOR_RESERVE`]); MySQL ERR 1040 or HTTP 503 beyond.
+    pub max_backend_connections: usize,
     /// New frontend connections a second, process-wide (0: unlimited);
     /// HTTP 503 beyond.
     pub max_accept_rate: u32,
@@ -344,8 +351,8 @@ pub struct Config {
 /// The data dir used when none is given: in the working directory.
 pub const DEFAULT_DATA_DIR: &str = "comet-data";
 
-/// Descriptors kept out of `max_connections`' default: the backend port,
-/// `/metrics` (its own listener holds at most `metrics::METRICS_WORKERS`
+/// Descriptors kept out of `max_connections`' default: the backend
+/// connections (`max_backend_connections`, 256 by default), `/metrics` (its own listener holds at most `metrics::METRICS_WORKERS`
 /// connections plus the listening socket), refusals being answered, files.
 pub const DESCRIPTOR_RESERVE: usize = 384;
 
@@ -389,6 +396,7 @@ impl Default for Config {
                 .map_or(65_536, |n| n.saturating_sub(DESCRIPTOR_RESERVE).max(64))
                 .min(10_000_000),
             max_connections_per_ip: 1000,
+            max_backend_connections: 256,
             max_accept_rate: 0,
             client_rate: 50,
             channel_rate: 100,
@@ -463,6 +471,10 @@ impl Config {
                 .max_connections_per_ip
                 .or(file.max_connections_per_ip)
                 .unwrap_or(d.max_connections_per_ip),
+            max_backend_connections: cli
+                .max_backend_connections
+                .or(file.max_backend_connections)
+                .unwrap_or(d.max_backend_connections),
             max_accept_rate: cli.max_accept_rate.or(file.max_accept_rate).unwrap_or(d.max_accept_rate),
             client_rate: cli.client_rate.or(file.client_rate).unwrap_or(d.client_rate),
             channel_rate: cli.channel_rate.or(file.channel_rate).unwrap_or(d.channel_rate),
@@ -534,8 +546,8 @@ impl Config {
         if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
             return bad("ping-interval and ping-timeout must be at least 1 second".into());
         }
-        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
-            return bad("max-connections and max-connections-per-ip must be at least 1".into());
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 || self.max_backend_connections == 0 {
+            return bad("max-connections, max-connections-per-ip and max-backend-connections must be at least 1".into());
         }
         if self.max_accept_rate > 1_000_000 {
             return bad(format!(

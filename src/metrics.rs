@@ -53,6 +53,8 @@ pub struct ShardMetrics {
     pub refused_per_ip: AtomicU64,
     /// Frontend connections refused with 503 (`--max-accept-rate`).
     pub refused_rate: AtomicU64,
+    /// Backend connections refused (`--max-backend-connections`).
+    pub refused_backend: AtomicU64,
     /// Commands dropped over `--client-rate`.
     pub rate_limited: AtomicU64,
     /// Browser publishes dropped over `--channel-rate`.
@@ -104,7 +106,7 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 29] = [
+        let families: [(&str, &str, &str, Get); 30] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -119,6 +121,12 @@ impl Registry {
                 "counter",
                 "Frontend connections refused with 503 (--max-accept-rate).",
                 |m| m.refused_rate.load(Relaxed) as i64,
+            ),
+            (
+                "comet_refused_backend_total",
+                "counter",
+                "CometQL and HTTP API connections refused (--max-backend-connections).",
+                |m| m.refused_backend.load(Relaxed) as i64,
             ),
             ("comet_rate_limited_total", "counter", "Client commands dropped over --client-rate.", |m| {
                 m.rate_limited.load(Relaxed) as i64
@@ -165,7 +173,7 @@ impl Registry {
             ("comet_offline_dropped_total", "counter", "Offline-queue entries dropped from full queues.", |m| {
                 m.offline_dropped.load(Relaxed) as i64
             }),
-            ("comet_cometql_connections", "gauge", "Open CometQL (backend) connections.", |m| {
+            ("comet_cometql_connections", "gauge", "Open CometQL and HTTP API (backend) connections.", |m| {
                 m.sql_connections.load(Relaxed)
             }),
             ("comet_cometql_queries_total", "counter", "CometQL queries received.", |m| {

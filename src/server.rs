@@ -173,6 +173,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         registry,
         shutdown: shutdown.clone(),
         conn_counts: Default::default(),
+        backend_conns: Default::default(),
         accept_rate: Default::default(),
         auth_failures: Default::default(),
     });

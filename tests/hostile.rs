@@ -282,6 +282,40 @@ fn connections_over_the_process_and_address_limits_get_503_and_429_and_backends_
     }
 }
 
+#[test]
+fn backend_connections_over_their_limit_get_err_1040_or_503_and_the_frontend_is_untouched() {
+    for io in BACKENDS {
+        let s = start(io, &["--max-backend-connections", "4", "--password", "s3cret"]);
+        let url = format!("mysql://root:s3cret@{}/CometQL_v1", s.backend);
+        let opts = mysql::Opts::from_url(&url).unwrap();
+        // An attacker holds connections it never logs in on, and HTTP API
+        // connections: they count together.
+        let mut idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(s.backend).unwrap()).collect();
+        idle.push(TcpStream::connect(s.api.unwrap()).unwrap());
+        let mut db = mysql::Conn::new(opts.clone()).expect("the fourth backend connection is admitted");
+        assert!(eventually(5, || s.metric("comet_cometql_connections") == 4), "{io}");
+
+        let err = mysql::Conn::new(opts.clone()).err().expect("a fifth backend connection is refused");
+        assert!(
+            err.to_string().contains("1040") && err.to_string().contains("--max-backend-connections"),
+            "{io}: {err}"
+        );
+        let (head, body) = common::http_request(s.api.unwrap(), "GET /api/pipes HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 503"), "{io}: {head}");
+        assert!(body.contains("1040"), "{body}");
+        assert!(s.metric("comet_refused_backend_total") >= 2, "{io}");
+
+        // The admitted backend still works, and the frontend is not counted.
+        let n: Option<u64> = mysql::prelude::Queryable::query_first(&mut db, "SELECT 1").unwrap();
+        assert_eq!(n, Some(1));
+        assert!(bystander_round_trip(&s, "backfull") < Duration::from_secs(2));
+
+        // A connection that goes frees its place.
+        idle.truncate(0);
+        assert!(eventually(5, || mysql::Conn::new(opts.clone()).is_ok()), "{io}: a freed place is taken again");
+    }
+}
+
 /// One connection of a reconnect storm: the status code of the answer to
 /// its upgrade, or 0 when the server closed it unanswered.
 fn storm_attempt(server: SocketAddr, source: &str) -> u16 {

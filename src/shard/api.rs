@@ -30,6 +30,20 @@ impl ShardCore {
     pub fn accept_api(&mut self, peer: SocketAddr) -> ConnId {
         ShardMetrics::add(&self.metrics.accepted, 1);
         let id = self.open(peer);
+        if !self.admit_backend() {
+            let max = self.shared.config.max_backend_connections;
+            let e = ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    503,
+                    1040,
+                    format!("Too many connections: comet holds {max} backend connections (--max-backend-connections)"),
+                )
+            };
+            self.send_raw_bytes(id, api::error_answer(&e, true));
+            self.close_after_answer(id);
+            return id;
+        }
         if let Some(c) = self.conns.get_mut(id) {
             c.phase = Phase::Sql;
             c.sql = Some(Box::new(SqlConn::http()));

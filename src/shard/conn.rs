@@ -1224,6 +1224,7 @@ impl ShardCore {
             return;
         };
         if conn.sql.is_some() {
+            self.shared.backend_conns.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             self.metrics.sql_connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         if matches!(conn.phase, Phase::Comet | Phase::Echo) {

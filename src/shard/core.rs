@@ -151,6 +151,8 @@ pub struct Shared {
     pub shutdown: Arc<AtomicBool>,
     /// Frontend connections held, in total and per client address.
     pub conn_counts: super::limits::ConnCounts,
+    /// CometQL and HTTP API connections held (`--max-backend-connections`).
+    pub backend_conns: std::sync::atomic::AtomicUsize,
     /// New frontend connections a second (`--max-accept-rate`).
     pub accept_rate: super::limits::AcceptRate,
     /// Failed backend logins per client address.

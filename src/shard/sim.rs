@@ -63,6 +63,7 @@ impl Sim {
             registry,
             shutdown: Arc::new(AtomicBool::new(false)),
             conn_counts: Default::default(),
+            backend_conns: Default::default(),
             accept_rate: Default::default(),
             auth_failures: Default::default(),
         });

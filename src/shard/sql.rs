@@ -207,6 +207,14 @@ impl ShardCore {
             self.close_after_answer(id);
             return id;
         }
+        if !self.admit_backend() {
+            let max = self.shared.config.max_backend_connections;
+            let msg =
+                format!("Too many connections: comet holds {max} backend connections (--max-backend-connections)");
+            self.send_raw_bytes(id, session::one(0, &packet::err(1040, &msg)));
+            self.close_after_answer(id);
+            return id;
+        }
         self.next_sql_id = self.next_sql_id.wrapping_add(1);
         let conn_id = ((self.id as u32) << 24) | (self.next_sql_id & 0x00FF_FFFF);
         let session = Session::new(conn_id, nonce());
@@ -228,6 +236,20 @@ impl ShardCore {
         self.metrics.sql_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.send_raw_bytes(id, greeting);
         id
+    }
+
+    /// Counts a new CometQL or HTTP API connection against
+    /// `--max-backend-connections`, or says it must be refused (then nothing
+    /// is counted). The count is released where a connection that has its
+    /// `sql` state is dropped.
+    pub(super) fn admit_backend(&self) -> bool {
+        let held = &self.shared.backend_conns;
+        if held.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= self.shared.config.max_backend_connections {
+            held.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            ShardMetrics::add(&self.metrics.refused_backend, 1);
+            return false;
+        }
+        true
     }
 
     /// Counts and logs a failed login (a CometQL login or an HTTP API key);
