@@ -295,7 +295,7 @@ fn backend_connections_over_their_limit_get_err_1040_or_503_and_the_frontend_is_
         let mut db = mysql::Conn::new(opts.clone()).expect("the fourth backend connection is admitted");
         assert!(eventually(5, || s.metric("comet_cometql_connections") == 4), "{io}");
 
-        let err = mysql::Conn::new(opts.clone()).err().expect("a fifth backend connection is refused");
+        let err = mysql::Conn::new(opts.clone()).expect_err("a fifth backend connection is refused");
         assert!(
             err.to_string().contains("1040") && err.to_string().contains("--max-backend-connections"),
             "{io}: {err}"
