@@ -215,6 +215,10 @@ pub struct ShardCore {
     pub store: Option<crate::store::writer::StoreHandle>,
     /// Answers waiting for the store, by batch number (ascending).
     pub deferred: std::collections::VecDeque<(u64, Deferred)>,
+    /// `Deferred::Frames` entries in `deferred`: devices whose offline
+    /// queue waits for its removal to be stored. Live private messages to
+    /// them join the queue's frames, so they never overtake it.
+    pub queues_waiting: usize,
     /// permessage-deflate: the shard's one compressor and one inflater
     /// (reset per message: no connection keeps a context), and the buffer
     /// client messages are inflated into.
@@ -275,6 +279,7 @@ impl ShardCore {
             inflated: Vec::new(),
             store: None,
             deferred: Default::default(),
+            queues_waiting: 0,
         }
     }
 
@@ -342,6 +347,7 @@ impl ShardCore {
                         self.outbox.send(to, Mail::Reply { req, reply });
                     }
                     Deferred::Frames { conn, frames } => {
+                        self.queues_waiting -= 1;
                         for f in frames {
                             self.send_frame(conn, f);
                         }

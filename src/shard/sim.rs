@@ -45,6 +45,8 @@ pub struct Sim {
     /// Writes made to each client (one per flush of its queue).
     pub writes: HashMap<SocketAddr, usize>,
     next_port: u16,
+    /// The storage side, once [`Sim::attach_store`] was called.
+    store: Option<Arc<crate::store::writer::Hub>>,
 }
 
 /// Unix time the simulation starts at.
@@ -85,6 +87,7 @@ impl Sim {
             stalled: HashSet::new(),
             writes: HashMap::new(),
             next_port: 10_000,
+            store: None,
         }
     }
 
@@ -176,6 +179,30 @@ impl Sim {
             }
             self.run_local();
         }
+    }
+
+    /// Gives every core a store (`--durability sync`) whose batches complete
+    /// only when [`Sim::store_catch_up`] says so.
+    pub fn attach_store(&mut self) {
+        let bells: Vec<_> = self.cores.iter().map(|_| Arc::new(crate::mailbox::Doorbell::default())).collect();
+        let hub = crate::store::writer::Hub::new(&bells, crate::config::Durability::Sync);
+        for (i, core) in self.cores.iter_mut().enumerate() {
+            let handle = crate::store::writer::StoreHandle::new(&hub, i, usize::MAX);
+            core.attach_store(handle, Default::default(), Default::default());
+        }
+        self.store = Some(hub);
+    }
+
+    /// The store has every change sent so far on disk: waiting answers and
+    /// offline-queue deliveries go out.
+    pub fn store_catch_up(&mut self) {
+        if let Some(hub) = &self.store {
+            hub.complete_all();
+        }
+        for core in &mut self.cores {
+            core.storage_progress();
+        }
+        self.settle();
     }
 
     /// Carries out effects and writes output on every core, passing no mail.
@@ -509,6 +536,43 @@ mod tests {
             ],
             "{answers}"
         );
+    }
+
+    /// One HTTP API POST from `api`, answered (the store keeps up).
+    fn api_post(sim: &mut Sim, api: Client, table: &str, body: &str) {
+        let req =
+            format!("POST /api/{table} HTTP/1.1\r\nX-API-Key: comet\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        sim.send(api, req.as_bytes());
+        sim.store_catch_up();
+        let answer = String::from_utf8_lossy(&sim.take(api)).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[test]
+    fn a_live_private_message_never_overtakes_the_offline_queue_waiting_for_the_disk() {
+        let mut sim = Sim::new(1, Config { shards: 1, ..config() });
+        sim.attach_store();
+        let api = sim.connect_api(0, "10.0.0.7");
+        api_post(&mut sim, api, "users_auth", r#"{"id":7,"hash":"k7"}"#);
+        for i in 0..3 {
+            api_post(&mut sim, api, "users_messages", &format!(r#"{{"id":7,"event":"e","message":"queued {i}"}}"#));
+        }
+        // The user connects: its queue is taken, and goes out once the
+        // store has its removal. Meanwhile a live message comes.
+        let dev = sim.websocket(0, "v=4&api=js&myid=7&sesion=k7&uuid=d");
+        let req = r#"{"id":7,"event":"e","message":"live"}"#;
+        let req = format!(
+            "POST /api/users_messages HTTP/1.1\r\nX-API-Key: comet\r\nContent-Length: {}\r\n\r\n{req}",
+            req.len()
+        );
+        sim.send(api, req.as_bytes());
+        sim.settle();
+        let before: Vec<_> =
+            sim.messages(dev).into_iter().filter(|m| m["event"] != "serverInfo").map(|m| m["data"].clone()).collect();
+        assert!(before.is_empty(), "nothing private before the queue is stored as taken: {before:?}");
+        sim.store_catch_up();
+        let got: Vec<_> = sim.messages(dev).into_iter().map(|m| m["data"].clone()).collect();
+        assert_eq!(got, ["queued 0", "queued 1", "queued 2", "live"], "queue first, in order");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! online/offline events, and the CometQL user tables.
 
 use std::slice;
+use std::sync::Arc;
 
 use super::core::{Deferred, ShardCore, Written};
 use super::mail::{Publication, Records, Reply, encode_text_frame};
@@ -55,6 +56,7 @@ impl ShardCore {
         // --durability sync), so a crash cannot deliver it a second time.
         match self.record_changes() {
             Written::Wait(seq) if !frames.is_empty() => {
+                self.queues_waiting += 1;
                 self.deferred.push_back((seq, Deferred::Frames { conn: id, frames }));
             }
             _ => {
@@ -128,9 +130,25 @@ impl ShardCore {
         for d in devices {
             let legacy = self.conns.get(d).is_some_and(|c| c.legacy);
             let frame = if legacy { p.legacy_frame().clone() } else { p.frame.clone() };
+            if let Some(waiting) = self.queue_waiting_for(d) {
+                waiting.push(frame);
+                continue;
+            }
             self.send_frame(d, frame);
         }
         true
+    }
+
+    /// The offline-queue frames still waiting for their removal to be
+    /// stored for device `d`, if any: a live message goes after them.
+    fn queue_waiting_for(&mut self, d: ConnId) -> Option<&mut Vec<Arc<[u8]>>> {
+        if self.queues_waiting == 0 {
+            return None;
+        }
+        self.deferred.iter_mut().rev().find_map(|(_, a)| match a {
+            Deferred::Frames { conn, frames } if *conn == d => Some(frames),
+            _ => None,
+        })
     }
 
     /// Carries out a user-table operation for the users homed here.
