@@ -127,11 +127,6 @@ pub fn json_string(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
 }
 
-/// Current unix time in seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 /// A message published on a channel: by the backend, by a browser
 /// (`web_pipe2`, with `user_id`), or by the server (presence events).
 #[derive(Debug, Clone, PartialEq, Eq)]
