@@ -191,27 +191,10 @@ fn conditions(pairs: Vec<(&String, &String)>) -> Result<Vec<Condition>, ApiError
 /// the text `{"a":1}`, exactly what CometQL publishes for
 /// `VALUES (..., '{"a":1}')`.
 fn insert_rows(body: &[u8]) -> Result<(Vec<String>, Vec<Vec<Value>>), ApiError> {
-    let json: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::new(400, 3, format!("The body is not valid JSON: {e}")))?;
-    let objects = match json {
-        serde_json::Value::Object(o) => vec![o],
-        serde_json::Value::Array(a) => {
-            if a.is_empty() {
-                return Err(ApiError::new(422, 17, "The array holds no objects"));
-            }
-            if a.len() > MAX_ROWS {
-                return Err(ApiError::new(422, 19, format!("too many rows: at most {MAX_ROWS}")));
-            }
-            a.into_iter()
-                .enumerate()
-                .map(|(i, v)| match v {
-                    serde_json::Value::Object(o) => Ok(o),
-                    _ => Err(ApiError::new(400, 3, format!("Element {i} of the array is not a JSON object"))),
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        }
-        _ => return Err(ApiError::new(400, 3, "The body must be a JSON object or an array of objects")),
-    };
+    let objects = body_objects(body)?;
+    if objects.is_empty() {
+        return Err(ApiError::new(422, 17, "The array holds no objects"));
+    }
     let columns: Vec<String> = objects[0].keys().cloned().collect();
     if columns.len() > MAX_COLUMNS {
         return Err(ApiError::new(422, 20, format!("too many columns: at most {MAX_COLUMNS}")));
@@ -233,6 +216,89 @@ fn insert_rows(body: &[u8]) -> Result<(Vec<String>, Vec<Vec<Value>>), ApiError> 
         rows.push(columns.iter().map(|c| value(o.remove(c).unwrap_or_default())).collect());
     }
     Ok((columns, rows))
+}
+
+type Object = serde_json::Map<String, serde_json::Value>;
+
+/// The objects of a POST body (one object, or an array of them), counted
+/// while they are read: past [`MAX_ROWS`] objects or [`MAX_COLUMNS`] keys
+/// in one, reading stops there, so a body of a hundred thousand `{}` never
+/// becomes a hundred thousand maps.
+fn body_objects(body: &[u8]) -> Result<Vec<Object>, ApiError> {
+    let read = BodyRead::default();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let r = serde::de::DeserializeSeed::deserialize(&read, &mut de).and_then(|v| de.end().map(|()| v));
+    r.map_err(|e| match (read.over.take(), e.classify(), read.element.get()) {
+        (Some(over), _, _) => over,
+        (None, serde_json::error::Category::Data, Some(i)) => {
+            ApiError::new(400, 3, format!("Element {i} of the array is not a JSON object"))
+        }
+        (None, serde_json::error::Category::Data, None) => {
+            ApiError::new(400, 3, "The body must be a JSON object or an array of objects")
+        }
+        _ => ApiError::new(400, 3, format!("The body is not valid JSON: {e}")),
+    })
+}
+
+/// What [`body_objects`] learns while it reads: the bound that stopped it,
+/// and the array element being read.
+#[derive(Default)]
+struct BodyRead {
+    over: std::cell::Cell<Option<ApiError>>,
+    element: std::cell::Cell<Option<usize>>,
+}
+
+impl BodyRead {
+    fn stop<E: serde::de::Error>(&self, e: ApiError) -> E {
+        let m = e.message.clone();
+        self.over.set(Some(e));
+        E::custom(m)
+    }
+
+    fn object<'de, A: serde::de::MapAccess<'de>>(&self, mut map: A) -> Result<Object, A::Error> {
+        let mut o = Object::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if o.len() == MAX_COLUMNS && !o.contains_key(&k) {
+                return Err(self.stop(ApiError::new(422, 20, format!("too many columns: at most {MAX_COLUMNS}"))));
+            }
+            let v: serde_json::Value = map.next_value()?;
+            o.insert(k, v);
+        }
+        Ok(o)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &BodyRead {
+    type Value = Vec<Object>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<Object>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &BodyRead {
+    type Value = Vec<Object>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object or an array of objects")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Vec<Object>, A::Error> {
+        self.object(map).map(|o| vec![o])
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Object>, A::Error> {
+        if self.element.get().is_some() {
+            // An array inside the array: not an object.
+            return Err(serde::de::Error::invalid_type(serde::de::Unexpected::Seq, &self));
+        }
+        let mut rows = Vec::new();
+        loop {
+            self.element.set(Some(rows.len()));
+            let Some(mut one) = seq.next_element_seed(self)? else { break };
+            if rows.len() == MAX_ROWS {
+                return Err(self.stop(ApiError::new(422, 19, format!("too many rows: at most {MAX_ROWS}"))));
+            }
+            rows.append(&mut one);
+        }
+        Ok(rows)
+    }
 }
 
 fn value(v: serde_json::Value) -> Value {
@@ -380,6 +446,28 @@ mod tests {
         assert_eq!(e("GET", &format!("/api/pipes?{many}"), ""), (422, 19));
         let cols: String = (0..=MAX_CONDITIONS).map(|i| format!("c{i}=a&")).collect();
         assert_eq!(e("GET", &format!("/api/pipes?{cols}"), ""), (422, 18));
+    }
+
+    #[test]
+    fn a_post_body_is_counted_while_it_is_read_and_named_when_it_is_wrong() {
+        let msg = |b: &str| stmt("POST", "/api/pipes_messages", b).unwrap_err().message;
+        // Past MAX_ROWS objects the read stops: the rest (here not even
+        // JSON) is never looked at, let alone built into maps.
+        let rows = format!("[{}{{}}, this is never read", "{},".repeat(MAX_ROWS));
+        assert_eq!(msg(&rows), format!("too many rows: at most {MAX_ROWS}"));
+        let keys: Vec<String> = (0..=MAX_COLUMNS).map(|i| format!("\"c{i}\":1")).collect();
+        assert_eq!(msg(&format!("[{{{}}}, nope", keys.join(","))), format!("too many columns: at most {MAX_COLUMNS}"));
+        assert_eq!(msg(&format!("{{{}}}", keys.join(","))), format!("too many columns: at most {MAX_COLUMNS}"));
+        assert_eq!(msg(r#"[{"name":"a"}, 7]"#), "Element 1 of the array is not a JSON object");
+        assert_eq!(msg(r#"[[{"name":"a"}]]"#), "Element 0 of the array is not a JSON object");
+        assert_eq!(msg("true"), "The body must be a JSON object or an array of objects");
+        assert!(msg(r#"{"name":"a"} x"#).starts_with("The body is not valid JSON"), "trailing bytes");
+        // Exactly MAX_ROWS objects, and a repeated key, are fine.
+        let ok = format!("[{}]", vec![r#"{"name":"web_a","event":"e","message":"m"}"#; MAX_ROWS].join(","));
+        assert!(stmt("POST", "/api/pipes_messages", &ok).is_ok());
+        assert!(
+            stmt("POST", "/api/pipes_messages", r#"{"name":"web_a","name":"web_b","event":"e","message":"m"}"#).is_ok()
+        );
     }
 
     #[test]
