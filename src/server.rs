@@ -253,12 +253,18 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     eprintln!("comet: frontend listening on {addr}");
 
+    // A shard that stops on its own has hit a bug (a panic, already
+    // printed): the others drain as on SIGTERM, the store writes what it
+    // was given, and the process exits non-zero for its supervisor.
+    let mut died = None;
     loop {
         if signals.pending().next().is_some() {
             break;
         }
         if let Some(i) = threads.iter().position(|t| t.is_finished()) {
-            return Err(ServerError::ShardDied(i));
+            eprintln!("comet: shard {i} stopped unexpectedly; stopping the others");
+            died = Some(i);
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -279,6 +285,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         // Whatever the shards sent is written and synced before exit.
         hub.stop();
         let _ = thread.join();
+    }
+    if let Some(i) = died {
+        return Err(ServerError::ShardDied(i));
     }
     if stuck == 0 {
         eprintln!("comet: stopped");
