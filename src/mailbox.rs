@@ -243,6 +243,20 @@ impl<T: Weigh> Inbox<T> {
         Poll::Pending
     }
 
+    /// Like [`Inbox::poll_park`], but waits for a poke (or a ring, or a
+    /// force) even when mail is waiting: the owner does not take mail now
+    /// (its own storage lane is full) and waits for whoever will poke it.
+    pub fn poll_park_for_poke(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.bell.waker.register(cx.waker());
+        self.bell.parked.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.bell.poked.swap(false, Ordering::SeqCst) {
+            self.bell.parked.store(false, Ordering::SeqCst);
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
     /// Whether the doorbell was forced or rung while parked: used with
     /// [`Doorbell::force`] for control flags that live outside the rings.
     pub fn bell(&self) -> &Arc<Doorbell> {
