@@ -39,9 +39,6 @@ use crate::users::Queued;
 /// memory (on top of comet's own state) and replayed from the journal at
 /// start. fjall's 64 MiB default is RSS a push server would rather keep.
 const MEMTABLE_BYTES: u64 = 16 << 20;
-/// Journals kept before memtables must be flushed (fjall's minimum): with
-/// the memtable above, the journal part of the data dir stays under this.
-const JOURNAL_BYTES: u64 = 64 << 20;
 /// The store format this comet writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_KEY: &[u8] = b"\0format";
@@ -52,6 +49,8 @@ const CACHE_BYTES: u64 = 8 << 20;
 /// The fjall store of one data dir, with its lock.
 pub struct FjallStore {
     path: PathBuf,
+    /// `--max-journal-size`.
+    max_journal: u64,
     /// The database and its one keyspace; `None` after a failed write
     /// until reopened.
     inner: Option<(Database, Keyspace)>,
@@ -70,7 +69,8 @@ fn dir_error(path: &Path, cause: impl std::fmt::Display) -> StoreError {
 impl FjallStore {
     /// Opens (creating) the data dir `path`: takes its lock, recovers the
     /// journal (reporting what a torn tail lost), checks the format.
-    pub fn open(path: &Path) -> Result<FjallStore, StoreError> {
+    /// `max_journal` (at least 64 MiB) bounds the sealed journal files.
+    pub fn open(path: &Path, max_journal: u64) -> Result<FjallStore, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| dir_error(path, e))?;
         let lock_path = path.join("comet.lock");
         let lock = std::fs::OpenOptions::new()
@@ -92,7 +92,7 @@ impl FjallStore {
         std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe)).map_err(|e| dir_error(path, e))?;
         let db_path = path.join("db");
         let before = journal_sizes(&db_path);
-        let (db, state) = open_db(&db_path).map_err(|e| dir_error(&db_path, e))?;
+        let (db, state) = open_db(&db_path, max_journal).map_err(|e| dir_error(&db_path, e))?;
         for (file, old) in before {
             let new = std::fs::metadata(&file).map_or(0, |m| m.len());
             if new < old {
@@ -115,7 +115,7 @@ impl FjallStore {
                 }
             }
         }
-        Ok(FjallStore { path: path.to_path_buf(), inner: Some((db, state)), _lock: lock })
+        Ok(FjallStore { path: path.to_path_buf(), max_journal, inner: Some((db, state)), _lock: lock })
     }
 
     /// After a failed write fjall refuses every later one (it cannot know
@@ -125,7 +125,7 @@ impl FjallStore {
     fn reopen(&mut self) -> Result<(), StoreError> {
         self.inner = None;
         let opened =
-            open_db(&self.path.join("db")).map_err(|e| StoreError::Write(format!("cannot reopen the store: {e}")))?;
+            open_db(&self.path.join("db"), self.max_journal).map_err(|e| StoreError::Write(format!("cannot reopen the store: {e}")))?;
         self.inner = Some(opened);
         Ok(())
     }
@@ -146,10 +146,19 @@ impl FjallStore {
     }
 }
 
-fn open_db(db_path: &Path) -> Result<(Database, Keyspace), fjall::Error> {
+/// Opens the database. The journal: fjall appends to one file until it
+/// holds 64 MB, then seals it at the next memtable flush and starts
+/// another; a sealed file is deleted once the memtables it holds are
+/// flushed to sorted tables, and when sealed files pass `max_journal` fjall
+/// flushes the memtables that hold them back. So the journal part of the
+/// data dir rises to about 64 MB and falls back (a sawtooth), plus at most
+/// `max_journal` of sealed files while flushes lag.
+fn open_db(db_path: &Path, max_journal: u64) -> Result<(Database, Keyspace), fjall::Error> {
+    // fjall panics below its minimum; the flag's check says so first.
+    let max_journal = max_journal.max(crate::config::MIN_JOURNAL_SIZE);
     // Every committed batch goes to the OS at once (a crash of the process
     // loses nothing in either mode); `persist(SyncAll)` makes it durable.
-    let db = Database::builder(db_path).cache_size(CACHE_BYTES).max_journaling_size(JOURNAL_BYTES).open()?;
+    let db = Database::builder(db_path).cache_size(CACHE_BYTES).max_journaling_size(max_journal).open()?;
     let state = db.keyspace("state", || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES))?;
     Ok((db, state))
 }
@@ -423,14 +432,14 @@ mod tests {
             Change::Setting { dev: 0, channel: "web_x".into(), len: Some(10) },
         ];
         {
-            let mut s = FjallStore::open(&dir).unwrap();
+            let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
             s.apply(&changes).unwrap();
             s.apply(&[Change::QueuePut { dev: 0, uid: 9, seq: 4, msg: Queued::new(5, "ev", "gone") }]).unwrap();
             s.apply(&[Change::QueueDel { dev: 0, uid: 9, seq: 4 }]).unwrap();
             s.sync().unwrap();
-            assert!(matches!(FjallStore::open(&dir), Err(StoreError::Locked { .. })));
+            assert!(matches!(FjallStore::open(&dir, 64 << 20), Err(StoreError::Locked { .. })));
         }
-        let mut s = FjallStore::open(&dir).unwrap();
+        let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
         let mut got = Vec::new();
         s.load(&mut |c| got.push(c)).unwrap();
         for c in &changes {
