@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::{Backend, Change, HistoryRecord, StoreError};
+use super::{Backend, Change, HistoryRecord, StoreError, Syncer};
 use crate::users::Queued;
 
 /// The memtable: what is written but not yet in sorted tables, held in
@@ -124,8 +124,8 @@ impl FjallStore {
     /// first: fjall locks its directory.
     fn reopen(&mut self) -> Result<(), StoreError> {
         self.inner = None;
-        let opened =
-            open_db(&self.path.join("db"), self.max_journal).map_err(|e| StoreError::Write(format!("cannot reopen the store: {e}")))?;
+        let opened = open_db(&self.path.join("db"), self.max_journal)
+            .map_err(|e| StoreError::Write(format!("cannot reopen the store: {e}")))?;
         self.inner = Some(opened);
         Ok(())
     }
@@ -203,30 +203,34 @@ fn journal_sizes(dir: &Path) -> Vec<(PathBuf, u64)> {
     out
 }
 
-fn user_key(table: u8, dev: u32, uid: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(13);
+// The encoders write into buffers the caller reuses: fjall copies keys
+// and values into its own memory anyway, so a fresh `Vec` per record would
+// only add an allocation and a free.
+
+fn user_key(k: &mut Vec<u8>, table: u8, dev: u32, uid: u64) -> &[u8] {
+    k.clear();
     k.push(table);
     k.extend_from_slice(&dev.to_be_bytes());
     k.extend_from_slice(&uid.to_be_bytes());
     k
 }
 
-fn queue_key(dev: u32, uid: u64, seq: u64) -> Vec<u8> {
-    let mut k = user_key(b'Q', dev, uid);
+fn queue_key(k: &mut Vec<u8>, dev: u32, uid: u64, seq: u64) -> &[u8] {
+    user_key(k, b'Q', dev, uid);
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
-fn text_key(table: u8, dev: u32, text: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(5 + text.len());
+fn text_key<'a>(k: &'a mut Vec<u8>, table: u8, dev: u32, text: &str) -> &'a [u8] {
+    k.clear();
     k.push(table);
     k.extend_from_slice(&dev.to_be_bytes());
     k.extend_from_slice(text.as_bytes());
     k
 }
 
-fn history_key(dev: u32, channel: &str, id: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(15 + channel.len());
+fn history_key<'a>(k: &'a mut Vec<u8>, dev: u32, channel: &str, id: u64) -> &'a [u8] {
+    k.clear();
     k.push(b'H');
     k.extend_from_slice(&dev.to_be_bytes());
     k.extend_from_slice(&(channel.len() as u16).to_be_bytes());
@@ -235,8 +239,8 @@ fn history_key(dev: u32, channel: &str, id: u64) -> Vec<u8> {
     k
 }
 
-fn queued_value(m: &Queued) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + m.event().len() + m.message().len());
+fn queued_value<'a>(v: &'a mut Vec<u8>, m: &Queued) -> &'a [u8] {
+    v.clear();
     v.extend_from_slice(&m.time.to_be_bytes());
     v.push(m.event().len() as u8);
     v.extend_from_slice(m.event().as_bytes());
@@ -244,8 +248,8 @@ fn queued_value(m: &Queued) -> Vec<u8> {
     v
 }
 
-fn history_value(e: &HistoryRecord) -> Vec<u8> {
-    let mut v = Vec::with_capacity(19 + e.event.len() + e.message.len());
+fn history_value<'a>(v: &'a mut Vec<u8>, e: &HistoryRecord) -> &'a [u8] {
+    v.clear();
     v.extend_from_slice(&e.time.to_be_bytes());
     v.push(e.user_id.is_some() as u8);
     v.extend_from_slice(&e.user_id.unwrap_or(0).to_be_bytes());
@@ -337,30 +341,34 @@ impl Backend for FjallStore {
     fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let (db, ks) = self.handles()?;
         let mut batch = db.batch();
+        let (mut k, mut v) = (Vec::with_capacity(64), Vec::with_capacity(256));
+        let k = &mut k;
         for c in changes {
             match c {
-                Change::Key { dev, uid, key: Some(t) } => batch.insert(ks, user_key(b'K', *dev, *uid), t.as_bytes()),
-                Change::Key { dev, uid, key: None } => batch.remove(ks, user_key(b'K', *dev, *uid)),
-                Change::Data { dev, uid, data: Some(t) } => batch.insert(ks, user_key(b'D', *dev, *uid), t.as_bytes()),
-                Change::Data { dev, uid, data: None } => batch.remove(ks, user_key(b'D', *dev, *uid)),
+                Change::Key { dev, uid, key: Some(t) } => batch.insert(ks, user_key(k, b'K', *dev, *uid), t.as_bytes()),
+                Change::Key { dev, uid, key: None } => batch.remove(ks, user_key(k, b'K', *dev, *uid)),
+                Change::Data { dev, uid, data: Some(t) } => {
+                    batch.insert(ks, user_key(k, b'D', *dev, *uid), t.as_bytes())
+                }
+                Change::Data { dev, uid, data: None } => batch.remove(ks, user_key(k, b'D', *dev, *uid)),
                 Change::LastOnline { dev, uid, time: Some(t) } => {
-                    batch.insert(ks, user_key(b'T', *dev, *uid), t.to_be_bytes())
+                    batch.insert(ks, user_key(k, b'T', *dev, *uid), &t.to_be_bytes()[..])
                 }
-                Change::LastOnline { dev, uid, time: None } => batch.remove(ks, user_key(b'T', *dev, *uid)),
-                Change::Revoked { dev, token, on: true } => batch.insert(ks, text_key(b'R', *dev, token), b""),
-                Change::Revoked { dev, token, on: false } => batch.remove(ks, text_key(b'R', *dev, token)),
+                Change::LastOnline { dev, uid, time: None } => batch.remove(ks, user_key(k, b'T', *dev, *uid)),
+                Change::Revoked { dev, token, on: true } => batch.insert(ks, text_key(k, b'R', *dev, token), &b""[..]),
+                Change::Revoked { dev, token, on: false } => batch.remove(ks, text_key(k, b'R', *dev, token)),
                 Change::QueuePut { dev, uid, seq, msg } => {
-                    batch.insert(ks, queue_key(*dev, *uid, *seq), queued_value(msg))
+                    batch.insert(ks, queue_key(k, *dev, *uid, *seq), queued_value(&mut v, msg))
                 }
-                Change::QueueDel { dev, uid, seq } => batch.remove(ks, queue_key(*dev, *uid, *seq)),
+                Change::QueueDel { dev, uid, seq } => batch.remove(ks, queue_key(k, *dev, *uid, *seq)),
                 Change::HistoryPut { dev, channel, entry } => {
-                    batch.insert(ks, history_key(*dev, channel, entry.id), history_value(entry))
+                    batch.insert(ks, history_key(k, *dev, channel, entry.id), history_value(&mut v, entry))
                 }
-                Change::HistoryDel { dev, channel, id } => batch.remove(ks, history_key(*dev, channel, *id)),
+                Change::HistoryDel { dev, channel, id } => batch.remove(ks, history_key(k, *dev, channel, *id)),
                 Change::Setting { dev, channel, len: Some(n) } => {
-                    batch.insert(ks, text_key(b'S', *dev, channel), n.to_be_bytes())
+                    batch.insert(ks, text_key(k, b'S', *dev, channel), &n.to_be_bytes()[..])
                 }
-                Change::Setting { dev, channel, len: None } => batch.remove(ks, text_key(b'S', *dev, channel)),
+                Change::Setting { dev, channel, len: None } => batch.remove(ks, text_key(k, b'S', *dev, channel)),
             }
         }
         batch.commit().map_err(|e| self.failed(&e))
@@ -399,6 +407,49 @@ impl Backend for FjallStore {
 
     fn disk_size(&self) -> u64 {
         self.inner.as_ref().map_or(0, |(db, _)| db.disk_space().unwrap_or(0))
+    }
+
+    fn syncer(&self) -> Option<Box<dyn Syncer>> {
+        let dir = self.path.join("db");
+        let id = journal_ids(&dir).into_iter().max()?;
+        Some(Box::new(JournalSyncer { dir, id, file: None }))
+    }
+}
+
+/// The ids of the journal files (`N.jnl`) in the database dir.
+fn journal_ids(dir: &Path) -> Vec<u64> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    rd.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".jnl")?.parse().ok()).collect()
+}
+
+/// Syncs the active journal file through its own descriptor, so that
+/// fjall's journal lock (which `persist` holds for the whole fsync) stays
+/// free for the next group's write. fjall flushes every committed batch to
+/// the OS (its `PersistMode::Buffer` default), and `fdatasync` on any
+/// descriptor of a file covers all of it. fjall preallocates a journal's
+/// length, so `fdatasync` (no file size to record) is enough. When fjall
+/// rotates, it syncs the sealed file before it creates the next one
+/// (`N+1.jnl`): so the newest file is the only one with unsynced writes.
+struct JournalSyncer {
+    dir: PathBuf,
+    id: u64,
+    file: Option<File>,
+}
+
+impl Syncer for JournalSyncer {
+    fn sync(&mut self) -> Result<(), StoreError> {
+        while self.dir.join(format!("{}.jnl", self.id + 1)).exists() {
+            self.id += 1;
+            self.file = None;
+        }
+        let file = match self.file.take() {
+            Some(f) => f,
+            None => File::open(self.dir.join(format!("{}.jnl", self.id)))
+                .map_err(|e| StoreError::Write(format!("cannot open the journal to sync it: {e}")))?,
+        };
+        let r = file.sync_data().map_err(|e| StoreError::Write(format!("cannot sync the data dir: {e}")));
+        self.file = Some(file);
+        r
     }
 }
 
