@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::{Backend, Change, HistoryRecord, StoreError, Syncer};
+use super::{Backend, Change, HistoryRecord, StoreError};
 use crate::users::Queued;
 
 /// The memtable: what is written but not yet in sorted tables, held in
@@ -407,49 +407,6 @@ impl Backend for FjallStore {
 
     fn disk_size(&self) -> u64 {
         self.inner.as_ref().map_or(0, |(db, _)| db.disk_space().unwrap_or(0))
-    }
-
-    fn syncer(&self) -> Option<Box<dyn Syncer>> {
-        let dir = self.path.join("db");
-        let id = journal_ids(&dir).into_iter().max()?;
-        Some(Box::new(JournalSyncer { dir, id, file: None }))
-    }
-}
-
-/// The ids of the journal files (`N.jnl`) in the database dir.
-fn journal_ids(dir: &Path) -> Vec<u64> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    rd.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".jnl")?.parse().ok()).collect()
-}
-
-/// Syncs the active journal file through its own descriptor, so that
-/// fjall's journal lock (which `persist` holds for the whole fsync) stays
-/// free for the next group's write. fjall flushes every committed batch to
-/// the OS (its `PersistMode::Buffer` default), and `fdatasync` on any
-/// descriptor of a file covers all of it. fjall preallocates a journal's
-/// length, so `fdatasync` (no file size to record) is enough. When fjall
-/// rotates, it syncs the sealed file before it creates the next one
-/// (`N+1.jnl`): so the newest file is the only one with unsynced writes.
-struct JournalSyncer {
-    dir: PathBuf,
-    id: u64,
-    file: Option<File>,
-}
-
-impl Syncer for JournalSyncer {
-    fn sync(&mut self) -> Result<(), StoreError> {
-        while self.dir.join(format!("{}.jnl", self.id + 1)).exists() {
-            self.id += 1;
-            self.file = None;
-        }
-        let file = match self.file.take() {
-            Some(f) => f,
-            None => File::open(self.dir.join(format!("{}.jnl", self.id)))
-                .map_err(|e| StoreError::Write(format!("cannot open the journal to sync it: {e}")))?,
-        };
-        let r = file.sync_data().map_err(|e| StoreError::Write(format!("cannot sync the data dir: {e}")));
-        self.file = Some(file);
-        r
     }
 }
 

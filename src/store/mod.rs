@@ -102,19 +102,6 @@ pub trait Backend: Send {
     fn load(&mut self, sink: &mut dyn FnMut(Change)) -> Result<(), StoreError>;
     /// Bytes the store takes on disk (for metrics and benches).
     fn disk_size(&self) -> u64;
-    /// A way to make durable, from another thread, everything applied
-    /// before the call, without holding up the next [`Backend::apply`]:
-    /// one group's sync then overlaps the next group's write. `None`: only
-    /// [`Backend::sync`] does it.
-    fn syncer(&self) -> Option<Box<dyn Syncer>> {
-        None
-    }
-}
-
-/// See [`Backend::syncer`].
-pub trait Syncer: Send {
-    /// Makes everything applied before this call durable.
-    fn sync(&mut self) -> Result<(), StoreError>;
 }
 
 /// What a shard sends to the storage thread after a handler: its changes,

@@ -17,10 +17,10 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Backend, Batch, Change, Syncer};
+use super::{Backend, Batch, Change};
 use crate::config::Durability;
 use crate::mailbox::Doorbell;
 
@@ -198,127 +198,33 @@ impl StoreHandle {
 }
 
 /// Starts the storage thread; it ends after [`Hub::stop`], once everything
-/// sent before is written and synced. With `--durability sync` and an
-/// engine that can sync from another thread ([`Backend::syncer`]), a
-/// second thread syncs: one group's fsync overlaps the next group's write.
+/// sent before is written and synced.
 pub fn spawn(hub: Arc<Hub>, mut backend: Box<dyn Backend>) -> std::io::Result<std::thread::JoinHandle<()>> {
     let h = hub.clone();
     let t = std::thread::Builder::new().name("comet-store".into()).spawn(move || {
-        let syncer = if h.durability == Durability::Sync { backend.syncer() } else { None };
-        let queue = SyncQueue { state: Mutex::new(SyncState::default()), cv: Condvar::new() };
-        std::thread::scope(|scope| {
-            let syncing = match syncer {
-                Some(mut syncer) => {
-                    let spawned = std::thread::Builder::new().name("comet-store-sync".into()).spawn_scoped(scope, {
-                        let (h, queue) = (&h, &queue);
-                        move || guarded(h, || sync_loop(h, queue, syncer.as_mut()))
-                    });
-                    match spawned {
-                        Ok(_) => Some(&queue),
-                        Err(e) => {
-                            eprintln!("comet: store: no sync thread ({e}); the storage thread syncs itself");
-                            None
-                        }
-                    }
-                }
-                None => None,
-            };
-            guarded(&h, || run(&h, backend.as_mut(), syncing));
-            // Whatever happened, the sync thread ends once its groups are done.
-            queue.state.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
-            queue.cv.notify_all();
-        });
+        // A panic (a bug, or an engine that gives up) must not leave the
+        // shards waiting forever: every write is answered with an error
+        // from then on, and the log says so.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&h, backend.as_mut())));
+        if let Err(p) = r {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let why: Arc<str> = Arc::from(format!(
+                "the storage thread stopped ({}); writes are not stored until comet restarts",
+                crate::domain::clip(&what)
+            ));
+            eprintln!("comet: store: {why}");
+            h.die(why);
+        }
     })?;
     *hub.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(t.thread().clone());
     Ok(t)
 }
 
-/// Runs `f`; if it panics (a bug, or an engine that gives up), the shards
-/// must not wait forever: every write is answered with an error from then
-/// on, and the log says so.
-fn guarded(hub: &Hub, f: impl FnOnce()) {
-    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        let what = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        let why: Arc<str> = Arc::from(format!(
-            "the storage thread stopped ({}); writes are not stored until comet restarts",
-            crate::domain::clip(&what)
-        ));
-        eprintln!("comet: store: {why}");
-        hub.die(why);
-    }
-}
-
-/// Groups written but not yet synced, from the storage thread to the sync
-/// thread.
-struct SyncQueue {
-    state: Mutex<SyncState>,
-    cv: Condvar,
-}
-
-#[derive(Default)]
-struct SyncState {
-    groups: Vec<Group>,
-    /// The sync thread is syncing groups it took.
-    busy: bool,
-    stop: bool,
-}
-
-/// One write batch: how far it took each lane, and whether it failed.
-struct Group {
-    upto: Vec<(usize, u64)>,
-    error: Option<Arc<str>>,
-}
-
-/// Tells each lane how far its batches are done, and rings its shard.
-fn complete(hub: &Hub, upto: &[(usize, u64)], error: &Option<Arc<str>>) {
-    for &(i, upto) in upto {
-        let lane = &hub.lanes[i];
-        lane.done.lock().unwrap_or_else(PoisonError::into_inner).push_back(Done { upto, error: error.clone() });
-        lane.bell.poke();
-    }
-}
-
-/// The sync thread: takes every group written since its last sync, syncs
-/// once, completes them.
-fn sync_loop(hub: &Hub, queue: &SyncQueue, syncer: &mut dyn Syncer) {
-    let mut logged_failure: Option<Instant> = None;
-    loop {
-        let groups = {
-            let mut st = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
-            st.busy = false;
-            queue.cv.notify_all();
-            while st.groups.is_empty() {
-                if st.stop {
-                    return;
-                }
-                st = queue.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
-            }
-            st.busy = true;
-            std::mem::take(&mut st.groups)
-        };
-        let synced = if groups.iter().any(|g| g.error.is_none()) {
-            let r = syncer.sync();
-            note(hub, &r, &mut logged_failure);
-            r.err().map(|e| Arc::from(e.to_string()))
-        } else {
-            None
-        };
-        for g in &groups {
-            complete(hub, &g.upto, if g.error.is_some() { &g.error } else { &synced });
-        }
-    }
-}
-
-/// While a sync runs, the storage thread writes what arrived at most this
-/// often (rather than on every shard's wake-up): a few larger write
-/// batches per fsync, all of them ready when the fsync ends.
-const PACE: Duration = Duration::from_micros(400);
-
-fn run(hub: &Hub, backend: &mut dyn Backend, syncing: Option<&SyncQueue>) {
+fn run(hub: &Hub, backend: &mut dyn Backend) {
     let mut taken: Vec<(usize, Vec<Batch>)> = Vec::new();
     let mut changes: Vec<Change> = Vec::new();
     let mut unsynced = false;
@@ -327,17 +233,8 @@ fn run(hub: &Hub, backend: &mut dyn Backend, syncing: Option<&SyncQueue>) {
     let mut last_group = 0usize;
     loop {
         let stopping = hub.stop.load(Ordering::SeqCst);
-        match syncing {
-            Some(q) if !stopping => {
-                let st = q.state.lock().unwrap_or_else(PoisonError::into_inner);
-                if st.busy {
-                    drop(q.cv.wait_timeout(st, PACE));
-                }
-            }
-            None if hub.durability == Durability::Sync && last_group >= LINGER_AFTER && !stopping => {
-                std::thread::sleep(LINGER);
-            }
-            _ => {}
+        if hub.durability == Durability::Sync && last_group >= LINGER_AFTER && !stopping {
+            std::thread::sleep(LINGER);
         }
         taken.clear();
         for (i, lane) in hub.lanes.iter().enumerate() {
@@ -349,13 +246,6 @@ fn run(hub: &Hub, backend: &mut dyn Backend, syncing: Option<&SyncQueue>) {
             }
         }
         if taken.is_empty() {
-            if stopping && let Some(q) = syncing {
-                // The sync thread finishes what it has before the end.
-                let mut st = q.state.lock().unwrap_or_else(PoisonError::into_inner);
-                while st.busy || !st.groups.is_empty() {
-                    st = q.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
-                }
-            }
             if unsynced && (stopping || last_sync.elapsed() >= ASYNC_SYNC_EVERY) {
                 let r = backend.sync();
                 note(hub, &r, &mut logged_failure);
@@ -376,17 +266,7 @@ fn run(hub: &Hub, backend: &mut dyn Backend, syncing: Option<&SyncQueue>) {
             }
         }
         last_group = changes.len();
-        let upto: Vec<(usize, u64)> = taken.iter().map(|(i, b)| (*i, b.last().map_or(0, |b| b.seq))).collect();
         let mut result = backend.apply(&changes);
-        if let Some(q) = syncing {
-            if result.is_err() {
-                note(hub, &result, &mut logged_failure);
-            }
-            let error = result.err().map(|e| Arc::from(e.to_string()));
-            q.state.lock().unwrap_or_else(PoisonError::into_inner).groups.push(Group { upto, error });
-            q.cv.notify_all();
-            continue;
-        }
         if result.is_ok() {
             match hub.durability {
                 Durability::Sync => {
@@ -398,7 +278,12 @@ fn run(hub: &Hub, backend: &mut dyn Backend, syncing: Option<&SyncQueue>) {
         }
         note(hub, &result, &mut logged_failure);
         let error: Option<Arc<str>> = result.err().map(|e| Arc::from(e.to_string()));
-        complete(hub, &upto, &error);
+        for (i, batches) in &taken {
+            let upto = batches.last().map_or(0, |b| b.seq);
+            let lane = &hub.lanes[*i];
+            lane.done.lock().unwrap_or_else(PoisonError::into_inner).push_back(Done { upto, error: error.clone() });
+            lane.bell.poke();
+        }
     }
 }
 
