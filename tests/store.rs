@@ -418,6 +418,10 @@ fn a_backend_outrunning_the_disk_is_paused_by_the_mail_limit_and_nothing_is_lost
         }
     }
     assert!(s.metric("comet_store_congestions_total") > 0, "the bound was reached in {rounds} rounds");
+    for shard in 0..2 {
+        let peak = s.metric(&format!("comet_store_lane_peak_bytes{{shard=\"{shard}\"}}"));
+        assert!(peak <= (1 << 20) + 128 * 1024, "shard {shard}'s storage lane held {peak} bytes");
+    }
     let mut d = db(&s);
     let ids = "1, 2, 3, 4, 5, 6, 7";
     let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({ids})")).unwrap();
