@@ -645,6 +645,16 @@ mod tests {
     }
 
     #[test]
+    fn the_journal_bound_defaults_to_fjalls_minimum_and_refuses_less() {
+        assert_eq!(Config::load(Cli::default()).unwrap().max_journal_size, 64 << 20);
+        let big = Cli { max_journal_size: Some(256 << 20), ..Cli::default() };
+        assert_eq!(Config::load(big).unwrap().max_journal_size, 256 << 20);
+        let small = Cli { max_journal_size: Some(1 << 20), ..Cli::default() };
+        let e = Config::load(small).unwrap_err().to_string();
+        assert!(e.contains("max-journal-size") && e.contains("1048576"), "{e}");
+    }
+
+    #[test]
     fn default_password_on_public_address_is_refused() {
         let cli = Cli { frontend: Some("0.0.0.0:8087".parse().unwrap()), ..Cli::default() };
         let e = Config::load(cli).unwrap_err().to_string();
