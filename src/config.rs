@@ -208,6 +208,9 @@ pub struct Cli {
     /// sync: answer a write once it is on disk; async: once handed to the OS, synced every second [default: sync].
     #[arg(long, env = "COMET_DURABILITY", value_enum)]
     pub durability: Option<Durability>,
+    /// Bytes of sealed journal files the store keeps before it flushes what they hold and deletes them; at least 67108864 [default: 67108864].
+    #[arg(long, env = "COMET_MAX_JOURNAL_SIZE", value_name = "BYTES")]
+    pub max_journal_size: Option<u64>,
     /// permessage-deflate (RFC 7692, without context takeover) for WebSocket clients that offer it [default: on].
     #[arg(long, env = "COMET_COMPRESSION", value_enum)]
     pub compression: Option<Switch>,
@@ -258,6 +261,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub ephemeral: Option<bool>,
     pub durability: Option<Durability>,
+    pub max_journal_size: Option<u64>,
     pub compression: Option<Switch>,
     pub compression_exclude_ua: Option<Vec<String>>,
     /// dev_ids whose `user_data` any connection may read.
@@ -342,11 +346,18 @@ pub struct Config {
     /// Where the persisted state lives; `None` with `--ephemeral`.
     pub data_dir: Option<PathBuf>,
     pub durability: Durability,
+    /// Bytes of sealed journals the store keeps before it flushes their
+    /// memtables and deletes them (fjall's `max_journaling_size`).
+    pub max_journal_size: u64,
     /// Whether WebSockets may negotiate permessage-deflate.
     pub compression: bool,
     /// User-Agent substrings of clients never offered compression.
     pub compression_exclude_ua: Vec<String>,
 }
+
+/// The smallest `--max-journal-size`: fjall writes one journal file up to
+/// 64 MB before it rotates it, and needs room for at least that.
+pub const MIN_JOURNAL_SIZE: u64 = 64 << 20;
 
 /// The data dir used when none is given: in the working directory.
 pub const DEFAULT_DATA_DIR: &str = "comet-data";
@@ -408,6 +419,7 @@ impl Default for Config {
             demo: true,
             data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),
             durability: Durability::Sync,
+            max_journal_size: MIN_JOURNAL_SIZE,
             compression: true,
             compression_exclude_ua: Vec::new(),
         }
@@ -490,6 +502,7 @@ impl Config {
                 Some(cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)))
             },
             durability: cli.durability.or(file.durability).unwrap_or(d.durability),
+            max_journal_size: cli.max_journal_size.or(file.max_journal_size).unwrap_or(d.max_journal_size),
             compression: cli.compression.or(file.compression).map_or(d.compression, |s| s == Switch::On),
             compression_exclude_ua: cli
                 .compression_exclude_ua
@@ -570,6 +583,12 @@ impl Config {
         if self.mail_limit < 1 << 20 {
             return bad(format!("mail-limit must be at least 1048576 bytes, got {}", self.mail_limit));
         }
+        if self.max_journal_size < MIN_JOURNAL_SIZE {
+            return bad(format!(
+                "max-journal-size must be at least {MIN_JOURNAL_SIZE} bytes (the store's journal file size), got {}",
+                self.max_journal_size
+            ));
+        }
         if self.max_pending == 0 {
             return bad("max-pending must be at least 1".into());
         }
@@ -635,6 +654,16 @@ mod tests {
         let both = Cli { ephemeral: true, data_dir: Some("/tmp/x".into()), ..Cli::default() };
         let e = Config::load(both).unwrap_err().to_string();
         assert!(e.contains("--ephemeral") && e.contains("--data-dir"), "{e}");
+    }
+
+    #[test]
+    fn the_journal_bound_defaults_to_fjalls_minimum_and_refuses_less() {
+        assert_eq!(Config::load(Cli::default()).unwrap().max_journal_size, 64 << 20);
+        let big = Cli { max_journal_size: Some(256 << 20), ..Cli::default() };
+        assert_eq!(Config::load(big).unwrap().max_journal_size, 256 << 20);
+        let small = Cli { max_journal_size: Some(1 << 20), ..Cli::default() };
+        let e = Config::load(small).unwrap_err().to_string();
+        assert!(e.contains("max-journal-size") && e.contains("1048576"), "{e}");
     }
 
     #[test]

@@ -243,6 +243,20 @@ impl<T: Weigh> Inbox<T> {
         Poll::Pending
     }
 
+    /// Like [`Inbox::poll_park`], but waits for a poke (or a ring, or a
+    /// force) even when mail is waiting: the owner does not take mail now
+    /// (its own storage lane is full) and waits for whoever will poke it.
+    pub fn poll_park_for_poke(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.bell.waker.register(cx.waker());
+        self.bell.parked.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.bell.poked.swap(false, Ordering::SeqCst) {
+            self.bell.parked.store(false, Ordering::SeqCst);
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
     /// Whether the doorbell was forced or rung while parked: used with
     /// [`Doorbell::force`] for control flags that live outside the rings.
     pub fn bell(&self) -> &Arc<Doorbell> {
@@ -380,5 +394,36 @@ mod tests {
         });
         sender.join().unwrap();
         assert_eq!(sum, (0..100_000u64).sum::<u64>());
+    }
+
+    #[test]
+    fn parking_for_a_poke_waits_with_mail_in_the_ring_until_poked() {
+        use std::task::{Wake, Waker};
+        struct Flag(AtomicBool);
+        impl Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let mut m = mesh::<u32>(2, 16);
+        let (_o1, inbox1) = m.pop().unwrap();
+        let (mut out0, _i0) = m.pop().unwrap();
+        out0.send(1, 7);
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        // Mail waits: an ordinary park returns at once, a park for a poke
+        // does not (the owner takes no mail now).
+        assert!(inbox1.poll_park(&mut cx).is_ready());
+        assert!(inbox1.poll_park_for_poke(&mut cx).is_pending());
+        // The poke (the storage thread took the lane) wakes it, and the
+        // next park for a poke sees it.
+        inbox1.bell().poke();
+        assert!(flag.0.load(Ordering::SeqCst));
+        assert!(inbox1.poll_park_for_poke(&mut cx).is_ready());
+        // A poke that came before the park is not lost.
+        inbox1.bell().poke();
+        assert!(inbox1.poll_park_for_poke(&mut cx).is_ready());
+        assert!(inbox1.poll_park_for_poke(&mut cx).is_pending());
     }
 }

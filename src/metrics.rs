@@ -74,6 +74,15 @@ pub struct ShardMetrics {
     /// Times the shard stopped reading clients because the changes waiting
     /// for the storage thread passed `--mail-limit`.
     pub store_congestions: AtomicU64,
+    /// The most bytes of changes the shard's lane to the storage thread
+    /// ever held (bounded by `--mail-limit` plus one statement's changes).
+    pub store_lane_peak: AtomicI64,
+    /// Answers that waited for the store and got an error (the change was
+    /// not stored).
+    pub store_errors: AtomicU64,
+    /// 1 once the storage thread is gone (it panicked): every write
+    /// statement gets an error until comet restarts.
+    pub store_down: AtomicI64,
 }
 
 impl ShardMetrics {
@@ -106,7 +115,7 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 30] = [
+        let families: [(&str, &str, &str, Get); 33] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -164,6 +173,21 @@ impl Registry {
                 "Times a shard stopped reading clients until the storage thread caught up.",
                 |m| m.store_congestions.load(Relaxed) as i64,
             ),
+            (
+                "comet_store_lane_peak_bytes",
+                "gauge",
+                "Most bytes of changes a shard ever had waiting for the storage thread.",
+                |m| m.store_lane_peak.load(Relaxed),
+            ),
+            (
+                "comet_store_errors_total",
+                "counter",
+                "Answers that waited for the store and got an error (not stored).",
+                |m| m.store_errors.load(Relaxed) as i64,
+            ),
+            ("comet_store_down", "gauge", "1 once the storage thread is gone: writes get an error.", |m| {
+                m.store_down.load(Relaxed)
+            }),
             ("comet_accept_errors_total", "counter", "Failed accepts (out of descriptors or memory).", |m| {
                 m.accept_errors.load(Relaxed) as i64
             }),

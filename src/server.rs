@@ -117,7 +117,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // The data dir first: a second comet on it must be told about the dir,
     // whatever its ports.
     let mut loaded = match &config.data_dir {
-        Some(dir) => Some(open_store(dir, n)?),
+        Some(dir) => Some(open_store(dir, n, config.max_journal_size)?),
         None => {
             eprintln!("comet: --ephemeral: all state is in memory only; a restart loses it");
             None
@@ -304,9 +304,9 @@ struct Loaded {
 
 /// Opens the data dir and loads its state into each shard's stores: users
 /// on their home shard, history and settings on their channel's.
-fn open_store(dir: &std::path::Path, n: usize) -> Result<Loaded, ServerError> {
+fn open_store(dir: &std::path::Path, n: usize, max_journal: u64) -> Result<Loaded, ServerError> {
     let started = Instant::now();
-    let mut backend = FjallStore::open(dir)?;
+    let mut backend = FjallStore::open(dir, max_journal)?;
     let mut users: Vec<UserStore> = (0..n).map(|_| UserStore::default()).collect();
     let mut history: Vec<HistoryStore> = (0..n).map(|_| HistoryStore::default()).collect();
     let mut records = 0u64;

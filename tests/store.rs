@@ -332,6 +332,8 @@ fn a_full_disk_gives_errors_not_a_crash_and_writes_resume_when_space_returns() {
     }
     let failed = failed.expect("a write fails when the disk is full");
     assert!(failed.contains("File too large") && failed.contains("not stored"), "{failed}");
+    assert!(s.metric("comet_store_errors_total") > 0);
+    assert_eq!(s.metric("comet_store_down"), 0, "a full disk is not a dead storage thread");
     // Deliveries to online users go on.
     d.query_drop("INSERT INTO pipes_messages (name, event, message) VALUES ('web_live', 'e', 'still here')").unwrap();
     assert_eq!(watcher.recv()["data"], "still here");
@@ -416,6 +418,10 @@ fn a_backend_outrunning_the_disk_is_paused_by_the_mail_limit_and_nothing_is_lost
         }
     }
     assert!(s.metric("comet_store_congestions_total") > 0, "the bound was reached in {rounds} rounds");
+    for shard in 0..2 {
+        let peak = s.metric(&format!("comet_store_lane_peak_bytes{{shard=\"{shard}\"}}"));
+        assert!(peak <= (1 << 20) + 128 * 1024, "shard {shard}'s storage lane held {peak} bytes");
+    }
     let mut d = db(&s);
     let ids = "1, 2, 3, 4, 5, 6, 7";
     let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({ids})")).unwrap();
@@ -426,4 +432,85 @@ fn a_backend_outrunning_the_disk_is_paused_by_the_mail_limit_and_nothing_is_lost
     let mut d = db(&s);
     let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({ids})")).unwrap();
     assert_eq!(got.len(), n * rounds, "all of them on disk");
+}
+
+/// `n` bytes of text that does not compress (the journal compresses).
+fn noise(n: usize, seed: u64) -> String {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'a' + (x % 26) as u8) as char
+        })
+        .collect()
+}
+
+#[test]
+fn statements_arriving_as_mail_from_another_shard_respect_the_storage_lane_bound() {
+    // Backend connections on shard 0 flood private messages to users whose
+    // home is shard 1: every statement reaches shard 1 as mail and is
+    // written from there. Shard 1's lane to the storage thread must stay
+    // within --mail-limit (plus the one statement that crossed it), as for
+    // its own clients: it stops taking mail while the lane is full.
+    let dir = TempDir::new("mail-lane");
+    let limit: i64 = 1 << 20;
+    let args = ["--mail-limit", "1048576", "--offline-queue-size", "100000"];
+    let s = start(&dir, &args);
+    let on_shard_1: Vec<u64> = (1..).filter(|&u| comet::shard::home_shard(0, u, 2) == 1).take(7).collect();
+    let mut flooders = Vec::new();
+    let mut others = Vec::new();
+    while flooders.len() < 3 {
+        assert!(others.len() < 60, "no backend connection lands on shard 0");
+        let before = s.metric("comet_cometql_connections{shard=\"0\"}");
+        let (t, ok) = raw_login(&s, "pw");
+        assert_eq!(ok[0], 0);
+        if s.metric("comet_cometql_connections{shard=\"0\"}") > before {
+            flooders.push(t);
+        } else {
+            others.push(t);
+        }
+    }
+    let n = 300;
+    let text = noise(60_000, 0x2545_F491_4F6C_DD1D);
+    let mut rounds = 0;
+    while rounds < 5 {
+        rounds += 1;
+        let mut threads = Vec::new();
+        for (c, t) in flooders.iter().enumerate() {
+            let mut out = Vec::new();
+            for i in 0..n {
+                let uid = on_shard_1[i % on_shard_1.len()];
+                let mut p = vec![0x03];
+                p.extend_from_slice(
+                    format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'e', '{text}{c}.{i}')")
+                        .as_bytes(),
+                );
+                packet(&mut out, 0, &p);
+            }
+            let mut writer = t.try_clone().unwrap();
+            let mut reader = t.try_clone().unwrap();
+            threads.push(std::thread::spawn(move || {
+                let sender = std::thread::spawn(move || writer.write_all(&out).is_ok());
+                let oks = (0..n).filter(|_| read_ok(&mut reader) == Some(true)).count();
+                assert!(sender.join().unwrap());
+                oks
+            }));
+        }
+        for t in threads {
+            assert_eq!(t.join().unwrap(), n, "round {rounds}: every INSERT answered OK");
+        }
+        if s.metric("comet_store_congestions_total{shard=\"1\"}") > 0 {
+            break;
+        }
+    }
+    let peak = s.metric("comet_store_lane_peak_bytes{shard=\"1\"}");
+    assert!(s.metric("comet_store_congestions_total{shard=\"1\"}") > 0, "the bound was reached in {rounds} rounds");
+    assert_eq!(s.metric("comet_store_lane_peak_bytes{shard=\"0\"}"), 0, "shard 0 wrote nothing itself");
+    assert!(peak <= limit + 128 * 1024, "shard 1's storage lane held {peak} bytes, over the limit {limit}");
+    let mut d = db(&s);
+    let ids: Vec<String> = on_shard_1.iter().map(u64::to_string).collect();
+    let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({})", ids.join(", "))).unwrap();
+    assert_eq!(got.len(), n * rounds * flooders.len());
 }

@@ -354,6 +354,10 @@ struct ChurnArgs {
     /// Private messages per second.
     #[arg(long, default_value_t = 2000.0)]
     rate: f64,
+    /// Bytes of random letters added to each message (they do not
+    /// compress, as the store's journal would compress filler).
+    #[arg(long, default_value_t = 0)]
+    message_bytes: usize,
 }
 
 /// Sizes of `slow`.
@@ -1260,6 +1264,7 @@ fn churn(g: &Global, t: &Target, a: &ChurnArgs) -> Figures {
     // The backend sends private messages to random users at `rate`.
     let sender = {
         let (stop, sent, password, users, rate) = (stop.clone(), sent.clone(), t.password.clone(), a.users, a.rate);
+        let pad_len = a.message_bytes;
         std::thread::spawn(move || {
             let mut s = wire::mysql_login(&back, &password).expect("CometQL login");
             let mut rng = 0x9E37_79B9_7F4A_7C15u64;
@@ -1273,9 +1278,17 @@ fn churn(g: &Global, t: &Target, a: &ChurnArgs) -> Figures {
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
                 let uid = rng % users as u64 + 1;
+                let mut pad = String::with_capacity(pad_len);
+                let mut x = rng | 1;
+                for _ in 0..pad_len {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    pad.push((b'a' + (x % 26) as u8) as char);
+                }
                 if wire::mysql_exec(
                     &mut s,
-                    &format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'churn', 'm{i}')"),
+                    &format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'churn', 'm{i}{pad}')"),
                 )
                 .is_ok()
                 {

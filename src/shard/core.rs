@@ -335,9 +335,14 @@ impl ShardCore {
         if done.is_empty() {
             return;
         }
+        self.metrics.store_lane_peak.store(store.peak() as i64, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.store_down.store(store.dead().is_some() as i64, std::sync::atomic::Ordering::Relaxed);
         for d in done {
             while self.deferred.front().is_some_and(|(seq, _)| *seq <= d.upto) {
                 let Some((_, action)) = self.deferred.pop_front() else { break };
+                if d.error.is_some() {
+                    ShardMetrics::add(&self.metrics.store_errors, 1);
+                }
                 match action {
                     Deferred::Reply { to, req, reply } => {
                         let reply = match &d.error {

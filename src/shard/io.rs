@@ -568,20 +568,29 @@ async fn yield_now() {
 /// batches so a mail storm does not starve the shard's connections; retries
 /// its own overflow and ends read backpressure when a receiver pokes it;
 /// starts shutdown when the main thread asks for it.
+///
+/// While the shard's own lane to the storage thread is over its bound, no
+/// mail is taken either (mail from other shards carries statements that
+/// write too): the senders' outboxes fill and they stop reading their
+/// clients, and this loop waits for the storage thread's poke.
 pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
     let mut batch: std::collections::VecDeque<Mail> = std::collections::VecDeque::with_capacity(256);
     loop {
-        if batch.is_empty() {
+        let store_congested = with_shard(|s| {
+            s.clock();
+            s.core.storage_progress();
+            s.core.store_congested()
+        });
+        if batch.is_empty() && !store_congested {
             inbox.drain(256, |m| batch.push_back(m));
         }
-        with_shard(|s| {
-            s.clock();
+        let store_congested = with_shard(|s| {
             // Mail gets a larger turn than a connection (it carries the
             // work of every other shard's connections and the answers
             // they wait for), but still a bounded one.
             s.core.work = 0;
-            s.core.storage_progress();
             while s.core.work < MAIL_WORK_PER_TURN
+                && !s.core.store_congested()
                 && let Some(m) = batch.pop_front()
             {
                 s.core.on_mail(m);
@@ -589,8 +598,9 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
             if s.core.outbox.recheck() {
                 s.core.unpause();
             }
+            s.core.store_congested()
         });
-        if !batch.is_empty() || inbox.has_mail() {
+        if !store_congested && (!batch.is_empty() || inbox.has_mail()) {
             yield_now().await;
             continue;
         }
@@ -600,7 +610,12 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
                 s.begin_shutdown();
             }
         });
-        poll_fn(|cx| inbox.poll_park(cx)).await;
+        if store_congested {
+            // The storage thread pokes once it has taken the lane.
+            poll_fn(|cx| inbox.poll_park_for_poke(cx)).await;
+        } else {
+            poll_fn(|cx| inbox.poll_park(cx)).await;
+        }
     }
 }
 

@@ -39,9 +39,6 @@ use crate::users::Queued;
 /// memory (on top of comet's own state) and replayed from the journal at
 /// start. fjall's 64 MiB default is RSS a push server would rather keep.
 const MEMTABLE_BYTES: u64 = 16 << 20;
-/// Journals kept before memtables must be flushed (fjall's minimum): with
-/// the memtable above, the journal part of the data dir stays under this.
-const JOURNAL_BYTES: u64 = 64 << 20;
 /// The store format this comet writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_KEY: &[u8] = b"\0format";
@@ -52,6 +49,8 @@ const CACHE_BYTES: u64 = 8 << 20;
 /// The fjall store of one data dir, with its lock.
 pub struct FjallStore {
     path: PathBuf,
+    /// `--max-journal-size`.
+    max_journal: u64,
     /// The database and its one keyspace; `None` after a failed write
     /// until reopened.
     inner: Option<(Database, Keyspace)>,
@@ -70,7 +69,8 @@ fn dir_error(path: &Path, cause: impl std::fmt::Display) -> StoreError {
 impl FjallStore {
     /// Opens (creating) the data dir `path`: takes its lock, recovers the
     /// journal (reporting what a torn tail lost), checks the format.
-    pub fn open(path: &Path) -> Result<FjallStore, StoreError> {
+    /// `max_journal` (at least 64 MiB) bounds the sealed journal files.
+    pub fn open(path: &Path, max_journal: u64) -> Result<FjallStore, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| dir_error(path, e))?;
         let lock_path = path.join("comet.lock");
         let lock = std::fs::OpenOptions::new()
@@ -92,7 +92,7 @@ impl FjallStore {
         std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe)).map_err(|e| dir_error(path, e))?;
         let db_path = path.join("db");
         let before = journal_sizes(&db_path);
-        let (db, state) = open_db(&db_path).map_err(|e| dir_error(&db_path, e))?;
+        let (db, state) = open_db(&db_path, max_journal).map_err(|e| dir_error(&db_path, e))?;
         for (file, old) in before {
             let new = std::fs::metadata(&file).map_or(0, |m| m.len());
             if new < old {
@@ -115,7 +115,7 @@ impl FjallStore {
                 }
             }
         }
-        Ok(FjallStore { path: path.to_path_buf(), inner: Some((db, state)), _lock: lock })
+        Ok(FjallStore { path: path.to_path_buf(), max_journal, inner: Some((db, state)), _lock: lock })
     }
 
     /// After a failed write fjall refuses every later one (it cannot know
@@ -124,8 +124,8 @@ impl FjallStore {
     /// first: fjall locks its directory.
     fn reopen(&mut self) -> Result<(), StoreError> {
         self.inner = None;
-        let opened =
-            open_db(&self.path.join("db")).map_err(|e| StoreError::Write(format!("cannot reopen the store: {e}")))?;
+        let opened = open_db(&self.path.join("db"), self.max_journal)
+            .map_err(|e| StoreError::Write(format!("cannot reopen the store: {e}")))?;
         self.inner = Some(opened);
         Ok(())
     }
@@ -146,10 +146,19 @@ impl FjallStore {
     }
 }
 
-fn open_db(db_path: &Path) -> Result<(Database, Keyspace), fjall::Error> {
+/// Opens the database. The journal: fjall appends to one file until it
+/// holds 64 MB, then seals it at the next memtable flush and starts
+/// another; a sealed file is deleted once the memtables it holds are
+/// flushed to sorted tables, and when sealed files pass `max_journal` fjall
+/// flushes the memtables that hold them back. So the journal part of the
+/// data dir rises to about 64 MB and falls back (a sawtooth), plus at most
+/// `max_journal` of sealed files while flushes lag.
+fn open_db(db_path: &Path, max_journal: u64) -> Result<(Database, Keyspace), fjall::Error> {
+    // fjall panics below its minimum; the flag's check says so first.
+    let max_journal = max_journal.max(crate::config::MIN_JOURNAL_SIZE);
     // Every committed batch goes to the OS at once (a crash of the process
     // loses nothing in either mode); `persist(SyncAll)` makes it durable.
-    let db = Database::builder(db_path).cache_size(CACHE_BYTES).max_journaling_size(JOURNAL_BYTES).open()?;
+    let db = Database::builder(db_path).cache_size(CACHE_BYTES).max_journaling_size(max_journal).open()?;
     let state = db.keyspace("state", || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES))?;
     Ok((db, state))
 }
@@ -194,30 +203,34 @@ fn journal_sizes(dir: &Path) -> Vec<(PathBuf, u64)> {
     out
 }
 
-fn user_key(table: u8, dev: u32, uid: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(13);
+// The encoders write into buffers the caller reuses: fjall copies keys
+// and values into its own memory anyway, so a fresh `Vec` per record would
+// only add an allocation and a free.
+
+fn user_key(k: &mut Vec<u8>, table: u8, dev: u32, uid: u64) -> &[u8] {
+    k.clear();
     k.push(table);
     k.extend_from_slice(&dev.to_be_bytes());
     k.extend_from_slice(&uid.to_be_bytes());
     k
 }
 
-fn queue_key(dev: u32, uid: u64, seq: u64) -> Vec<u8> {
-    let mut k = user_key(b'Q', dev, uid);
+fn queue_key(k: &mut Vec<u8>, dev: u32, uid: u64, seq: u64) -> &[u8] {
+    user_key(k, b'Q', dev, uid);
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
-fn text_key(table: u8, dev: u32, text: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(5 + text.len());
+fn text_key<'a>(k: &'a mut Vec<u8>, table: u8, dev: u32, text: &str) -> &'a [u8] {
+    k.clear();
     k.push(table);
     k.extend_from_slice(&dev.to_be_bytes());
     k.extend_from_slice(text.as_bytes());
     k
 }
 
-fn history_key(dev: u32, channel: &str, id: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(15 + channel.len());
+fn history_key<'a>(k: &'a mut Vec<u8>, dev: u32, channel: &str, id: u64) -> &'a [u8] {
+    k.clear();
     k.push(b'H');
     k.extend_from_slice(&dev.to_be_bytes());
     k.extend_from_slice(&(channel.len() as u16).to_be_bytes());
@@ -226,8 +239,8 @@ fn history_key(dev: u32, channel: &str, id: u64) -> Vec<u8> {
     k
 }
 
-fn queued_value(m: &Queued) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + m.event().len() + m.message().len());
+fn queued_value<'a>(v: &'a mut Vec<u8>, m: &Queued) -> &'a [u8] {
+    v.clear();
     v.extend_from_slice(&m.time.to_be_bytes());
     v.push(m.event().len() as u8);
     v.extend_from_slice(m.event().as_bytes());
@@ -235,8 +248,8 @@ fn queued_value(m: &Queued) -> Vec<u8> {
     v
 }
 
-fn history_value(e: &HistoryRecord) -> Vec<u8> {
-    let mut v = Vec::with_capacity(19 + e.event.len() + e.message.len());
+fn history_value<'a>(v: &'a mut Vec<u8>, e: &HistoryRecord) -> &'a [u8] {
+    v.clear();
     v.extend_from_slice(&e.time.to_be_bytes());
     v.push(e.user_id.is_some() as u8);
     v.extend_from_slice(&e.user_id.unwrap_or(0).to_be_bytes());
@@ -328,30 +341,34 @@ impl Backend for FjallStore {
     fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let (db, ks) = self.handles()?;
         let mut batch = db.batch();
+        let (mut k, mut v) = (Vec::with_capacity(64), Vec::with_capacity(256));
+        let k = &mut k;
         for c in changes {
             match c {
-                Change::Key { dev, uid, key: Some(t) } => batch.insert(ks, user_key(b'K', *dev, *uid), t.as_bytes()),
-                Change::Key { dev, uid, key: None } => batch.remove(ks, user_key(b'K', *dev, *uid)),
-                Change::Data { dev, uid, data: Some(t) } => batch.insert(ks, user_key(b'D', *dev, *uid), t.as_bytes()),
-                Change::Data { dev, uid, data: None } => batch.remove(ks, user_key(b'D', *dev, *uid)),
+                Change::Key { dev, uid, key: Some(t) } => batch.insert(ks, user_key(k, b'K', *dev, *uid), t.as_bytes()),
+                Change::Key { dev, uid, key: None } => batch.remove(ks, user_key(k, b'K', *dev, *uid)),
+                Change::Data { dev, uid, data: Some(t) } => {
+                    batch.insert(ks, user_key(k, b'D', *dev, *uid), t.as_bytes())
+                }
+                Change::Data { dev, uid, data: None } => batch.remove(ks, user_key(k, b'D', *dev, *uid)),
                 Change::LastOnline { dev, uid, time: Some(t) } => {
-                    batch.insert(ks, user_key(b'T', *dev, *uid), t.to_be_bytes())
+                    batch.insert(ks, user_key(k, b'T', *dev, *uid), &t.to_be_bytes()[..])
                 }
-                Change::LastOnline { dev, uid, time: None } => batch.remove(ks, user_key(b'T', *dev, *uid)),
-                Change::Revoked { dev, token, on: true } => batch.insert(ks, text_key(b'R', *dev, token), b""),
-                Change::Revoked { dev, token, on: false } => batch.remove(ks, text_key(b'R', *dev, token)),
+                Change::LastOnline { dev, uid, time: None } => batch.remove(ks, user_key(k, b'T', *dev, *uid)),
+                Change::Revoked { dev, token, on: true } => batch.insert(ks, text_key(k, b'R', *dev, token), &b""[..]),
+                Change::Revoked { dev, token, on: false } => batch.remove(ks, text_key(k, b'R', *dev, token)),
                 Change::QueuePut { dev, uid, seq, msg } => {
-                    batch.insert(ks, queue_key(*dev, *uid, *seq), queued_value(msg))
+                    batch.insert(ks, queue_key(k, *dev, *uid, *seq), queued_value(&mut v, msg))
                 }
-                Change::QueueDel { dev, uid, seq } => batch.remove(ks, queue_key(*dev, *uid, *seq)),
+                Change::QueueDel { dev, uid, seq } => batch.remove(ks, queue_key(k, *dev, *uid, *seq)),
                 Change::HistoryPut { dev, channel, entry } => {
-                    batch.insert(ks, history_key(*dev, channel, entry.id), history_value(entry))
+                    batch.insert(ks, history_key(k, *dev, channel, entry.id), history_value(&mut v, entry))
                 }
-                Change::HistoryDel { dev, channel, id } => batch.remove(ks, history_key(*dev, channel, *id)),
+                Change::HistoryDel { dev, channel, id } => batch.remove(ks, history_key(k, *dev, channel, *id)),
                 Change::Setting { dev, channel, len: Some(n) } => {
-                    batch.insert(ks, text_key(b'S', *dev, channel), n.to_be_bytes())
+                    batch.insert(ks, text_key(k, b'S', *dev, channel), &n.to_be_bytes()[..])
                 }
-                Change::Setting { dev, channel, len: None } => batch.remove(ks, text_key(b'S', *dev, channel)),
+                Change::Setting { dev, channel, len: None } => batch.remove(ks, text_key(k, b'S', *dev, channel)),
             }
         }
         batch.commit().map_err(|e| self.failed(&e))
@@ -423,14 +440,14 @@ mod tests {
             Change::Setting { dev: 0, channel: "web_x".into(), len: Some(10) },
         ];
         {
-            let mut s = FjallStore::open(&dir).unwrap();
+            let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
             s.apply(&changes).unwrap();
             s.apply(&[Change::QueuePut { dev: 0, uid: 9, seq: 4, msg: Queued::new(5, "ev", "gone") }]).unwrap();
             s.apply(&[Change::QueueDel { dev: 0, uid: 9, seq: 4 }]).unwrap();
             s.sync().unwrap();
-            assert!(matches!(FjallStore::open(&dir), Err(StoreError::Locked { .. })));
+            assert!(matches!(FjallStore::open(&dir, 64 << 20), Err(StoreError::Locked { .. })));
         }
-        let mut s = FjallStore::open(&dir).unwrap();
+        let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
         let mut got = Vec::new();
         s.load(&mut |c| got.push(c)).unwrap();
         for c in &changes {

@@ -47,9 +47,24 @@ pub struct Lane {
     inbound: Mutex<Vec<Batch>>,
     /// Weight of the batches not yet taken by the storage thread.
     bytes: AtomicUsize,
+    /// The most `bytes` ever was (for `/metrics`: the bound holds).
+    peak: AtomicUsize,
     done: Mutex<VecDeque<Done>>,
     /// The shard's doorbell, rung when completions arrive.
     bell: Arc<Doorbell>,
+}
+
+impl Lane {
+    /// Answers every batch sent so far with `why`: the storage thread is
+    /// gone and will never take them, nor finish those it had taken.
+    fn fail_all(&self, why: &Arc<str>) {
+        let batches = std::mem::take(&mut *self.inbound.lock().unwrap_or_else(PoisonError::into_inner));
+        let w: usize = batches.iter().map(|b| b.weight).sum();
+        self.bytes.fetch_sub(w, Ordering::SeqCst);
+        let done = Done { upto: u64::MAX, error: Some(why.clone()) };
+        self.done.lock().unwrap_or_else(PoisonError::into_inner).push_back(done);
+        self.bell.poke();
+    }
 }
 
 /// What every shard and the storage thread share.
@@ -62,6 +77,10 @@ pub struct Hub {
     /// Set when the last write failed, cleared by the next that works (to
     /// log the failure and the recovery once each).
     failing: Mutex<Option<Arc<str>>>,
+    /// Why the storage thread is gone (it panicked): every write from then
+    /// on is answered with this error at once.
+    dead: Mutex<Option<Arc<str>>>,
+    is_dead: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -75,6 +94,7 @@ impl Hub {
                     Arc::new(Lane {
                         inbound: Mutex::new(Vec::new()),
                         bytes: AtomicUsize::new(0),
+                        peak: AtomicUsize::new(0),
                         done: Mutex::new(VecDeque::new()),
                         bell: b.clone(),
                     })
@@ -83,8 +103,20 @@ impl Hub {
             durability,
             thread: Mutex::new(None),
             failing: Mutex::new(None),
+            dead: Mutex::new(None),
+            is_dead: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         })
+    }
+
+    /// The storage thread is gone: records why, then answers what every
+    /// lane holds with that error (a shard's later sends fail at once).
+    fn die(&self, why: Arc<str>) {
+        *self.dead.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.clone());
+        self.is_dead.store(true, Ordering::SeqCst);
+        for lane in &self.lanes {
+            lane.fail_all(&why);
+        }
     }
 
     fn wake(&self) {
@@ -134,12 +166,18 @@ impl StoreHandle {
     pub fn send(&mut self, changes: Vec<Change>) -> u64 {
         self.next_seq += 1;
         let weight = changes.iter().map(Change::weight).sum();
-        self.lane.bytes.fetch_add(weight, Ordering::SeqCst);
+        let bytes = self.lane.bytes.fetch_add(weight, Ordering::SeqCst) + weight;
+        self.lane.peak.fetch_max(bytes, Ordering::Relaxed);
         self.lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).push(Batch {
             seq: self.next_seq,
             changes,
             weight,
         });
+        if let Some(why) = self.dead() {
+            // Nobody takes the lane any more: answer at once.
+            self.lane.fail_all(&why);
+            return self.next_seq;
+        }
         if self.storage.is_none() {
             self.storage = self.hub.thread.lock().unwrap_or_else(PoisonError::into_inner).clone();
         }
@@ -154,6 +192,19 @@ impl StoreHandle {
         self.lane.bytes.load(Ordering::SeqCst) > self.limit
     }
 
+    /// The most bytes the lane ever held.
+    pub fn peak(&self) -> usize {
+        self.lane.peak.load(Ordering::Relaxed)
+    }
+
+    /// Why the storage thread is gone, if it is.
+    pub fn dead(&self) -> Option<Arc<str>> {
+        if !self.hub.is_dead.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.hub.dead.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     /// Completions that arrived since the last call, in order.
     pub fn take_done(&self) -> VecDeque<Done> {
         std::mem::take(&mut *self.lane.done.lock().unwrap_or_else(PoisonError::into_inner))
@@ -164,7 +215,25 @@ impl StoreHandle {
 /// sent before is written and synced.
 pub fn spawn(hub: Arc<Hub>, mut backend: Box<dyn Backend>) -> std::io::Result<std::thread::JoinHandle<()>> {
     let h = hub.clone();
-    let t = std::thread::Builder::new().name("comet-store".into()).spawn(move || run(&h, backend.as_mut()))?;
+    let t = std::thread::Builder::new().name("comet-store".into()).spawn(move || {
+        // A panic (a bug, or an engine that gives up) must not leave the
+        // shards waiting forever: every write is answered with an error
+        // from then on, and the log says so.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&h, backend.as_mut())));
+        if let Err(p) = r {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let why: Arc<str> = Arc::from(format!(
+                "the storage thread stopped ({}); writes are not stored until comet restarts",
+                crate::domain::clip(&what)
+            ));
+            eprintln!("comet: store: {why}");
+            h.die(why);
+        }
+    })?;
     *hub.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(t.thread().clone());
     Ok(t)
 }
@@ -252,5 +321,75 @@ fn note(hub: &Hub, r: &Result<(), super::StoreError>, logged: &mut Option<Instan
             }
             *failing = Some(Arc::from(e.to_string()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    /// An engine that panics on its second write: the storage thread dies
+    /// with a batch taken and others still in the lane.
+    struct Panicky {
+        writes: usize,
+    }
+
+    impl Backend for Panicky {
+        fn apply(&mut self, _: &[Change]) -> Result<(), StoreError> {
+            self.writes += 1;
+            assert!(self.writes < 2, "engine gave up");
+            Ok(())
+        }
+        fn sync(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn load(&mut self, _: &mut dyn FnMut(Change)) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn disk_size(&self) -> u64 {
+            0
+        }
+    }
+
+    fn change(uid: u64) -> Vec<Change> {
+        vec![Change::Key { dev: 0, uid, key: Some("k".into()) }]
+    }
+
+    /// Waits for completions up to `seq`; panics after 5 s (a hang).
+    fn wait_done(h: &StoreHandle, seq: u64) -> Vec<Done> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while got.last().is_none_or(|d: &Done| d.upto < seq) {
+            assert!(Instant::now() < deadline, "batch {seq} never answered: {got:?}");
+            got.extend(h.take_done());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        got
+    }
+
+    #[test]
+    fn a_dead_storage_thread_answers_every_write_with_an_error() {
+        let bell = Arc::new(Doorbell::default());
+        let hub = Hub::new(std::slice::from_ref(&bell), Durability::Sync);
+        let mut h = StoreHandle::new(&hub, 0, 1 << 20);
+        let t = spawn(hub.clone(), Box::new(Panicky { writes: 0 })).unwrap();
+        let first = h.send(change(1));
+        let done = wait_done(&h, first);
+        assert!(done.iter().all(|d| d.error.is_none()), "{done:?}");
+        assert!(h.dead().is_none());
+        // The second write kills the thread, taken or not.
+        let second = h.send(change(2));
+        let done = wait_done(&h, second);
+        let err = done.last().and_then(|d| d.error.clone()).expect("an error");
+        assert!(err.contains("storage thread stopped") && err.contains("engine gave up"), "{err}");
+        t.join().unwrap();
+        assert!(h.dead().is_some());
+        // Later writes are answered at once, and the lane does not grow.
+        let third = h.send(change(3));
+        let done = h.take_done();
+        assert!(done.back().is_some_and(|d| d.upto >= third && d.error.is_some()), "{done:?}");
+        assert!(!h.is_congested());
+        assert_eq!(hub.lanes[0].bytes.load(Ordering::SeqCst), 0);
     }
 }
