@@ -59,6 +59,13 @@ impl Port {
             Port::Api => "api",
         }
     }
+
+    /// Whether the client speaks first (HTTP), so that the listener may
+    /// defer accepting until it has, and a new socket is read at once.
+    /// Not CometQL: a MySQL server sends the greeting.
+    fn client_speaks_first(self) -> bool {
+        self != Port::Backend
+    }
 }
 
 /// One connection's socket, with the generation of the id it belongs to.
@@ -168,7 +175,7 @@ impl Shard {
     /// task needs, or None when the core refused it outright (closed).
     fn accept(&mut self, sock: Socket, peer: std::net::SocketAddr, port: Port) -> Option<(ConnId, SharedFd<Socket>)> {
         self.clock();
-        let _ = sock.set_tcp_nodelay(true);
+        // TCP_NODELAY comes from the listener (see `bind_reuseport`).
         let id = match port {
             Port::Frontend => self.core.accept(peer),
             Port::Backend => Some(self.core.accept_backend(peer)),
@@ -262,7 +269,7 @@ impl Shard {
                 let id = self.core.adopt(h.peer, h.head);
                 if self.core.conns.get(id).is_some() {
                     self.insert(id, fd.clone());
-                    compio::runtime::spawn(run_conn(id, fd)).detach();
+                    compio::runtime::spawn(run_conn(id, fd, false)).detach();
                 }
             }
         }
@@ -388,6 +395,16 @@ async fn writable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
 pub async fn accept_loop(listener: Arc<Socket>, which: Port) {
     let fd = SharedFd::new(ListenerFd(listener.clone()));
     let port = which.name();
+    // Deferred accepting: a connection reaches accept with its request head
+    // already in, which the read task then reads without waiting first.
+    let deferred = which.client_speaks_first()
+        && match crate::runtime::listener::defer_accept(&listener, crate::runtime::listener::DEFER_ACCEPT_SECS) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("comet: {port}: TCP_DEFER_ACCEPT not set ({e}); new connections wait for readiness first");
+                false
+            }
+        };
     // Accept errors come in storms (every retry while descriptors are out):
     // log the first, then a summary at most every 10 s.
     let mut last_log: Option<Instant> = None;
@@ -402,14 +419,11 @@ pub async fn accept_loop(listener: Arc<Socket>, which: Port) {
         }
         let mut backoff = false;
         for _ in 0..256 {
-            match listener.accept() {
+            match crate::runtime::listener::accept_nonblocking(&listener) {
                 Ok((sock, addr)) => {
                     let peer = addr.as_socket().unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
-                    if sock.set_nonblocking(true).is_err() {
-                        continue;
-                    }
                     if let Some((id, conn_fd)) = with_shard(|s| s.accept(sock, peer, which)) {
-                        compio::runtime::spawn(run_conn(id, conn_fd)).detach();
+                        compio::runtime::spawn(run_conn(id, conn_fd, deferred)).detach();
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -455,13 +469,16 @@ impl std::os::fd::AsFd for ListenerFd {
 /// Every idle connection carries this task, so its state is kept to the
 /// readiness wait: what a read may lead to besides more reading (yielding
 /// the turn, a pause, a throttle) is a separate future, boxed only while
-/// it runs.
-async fn run_conn(id: ConnId, fd: SharedFd<Socket>) {
+/// it runs. `read_first`: bytes are probably in already (a deferred
+/// accept), so read before waiting for readiness.
+async fn run_conn(id: ConnId, fd: SharedFd<Socket>, read_first: bool) {
+    let mut wait = !read_first;
     loop {
-        if readable(&fd).await.is_err() {
+        if wait && readable(&fd).await.is_err() {
             with_shard(|s| s.core.hangup(id));
             return;
         }
+        wait = true;
         let flow = with_shard(|s| s.on_readable(id));
         if flow != Flow::Continue && !Box::pin(after_read(id, flow)).await {
             return;
@@ -640,7 +657,7 @@ mod tests {
     fn the_read_task_of_an_idle_connection_stays_small() {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let fd = compio::driver::SharedFd::new(s);
-        let task = super::run_conn(super::ConnId { index: 0, generation: 0 }, fd);
+        let task = super::run_conn(super::ConnId { index: 0, generation: 0 }, fd, true);
         assert!(std::mem::size_of_val(&task) <= 80, "{} bytes", std::mem::size_of_val(&task));
     }
 }
