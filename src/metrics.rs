@@ -53,6 +53,9 @@ pub struct ShardMetrics {
     pub refused_per_ip: AtomicU64,
     /// Frontend connections refused with 503 (`--max-accept-rate`).
     pub refused_rate: AtomicU64,
+    /// Of the refused ones, those answered by one write and closed at once
+    /// because 64 refusals were already lingering on their shard.
+    pub refused_unlingered: AtomicU64,
     /// Commands dropped over `--client-rate`.
     pub rate_limited: AtomicU64,
     /// Browser publishes dropped over `--channel-rate`.
@@ -104,7 +107,7 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 29] = [
+        let families: [(&str, &str, &str, Get); 30] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -113,6 +116,12 @@ impl Registry {
                 "counter",
                 "Frontend connections refused with 429 (--max-connections-per-ip).",
                 |m| m.refused_per_ip.load(Relaxed) as i64,
+            ),
+            (
+                "comet_refused_unlingered_total",
+                "counter",
+                "Refused frontend connections answered by one write and closed at once (64 refusals already lingering on the shard).",
+                |m| m.refused_unlingered.load(Relaxed) as i64,
             ),
             (
                 "comet_refused_rate_total",

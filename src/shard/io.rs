@@ -25,7 +25,7 @@ use compio::driver::op::{Interest, PollOnce};
 use socket2::Socket;
 
 use super::ConnId;
-use super::conn::Flow;
+use super::conn::{Admission, Flow};
 use super::core::{Effect, ShardCore};
 use super::mail::{Handoff, Mail};
 use crate::mailbox::Inbox;
@@ -172,15 +172,22 @@ impl Shard {
     }
 
     /// Registers an accepted socket with the core; returns what its read
-    /// task needs, or None when the core refused it outright (closed).
+    /// task needs, or None when the core refused it outright (answered at
+    /// most once, then closed).
     fn accept(&mut self, sock: Socket, peer: std::net::SocketAddr, port: Port) -> Option<(ConnId, SharedFd<Socket>)> {
         self.clock();
         // TCP_NODELAY comes from the listener (see `bind_reuseport`).
         let id = match port {
-            Port::Frontend => self.core.accept(peer),
-            Port::Backend => Some(self.core.accept_backend(peer)),
-            Port::Api => Some(self.core.accept_api(peer)),
-        }?;
+            Port::Frontend => match self.core.accept(peer) {
+                Admission::Open(id) => id,
+                Admission::AnswerAndClose(answer) => {
+                    answer_and_close(&sock, &answer, &mut self.scratch);
+                    return None;
+                }
+            },
+            Port::Backend => self.core.accept_backend(peer),
+            Port::Api => self.core.accept_api(peer),
+        };
         let fd = SharedFd::new(sock);
         self.insert(id, fd.clone());
         Some((id, fd))
@@ -380,6 +387,23 @@ impl Shard {
         }
         self.core.begin_shutdown();
     }
+}
+
+/// Refuses a connection without keeping it: reads what the client already
+/// sent (its request head, there at once after a deferred accept; at most
+/// two reads), writes `answer` once if the socket takes it without waiting,
+/// and closes (on drop). Reading first matters: closing a socket with
+/// unread input sends a reset, which makes the client's kernel discard the
+/// answer it has not read yet.
+fn answer_and_close(sock: &Socket, answer: &[u8], scratch: &mut [u8]) {
+    for _ in 0..2 {
+        match (&*sock).read(scratch) {
+            Ok(n) if n == scratch.len() => continue,
+            _ => break,
+        }
+    }
+    let _ = sock.send_with_flags(answer, libc::MSG_NOSIGNAL);
+    let _ = sock.shutdown(std::net::Shutdown::Write);
 }
 
 /// Waits until `fd` is readable (or hung up / in error).
