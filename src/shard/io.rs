@@ -276,7 +276,7 @@ impl Shard {
                 let id = self.core.adopt(h.peer, h.head);
                 if self.core.conns.get(id).is_some() {
                     self.insert(id, fd.clone());
-                    compio::runtime::spawn(run_conn(id, fd, false)).detach();
+                    compio::runtime::spawn(run_conn(id, fd)).detach();
                 }
             }
         }
@@ -447,7 +447,7 @@ pub async fn accept_loop(listener: Arc<Socket>, which: Port) {
                 Ok((sock, addr)) => {
                     let peer = addr.as_socket().unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
                     if let Some((id, conn_fd)) = with_shard(|s| s.accept(sock, peer, which)) {
-                        compio::runtime::spawn(run_conn(id, conn_fd, deferred)).detach();
+                        start_conn(id, conn_fd, deferred);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -493,20 +493,39 @@ impl std::os::fd::AsFd for ListenerFd {
 /// Every idle connection carries this task, so its state is kept to the
 /// readiness wait: what a read may lead to besides more reading (yielding
 /// the turn, a pause, a throttle) is a separate future, boxed only while
-/// it runs. `read_first`: bytes are probably in already (a deferred
-/// accept), so read before waiting for readiness.
-async fn run_conn(id: ConnId, fd: SharedFd<Socket>, read_first: bool) {
-    let mut wait = !read_first;
+/// it runs.
+async fn run_conn(id: ConnId, fd: SharedFd<Socket>) {
     loop {
-        if wait && readable(&fd).await.is_err() {
+        if readable(&fd).await.is_err() {
             with_shard(|s| s.core.hangup(id));
             return;
         }
-        wait = true;
         let flow = with_shard(|s| s.on_readable(id));
         if flow != Flow::Continue && !Box::pin(after_read(id, flow)).await {
             return;
         }
+    }
+}
+
+/// Starts a new connection's read task. `read_first`: its first bytes are
+/// in already (a deferred accept), so they are read now, before any
+/// readiness wait, and the task starts waiting for the next ones. Done
+/// here rather than in [`run_conn`] so that the task of every idle
+/// connection stays as small as it was.
+fn start_conn(id: ConnId, fd: SharedFd<Socket>, read_first: bool) {
+    if !read_first {
+        compio::runtime::spawn(run_conn(id, fd)).detach();
+        return;
+    }
+    match with_shard(|s| s.on_readable(id)) {
+        Flow::Gone => {}
+        Flow::Continue => compio::runtime::spawn(run_conn(id, fd)).detach(),
+        flow => compio::runtime::spawn(async move {
+            if after_read(id, flow).await {
+                run_conn(id, fd).await;
+            }
+        })
+        .detach(),
     }
 }
 
@@ -681,7 +700,7 @@ mod tests {
     fn the_read_task_of_an_idle_connection_stays_small() {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let fd = compio::driver::SharedFd::new(s);
-        let task = super::run_conn(super::ConnId { index: 0, generation: 0 }, fd, true);
+        let task = super::run_conn(super::ConnId { index: 0, generation: 0 }, fd);
         assert!(std::mem::size_of_val(&task) <= 80, "{} bytes", std::mem::size_of_val(&task));
     }
 }
