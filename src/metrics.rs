@@ -55,6 +55,9 @@ pub struct ShardMetrics {
     pub refused_rate: AtomicU64,
     /// Backend connections refused (`--max-backend-connections`).
     pub refused_backend: AtomicU64,
+    /// Of the refused ones, those answered by one write and closed at once
+    /// because 64 refusals were already lingering on their shard.
+    pub refused_unlingered: AtomicU64,
     /// Commands dropped over `--client-rate`.
     pub rate_limited: AtomicU64,
     /// Browser publishes dropped over `--channel-rate`.
@@ -115,7 +118,7 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 33] = [
+        let families: [(&str, &str, &str, Get); 34] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -124,6 +127,12 @@ impl Registry {
                 "counter",
                 "Frontend connections refused with 429 (--max-connections-per-ip).",
                 |m| m.refused_per_ip.load(Relaxed) as i64,
+            ),
+            (
+                "comet_refused_unlingered_total",
+                "counter",
+                "Refused frontend connections answered by one write and closed at once (64 refusals already lingering on the shard).",
+                |m| m.refused_unlingered.load(Relaxed) as i64,
             ),
             (
                 "comet_refused_rate_total",

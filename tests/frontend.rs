@@ -506,7 +506,12 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
     };
     let mut held = Vec::new();
     for _ in 0..100 {
-        if let Ok(s) = std::net::TcpStream::connect(addr) {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            // A first byte of a request: the frontend accepts a connection
+            // only once the client has spoken (TCP_DEFER_ACCEPT), and each
+            // of these must take a descriptor.
+            use std::io::Write;
+            let _ = s.write_all(b"G");
             held.push(s);
         }
     }

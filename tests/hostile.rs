@@ -316,6 +316,58 @@ fn backend_connections_over_their_limit_get_err_1040_or_503_and_the_frontend_is_
     }
 }
 
+/// Past the 64 refusals a shard keeps lingering, a refused connection is
+/// not kept, but it is still told to come back later: every one of a burst
+/// far larger than that gets its 503 with `Retry-After` (before, those past
+/// 64 saw a bare close).
+#[test]
+fn refusals_past_the_lingering_bound_still_get_503_with_retry_after() {
+    for io in BACKENDS {
+        // One shard, one new connection a second: the whole burst but one
+        // is refused within the second its refusals linger.
+        let s = Server::start(&["--io", io, "--shards", "1", "--max-accept-rate", "1"]);
+        let n = 300;
+        let mut socks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut c = TcpStream::connect(s.addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(common::upgrade_request("/ws/v=4&uuid=burst").as_bytes()).unwrap();
+            socks.push(c);
+        }
+        let (mut refused, mut upgraded, mut other) = (0, 0, Vec::new());
+        for mut c in socks {
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Up to the end of the head: a refusal is then closed, an upgrade is not.
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => answer.extend_from_slice(&buf[..k]),
+                }
+            }
+            let text = String::from_utf8_lossy(&answer);
+            if text.starts_with("HTTP/1.1 503") && text.contains("\r\nRetry-After: 2\r\n") {
+                refused += 1;
+            } else if text.starts_with("HTTP/1.1 101") {
+                upgraded += 1;
+            } else {
+                other.push(text.into_owned());
+            }
+        }
+        assert!(
+            other.is_empty(),
+            "{io}: {} answers neither 503 + Retry-After nor 101: {:?}",
+            other.len(),
+            other.first()
+        );
+        assert!(upgraded <= 2, "{io}: {upgraded} upgraded");
+        assert_eq!(refused + upgraded, n, "{io}");
+        // /metrics is a new frontend connection too: wait for a token.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(s.metric("comet_refused_unlingered_total") > 0, "{io}: no refusal went past the lingering bound");
+    }
+}
+
 /// One connection of a reconnect storm: the status code of the answer to
 /// its upgrade, or 0 when the server closed it unanswered.
 fn storm_attempt(server: SocketAddr, source: &str) -> u16 {

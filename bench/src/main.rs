@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 
+use proc::Layout;
 use report::Figures;
 use target::{Kind, Spawn, Target};
 
@@ -91,6 +92,14 @@ struct Global {
     /// Spread client sockets over this many source addresses 127.0.0.x.
     #[arg(long, default_value_t = 4, global = true)]
     sources: u8,
+    /// Where the processes run. `shared`: anywhere, the server and the
+    /// clients competing for the same cores. `pinned`: a spawned server on
+    /// CPU 0 and this process with its client processes on CPU 1 (taskset
+    /// and sched_setaffinity), so the load generator does not take the
+    /// server's core; use with `--workers 1`. `both` (compare only): every
+    /// target in each layout, in one invocation.
+    #[arg(long, value_enum, default_value = "shared", global = true)]
+    layout: LayoutArg,
     /// Write every figure as JSON here.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
@@ -373,9 +382,25 @@ struct SlowArgs {
     messages: usize,
 }
 
+/// `--layout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LayoutArg {
+    Shared,
+    Pinned,
+    Both,
+}
+
 fn main() {
     let cli = Cli::parse();
     let g = cli.g.clone();
+    let layout = match g.layout {
+        LayoutArg::Pinned => Layout::Pinned,
+        LayoutArg::Shared | LayoutArg::Both => Layout::Shared,
+    };
+    layout.enter().unwrap_or_else(|e| die(&format!("--layout {}: {e}", layout.name())));
+    if g.layout == LayoutArg::Both && !matches!(cli.cmd, Cmd::Compare { .. }) {
+        die("--layout both: compare only");
+    }
     wire::OFFER_DEFLATE.store(g.deflate, std::sync::atomic::Ordering::Relaxed);
     let results: Vec<Figures> = match cli.cmd {
         Cmd::Compare { scenario } => compare(&g, scenario),
@@ -424,8 +449,20 @@ fn main() {
             vec![run(&g, &t, &cmd)]
         }
     };
-    report::print_table(&results);
-    report::print_ratios(&results);
+    let mut results = results;
+    for f in results.iter_mut().filter(|f| f.layout.is_empty()) {
+        f.layout = layout.name().into();
+    }
+    let mut layouts: Vec<&str> = results.iter().map(|f| f.layout.as_str()).collect();
+    layouts.dedup();
+    for l in &layouts {
+        let these: Vec<&Figures> = results.iter().filter(|f| f.layout == *l).collect();
+        if layouts.len() > 1 {
+            println!("layout: {l}");
+        }
+        report::print_table(&these);
+        report::print_ratios(&these);
+    }
     if let Some(p) = &g.json {
         let text = serde_json::to_string_pretty(&results).expect("json");
         std::fs::write(p, text).unwrap_or_else(|e| die(&format!("cannot write {}: {e}", p.display())));
@@ -449,8 +486,9 @@ fn spawn_opts(g: &Global) -> Spawn {
         password: g.password.clone(),
         bench_dir,
         extra_args: g.server_args.clone(),
-        log: None,
+        log: std::env::var_os("COMET_BENCH_SERVER_LOG").map(PathBuf::from),
         lift_per_ip_limit: true,
+        pin_cpu: (g.layout == LayoutArg::Pinned).then_some(proc::SERVER_CPU),
     }
 }
 
@@ -525,14 +563,27 @@ fn compare(g: &Global, scenario: CompareScenario) -> Vec<Figures> {
         CompareScenario::Connect(a) => Cmd::Connect(a),
         CompareScenario::Fanout(a) => Cmd::Fanout(a),
     };
+    let layouts: &[Layout] = match g.layout {
+        LayoutArg::Shared => &[Layout::Shared],
+        LayoutArg::Pinned => &[Layout::Pinned],
+        LayoutArg::Both => &[Layout::Shared, Layout::Pinned],
+    };
     let mut out = Vec::new();
-    for kind in [Kind::Comet, Kind::Nchan, Kind::Node] {
-        eprintln!("compare: {}", kind.name());
-        match target_for(&g, kind) {
-            Ok(t) => out.push(run(&g, &t, &cmd)),
-            Err(e) => eprintln!("compare: cannot start {}: {e} (skipped)", kind.name()),
+    for &layout in layouts {
+        layout.enter().unwrap_or_else(|e| die(&format!("--layout {}: {e}", layout.name())));
+        g.layout = if layout == Layout::Pinned { LayoutArg::Pinned } else { LayoutArg::Shared };
+        for kind in [Kind::Comet, Kind::Nchan, Kind::Node] {
+            eprintln!("compare: {} ({})", kind.name(), layout.name());
+            match target_for(&g, kind) {
+                Ok(t) => {
+                    let mut f = run(&g, &t, &cmd);
+                    f.layout = layout.name().into();
+                    out.push(f);
+                }
+                Err(e) => eprintln!("compare: cannot start {}: {e} (skipped)", kind.name()),
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
-        std::thread::sleep(Duration::from_millis(500));
     }
     out
 }
@@ -1009,6 +1060,7 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
     let mpc = messages_per_channel(messages, chans.len());
     f.expected = per_channel.iter().zip(&mpc).map(|(s, m)| s * m).sum();
     let per_sock = if socks.is_empty() { 0.0 } else { f.expected as f64 / f.connections.max(1) as f64 };
+    report::PER_MESSAGE.lock().expect("per-message lock").clear();
     let rs = readers(socks, a.threads, per_sock);
     let cpu0 = t.cpu();
     let t0 = Instant::now();
@@ -1031,6 +1083,7 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
     }
     eprintln!();
     let (mut got, mut hist) = gather(rs);
+    let children_reported = children.len();
     for (mut child, mut out) in children {
         let mut line = String::new();
         out.read_line(&mut line).ok();
@@ -1047,6 +1100,11 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
     f.delivered = got;
     f.set_throughput(t.cpu().zip(cpu0).map(|(b, a)| b - a));
     f.set_latency(&hist);
+    // Readers in this process only (`--procs 1`): client processes report
+    // their histograms alone.
+    if children_reported == 0 {
+        report::per_message_figures(&mut f);
+    }
     f
 }
 

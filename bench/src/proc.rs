@@ -77,3 +77,67 @@ pub fn kernel_mem_kib() -> (u64, u64) {
         .unwrap_or(0);
     (tcp_pages * 4, sunreclaim)
 }
+
+/// The CPU a spawned server runs on in the pinned layout.
+pub const SERVER_CPU: usize = 0;
+/// The CPU the load generator (this process and its client processes) runs
+/// on in the pinned layout.
+pub const CLIENT_CPU: usize = 1;
+
+/// Where server and clients run (`--layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Anywhere: server and clients compete for the same cores.
+    Shared,
+    /// The server on [`SERVER_CPU`], the clients on [`CLIENT_CPU`].
+    Pinned,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Shared => "shared",
+            Layout::Pinned => "pinned",
+        }
+    }
+
+    /// Moves this thread to the layout's client CPUs (every CPU for
+    /// `Shared`); threads and processes started afterwards inherit them.
+    pub fn enter(self) -> std::io::Result<()> {
+        // SAFETY: sysconf has no memory effects.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        if self == Layout::Pinned && online <= CLIENT_CPU {
+            return Err(std::io::Error::other(format!(
+                "needs at least {} CPUs, this machine has {online}",
+                CLIENT_CPU + 1
+            )));
+        }
+        // SAFETY: a zeroed cpu_set_t is a valid empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let cpus = match self {
+            Layout::Shared => 0..online,
+            Layout::Pinned => CLIENT_CPU..CLIENT_CPU + 1,
+        };
+        for c in cpus {
+            // SAFETY: CPU_SET only checks `c` against the set's size and sets a bit.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+        // SAFETY: pid 0 is the calling thread; the set and its size match.
+        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    }
+}
+
+/// `cmd` run on `cpu` only: the same program, arguments and environment
+/// under `taskset`, which execs it (the pid stays the server's).
+pub fn on_cpu(cmd: &std::process::Command, cpu: usize) -> std::process::Command {
+    let mut t = std::process::Command::new("taskset");
+    t.arg("-c").arg(cpu.to_string()).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => t.env(k, v),
+            None => t.env_remove(k),
+        };
+    }
+    t
+}

@@ -18,6 +18,8 @@ use crate::wire;
 pub struct Figures {
     pub scenario: String,
     pub target: String,
+    /// Where server and clients ran: `shared` or `pinned` (`--layout`).
+    pub layout: String,
     pub connections: u64,
     pub failed_connections: u64,
     pub messages: u64,
@@ -105,7 +107,7 @@ impl Figures {
 }
 
 /// Prints the figures that the scenario produced (non-zero ones).
-pub fn print_table(all: &[Figures]) {
+pub fn print_table(all: &[&Figures]) {
     type Row = (&'static str, fn(&Figures) -> f64, &'static str);
     let rows: [Row; 14] = [
         ("connections", |f| f.connections as f64, ""),
@@ -182,7 +184,7 @@ fn format_value(v: f64) -> String {
 
 /// comet / peer ratios: below 1 is better for comet on CPU, latency and
 /// memory; above 1 is better on throughput.
-pub fn print_ratios(all: &[Figures]) {
+pub fn print_ratios(all: &[&Figures]) {
     let Some(comet) = all.iter().find(|f| f.target == "comet") else { return };
     for peer in all.iter().filter(|f| f.target != "comet") {
         let r = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "n/a".into() };
@@ -254,7 +256,43 @@ pub fn svg(all: &[Figures]) -> String {
 
 /// Reads every socket until `want` timestamped messages arrived or 20 s
 /// pass without progress; returns the count and a latency histogram (µs).
+/// Per published message (keyed by its timestamp): the latency of its first
+/// and of its last delivery seen by this process's readers, in µs. Tells
+/// the time to the first subscriber from the time the fan-out takes.
+pub static PER_MESSAGE: std::sync::Mutex<BTreeMap<u64, (u64, u64)>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// Median, over messages, of the first and the last delivery's latency, and
+/// the worst last delivery, in ms (from [`PER_MESSAGE`]).
+pub fn per_message_figures(f: &mut Figures) {
+    let per = PER_MESSAGE.lock().expect("per-message lock");
+    if per.is_empty() {
+        return;
+    }
+    let median = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2] as f64 / 1000.0
+    };
+    f.extra.insert("first delivery ms (median message)".into(), median(per.values().map(|p| p.0).collect()));
+    f.extra.insert("last delivery ms (median message)".into(), median(per.values().map(|p| p.1).collect()));
+    f.extra.insert(
+        "last delivery ms (worst message)".into(),
+        per.values().map(|p| p.1).max().unwrap_or(0) as f64 / 1000.0,
+    );
+    if std::env::var_os("COMET_BENCH_PER_MESSAGE").is_some() {
+        let t0 = per.keys().next().copied().unwrap_or(0);
+        for (ts, (first, last)) in per.iter() {
+            eprintln!(
+                "message at +{:.1} ms: first {:.1} ms, last {:.1} ms",
+                (ts - t0) as f64 / 1e3,
+                *first as f64 / 1e3,
+                *last as f64 / 1e3
+            );
+        }
+    }
+}
+
 pub fn read_all(socks: Vec<TcpStream>, want: u64) -> (u64, Histogram<u64>) {
+    let mut per_message: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds");
     let poller = polling::Poller::new().expect("poller");
     let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); socks.len()];
@@ -290,7 +328,11 @@ pub fn read_all(socks: Vec<TcpStream>, want: u64) -> (u64, Histogram<u64>) {
                             {
                                 got += 1;
                                 let now = wire::epoch_us();
-                                let _ = hist.record(now.saturating_sub(ts).max(1));
+                                let lat = now.saturating_sub(ts).max(1);
+                                let _ = hist.record(lat);
+                                let e = per_message.entry(ts).or_insert((lat, lat));
+                                e.0 = e.0.min(lat);
+                                e.1 = e.1.max(lat);
                             }
                             pos += end;
                         }
@@ -306,6 +348,12 @@ pub fn read_all(socks: Vec<TcpStream>, want: u64) -> (u64, Histogram<u64>) {
     }
     for s in &socks {
         let _ = poller.delete(s);
+    }
+    let mut all = PER_MESSAGE.lock().expect("per-message lock");
+    for (ts, (first, last)) in per_message {
+        let e = all.entry(ts).or_insert((first, last));
+        e.0 = e.0.min(first);
+        e.1 = e.1.max(last);
     }
     (got, hist)
 }

@@ -48,6 +48,8 @@ pub struct Spawn {
     /// ignore, so old and new binaries run the same command). Attack
     /// scenarios leave comet's defaults alone.
     pub lift_per_ip_limit: bool,
+    /// Run the server on this CPU only (`--layout pinned`), through taskset.
+    pub pin_cpu: Option<usize>,
 }
 
 /// A running (or attached) server.
@@ -168,6 +170,9 @@ impl Target {
             }
             None => (Stdio::null(), Stdio::null()),
         };
+        if let Some(cpu) = s.pin_cpu {
+            cmd = crate::proc::on_cpu(&cmd, cpu);
+        }
         let mut child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn()?;
         for addr in std::iter::once(front).chain(back).chain(api) {
             wait_port(addr, &mut child, kind.name())?;

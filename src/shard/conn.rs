@@ -33,8 +33,9 @@ use crate::ws::{self, CloseCode, Decoder, Event, Fragments, frame::Decoded};
 /// Seconds a client has to send its request head (or a backend to log in).
 const HANDSHAKE_TIMEOUT: u32 = 10;
 /// Refused connections (503/429) one shard keeps while their answer is
-/// written; past this, further ones are closed without an answer.
-const MAX_REFUSING: usize = 64;
+/// written; past this, further ones get their answer in one non-blocking
+/// write, if the socket takes it at once, and are closed without lingering.
+pub const MAX_REFUSING: usize = 64;
 /// Seconds a refused connection is kept for its answer to be read.
 const REFUSAL_LINGER: u32 = 1;
 /// Seconds a refused client is asked to wait (`Retry-After`).
@@ -257,6 +258,16 @@ pub enum Flow {
     Gone,
 }
 
+/// What became of an accepted frontend connection.
+#[derive(Debug)]
+pub enum Admission {
+    /// Admitted, or refused with an answer it lingers for.
+    Open(ConnId),
+    /// Refused while [`MAX_REFUSING`] refusals linger: the I/O layer writes
+    /// this answer once, without waiting, and closes the socket.
+    AnswerAndClose(Vec<u8>),
+}
+
 /// What reading a request head led to.
 enum Http {
     /// The head is not complete yet.
@@ -270,9 +281,9 @@ enum Http {
 impl ShardCore {
     /// A frontend connection was accepted from `peer`: admits it (counted
     /// against the connection limits), or registers it to be answered 503
-    /// or 429 and closed. None: close it at once (too many refusals are
-    /// already lingering).
-    pub fn accept(&mut self, peer: SocketAddr) -> Option<ConnId> {
+    /// or 429 and closed, or (too many refusals are already lingering)
+    /// leaves the answer to a single write before closing.
+    pub fn accept(&mut self, peer: SocketAddr) -> Admission {
         ShardMetrics::add(&self.metrics.accepted, 1);
         let c = &self.shared.config;
         if !self.shared.accept_rate.admit(c.max_accept_rate, self.now_ms) {
@@ -284,15 +295,15 @@ impl ShardCore {
                 if let Some(conn) = self.conns.get_mut(id) {
                     conn.counted = true;
                 }
-                Some(id)
+                Admission::Open(id)
             }
             Err(why) => self.refuse(peer, why),
         }
     }
 
     /// Answers a connection over a limit with 503 or 429 and closes it once
-    /// the answer is out (or at once when too many refusals linger).
-    fn refuse(&mut self, peer: SocketAddr, why: Refusal) -> Option<ConnId> {
+    /// the answer is out (or after one write when too many refusals linger).
+    fn refuse(&mut self, peer: SocketAddr, why: Refusal) -> Admission {
         let (counter, resp) = match why {
             Refusal::Full => (
                 &self.metrics.refused_full,
@@ -315,7 +326,8 @@ impl ShardCore {
         };
         ShardMetrics::add(counter, 1);
         if self.refusing >= MAX_REFUSING {
-            return None;
+            ShardMetrics::add(&self.metrics.refused_unlingered, 1);
+            return Admission::AnswerAndClose(resp);
         }
         self.refusing += 1;
         let id = self.open(peer);
@@ -326,7 +338,7 @@ impl ShardCore {
             conn.refusing = true;
             conn.phase = Phase::Closing { deadline, drop_when_flushed: false };
         }
-        Some(id)
+        Admission::Open(id)
     }
 
     /// Adds a connection to the shard (accepted here or handed over).

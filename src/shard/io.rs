@@ -25,7 +25,7 @@ use compio::driver::op::{Interest, PollOnce};
 use socket2::Socket;
 
 use super::ConnId;
-use super::conn::Flow;
+use super::conn::{Admission, Flow};
 use super::core::{Effect, ShardCore};
 use super::mail::{Handoff, Mail};
 use crate::mailbox::Inbox;
@@ -58,6 +58,13 @@ impl Port {
             Port::Backend => "backend",
             Port::Api => "api",
         }
+    }
+
+    /// Whether the client speaks first (HTTP), so that the listener may
+    /// defer accepting until it has, and a new socket is read at once.
+    /// Not CometQL: a MySQL server sends the greeting.
+    fn client_speaks_first(self) -> bool {
+        self != Port::Backend
     }
 }
 
@@ -165,15 +172,22 @@ impl Shard {
     }
 
     /// Registers an accepted socket with the core; returns what its read
-    /// task needs, or None when the core refused it outright (closed).
+    /// task needs, or None when the core refused it outright (answered at
+    /// most once, then closed).
     fn accept(&mut self, sock: Socket, peer: std::net::SocketAddr, port: Port) -> Option<(ConnId, SharedFd<Socket>)> {
         self.clock();
-        let _ = sock.set_tcp_nodelay(true);
+        // TCP_NODELAY comes from the listener (see `bind_reuseport`).
         let id = match port {
-            Port::Frontend => self.core.accept(peer),
-            Port::Backend => Some(self.core.accept_backend(peer)),
-            Port::Api => Some(self.core.accept_api(peer)),
-        }?;
+            Port::Frontend => match self.core.accept(peer) {
+                Admission::Open(id) => id,
+                Admission::AnswerAndClose(answer) => {
+                    answer_and_close(&sock, &answer, &mut self.scratch);
+                    return None;
+                }
+            },
+            Port::Backend => self.core.accept_backend(peer),
+            Port::Api => self.core.accept_api(peer),
+        };
         let fd = SharedFd::new(sock);
         self.insert(id, fd.clone());
         Some((id, fd))
@@ -375,6 +389,23 @@ impl Shard {
     }
 }
 
+/// Refuses a connection without keeping it: reads what the client already
+/// sent (its request head, there at once after a deferred accept; at most
+/// two reads), writes `answer` once if the socket takes it without waiting,
+/// and closes (on drop). Reading first matters: closing a socket with
+/// unread input sends a reset, which makes the client's kernel discard the
+/// answer it has not read yet.
+fn answer_and_close(sock: &Socket, answer: &[u8], scratch: &mut [u8]) {
+    for _ in 0..2 {
+        match (&*sock).read(scratch) {
+            Ok(n) if n == scratch.len() => continue,
+            _ => break,
+        }
+    }
+    let _ = sock.send_with_flags(answer, libc::MSG_NOSIGNAL);
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+}
+
 /// Waits until `fd` is readable (or hung up / in error).
 async fn readable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
     compio::runtime::submit(PollOnce::new(fd.clone(), Interest::Readable)).await.0.map(|_| ())
@@ -388,6 +419,16 @@ async fn writable(fd: &SharedFd<Socket>) -> std::io::Result<()> {
 pub async fn accept_loop(listener: Arc<Socket>, which: Port) {
     let fd = SharedFd::new(ListenerFd(listener.clone()));
     let port = which.name();
+    // Deferred accepting: a connection reaches accept with its request head
+    // already in, which the read task then reads without waiting first.
+    let deferred = which.client_speaks_first()
+        && match crate::runtime::listener::defer_accept(&listener, crate::runtime::listener::DEFER_ACCEPT_SECS) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("comet: {port}: TCP_DEFER_ACCEPT not set ({e}); new connections wait for readiness first");
+                false
+            }
+        };
     // Accept errors come in storms (every retry while descriptors are out):
     // log the first, then a summary at most every 10 s.
     let mut last_log: Option<Instant> = None;
@@ -402,14 +443,11 @@ pub async fn accept_loop(listener: Arc<Socket>, which: Port) {
         }
         let mut backoff = false;
         for _ in 0..256 {
-            match listener.accept() {
+            match crate::runtime::listener::accept_nonblocking(&listener) {
                 Ok((sock, addr)) => {
                     let peer = addr.as_socket().unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
-                    if sock.set_nonblocking(true).is_err() {
-                        continue;
-                    }
                     if let Some((id, conn_fd)) = with_shard(|s| s.accept(sock, peer, which)) {
-                        compio::runtime::spawn(run_conn(id, conn_fd)).detach();
+                        start_conn(id, conn_fd, deferred);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -466,6 +504,28 @@ async fn run_conn(id: ConnId, fd: SharedFd<Socket>) {
         if flow != Flow::Continue && !Box::pin(after_read(id, flow)).await {
             return;
         }
+    }
+}
+
+/// Starts a new connection's read task. `read_first`: its first bytes are
+/// in already (a deferred accept), so they are read now, before any
+/// readiness wait, and the task starts waiting for the next ones. Done
+/// here rather than in [`run_conn`] so that the task of every idle
+/// connection stays as small as it was.
+fn start_conn(id: ConnId, fd: SharedFd<Socket>, read_first: bool) {
+    if !read_first {
+        compio::runtime::spawn(run_conn(id, fd)).detach();
+        return;
+    }
+    match with_shard(|s| s.on_readable(id)) {
+        Flow::Gone => {}
+        Flow::Continue => compio::runtime::spawn(run_conn(id, fd)).detach(),
+        flow => compio::runtime::spawn(async move {
+            if after_read(id, flow).await {
+                run_conn(id, fd).await;
+            }
+        })
+        .detach(),
     }
 }
 

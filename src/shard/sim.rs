@@ -97,7 +97,14 @@ impl Sim {
         self.next_port += 1;
         let peer: SocketAddr = format!("{ip}:{}", self.next_port).parse().expect("address");
         let core = &mut self.cores[shard];
-        let id = if backend { Some(core.accept_backend(peer)) } else { core.accept(peer) }?;
+        let id = if backend {
+            core.accept_backend(peer)
+        } else {
+            match core.accept(peer) {
+                crate::shard::conn::Admission::Open(id) => id,
+                crate::shard::conn::Admission::AnswerAndClose(_) => return None,
+            }
+        };
         self.at.insert(peer, (shard, id));
         self.run_local();
         Some(Client { peer })
