@@ -291,7 +291,11 @@ fn backend_connections_over_their_limit_get_err_1040_or_503_and_the_frontend_is_
         // An attacker holds connections it never logs in on, and HTTP API
         // connections: they count together.
         let mut idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(s.backend).unwrap()).collect();
-        idle.push(TcpStream::connect(s.api.unwrap()).unwrap());
+        // (The API port accepts only connections that have spoken:
+        // TCP_DEFER_ACCEPT; one byte of a request head is enough.)
+        let mut api = TcpStream::connect(s.api.unwrap()).unwrap();
+        api.write_all(b"G").unwrap();
+        idle.push(api);
         let mut db = mysql::Conn::new(opts.clone()).expect("the fourth backend connection is admitted");
         assert!(eventually(5, || s.metric("comet_cometql_connections") == 4), "{io}");
 
