@@ -211,6 +211,15 @@ pub struct Cli {
     /// Never compress for clients whose User-Agent contains one of these substrings, comma-separated [default: none].
     #[arg(long, env = "COMET_COMPRESSION_EXCLUDE_UA", value_name = "SUBSTRINGS", value_delimiter = ',')]
     pub compression_exclude_ua: Option<Vec<String>>,
+    /// PEM certificate chain (the server's certificate first): the frontend port then serves wss and https only [default: off].
+    #[arg(long, env = "COMET_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (ECDSA, Ed25519 or RSA; PKCS#8, PKCS#1 or SEC1) of --tls-cert [default: off].
+    #[arg(long, env = "COMET_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// Seconds a client has to finish the TLS handshake before it is closed [default: 10].
+    #[arg(long, env = "COMET_TLS_HANDSHAKE_TIMEOUT", value_name = "SECONDS")]
+    pub tls_handshake_timeout: Option<u64>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -256,6 +265,9 @@ pub struct FileConfig {
     pub durability: Option<Durability>,
     pub compression: Option<Switch>,
     pub compression_exclude_ua: Option<Vec<String>>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_handshake_timeout: Option<u64>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -339,6 +351,10 @@ pub struct Config {
     pub compression: bool,
     /// User-Agent substrings of clients never offered compression.
     pub compression_exclude_ua: Vec<String>,
+    /// The certificate chain and key of the frontend's TLS; `None`: plain.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// How long a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
 }
 
 /// The data dir used when none is given: in the working directory.
@@ -402,6 +418,8 @@ impl Default for Config {
             durability: Durability::Sync,
             compression: true,
             compression_exclude_ua: Vec::new(),
+            tls: None,
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -487,6 +505,19 @@ impl Config {
                 .map(|u| u.trim().to_string())
                 .filter(|u| !u.is_empty())
                 .collect(),
+            tls: match (cli.tls_cert.or(file.tls_cert), cli.tls_key.or(file.tls_key)) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "--tls-cert and --tls-key go together: give both or neither".into(),
+                    ));
+                }
+            },
+            tls_handshake_timeout: cli
+                .tls_handshake_timeout
+                .or(file.tls_handshake_timeout)
+                .map_or(d.tls_handshake_timeout, secs),
         };
         c.validate()?;
         Ok(c)
@@ -551,6 +582,12 @@ impl Config {
         }
         if self.write_delay_ms > 1000 {
             return bad(format!("write-delay must be 0..=1000 milliseconds, got {}", self.write_delay_ms));
+        }
+        if self.tls_handshake_timeout.is_zero() || self.tls_handshake_timeout > Duration::from_secs(300) {
+            return bad(format!(
+                "tls-handshake-timeout must be 1..=300 seconds, got {}",
+                self.tls_handshake_timeout.as_secs()
+            ));
         }
         if self.message_timeout.is_zero() {
             return bad("message-timeout must be at least 1 second".into());

@@ -155,6 +155,9 @@ pub struct Shared {
     pub accept_rate: super::limits::AcceptRate,
     /// Failed backend logins per client address.
     pub auth_failures: super::limits::AuthFailures,
+    /// The frontend's TLS configuration for new connections (SIGHUP
+    /// replaces it); off when no certificate is configured.
+    pub tls: crate::tls::Current,
 }
 
 /// One shard's whole state.

@@ -30,6 +30,7 @@ use super::core::{Effect, ShardCore};
 use super::mail::{Handoff, Mail};
 use crate::mailbox::Inbox;
 use crate::metrics::ShardMetrics;
+use crate::tls::TlsConn;
 
 /// Reads per readiness event before yielding to other connections.
 const READS_PER_WAKE: usize = 8;
@@ -95,6 +96,12 @@ pub struct Shard {
     /// A `--write-delay` window is open: its timer task will write the
     /// core's delayed connections.
     delay_armed: bool,
+    /// TLS state by connection slot, beside `socks`; grown only when a TLS
+    /// connection comes, so a plaintext-only comet pays nothing.
+    tls: Vec<Option<Box<TlsConn>>>,
+    /// Plaintext decrypted from one read, or gathered for one record;
+    /// shared by all TLS connections of the shard.
+    plain: Vec<u8>,
 }
 
 thread_local! {
@@ -130,6 +137,8 @@ pub fn install(core: ShardCore, listeners: Vec<Arc<Socket>>) {
         listeners,
         started: Instant::now(),
         delay_armed: false,
+        tls: Vec::new(),
+        plain: Vec::new(),
     };
     shard.clock();
     SHARD.with_borrow_mut(|s| *s = Some(shard));
@@ -151,17 +160,32 @@ impl Shard {
         self.socks.get_mut(id.index as usize)?.as_mut().filter(|s| s.generation == id.generation)
     }
 
-    fn insert(&mut self, id: ConnId, fd: SharedFd<Socket>) {
+    fn insert(&mut self, id: ConnId, fd: SharedFd<Socket>, tls: Option<Box<TlsConn>>) {
         let i = id.index as usize;
         if self.socks.len() <= i {
             self.socks.resize_with(i + 1, || None);
         }
         self.socks[i] = Some(Sock { generation: id.generation, fd, writer_waiting: false });
+        if tls.is_some() && self.tls.len() <= i {
+            self.tls.resize_with(i + 1, || None);
+        }
+        if let Some(slot) = self.tls.get_mut(i) {
+            *slot = tls;
+        }
     }
 
-    fn take_sock(&mut self, id: ConnId) -> Option<Sock> {
+    /// Removes connection `id`'s socket, with its TLS state.
+    fn take_sock(&mut self, id: ConnId) -> Option<(Sock, Option<Box<TlsConn>>)> {
         self.sock(id)?;
-        self.socks[id.index as usize].take()
+        let i = id.index as usize;
+        let tls = self.tls.get_mut(i).and_then(Option::take);
+        Some((self.socks[i].take()?, tls))
+    }
+
+    /// Connection `id`'s TLS state, when it is a TLS connection.
+    fn tls_of(&mut self, id: ConnId) -> Option<&mut TlsConn> {
+        self.sock(id)?;
+        self.tls.get_mut(id.index as usize)?.as_deref_mut()
     }
 
     /// Registers an accepted socket with the core; returns what its read
@@ -169,13 +193,35 @@ impl Shard {
     fn accept(&mut self, sock: Socket, peer: std::net::SocketAddr, port: Port) -> Option<(ConnId, SharedFd<Socket>)> {
         self.clock();
         let _ = sock.set_tcp_nodelay(true);
+        let tls = match port {
+            Port::Frontend => self.core.shared.tls.get(),
+            Port::Backend | Port::Api => None,
+        };
         let id = match port {
             Port::Frontend => self.core.accept(peer),
             Port::Backend => Some(self.core.accept_backend(peer)),
             Port::Api => Some(self.core.accept_api(peer)),
         }?;
+        let tls = match tls.map(TlsConn::new) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                eprintln!("comet: shard {}: cannot start TLS for {peer}: {e}", self.core.id);
+                self.core.hangup(id);
+                return None;
+            }
+        };
+        let handshaking = tls.is_some();
         let fd = SharedFd::new(sock);
-        self.insert(id, fd.clone());
+        self.insert(id, fd.clone(), tls);
+        if handshaking {
+            let timeout = self.core.shared.config.tls_handshake_timeout;
+            compio::runtime::spawn(async move {
+                compio::time::sleep(timeout).await;
+                with_shard(|s| s.handshake_deadline(id));
+            })
+            .detach();
+        }
         Some((id, fd))
     }
 
@@ -236,7 +282,7 @@ impl Shard {
     fn apply(&mut self, e: Effect) {
         match e {
             Effect::Close(id) => {
-                if let Some(s) = self.take_sock(id) {
+                if let Some((s, _)) = self.take_sock(id) {
                     // Wakes the read task (readable with EOF) so it ends.
                     let _ = s.fd.shutdown(std::net::Shutdown::Both);
                 }
@@ -246,11 +292,11 @@ impl Shard {
                 }
             }
             Effect::HandOff { id, to, peer, head } => {
-                let Some(s) = self.take_sock(id) else { return };
+                let Some((s, tls)) = self.take_sock(id) else { return };
                 // The read task of this socket ends at its next wake-up (its
                 // slot is empty); the duplicate lives on, on shard `to`.
                 match s.fd.try_clone() {
-                    Ok(sock) => self.core.outbox.send(to, Mail::Handoff(Handoff { sock, peer, head })),
+                    Ok(sock) => self.core.outbox.send(to, Mail::Handoff(Handoff { sock, peer, head, tls })),
                     Err(e) => {
                         eprintln!("comet: shard {}: cannot hand off {peer} to shard {to}: {e}", self.core.id);
                         let _ = s.fd.shutdown(std::net::Shutdown::Both);
@@ -261,7 +307,7 @@ impl Shard {
                 let fd = SharedFd::new(h.sock);
                 let id = self.core.adopt(h.peer, h.head);
                 if self.core.conns.get(id).is_some() {
-                    self.insert(id, fd.clone());
+                    self.insert(id, fd.clone(), h.tls);
                     compio::runtime::spawn(run_conn(id, fd)).detach();
                 }
             }
@@ -289,6 +335,9 @@ impl Shard {
         let Some(fd) = self.sock(id).map(|s| s.fd.clone()) else {
             return Flush::Gone;
         };
+        if self.tls_of(id).is_some() {
+            return self.write_tls(id, &fd);
+        }
         let Some(conn) = self.core.conns.get_mut(id) else {
             return Flush::Gone;
         };
@@ -330,6 +379,128 @@ impl Shard {
         result
     }
 
+    /// Writes a TLS connection: first the ciphertext it has pending, then
+    /// the queue, one record (up to 16 KiB of plaintext) at a time, so at
+    /// most one record's ciphertext waits outside the counted queue.
+    fn write_tls(&mut self, id: ConnId, fd: &SharedFd<Socket>) -> Flush {
+        let i = id.index as usize;
+        let Some(tls) = self.tls.get_mut(i).and_then(|t| t.as_deref_mut()) else {
+            return Flush::Gone;
+        };
+        let mut written = 0u64;
+        let result = 'out: loop {
+            while !tls.pending().is_empty() {
+                match fd.send_with_flags(tls.pending(), libc::MSG_NOSIGNAL) {
+                    Ok(n) => {
+                        written += n as u64;
+                        tls.sent(n);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break 'out Flush::Blocked,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break 'out Flush::Gone,
+                }
+            }
+            let Some(conn) = self.core.conns.get_mut(id) else {
+                break Flush::Gone;
+            };
+            if conn.out.is_empty() {
+                break Flush::Done;
+            }
+            if tls.handshaking() {
+                // Sent once the handshake is done (a refusal answered at
+                // accept waits for it): not flushed yet.
+                return Flush::Done;
+            }
+            self.plain.clear();
+            for s in conn.out.slices() {
+                let take = s.len().min(crate::tls::MAX_PLAINTEXT - self.plain.len());
+                self.plain.extend_from_slice(&s[..take]);
+                if self.plain.len() == crate::tls::MAX_PLAINTEXT {
+                    break;
+                }
+            }
+            if tls.encrypt(&self.plain).is_err() {
+                break Flush::Gone;
+            }
+            conn.out.advance(self.plain.len());
+        };
+        ShardMetrics::add(&self.core.metrics.bytes_out, written);
+        match result {
+            Flush::Gone => self.core.hangup(id),
+            Flush::Done => {
+                if self.core.flushed(id) {
+                    // The TLS close, best effort, before the TCP one.
+                    if let Some(tls) = self.tls_of(id)
+                        && tls.close_notify().is_ok()
+                    {
+                        let _ = fd.send_with_flags(tls.pending(), libc::MSG_NOSIGNAL);
+                    }
+                    let _ = fd.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            Flush::Blocked => {}
+        }
+        result
+    }
+
+    /// `--tls-handshake-timeout` passed since connection `id` was accepted:
+    /// closed if its handshake is still not done.
+    fn handshake_deadline(&mut self, id: ConnId) {
+        if self.tls_of(id).is_some_and(|t| t.handshaking()) {
+            ShardMetrics::add(&self.core.metrics.tls_handshake_failures, 1);
+            self.core.hangup(id);
+        }
+    }
+
+    /// Bytes read from a TLS connection: a ClientHello starts it, anything
+    /// else is answered in plain HTTP and closed; ciphertext is decrypted
+    /// and the plaintext handed to the core.
+    fn on_tls_readable(&mut self, id: ConnId, fd: &SharedFd<Socket>, n: usize) -> Flow {
+        let i = id.index as usize;
+        let Some(tls) = self.tls.get_mut(i).and_then(|t| t.as_deref_mut()) else {
+            return Flow::Gone;
+        };
+        if tls.fresh && self.scratch[0] != crate::tls::HANDSHAKE_RECORD {
+            ShardMetrics::add(&self.core.metrics.tls_handshake_failures, 1);
+            let _ = fd.send_with_flags(&crate::http::plaintext_on_tls_port(), libc::MSG_NOSIGNAL);
+            let _ = fd.shutdown(std::net::Shutdown::Write);
+            self.core.hangup(id);
+            return Flow::Gone;
+        }
+        self.plain.clear();
+        let was_handshaking = tls.handshaking();
+        let got = tls.receive(&mut self.scratch[..n], &mut self.plain);
+        let got = match got {
+            Ok(got) => got,
+            Err(_) => {
+                if was_handshaking {
+                    ShardMetrics::add(&self.core.metrics.tls_handshake_failures, 1);
+                }
+                self.core.hangup(id);
+                return Flow::Gone;
+            }
+        };
+        if got.handshake_done {
+            ShardMetrics::add(&self.core.metrics.tls_handshakes, 1);
+        }
+        let mut flow = Flow::Continue;
+        if !self.plain.is_empty() {
+            let mut plain = std::mem::take(&mut self.plain);
+            flow = self.core.readable(id, &mut plain);
+            self.plain = plain;
+        }
+        if got.peer_closed {
+            self.core.hangup(id);
+            return Flow::Gone;
+        }
+        // Handshake messages to send, or a queue that waited for the
+        // handshake.
+        if self.tls_of(id).is_some_and(|t| !t.pending().is_empty() || got.handshake_done) {
+            self.flush(id);
+        }
+        flow
+    }
+
     /// Reads what connection `id`'s socket has and hands it to the core.
     fn on_readable(&mut self, id: ConnId) -> Flow {
         self.clock();
@@ -348,6 +519,12 @@ impl Shard {
                 Ok(0) => {
                     self.core.hangup(id);
                     return Flow::Gone;
+                }
+                Ok(n) if self.tls.get(id.index as usize).is_some_and(Option::is_some) => {
+                    flow = self.on_tls_readable(id, &fd, n);
+                    if flow != Flow::Continue || n < self.scratch.len() {
+                        break;
+                    }
                 }
                 Ok(n) => {
                     flow = self.core.readable(id, &mut self.scratch[..n]);

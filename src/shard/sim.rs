@@ -65,6 +65,7 @@ impl Sim {
             conn_counts: Default::default(),
             accept_rate: Default::default(),
             auth_failures: Default::default(),
+            tls: Default::default(),
         });
         let mut cores = Vec::new();
         let mut inboxes = Vec::new();
@@ -250,7 +251,7 @@ impl Sim {
                 let _ = id;
                 let (sock, _other) =
                     socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket pair");
-                self.cores[shard].outbox.send(to, Mail::Handoff(Handoff { sock, peer, head }));
+                self.cores[shard].outbox.send(to, Mail::Handoff(Handoff { sock, peer, head, tls: None }));
             }
             Effect::Adopt(h) => {
                 let id = self.cores[shard].adopt(h.peer, h.head);
