@@ -306,26 +306,19 @@ impl TlsConn {
                         }
                     }
                 }
-                ConnectionState::EncodeTlsData(mut e) => loop {
+                ConnectionState::EncodeTlsData(mut e) => {
                     let at = pending_out.len();
                     pending_out.resize(at + 4096, 0);
-                    match e.encode(&mut pending_out[at..]) {
-                        Ok(n) => {
-                            pending_out.truncate(at + n);
-                            break;
-                        }
+                    let n = match e.encode(&mut pending_out[at..]) {
+                        Ok(n) => n,
                         Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                            pending_out.truncate(at);
-                            pending_out.reserve(required_size);
                             pending_out.resize(at + required_size, 0);
-                            let n =
-                                e.encode(&mut pending_out[at..]).map_err(|e| rustls::Error::General(e.to_string()))?;
-                            pending_out.truncate(at + n);
-                            break;
+                            e.encode(&mut pending_out[at..]).map_err(|e| rustls::Error::General(e.to_string()))?
                         }
                         Err(e) => return Err(rustls::Error::General(e.to_string())),
-                    }
-                },
+                    };
+                    pending_out.truncate(at + n);
+                }
                 // The I/O layer sends `pending_out` after this call, in order.
                 ConnectionState::TransmitTlsData(t) => t.done(),
                 ConnectionState::BlockedHandshake => stop = true,
@@ -401,6 +394,151 @@ impl TlsConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+
+    /// A CA and a server certificate for localhost, made with the openssl
+    /// command line in a fresh directory; `days` may be negative (expired).
+    pub(crate) fn make_certs(dir: &Path, kind: &str, days: i64) {
+        std::fs::create_dir_all(dir).unwrap();
+        let sh = |cmd: &str| {
+            let out = std::process::Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().unwrap();
+            assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let newkey = if kind == "rsa" { "rsa:2048" } else { "ec -pkeyopt ec_paramgen_curve:P-256" };
+        sh(&format!(
+            "openssl req -x509 -newkey {newkey} -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=comet-test-ca"
+        ));
+        sh(&format!("openssl req -newkey {newkey} -nodes -keyout key.pem -out srv.csr -subj /CN=localhost"));
+        sh("printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > ext");
+        sh(&format!(
+            "openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days {days} -extfile ext -out srv.pem"
+        ));
+        sh("cat srv.pem ca.pem > chain.pem");
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("comet-tls-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn files(d: &Path) -> TlsFiles {
+        TlsFiles { cert: d.join("chain.pem"), key: d.join("key.pem") }
+    }
+
+    fn client(d: &Path) -> rustls::ClientConnection {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(d.join("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap()
+    }
+
+    /// Moves the client's ciphertext to the server in `chunk`-byte pieces
+    /// (records cut anywhere), and the server's back.
+    fn pump(c: &mut rustls::ClientConnection, s: &mut TlsConn, chunk: usize, plain: &mut Vec<u8>) -> Received {
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        let mut got = Received::default();
+        for piece in wire.chunks_mut(chunk) {
+            let r = s.receive(piece, plain).unwrap();
+            got.handshake_done |= r.handshake_done;
+            got.peer_closed |= r.peer_closed;
+        }
+        let back = s.pending().to_vec();
+        s.sent(back.len());
+        let mut rd = &back[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+        }
+        c.process_new_packets().unwrap();
+        got
+    }
+
+    #[test]
+    fn a_connection_is_served_and_then_holds_no_buffer() {
+        for (kind, version) in [("ec", &rustls::version::TLS13), ("rsa", &rustls::version::TLS12)] {
+            let d = temp(kind);
+            make_certs(&d, kind, 2);
+            let cfg = load(&files(&d), 1_800_000_000 - 86400 * 365 * 2).err();
+            assert!(cfg.is_some_and(|e| e.contains("not valid before")), "{kind}");
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            let cfg = load(&files(&d), now).unwrap();
+            let mut s = TlsConn::new(cfg).unwrap();
+            let mut c = client(&d);
+            if version == &rustls::version::TLS12 {
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(CertificateDer::from_pem_file(d.join("ca.pem")).unwrap()).unwrap();
+                let cc = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_protocol_versions(&[version])
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                c = rustls::ClientConnection::new(Arc::new(cc), "localhost".try_into().unwrap()).unwrap();
+            }
+            let mut plain = Vec::new();
+            let mut done = false;
+            for _ in 0..6 {
+                done |= pump(&mut c, &mut s, 7, &mut plain).handshake_done;
+            }
+            assert!(done && !s.handshaking() && !c.is_handshaking(), "{kind}");
+            assert_eq!(c.protocol_version(), Some(version.version), "{kind}");
+            c.writer().write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            pump(&mut c, &mut s, 3, &mut plain);
+            assert_eq!(plain, b"GET / HTTP/1.1\r\n\r\n");
+            let big = vec![b'x'; MAX_PLAINTEXT];
+            s.encrypt(&big).unwrap();
+            s.encrypt(b"tail").unwrap();
+            pump(&mut c, &mut s, 1000, &mut plain);
+            let mut got = Vec::new();
+            let _ = c.reader().read_to_end(&mut got);
+            assert_eq!(got.len(), MAX_PLAINTEXT + 4, "{kind}");
+            assert_eq!(s.buffered(), 0, "{kind}: an idle connection keeps a buffer");
+            c.send_close_notify();
+            assert!(pump(&mut c, &mut s, 100, &mut plain).peer_closed);
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+
+    /// An idle wss connection's fixed TLS state, boxed beside its socket
+    /// (heap inside rustls comes on top; `comet-bench --tls idle` measures
+    /// the whole, against bench/RESULTS.md).
+    #[test]
+    fn tls_state_stays_within_its_budget() {
+        assert!(std::mem::size_of::<TlsConn>() <= 1152, "TlsConn is {} bytes", std::mem::size_of::<TlsConn>());
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_their_name() {
+        let d = temp("bad");
+        make_certs(&d, "ec", -1);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let e = load(&files(&d), now).unwrap_err();
+        assert!(e.contains("expired on 20") && e.contains("chain.pem"), "{e}");
+        let other = temp("other");
+        make_certs(&other, "ec", 2);
+        let mismatched = TlsFiles { cert: other.join("chain.pem"), key: d.join("key.pem") };
+        let e = load(&mismatched, now).unwrap_err();
+        assert!(e.contains("does not match") && e.contains("key.pem"), "{e}");
+        let missing = TlsFiles { cert: d.join("nope.pem"), key: d.join("key.pem") };
+        let e = load(&missing, now).unwrap_err();
+        assert!(e.contains("nope.pem"), "{e}");
+        let not_pem = TlsFiles { cert: d.join("ext"), key: d.join("key.pem") };
+        let e = load(&not_pem, now).unwrap_err();
+        assert!(e.contains("no CERTIFICATE") && e.contains("ext"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(&other);
+    }
 
     #[test]
     fn asn1_times_convert_to_unix_seconds() {
