@@ -728,6 +728,9 @@ fn idle(g: &Global, t: &Target, a: &IdleArgs) -> Figures {
     let (tcp0, slab0) = proc::kernel_mem_kib();
     let mut held = Vec::new();
     let mut children = Vec::new();
+    if a.procs > 1 && t.tls.is_some() {
+        die("idle --procs: the client processes speak plain ws only; wss (--tls-cert=auto) runs in one process");
+    }
     if a.procs <= 1 {
         for i in 0..a.conns {
             match t.subscribe(source(g, i), &idle_channels(t, i, a.channels), &format!("i{i}")) {
