@@ -220,6 +220,9 @@ pub struct Cli {
     /// Seconds a client has to finish the TLS handshake before it is closed [default: 10].
     #[arg(long, env = "COMET_TLS_HANDSHAKE_TIMEOUT", value_name = "SECONDS")]
     pub tls_handshake_timeout: Option<u64>,
+    /// Refuse CometQL logins that do not use TLS, with ERR 3159 (needs --tls-cert) [default: off].
+    #[arg(long, env = "COMET_BACKEND_REQUIRE_TLS")]
+    pub backend_require_tls: bool,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -268,6 +271,7 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_handshake_timeout: Option<u64>,
+    pub backend_require_tls: Option<bool>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -355,6 +359,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     /// How long a TLS handshake may take.
     pub tls_handshake_timeout: Duration,
+    /// CometQL logins over plaintext get ERR 3159.
+    pub backend_require_tls: bool,
 }
 
 /// The data dir used when none is given: in the working directory.
@@ -420,6 +426,7 @@ impl Default for Config {
             compression_exclude_ua: Vec::new(),
             tls: None,
             tls_handshake_timeout: Duration::from_secs(10),
+            backend_require_tls: false,
         }
     }
 }
@@ -518,6 +525,7 @@ impl Config {
                 .tls_handshake_timeout
                 .or(file.tls_handshake_timeout)
                 .map_or(d.tls_handshake_timeout, secs),
+            backend_require_tls: cli.backend_require_tls || file.backend_require_tls == Some(true),
         };
         c.validate()?;
         Ok(c)
@@ -582,6 +590,9 @@ impl Config {
         }
         if self.write_delay_ms > 1000 {
             return bad(format!("write-delay must be 0..=1000 milliseconds, got {}", self.write_delay_ms));
+        }
+        if self.backend_require_tls && self.tls.is_none() {
+            return bad("--backend-require-tls needs --tls-cert and --tls-key".into());
         }
         if self.tls_handshake_timeout.is_zero() || self.tls_handshake_timeout > Duration::from_secs(300) {
             return bad(format!(

@@ -236,6 +236,10 @@ pub enum Effect {
     /// Another shard handed a connection over: register its socket, then
     /// [`ShardCore::adopt`] it.
     Adopt(super::mail::Handoff),
+    /// A CometQL client sent an SSLRequest: its transport becomes TLS, and
+    /// `leftover` (read after the request) is the start of its ClientHello.
+    /// The core reads plaintext again once the I/O layer decrypts it.
+    StartTls { id: ConnId, leftover: Vec<u8> },
 }
 
 impl ShardCore {

@@ -215,12 +215,7 @@ impl Shard {
         let fd = SharedFd::new(sock);
         self.insert(id, fd.clone(), tls);
         if handshaking {
-            let timeout = self.core.shared.config.tls_handshake_timeout;
-            compio::runtime::spawn(async move {
-                compio::time::sleep(timeout).await;
-                with_shard(|s| s.handshake_deadline(id));
-            })
-            .detach();
+            self.arm_handshake_deadline(id);
         }
         Some((id, fd))
     }
@@ -303,6 +298,7 @@ impl Shard {
                     }
                 }
             }
+            Effect::StartTls { id, leftover } => self.start_tls(id, leftover),
             Effect::Adopt(h) => {
                 let fd = SharedFd::new(h.sock);
                 let id = self.core.adopt(h.peer, h.head);
@@ -443,6 +439,43 @@ impl Shard {
         result
     }
 
+    fn arm_handshake_deadline(&self, id: ConnId) {
+        let timeout = self.core.shared.config.tls_handshake_timeout;
+        compio::runtime::spawn(async move {
+            compio::time::sleep(timeout).await;
+            with_shard(|s| s.handshake_deadline(id));
+        })
+        .detach();
+    }
+
+    /// A CometQL connection asked for TLS (SSLRequest): from now on its
+    /// bytes are TLS records, starting with `leftover`.
+    fn start_tls(&mut self, id: ConnId, mut leftover: Vec<u8>) {
+        let Some(fd) = self.sock(id).map(|s| s.fd.clone()) else { return };
+        let tls = match self.core.shared.tls.get().map(TlsConn::new) {
+            Some(Ok(mut t)) => {
+                // Not the frontend's sniffing: a MySQL client's garbage is
+                // a TLS error, not an HTTP request.
+                t.fresh = false;
+                t
+            }
+            _ => {
+                self.core.hangup(id);
+                return;
+            }
+        };
+        let i = id.index as usize;
+        if self.tls.len() <= i {
+            self.tls.resize_with(i + 1, || None);
+        }
+        self.tls[i] = Some(tls);
+        self.arm_handshake_deadline(id);
+        if !leftover.is_empty() {
+            // Its flow is the read task's business: it reads again anyway.
+            let _ = self.on_tls_input(id, &fd, &mut leftover);
+        }
+    }
+
     /// `--tls-handshake-timeout` passed since connection `id` was accepted:
     /// closed if its handshake is still not done.
     fn handshake_deadline(&mut self, id: ConnId) {
@@ -456,11 +489,20 @@ impl Shard {
     /// else is answered in plain HTTP and closed; ciphertext is decrypted
     /// and the plaintext handed to the core.
     fn on_tls_readable(&mut self, id: ConnId, fd: &SharedFd<Socket>, n: usize) -> Flow {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let flow = self.on_tls_input(id, fd, &mut scratch[..n]);
+        self.scratch = scratch;
+        flow
+    }
+
+    /// Ciphertext `data` from a TLS connection (read, or left over from the
+    /// MySQL SSLRequest's read).
+    fn on_tls_input(&mut self, id: ConnId, fd: &SharedFd<Socket>, data: &mut [u8]) -> Flow {
         let i = id.index as usize;
         let Some(tls) = self.tls.get_mut(i).and_then(|t| t.as_deref_mut()) else {
             return Flow::Gone;
         };
-        if tls.fresh && self.scratch[0] != crate::tls::HANDSHAKE_RECORD {
+        if tls.fresh && data.first().is_some_and(|&b| b != crate::tls::HANDSHAKE_RECORD) {
             ShardMetrics::add(&self.core.metrics.tls_handshake_failures, 1);
             let _ = fd.send_with_flags(&crate::http::plaintext_on_tls_port(), libc::MSG_NOSIGNAL);
             let _ = fd.shutdown(std::net::Shutdown::Write);
@@ -469,7 +511,7 @@ impl Shard {
         }
         self.plain.clear();
         let was_handshaking = tls.handshaking();
-        let got = tls.receive(&mut self.scratch[..n], &mut self.plain);
+        let got = tls.receive(data, &mut self.plain);
         let got = match got {
             Ok(got) => got,
             Err(_) => {
@@ -528,7 +570,12 @@ impl Shard {
                 }
                 Ok(n) => {
                     flow = self.core.readable(id, &mut self.scratch[..n]);
-                    if flow != Flow::Continue || n < self.scratch.len() {
+                    // An SSLRequest: what comes next is TLS, for the
+                    // effect to set up before anything more is read.
+                    if flow != Flow::Continue
+                        || n < self.scratch.len()
+                        || self.core.effects.iter().any(|e| matches!(e, Effect::StartTls { .. }))
+                    {
                         break;
                     }
                 }

@@ -253,6 +253,8 @@ impl Sim {
                     socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket pair");
                 self.cores[shard].outbox.send(to, Mail::Handoff(Handoff { sock, peer, head, tls: None }));
             }
+            // The simulation has no sockets, so no TLS.
+            Effect::StartTls { .. } => {}
             Effect::Adopt(h) => {
                 let id = self.cores[shard].adopt(h.peer, h.head);
                 if self.cores[shard].conns.get(id).is_some() {
