@@ -102,6 +102,10 @@ pub struct Shard {
     /// Plaintext decrypted from one read, or gathered for one record;
     /// shared by all TLS connections of the shard.
     plain: Vec<u8>,
+    /// TLS handshakes under way, by deadline (the timeout is the same for
+    /// all, so in order): checked by the once-a-second tick, which costs
+    /// an idle connection no timer of its own.
+    handshakes: std::collections::VecDeque<(u64, ConnId)>,
 }
 
 thread_local! {
@@ -139,6 +143,7 @@ pub fn install(core: ShardCore, listeners: Vec<Arc<Socket>>) {
         delay_armed: false,
         tls: Vec::new(),
         plain: Vec::new(),
+        handshakes: Default::default(),
     };
     shard.clock();
     SHARD.with_borrow_mut(|s| *s = Some(shard));
@@ -439,13 +444,24 @@ impl Shard {
         result
     }
 
-    fn arm_handshake_deadline(&self, id: ConnId) {
-        let timeout = self.core.shared.config.tls_handshake_timeout;
-        compio::runtime::spawn(async move {
-            compio::time::sleep(timeout).await;
-            with_shard(|s| s.handshake_deadline(id));
-        })
-        .detach();
+    fn arm_handshake_deadline(&mut self, id: ConnId) {
+        let timeout = self.core.shared.config.tls_handshake_timeout.as_millis() as u64;
+        self.handshakes.push_back((self.started.elapsed().as_millis() as u64 + timeout, id));
+    }
+
+    /// Closes the connections whose handshake outlived its deadline.
+    fn expire_handshakes(&mut self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        while let Some(&(deadline, id)) = self.handshakes.front() {
+            if deadline > now {
+                break;
+            }
+            self.handshakes.pop_front();
+            self.handshake_deadline(id);
+        }
+        if self.handshakes.is_empty() && self.handshakes.capacity() > 64 {
+            self.handshakes = Default::default();
+        }
     }
 
     /// A CometQL connection asked for TLS (SSLRequest): from now on its
@@ -841,6 +857,7 @@ pub async fn sweep_loop(shutdown_timeout: Duration) {
         }
         let tick = |s: &mut Shard| {
             s.clock();
+            s.expire_handshakes();
             s.core.tick();
         };
         if let Some(d) = deadline {
