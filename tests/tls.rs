@@ -350,3 +350,72 @@ asyncio.run(main())
         assert!(seen.contains("serverInfo") && seen.contains(&body), "{io}: {seen}");
     }
 }
+
+/// The mysql command-line client over TLS (`--ssl-ca`, the server's
+/// certificate verified), PyMySQL with `ssl`, and plaintext logins: fine
+/// by default, ERR 3159 with `--backend-require-tls`.
+#[test]
+fn mysql_clients_log_in_over_tls_on_the_backend_port() {
+    for io in BACKENDS {
+        let certs = Certs::new(&format!("sql-{io}"), "ec", 2);
+        let s = start(&certs, io, &[]);
+        let port = s.backend.port().to_string();
+        let ca = certs.path("ca.pem");
+        let out = Command::new("mysql")
+            .args(["-h", "127.0.0.1", "-P", &port, "-u", "root", "-ppw", "--ssl-ca", &ca, "--ssl-verify-server-cert"])
+            .args(["-e", "status; INSERT INTO pipes_messages (name, event, message) VALUES ('tls_sql', 'e', 'm')"])
+            .output()
+            .expect("mysql CLI (tests/run installs mariadb-client)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{io}: {text} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("Cipher in use is TLS"), "{io}: {text}");
+        // Plaintext still logs in when TLS is not required.
+        let out = Command::new("mysql")
+            .args(["-h", "127.0.0.1", "-P", &port, "-u", "root", "-ppw", "--skip-ssl", "-e", "SHOW TABLES"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{io}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = r#"
+import os, ssl, pymysql
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+c = pymysql.connect(host="127.0.0.1", port=int(os.environ["PORT"]), user="7", password="pw", database="CometQL_v1", ssl=ctx)
+cur = c.cursor()
+cur.execute("INSERT INTO pipes_messages (name, event, message) VALUES ('py_tls', 'e', %s)", ("hello",))
+print("AFFECTED", cur.rowcount, "CIPHER", c._sock.cipher()[0])  # 0: no subscriber got it
+"#;
+        let out = Command::new("python3")
+            .args(["-c", script])
+            .env("CA", &ca)
+            .env("PORT", &port)
+            .output()
+            .expect("python3 with PyMySQL");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("AFFECTED 0 CIPHER TLS_"), "{io}: {text} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let certs = Certs::new("sql-require", "ec", 2);
+    let s = start(&certs, "epoll", &["--backend-require-tls"]);
+    let port = s.backend.port().to_string();
+    let out = Command::new("mysql")
+        .args(["-h", "127.0.0.1", "-P", &port, "-u", "root", "-ppw", "--skip-ssl", "-e", "SHOW TABLES"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("3159") && err.contains("insecure transport"), "{err}");
+    let out = Command::new("mysql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &port,
+            "-u",
+            "root",
+            "-ppw",
+            "--ssl-ca",
+            &certs.path("ca.pem"),
+            "-e",
+            "SHOW TABLES",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
