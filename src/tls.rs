@@ -518,6 +518,45 @@ mod tests {
         assert!(std::mem::size_of::<TlsConn>() <= 1152, "TlsConn is {} bytes", std::mem::size_of::<TlsConn>());
     }
 
+    /// Garbage after a handshake record header is a TLS error, and what an
+    /// unfinished record can make the connection keep is bounded by TLS's
+    /// record and handshake message sizes, whatever is sent.
+    #[test]
+    fn garbage_is_an_error_and_pending_input_stays_bounded() {
+        let d = temp("garbage");
+        make_certs(&d, "ec", 2);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let cfg = load(&files(&d), now).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+        let mut plain = Vec::new();
+        let mut s = TlsConn::new(cfg.clone()).unwrap();
+        assert!(s.receive(&mut [0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5], &mut plain).is_err());
+        // A record that claims to be longer than TLS allows.
+        let mut s = TlsConn::new(cfg.clone()).unwrap();
+        assert!(s.receive(&mut [0x16, 3, 1, 0xff, 0xff, 1], &mut plain).is_err());
+        // Handshake records that never complete a message: rustls refuses
+        // the message before the connection holds more than about 64 KiB.
+        let mut s = TlsConn::new(cfg).unwrap();
+        let mut hello = vec![0x16, 3, 1, 0x40, 0x00, 1, 0xff, 0xff, 0xff];
+        hello.resize(5 + 0x4000, 0);
+        let mut failed = false;
+        for _ in 0..40 {
+            let mut rec = hello.clone();
+            if !s.fresh {
+                rec[5..9].copy_from_slice(&[0; 4]);
+            }
+            match s.receive(&mut rec, &mut plain) {
+                Ok(_) => assert!(s.buffered() <= 80 * 1024, "holds {}", s.buffered()),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(failed, "an endless handshake message was accepted");
+        assert!(plain.is_empty());
+    }
+
     #[test]
     fn bad_files_are_refused_with_their_name() {
         let d = temp("bad");
