@@ -185,8 +185,8 @@ impl Session {
         ]
     }
 
-    /// The client's answer to "perform full authentication": its password
-    /// in clear (NUL-terminated), accepted only over TLS, or a request for
+    /// The client's answer to "perform full authentication" (asked over
+    /// TLS only): its password in clear (NUL-terminated), or a request for
     /// an RSA public key, which comet does not have.
     fn on_full_auth(
         &mut self,
@@ -206,9 +206,6 @@ impl Session {
                 self,
                 "caching_sha2_password: comet has no RSA key; connect with TLS (e.g. mysql --ssl-mode=REQUIRED) to log in",
             );
-        }
-        if !self.tls {
-            return refuse(self, "refusing a cleartext password on an unencrypted connection: connect with TLS");
         }
         let password = f.payload.strip_suffix(&[0]).unwrap_or(&f.payload);
         if crate::domain::ct_eq(password, pw.password(dev).as_bytes()) {
@@ -269,9 +266,12 @@ impl Session {
         match plugin {
             packet::NATIVE | packet::CACHING_SHA2 => {
                 if !packet::verify(plugin, pw.password(dev), &self.nonce, &r.auth) {
-                    if plugin == packet::CACHING_SHA2 && !r.auth.is_empty() {
+                    if plugin == packet::CACHING_SHA2 && !r.auth.is_empty() && self.tls {
                         // As a MySQL server without a cached entry: ask for
-                        // the password itself (accepted over TLS only).
+                        // the password itself. Only over TLS: on plaintext
+                        // the password could only travel in clear (comet
+                        // has no RSA key), and comet, which knows every
+                        // password, already knows the scramble is wrong.
                         self.phase = Phase::FullAuth { user: r.user, dev, database: r.database };
                         return vec![Event::Reply(one(seq, &packet::PERFORM_FULL_AUTH))];
                     }
@@ -703,14 +703,13 @@ mod tests {
         assert!(s.is_authenticated());
     }
 
-    fn full_auth_session(tls: bool) -> Session {
+    /// A session over TLS whose fast path failed: "perform full
+    /// authentication" was asked.
+    fn full_auth_session() -> Session {
         let mut s = Session::new(1, NONCE);
         s.offer_tls(false);
-        let mut seq = 1;
-        if tls {
-            s.on_packet(ssl_request(1), &Pw);
-            seq = 2;
-        }
+        s.on_packet(ssl_request(1), &Pw);
+        let seq = 2;
         // A scramble the fast path cannot verify.
         let mut r = response("7", &[9; 32], Some(packet::CACHING_SHA2), None, 0);
         r.seq = seq;
@@ -720,30 +719,31 @@ mod tests {
     }
 
     #[test]
-    fn caching_sha2_full_authentication_takes_the_cleartext_password_over_tls_only() {
-        let mut s = full_auth_session(true);
+    fn caching_sha2_full_authentication_takes_the_cleartext_password_over_tls() {
+        let mut s = full_auth_session();
         let ev = s.on_packet(Frame { seq: 4, payload: b"seven\0".to_vec(), consumed: 0 }, &Pw);
         let Event::Reply(b) = &ev[0] else { panic!() };
         assert_eq!((b[3], b[4]), (5, 0x00), "OK with sequence 5");
         assert!(s.is_authenticated());
         assert_eq!(s.login_dev, 7);
 
-        let mut s = full_auth_session(true);
+        let mut s = full_auth_session();
         let ev = s.on_packet(Frame { seq: 4, payload: b"wrong\0".to_vec(), consumed: 0 }, &Pw);
         let Event::Reply(b) = &ev[0] else { panic!() };
         assert_eq!(&b[4..7], &[0xFF, 16, 0]);
         assert_eq!(ev[1], Event::Close);
 
-        // Over plaintext the cleartext password is refused, even a right one.
-        let mut s = full_auth_session(false);
-        let ev = s.on_packet(Frame { seq: 3, payload: b"seven\0".to_vec(), consumed: 0 }, &Pw);
+        // Over plaintext no cleartext password is asked for: a scramble
+        // that does not check out is access denied at once.
+        let mut s = Session::new(1, NONCE);
+        s.offer_tls(false);
+        let ev = s.on_packet(response("7", &[9; 32], Some(packet::CACHING_SHA2), None, 0), &Pw);
         let Event::Reply(b) = &ev[0] else { panic!() };
-        assert_eq!(&b[4..7], &[0xFF, 0x15, 0x04], "ERR 1045");
-        assert!(String::from_utf8_lossy(b).contains("unencrypted connection"));
-        assert!(!s.is_authenticated());
-        // A public-key request is answered: there is no RSA key, use TLS.
-        let mut s = full_auth_session(false);
-        let ev = s.on_packet(Frame { seq: 3, payload: vec![0x02], consumed: 0 }, &Pw);
+        assert_eq!(&b[4..7], &[0xFF, 16, 0]);
+        assert_eq!(ev[1], Event::Close);
+        // A public-key request is answered: there is no RSA key.
+        let mut s = full_auth_session();
+        let ev = s.on_packet(Frame { seq: 4, payload: vec![0x02], consumed: 0 }, &Pw);
         let Event::Reply(b) = &ev[0] else { panic!() };
         assert!(String::from_utf8_lossy(b).contains("no RSA key"));
         assert_eq!(ev[1], Event::Close);
