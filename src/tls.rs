@@ -203,6 +203,26 @@ fn format_unix(t: i64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
+/// Appends the handshake data (or alert) rustls has ready to `out`.
+fn encode(
+    e: &mut rustls::unbuffered::EncodeTlsData<'_, rustls::server::ServerConnectionData>,
+    out: &mut Vec<u8>,
+) -> Result<(), rustls::Error> {
+    let at = out.len();
+    out.resize(at + 4096, 0);
+    let n = match e.encode(&mut out[at..]) {
+        Ok(n) => Ok(n),
+        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+            out.resize(at + required_size, 0);
+            e.encode(&mut out[at..]).map_err(|e| rustls::Error::General(e.to_string()))
+        }
+        Err(e) => Err(rustls::Error::General(e.to_string())),
+    }
+    .inspect_err(|_| out.truncate(at))?;
+    out.truncate(at + n);
+    Ok(())
+}
+
 /// What [`TlsConn::receive`] found besides plaintext.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
@@ -306,19 +326,7 @@ impl TlsConn {
                         }
                     }
                 }
-                ConnectionState::EncodeTlsData(mut e) => {
-                    let at = pending_out.len();
-                    pending_out.resize(at + 4096, 0);
-                    let n = match e.encode(&mut pending_out[at..]) {
-                        Ok(n) => n,
-                        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                            pending_out.resize(at + required_size, 0);
-                            e.encode(&mut pending_out[at..]).map_err(|e| rustls::Error::General(e.to_string()))?
-                        }
-                        Err(e) => return Err(rustls::Error::General(e.to_string())),
-                    };
-                    pending_out.truncate(at + n);
-                }
+                ConnectionState::EncodeTlsData(mut e) => encode(&mut e, pending_out)?,
                 // The I/O layer sends `pending_out` after this call, in order.
                 ConnectionState::TransmitTlsData(t) => t.done(),
                 ConnectionState::BlockedHandshake => stop = true,
@@ -350,6 +358,20 @@ impl TlsConn {
         result?;
         got.handshake_done = !was_writing && self.may_write;
         Ok(got)
+    }
+
+    /// After [`TlsConn::receive`] failed: puts the alert rustls made for the
+    /// peer (a handshake failure, no common protocol) onto
+    /// [`TlsConn::pending`], so the client learns why before the close.
+    pub fn take_alert(&mut self) {
+        let TlsConn { conn, pending_out, .. } = self;
+        for _ in 0..4 {
+            let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut []);
+            let Ok(ConnectionState::EncodeTlsData(mut e)) = state else { return };
+            if encode(&mut e, pending_out).is_err() {
+                return;
+            }
+        }
     }
 
     /// Encrypts `plaintext` (at most [`MAX_PLAINTEXT`] bytes make one
@@ -555,6 +577,39 @@ mod tests {
         }
         assert!(failed, "an endless handshake message was accepted");
         assert!(plain.is_empty());
+    }
+
+    /// A client with no protocol in common (ALPN h2 only) is told so with
+    /// an alert, not a bare close.
+    #[test]
+    fn a_failed_handshake_sends_the_alert() {
+        let d = temp("alert");
+        make_certs(&d, "ec", 2);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let cfg = load(&files(&d), now).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(d.join("ca.pem")).unwrap()).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+        let mut cc = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cc.alpn_protocols = vec![b"h2".to_vec()];
+        let mut c = rustls::ClientConnection::new(Arc::new(cc), "localhost".try_into().unwrap()).unwrap();
+        let mut s = TlsConn::new(cfg).unwrap();
+        let mut wire = Vec::new();
+        c.write_tls(&mut wire).unwrap();
+        assert!(s.receive(&mut wire, &mut Vec::new()).is_err());
+        s.take_alert();
+        let mut rd = s.pending();
+        assert!(!rd.is_empty(), "no alert");
+        c.read_tls(&mut rd).unwrap();
+        let err = c.process_new_packets().unwrap_err();
+        assert!(
+            matches!(err, rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -190,6 +190,22 @@ fn a_plaintext_client_on_the_tls_port_is_told_to_use_tls() {
         assert!(resp.starts_with("HTTP/1.1 400"), "{io}: {resp}");
         assert!(resp.contains("use https:// or wss://"), "{io}: {resp}");
         assert_eq!(tls_metric(&certs, &s, "comet_tls_handshake_failures_total"), 1, "{io}");
+        // A TLS client with no protocol in common is told so by an alert.
+        let mut cfg = (*client_config(&[&certs.dir.join("ca.pem")], &[&rustls::version::TLS13])).clone();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(s.addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut t = rustls::StreamOwned::new(conn, tcp);
+        let err = loop {
+            match t.conn.complete_io(&mut t.sock) {
+                Ok(_) if t.conn.is_handshaking() => {}
+                Ok(_) => panic!("{io}: handshake without a common protocol"),
+                Err(e) => break e,
+            }
+        };
+        assert!(err.to_string().contains("NoApplicationProtocol"), "{io}: {err}");
+        assert_eq!(tls_metric(&certs, &s, "comet_tls_handshake_failures_total"), 2, "{io}");
     }
 }
 

@@ -534,6 +534,12 @@ impl Shard {
                 if was_handshaking {
                     ShardMetrics::add(&self.core.metrics.tls_handshake_failures, 1);
                 }
+                // The alert, best effort (a socket that will not take it
+                // is closed all the same).
+                if let Some(tls) = self.tls_of(id) {
+                    tls.take_alert();
+                    let _ = fd.send_with_flags(tls.pending(), libc::MSG_NOSIGNAL);
+                }
                 self.core.hangup(id);
                 return Flow::Gone;
             }
