@@ -435,3 +435,22 @@ print("AFFECTED", cur.rowcount, "CIPHER", c._sock.cipher()[0])  # 0: no subscrib
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// SIGHUP without a certificate is logged and harmless: it no longer ends
+/// the process (the signal's default action).
+#[test]
+fn sighup_without_tls_keeps_serving() {
+    let s = Server::start(&["--io", "epoll"]);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGHUP) };
+    let mut log = Vec::new();
+    assert!(
+        eventually(5, || {
+            log.extend(s.drain_log());
+            log.iter().any(|l| l.contains("nothing to reload"))
+        }),
+        "{log:?}"
+    );
+    let (status, body) = s.http_get("/info");
+    assert!(status.contains("200"), "{status}: {body}");
+}
