@@ -88,6 +88,12 @@ struct Global {
     /// (repeatable; needs --spawn); prints both rows and their ratios.
     #[arg(long = "variant-arg", global = true, allow_hyphen_values = true)]
     variant_args: Vec<String>,
+    /// Spawned comet and nginx+nchan serve TLS with a throwaway CA and
+    /// certificate, and subscribers speak wss (idle and connect only; the
+    /// node-ws peer has no TLS and is skipped). For comet alone, or wss
+    /// against ws in one run: `--variant-arg=--tls-cert=auto`.
+    #[arg(long, global = true)]
+    wss: bool,
     /// Spread client sockets over this many source addresses 127.0.0.x.
     #[arg(long, default_value_t = 4, global = true)]
     sources: u8,
@@ -447,6 +453,7 @@ fn spawn_opts(g: &Global) -> Spawn {
         extra_args: g.server_args.clone(),
         log: None,
         lift_per_ip_limit: true,
+        tls: g.wss,
     }
 }
 
@@ -461,6 +468,9 @@ fn target_for(g: &Global, kind: Kind) -> std::io::Result<Target> {
 }
 
 fn run(g: &Global, t: &Target, cmd: &Cmd) -> Figures {
+    if t.tls.is_some() && !matches!(cmd, Cmd::Idle(_) | Cmd::Connect(_)) {
+        die("wss targets run idle and connect only (the other scenarios read raw WebSocket frames)");
+    }
     match cmd {
         Cmd::Idle(a) => idle(g, t, a),
         Cmd::Connect(a) => connect(g, t, a),

@@ -80,6 +80,8 @@ pub struct Spawn {
     /// ignore, so old and new binaries run the same command). Attack
     /// scenarios leave comet's defaults alone.
     pub lift_per_ip_limit: bool,
+    /// `--wss`: comet and nchan serve TLS with a throwaway certificate.
+    pub tls: bool,
 }
 
 /// A running (or attached) server.
@@ -163,7 +165,8 @@ impl Target {
                     api = Some(a);
                     c.args(["--api", &a.to_string()]);
                 }
-                for a in &s.extra_args {
+                let auto = s.tls.then(|| "--tls-cert=auto".to_string());
+                for a in s.extra_args.iter().chain(&auto) {
                     if a == "--tls-cert=auto" {
                         let d = std::env::temp_dir().join(format!(
                             "comet-bench-tls-{}-{}",
@@ -194,6 +197,15 @@ impl Target {
                 let d = std::env::temp_dir().join(format!("comet-bench-nchan-{}-{}", std::process::id(), front.port()));
                 std::fs::create_dir_all(&d)?;
                 let template = std::fs::read_to_string(s.bench_dir.join("peers/nchan/nginx.conf.template"))?;
+                let mut template = template;
+                if s.tls {
+                    tls = Some(make_certs(&d)?);
+                    let ssl = format!(
+                        "reuseport ssl;\n        ssl_certificate {0}/chain.pem;\n        ssl_certificate_key {0}/key.pem;",
+                        d.display()
+                    );
+                    template = template.replace("reuseport;", &ssl);
+                }
                 let conf = template
                     .replace("@PORT@", &front.port().to_string())
                     .replace("@PREFIX@", &d.to_string_lossy())
@@ -206,6 +218,9 @@ impl Target {
                 c
             }
             Kind::Node => {
+                if s.tls {
+                    return Err(std::io::Error::other("the node-ws peer has no TLS (--wss)"));
+                }
                 let mut c = Command::new("node");
                 c.arg(s.bench_dir.join("peers/node-ws/server.js")).env("PORT", front.port().to_string());
                 c
@@ -239,9 +254,13 @@ impl Target {
             while t.conn.is_handshaking() {
                 t.conn.complete_io(&mut t.sock)?;
             }
-            wire::ws_handshake(&mut t, &format!("/ws/sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js"))?;
-            wire::read_frame(&mut t)?;
-            wire::send_text(&mut t, &format!("subscription\n{channel}"))?;
+            if self.kind == Kind::Comet {
+                wire::ws_handshake(&mut t, &format!("/ws/sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js"))?;
+                wire::read_frame(&mut t)?;
+                wire::send_text(&mut t, &format!("subscription\n{channel}"))?;
+            } else {
+                wire::ws_handshake(&mut t, &format!("/sub/{channel}"))?;
+            }
             std::io::Write::flush(&mut t)?;
             return Ok(t.sock);
         }
