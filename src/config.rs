@@ -725,6 +725,31 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_come_from_the_file_or_flags_and_go_together() {
+        let dir = std::env::temp_dir().join(format!("comet-cfg-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"/x/chain.pem\"\ntls_key = \"/x/key.pem\"\ntls_handshake_timeout = 3\nbackend_require_tls = true\n",
+        )
+        .unwrap();
+        let c = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap();
+        let tls = c.tls.expect("tls");
+        assert_eq!((tls.cert.to_str(), tls.key.to_str()), (Some("/x/chain.pem"), Some("/x/key.pem")));
+        assert_eq!((c.tls_handshake_timeout.as_secs(), c.backend_require_tls), (3, true));
+        let cli = Cli { config: Some(path.clone()), tls_handshake_timeout: Some(0), ..Cli::default() };
+        assert!(Config::load(cli).unwrap_err().to_string().contains("tls-handshake-timeout"));
+        let d = Config::load(Cli::default()).unwrap();
+        assert_eq!((d.tls.is_none(), d.tls_handshake_timeout.as_secs(), d.backend_require_tls), (true, 10, false));
+        let cli = Cli { tls_key: Some("/x/key.pem".into()), ..Cli::default() };
+        assert!(Config::load(cli).unwrap_err().to_string().contains("go together"));
+        let cli = Cli { backend_require_tls: true, ..Cli::default() };
+        assert!(Config::load(cli).unwrap_err().to_string().contains("needs --tls-cert"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_accept_rate_and_write_delay_come_from_flags_the_file_or_defaults_and_are_bounded() {
         let d = Config::load(Cli::default()).unwrap();
         assert_eq!((d.max_accept_rate, d.write_delay_ms), (0, 0));
