@@ -26,6 +26,10 @@ PY
 check "$out/idle.json" 'f[0]["connections"] == 300 and f[0]["failed_connections"] == 0'
 "$B" "${common[@]}" connect --conns 300 --json "$out/connect.json"
 check "$out/connect.json" 'f[0]["connections"] == 300'
+"$B" "${common[@]}" --variant-arg=--tls-cert=auto idle --conns 100 --channels 1 --json "$out/idle_wss.json"
+check "$out/idle_wss.json" '[x["target"] for x in f] == ["comet", "tls-cert=auto"] and all(x["connections"] == 100 for x in f)'
+"$B" "${common[@]}" --wss compare connect --conns 100 --json "$out/connect_wss.json"
+check "$out/connect_wss.json" '[x["target"] for x in f] == ["comet", "nchan"] and all(x["connections"] == 100 for x in f)'
 "$B" "${common[@]}" connect --conns 200 --auth --json "$out/connect_auth.json"
 check "$out/connect_auth.json" 'f[0]["connections"] == 200'
 "$B" "${common[@]}" fanout --subs 300 --channels 3 --rate 20 --seconds 1 --procs 2 --json "$out/fanout.json" --svg "$out/fanout.svg"

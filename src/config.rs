@@ -217,6 +217,18 @@ pub struct Cli {
     /// Never compress for clients whose User-Agent contains one of these substrings, comma-separated [default: none].
     #[arg(long, env = "COMET_COMPRESSION_EXCLUDE_UA", value_name = "SUBSTRINGS", value_delimiter = ',')]
     pub compression_exclude_ua: Option<Vec<String>>,
+    /// PEM certificate chain (the server's certificate first): the frontend port then serves wss and https only [default: off].
+    #[arg(long, env = "COMET_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (ECDSA, Ed25519 or RSA; PKCS#8, PKCS#1 or SEC1) of --tls-cert [default: off].
+    #[arg(long, env = "COMET_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// Seconds a client has to finish the TLS handshake before it is closed [default: 10].
+    #[arg(long, env = "COMET_TLS_HANDSHAKE_TIMEOUT", value_name = "SECONDS")]
+    pub tls_handshake_timeout: Option<u64>,
+    /// Refuse CometQL logins that do not use TLS, with ERR 3159 (needs --tls-cert) [default: off].
+    #[arg(long, env = "COMET_BACKEND_REQUIRE_TLS")]
+    pub backend_require_tls: bool,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -264,6 +276,10 @@ pub struct FileConfig {
     pub max_journal_size: Option<u64>,
     pub compression: Option<Switch>,
     pub compression_exclude_ua: Option<Vec<String>>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_handshake_timeout: Option<u64>,
+    pub backend_require_tls: Option<bool>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -353,6 +369,12 @@ pub struct Config {
     pub compression: bool,
     /// User-Agent substrings of clients never offered compression.
     pub compression_exclude_ua: Vec<String>,
+    /// The certificate chain and key of the frontend's TLS; `None`: plain.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// How long a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// CometQL logins over plaintext get ERR 3159.
+    pub backend_require_tls: bool,
 }
 
 /// The smallest `--max-journal-size`: fjall writes one journal file up to
@@ -422,6 +444,9 @@ impl Default for Config {
             max_journal_size: MIN_JOURNAL_SIZE,
             compression: true,
             compression_exclude_ua: Vec::new(),
+            tls: None,
+            tls_handshake_timeout: Duration::from_secs(10),
+            backend_require_tls: false,
         }
     }
 }
@@ -512,6 +537,20 @@ impl Config {
                 .map(|u| u.trim().to_string())
                 .filter(|u| !u.is_empty())
                 .collect(),
+            tls: match (cli.tls_cert.or(file.tls_cert), cli.tls_key.or(file.tls_key)) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "--tls-cert and --tls-key go together: give both or neither".into(),
+                    ));
+                }
+            },
+            tls_handshake_timeout: cli
+                .tls_handshake_timeout
+                .or(file.tls_handshake_timeout)
+                .map_or(d.tls_handshake_timeout, secs),
+            backend_require_tls: cli.backend_require_tls || file.backend_require_tls == Some(true),
         };
         c.validate()?;
         Ok(c)
@@ -576,6 +615,15 @@ impl Config {
         }
         if self.write_delay_ms > 1000 {
             return bad(format!("write-delay must be 0..=1000 milliseconds, got {}", self.write_delay_ms));
+        }
+        if self.backend_require_tls && self.tls.is_none() {
+            return bad("--backend-require-tls needs --tls-cert and --tls-key".into());
+        }
+        if self.tls_handshake_timeout.is_zero() || self.tls_handshake_timeout > Duration::from_secs(300) {
+            return bad(format!(
+                "tls-handshake-timeout must be 1..=300 seconds, got {}",
+                self.tls_handshake_timeout.as_secs()
+            ));
         }
         if self.message_timeout.is_zero() {
             return bad("message-timeout must be at least 1 second".into());
@@ -715,6 +763,31 @@ mod tests {
         std::fs::write(&path, "shardz = 3\n").unwrap();
         let e = Config::load(Cli { config: Some(path), ..Cli::default() }).unwrap_err().to_string();
         assert!(e.contains("shardz"), "{e}");
+    }
+
+    #[test]
+    fn tls_settings_come_from_the_file_or_flags_and_go_together() {
+        let dir = std::env::temp_dir().join(format!("comet-cfg-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"/x/chain.pem\"\ntls_key = \"/x/key.pem\"\ntls_handshake_timeout = 3\nbackend_require_tls = true\n",
+        )
+        .unwrap();
+        let c = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap();
+        let tls = c.tls.expect("tls");
+        assert_eq!((tls.cert.to_str(), tls.key.to_str()), (Some("/x/chain.pem"), Some("/x/key.pem")));
+        assert_eq!((c.tls_handshake_timeout.as_secs(), c.backend_require_tls), (3, true));
+        let cli = Cli { config: Some(path.clone()), tls_handshake_timeout: Some(0), ..Cli::default() };
+        assert!(Config::load(cli).unwrap_err().to_string().contains("tls-handshake-timeout"));
+        let d = Config::load(Cli::default()).unwrap();
+        assert_eq!((d.tls.is_none(), d.tls_handshake_timeout.as_secs(), d.backend_require_tls), (true, 10, false));
+        let cli = Cli { tls_key: Some("/x/key.pem".into()), ..Cli::default() };
+        assert!(Config::load(cli).unwrap_err().to_string().contains("go together"));
+        let cli = Cli { backend_require_tls: true, ..Cli::default() };
+        assert!(Config::load(cli).unwrap_err().to_string().contains("needs --tls-cert"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

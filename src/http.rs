@@ -46,6 +46,13 @@ pub fn unavailable_retry(reason: &str, retry_after: u32) -> Vec<u8> {
     response("503 Service Unavailable", "text/plain; charset=utf-8", &extra, body.as_bytes())
 }
 
+/// `400 Bad Request` for a plaintext client on a TLS port: it is told to
+/// use https:// or wss://, then closed.
+pub fn plaintext_on_tls_port() -> Vec<u8> {
+    let body = b"this port speaks TLS only: use https:// or wss://\n";
+    response("400 Bad Request", "text/plain; charset=utf-8", "", body)
+}
+
 /// `429 Too Many Requests` with `Retry-After`: this client holds too much.
 pub fn too_many(reason: &str, retry_after: u32) -> Vec<u8> {
     let body = format!("{reason}\n");

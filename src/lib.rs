@@ -37,5 +37,6 @@ pub mod runtime;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod tls;
 pub mod users;
 pub mod ws;

@@ -47,6 +47,11 @@ pub struct ShardMetrics {
     pub offline_dropped: AtomicU64,
     /// Failed accepts (out of descriptors or memory).
     pub accept_errors: AtomicU64,
+    /// TLS handshakes completed.
+    pub tls_handshakes: AtomicU64,
+    /// TLS handshakes that failed: a TLS error, a plaintext client on the
+    /// TLS port, or `--tls-handshake-timeout`.
+    pub tls_handshake_failures: AtomicU64,
     /// Frontend connections refused with 503 (`--max-connections`).
     pub refused_full: AtomicU64,
     /// Frontend connections refused with 429 (`--max-connections-per-ip`).
@@ -118,7 +123,7 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 34] = [
+        let families: [(&str, &str, &str, Get); 36] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -200,6 +205,15 @@ impl Registry {
             ("comet_accept_errors_total", "counter", "Failed accepts (out of descriptors or memory).", |m| {
                 m.accept_errors.load(Relaxed) as i64
             }),
+            ("comet_tls_handshakes_total", "counter", "TLS handshakes completed.", |m| {
+                m.tls_handshakes.load(Relaxed) as i64
+            }),
+            (
+                "comet_tls_handshake_failures_total",
+                "counter",
+                "TLS handshakes that failed (TLS errors, plaintext on the TLS port, --tls-handshake-timeout).",
+                |m| m.tls_handshake_failures.load(Relaxed) as i64,
+            ),
             ("comet_offline_queued_total", "counter", "Private messages put in offline queues.", |m| {
                 m.offline_queued.load(Relaxed) as i64
             }),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::config::{Config, DEFAULT_PASSWORD};
 use crate::mailbox::{self, Doorbell};
@@ -32,6 +32,9 @@ const MAILBOX_CAPACITY: usize = 8192;
 /// Why the server could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The TLS certificate or key cannot be used (the message names the file).
+    #[error("{0}")]
+    Tls(String),
     #[error("--io uring: io_uring is not usable here: {0}")]
     NoUring(#[from] ProbeError),
     /// The port is in use: by another comet (whose port group this process
@@ -108,6 +111,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             "comet: WARNING: using the default backend password \"{DEFAULT_PASSWORD}\"; set --password or COMET_PASSWORD before exposing comet"
         );
     }
+    // A certificate that cannot serve is refused before anything starts.
+    let tls = match &config.tls {
+        Some(files) => Some(crate::tls::load(files, unix_now()).map_err(ServerError::Tls)?),
+        None => None,
+    };
     let (backend, fallback) = runtime::choose_backend(config.io)?;
     if let Some(why) = fallback {
         eprintln!("comet: io_uring unavailable ({why}); using epoll");
@@ -137,7 +145,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // Before any listener: a flood of clients at start could otherwise take
     // the last descriptor the signal pipe needs, and a SIGTERM during start
     // would kill the process instead of draining it.
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(ServerError::Signals)?;
     let (addr, listeners) = bind_all("frontend", config.frontend, n)?;
     let (backend_addr, backend_listeners) = bind_all("backend", config.backend, n)?;
     let (api_addr, api_listeners) = match config.api {
@@ -176,6 +184,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         backend_conns: Default::default(),
         accept_rate: Default::default(),
         auth_failures: Default::default(),
+        tls: crate::tls::Current::new(tls),
     });
 
     let mesh = mailbox::mesh(n, MAILBOX_CAPACITY);
@@ -257,9 +266,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // printed): the others drain as on SIGTERM, the store writes what it
     // was given, and the process exits non-zero for its supervisor.
     let mut died = None;
-    loop {
-        if signals.pending().next().is_some() {
-            break;
+    'run: loop {
+        for sig in signals.pending() {
+            if sig != SIGHUP {
+                break 'run;
+            }
+            reload_tls(&config, &shared);
         }
         if let Some(i) = threads.iter().position(|t| t.is_finished()) {
             eprintln!("comet: shard {i} stopped unexpectedly; stopping the others");
@@ -293,6 +305,27 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         eprintln!("comet: stopped");
     }
     Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// SIGHUP: reads the certificate and key again. New connections get the
+/// new ones; open connections keep theirs. A file that cannot be used is
+/// reported and the old certificate kept.
+fn reload_tls(config: &Config, shared: &Shared) {
+    let Some(files) = &config.tls else {
+        eprintln!("comet: SIGHUP: no --tls-cert configured, nothing to reload");
+        return;
+    };
+    match crate::tls::load(files, unix_now()) {
+        Ok(cfg) => {
+            shared.tls.set(cfg);
+            eprintln!("comet: SIGHUP: reloaded {} and {}", files.cert.display(), files.key.display());
+        }
+        Err(e) => eprintln!("comet: SIGHUP: {e}; keeping the previous certificate"),
+    }
 }
 
 /// The opened store and the state it held, already split by home shard.

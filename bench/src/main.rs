@@ -89,6 +89,12 @@ struct Global {
     /// (repeatable; needs --spawn); prints both rows and their ratios.
     #[arg(long = "variant-arg", global = true, allow_hyphen_values = true)]
     variant_args: Vec<String>,
+    /// Spawned comet and nginx+nchan serve TLS with a throwaway CA and
+    /// certificate, and subscribers speak wss (idle and connect only; the
+    /// node-ws peer has no TLS and is skipped). For comet alone, or wss
+    /// against ws in one run: `--variant-arg=--tls-cert=auto`.
+    #[arg(long, global = true)]
+    wss: bool,
     /// Spread client sockets over this many source addresses 127.0.0.x.
     #[arg(long, default_value_t = 4, global = true)]
     sources: u8,
@@ -489,6 +495,7 @@ fn spawn_opts(g: &Global) -> Spawn {
         log: std::env::var_os("COMET_BENCH_SERVER_LOG").map(PathBuf::from),
         lift_per_ip_limit: true,
         pin_cpu: (g.layout == LayoutArg::Pinned).then_some(proc::SERVER_CPU),
+        tls: g.wss,
     }
 }
 
@@ -503,6 +510,9 @@ fn target_for(g: &Global, kind: Kind) -> std::io::Result<Target> {
 }
 
 fn run(g: &Global, t: &Target, cmd: &Cmd) -> Figures {
+    if t.tls.is_some() && !matches!(cmd, Cmd::Idle(_) | Cmd::Connect(_)) {
+        die("wss targets run idle and connect only (the other scenarios read raw WebSocket frames)");
+    }
     match cmd {
         Cmd::Idle(a) => idle(g, t, a),
         Cmd::Connect(a) => connect(g, t, a),
@@ -783,6 +793,9 @@ fn idle(g: &Global, t: &Target, a: &IdleArgs) -> Figures {
     let (tcp0, slab0) = proc::kernel_mem_kib();
     let mut held = Vec::new();
     let mut children = Vec::new();
+    if a.procs > 1 && t.tls.is_some() {
+        die("idle --procs: the client processes speak plain ws only; wss (--tls-cert=auto) runs in one process");
+    }
     if a.procs <= 1 {
         for i in 0..a.conns {
             match t.subscribe(source(g, i), &idle_channels(t, i, a.channels), &format!("i{i}")) {

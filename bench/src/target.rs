@@ -10,6 +10,38 @@ use std::time::{Duration, Instant};
 
 use crate::wire;
 
+/// A throwaway CA and a localhost certificate (ECDSA P-256) in `d`, made
+/// with the openssl command line; returns a client configuration that
+/// trusts the CA.
+fn make_certs(d: &std::path::Path) -> std::io::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    std::fs::create_dir_all(d)?;
+    let ec = "ec -pkeyopt ec_paramgen_curve:P-256";
+    for cmd in [
+        format!("openssl req -x509 -newkey {ec} -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=comet-bench-ca"),
+        format!("openssl req -newkey {ec} -nodes -keyout key.pem -out srv.csr -subj /CN=localhost"),
+        "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > ext".into(),
+        "openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out srv.pem"
+            .into(),
+        "cat srv.pem ca.pem > chain.pem".into(),
+    ] {
+        let out = Command::new("sh").arg("-c").arg(&cmd).current_dir(d).output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!("{cmd}: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::CertificateDer::from_pem_file(d.join("ca.pem")).map_err(std::io::Error::other)?;
+    roots.add(ca).map_err(std::io::Error::other)?;
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(std::io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
+}
+
 /// Which server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,6 +82,8 @@ pub struct Spawn {
     pub lift_per_ip_limit: bool,
     /// Run the server on this CPU only (`--layout pinned`), through taskset.
     pub pin_cpu: Option<usize>,
+    /// `--wss`: comet and nchan serve TLS with a throwaway certificate.
+    pub tls: bool,
 }
 
 /// A running (or attached) server.
@@ -62,6 +96,9 @@ pub struct Target {
     pub api: Option<SocketAddr>,
     pub password: String,
     pub pid: Option<u32>,
+    /// comet spawned with `--server-arg=--tls-cert=auto`: subscribers
+    /// speak wss, trusting the throwaway CA made for the run.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     child: Option<Child>,
     _dir: Option<PathBuf>,
 }
@@ -87,7 +124,7 @@ fn wait_port(addr: SocketAddr, child: &mut Child, what: &str) -> std::io::Result
 impl Target {
     /// Uses a server that is already running.
     pub fn attach(kind: Kind, front: SocketAddr, back: Option<SocketAddr>, password: &str, pid: Option<u32>) -> Target {
-        Target { kind, front, back, api: None, password: password.to_string(), pid, child: None, _dir: None }
+        Target { kind, front, back, api: None, password: password.to_string(), pid, tls: None, child: None, _dir: None }
     }
 
     /// Starts a server of `kind` on free loopback ports.
@@ -108,6 +145,7 @@ impl Target {
         let mut back = None;
         let mut api = None;
         let mut dir = None;
+        let mut tls = None;
         let mut cmd = match kind {
             Kind::Comet => {
                 let b = port_or_free(old.and_then(|o| o.1));
@@ -129,7 +167,22 @@ impl Target {
                     api = Some(a);
                     c.args(["--api", &a.to_string()]);
                 }
-                c.args(&s.extra_args);
+                let auto = s.tls.then(|| "--tls-cert=auto".to_string());
+                for a in s.extra_args.iter().chain(&auto) {
+                    if a == "--tls-cert=auto" {
+                        let d = std::env::temp_dir().join(format!(
+                            "comet-bench-tls-{}-{}",
+                            std::process::id(),
+                            front.port()
+                        ));
+                        tls = Some(make_certs(&d)?);
+                        c.arg(format!("--tls-cert={}", d.join("chain.pem").display()));
+                        c.arg(format!("--tls-key={}", d.join("key.pem").display()));
+                        dir = Some(d);
+                    } else {
+                        c.arg(a);
+                    }
+                }
                 // A bench measures the memory path unless it asks for a data
                 // dir (builds older than the store have no --ephemeral).
                 if help.contains("--ephemeral")
@@ -146,6 +199,15 @@ impl Target {
                 let d = std::env::temp_dir().join(format!("comet-bench-nchan-{}-{}", std::process::id(), front.port()));
                 std::fs::create_dir_all(&d)?;
                 let template = std::fs::read_to_string(s.bench_dir.join("peers/nchan/nginx.conf.template"))?;
+                let mut template = template;
+                if s.tls {
+                    tls = Some(make_certs(&d)?);
+                    let ssl = format!(
+                        "reuseport ssl;\n        ssl_certificate {0}/chain.pem;\n        ssl_certificate_key {0}/key.pem;",
+                        d.display()
+                    );
+                    template = template.replace("reuseport;", &ssl);
+                }
                 let conf = template
                     .replace("@PORT@", &front.port().to_string())
                     .replace("@PREFIX@", &d.to_string_lossy())
@@ -158,6 +220,9 @@ impl Target {
                 c
             }
             Kind::Node => {
+                if s.tls {
+                    return Err(std::io::Error::other("the node-ws peer has no TLS (--wss)"));
+                }
                 let mut c = Command::new("node");
                 c.arg(s.bench_dir.join("peers/node-ws/server.js")).env("PORT", front.port().to_string());
                 c
@@ -178,12 +243,32 @@ impl Target {
             wait_port(addr, &mut child, kind.name())?;
         }
         let password = if kind == Kind::Comet { s.password.clone() } else { String::new() };
-        Ok(Target { kind, front, back, api, password, pid: Some(child.id()), child: Some(child), _dir: dir })
+        Ok(Target { kind, front, back, api, password, pid: Some(child.id()), tls, child: Some(child), _dir: dir })
     }
 
     /// Opens a WebSocket subscribed to `channel` (waits for comet's serverInfo).
     pub fn subscribe(&self, source: u8, channel: &str, uuid: &str) -> std::io::Result<TcpStream> {
         let mut s = wire::connect_from(&self.front, source)?;
+        if let Some(cfg) = &self.tls {
+            // wss: the handshakes and the subscription over TLS, then the
+            // client keeps only the socket (an idle subscriber never
+            // reads; the server's state is what is measured).
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(std::io::Error::other)?;
+            let mut t = rustls::StreamOwned::new(conn, s);
+            while t.conn.is_handshaking() {
+                t.conn.complete_io(&mut t.sock)?;
+            }
+            if self.kind == Kind::Comet {
+                wire::ws_handshake(&mut t, &format!("/ws/sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js"))?;
+                wire::read_frame(&mut t)?;
+                wire::send_text(&mut t, &format!("subscription\n{channel}"))?;
+            } else {
+                wire::ws_handshake(&mut t, &format!("/sub/{channel}"))?;
+            }
+            std::io::Write::flush(&mut t)?;
+            return Ok(t.sock);
+        }
         match self.kind {
             Kind::Comet => {
                 wire::ws_handshake(&mut s, &format!("/ws/sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js"))?;

@@ -34,7 +34,7 @@ pub fn connect_within(server: &SocketAddr, source: u8, timeout: Option<Duration>
 }
 
 /// Sends an upgrade request for `path` and reads past the 101 head.
-pub fn ws_handshake(s: &mut TcpStream, path: &str) -> std::io::Result<()> {
+pub fn ws_handshake(s: &mut (impl Read + Write), path: &str) -> std::io::Result<()> {
     match ws_upgrade(s, path)? {
         (101, _) => Ok(()),
         (_, head) => Err(std::io::Error::other(format!("upgrade refused: {head}"))),
@@ -46,7 +46,7 @@ pub static OFFER_DEFLATE: std::sync::atomic::AtomicBool = std::sync::atomic::Ato
 
 /// Sends an upgrade request for `path` and reads the answer's head; returns
 /// its status code (101 when upgraded) and the head as text.
-pub fn ws_upgrade(s: &mut TcpStream, path: &str) -> std::io::Result<(u16, String)> {
+pub fn ws_upgrade(s: &mut (impl Read + Write), path: &str) -> std::io::Result<(u16, String)> {
     let ext = match OFFER_DEFLATE.load(std::sync::atomic::Ordering::Relaxed) {
         true => "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
         false => "",
@@ -72,7 +72,7 @@ pub fn ws_upgrade(s: &mut TcpStream, path: &str) -> std::io::Result<(u16, String
 }
 
 /// Sends a masked text frame.
-pub fn send_text(s: &mut TcpStream, text: &str) -> std::io::Result<()> {
+pub fn send_text(s: &mut (impl Read + Write), text: &str) -> std::io::Result<()> {
     let mut v = Vec::with_capacity(text.len() + 14);
     encode_masked(0x1, text.as_bytes(), &mut v);
     s.write_all(&v)
@@ -115,7 +115,7 @@ pub fn parse_frame(b: &[u8]) -> Option<(u8, usize, usize)> {
 }
 
 /// Reads one whole frame (blocking): (opcode, payload).
-pub fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+pub fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     let mut h = [0u8; 2];
     s.read_exact(&mut h)?;
     let len = match h[1] & 0x7F {

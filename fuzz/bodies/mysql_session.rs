@@ -156,6 +156,7 @@ impl Conn {
                     self.query(stmts, q_seq, binary, charset);
                 }
                 Event::Close => self.closed = true,
+                Event::StartTls => panic!("StartTls from a session that never offered TLS"),
             }
         }
     }

@@ -30,8 +30,9 @@ pub const CLIENT_CONNECT_ATTRS: u32 = 0x10_0000;
 pub const CLIENT_PLUGIN_AUTH_LENENC: u32 = 0x20_0000;
 pub const CLIENT_DEPRECATE_EOF: u32 = 0x100_0000;
 
-/// What comet offers. No CLIENT_SSL: TLS is not implemented on this port,
-/// and advertising it would make clients try (CppComet's mistake).
+/// What comet offers. CLIENT_SSL only when a certificate is configured
+/// ([`greeting`]'s `tls`): advertising it without would make clients try
+/// (CppComet's mistake).
 pub const SERVER_CAPABILITIES: u32 = CLIENT_LONG_PASSWORD
     | CLIENT_FOUND_ROWS
     | CLIENT_LONG_FLAG
@@ -156,7 +157,8 @@ pub fn put_lenenc_str(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// The initial handshake packet's payload (HandshakeV10).
-pub fn greeting(connection_id: u32, nonce: &[u8; 20]) -> Vec<u8> {
+pub fn greeting(connection_id: u32, nonce: &[u8; 20], tls: bool) -> Vec<u8> {
+    let caps = SERVER_CAPABILITIES | if tls { CLIENT_SSL } else { 0 };
     let mut p = Vec::with_capacity(128);
     p.push(10);
     p.extend_from_slice(SERVER_VERSION.as_bytes());
@@ -164,10 +166,10 @@ pub fn greeting(connection_id: u32, nonce: &[u8; 20]) -> Vec<u8> {
     p.extend_from_slice(&connection_id.to_le_bytes());
     p.extend_from_slice(&nonce[..8]);
     p.push(0);
-    p.extend_from_slice(&(SERVER_CAPABILITIES as u16).to_le_bytes());
+    p.extend_from_slice(&(caps as u16).to_le_bytes());
     p.push(CHARSET);
     p.extend_from_slice(&SERVER_STATUS_AUTOCOMMIT.to_le_bytes());
-    p.extend_from_slice(&((SERVER_CAPABILITIES >> 16) as u16).to_le_bytes());
+    p.extend_from_slice(&((caps >> 16) as u16).to_le_bytes());
     p.push(21);
     p.extend_from_slice(&[0; 10]);
     p.extend_from_slice(&nonce[8..]);
@@ -308,6 +310,10 @@ pub fn auth_switch(nonce: &[u8; 20]) -> Vec<u8> {
 
 /// `caching_sha2_password` fast-auth-success (AuthMoreData 0x03).
 pub const FAST_AUTH_OK: [u8; 2] = [0x01, 0x03];
+/// caching_sha2_password's AuthMoreData "perform full authentication": the
+/// client then sends its password in clear (over TLS) or asks for an RSA
+/// key.
+pub const PERFORM_FULL_AUTH: [u8; 2] = [0x01, 0x04];
 
 /// An OK packet's payload.
 pub fn ok(affected: u64, last_insert_id: u64, status: u16, info: &str) -> Vec<u8> {
@@ -522,7 +528,7 @@ mod tests {
     #[test]
     fn greeting_layout() {
         let nonce = [b'a'; 20];
-        let g = greeting(7, &nonce);
+        let g = greeting(7, &nonce, false);
         assert_eq!(g[0], 10);
         let v_end = g.iter().position(|&b| b == 0).unwrap();
         assert_eq!(&g[1..v_end], SERVER_VERSION.as_bytes());
@@ -532,6 +538,10 @@ mod tests {
         assert_eq!(caps, SERVER_CAPABILITIES);
         assert_eq!(caps & CLIENT_SSL, 0, "SSL must not be advertised");
         assert!(g.ends_with(b"caching_sha2_password\0"));
+        let t = greeting(7, &nonce, true);
+        let caps_lo = u16::from_le_bytes([t[v_end + 14], t[v_end + 15]]) as u32;
+        assert_eq!(caps_lo & CLIENT_SSL, CLIENT_SSL, "SSL advertised with a certificate");
+        assert_eq!(t.len(), g.len());
     }
 
     #[test]

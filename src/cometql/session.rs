@@ -21,6 +21,14 @@ enum Phase {
         dev: u32,
         database: Option<String>,
     },
+    /// caching_sha2_password's fast path failed: "perform full
+    /// authentication" sent; waiting for the password (in clear over TLS)
+    /// or a public-key request.
+    FullAuth {
+        user: String,
+        dev: u32,
+        database: Option<String>,
+    },
     /// Authenticated.
     Command,
     Closed,
@@ -39,7 +47,13 @@ pub enum Event {
     Query(Vec<Result<Statement, ParseError>>, u8, bool, Charset),
     /// Close after what is queued has been sent.
     Close,
+    /// The client sent an SSLRequest: the transport must become TLS now.
+    /// Bytes after the SSLRequest are the start of its ClientHello.
+    StartTls,
 }
+
+/// The error MySQL gives a plaintext login when secure transport is required.
+pub const ER_SECURE_TRANSPORT_REQUIRED: u16 = 3159;
 
 /// Passwords per dev_id, as the session needs them.
 pub trait Passwords {
@@ -77,6 +91,12 @@ pub struct Session {
     /// Prepared statements by id.
     stmts: std::collections::HashMap<u32, super::prepared::Prepared>,
     next_stmt: u32,
+    /// CLIENT_SSL is offered (a certificate is configured).
+    tls_offered: bool,
+    /// A plaintext login is refused with ERR 3159.
+    tls_required: bool,
+    /// The transport is TLS (after an SSLRequest).
+    pub tls: bool,
 }
 
 impl Session {
@@ -94,13 +114,23 @@ impl Session {
             database: "CometQL_v1".into(),
             stmts: std::collections::HashMap::new(),
             next_stmt: 0,
+            tls_offered: false,
+            tls_required: false,
+            tls: false,
         }
+    }
+
+    /// Offers TLS in the greeting (CLIENT_SSL); `required`: a login over
+    /// plaintext is refused with ERR 3159.
+    pub fn offer_tls(&mut self, required: bool) {
+        self.tls_offered = true;
+        self.tls_required = required;
     }
 
     /// The greeting to send first.
     pub fn greeting(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(100);
-        packet::write_packet(&mut out, 0, &packet::greeting(self.connection_id, &self.nonce));
+        packet::write_packet(&mut out, 0, &packet::greeting(self.connection_id, &self.nonce, self.tls_offered));
         out
     }
 
@@ -134,6 +164,7 @@ impl Session {
                     self.deny(&user, f.seq.wrapping_add(1), !f.payload.is_empty())
                 }
             }
+            Phase::FullAuth { user, dev, database } => self.on_full_auth(f, user, dev, database, pw),
             Phase::Command => {
                 self.phase = Phase::Command;
                 self.on_command(f, pw)
@@ -154,8 +185,57 @@ impl Session {
         ]
     }
 
+    /// The client's answer to "perform full authentication" (asked over
+    /// TLS only): its password in clear (NUL-terminated), or a request for
+    /// an RSA public key, which comet does not have.
+    fn on_full_auth(
+        &mut self,
+        f: Frame,
+        user: String,
+        dev: u32,
+        database: Option<String>,
+        pw: &dyn Passwords,
+    ) -> Vec<Event> {
+        let seq = f.seq.wrapping_add(1);
+        let refuse = |s: &mut Session, msg: &str| {
+            s.phase = Phase::Closed;
+            vec![Event::Reply(one(seq, &packet::err_state(1045, b"28000", msg.as_bytes()))), Event::Close]
+        };
+        if f.payload == [0x02] {
+            return refuse(
+                self,
+                "caching_sha2_password: comet has no RSA key; connect with TLS (e.g. mysql --ssl-mode=REQUIRED) to log in",
+            );
+        }
+        let password = f.payload.strip_suffix(&[0]).unwrap_or(&f.payload);
+        if crate::domain::ct_eq(password, pw.password(dev).as_bytes()) {
+            self.finish_auth(&user, dev, database, seq, pw)
+        } else {
+            self.deny(&user, seq, true)
+        }
+    }
+
     fn on_handshake(&mut self, f: Frame, pw: &dyn Passwords) -> Vec<Event> {
         let seq = f.seq.wrapping_add(1);
+        // An SSLRequest: the HandshakeResponse's first 32 bytes, with
+        // CLIENT_SSL, alone. The response itself follows over TLS.
+        if f.payload.len() == 32
+            && u32::from_le_bytes([f.payload[0], f.payload[1], f.payload[2], f.payload[3]]) & CLIENT_SSL != 0
+            && self.tls_offered
+            && !self.tls
+        {
+            self.tls = true;
+            self.phase = Phase::Greeting;
+            return vec![Event::StartTls];
+        }
+        if self.tls_required && !self.tls {
+            self.phase = Phase::Closed;
+            let msg = "Connections using insecure transport are prohibited while --backend-require-tls is on";
+            return vec![
+                Event::Reply(one(seq, &packet::err_state(ER_SECURE_TRANSPORT_REQUIRED, b"HY000", msg.as_bytes()))),
+                Event::Close,
+            ];
+        }
         let Some(r) = packet::parse_handshake_response(&f.payload) else {
             self.phase = Phase::Closed;
             let msg = if f.payload.len() >= 4
@@ -186,6 +266,15 @@ impl Session {
         match plugin {
             packet::NATIVE | packet::CACHING_SHA2 => {
                 if !packet::verify(plugin, pw.password(dev), &self.nonce, &r.auth) {
+                    if plugin == packet::CACHING_SHA2 && !r.auth.is_empty() && self.tls {
+                        // As a MySQL server without a cached entry: ask for
+                        // the password itself. Only over TLS: on plaintext
+                        // the password could only travel in clear (comet
+                        // has no RSA key), and comet, which knows every
+                        // password, already knows the scramble is wrong.
+                        self.phase = Phase::FullAuth { user: r.user, dev, database: r.database };
+                        return vec![Event::Reply(one(seq, &packet::PERFORM_FULL_AUTH))];
+                    }
                     return self.deny(&r.user, seq, !r.auth.is_empty());
                 }
                 let mut events = Vec::new();
@@ -554,6 +643,110 @@ mod tests {
         let Event::Reply(b) = &ev[1] else { panic!() };
         assert_eq!(b[3], 3, "OK follows with sequence 3");
         assert_eq!((s.login_dev, s.dev_id), (7, 7));
+    }
+
+    fn ssl_request(seq: u8) -> Frame {
+        let caps = packet::CLIENT_PROTOCOL_41 | packet::CLIENT_SECURE_CONNECTION | CLIENT_SSL;
+        let mut p = caps.to_le_bytes().to_vec();
+        p.extend_from_slice(&[0, 0, 0, 1, 45]);
+        p.extend_from_slice(&[0; 23]);
+        Frame { seq, payload: p, consumed: 0 }
+    }
+
+    fn greeting_caps(s: &Session) -> u32 {
+        let g = s.greeting();
+        let v_end = 4 + g[4..].iter().position(|&b| b == 0).unwrap();
+        u16::from_le_bytes([g[v_end + 14], g[v_end + 15]]) as u32
+    }
+
+    #[test]
+    fn tls_is_offered_only_with_a_certificate_and_started_by_an_ssl_request() {
+        let mut s = Session::new(1, NONCE);
+        assert_eq!(greeting_caps(&s) & CLIENT_SSL, 0);
+        // Without an offer, an SSLRequest is a clear error.
+        let ev = s.on_packet(ssl_request(1), &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert!(String::from_utf8_lossy(b).contains("TLS is not enabled"), "{b:?}");
+        let mut s = Session::new(1, NONCE);
+        s.offer_tls(false);
+        assert_eq!(greeting_caps(&s) & CLIENT_SSL, CLIENT_SSL);
+        assert_eq!(s.on_packet(ssl_request(1), &Pw), vec![Event::StartTls]);
+        assert!(s.tls);
+        // The HandshakeResponse comes over TLS with sequence 2; the
+        // answers continue from it.
+        let mut r =
+            response("7", &packet::sha2_scramble(b"seven", &NONCE), Some(packet::CACHING_SHA2), None, CLIENT_SSL);
+        r.seq = 2;
+        let ev = s.on_packet(r, &Pw);
+        assert_eq!(ev[0], Event::Reply(one(3, &packet::FAST_AUTH_OK)));
+        let Event::Reply(b) = &ev[1] else { panic!() };
+        assert_eq!((b[3], b[4]), (4, 0x00), "OK with sequence 4");
+    }
+
+    #[test]
+    fn a_plaintext_login_is_refused_with_3159_when_tls_is_required() {
+        let mut s = Session::new(1, NONCE);
+        s.offer_tls(true);
+        let ev = s.on_packet(response("root", &packet::native_scramble(b"comet", &NONCE), None, None, 0), &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert_eq!(&b[4..7], &[0xFF, 0x57, 0x0C], "ERR 3159");
+        assert!(String::from_utf8_lossy(b).contains("insecure transport"));
+        assert_eq!(ev[1], Event::Close);
+        // Over TLS the same login works.
+        let mut s = Session::new(1, NONCE);
+        s.offer_tls(true);
+        s.on_packet(ssl_request(1), &Pw);
+        let mut r = response("root", &packet::native_scramble(b"comet", &NONCE), None, None, CLIENT_SSL);
+        r.seq = 2;
+        let ev = s.on_packet(r, &Pw);
+        assert_eq!(first_byte_of_reply(&ev[0]), 0x00);
+        assert!(s.is_authenticated());
+    }
+
+    /// A session over TLS whose fast path failed: "perform full
+    /// authentication" was asked.
+    fn full_auth_session() -> Session {
+        let mut s = Session::new(1, NONCE);
+        s.offer_tls(false);
+        s.on_packet(ssl_request(1), &Pw);
+        let seq = 2;
+        // A scramble the fast path cannot verify.
+        let mut r = response("7", &[9; 32], Some(packet::CACHING_SHA2), None, 0);
+        r.seq = seq;
+        let ev = s.on_packet(r, &Pw);
+        assert_eq!(ev, vec![Event::Reply(one(seq + 1, &packet::PERFORM_FULL_AUTH))]);
+        s
+    }
+
+    #[test]
+    fn caching_sha2_full_authentication_takes_the_cleartext_password_over_tls() {
+        let mut s = full_auth_session();
+        let ev = s.on_packet(Frame { seq: 4, payload: b"seven\0".to_vec(), consumed: 0 }, &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert_eq!((b[3], b[4]), (5, 0x00), "OK with sequence 5");
+        assert!(s.is_authenticated());
+        assert_eq!(s.login_dev, 7);
+
+        let mut s = full_auth_session();
+        let ev = s.on_packet(Frame { seq: 4, payload: b"wrong\0".to_vec(), consumed: 0 }, &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert_eq!(&b[4..7], &[0xFF, 16, 0]);
+        assert_eq!(ev[1], Event::Close);
+
+        // Over plaintext no cleartext password is asked for: a scramble
+        // that does not check out is access denied at once.
+        let mut s = Session::new(1, NONCE);
+        s.offer_tls(false);
+        let ev = s.on_packet(response("7", &[9; 32], Some(packet::CACHING_SHA2), None, 0), &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert_eq!(&b[4..7], &[0xFF, 16, 0]);
+        assert_eq!(ev[1], Event::Close);
+        // A public-key request is answered: there is no RSA key.
+        let mut s = full_auth_session();
+        let ev = s.on_packet(Frame { seq: 4, payload: vec![0x02], consumed: 0 }, &Pw);
+        let Event::Reply(b) = &ev[0] else { panic!() };
+        assert!(String::from_utf8_lossy(b).contains("no RSA key"));
+        assert_eq!(ev[1], Event::Close);
     }
 
     #[test]

@@ -157,6 +157,9 @@ pub struct Shared {
     pub accept_rate: super::limits::AcceptRate,
     /// Failed backend logins per client address.
     pub auth_failures: super::limits::AuthFailures,
+    /// The frontend's TLS configuration for new connections (SIGHUP
+    /// replaces it); off when no certificate is configured.
+    pub tls: crate::tls::Current,
 }
 
 /// One shard's whole state.
@@ -239,6 +242,10 @@ pub enum Effect {
     /// Another shard handed a connection over: register its socket, then
     /// [`ShardCore::adopt`] it.
     Adopt(super::mail::Handoff),
+    /// A CometQL client sent an SSLRequest: its transport becomes TLS, and
+    /// `leftover` (read after the request) is the start of its ClientHello.
+    /// The core reads plaintext again once the I/O layer decrypts it.
+    StartTls { id: ConnId, leftover: Vec<u8> },
 }
 
 impl ShardCore {

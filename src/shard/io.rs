@@ -30,6 +30,7 @@ use super::core::{Effect, ShardCore};
 use super::mail::{Handoff, Mail};
 use crate::mailbox::Inbox;
 use crate::metrics::ShardMetrics;
+use crate::tls::TlsConn;
 
 /// Reads per readiness event before yielding to other connections.
 const READS_PER_WAKE: usize = 8;
@@ -102,6 +103,16 @@ pub struct Shard {
     /// A `--write-delay` window is open: its timer task will write the
     /// core's delayed connections.
     delay_armed: bool,
+    /// TLS state by connection slot, beside `socks`; grown only when a TLS
+    /// connection comes, so a plaintext-only comet pays nothing.
+    tls: Vec<Option<Box<TlsConn>>>,
+    /// Plaintext decrypted from one read, or gathered for one record;
+    /// shared by all TLS connections of the shard.
+    plain: Vec<u8>,
+    /// TLS handshakes under way, by deadline (the timeout is the same for
+    /// all, so in order): checked by the once-a-second tick, which costs
+    /// an idle connection no timer of its own.
+    handshakes: std::collections::VecDeque<(u64, ConnId)>,
 }
 
 thread_local! {
@@ -137,6 +148,9 @@ pub fn install(core: ShardCore, listeners: Vec<Arc<Socket>>) {
         listeners,
         started: Instant::now(),
         delay_armed: false,
+        tls: Vec::new(),
+        plain: Vec::new(),
+        handshakes: Default::default(),
     };
     shard.clock();
     SHARD.with_borrow_mut(|s| *s = Some(shard));
@@ -158,17 +172,32 @@ impl Shard {
         self.socks.get_mut(id.index as usize)?.as_mut().filter(|s| s.generation == id.generation)
     }
 
-    fn insert(&mut self, id: ConnId, fd: SharedFd<Socket>) {
+    fn insert(&mut self, id: ConnId, fd: SharedFd<Socket>, tls: Option<Box<TlsConn>>) {
         let i = id.index as usize;
         if self.socks.len() <= i {
             self.socks.resize_with(i + 1, || None);
         }
         self.socks[i] = Some(Sock { generation: id.generation, fd, writer_waiting: false });
+        if tls.is_some() && self.tls.len() <= i {
+            self.tls.resize_with(i + 1, || None);
+        }
+        if let Some(slot) = self.tls.get_mut(i) {
+            *slot = tls;
+        }
     }
 
-    fn take_sock(&mut self, id: ConnId) -> Option<Sock> {
+    /// Removes connection `id`'s socket, with its TLS state.
+    fn take_sock(&mut self, id: ConnId) -> Option<(Sock, Option<Box<TlsConn>>)> {
         self.sock(id)?;
-        self.socks[id.index as usize].take()
+        let i = id.index as usize;
+        let tls = self.tls.get_mut(i).and_then(Option::take);
+        Some((self.socks[i].take()?, tls))
+    }
+
+    /// Connection `id`'s TLS state, when it is a TLS connection.
+    fn tls_of(&mut self, id: ConnId) -> Option<&mut TlsConn> {
+        self.sock(id)?;
+        self.tls.get_mut(id.index as usize)?.as_deref_mut()
     }
 
     /// Registers an accepted socket with the core; returns what its read
@@ -177,6 +206,10 @@ impl Shard {
     fn accept(&mut self, sock: Socket, peer: std::net::SocketAddr, port: Port) -> Option<(ConnId, SharedFd<Socket>)> {
         self.clock();
         // TCP_NODELAY comes from the listener (see `bind_reuseport`).
+        let tls = match port {
+            Port::Frontend => self.core.shared.tls.get(),
+            Port::Backend | Port::Api => None,
+        };
         let id = match port {
             Port::Frontend => match self.core.accept(peer) {
                 Admission::Open(id) => id,
@@ -188,8 +221,21 @@ impl Shard {
             Port::Backend => self.core.accept_backend(peer),
             Port::Api => self.core.accept_api(peer),
         };
+        let tls = match tls.map(TlsConn::new) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                eprintln!("comet: shard {}: cannot start TLS for {peer}: {e}", self.core.id);
+                self.core.hangup(id);
+                return None;
+            }
+        };
+        let handshaking = tls.is_some();
         let fd = SharedFd::new(sock);
-        self.insert(id, fd.clone());
+        self.insert(id, fd.clone(), tls);
+        if handshaking {
+            self.arm_handshake_deadline(id);
+        }
         Some((id, fd))
     }
 
@@ -250,7 +296,7 @@ impl Shard {
     fn apply(&mut self, e: Effect) {
         match e {
             Effect::Close(id) => {
-                if let Some(s) = self.take_sock(id) {
+                if let Some((s, _)) = self.take_sock(id) {
                     // Wakes the read task (readable with EOF) so it ends.
                     let _ = s.fd.shutdown(std::net::Shutdown::Both);
                 }
@@ -260,22 +306,23 @@ impl Shard {
                 }
             }
             Effect::HandOff { id, to, peer, head } => {
-                let Some(s) = self.take_sock(id) else { return };
+                let Some((s, tls)) = self.take_sock(id) else { return };
                 // The read task of this socket ends at its next wake-up (its
                 // slot is empty); the duplicate lives on, on shard `to`.
                 match s.fd.try_clone() {
-                    Ok(sock) => self.core.outbox.send(to, Mail::Handoff(Handoff { sock, peer, head })),
+                    Ok(sock) => self.core.outbox.send(to, Mail::Handoff(Handoff { sock, peer, head, tls })),
                     Err(e) => {
                         eprintln!("comet: shard {}: cannot hand off {peer} to shard {to}: {e}", self.core.id);
                         let _ = s.fd.shutdown(std::net::Shutdown::Both);
                     }
                 }
             }
+            Effect::StartTls { id, leftover } => self.start_tls(id, leftover),
             Effect::Adopt(h) => {
                 let fd = SharedFd::new(h.sock);
                 let id = self.core.adopt(h.peer, h.head);
                 if self.core.conns.get(id).is_some() {
-                    self.insert(id, fd.clone());
+                    self.insert(id, fd.clone(), h.tls);
                     compio::runtime::spawn(run_conn(id, fd)).detach();
                 }
             }
@@ -303,6 +350,9 @@ impl Shard {
         let Some(fd) = self.sock(id).map(|s| s.fd.clone()) else {
             return Flush::Gone;
         };
+        if self.tls_of(id).is_some() {
+            return self.write_tls(id, &fd);
+        }
         let Some(conn) = self.core.conns.get_mut(id) else {
             return Flush::Gone;
         };
@@ -344,6 +394,191 @@ impl Shard {
         result
     }
 
+    /// Writes a TLS connection: first the ciphertext it has pending, then
+    /// the queue, one record (up to 16 KiB of plaintext) at a time, so at
+    /// most one record's ciphertext waits outside the counted queue.
+    fn write_tls(&mut self, id: ConnId, fd: &SharedFd<Socket>) -> Flush {
+        let i = id.index as usize;
+        let Some(tls) = self.tls.get_mut(i).and_then(|t| t.as_deref_mut()) else {
+            return Flush::Gone;
+        };
+        let mut written = 0u64;
+        let result = 'out: loop {
+            while !tls.pending().is_empty() {
+                match fd.send_with_flags(tls.pending(), libc::MSG_NOSIGNAL) {
+                    Ok(n) => {
+                        written += n as u64;
+                        tls.sent(n);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break 'out Flush::Blocked,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break 'out Flush::Gone,
+                }
+            }
+            let Some(conn) = self.core.conns.get_mut(id) else {
+                break Flush::Gone;
+            };
+            if conn.out.is_empty() {
+                break Flush::Done;
+            }
+            if tls.handshaking() {
+                // Sent once the handshake is done (a refusal answered at
+                // accept waits for it): not flushed yet.
+                return Flush::Done;
+            }
+            self.plain.clear();
+            for s in conn.out.slices() {
+                let take = s.len().min(crate::tls::MAX_PLAINTEXT - self.plain.len());
+                self.plain.extend_from_slice(&s[..take]);
+                if self.plain.len() == crate::tls::MAX_PLAINTEXT {
+                    break;
+                }
+            }
+            if tls.encrypt(&self.plain).is_err() {
+                break Flush::Gone;
+            }
+            conn.out.advance(self.plain.len());
+        };
+        ShardMetrics::add(&self.core.metrics.bytes_out, written);
+        match result {
+            Flush::Gone => self.core.hangup(id),
+            Flush::Done => {
+                if self.core.flushed(id) {
+                    // The TLS close, best effort, before the TCP one.
+                    if let Some(tls) = self.tls_of(id)
+                        && tls.close_notify().is_ok()
+                    {
+                        let _ = fd.send_with_flags(tls.pending(), libc::MSG_NOSIGNAL);
+                    }
+                    let _ = fd.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            Flush::Blocked => {}
+        }
+        result
+    }
+
+    fn arm_handshake_deadline(&mut self, id: ConnId) {
+        let timeout = self.core.shared.config.tls_handshake_timeout.as_millis() as u64;
+        self.handshakes.push_back((self.started.elapsed().as_millis() as u64 + timeout, id));
+    }
+
+    /// Closes the connections whose handshake outlived its deadline.
+    fn expire_handshakes(&mut self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        while let Some(&(deadline, id)) = self.handshakes.front() {
+            if deadline > now {
+                break;
+            }
+            self.handshakes.pop_front();
+            self.handshake_deadline(id);
+        }
+        if self.handshakes.is_empty() && self.handshakes.capacity() > 64 {
+            self.handshakes = Default::default();
+        }
+    }
+
+    /// A CometQL connection asked for TLS (SSLRequest): from now on its
+    /// bytes are TLS records, starting with `leftover`.
+    fn start_tls(&mut self, id: ConnId, mut leftover: Vec<u8>) {
+        let Some(fd) = self.sock(id).map(|s| s.fd.clone()) else { return };
+        let tls = match self.core.shared.tls.get().map(TlsConn::new) {
+            Some(Ok(mut t)) => {
+                // Not the frontend's sniffing: a MySQL client's garbage is
+                // a TLS error, not an HTTP request.
+                t.fresh = false;
+                t
+            }
+            _ => {
+                self.core.hangup(id);
+                return;
+            }
+        };
+        let i = id.index as usize;
+        if self.tls.len() <= i {
+            self.tls.resize_with(i + 1, || None);
+        }
+        self.tls[i] = Some(tls);
+        self.arm_handshake_deadline(id);
+        if !leftover.is_empty() {
+            // Its flow is the read task's business: it reads again anyway.
+            let _ = self.on_tls_input(id, &fd, &mut leftover);
+        }
+    }
+
+    /// `--tls-handshake-timeout` passed since connection `id` was accepted:
+    /// closed if its handshake is still not done.
+    fn handshake_deadline(&mut self, id: ConnId) {
+        if self.tls_of(id).is_some_and(|t| t.handshaking()) {
+            ShardMetrics::add(&self.core.metrics.tls_handshake_failures, 1);
+            self.core.hangup(id);
+        }
+    }
+
+    /// Bytes read from a TLS connection: a ClientHello starts it, anything
+    /// else is answered in plain HTTP and closed; ciphertext is decrypted
+    /// and the plaintext handed to the core.
+    fn on_tls_readable(&mut self, id: ConnId, fd: &SharedFd<Socket>, n: usize) -> Flow {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let flow = self.on_tls_input(id, fd, &mut scratch[..n]);
+        self.scratch = scratch;
+        flow
+    }
+
+    /// Ciphertext `data` from a TLS connection (read, or left over from the
+    /// MySQL SSLRequest's read).
+    fn on_tls_input(&mut self, id: ConnId, fd: &SharedFd<Socket>, data: &mut [u8]) -> Flow {
+        let i = id.index as usize;
+        let Some(tls) = self.tls.get_mut(i).and_then(|t| t.as_deref_mut()) else {
+            return Flow::Gone;
+        };
+        if tls.fresh && data.first().is_some_and(|&b| b != crate::tls::HANDSHAKE_RECORD) {
+            ShardMetrics::add(&self.core.metrics.tls_handshake_failures, 1);
+            let _ = fd.send_with_flags(&crate::http::plaintext_on_tls_port(), libc::MSG_NOSIGNAL);
+            let _ = fd.shutdown(std::net::Shutdown::Write);
+            self.core.hangup(id);
+            return Flow::Gone;
+        }
+        self.plain.clear();
+        let was_handshaking = tls.handshaking();
+        let got = tls.receive(data, &mut self.plain);
+        let got = match got {
+            Ok(got) => got,
+            Err(_) => {
+                if was_handshaking {
+                    ShardMetrics::add(&self.core.metrics.tls_handshake_failures, 1);
+                }
+                // The alert, best effort (a socket that will not take it
+                // is closed all the same).
+                if let Some(tls) = self.tls_of(id) {
+                    tls.take_alert();
+                    let _ = fd.send_with_flags(tls.pending(), libc::MSG_NOSIGNAL);
+                }
+                self.core.hangup(id);
+                return Flow::Gone;
+            }
+        };
+        if got.handshake_done {
+            ShardMetrics::add(&self.core.metrics.tls_handshakes, 1);
+        }
+        let mut flow = Flow::Continue;
+        if !self.plain.is_empty() {
+            let mut plain = std::mem::take(&mut self.plain);
+            flow = self.core.readable(id, &mut plain);
+            self.plain = plain;
+        }
+        if got.peer_closed {
+            self.core.hangup(id);
+            return Flow::Gone;
+        }
+        // Handshake messages to send, or a queue that waited for the
+        // handshake.
+        if self.tls_of(id).is_some_and(|t| !t.pending().is_empty() || got.handshake_done) {
+            self.flush(id);
+        }
+        flow
+    }
+
     /// Reads what connection `id`'s socket has and hands it to the core.
     fn on_readable(&mut self, id: ConnId) -> Flow {
         self.clock();
@@ -363,9 +598,20 @@ impl Shard {
                     self.core.hangup(id);
                     return Flow::Gone;
                 }
+                Ok(n) if self.tls.get(id.index as usize).is_some_and(Option::is_some) => {
+                    flow = self.on_tls_readable(id, &fd, n);
+                    if flow != Flow::Continue || n < self.scratch.len() {
+                        break;
+                    }
+                }
                 Ok(n) => {
                     flow = self.core.readable(id, &mut self.scratch[..n]);
-                    if flow != Flow::Continue || n < self.scratch.len() {
+                    // An SSLRequest: what comes next is TLS, for the
+                    // effect to set up before anything more is read.
+                    if flow != Flow::Continue
+                        || n < self.scratch.len()
+                        || self.core.effects.iter().any(|e| matches!(e, Effect::StartTls { .. }))
+                    {
                         break;
                     }
                 }
@@ -692,6 +938,7 @@ pub async fn sweep_loop(shutdown_timeout: Duration) {
         }
         let tick = |s: &mut Shard| {
             s.clock();
+            s.expire_handshakes();
             s.core.tick();
         };
         if let Some(d) = deadline {

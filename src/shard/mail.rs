@@ -92,6 +92,9 @@ pub struct Handoff {
     pub peer: std::net::SocketAddr,
     /// The request head (and anything after it) read by the accepting shard.
     pub head: Vec<u8>,
+    /// The connection's TLS state, when it came in over TLS (`head` is
+    /// then plaintext already).
+    pub tls: Option<Box<crate::tls::TlsConn>>,
 }
 
 /// Weight of a message before its variable parts: the enum and its boxes.
@@ -229,7 +232,10 @@ impl crate::mailbox::Weigh for Mail {
                 Mail::Deliver { publication, .. } => publication.frame.len() + publication.msg.data.len(),
                 Mail::Ask { query, .. } => query.weight(),
                 Mail::Reply { reply, .. } => reply.weight(),
-                Mail::Handoff(h) => h.head.len(),
+                Mail::Handoff(h) => {
+                    h.head.len()
+                        + h.tls.as_ref().map_or(0, |t| std::mem::size_of::<crate::tls::TlsConn>() + t.buffered())
+                }
             }
     }
 }

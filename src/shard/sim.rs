@@ -68,6 +68,7 @@ impl Sim {
             backend_conns: Default::default(),
             accept_rate: Default::default(),
             auth_failures: Default::default(),
+            tls: Default::default(),
         });
         let mut cores = Vec::new();
         let mut inboxes = Vec::new();
@@ -285,8 +286,10 @@ impl Sim {
                 let _ = id;
                 let (sock, _other) =
                     socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket pair");
-                self.cores[shard].outbox.send(to, Mail::Handoff(Handoff { sock, peer, head }));
+                self.cores[shard].outbox.send(to, Mail::Handoff(Handoff { sock, peer, head, tls: None }));
             }
+            // The simulation has no sockets, so no TLS.
+            Effect::StartTls { .. } => {}
             Effect::Adopt(h) => {
                 let id = self.cores[shard].adopt(h.peer, h.head);
                 if self.cores[shard].conns.get(id).is_some() {

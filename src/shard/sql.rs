@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::ConnId;
 use super::conn::Phase;
-use super::core::{ShardCore, Then};
+use super::core::{Effect, ShardCore, Then};
 use super::mail::{Publication, Query, Records};
 use crate::api;
 use crate::cometql::charset::Charset;
@@ -217,7 +217,10 @@ impl ShardCore {
         }
         self.next_sql_id = self.next_sql_id.wrapping_add(1);
         let conn_id = ((self.id as u32) << 24) | (self.next_sql_id & 0x00FF_FFFF);
-        let session = Session::new(conn_id, nonce());
+        let mut session = Session::new(conn_id, nonce());
+        if self.shared.tls.is_on() {
+            session.offer_tls(self.shared.config.backend_require_tls);
+        }
         let greeting = session.greeting();
         if let Some(c) = self.conns.get_mut(id) {
             c.phase = Phase::Sql;
@@ -371,6 +374,14 @@ impl ShardCore {
                             }
                             Event::Close => {
                                 self.sql_push_raw(id, Vec::new(), true);
+                                return buf.len();
+                            }
+                            Event::StartTls => {
+                                // What follows the SSLRequest is the start of
+                                // the ClientHello: it goes to the I/O layer's
+                                // TLS, none of it to the MySQL parser.
+                                let leftover = buf[pos..].to_vec();
+                                self.effects.push(Effect::StartTls { id, leftover });
                                 return buf.len();
                             }
                         }
