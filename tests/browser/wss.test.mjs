@@ -10,7 +10,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { startComet, until } from '../js/harness.mjs';
+import { startComet, until, makeTestCa } from '../js/harness.mjs';
 
 const PASSWORD = 'browserpw';
 let dir;
@@ -18,15 +18,7 @@ let browser;
 let srv;
 
 before(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'comet-browser-tls-'));
-  const ec = 'ec -pkeyopt ec_paramgen_curve:P-256';
-  for (const cmd of [
-    `openssl req -x509 -newkey ${ec} -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=comet-browser-ca`,
-    `openssl req -newkey ${ec} -nodes -keyout key.pem -out srv.csr -subj /CN=localhost`,
-    "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > ext",
-    'openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out srv.pem',
-    'cat srv.pem ca.pem > chain.pem',
-  ]) execSync(cmd, { cwd: dir, stdio: 'pipe' });
+  dir = makeTestCa('browser');
   const spki = execSync('openssl x509 -in srv.pem -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64', { cwd: dir }).toString().trim();
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',

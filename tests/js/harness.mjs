@@ -1,7 +1,10 @@
 // Shared by the Node.js test suites (tests/browser, tests/node): start the
 // real comet binary on free loopback ports, and wait for a condition.
 // Plain ES module with no dependencies, imported by relative path.
-import { spawn } from 'node:child_process';
+import { execSync, spawn } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import net from 'node:net';
 
 /** The comet binary under test (COMET_BIN, else the debug build). */
@@ -91,4 +94,20 @@ export async function subscriber(port, channel, params = 'sesion=&myid=&devid=0&
     sock.write(Buffer.concat([Buffer.from([0x81, 0x80 | text.length]), mask, Buffer.from(text.map((b, i) => b ^ mask[i % 4]))]));
   }
   return { messages, close: () => sock.destroy() };
+}
+
+// A throwaway CA and a localhost certificate it signed, made with the
+// openssl command line in a new temp dir (returned): ca.pem, chain.pem
+// (server certificate then CA), key.pem and srv.pem.
+export function makeTestCa(name) {
+  const dir = mkdtempSync(join(tmpdir(), `comet-${name}-tls-`));
+  const ec = 'ec -pkeyopt ec_paramgen_curve:P-256';
+  for (const cmd of [
+    `openssl req -x509 -newkey ${ec} -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=comet-${name}-ca`,
+    `openssl req -newkey ${ec} -nodes -keyout key.pem -out srv.csr -subj /CN=localhost`,
+    "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > ext",
+    'openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out srv.pem',
+    'cat srv.pem ca.pem > chain.pem',
+  ]) execSync(cmd, { cwd: dir, stdio: 'pipe' });
+  return dir;
 }

@@ -9,22 +9,14 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import mysql from 'mysql2/promise';
-import { startComet } from '../js/harness.mjs';
+import { startComet, makeTestCa } from '../js/harness.mjs';
 
 let dir;
 let srv;
 let strict;
 
 before(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'comet-node-tls-'));
-  const ec = 'ec -pkeyopt ec_paramgen_curve:P-256';
-  for (const cmd of [
-    `openssl req -x509 -newkey ${ec} -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=comet-node-ca`,
-    `openssl req -newkey ${ec} -nodes -keyout key.pem -out srv.csr -subj /CN=localhost`,
-    "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > ext",
-    'openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out srv.pem',
-    'cat srv.pem ca.pem > chain.pem',
-  ]) execSync(cmd, { cwd: dir, stdio: 'pipe' });
+  dir = makeTestCa('node');
   const tls = ['--tls-cert', join(dir, 'chain.pem'), '--tls-key', join(dir, 'key.pem')];
   srv = await startComet({ password: 'nodepw', extraArgs: tls });
   strict = await startComet({ password: 'nodepw', extraArgs: [...tls, '--backend-require-tls'] });
