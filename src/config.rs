@@ -211,6 +211,9 @@ pub struct Cli {
     /// Never compress for clients whose User-Agent contains one of these substrings, comma-separated [default: none].
     #[arg(long, env = "COMET_COMPRESSION_EXCLUDE_UA", value_name = "SUBSTRINGS", value_delimiter = ',')]
     pub compression_exclude_ua: Option<Vec<String>>,
+    /// Join the cluster of the comet nodes that use this Redis: redis://[user:password@]host:port[/db] (docs/cluster.md) [default: none, a single node].
+    #[arg(long, env = "COMET_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -256,6 +259,7 @@ pub struct FileConfig {
     pub durability: Option<Durability>,
     pub compression: Option<Switch>,
     pub compression_exclude_ua: Option<Vec<String>>,
+    pub redis: Option<String>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -339,6 +343,8 @@ pub struct Config {
     pub compression: bool,
     /// User-Agent substrings of clients never offered compression.
     pub compression_exclude_ua: Vec<String>,
+    /// The Redis that joins this node to a cluster; `None`: a single node.
+    pub redis: Option<String>,
 }
 
 /// The data dir used when none is given: in the working directory.
@@ -402,6 +408,7 @@ impl Default for Config {
             durability: Durability::Sync,
             compression: true,
             compression_exclude_ua: Vec::new(),
+            redis: None,
         }
     }
 }
@@ -487,12 +494,16 @@ impl Config {
                 .map(|u| u.trim().to_string())
                 .filter(|u| !u.is_empty())
                 .collect(),
+            redis: cli.redis.or(file.redis).filter(|u| !u.is_empty()),
         };
         c.validate()?;
         Ok(c)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.redis {
+            crate::cluster::parse_url(url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         if self.offline_queue_size > 100_000 {
             return Err(ConfigError::Invalid(format!(
                 "offline-queue-size must be at most 100000, got {}",

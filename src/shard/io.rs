@@ -581,6 +581,7 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
             // they wait for), but still a bounded one.
             s.core.work = 0;
             s.core.storage_progress();
+            s.core.cluster_progress();
             while s.core.work < MAIL_WORK_PER_TURN
                 && let Some(m) = batch.pop_front()
             {

@@ -15,6 +15,10 @@ use super::conn::Phase;
 use super::core::{ShardCore, Then};
 use super::mail::{Publication, Query, Records};
 use crate::api;
+
+/// The error code of a statement that needs the cluster's Redis while it
+/// is down (docs/cometql.md).
+pub const CLUSTER_DOWN: u16 = 503;
 use crate::cometql::charset::Charset;
 use crate::cometql::exec::{self, Ctx, Plan, Projection, StmtResult};
 use crate::cometql::packet::{self, FrameError, MAX_PAYLOAD};
@@ -479,6 +483,10 @@ impl ShardCore {
                 return false;
             }
             Plan::Publish(msgs) => {
+                if let Some(e) = self.cluster_down() {
+                    self.sql_set(id, slot_id, index, StmtResult::err(CLUSTER_DOWN, e));
+                    return true;
+                }
                 let max = self.shared.config.max_outbound_message;
                 let now = self.unix;
                 let mut pubs = Vec::with_capacity(msgs.len());

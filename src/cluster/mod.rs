@@ -1,0 +1,614 @@
+//! The Redis bridge: several comet nodes as one service (`--redis`).
+//!
+//! Redis is the broker between nodes. A channel publish on any node is
+//! delivered locally by the node that got it (as without `--redis`) and sent
+//! once to Redis as one `PUBLISH` on the channel's Redis channel
+//! ([`redis_channel`]), tagged with the node's random id; every other node
+//! that has local subscribers of the channel receives it from Redis and
+//! delivers it to them; the publishing node drops its own copy by the tag.
+//!
+//! A node `SUBSCRIBE`s to a channel's Redis channel exactly while one of its
+//! shards has a local subscriber of it (a count per channel over the
+//! shards), so it receives traffic only for channels it serves.
+//!
+//! Shards never touch Redis and never wait for it. Two threads do, each
+//! with its own connection from the maintained `redis` crate's blocking
+//! client (no async runtime in the process):
+//! - the *publisher* takes what the shards queued ([`Bridge::publish`]),
+//!   sends it as one pipeline per wake-up (one `PUBLISH` per publish), and
+//!   pings Redis every second while idle;
+//! - the *subscriber* keeps the node's subscriptions equal to what the
+//!   shards want and hands each message from another node to every shard's
+//!   lane ([`Bridge::take`]), ringing the shard's doorbell like the mail
+//!   between shards does; the shard delivers it as a `Mail::Deliver`.
+//!
+//! Both reconnect with exponential backoff (100 ms to 5 s) and ±50 %
+//! jitter, and the subscriber resubscribes everything after a reconnect.
+//! While either is disconnected the node is *down* ([`RedisHealth`]):
+//! `/info` answers 503 with the reason, `comet_redis_up` is 0, and
+//! publishes are refused with a clear error instead of being dropped.
+//!
+//! Bounds: what waits for the publisher is bounded by `--mail-limit` bytes
+//! (past it the shards stop reading their clients, as for the storage
+//! lane); each shard's lane from the subscriber too (past it the subscriber
+//! stops reading Redis until the shard drained; Redis then buffers, up to
+//! its `client-output-buffer-limit pubsub`, and disconnects the node past
+//! that: the node reconnects and resubscribes, and the messages Redis
+//! dropped are lost).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::frontend::message::ChannelMessage;
+use crate::mailbox::Doorbell;
+use crate::metrics::RedisHealth;
+use crate::shard::mail::Publication;
+
+/// How long the subscriber waits for a message before it re-checks the
+/// subscriptions the shards want: the delay before a new channel's
+/// messages from other nodes arrive.
+const SUBSCRIBE_POLL: Duration = Duration::from_millis(10);
+/// How often an idle publisher checks that Redis answers.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// How long a connect or a command may take before Redis counts as down.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// First and longest wait between reconnect attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The Redis channel a comet channel's messages travel on.
+pub fn redis_channel(dev_id: u32, pipe: &str) -> String {
+    format!("comet:{dev_id}:pipe:{pipe}")
+}
+
+/// A publish as it travels through Redis (JSON).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Wire {
+    /// The publishing node's id: it drops its own messages.
+    pub n: u64,
+    pub d: u32,
+    pub p: String,
+    pub e: String,
+    pub m: String,
+    /// `m` is raw JSON (presence events).
+    #[serde(default)]
+    pub j: bool,
+    #[serde(default)]
+    pub t: Option<i64>,
+    #[serde(default)]
+    pub u: Option<u64>,
+}
+
+impl Wire {
+    fn of(node: u64, p: &Publication) -> Wire {
+        let m = &p.msg;
+        Wire {
+            n: node,
+            d: p.dev_id,
+            p: m.pipe.clone(),
+            e: m.event.clone(),
+            m: m.data.clone(),
+            j: m.data_is_json,
+            t: m.time,
+            u: m.user_id,
+        }
+    }
+
+    /// The message from another node, if it is one, well formed, and came
+    /// on the Redis channel it names.
+    pub fn decode(node: u64, channel: &str, payload: &[u8]) -> Result<Option<Wire>, String> {
+        let w: Wire = serde_json::from_slice(payload).map_err(|e| format!("undecodable message on {channel}: {e}"))?;
+        if w.n == node {
+            return Ok(None);
+        }
+        if redis_channel(w.d, &w.p) != channel {
+            return Err(format!("a message for channel {} of dev_id {} came on {channel}", w.p, w.d));
+        }
+        if w.j && serde_json::from_str::<serde::de::IgnoredAny>(&w.m).is_err() {
+            return Err(format!("a presence message on {channel} holds invalid JSON"));
+        }
+        Ok(Some(w))
+    }
+
+    fn into_publication(self) -> Publication {
+        let msg =
+            ChannelMessage { pipe: self.p, event: self.e, data: self.m, data_is_json: self.j, time: self.t, user_id: self.u };
+        let mut p = Publication::new(self.d, msg, None);
+        // The channel's history is kept by the node that got the publish.
+        p.store = false;
+        p
+    }
+}
+
+/// One shard's lane from the subscriber thread.
+#[derive(Debug)]
+struct Lane {
+    inbound: Mutex<Vec<Arc<Publication>>>,
+    bytes: AtomicUsize,
+    bell: Arc<Doorbell>,
+}
+
+/// The subscriptions the shards want: a count of shards per Redis channel.
+#[derive(Debug, Default)]
+struct Wanted {
+    channels: HashMap<String, u32>,
+    /// Bumped on every change, so the subscriber diffs only when needed.
+    generation: u64,
+}
+
+/// What the shards and the two Redis threads share.
+#[derive(Debug)]
+pub struct Bridge {
+    /// This node's id, random per start.
+    pub node: u64,
+    client: redis::Client,
+    /// `host:port/db` for messages (never the password).
+    pub address: String,
+    pub health: Arc<RedisHealth>,
+    /// Encoded publishes waiting for the publisher: (Redis channel, payload).
+    out: Mutex<VecDeque<(String, Vec<u8>)>>,
+    out_bytes: AtomicUsize,
+    /// A shard stopped reading its clients because `out` is full: poke
+    /// every shard once it drained.
+    out_waiting: AtomicBool,
+    limit: usize,
+    publisher: OnceLock<std::thread::Thread>,
+    wanted: Mutex<Wanted>,
+    wanted_generation: AtomicU64,
+    lanes: Vec<Lane>,
+    /// The publisher and subscriber connections are up.
+    pub_up: AtomicBool,
+    sub_up: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// Why `--redis` was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("--redis {url}: {cause}")]
+pub struct UrlError {
+    pub url: String,
+    pub cause: String,
+}
+
+/// Checks a `--redis` URL; returns the client and the address to show.
+pub fn parse_url(url: &str) -> Result<(redis::Client, String), UrlError> {
+    let err = |cause: String| UrlError { url: hide_password(url), cause };
+    if !url.starts_with("redis://") {
+        return Err(err("expected redis://[user:password@]host:port[/db]".into()));
+    }
+    let client = redis::Client::open(url).map_err(|e| err(e.to_string()))?;
+    let info = client.get_connection_info();
+    let address = format!("{}/{}", info.addr(), info.redis_settings().db());
+    Ok((client, address))
+}
+
+/// The URL with its password replaced, for messages.
+pub fn hide_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+impl Bridge {
+    /// A bridge for shards ringing `bells`; `limit` bounds each queue in
+    /// bytes (`--mail-limit`).
+    pub fn new(url: &str, bells: &[Arc<Doorbell>], limit: usize, health: Arc<RedisHealth>) -> Result<Arc<Bridge>, UrlError> {
+        let (client, address) = parse_url(url)?;
+        let node = getrandom::u64().unwrap_or_else(|_| std::process::id() as u64 ^ now_nanos());
+        health.set_reason(format!("connecting to Redis at {address}"));
+        Ok(Arc::new(Bridge {
+            node,
+            client,
+            address,
+            health,
+            out: Mutex::new(VecDeque::new()),
+            out_bytes: AtomicUsize::new(0),
+            out_waiting: AtomicBool::new(false),
+            limit,
+            publisher: OnceLock::new(),
+            wanted: Mutex::new(Wanted::default()),
+            wanted_generation: AtomicU64::new(0),
+            lanes: bells
+                .iter()
+                .map(|b| Lane { inbound: Mutex::new(Vec::new()), bytes: AtomicUsize::new(0), bell: b.clone() })
+                .collect(),
+            pub_up: AtomicBool::new(false),
+            sub_up: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        }))
+    }
+
+    /// Whether publishes can go out now.
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+
+    /// Why the node is not connected to Redis, for error messages.
+    pub fn down_reason(&self) -> String {
+        self.health.reason()
+    }
+
+    /// Sends a publish that started on this node to the other nodes. Never
+    /// blocks; the caller checked [`Bridge::is_up`] where it can answer an
+    /// error.
+    pub fn publish(&self, p: &Publication) {
+        let payload = match serde_json::to_vec(&Wire::of(self.node, p)) {
+            Ok(v) => v,
+            Err(_) => return,
+        };
+        let channel = redis_channel(p.dev_id, &p.msg.pipe);
+        self.out_bytes.fetch_add(channel.len() + payload.len() + 64, Ordering::SeqCst);
+        self.out.lock().unwrap_or_else(PoisonError::into_inner).push_back((channel, payload));
+        if let Some(t) = self.publisher.get() {
+            t.unpark();
+        }
+    }
+
+    /// Too much waits for the publisher: the shard stops reading clients.
+    pub fn is_congested(&self) -> bool {
+        if self.out_bytes.load(Ordering::SeqCst) > self.limit {
+            self.out_waiting.store(true, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
+    /// A shard has its first local subscriber of a channel.
+    pub fn channel_added(&self, dev_id: u32, pipe: &str) {
+        let mut w = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = w.channels.entry(redis_channel(dev_id, pipe)).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            w.generation += 1;
+            self.wanted_generation.store(w.generation, Ordering::SeqCst);
+        }
+    }
+
+    /// A shard lost its last local subscriber of a channel.
+    pub fn channel_removed(&self, dev_id: u32, pipe: &str) {
+        let mut w = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = redis_channel(dev_id, pipe);
+        if let Some(n) = w.channels.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                w.channels.remove(&key);
+                w.generation += 1;
+                self.wanted_generation.store(w.generation, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Redis channels this node is asked to subscribe (for tests and
+    /// metrics).
+    pub fn wanted_count(&self) -> usize {
+        self.wanted.lock().unwrap_or_else(PoisonError::into_inner).channels.len()
+    }
+
+    /// Publications from other nodes for shard `shard`, in arrival order.
+    pub fn take(&self, shard: usize) -> Vec<Arc<Publication>> {
+        let lane = &self.lanes[shard];
+        let v = std::mem::take(&mut *lane.inbound.lock().unwrap_or_else(PoisonError::into_inner));
+        let w: usize = v.iter().map(|p| weight(p)).sum();
+        lane.bytes.fetch_sub(w, Ordering::SeqCst);
+        v
+    }
+
+    /// Ends both threads (at shutdown).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.publisher.get() {
+            t.unpark();
+        }
+    }
+
+    fn set_up(&self, which: &AtomicBool, up: bool, reason: Option<String>) {
+        which.store(up, Ordering::SeqCst);
+        let all = self.pub_up.load(Ordering::SeqCst) && self.sub_up.load(Ordering::SeqCst);
+        if let Some(r) = reason {
+            self.health.set_reason(r);
+        }
+        let was = self.health.is_up();
+        self.health.set_up(all);
+        if all && !was {
+            eprintln!("comet: redis: connected to {} (node id {:016x})", self.address, self.node);
+        }
+    }
+
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        let con = self.client.get_connection_with_timeout(IO_TIMEOUT)?;
+        con.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(con)
+    }
+}
+
+fn weight(p: &Publication) -> usize {
+    64 + p.frame.len() + p.msg.data.len()
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Reconnect waits: doubling from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], each
+/// drawn from 50–150 % of the step so that nodes do not reconnect in step.
+#[derive(Debug)]
+pub struct Backoff {
+    step: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff { step: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// The next wait.
+    pub fn next(&mut self) -> Duration {
+        let r = getrandom::u32().unwrap_or_else(|_| now_nanos() as u32) % 1001;
+        let wait = self.step.mul_f64(0.5 + r as f64 / 1000.0);
+        self.step = (self.step * 2).min(BACKOFF_MAX);
+        wait
+    }
+
+    pub fn reset(&mut self) {
+        self.step = BACKOFF_MIN;
+    }
+}
+
+/// Sleeps `d`, waking early when the bridge stops. Returns false then.
+fn nap(bridge: &Bridge, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if bridge.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+    }
+    !bridge.stop.load(Ordering::SeqCst)
+}
+
+/// Starts the publisher and the subscriber threads.
+pub fn spawn(bridge: &Arc<Bridge>) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let b = bridge.clone();
+    let publisher = std::thread::Builder::new().name("comet-redis-pub".into()).spawn(move || publisher(&b))?;
+    let _ = bridge.publisher.set(publisher.thread().clone());
+    let b = bridge.clone();
+    let subscriber = std::thread::Builder::new().name("comet-redis-sub".into()).spawn(move || subscriber(&b))?;
+    Ok(vec![publisher, subscriber])
+}
+
+fn publisher(bridge: &Bridge) {
+    let mut backoff = Backoff::default();
+    while !bridge.stop.load(Ordering::SeqCst) {
+        let mut con = match bridge.connect() {
+            Ok(c) => c,
+            Err(e) => {
+                bridge.set_up(&bridge.pub_up, false, Some(format!("Redis at {} is unreachable: {e}", bridge.address)));
+                nap(bridge, backoff.next());
+                continue;
+            }
+        };
+        let _ = con.set_read_timeout(Some(IO_TIMEOUT));
+        if let Err(e) = redis::cmd("PING").query::<String>(&mut con) {
+            bridge.set_up(&bridge.pub_up, false, Some(format!("Redis at {} does not answer: {e}", bridge.address)));
+            nap(bridge, backoff.next());
+            continue;
+        }
+        backoff.reset();
+        bridge.set_up(&bridge.pub_up, true, None);
+        let error = publish_until_error(bridge, &mut con);
+        if let Some(e) = error {
+            eprintln!("comet: redis: publisher lost {}: {e}; reconnecting", bridge.address);
+            bridge.set_up(&bridge.pub_up, false, Some(format!("lost the connection to Redis at {}: {e}", bridge.address)));
+            nap(bridge, backoff.next());
+        }
+    }
+}
+
+/// Sends queued publishes until the connection fails (its error) or the
+/// bridge stops (`None`).
+fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection) -> Option<redis::RedisError> {
+    let mut last_ping = Instant::now();
+    loop {
+        let batch = std::mem::take(&mut *bridge.out.lock().unwrap_or_else(PoisonError::into_inner));
+        if batch.is_empty() {
+            if bridge.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            if last_ping.elapsed() >= PING_EVERY {
+                if let Err(e) = redis::cmd("PING").query::<String>(con) {
+                    return Some(e);
+                }
+                last_ping = Instant::now();
+            }
+            std::thread::park_timeout(PING_EVERY);
+            continue;
+        }
+        let bytes: usize = batch.iter().map(|(c, p)| c.len() + p.len() + 64).sum();
+        let mut pipe = redis::pipe();
+        for (channel, payload) in &batch {
+            pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+        }
+        let result = pipe.query::<()>(con);
+        bridge.out_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        if bridge.out_waiting.swap(false, Ordering::SeqCst) {
+            for l in &bridge.lanes {
+                l.bell.poke();
+            }
+        }
+        match result {
+            Ok(()) => bridge.health.published.fetch_add(batch.len() as u64, Ordering::Relaxed),
+            Err(e) => {
+                bridge.health.lost.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                return Some(e);
+            }
+        };
+        last_ping = Instant::now();
+    }
+}
+
+fn subscriber(bridge: &Bridge) {
+    let mut backoff = Backoff::default();
+    while !bridge.stop.load(Ordering::SeqCst) {
+        let mut con = match bridge.connect() {
+            Ok(c) => c,
+            Err(e) => {
+                bridge.set_up(&bridge.sub_up, false, Some(format!("Redis at {} is unreachable: {e}", bridge.address)));
+                nap(bridge, backoff.next());
+                continue;
+            }
+        };
+        let error = subscribe_until_error(bridge, &mut con, &mut backoff);
+        if let Some(e) = error {
+            eprintln!("comet: redis: subscriber lost {}: {e}; reconnecting", bridge.address);
+            bridge.set_up(&bridge.sub_up, false, Some(format!("lost the connection to Redis at {}: {e}", bridge.address)));
+            nap(bridge, backoff.next());
+        }
+    }
+}
+
+/// Keeps the subscriptions and hands messages to the shards until the
+/// connection fails (its error) or the bridge stops (`None`).
+fn subscribe_until_error(
+    bridge: &Bridge,
+    con: &mut redis::Connection,
+    backoff: &mut Backoff,
+) -> Option<redis::RedisError> {
+    let mut ps = con.as_pubsub();
+    if let Err(e) = ps.set_read_timeout(Some(SUBSCRIBE_POLL)) {
+        return Some(e);
+    }
+    // A node with nothing subscribed still proves the connection works.
+    if let Err(e) = ps.ping::<String>() {
+        return Some(e);
+    }
+    let mut current: HashSet<String> = HashSet::new();
+    let mut seen_generation = u64::MAX;
+    backoff.reset();
+    bridge.set_up(&bridge.sub_up, true, None);
+    let mut last_ping = Instant::now();
+    loop {
+        if bridge.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let generation = bridge.wanted_generation.load(Ordering::SeqCst);
+        if generation != seen_generation {
+            let want: HashSet<String> =
+                bridge.wanted.lock().unwrap_or_else(PoisonError::into_inner).channels.keys().cloned().collect();
+            let add: Vec<&String> = want.difference(&current).collect();
+            let drop: Vec<&String> = current.difference(&want).collect();
+            if !add.is_empty()
+                && let Err(e) = ps.subscribe(&add)
+            {
+                return Some(e);
+            }
+            if !drop.is_empty()
+                && let Err(e) = ps.unsubscribe(&drop)
+            {
+                return Some(e);
+            }
+            current = want;
+            seen_generation = generation;
+        }
+        match ps.get_message() {
+            Ok(msg) => {
+                last_ping = Instant::now();
+                deliver(bridge, msg.get_channel_name(), msg.get_payload_bytes());
+            }
+            Err(e) if e.is_timeout() => {
+                if last_ping.elapsed() >= PING_EVERY {
+                    if let Err(e) = ps.ping::<String>() {
+                        return Some(e);
+                    }
+                    last_ping = Instant::now();
+                }
+            }
+            Err(e) => return Some(e),
+        }
+    }
+}
+
+/// Hands a message from Redis to every shard.
+fn deliver(bridge: &Bridge, channel: &str, payload: &[u8]) {
+    let wire = match Wire::decode(bridge.node, channel, payload) {
+        Ok(Some(w)) => w,
+        Ok(None) => return,
+        Err(e) => {
+            bridge.health.lost.fetch_add(1, Ordering::Relaxed);
+            eprintln!("comet: redis: {}", crate::domain::clip(&e));
+            return;
+        }
+    };
+    bridge.health.received.fetch_add(1, Ordering::Relaxed);
+    let p = Arc::new(wire.into_publication());
+    let w = weight(&p);
+    for lane in &bridge.lanes {
+        // A shard behind by --mail-limit: stop reading Redis until it
+        // catches up (Redis buffers meanwhile).
+        while lane.bytes.load(Ordering::SeqCst) > bridge.limit && !bridge.stop.load(Ordering::SeqCst) {
+            lane.bell.poke();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lane.bytes.fetch_add(w, Ordering::SeqCst);
+        lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).push(p.clone());
+        lane.bell.poke();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(n: u64) -> Wire {
+        Wire { n, d: 3, p: "web_a".into(), e: "ev".into(), m: "hi \"there\"".into(), j: false, t: Some(5), u: None }
+    }
+
+    #[test]
+    fn a_message_round_trips_and_its_own_node_drops_it() {
+        let bytes = serde_json::to_vec(&wire(7)).unwrap();
+        let ch = redis_channel(3, "web_a");
+        assert_eq!(Wire::decode(8, &ch, &bytes).unwrap(), Some(wire(7)));
+        assert_eq!(Wire::decode(7, &ch, &bytes).unwrap(), None);
+    }
+
+    #[test]
+    fn a_message_on_the_wrong_channel_or_malformed_is_refused() {
+        let bytes = serde_json::to_vec(&wire(7)).unwrap();
+        assert!(Wire::decode(8, &redis_channel(3, "web_b"), &bytes).unwrap_err().contains("web_a"));
+        assert!(Wire::decode(8, "x", b"{nope").unwrap_err().contains("undecodable"));
+        let mut j = wire(7);
+        j.j = true;
+        j.m = "{not json".into();
+        let bytes = serde_json::to_vec(&j).unwrap();
+        assert!(Wire::decode(8, &redis_channel(3, "web_a"), &bytes).unwrap_err().contains("invalid JSON"));
+    }
+
+    #[test]
+    fn urls_are_checked_and_passwords_never_shown() {
+        let (_, addr) = parse_url("redis://user:secret@127.0.0.1:6390/2").unwrap();
+        assert_eq!(addr, "127.0.0.1:6390/2");
+        let e = parse_url("http://user:secret@h:1").unwrap_err().to_string();
+        assert!(!e.contains("secret") && e.contains("redis://"), "{e}");
+        assert_eq!(hide_password("redis://u:p@h:1/0"), "redis://***@h:1/0");
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter() {
+        let mut b = Backoff::default();
+        let first = b.next();
+        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN * 3 / 2, "{first:?}");
+        for _ in 0..20 {
+            let d = b.next();
+            assert!(d <= BACKOFF_MAX * 3 / 2, "{d:?}");
+        }
+        assert!(b.next() >= BACKOFF_MAX / 2);
+        b.reset();
+        assert!(b.next() <= BACKOFF_MIN * 3 / 2);
+    }
+}
