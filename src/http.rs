@@ -84,8 +84,8 @@ pub fn route(req: &Request, registry: &Registry, config: &Config) -> Vec<u8> {
                 Some(r) => {
                     crate::frontend::message::Obj::new(&mut body)
                         .str("node", &config.node_name)
-                        .str("status", "redis down")
                         .str("reason", &r.reason())
+                        .str("status", "redis down")
                         .end();
                     response("503 Service Unavailable", "application/json", "Cache-Control: no-store\r\n", &body)
                 }

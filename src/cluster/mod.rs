@@ -163,6 +163,11 @@ pub struct Bridge {
     /// The publisher and subscriber connections are up.
     pub_up: AtomicBool,
     sub_up: AtomicBool,
+    /// Bumped by the subscriber when its connection breaks: the publisher's
+    /// connection to the same Redis is then most likely broken too (a Redis
+    /// restart), and an idle one would only find out at its next ping, or by
+    /// losing the next publish; so it reconnects at once.
+    breaks: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -219,6 +224,7 @@ impl Bridge {
                 .collect(),
             pub_up: AtomicBool::new(false),
             sub_up: AtomicBool::new(false),
+            breaks: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         }))
     }
@@ -401,8 +407,9 @@ fn publisher(bridge: &Bridge) {
             continue;
         }
         backoff.reset();
+        let breaks = bridge.breaks.load(Ordering::SeqCst);
         bridge.set_up(&bridge.pub_up, true, None);
-        let error = publish_until_error(bridge, &mut con);
+        let error = publish_until_error(bridge, &mut con, breaks);
         if let Some(e) = error {
             eprintln!("comet: redis: publisher lost {}: {e}; reconnecting", bridge.address);
             bridge.set_up(&bridge.pub_up, false, Some(format!("lost the connection to Redis at {}: {e}", bridge.address)));
@@ -413,9 +420,12 @@ fn publisher(bridge: &Bridge) {
 
 /// Sends queued publishes until the connection fails (its error) or the
 /// bridge stops (`None`).
-fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection) -> Option<redis::RedisError> {
+fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64) -> Option<redis::RedisError> {
     let mut last_ping = Instant::now();
     loop {
+        if bridge.breaks.load(Ordering::SeqCst) != breaks {
+            return Some(redis::RedisError::from(std::io::Error::other("the subscriber's connection broke")));
+        }
         let batch = std::mem::take(&mut *bridge.out.lock().unwrap_or_else(PoisonError::into_inner));
         if batch.is_empty() {
             if bridge.stop.load(Ordering::SeqCst) {
@@ -466,6 +476,10 @@ fn subscriber(bridge: &Bridge) {
         };
         let error = subscribe_until_error(bridge, &mut con, &mut backoff);
         if let Some(e) = error {
+            bridge.breaks.fetch_add(1, Ordering::SeqCst);
+            if let Some(t) = bridge.publisher.get() {
+                t.unpark();
+            }
             eprintln!("comet: redis: subscriber lost {}: {e}; reconnecting", bridge.address);
             bridge.set_up(&bridge.sub_up, false, Some(format!("lost the connection to Redis at {}: {e}", bridge.address)));
             nap(bridge, backoff.next());

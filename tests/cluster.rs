@@ -1,0 +1,228 @@
+//! Several comet nodes as one service over a real `redis-server` (started
+//! here on a random port; tests/run and .ci/run install it): publishes
+//! cross nodes once each and in order, a node subscribes only while it has
+//! subscribers, and Redis going away and coming back is survived by the
+//! clients that stay connected.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Client, Server, eventually, http_request};
+use mysql::prelude::Queryable;
+
+/// A `redis-server` on a loopback port, without persistence; killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Redis::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: tests/run installs Debian's redis-server package");
+        let r = Redis { child, port };
+        assert!(eventually(10, || r.cli(&["PING"]) == "PONG"), "redis-server did not start on {port}");
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a command with redis-cli; its output, trimmed.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    }
+
+    /// Nodes subscribed to a comet channel (of dev_id 0).
+    fn subscribers(&self, pipe: &str) -> u32 {
+        let out = self.cli(&["PUBSUB", "NUMSUB", &format!("comet:0:pipe:{pipe}")]);
+        out.lines().nth(1).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to the nodes).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn node(redis: &Redis) -> Server {
+    Server::start(&["--shards", "2", "--password", "pw", "--redis", &redis.url()])
+}
+
+fn db(s: &Server) -> mysql::Conn {
+    let url = format!("mysql://root:pw@{}/CometQL_v1", s.backend);
+    mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).expect("mysql connect")
+}
+
+fn publish(db: &mut mysql::Conn, pipe: &str, text: &str) -> Result<(), mysql::Error> {
+    db.query_drop(format!("INSERT INTO pipes_messages (name, event, message) VALUES ('{pipe}', 'e', '{text}')"))
+}
+
+/// Reads `n` channel messages; returns their texts.
+fn texts(c: &mut Client, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let m = c.recv();
+            m["data"].as_str().unwrap_or_else(|| panic!("not a channel message: {m}")).to_string()
+        })
+        .collect()
+}
+
+/// A metric without labels, such as `comet_redis_up`.
+trait PlainMetric {
+    fn plain_metric(&self, name: &str) -> i64;
+}
+
+impl PlainMetric for Server {
+    fn plain_metric(&self, name: &str) -> i64 {
+        let body = self.metrics_text();
+        let line = body.lines().find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+    }
+}
+
+fn info_status(s: &Server) -> (String, String) {
+    s.http_get("/info")
+}
+
+#[test]
+fn a_publish_on_any_node_reaches_every_subscriber_on_every_node_once_in_order() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1), "a node never connected to Redis");
+        assert!(info_status(n).0.contains("200"));
+    }
+    // Two subscribers on node 0 (possibly on different shards), one on
+    // each other node.
+    let mut clients: Vec<Client> =
+        [0, 0, 1, 2].iter().enumerate().map(|(i, &n)| nodes[n].client(&format!("sub{i}"))).collect();
+    for c in &mut clients {
+        c.subscribe(&["web_news"]);
+    }
+    assert!(eventually(10, || redis.subscribers("web_news") == 3), "each node subscribes once");
+    assert_eq!(redis.subscribers("web_other"), 0, "no node subscribes a channel without subscribers");
+
+    // CometQL on node 1: 30 messages, each delivered once, in order.
+    let mut d = db(&nodes[1]);
+    for i in 0..30 {
+        publish(&mut d, "web_news", &format!("m{i}")).unwrap();
+    }
+    let want: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    for c in &mut clients {
+        assert_eq!(texts(c, 30), want);
+    }
+    // A browser's web_pipe2 on node 2 reaches the others (not itself).
+    let mut browser = nodes[2].client("browser");
+    browser.send("web_pipe2\nweb_news\nchat\n*\nfrom a browser");
+    for c in &mut clients {
+        assert_eq!(texts(c, 1), ["from a browser"]);
+    }
+    // The HTTP API on node 0.
+    let api = nodes[0].api.expect("api");
+    let body = r#"{"name":"web_news","event":"e","message":"from the api"}"#;
+    let (status, answer) = http_request(
+        api,
+        &format!(
+            "POST /api/pipes_messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(status.contains("200"), "{status}: {answer}");
+    for c in &mut clients {
+        assert_eq!(texts(c, 1), ["from the api"]);
+        c.expect_silence(300);
+    }
+    // One PUBLISH per publish, and nothing comes back to its own node.
+    let published: i64 = nodes.iter().map(|n| n.plain_metric("comet_redis_published_total")).sum();
+    assert_eq!(published, 32);
+    assert_eq!(nodes[1].plain_metric("comet_redis_received_total"), 2, "the browser's and the API's");
+    assert_eq!(nodes[2].plain_metric("comet_redis_received_total"), 31, "all but its own browser's message");
+
+    // The last subscriber on a node gone: the node unsubscribes.
+    let last = clients.pop().unwrap();
+    drop(last);
+    assert!(eventually(10, || redis.subscribers("web_news") == 2), "node 2 unsubscribes with its last subscriber");
+}
+
+#[test]
+fn while_redis_is_down_publishes_are_refused_and_clients_stay_connected_then_it_all_works_again() {
+    let mut redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut on_a = a.client("on_a");
+    let mut on_b = b.client("on_b");
+    on_a.subscribe(&["web_live"]);
+    on_b.subscribe(&["web_live"]);
+    assert!(eventually(10, || redis.subscribers("web_live") == 2));
+    let mut d = db(&a);
+    publish(&mut d, "web_live", "before").unwrap();
+    assert_eq!(texts(&mut on_b, 1), ["before"]);
+    assert_eq!(texts(&mut on_a, 1), ["before"]);
+
+    redis.kill();
+    assert!(eventually(10, || a.plain_metric("comet_redis_up") == 0), "the gauge shows Redis down");
+    let (status, body) = info_status(&a);
+    assert!(status.contains("503"), "{status}");
+    assert!(body.contains("redis down") && body.contains("Redis at 127.0.0.1"), "{body}");
+    // A clear error, at once, never a hang; the MySQL connection stays usable.
+    let started = std::time::Instant::now();
+    let e = publish(&mut d, "web_live", "while down").unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(e.contains("503") && e.contains("Redis is down"), "{e}");
+    d.query_drop("SHOW STATUS").expect("statements that need no Redis still work");
+    // A browser publish gets an error frame.
+    on_b.send("web_pipe2\nweb_live\nchat\n*\nwhile down");
+    let err = on_b.recv();
+    assert!(err.to_string().contains("Redis is down"), "{err}");
+
+    // Redis back (empty, on the same port): the nodes reconnect and
+    // resubscribe, and the clients that stayed connected get messages.
+    let redis = Redis::start_on(redis.port);
+    for n in [&a, &b] {
+        assert!(eventually(15, || n.plain_metric("comet_redis_up") == 1), "a node did not reconnect");
+        assert!(info_status(n).0.contains("200"));
+    }
+    assert!(eventually(10, || redis.subscribers("web_live") == 2), "the nodes resubscribe");
+    publish(&mut d, "web_live", "after").unwrap();
+    assert_eq!(texts(&mut on_b, 1), ["after"]);
+    assert_eq!(texts(&mut on_a, 1), ["after"]);
+    on_a.expect_silence(200);
+    on_b.expect_silence(200);
+}
+
+#[test]
+fn a_bad_redis_url_refuses_to_start_without_showing_the_password() {
+    let out = Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args(["--ephemeral", "--api", "off", "--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0"])
+        .args(["--redis", "http://user:secret@127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--redis") && err.contains("redis://") && !err.contains("secret"), "{err}");
+}
