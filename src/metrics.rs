@@ -138,12 +138,19 @@ impl Registry {
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
         if let Some(r) = &self.redis {
-            let _ = writeln!(s, "# HELP comet_redis_up Whether the node is connected to Redis (--redis).\n# TYPE comet_redis_up gauge");
+            let _ = writeln!(
+                s,
+                "# HELP comet_redis_up Whether the node is connected to Redis (--redis).\n# TYPE comet_redis_up gauge"
+            );
             let _ = writeln!(s, "comet_redis_up {}", r.is_up() as u8);
             for (name, help, v) in [
                 ("comet_redis_published_total", "Publishes sent to Redis.", &r.published),
                 ("comet_redis_received_total", "Messages from other nodes received from Redis.", &r.received),
-                ("comet_redis_lost_total", "Publishes lost with a failed Redis connection, and malformed messages.", &r.lost),
+                (
+                    "comet_redis_lost_total",
+                    "Publishes lost with a failed Redis connection, and malformed messages.",
+                    &r.lost,
+                ),
             ] {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
             }

@@ -20,21 +20,47 @@ struct Redis {
 }
 
 impl Redis {
+    /// On a free port below the ephemeral range (so that no client socket
+    /// of a parallel test takes it between our choice and the bind).
     fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Redis::start_on(port)
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        for i in 0..20u32 {
+            let port = 20000 + ((seed / 7 + i * 7919 + std::process::id()) % 12000) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            if let Some(r) = Redis::try_start(port) {
+                return r;
+            }
+        }
+        panic!("found no free port for redis-server");
     }
 
+    /// On `port` again (after [`Redis::kill`]).
     fn start_on(port: u16) -> Redis {
+        for _ in 0..50 {
+            if let Some(r) = Redis::try_start(port) {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server did not start again on {port}");
+    }
+
+    fn try_start(port: u16) -> Option<Redis> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is not installed: tests/run installs Debian's redis-server package");
-        let r = Redis { child, port };
-        assert!(eventually(10, || r.cli(&["PING"]) == "PONG"), "redis-server did not start on {port}");
-        r
+        let mut r = Redis { child, port };
+        // Ours answers (not another program's Redis on the port).
+        let pid = format!("process_id:{}", r.child.id());
+        let ok = eventually(10, || {
+            matches!(r.child.try_wait(), Ok(Some(_))) || r.cli(&["INFO", "server"]).lines().any(|l| l.trim() == pid)
+        });
+        (ok && matches!(r.child.try_wait(), Ok(None))).then_some(r)
     }
 
     fn url(&self) -> String {
@@ -225,4 +251,71 @@ fn a_bad_redis_url_refuses_to_start_without_showing_the_password() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--redis") && err.contains("redis://") && !err.contains("secret"), "{err}");
+}
+
+/// Connects user `uid` (whose key is `key` on that node); consumes serverInfo.
+fn user(s: &Server, uid: u64, key: &str, uuid: &str) -> Client {
+    let mut c = Client::connect(&s.url(&format!("sesion={key}&myid={uid}&devid=0&v=4.08&uuid={uuid}&api=js")));
+    let info = c.recv();
+    assert_eq!(info["event"], "serverInfo", "{info}");
+    c
+}
+
+fn send_private(d: &mut mysql::Conn, uid: u64, text: &str) {
+    d.query_drop(format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'pm', '{text}')")).unwrap();
+}
+
+/// Reads the next private message (skipping channel traffic such as
+/// user status events); returns its text and whether it came from the
+/// offline queue.
+fn private(c: &mut Client) -> (String, bool) {
+    loop {
+        let m = c.recv();
+        if m["pipe"] == "msg" {
+            return (m["data"].as_str().unwrap().to_string(), m["fromQueue"] == true);
+        }
+    }
+}
+
+#[test]
+fn a_private_message_reaches_the_users_devices_on_every_node_and_is_queued_once_when_none_is_online() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        // Keys are per node in this version (docs/cluster.md): the backend
+        // sets them on each (or uses JWTs, which every node verifies).
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (7, 'k7'), (8, 'k8')").unwrap();
+    }
+    let mut on_0 = user(&nodes[0], 7, "k7", "d0");
+    let mut on_1 = user(&nodes[1], 7, "k7", "d1");
+    assert!(eventually(10, || redis.cli(&["PUBSUB", "NUMSUB", "comet:0:user:7"]).ends_with('2')));
+    // From the node with no device of the user, and from one with a device.
+    let mut d2 = db(&nodes[2]);
+    send_private(&mut d2, 7, "from node 2");
+    assert_eq!(private(&mut on_0), ("from node 2".to_string(), false));
+    assert_eq!(private(&mut on_1), ("from node 2".to_string(), false));
+    let mut d0 = db(&nodes[0]);
+    send_private(&mut d0, 7, "from node 0");
+    assert_eq!(private(&mut on_0), ("from node 0".to_string(), false));
+    assert_eq!(private(&mut on_1), ("from node 0".to_string(), false));
+    on_0.expect_silence(200);
+    on_1.expect_silence(200);
+    assert_eq!(redis.cli(&["LLEN", "comet:0:queue:7"]), "0", "nothing queued while online");
+
+    // User 8 is online nowhere: queued once, in Redis, whichever node sent.
+    send_private(&mut d2, 8, "q1");
+    send_private(&mut d0, 8, "q2");
+    assert!(eventually(5, || redis.cli(&["LLEN", "comet:0:queue:8"]) == "2"));
+    let mut later = user(&nodes[1], 8, "k8", "late");
+    assert_eq!(private(&mut later), ("q1".to_string(), true));
+    assert_eq!(private(&mut later), ("q2".to_string(), true));
+    later.expect_silence(300);
+    assert_eq!(redis.cli(&["LLEN", "comet:0:queue:8"]), "0");
+    // A second device on another node gets no second copy.
+    let mut second = user(&nodes[2], 8, "k8", "second");
+    second.expect_silence(300);
+    // The user's last device on node 0 gone: node 0 unsubscribes.
+    drop(on_0);
+    assert!(eventually(10, || redis.cli(&["PUBSUB", "NUMSUB", "comet:0:user:7"]).ends_with('1')));
 }

@@ -65,6 +65,117 @@ pub fn redis_channel(dev_id: u32, pipe: &str) -> String {
     format!("comet:{dev_id}:pipe:{pipe}")
 }
 
+/// The Redis channel a user's private messages travel on; a node
+/// subscribes it while it holds a device of the user.
+pub fn user_channel(dev_id: u32, user_id: u64) -> String {
+    format!("comet:{dev_id}:user:{user_id}")
+}
+
+/// The Redis list holding a user's offline queue in a cluster.
+pub fn queue_key(dev_id: u32, user_id: u64) -> String {
+    format!("comet:{dev_id}:queue:{user_id}")
+}
+
+/// The (dev_id, user id) of a [`user_channel`] name.
+fn parse_user_channel(channel: &str) -> Option<(u32, u64)> {
+    let rest = channel.strip_prefix("comet:")?;
+    let (dev, rest) = rest.split_once(':')?;
+    let uid = rest.strip_prefix("user:")?;
+    Some((dev.parse().ok()?, uid.parse().ok()?))
+}
+
+/// Publishes a private message for a user no device of which is on this
+/// node, and queues it in Redis when no node subscribes the user's channel
+/// (holds a device of the user), in one atomic step: a node that
+/// subscribes after it drains the queue (see [`DRAIN`]), so the message is
+/// delivered or queued, once. KEYS: user channel, queue; ARGV: message,
+/// queue entry, queue size, queue TTL in seconds.
+const PUBLISH_OR_QUEUE: &str = "local n = redis.call('PUBLISH', KEYS[1], ARGV[1]) \
+if n == 0 then \
+  redis.call('RPUSH', KEYS[2], ARGV[2]) \
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1) \
+  redis.call('EXPIRE', KEYS[2], ARGV[4]) \
+end \
+return n";
+
+/// Takes a user's whole queue (KEYS: the queue).
+const DRAIN: &str = "local v = redis.call('LRANGE', KEYS[1], 0, -1) redis.call('DEL', KEYS[1]) return v";
+
+/// A private message as it travels through Redis (JSON), on the user's
+/// channel or in the user's queue (where `n` is unused).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PrivateWire {
+    pub n: u64,
+    pub e: String,
+    pub m: String,
+    /// When it was queued (unix seconds); `None` for a live message.
+    #[serde(default)]
+    pub t: Option<i64>,
+}
+
+/// A private message for the devices of a user homed on a shard.
+#[derive(Debug)]
+pub struct PrivateMsg {
+    pub event: String,
+    pub text: String,
+    /// Set for a message from the offline queue: when it was queued.
+    pub queued_at: Option<i64>,
+}
+
+/// What the bridge hands a shard.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A channel message another node published.
+    Channel(Arc<Publication>),
+    /// Private messages for a user homed on the shard: live from another
+    /// node, or the user's offline queue taken from Redis.
+    Private { dev_id: u32, user_id: u64, msgs: Vec<PrivateMsg> },
+}
+
+impl Inbound {
+    fn weight(&self) -> usize {
+        match self {
+            Inbound::Channel(p) => weight(p),
+            Inbound::Private { msgs, .. } => msgs.iter().map(|m| 64 + m.event.len() + m.text.len()).sum(),
+        }
+    }
+}
+
+/// What waits for the publisher.
+#[derive(Debug)]
+enum Out {
+    Publish {
+        channel: String,
+        payload: Vec<u8>,
+    },
+    /// [`PUBLISH_OR_QUEUE`].
+    PrivateOrQueue {
+        channel: String,
+        queue: String,
+        payload: Vec<u8>,
+        entry: Vec<u8>,
+        cap: usize,
+        ttl: u64,
+    },
+    /// [`DRAIN`], then hand the messages to the user's home shard.
+    Drain {
+        dev_id: u32,
+        user_id: u64,
+    },
+}
+
+impl Out {
+    fn weight(&self) -> usize {
+        64 + match self {
+            Out::Publish { channel, payload } => channel.len() + payload.len(),
+            Out::PrivateOrQueue { channel, queue, payload, entry, .. } => {
+                channel.len() + queue.len() + payload.len() + entry.len()
+            }
+            Out::Drain { .. } => 0,
+        }
+    }
+}
+
 /// A publish as it travels through Redis (JSON).
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Wire {
@@ -115,8 +226,14 @@ impl Wire {
     }
 
     fn into_publication(self) -> Publication {
-        let msg =
-            ChannelMessage { pipe: self.p, event: self.e, data: self.m, data_is_json: self.j, time: self.t, user_id: self.u };
+        let msg = ChannelMessage {
+            pipe: self.p,
+            event: self.e,
+            data: self.m,
+            data_is_json: self.j,
+            time: self.t,
+            user_id: self.u,
+        };
         let mut p = Publication::new(self.d, msg, None);
         // The channel's history is kept by the node that got the publish.
         p.store = false;
@@ -127,7 +244,7 @@ impl Wire {
 /// One shard's lane from the subscriber thread.
 #[derive(Debug)]
 struct Lane {
-    inbound: Mutex<Vec<Arc<Publication>>>,
+    inbound: Mutex<Vec<Inbound>>,
     bytes: AtomicUsize,
     bell: Arc<Doorbell>,
 }
@@ -149,8 +266,8 @@ pub struct Bridge {
     /// `host:port/db` for messages (never the password).
     pub address: String,
     pub health: Arc<RedisHealth>,
-    /// Encoded publishes waiting for the publisher: (Redis channel, payload).
-    out: Mutex<VecDeque<(String, Vec<u8>)>>,
+    /// What waits for the publisher, in order.
+    out: Mutex<VecDeque<Out>>,
     out_bytes: AtomicUsize,
     /// A shard stopped reading its clients because `out` is full: poke
     /// every shard once it drained.
@@ -202,7 +319,12 @@ pub fn hide_password(url: &str) -> String {
 impl Bridge {
     /// A bridge for shards ringing `bells`; `limit` bounds each queue in
     /// bytes (`--mail-limit`).
-    pub fn new(url: &str, bells: &[Arc<Doorbell>], limit: usize, health: Arc<RedisHealth>) -> Result<Arc<Bridge>, UrlError> {
+    pub fn new(
+        url: &str,
+        bells: &[Arc<Doorbell>],
+        limit: usize,
+        health: Arc<RedisHealth>,
+    ) -> Result<Arc<Bridge>, UrlError> {
         let (client, address) = parse_url(url)?;
         let node = getrandom::u64().unwrap_or_else(|_| std::process::id() as u64 ^ now_nanos());
         health.set_reason(format!("connecting to Redis at {address}"));
@@ -247,11 +369,36 @@ impl Bridge {
             Ok(v) => v,
             Err(_) => return,
         };
-        let channel = redis_channel(p.dev_id, &p.msg.pipe);
-        self.out_bytes.fetch_add(channel.len() + payload.len() + 64, Ordering::SeqCst);
-        self.out.lock().unwrap_or_else(PoisonError::into_inner).push_back((channel, payload));
+        self.send(Out::Publish { channel: redis_channel(p.dev_id, &p.msg.pipe), payload });
+    }
+
+    fn send(&self, out: Out) {
+        self.out_bytes.fetch_add(out.weight(), Ordering::SeqCst);
+        self.out.lock().unwrap_or_else(PoisonError::into_inner).push_back(out);
         if let Some(t) = self.publisher.get() {
             t.unpark();
+        }
+    }
+
+    /// Sends a private message to the user's devices on other nodes. With
+    /// `queue` (the user has no device on this node; the offline queue's
+    /// size and TTL in seconds), Redis queues it when no node has one.
+    pub fn send_private(&self, dev_id: u32, user_id: u64, event: &str, text: &str, queue: Option<(usize, u64, i64)>) {
+        let wire = |t: Option<i64>| {
+            serde_json::to_vec(&PrivateWire { n: self.node, e: event.to_string(), m: text.to_string(), t })
+                .unwrap_or_default()
+        };
+        let channel = user_channel(dev_id, user_id);
+        match queue {
+            None => self.send(Out::Publish { channel, payload: wire(None) }),
+            Some((cap, ttl, now)) => self.send(Out::PrivateOrQueue {
+                channel,
+                queue: queue_key(dev_id, user_id),
+                payload: wire(None),
+                entry: wire(Some(now)),
+                cap: cap.max(1),
+                ttl: ttl.max(1),
+            }),
         }
     }
 
@@ -266,8 +413,29 @@ impl Bridge {
 
     /// A shard has its first local subscriber of a channel.
     pub fn channel_added(&self, dev_id: u32, pipe: &str) {
+        self.want(redis_channel(dev_id, pipe));
+    }
+
+    /// A shard lost its last local subscriber of a channel.
+    pub fn channel_removed(&self, dev_id: u32, pipe: &str) {
+        self.unwant(redis_channel(dev_id, pipe));
+    }
+
+    /// The node holds its first device of a user (on the user's home
+    /// shard): receive the user's private messages, and take the user's
+    /// offline queue once subscribed.
+    pub fn user_added(&self, dev_id: u32, user_id: u64) {
+        self.want(user_channel(dev_id, user_id));
+    }
+
+    /// The node's last device of a user closed.
+    pub fn user_removed(&self, dev_id: u32, user_id: u64) {
+        self.unwant(user_channel(dev_id, user_id));
+    }
+
+    fn want(&self, key: String) {
         let mut w = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = w.channels.entry(redis_channel(dev_id, pipe)).or_insert(0);
+        let n = w.channels.entry(key).or_insert(0);
         *n += 1;
         if *n == 1 {
             w.generation += 1;
@@ -275,10 +443,8 @@ impl Bridge {
         }
     }
 
-    /// A shard lost its last local subscriber of a channel.
-    pub fn channel_removed(&self, dev_id: u32, pipe: &str) {
+    fn unwant(&self, key: String) {
         let mut w = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = redis_channel(dev_id, pipe);
         if let Some(n) = w.channels.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
@@ -295,11 +461,11 @@ impl Bridge {
         self.wanted.lock().unwrap_or_else(PoisonError::into_inner).channels.len()
     }
 
-    /// Publications from other nodes for shard `shard`, in arrival order.
-    pub fn take(&self, shard: usize) -> Vec<Arc<Publication>> {
+    /// What other nodes sent shard `shard`, in arrival order.
+    pub fn take(&self, shard: usize) -> Vec<Inbound> {
         let lane = &self.lanes[shard];
         let v = std::mem::take(&mut *lane.inbound.lock().unwrap_or_else(PoisonError::into_inner));
-        let w: usize = v.iter().map(|p| weight(p)).sum();
+        let w: usize = v.iter().map(Inbound::weight).sum();
         lane.bytes.fetch_sub(w, Ordering::SeqCst);
         v
     }
@@ -355,7 +521,7 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The next wait.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let r = getrandom::u32().unwrap_or_else(|_| now_nanos() as u32) % 1001;
         let wait = self.step.mul_f64(0.5 + r as f64 / 1000.0);
         self.step = (self.step * 2).min(BACKOFF_MAX);
@@ -396,14 +562,14 @@ fn publisher(bridge: &Bridge) {
             Ok(c) => c,
             Err(e) => {
                 bridge.set_up(&bridge.pub_up, false, Some(format!("Redis at {} is unreachable: {e}", bridge.address)));
-                nap(bridge, backoff.next());
+                nap(bridge, backoff.next_wait());
                 continue;
             }
         };
         let _ = con.set_read_timeout(Some(IO_TIMEOUT));
         if let Err(e) = redis::cmd("PING").query::<String>(&mut con) {
             bridge.set_up(&bridge.pub_up, false, Some(format!("Redis at {} does not answer: {e}", bridge.address)));
-            nap(bridge, backoff.next());
+            nap(bridge, backoff.next_wait());
             continue;
         }
         backoff.reset();
@@ -412,8 +578,12 @@ fn publisher(bridge: &Bridge) {
         let error = publish_until_error(bridge, &mut con, breaks);
         if let Some(e) = error {
             eprintln!("comet: redis: publisher lost {}: {e}; reconnecting", bridge.address);
-            bridge.set_up(&bridge.pub_up, false, Some(format!("lost the connection to Redis at {}: {e}", bridge.address)));
-            nap(bridge, backoff.next());
+            bridge.set_up(
+                &bridge.pub_up,
+                false,
+                Some(format!("lost the connection to Redis at {}: {e}", bridge.address)),
+            );
+            nap(bridge, backoff.next_wait());
         }
     }
 }
@@ -440,12 +610,23 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
             std::thread::park_timeout(PING_EVERY);
             continue;
         }
-        let bytes: usize = batch.iter().map(|(c, p)| c.len() + p.len() + 64).sum();
+        let bytes: usize = batch.iter().map(Out::weight).sum();
         let mut pipe = redis::pipe();
-        for (channel, payload) in &batch {
-            pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+        for out in &batch {
+            match out {
+                Out::Publish { channel, payload } => {
+                    pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+                }
+                Out::PrivateOrQueue { channel, queue, payload, entry, cap, ttl } => {
+                    pipe.cmd("EVAL").arg(PUBLISH_OR_QUEUE).arg(2).arg(channel).arg(queue);
+                    pipe.arg(payload).arg(entry).arg(*cap).arg(*ttl).ignore();
+                }
+                Out::Drain { dev_id, user_id } => {
+                    pipe.cmd("EVAL").arg(DRAIN).arg(1).arg(queue_key(*dev_id, *user_id));
+                }
+            }
         }
-        let result = pipe.query::<()>(con);
+        let result = pipe.query::<Vec<Vec<Vec<u8>>>>(con);
         bridge.out_bytes.fetch_sub(bytes, Ordering::SeqCst);
         if bridge.out_waiting.swap(false, Ordering::SeqCst) {
             for l in &bridge.lanes {
@@ -453,7 +634,24 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
             }
         }
         match result {
-            Ok(()) => bridge.health.published.fetch_add(batch.len() as u64, Ordering::Relaxed),
+            Ok(drained) => {
+                let sent = batch.iter().filter(|o| !matches!(o, Out::Drain { .. })).count();
+                bridge.health.published.fetch_add(sent as u64, Ordering::Relaxed);
+                let drains = batch.iter().filter_map(|o| match o {
+                    Out::Drain { dev_id, user_id } => Some((*dev_id, *user_id)),
+                    _ => None,
+                });
+                for ((dev_id, user_id), entries) in drains.zip(drained) {
+                    let msgs: Vec<PrivateMsg> = entries
+                        .iter()
+                        .filter_map(|e| serde_json::from_slice::<PrivateWire>(e).ok())
+                        .map(|w| PrivateMsg { event: w.e, text: w.m, queued_at: Some(w.t.unwrap_or(0)) })
+                        .collect();
+                    if !msgs.is_empty() {
+                        to_shard(bridge, Inbound::Private { dev_id, user_id, msgs });
+                    }
+                }
+            }
             Err(e) => {
                 bridge.health.lost.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 return Some(e);
@@ -470,7 +668,7 @@ fn subscriber(bridge: &Bridge) {
             Ok(c) => c,
             Err(e) => {
                 bridge.set_up(&bridge.sub_up, false, Some(format!("Redis at {} is unreachable: {e}", bridge.address)));
-                nap(bridge, backoff.next());
+                nap(bridge, backoff.next_wait());
                 continue;
             }
         };
@@ -481,8 +679,12 @@ fn subscriber(bridge: &Bridge) {
                 t.unpark();
             }
             eprintln!("comet: redis: subscriber lost {}: {e}; reconnecting", bridge.address);
-            bridge.set_up(&bridge.sub_up, false, Some(format!("lost the connection to Redis at {}: {e}", bridge.address)));
-            nap(bridge, backoff.next());
+            bridge.set_up(
+                &bridge.sub_up,
+                false,
+                Some(format!("lost the connection to Redis at {}: {e}", bridge.address)),
+            );
+            nap(bridge, backoff.next_wait());
         }
     }
 }
@@ -522,6 +724,11 @@ fn subscribe_until_error(
             {
                 return Some(e);
             }
+            // Subscribed (Redis answered): a private message sent from now
+            // on reaches this node, so what was queued before is taken now.
+            for (dev_id, user_id) in add.iter().filter_map(|c| parse_user_channel(c)) {
+                bridge.send(Out::Drain { dev_id, user_id });
+            }
             if !drop.is_empty()
                 && let Err(e) = ps.unsubscribe(&drop)
             {
@@ -548,8 +755,23 @@ fn subscribe_until_error(
     }
 }
 
-/// Hands a message from Redis to every shard.
+/// Hands a message from Redis to the shards that need it.
 fn deliver(bridge: &Bridge, channel: &str, payload: &[u8]) {
+    if let Some((dev_id, user_id)) = parse_user_channel(channel) {
+        match serde_json::from_slice::<PrivateWire>(payload) {
+            Ok(w) if w.n == bridge.node => {}
+            Ok(w) => {
+                bridge.health.received.fetch_add(1, Ordering::Relaxed);
+                let msgs = vec![PrivateMsg { event: w.e, text: w.m, queued_at: None }];
+                to_shard(bridge, Inbound::Private { dev_id, user_id, msgs });
+            }
+            Err(e) => {
+                bridge.health.lost.fetch_add(1, Ordering::Relaxed);
+                eprintln!("comet: redis: undecodable message on {}: {e}", crate::domain::clip(channel));
+            }
+        }
+        return;
+    }
     let wire = match Wire::decode(bridge.node, channel, payload) {
         Ok(Some(w)) => w,
         Ok(None) => return,
@@ -561,18 +783,28 @@ fn deliver(bridge: &Bridge, channel: &str, payload: &[u8]) {
     };
     bridge.health.received.fetch_add(1, Ordering::Relaxed);
     let p = Arc::new(wire.into_publication());
-    let w = weight(&p);
     for lane in &bridge.lanes {
-        // A shard behind by --mail-limit: stop reading Redis until it
-        // catches up (Redis buffers meanwhile).
-        while lane.bytes.load(Ordering::SeqCst) > bridge.limit && !bridge.stop.load(Ordering::SeqCst) {
-            lane.bell.poke();
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        lane.bytes.fetch_add(w, Ordering::SeqCst);
-        lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).push(p.clone());
-        lane.bell.poke();
+        push(bridge, lane, Inbound::Channel(p.clone()));
     }
+}
+
+/// Hands private messages to the user's home shard.
+fn to_shard(bridge: &Bridge, msg: Inbound) {
+    let Inbound::Private { dev_id, user_id, .. } = &msg else { return };
+    let home = crate::shard::home_shard(*dev_id, *user_id, bridge.lanes.len());
+    push(bridge, &bridge.lanes[home], msg);
+}
+
+fn push(bridge: &Bridge, lane: &Lane, msg: Inbound) {
+    // A shard behind by --mail-limit: stop reading Redis until it catches
+    // up (Redis buffers meanwhile).
+    while lane.bytes.load(Ordering::SeqCst) > bridge.limit && !bridge.stop.load(Ordering::SeqCst) {
+        lane.bell.poke();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    lane.bytes.fetch_add(msg.weight(), Ordering::SeqCst);
+    lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).push(msg);
+    lane.bell.poke();
 }
 
 #[cfg(test)]
@@ -604,6 +836,13 @@ mod tests {
     }
 
     #[test]
+    fn user_channels_parse_back() {
+        assert_eq!(parse_user_channel(&user_channel(4, 99)), Some((4, 99)));
+        assert_eq!(parse_user_channel(&redis_channel(4, "user:99")), None);
+        assert_eq!(parse_user_channel("comet:x:user:1"), None);
+    }
+
+    #[test]
     fn urls_are_checked_and_passwords_never_shown() {
         let (_, addr) = parse_url("redis://user:secret@127.0.0.1:6390/2").unwrap();
         assert_eq!(addr, "127.0.0.1:6390/2");
@@ -615,14 +854,14 @@ mod tests {
     #[test]
     fn backoff_doubles_to_its_cap_with_jitter() {
         let mut b = Backoff::default();
-        let first = b.next();
+        let first = b.next_wait();
         assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN * 3 / 2, "{first:?}");
         for _ in 0..20 {
-            let d = b.next();
+            let d = b.next_wait();
             assert!(d <= BACKOFF_MAX * 3 / 2, "{d:?}");
         }
-        assert!(b.next() >= BACKOFF_MAX / 2);
+        assert!(b.next_wait() >= BACKOFF_MAX / 2);
         b.reset();
-        assert!(b.next() <= BACKOFF_MIN * 3 / 2);
+        assert!(b.next_wait() <= BACKOFF_MIN * 3 / 2);
     }
 }

@@ -319,9 +319,8 @@ impl ShardCore {
     /// is down); `None` when it can (or there are no other nodes).
     pub fn cluster_down(&self) -> Option<String> {
         let c = self.cluster.as_ref()?;
-        (!c.is_up()).then(|| {
-            format!("the cluster's Redis is down ({}); nothing was published, retry later", c.down_reason())
-        })
+        (!c.is_up())
+            .then(|| format!("the cluster's Redis is down ({}); nothing was published, retry later", c.down_reason()))
     }
 
     /// Delivers what other nodes published (through Redis) to this shard's
@@ -329,8 +328,15 @@ impl ShardCore {
     /// for Redis drained.
     pub fn cluster_progress(&mut self) {
         let Some(c) = self.cluster.clone() else { return };
-        for p in c.take(self.id) {
-            self.deliver_local(&p);
+        for msg in c.take(self.id) {
+            match msg {
+                crate::cluster::Inbound::Channel(p) => {
+                    self.deliver_local(&p);
+                }
+                crate::cluster::Inbound::Private { dev_id, user_id, msgs } => {
+                    self.deliver_private_from_cluster(dev_id, user_id, msgs);
+                }
+            }
         }
         if !c.is_congested() && !self.store_congested() {
             self.unpause();

@@ -526,6 +526,10 @@ impl ShardCore {
             Plan::SettingsDelete(names) => (Query::SettingsDelete(arcs(&names)), SqlThen::Affected(0)),
             Plan::User { query, proj, last_insert_id } => {
                 if let crate::users::UserQuery::Send(msgs) = &query {
+                    if let Some(e) = self.cluster_down() {
+                        self.sql_set(id, slot_id, index, StmtResult::err(CLUSTER_DOWN, e));
+                        return true;
+                    }
                     let max = self.shared.config.max_outbound_message;
                     if let Some((uid, _, m)) = msgs.iter().find(|(_, e, m)| m.len() + e.len() + 64 > max) {
                         let e = format!("Message for user {uid} is {} bytes; the limit is {max}", m.len());
