@@ -319,3 +319,46 @@ fn a_private_message_reaches_the_users_devices_on_every_node_and_is_queued_once_
     drop(on_0);
     assert!(eventually(10, || redis.cli(&["PUBSUB", "NUMSUB", "comet:0:user:7"]).ends_with('1')));
 }
+
+#[test]
+fn online_is_the_first_device_anywhere_and_offline_the_last_anywhere() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (9, 'k9')").unwrap();
+    }
+    let mut watchers: Vec<Client> = nodes.iter().map(|n| n.client("watcher")).collect();
+    for w in &mut watchers {
+        w.subscribe(&["user_status_9"]);
+    }
+    assert!(eventually(10, || redis.subscribers("user_status_9") == 3));
+    let status = |w: &mut Client| {
+        let m = w.recv();
+        assert_eq!(m["pipe"], "user_status_9", "{m}");
+        m["event"].as_str().unwrap().to_string()
+    };
+    let first = user(&nodes[0], 9, "k9", "first");
+    for w in &mut watchers {
+        assert_eq!(status(w), "online");
+    }
+    let second = user(&nodes[1], 9, "k9", "second");
+    let third = user(&nodes[1], 9, "k9", "third");
+    // Each node's entry counts for at most PRESENCE_TTL_SECS (30 s) past
+    // its last refresh: a node that dies stops counting within that.
+    let now: i64 = redis.cli(&["TIME"]).lines().next().unwrap().parse().unwrap();
+    let entries = redis.cli(&["HGETALL", "comet:0:online:9"]);
+    let until: Vec<i64> = entries.lines().skip(1).step_by(2).map(|v| v.parse().unwrap()).collect();
+    assert_eq!(until.len(), 2, "one entry per node with a device: {entries}");
+    assert!(until.iter().all(|&u| u > now && u <= now + 30), "{until:?} vs {now}");
+    drop(first);
+    drop(second);
+    for w in &mut watchers {
+        w.expect_silence(400);
+    }
+    drop(third);
+    for w in &mut watchers {
+        assert_eq!(status(w), "offline");
+        w.expect_silence(200);
+    }
+}

@@ -98,6 +98,54 @@ if n == 0 then \
 end \
 return n";
 
+/// How long a node's devices count for a user after the node last said so:
+/// a node that dies without a word stops counting within this.
+pub const PRESENCE_TTL_SECS: u64 = 30;
+/// How often a node re-registers the users it holds devices of.
+const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
+
+/// The Redis hash of the nodes holding devices of a user: field = node id,
+/// value = until when (Redis time, seconds) the entry counts.
+pub fn presence_key(dev_id: u32, user_id: u64) -> String {
+    format!("comet:{dev_id}:online:{user_id}")
+}
+
+/// The node has its first device of a user: count it, and announce
+/// `online` when no other node counts a device of the user. Atomic, so of
+/// two nodes attaching at once exactly one announces. KEYS: presence
+/// hash, status channel; ARGV: node id, TTL, the `online` message.
+const ATTACH: &str = "local now = tonumber(redis.call('TIME')[1]) \
+local others = 0 \
+local all = redis.call('HGETALL', KEYS[1]) \
+for i = 1, #all, 2 do \
+  if tonumber(all[i + 1]) <= now then redis.call('HDEL', KEYS[1], all[i]) \
+  elseif all[i] ~= ARGV[1] then others = others + 1 end \
+end \
+redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2])) \
+redis.call('EXPIRE', KEYS[1], 2 * tonumber(ARGV[2])) \
+if others == 0 then redis.call('PUBLISH', KEYS[2], ARGV[3]) end \
+return others";
+
+/// The node's last device of a user closed: uncount it, and announce
+/// `offline` when no other node counts one. KEYS and ARGV as [`ATTACH`].
+const DETACH: &str = "local now = tonumber(redis.call('TIME')[1]) \
+redis.call('HDEL', KEYS[1], ARGV[1]) \
+local others = 0 \
+local all = redis.call('HGETALL', KEYS[1]) \
+for i = 1, #all, 2 do \
+  if tonumber(all[i + 1]) <= now then redis.call('HDEL', KEYS[1], all[i]) else others = others + 1 end \
+end \
+if others == 0 then redis.call('PUBLISH', KEYS[2], ARGV[3]) end \
+return others";
+
+/// Extends this node's entries (KEYS: presence hashes; ARGV: node, TTL).
+const REFRESH: &str = "local now = tonumber(redis.call('TIME')[1]) \
+for _, k in ipairs(KEYS) do \
+  redis.call('HSET', k, ARGV[1], now + tonumber(ARGV[2])) \
+  redis.call('EXPIRE', k, 2 * tonumber(ARGV[2])) \
+end \
+return 0";
+
 /// Takes a user's whole queue (KEYS: the queue).
 const DRAIN: &str = "local v = redis.call('LRANGE', KEYS[1], 0, -1) redis.call('DEL', KEYS[1]) return v";
 
@@ -162,6 +210,13 @@ enum Out {
         dev_id: u32,
         user_id: u64,
     },
+    /// [`ATTACH`] (`online`) or [`DETACH`].
+    Presence {
+        dev_id: u32,
+        user_id: u64,
+        online: bool,
+        payload: Vec<u8>,
+    },
 }
 
 impl Out {
@@ -172,6 +227,7 @@ impl Out {
                 channel.len() + queue.len() + payload.len() + entry.len()
             }
             Out::Drain { .. } => 0,
+            Out::Presence { payload, .. } => payload.len(),
         }
     }
 }
@@ -326,7 +382,8 @@ impl Bridge {
         health: Arc<RedisHealth>,
     ) -> Result<Arc<Bridge>, UrlError> {
         let (client, address) = parse_url(url)?;
-        let node = getrandom::u64().unwrap_or_else(|_| std::process::id() as u64 ^ now_nanos());
+        // Never 0: that tag marks messages every node delivers.
+        let node = getrandom::u64().unwrap_or_else(|_| std::process::id() as u64 ^ now_nanos()) | 1;
         health.set_reason(format!("connecting to Redis at {address}"));
         Ok(Arc::new(Bridge {
             node,
@@ -373,6 +430,13 @@ impl Bridge {
     }
 
     fn send(&self, out: Out) {
+        if !self.is_up() {
+            // Statements that need Redis were refused already; what is left
+            // (presence and status events) is lost while Redis is down, and
+            // counted.
+            self.health.lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.out_bytes.fetch_add(out.weight(), Ordering::SeqCst);
         self.out.lock().unwrap_or_else(PoisonError::into_inner).push_back(out);
         if let Some(t) = self.publisher.get() {
@@ -431,6 +495,28 @@ impl Bridge {
     /// The node's last device of a user closed.
     pub fn user_removed(&self, dev_id: u32, user_id: u64) {
         self.unwant(user_channel(dev_id, user_id));
+    }
+
+    /// Counts the node's first device of a user cluster-wide (`online`
+    /// true), or uncounts its last one; Redis announces `online` on
+    /// `user_status_<id>` for the user's first device anywhere, `offline`
+    /// for the last.
+    pub fn user_presence(&self, dev_id: u32, user_id: u64, online: bool) {
+        let word = if online { "online" } else { "offline" };
+        // Tagged with node id 0, which no node has: every node delivers
+        // it, this one included.
+        let wire = Wire {
+            n: 0,
+            d: dev_id,
+            p: format!("user_status_{user_id}"),
+            e: word.into(),
+            m: word.into(),
+            j: false,
+            t: None,
+            u: None,
+        };
+        let payload = serde_json::to_vec(&wire).unwrap_or_default();
+        self.send(Out::Presence { dev_id, user_id, online, payload });
     }
 
     fn want(&self, key: String) {
@@ -592,6 +678,9 @@ fn publisher(bridge: &Bridge) {
 /// bridge stops (`None`).
 fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64) -> Option<redis::RedisError> {
     let mut last_ping = Instant::now();
+    // At once after a (re)connect: a Redis that restarted empty learns
+    // again which users this node holds.
+    let mut last_refresh = Instant::now() - PRESENCE_REFRESH;
     loop {
         if bridge.breaks.load(Ordering::SeqCst) != breaks {
             return Some(redis::RedisError::from(std::io::Error::other("the subscriber's connection broke")));
@@ -606,6 +695,12 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
                     return Some(e);
                 }
                 last_ping = Instant::now();
+            }
+            if last_refresh.elapsed() >= PRESENCE_REFRESH {
+                if let Err(e) = refresh_presence(bridge, con) {
+                    return Some(e);
+                }
+                last_refresh = Instant::now();
             }
             std::thread::park_timeout(PING_EVERY);
             continue;
@@ -623,6 +718,12 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
                 }
                 Out::Drain { dev_id, user_id } => {
                     pipe.cmd("EVAL").arg(DRAIN).arg(1).arg(queue_key(*dev_id, *user_id));
+                }
+                Out::Presence { dev_id, user_id, online, payload } => {
+                    let status = redis_channel(*dev_id, &format!("user_status_{user_id}"));
+                    pipe.cmd("EVAL").arg(if *online { ATTACH } else { DETACH }).arg(2);
+                    pipe.arg(presence_key(*dev_id, *user_id)).arg(status);
+                    pipe.arg(bridge.node.to_string()).arg(PRESENCE_TTL_SECS).arg(payload).ignore();
                 }
             }
         }
@@ -659,6 +760,25 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
         };
         last_ping = Instant::now();
     }
+}
+
+/// Extends this node's presence entries for every user it holds a device
+/// of, 500 users per script call.
+fn refresh_presence(bridge: &Bridge, con: &mut redis::Connection) -> redis::RedisResult<()> {
+    let keys: Vec<String> = {
+        let w = bridge.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        w.channels.keys().filter_map(|c| parse_user_channel(c)).map(|(d, u)| presence_key(d, u)).collect()
+    };
+    for chunk in keys.chunks(500) {
+        redis::cmd("EVAL")
+            .arg(REFRESH)
+            .arg(chunk.len())
+            .arg(chunk)
+            .arg(bridge.node.to_string())
+            .arg(PRESENCE_TTL_SECS)
+            .query::<i64>(con)?;
+    }
+    Ok(())
 }
 
 fn subscriber(bridge: &Bridge) {

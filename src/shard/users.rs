@@ -74,7 +74,10 @@ impl ShardCore {
             self.close_ws(old, CLOSE_REPLACED, "device limit reached");
         }
         if reg.first {
-            self.user_status_event(dev_id, user_id, "online");
+            match &self.cluster {
+                Some(c) => c.user_presence(dev_id, user_id, true),
+                None => self.user_status_event(dev_id, user_id, "online"),
+            }
         }
     }
 
@@ -87,10 +90,13 @@ impl ShardCore {
         }
         let (dev_id, user_id) = (c.dev_id, c.user_id);
         if self.users.remove_device(dev_id, user_id, id, self.unix) {
-            if let Some(c) = &self.cluster {
-                c.user_removed(dev_id, user_id);
+            match &self.cluster {
+                Some(c) => {
+                    c.user_removed(dev_id, user_id);
+                    c.user_presence(dev_id, user_id, false);
+                }
+                None => self.user_status_event(dev_id, user_id, "offline"),
             }
-            self.user_status_event(dev_id, user_id, "offline");
         }
     }
 
