@@ -190,6 +190,13 @@ fn a_publish_on_any_node_reaches_every_subscriber_on_every_node_once_in_order() 
     let last = clients.pop().unwrap();
     drop(last);
     assert!(eventually(10, || redis.subscribers("web_news") == 2), "node 2 unsubscribes with its last subscriber");
+    // Idle and subscribed, a node's pings keep its connections (no
+    // reconnects: each would be a window in which messages are lost).
+    std::thread::sleep(Duration::from_millis(2500));
+    for n in &nodes {
+        let log = n.drain_log();
+        assert!(!log.iter().any(|l| l.contains(" lost ")), "{log:#?}");
+    }
 }
 
 #[test]
@@ -344,13 +351,13 @@ fn online_is_the_first_device_anywhere_and_offline_the_last_anywhere() {
     }
     let second = user(&nodes[1], 9, "k9", "second");
     let third = user(&nodes[1], 9, "k9", "third");
-    // Each node's entry counts for at most PRESENCE_TTL_SECS (30 s) past
+    // Each node's entry counts for at most PRESENCE_TTL_SECS (20 s) past
     // its last refresh: a node that dies stops counting within that.
     let now: i64 = redis.cli(&["TIME"]).lines().next().unwrap().parse().unwrap();
     let entries = redis.cli(&["HGETALL", "comet:0:online:9"]);
     let until: Vec<i64> = entries.lines().skip(1).step_by(2).map(|v| v.parse().unwrap()).collect();
     assert_eq!(until.len(), 2, "one entry per node with a device: {entries}");
-    assert!(until.iter().all(|&u| u > now && u <= now + 30), "{until:?} vs {now}");
+    assert!(until.iter().all(|&u| u > now && u <= now + 20), "{until:?} vs {now}");
     drop(first);
     drop(second);
     for w in &mut watchers {
@@ -361,4 +368,38 @@ fn online_is_the_first_device_anywhere_and_offline_the_last_anywhere() {
         assert_eq!(status(w), "offline");
         w.expect_silence(200);
     }
+}
+
+#[test]
+fn a_killed_nodes_users_go_offline_within_30_seconds() {
+    let redis = Redis::start();
+    let survivor = node(&redis);
+    let mut doomed = node(&redis);
+    for n in [&survivor, &doomed] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (11, 'k11')").unwrap();
+    }
+    let mut watcher = survivor.client("watcher");
+    watcher.subscribe(&["user_status_11"]);
+    assert!(eventually(10, || redis.subscribers("user_status_11") == 1));
+    let _device = user(&doomed, 11, "k11", "doomed");
+    assert_eq!(watcher.recv()["event"], "online");
+
+    let _ = doomed.child.kill();
+    let _ = doomed.child.wait();
+    let killed = std::time::Instant::now();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = watcher.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(35))).unwrap();
+    }
+    let m = watcher.recv();
+    assert_eq!((m["pipe"].as_str(), m["event"].as_str()), (Some("user_status_11"), Some("offline")), "{m}");
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(30), "the stale presence lasted {took:?}");
+    assert_eq!(redis.cli(&["HLEN", "comet:0:online:11"]), "0");
+    // The swept user comes back online with a new device.
+    let _back = user(&survivor, 11, "k11", "back");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = watcher.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    assert_eq!(watcher.recv()["event"], "online");
 }

@@ -98,17 +98,25 @@ if n == 0 then \
 end \
 return n";
 
-/// How long a node's devices count for a user after the node last said so:
-/// a node that dies without a word stops counting within this.
-pub const PRESENCE_TTL_SECS: u64 = 30;
-/// How often a node re-registers the users it holds devices of.
-const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
+/// How long a node counts as alive, and its devices count for a user,
+/// after the node last said so: a node that dies without a word leaves the
+/// cluster view within this plus one [`PRESENCE_REFRESH`] (another node's
+/// sweep), 25 s.
+pub const PRESENCE_TTL_SECS: u64 = 20;
+/// How often a node says it is alive, re-registers the users it holds
+/// devices of, and sweeps dead nodes.
+pub const PRESENCE_REFRESH: Duration = Duration::from_secs(5);
 
 /// The Redis hash of the nodes holding devices of a user: field = node id,
 /// value = until when (Redis time, seconds) the entry counts.
 pub fn presence_key(dev_id: u32, user_id: u64) -> String {
     format!("comet:{dev_id}:online:{user_id}")
 }
+
+// The scripts below also use keys they build from the node id
+// (`comet:node:<id>` alive flag, `comet:nodeusers:<id>` the presence
+// hashes the node is in, `comet:nodes` every node): a standalone Redis (or
+// Valkey) is what they are for, not Redis Cluster.
 
 /// The node has its first device of a user: count it, and announce
 /// `online` when no other node counts a device of the user. Atomic, so of
@@ -123,6 +131,7 @@ for i = 1, #all, 2 do \
 end \
 redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2])) \
 redis.call('EXPIRE', KEYS[1], 2 * tonumber(ARGV[2])) \
+redis.call('SADD', 'comet:nodeusers:' .. ARGV[1], KEYS[1]) \
 if others == 0 then redis.call('PUBLISH', KEYS[2], ARGV[3]) end \
 return others";
 
@@ -130,6 +139,7 @@ return others";
 /// `offline` when no other node counts one. KEYS and ARGV as [`ATTACH`].
 const DETACH: &str = "local now = tonumber(redis.call('TIME')[1]) \
 redis.call('HDEL', KEYS[1], ARGV[1]) \
+redis.call('SREM', 'comet:nodeusers:' .. ARGV[1], KEYS[1]) \
 local others = 0 \
 local all = redis.call('HGETALL', KEYS[1]) \
 for i = 1, #all, 2 do \
@@ -143,8 +153,42 @@ const REFRESH: &str = "local now = tonumber(redis.call('TIME')[1]) \
 for _, k in ipairs(KEYS) do \
   redis.call('HSET', k, ARGV[1], now + tonumber(ARGV[2])) \
   redis.call('EXPIRE', k, 2 * tonumber(ARGV[2])) \
+  redis.call('SADD', 'comet:nodeusers:' .. ARGV[1], k) \
 end \
 return 0";
+
+/// The node is alive for TTL more seconds; every node whose alive flag
+/// expired is swept: its entries leave the users' hashes, and a user no
+/// live node counts any more gets `offline` (as [`DETACH`] sends it).
+/// Atomic, so one sweep takes a dead node. ARGV: node id, TTL. Returns the
+/// entries swept.
+const HEARTBEAT: &str = "local now = tonumber(redis.call('TIME')[1]) \
+redis.call('SET', 'comet:node:' .. ARGV[1], '1', 'EX', ARGV[2]) \
+redis.call('SADD', 'comet:nodes', ARGV[1]) \
+local swept = 0 \
+for _, node in ipairs(redis.call('SMEMBERS', 'comet:nodes')) do \
+  if redis.call('EXISTS', 'comet:node:' .. node) == 0 then \
+    local set = 'comet:nodeusers:' .. node \
+    for _, key in ipairs(redis.call('SMEMBERS', set)) do \
+      redis.call('HDEL', key, node) \
+      local others = 0 \
+      local all = redis.call('HGETALL', key) \
+      for i = 1, #all, 2 do \
+        if tonumber(all[i + 1]) > now then others = others + 1 end \
+      end \
+      local dev, uid = string.match(key, '^comet:(%d+):online:(%d+)$') \
+      if others == 0 and dev then \
+        local pipe = 'user_status_' .. uid \
+        redis.call('PUBLISH', 'comet:' .. dev .. ':pipe:' .. pipe, \
+          cjson.encode({n = 0, d = tonumber(dev), p = pipe, e = 'offline', m = 'offline'})) \
+      end \
+      swept = swept + 1 \
+    end \
+    redis.call('DEL', set) \
+    redis.call('SREM', 'comet:nodes', node) \
+  end \
+end \
+return swept";
 
 /// Takes a user's whole queue (KEYS: the queue).
 const DRAIN: &str = "local v = redis.call('LRANGE', KEYS[1], 0, -1) redis.call('DEL', KEYS[1]) return v";
@@ -685,6 +729,13 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
         if bridge.breaks.load(Ordering::SeqCst) != breaks {
             return Some(redis::RedisError::from(std::io::Error::other("the subscriber's connection broke")));
         }
+        // Busy or idle: a node that stopped refreshing counts as dead.
+        if last_refresh.elapsed() >= PRESENCE_REFRESH {
+            if let Err(e) = refresh_presence(bridge, con) {
+                return Some(e);
+            }
+            last_refresh = Instant::now();
+        }
         let batch = std::mem::take(&mut *bridge.out.lock().unwrap_or_else(PoisonError::into_inner));
         if batch.is_empty() {
             if bridge.stop.load(Ordering::SeqCst) {
@@ -695,12 +746,6 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
                     return Some(e);
                 }
                 last_ping = Instant::now();
-            }
-            if last_refresh.elapsed() >= PRESENCE_REFRESH {
-                if let Err(e) = refresh_presence(bridge, con) {
-                    return Some(e);
-                }
-                last_refresh = Instant::now();
             }
             std::thread::park_timeout(PING_EVERY);
             continue;
@@ -762,9 +807,15 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
     }
 }
 
-/// Extends this node's presence entries for every user it holds a device
-/// of, 500 users per script call.
+/// Says this node is alive, extends its presence entries for every user it
+/// holds a device of (500 users per script call), and sweeps the nodes
+/// that stopped saying so.
 fn refresh_presence(bridge: &Bridge, con: &mut redis::Connection) -> redis::RedisResult<()> {
+    let node = bridge.node.to_string();
+    let swept: i64 = redis::cmd("EVAL").arg(HEARTBEAT).arg(0).arg(&node).arg(PRESENCE_TTL_SECS).query(con)?;
+    if swept > 0 {
+        eprintln!("comet: redis: {swept} user(s) of nodes that stopped answering left the cluster view");
+    }
     let keys: Vec<String> = {
         let w = bridge.wanted.lock().unwrap_or_else(PoisonError::into_inner);
         w.channels.keys().filter_map(|c| parse_user_channel(c)).map(|(d, u)| presence_key(d, u)).collect()
@@ -774,7 +825,7 @@ fn refresh_presence(bridge: &Bridge, con: &mut redis::Connection) -> redis::Redi
             .arg(REFRESH)
             .arg(chunk.len())
             .arg(chunk)
-            .arg(bridge.node.to_string())
+            .arg(&node)
             .arg(PRESENCE_TTL_SECS)
             .query::<i64>(con)?;
     }
@@ -864,7 +915,8 @@ fn subscribe_until_error(
             }
             Err(e) if e.is_timeout() => {
                 if last_ping.elapsed() >= PING_EVERY {
-                    if let Err(e) = ps.ping::<String>() {
+                    // Subscribed, Redis answers a PING with ["pong", ""].
+                    if let Err(e) = ps.ping::<redis::Value>() {
                         return Some(e);
                     }
                     last_ping = Instant::now();
