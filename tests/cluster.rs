@@ -228,6 +228,16 @@ fn while_redis_is_down_publishes_are_refused_and_clients_stay_connected_then_it_
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(e.contains("503") && e.contains("Redis is down"), "{e}");
     d.query_drop("SHOW STATUS").expect("statements that need no Redis still work");
+    // The HTTP API answers 503 with the same error.
+    let body = r#"{"name":"web_live","event":"e","message":"while down"}"#;
+    let (status, answer) = http_request(
+        a.api.expect("api"),
+        &format!(
+            "POST /api/pipes_messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(status.contains("503") && answer.contains("Redis is down"), "{status}: {answer}");
     // A browser publish gets an error frame.
     on_b.send("web_pipe2\nweb_live\nchat\n*\nwhile down");
     let err = on_b.recv();
