@@ -205,7 +205,7 @@ impl Registry {
             (
                 "comet_store_congestions_total",
                 "counter",
-                "Times a shard stopped reading clients until the storage thread caught up.",
+                "Times a shard stopped reading clients until the storage thread (or, with --redis, Redis) caught up.",
                 |m| m.store_congestions.load(Relaxed) as i64,
             ),
             ("comet_accept_errors_total", "counter", "Failed accepts (out of descriptors or memory).", |m| {

@@ -50,6 +50,8 @@ impl Redis {
     fn try_start(port: u16) -> Option<Redis> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            // DEBUG SLEEP makes Redis slow for the backpressure test.
+            .args(["--enable-debug-command", "yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -412,4 +414,47 @@ fn a_killed_nodes_users_go_offline_within_30_seconds() {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     }
     assert_eq!(watcher.recv()["event"], "online");
+}
+
+#[test]
+fn publishes_waiting_for_a_slow_redis_are_bounded_by_the_mail_limit_and_none_is_dropped() {
+    let redis = Redis::start();
+    let args = |r: &Redis| {
+        vec!["--shards", "1", "--password", "pw", "--mail-limit", "1048576", "--redis", &r.url()]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let a_args = args(&redis);
+    let a = Server::start(&a_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut sub = b.client("far");
+    sub.subscribe(&["web_flood"]);
+    assert!(eventually(10, || redis.subscribers("web_flood") == 1));
+    // Redis stalls for 1.5 s (under the 2 s command timeout) while a
+    // backend publishes 4 MiB: past --mail-limit (1 MiB) the node stops
+    // reading the backend until Redis takes the backlog.
+    let port = redis.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1.5"]).output().unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut d = db(&a);
+    let big = "x".repeat(40_000);
+    for i in 0..100 {
+        publish(&mut d, "web_flood", &format!("{i} {big}")).unwrap();
+    }
+    sleeper.join().unwrap();
+    assert!(a.metric("comet_store_congestions_total") >= 1, "the node never stopped reading its backend");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = sub.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    }
+    for i in 0..100 {
+        let text = texts(&mut sub, 1).pop().unwrap();
+        assert!(text.starts_with(&format!("{i} ")), "message {i} arrived as {}", &text[..10]);
+    }
+    assert_eq!(a.plain_metric("comet_redis_lost_total"), 0);
 }

@@ -868,11 +868,8 @@ fn subscribe_until_error(
     backoff: &mut Backoff,
 ) -> Option<redis::RedisError> {
     let mut ps = con.as_pubsub();
-    if let Err(e) = ps.set_read_timeout(Some(SUBSCRIBE_POLL)) {
-        return Some(e);
-    }
     // A node with nothing subscribed still proves the connection works.
-    if let Err(e) = ps.ping::<String>() {
+    if let Err(e) = patient(&mut ps, |ps| ps.ping::<String>()) {
         return Some(e);
     }
     let mut current: HashSet<String> = HashSet::new();
@@ -891,7 +888,7 @@ fn subscribe_until_error(
             let add: Vec<&String> = want.difference(&current).collect();
             let drop: Vec<&String> = current.difference(&want).collect();
             if !add.is_empty()
-                && let Err(e) = ps.subscribe(&add)
+                && let Err(e) = patient(&mut ps, |ps| ps.subscribe(&add))
             {
                 return Some(e);
             }
@@ -901,7 +898,7 @@ fn subscribe_until_error(
                 bridge.send(Out::Drain { dev_id, user_id });
             }
             if !drop.is_empty()
-                && let Err(e) = ps.unsubscribe(&drop)
+                && let Err(e) = patient(&mut ps, |ps| ps.unsubscribe(&drop))
             {
                 return Some(e);
             }
@@ -916,7 +913,7 @@ fn subscribe_until_error(
             Err(e) if e.is_timeout() => {
                 if last_ping.elapsed() >= PING_EVERY {
                     // Subscribed, Redis answers a PING with ["pong", ""].
-                    if let Err(e) = ps.ping::<redis::Value>() {
+                    if let Err(e) = patient(&mut ps, |ps| ps.ping::<redis::Value>()) {
                         return Some(e);
                     }
                     last_ping = Instant::now();
@@ -925,6 +922,19 @@ fn subscribe_until_error(
             Err(e) => return Some(e),
         }
     }
+}
+
+/// Runs a command on the subscriber's connection with the command timeout
+/// instead of the short poll it waits for messages with (a Redis that takes
+/// more than the poll to answer is slow, not gone).
+fn patient<T>(
+    ps: &mut redis::PubSub<'_>,
+    f: impl FnOnce(&mut redis::PubSub<'_>) -> redis::RedisResult<T>,
+) -> redis::RedisResult<T> {
+    ps.set_read_timeout(Some(IO_TIMEOUT))?;
+    let r = f(ps);
+    ps.set_read_timeout(Some(SUBSCRIBE_POLL))?;
+    r
 }
 
 /// Hands a message from Redis to the shards that need it.
