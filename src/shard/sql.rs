@@ -15,10 +15,6 @@ use super::conn::Phase;
 use super::core::{ShardCore, Then};
 use super::mail::{Publication, Query, Records};
 use crate::api;
-
-/// The error code of a statement that needs the cluster's Redis while it
-/// is down (docs/cometql.md).
-pub const CLUSTER_DOWN: u16 = 503;
 use crate::cometql::charset::Charset;
 use crate::cometql::exec::{self, Ctx, Plan, Projection, StmtResult};
 use crate::cometql::packet::{self, FrameError, MAX_PAYLOAD};
@@ -29,6 +25,10 @@ use crate::config::Config;
 use crate::frontend::message::ChannelMessage;
 use crate::metrics::ShardMetrics;
 use crate::shard::limits::{AUTH_FAILURES_ALLOWED, AUTH_WINDOW_SECS};
+
+/// The error code of a statement that needs the cluster's Redis while it
+/// is down (docs/cometql.md).
+pub const CLUSTER_DOWN: u16 = 503;
 
 /// Largest packet accepted before authentication.
 const MAX_AUTH_PACKET: usize = 64 * 1024;
