@@ -11,16 +11,28 @@
 //! shards has a local subscriber of it (a count per channel over the
 //! shards), so it receives traffic only for channels it serves.
 //!
+//! Private messages travel the same way on one Redis channel per user
+//! ([`user_channel`]), subscribed while the node holds a device of the
+//! user; a message for a user with no device on the sending node goes
+//! through `PUBLISH_OR_QUEUE`, which queues it in Redis when no node
+//! holds one, and a node takes the queue (`DRAIN`) once its subscription
+//! to the user's channel is acknowledged. Online/offline is a Redis hash per
+//! user of the nodes holding its devices (`ATTACH`, `DETACH`), kept
+//! fresh by each node's `HEARTBEAT` and `REFRESH`, which also sweep the
+//! nodes that died. docs/cluster.md is the user's view of all this.
+//!
 //! Shards never touch Redis and never wait for it. Two threads do, each
 //! with its own connection from the maintained `redis` crate's blocking
 //! client (no async runtime in the process):
-//! - the *publisher* takes what the shards queued ([`Bridge::publish`]),
-//!   sends it as one pipeline per wake-up (one `PUBLISH` per publish), and
-//!   pings Redis every second while idle;
+//! - the *publisher* takes what the shards queued ([`Bridge::publish`] and
+//!   the others), sends it as one pipeline per wake-up (one `PUBLISH` or
+//!   one script call each), pings Redis every second while idle, and runs
+//!   the presence heartbeat every 5 seconds;
 //! - the *subscriber* keeps the node's subscriptions equal to what the
 //!   shards want and hands each message from another node to every shard's
 //!   lane ([`Bridge::take`]), ringing the shard's doorbell like the mail
-//!   between shards does; the shard delivers it as a `Mail::Deliver`.
+//!   between shards does (a user's private messages go to the user's home
+//!   shard only); the shard delivers them in its mailbox turn.
 //!
 //! Both reconnect with exponential backoff (100 ms to 5 s) and ±50 %
 //! jitter, and the subscriber resubscribes everything after a reconnect.
@@ -636,7 +648,7 @@ fn now_nanos() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Reconnect waits: doubling from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], each
+/// Reconnect waits: doubling from `BACKOFF_MIN` to `BACKOFF_MAX`, each
 /// drawn from 50–150 % of the step so that nodes do not reconnect in step.
 #[derive(Debug)]
 pub struct Backoff {
