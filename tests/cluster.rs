@@ -29,7 +29,7 @@ impl Redis {
             if TcpListener::bind(("127.0.0.1", port)).is_err() {
                 continue;
             }
-            if let Some(r) = Redis::try_start(port) {
+            if let Some(r) = Redis::try_start(port, None) {
                 return r;
             }
         }
@@ -38,8 +38,14 @@ impl Redis {
 
     /// On `port` again (after [`Redis::kill`]).
     fn start_on(port: u16) -> Redis {
+        Redis::start_durable(port, None)
+    }
+
+    /// On `port`, with an append-only file in `aof_dir` (synced on every
+    /// write) when given, so that a restart keeps the data.
+    fn start_durable(port: u16, aof_dir: Option<&std::path::Path>) -> Redis {
         for _ in 0..50 {
-            if let Some(r) = Redis::try_start(port) {
+            if let Some(r) = Redis::try_start(port, aof_dir) {
                 return r;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -47,11 +53,16 @@ impl Redis {
         panic!("redis-server did not start again on {port}");
     }
 
-    fn try_start(port: u16) -> Option<Redis> {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    fn try_start(port: u16, aof_dir: Option<&std::path::Path>) -> Option<Redis> {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             // DEBUG SLEEP makes Redis slow for the backpressure test.
-            .args(["--enable-debug-command", "yes"])
+            .args(["--enable-debug-command", "yes"]);
+        match aof_dir {
+            Some(d) => cmd.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"]).arg(d),
+            None => cmd.args(["--appendonly", "no"]),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -457,4 +468,32 @@ fn publishes_waiting_for_a_slow_redis_are_bounded_by_the_mail_limit_and_none_is_
         assert!(text.starts_with(&format!("{i} ")), "message {i} arrived as {}", &text[..10]);
     }
     assert_eq!(a.plain_metric("comet_redis_lost_total"), 0);
+}
+
+#[test]
+fn an_offline_queue_survives_a_killed_redis_with_an_append_only_file() {
+    let dir = std::env::temp_dir().join(format!("comet-cluster-aof-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let probe = Redis::start();
+    let port = probe.port;
+    drop(probe);
+    let mut redis = Redis::start_durable(port, Some(&dir));
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (12, 'k12')").unwrap();
+    }
+    send_private(&mut db(&a), 12, "kept");
+    assert!(eventually(5, || redis.cli(&["LLEN", "comet:0:queue:12"]) == "1"));
+    redis.kill();
+    assert!(eventually(10, || b.plain_metric("comet_redis_up") == 0));
+    let redis = Redis::start_durable(port, Some(&dir));
+    assert_eq!(redis.cli(&["LLEN", "comet:0:queue:12"]), "1", "the AOF kept the queue");
+    assert!(eventually(15, || b.plain_metric("comet_redis_up") == 1));
+    let mut device = user(&b, 12, "k12", "after");
+    assert_eq!(private(&mut device), ("kept".to_string(), true));
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
 }
