@@ -452,7 +452,14 @@ fn publishes_waiting_for_a_slow_redis_are_bounded_by_the_mail_limit_and_none_is_
     let sleeper = std::thread::spawn(move || {
         Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1.5"]).output().unwrap();
     });
-    std::thread::sleep(Duration::from_millis(100));
+    // Until Redis stops answering (it sleeps).
+    let asleep = eventually(5, || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        std::io::Write::write_all(&mut s, b"PING\r\n").unwrap();
+        std::io::Read::read(&mut s, &mut [0u8; 16]).is_err()
+    });
+    assert!(asleep, "DEBUG SLEEP did not stall Redis");
     let mut d = db(&a);
     let big = "x".repeat(40_000);
     for i in 0..100 {
