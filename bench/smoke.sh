@@ -41,6 +41,8 @@ check "$out/private.json" 'f[0]["loss"] == 0 and f[0]["delivered"] == 800'
 check "$out/publish.json" 'f[0]["loss"] == 0'
 "$B" "${common[@]}" publish --subs 50 --conns 2 --inserts 200 --window 16 --http --json "$out/publish_http.json"
 check "$out/publish_http.json" '[x["target"] for x in f] == ["comet", "comet-http"] and all(x["loss"] == 0 and x["delivered"] == 20000 for x in f)'
+"$B" "${common[@]}" cluster --subs 150 --rate 20 --seconds 1 --json "$out/cluster.json"
+check "$out/cluster.json" 'len(f) == 2 and all(x["loss"] == 0 and x["delivered"] == 3000 for x in f)'
 "$B" "${common[@]}" durability publish --subs 20 --conns 2 --inserts 200 --window 16 --history 10 --json "$out/durability.json"
 check "$out/durability.json" 'len(f) == 3 and all(x["loss"] == 0 for x in f)'
 "$B" "${common[@]}" store-load --users 2000

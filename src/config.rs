@@ -229,6 +229,9 @@ pub struct Cli {
     /// Refuse CometQL logins that do not use TLS, with ERR 3159 (needs --tls-cert) [default: off].
     #[arg(long, env = "COMET_BACKEND_REQUIRE_TLS")]
     pub backend_require_tls: bool,
+    /// Join the cluster of the comet nodes that use this Redis: redis://[user:password@]host:port[/db] (docs/cluster.md) [default: none, a single node].
+    #[arg(long, env = "COMET_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
 }
 
 /// The TOML file: same names as the flags, with `-` spelled `_`.
@@ -280,6 +283,7 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub tls_handshake_timeout: Option<u64>,
     pub backend_require_tls: Option<bool>,
+    pub redis: Option<String>,
     /// dev_ids whose `user_data` any connection may read.
     pub public_user_data: Option<Vec<u32>>,
     /// Per-dev_id backend passwords: `[passwords]` with `"3" = "secret"`.
@@ -375,6 +379,8 @@ pub struct Config {
     pub tls_handshake_timeout: Duration,
     /// CometQL logins over plaintext get ERR 3159.
     pub backend_require_tls: bool,
+    /// The Redis that joins this node to a cluster; `None`: a single node.
+    pub redis: Option<String>,
 }
 
 /// The smallest `--max-journal-size`: fjall writes one journal file up to
@@ -447,6 +453,7 @@ impl Default for Config {
             tls: None,
             tls_handshake_timeout: Duration::from_secs(10),
             backend_require_tls: false,
+            redis: None,
         }
     }
 }
@@ -551,12 +558,16 @@ impl Config {
                 .or(file.tls_handshake_timeout)
                 .map_or(d.tls_handshake_timeout, secs),
             backend_require_tls: cli.backend_require_tls || file.backend_require_tls == Some(true),
+            redis: cli.redis.or(file.redis).filter(|u| !u.is_empty()),
         };
         c.validate()?;
         Ok(c)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.redis {
+            crate::cluster::parse_url(url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         if self.offline_queue_size > 100_000 {
             return Err(ConfigError::Invalid(format!(
                 "offline-queue-size must be at most 100000, got {}",

@@ -85,8 +85,25 @@ pub fn route(req: &Request, registry: &Registry, config: &Config) -> Vec<u8> {
     let mut r = match path {
         "/info" | "/comet-server/info" | "//comet-server/info" => {
             let mut body = Vec::with_capacity(64);
-            crate::frontend::message::Obj::new(&mut body).str("node", &config.node_name).str("status", "ok").end();
-            response("200 OK", "application/json", "Cache-Control: no-store\r\n", &body)
+            match registry.redis.as_deref().filter(|r| !r.is_up()) {
+                // A load balancer takes a node that lost Redis out: its
+                // clients would miss what other nodes publish.
+                Some(r) => {
+                    crate::frontend::message::Obj::new(&mut body)
+                        .str("node", &config.node_name)
+                        .str("reason", &r.reason())
+                        .str("status", "redis down")
+                        .end();
+                    response("503 Service Unavailable", "application/json", "Cache-Control: no-store\r\n", &body)
+                }
+                None => {
+                    crate::frontend::message::Obj::new(&mut body)
+                        .str("node", &config.node_name)
+                        .str("status", "ok")
+                        .end();
+                    response("200 OK", "application/json", "Cache-Control: no-store\r\n", &body)
+                }
+            }
         }
         "/comet.js" | "/comet-server/comet.js" => {
             asset(req, "application/javascript; charset=utf-8", COMET_JS.as_bytes())

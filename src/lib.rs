@@ -17,6 +17,8 @@
 //! - [`frontend`]: comet URL parameters, commands and messages (sans-IO).
 //! - [`http`]: plain HTTP routes on the frontend port.
 //! - [`metrics`]: counters and the Prometheus rendering.
+//! - [`cluster`]: the Redis bridge that joins nodes into one service
+//!   (`--redis`).
 //! - [`store`]: durable state: the storage thread and the embedded engine.
 //! - [`users`]: user store: keys, devices, offline queues, JWT (sans-IO).
 //! - [`cometql`]: MySQL wire protocol and the CometQL dialect (sans-IO).
@@ -26,6 +28,7 @@
 //!   names and kinds, constant-time compare, clipping of quoted values.
 
 pub mod api;
+pub mod cluster;
 pub mod cometql;
 pub mod config;
 pub mod domain;

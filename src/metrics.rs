@@ -106,6 +106,40 @@ pub struct Registry {
     /// `io_uring` or `epoll`.
     pub io_backend: &'static str,
     pub started: std::time::Instant,
+    /// The Redis connection's state with `--redis`; `None` without.
+    pub redis: Option<Arc<RedisHealth>>,
+}
+
+/// Whether the node is connected to Redis (`--redis`), and why not.
+#[derive(Debug, Default)]
+pub struct RedisHealth {
+    up: std::sync::atomic::AtomicBool,
+    reason: std::sync::Mutex<String>,
+    /// Publishes sent to Redis.
+    pub published: AtomicU64,
+    /// Messages from other nodes received from Redis.
+    pub received: AtomicU64,
+    /// Publishes lost with a failed connection, and malformed messages.
+    pub lost: AtomicU64,
+}
+
+impl RedisHealth {
+    pub fn is_up(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Why the node is down (the last connection error).
+    pub fn reason(&self) -> String {
+        self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub fn set_reason(&self, r: String) {
+        *self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = r;
+    }
 }
 
 impl Registry {
@@ -122,6 +156,24 @@ impl Registry {
         );
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
+        if let Some(r) = &self.redis {
+            let _ = writeln!(
+                s,
+                "# HELP comet_redis_up Whether the node is connected to Redis (--redis).\n# TYPE comet_redis_up gauge"
+            );
+            let _ = writeln!(s, "comet_redis_up {}", r.is_up() as u8);
+            for (name, help, v) in [
+                ("comet_redis_published_total", "Publishes sent to Redis.", &r.published),
+                ("comet_redis_received_total", "Messages from other nodes received from Redis.", &r.received),
+                (
+                    "comet_redis_lost_total",
+                    "Publishes lost with a failed Redis connection, and malformed messages.",
+                    &r.lost,
+                ),
+            ] {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+            }
+        }
         type Get = fn(&ShardMetrics) -> i64;
         let families: [(&str, &str, &str, Get); 36] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
@@ -184,7 +236,7 @@ impl Registry {
             (
                 "comet_store_congestions_total",
                 "counter",
-                "Times a shard stopped reading clients until the storage thread caught up.",
+                "Times a shard stopped reading clients until the storage thread (or, with --redis, Redis) caught up.",
                 |m| m.store_congestions.load(Relaxed) as i64,
             ),
             (
@@ -415,6 +467,7 @@ mod tests {
             shards: vec![Arc::default(), Arc::default()],
             io_backend: "epoll",
             started: std::time::Instant::now(),
+            redis: None,
         };
         reg.shards[1].accepted.fetch_add(3, Relaxed);
         let text = reg.render();

@@ -60,6 +60,10 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("cannot start the storage thread: {0}")]
     StoreThread(std::io::Error),
+    #[error("{0}")]
+    Redis(#[from] crate::cluster::UrlError),
+    #[error("cannot start the Redis threads: {0}")]
+    RedisThread(std::io::Error),
 }
 
 impl ServerError {
@@ -166,10 +170,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         None => None,
     };
 
+    let redis_health = config.redis.as_ref().map(|_| Arc::new(crate::metrics::RedisHealth::default()));
     let registry = Arc::new(Registry {
         shards: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
         io_backend: backend.name(),
         started: Instant::now(),
+        redis: redis_health.clone(),
     });
     let metrics_addr = metrics_listener.map(|(a, l)| {
         crate::metrics::serve(l, registry.clone(), config.message_timeout);
@@ -199,6 +205,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         let thread = crate::store::writer::spawn(hub.clone(), l.backend).map_err(ServerError::StoreThread)?;
         storage = Some((hub, thread));
     }
+    let mut cluster = None;
+    if let (Some(url), Some(health)) = (&config.redis, redis_health) {
+        let bridge = crate::cluster::Bridge::new(url, &bells, config.mail_limit, health)?;
+        let threads = crate::cluster::spawn(&bridge).map_err(ServerError::RedisThread)?;
+        eprintln!("comet: cluster over Redis at {} (node id {:016x})", bridge.address, bridge.node);
+        cluster = Some((bridge, threads));
+    }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
     let mut threads = Vec::with_capacity(n);
     for (i, (((((outbox, inbox), listener), backend_listener), api_listener), state)) in
@@ -207,6 +220,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         let shared = shared.clone();
         let ready = ready_tx.clone();
         let timeout = config.shutdown_timeout;
+        let bridge = cluster.as_ref().map(|(b, _)| b.clone());
         let t = std::thread::Builder::new()
             .name(format!("comet-shard-{i}"))
             .spawn(move || {
@@ -222,6 +236,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                     let backend_listener = Arc::new(backend_listener);
                     let api_listener = api_listener.map(Arc::new);
                     let mut core = ShardCore::new(i, n, shared, outbox);
+                    core.cluster = bridge;
                     if let Some((store, users, history)) = state {
                         core.attach_store(store, users, history);
                     }
@@ -292,6 +307,14 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let stuck = threads.iter().filter(|t| !t.is_finished()).count();
     if stuck > 0 {
         eprintln!("comet: {stuck} shard(s) still draining at the shutdown timeout; exiting");
+    }
+    if let Some((bridge, threads)) = cluster {
+        // What the shards queued for Redis goes out first, if Redis is there.
+        bridge.stop();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline && !threads.iter().all(|t| t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     if let Some((hub, thread)) = storage {
         // Whatever the shards sent is written and synced before exit.

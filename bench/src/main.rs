@@ -11,6 +11,7 @@
 //! with the latency distribution, and a progress line on stderr.
 
 mod attack;
+mod cluster;
 mod proc;
 mod report;
 mod storm;
@@ -188,6 +189,10 @@ enum Cmd {
     /// server restarts on the same ports, and all reconnect with jittered
     /// backoff: time until all are subscribed, failed connects, CPU, peak RSS.
     Storm(StormArgs),
+    /// comet: fan-out through N nodes over one redis-server (`--redis`)
+    /// against one node with the same subscribers: deliveries/s, p99, and
+    /// CPU per delivery of the comets and redis-server together.
+    Cluster(cluster::ClusterArgs),
     /// (internal) one client process of `storm`.
     #[command(hide = true)]
     StormClient {
@@ -440,6 +445,7 @@ fn main() {
             return;
         }
         Cmd::Storm(a) => vec![storm::storm(&g, &a)],
+        Cmd::Cluster(a) => cluster::cluster(&g, &a),
         Cmd::Sink { subs, offset, channels, messages } => {
             sink(&g, subs, offset, channels, messages);
             return;

@@ -328,7 +328,11 @@ pub fn answer(r: &StmtResult, close: bool) -> Vec<u8> {
         }
         StmtResult::Rows(rs) => http1::response(200, "", &rows_json(rs), close),
         StmtResult::Err(code, msg) => {
-            let status = if *code == 15 { 404 } else { 422 };
+            let status = match code {
+                15 => 404,
+                503 => 503,
+                _ => 422,
+            };
             error_answer(&ApiError::new(status, *code, msg.clone()), close)
         }
     }

@@ -1032,6 +1032,10 @@ impl ShardCore {
             );
             return;
         }
+        if let Some(e) = self.cluster_down() {
+            self.send_error(id, &e);
+            return;
+        }
         let then = Then::DeliveryReport { conn: id, pipe: pipe.to_string(), message: text.to_string() };
         self.publish(p, Some(then));
     }

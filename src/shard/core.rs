@@ -228,6 +228,8 @@ pub struct ShardCore {
     pub deflater: crate::ws::deflate::Deflater,
     pub inflater: crate::ws::deflate::Inflater,
     pub inflated: Vec<u8>,
+    /// With `--redis`: the bridge to the other nodes (crate::cluster).
+    pub cluster: Option<Arc<crate::cluster::Bridge>>,
 }
 
 /// What the core asks of the I/O layer, besides writing queued output.
@@ -287,6 +289,7 @@ impl ShardCore {
             store: None,
             deferred: Default::default(),
             queues_waiting: 0,
+            cluster: None,
         }
     }
 
@@ -320,9 +323,38 @@ impl ShardCore {
         Written::Wait(store.send(changes))
     }
 
-    /// Too many changes wait for the store: stop reading clients.
+    /// Too many changes wait for the store, or too many publishes for
+    /// Redis: stop reading clients.
     pub fn store_congested(&self) -> bool {
-        self.store.as_ref().is_some_and(|s| s.is_congested())
+        self.store.as_ref().is_some_and(|s| s.is_congested()) || self.cluster.as_ref().is_some_and(|c| c.is_congested())
+    }
+
+    /// Why a publish cannot reach the other nodes now (`--redis` and Redis
+    /// is down); `None` when it can (or there are no other nodes).
+    pub fn cluster_down(&self) -> Option<String> {
+        let c = self.cluster.as_ref()?;
+        (!c.is_up())
+            .then(|| format!("the cluster's Redis is down ({}); nothing was published, retry later", c.down_reason()))
+    }
+
+    /// Delivers what other nodes published (through Redis) to this shard's
+    /// subscribers; lets clients be read again once the publishes waiting
+    /// for Redis drained.
+    pub fn cluster_progress(&mut self) {
+        let Some(c) = self.cluster.clone() else { return };
+        for msg in c.take(self.id) {
+            match msg {
+                crate::cluster::Inbound::Channel(p) => {
+                    self.deliver_local(&p);
+                }
+                crate::cluster::Inbound::Private { dev_id, user_id, msgs } => {
+                    self.deliver_private_from_cluster(dev_id, user_id, msgs);
+                }
+            }
+        }
+        if !c.is_congested() && !self.store_congested() {
+            self.unpause();
+        }
     }
 
     /// Mails `reply` to shard `to` once the changes the answer made are
@@ -407,6 +439,9 @@ impl ShardCore {
             return i;
         }
         let name: Arc<str> = Arc::from(name);
+        if let Some(c) = &self.cluster {
+            c.channel_added(dev_id, &name);
+        }
         let ch = Channel { dev_id, name: name.clone(), subs: Vec::new() };
         let idx = match self.free_channels.pop() {
             Some(i) => {
@@ -461,6 +496,9 @@ impl ShardCore {
         }
         if channel.subs.is_empty() {
             let (dev_id, name) = (channel.dev_id, channel.name.clone());
+            if let Some(c) = &self.cluster {
+                c.channel_removed(dev_id, &name);
+            }
             self.channels[ch as usize] = None;
             self.free_channels.push(ch);
             if let Some(m) = self.channel_index.get_mut(&dev_id) {
@@ -570,6 +608,9 @@ impl ShardCore {
         });
         for p in pubs {
             let p = Arc::new(p);
+            if let Some(c) = &self.cluster {
+                c.publish(&p);
+            }
             let local = self.deliver_local(&p);
             let written = self.record_changes();
             if let Some((_, id)) = req

@@ -885,6 +885,7 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
         let store_congested = with_shard(|s| {
             s.clock();
             s.core.storage_progress();
+            s.core.cluster_progress();
             s.core.store_congested()
         });
         if batch.is_empty() && !store_congested {

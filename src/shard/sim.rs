@@ -59,6 +59,7 @@ impl Sim {
             shards: (0..shards).map(|_| Arc::new(ShardMetrics::default())).collect(),
             io_backend: "sim",
             started: std::time::Instant::now(),
+            redis: None,
         });
         let shared = Arc::new(Shared {
             config: Arc::new(config),

@@ -26,6 +26,10 @@ use crate::frontend::message::ChannelMessage;
 use crate::metrics::ShardMetrics;
 use crate::shard::limits::{AUTH_FAILURES_ALLOWED, AUTH_WINDOW_SECS};
 
+/// The error code of a statement that needs the cluster's Redis while it
+/// is down (docs/cometql.md).
+pub const CLUSTER_DOWN: u16 = 503;
+
 /// Largest packet accepted before authentication.
 const MAX_AUTH_PACKET: usize = 64 * 1024;
 
@@ -512,6 +516,10 @@ impl ShardCore {
                 return false;
             }
             Plan::Publish(msgs) => {
+                if let Some(e) = self.cluster_down() {
+                    self.sql_set(id, slot_id, index, StmtResult::err(CLUSTER_DOWN, e));
+                    return true;
+                }
                 let max = self.shared.config.max_outbound_message;
                 let now = self.unix;
                 let mut pubs = Vec::with_capacity(msgs.len());
@@ -551,6 +559,10 @@ impl ShardCore {
             Plan::SettingsDelete(names) => (Query::SettingsDelete(arcs(&names)), SqlThen::Affected(0)),
             Plan::User { query, proj, last_insert_id } => {
                 if let crate::users::UserQuery::Send(msgs) = &query {
+                    if let Some(e) = self.cluster_down() {
+                        self.sql_set(id, slot_id, index, StmtResult::err(CLUSTER_DOWN, e));
+                        return true;
+                    }
                     let max = self.shared.config.max_outbound_message;
                     if let Some((uid, _, m)) = msgs.iter().find(|(_, e, m)| m.len() + e.len() + 64 > max) {
                         let e = format!("Message for user {uid} is {} bytes; the limit is {max}", m.len());

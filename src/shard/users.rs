@@ -66,12 +66,20 @@ impl ShardCore {
             }
         }
         let reg = self.users.add_device(dev_id, user_id, id);
+        if reg.first
+            && let Some(c) = &self.cluster
+        {
+            c.user_added(dev_id, user_id);
+        }
         if let Some(old) = reg.evicted {
             self.send_error(old, "device limit reached: replaced by a newer connection");
             self.close_ws(old, CLOSE_REPLACED, "device limit reached");
         }
         if reg.first {
-            self.user_status_event(dev_id, user_id, "online");
+            match &self.cluster {
+                Some(c) => c.user_presence(dev_id, user_id, true),
+                None => self.user_status_event(dev_id, user_id, "online"),
+            }
         }
     }
 
@@ -84,7 +92,13 @@ impl ShardCore {
         }
         let (dev_id, user_id) = (c.dev_id, c.user_id);
         if self.users.remove_device(dev_id, user_id, id, self.unix) {
-            self.user_status_event(dev_id, user_id, "offline");
+            match &self.cluster {
+                Some(c) => {
+                    c.user_removed(dev_id, user_id);
+                    c.user_presence(dev_id, user_id, false);
+                }
+                None => self.user_status_event(dev_id, user_id, "offline"),
+            }
         }
     }
 
@@ -115,7 +129,18 @@ impl ShardCore {
     fn send_private(&mut self, dev_id: u32, user_id: u64, event: &str, text: &str) -> bool {
         let devices = self.users.devices(dev_id, user_id);
         let now = self.unix;
-        if devices.is_empty() {
+        if let Some(c) = &self.cluster {
+            // Devices on other nodes get it through Redis; with none here,
+            // Redis queues it when no node has one (docs/cluster.md).
+            let queue = devices.is_empty().then(|| {
+                let cfg = &self.shared.config;
+                (cfg.offline_queue_size, cfg.offline_queue_ttl.as_secs(), now)
+            });
+            c.send_private(dev_id, user_id, event, text, queue);
+            if devices.is_empty() {
+                return true;
+            }
+        } else if devices.is_empty() {
             let q = Queued::new(now, event, text);
             let cap = self.shared.config.offline_queue_size;
             let kept = self.users.enqueue(dev_id, user_id, q, cap, self.queue_ttl(), now);
@@ -149,6 +174,27 @@ impl ShardCore {
             Deferred::Frames { conn, frames } if *conn == d => Some(frames),
             _ => None,
         })
+    }
+
+    /// Writes private messages another node sent (or the user's offline
+    /// queue taken from Redis) to the user's devices on this node. Queued
+    /// messages older than `--offline-queue-ttl` are dropped, as in a
+    /// local queue.
+    pub fn deliver_private_from_cluster(&mut self, dev_id: u32, user_id: u64, msgs: Vec<crate::cluster::PrivateMsg>) {
+        let devices = self.users.devices(dev_id, user_id);
+        let ttl = self.queue_ttl();
+        for m in msgs {
+            if m.queued_at.is_some_and(|t| t + ttl < self.unix) {
+                continue;
+            }
+            let msg = private_message(&m.event, &m.text, m.queued_at);
+            for &d in &devices {
+                let legacy = self.conns.get(d).is_some_and(|c| c.legacy);
+                let delivery = Delivery { legacy, history_marker: None, from_queue: m.queued_at.is_some() };
+                let f = encode_text_frame(|o| msg.encode(delivery, o));
+                self.send_frame(d, f);
+            }
+        }
     }
 
     /// Carries out a user-table operation for the users homed here.

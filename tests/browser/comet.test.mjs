@@ -2,7 +2,7 @@
 // playwright-core), against the real server binary and the real `mysql` client.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { chromium } from 'playwright-core';
@@ -75,6 +75,42 @@ test('two browsers chat over a web_ channel and the sender gets its delivery rep
     assert.equal(report.data.number_messages, 1);
     assert.equal((await received(a, 'web_chat.message')).length, 0, 'no echo to the sender');
   } finally { await srv.stop(); }
+});
+
+/** A redis-server on a free port, without persistence (tests/cluster.rs has more cluster tests). */
+async function startRedis() {
+  const port = await new Promise((r) => { const s = createServer(); s.listen(0, '127.0.0.1', () => { const p = s.address().port; s.close(() => r(p)); }); });
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const cli = (...args) => execFileSync('redis-cli', ['-p', String(port), ...args]).toString().trim();
+  await until('redis-server answers', async () => { try { return cli('PING') === 'PONG'; } catch { return false; } });
+  return { port, cli, url: `redis://127.0.0.1:${port}`, stop: () => child.kill('SIGKILL') };
+}
+
+test('cluster: a page on node A and a page on node B chat through Redis', async () => {
+  const redis = await startRedis();
+  const nodes = [];
+  try {
+    for (let i = 0; i < 2; i++) {
+      nodes.push(await startComet({ password: PASSWORD, extraArgs: ['--node-name', `node-${i}`, '--redis', redis.url] }));
+    }
+    const [a, b] = [await page(nodes[0]), await page(nodes[1])];
+    for (const p of [a, b]) {
+      await p.evaluate(() => { record('web_chat.message'); CometServer().start({}); });
+    }
+    await until('both nodes subscribed', async () => redis.cli('PUBSUB', 'NUMSUB', 'comet:0:pipe:web_chat').endsWith('2'));
+    await a.evaluate(() => CometServer().web_pipe_send('web_chat', 'message', { text: 'hi from node A' }));
+    const atB = await until('b receives', async () => (await received(b, 'web_chat.message'))[0]);
+    assert.deepEqual(atB.data, { text: 'hi from node A' });
+    await b.evaluate(() => CometServer().web_pipe_send('web_chat', 'message', { text: 'hi from node B' }));
+    const atA = await until('a receives', async () => (await received(a, 'web_chat.message'))[0]);
+    assert.deepEqual(atA.data, { text: 'hi from node B' });
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal((await received(a, 'web_chat.message')).length, 1, 'once each, no echo');
+    assert.equal((await received(b, 'web_chat.message')).length, 1, 'once each, no echo');
+  } finally {
+    for (const n of nodes) await n.stop();
+    redis.stop();
+  }
 });
 
 test('permessage-deflate: Chromium negotiates it, big messages both ways arrive whole and compressed', async () => {

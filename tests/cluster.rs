@@ -1,0 +1,506 @@
+//! Several comet nodes as one service over a real `redis-server` (started
+//! here on a random port; tests/run and .ci/run install it): publishes
+//! cross nodes once each and in order, a node subscribes only while it has
+//! subscribers, and Redis going away and coming back is survived by the
+//! clients that stay connected.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Client, Server, eventually, http_request};
+use mysql::prelude::Queryable;
+
+/// A `redis-server` on a loopback port, without persistence; killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    /// On a free port below the ephemeral range (so that no client socket
+    /// of a parallel test takes it between our choice and the bind).
+    fn start() -> Redis {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        for i in 0..20u32 {
+            let port = 20000 + ((seed / 7 + i * 7919 + std::process::id()) % 12000) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            if let Some(r) = Redis::try_start(port, None) {
+                return r;
+            }
+        }
+        panic!("found no free port for redis-server");
+    }
+
+    /// On `port` again (after [`Redis::kill`]).
+    fn start_on(port: u16) -> Redis {
+        Redis::start_durable(port, None)
+    }
+
+    /// On `port`, with an append-only file in `aof_dir` (synced on every
+    /// write) when given, so that a restart keeps the data.
+    fn start_durable(port: u16, aof_dir: Option<&std::path::Path>) -> Redis {
+        for _ in 0..50 {
+            if let Some(r) = Redis::try_start(port, aof_dir) {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server did not start again on {port}");
+    }
+
+    fn try_start(port: u16, aof_dir: Option<&std::path::Path>) -> Option<Redis> {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            // DEBUG SLEEP makes Redis slow for the backpressure test.
+            .args(["--enable-debug-command", "yes"]);
+        match aof_dir {
+            Some(d) => cmd.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"]).arg(d),
+            None => cmd.args(["--appendonly", "no"]),
+        };
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: tests/run installs Debian's redis-server package");
+        let mut r = Redis { child, port };
+        // Ours answers (not another program's Redis on the port).
+        let pid = format!("process_id:{}", r.child.id());
+        let ok = eventually(10, || {
+            matches!(r.child.try_wait(), Ok(Some(_))) || r.cli(&["INFO", "server"]).lines().any(|l| l.trim() == pid)
+        });
+        (ok && matches!(r.child.try_wait(), Ok(None))).then_some(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a command with redis-cli; its output, trimmed.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    }
+
+    /// Nodes subscribed to a comet channel (of dev_id 0).
+    fn subscribers(&self, pipe: &str) -> u32 {
+        let out = self.cli(&["PUBSUB", "NUMSUB", &format!("comet:0:pipe:{pipe}")]);
+        out.lines().nth(1).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to the nodes).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn node(redis: &Redis) -> Server {
+    Server::start(&["--shards", "2", "--password", "pw", "--redis", &redis.url()])
+}
+
+fn db(s: &Server) -> mysql::Conn {
+    let url = format!("mysql://root:pw@{}/CometQL_v1", s.backend);
+    mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).expect("mysql connect")
+}
+
+fn publish(db: &mut mysql::Conn, pipe: &str, text: &str) -> Result<(), mysql::Error> {
+    db.query_drop(format!("INSERT INTO pipes_messages (name, event, message) VALUES ('{pipe}', 'e', '{text}')"))
+}
+
+/// Reads `n` channel messages; returns their texts.
+fn texts(c: &mut Client, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let m = c.recv();
+            m["data"].as_str().unwrap_or_else(|| panic!("not a channel message: {m}")).to_string()
+        })
+        .collect()
+}
+
+/// A metric without labels, such as `comet_redis_up`.
+trait PlainMetric {
+    fn plain_metric(&self, name: &str) -> i64;
+}
+
+impl PlainMetric for Server {
+    fn plain_metric(&self, name: &str) -> i64 {
+        let body = self.metrics_text();
+        let line = body.lines().find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+    }
+}
+
+fn info_status(s: &Server) -> (String, String) {
+    s.http_get("/info")
+}
+
+#[test]
+fn a_publish_on_any_node_reaches_every_subscriber_on_every_node_once_in_order() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1), "a node never connected to Redis");
+        assert!(info_status(n).0.contains("200"));
+    }
+    // Two subscribers on node 0 (possibly on different shards), one on
+    // each other node.
+    let mut clients: Vec<Client> =
+        [0, 0, 1, 2].iter().enumerate().map(|(i, &n)| nodes[n].client(&format!("sub{i}"))).collect();
+    for c in &mut clients {
+        c.subscribe(&["web_news"]);
+    }
+    assert!(eventually(10, || redis.subscribers("web_news") == 3), "each node subscribes once");
+    assert_eq!(redis.subscribers("web_other"), 0, "no node subscribes a channel without subscribers");
+
+    // CometQL on node 1: 30 messages, each delivered once, in order.
+    let mut d = db(&nodes[1]);
+    for i in 0..30 {
+        publish(&mut d, "web_news", &format!("m{i}")).unwrap();
+    }
+    let want: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    for c in &mut clients {
+        assert_eq!(texts(c, 30), want);
+    }
+    // A browser's web_pipe2 on node 2 reaches the others (not itself).
+    let mut browser = nodes[2].client("browser");
+    browser.send("web_pipe2\nweb_news\nchat\n*\nfrom a browser");
+    for c in &mut clients {
+        assert_eq!(texts(c, 1), ["from a browser"]);
+    }
+    // The HTTP API on node 0.
+    let api = nodes[0].api.expect("api");
+    let body = r#"{"name":"web_news","event":"e","message":"from the api"}"#;
+    let (status, answer) = http_request(
+        api,
+        &format!(
+            "POST /api/pipes_messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(status.contains("200"), "{status}: {answer}");
+    for c in &mut clients {
+        assert_eq!(texts(c, 1), ["from the api"]);
+        c.expect_silence(300);
+    }
+    // One PUBLISH per publish, and nothing comes back to its own node.
+    let published: i64 = nodes.iter().map(|n| n.plain_metric("comet_redis_published_total")).sum();
+    assert_eq!(published, 32);
+    assert_eq!(nodes[1].plain_metric("comet_redis_received_total"), 2, "the browser's and the API's");
+    assert_eq!(nodes[2].plain_metric("comet_redis_received_total"), 31, "all but its own browser's message");
+
+    // The last subscriber on a node gone: the node unsubscribes.
+    let last = clients.pop().unwrap();
+    drop(last);
+    assert!(eventually(10, || redis.subscribers("web_news") == 2), "node 2 unsubscribes with its last subscriber");
+    // Idle and subscribed, a node's pings keep its connections (no
+    // reconnects: each would be a window in which messages are lost).
+    std::thread::sleep(Duration::from_millis(2500));
+    for n in &nodes {
+        let log = n.drain_log();
+        assert!(!log.iter().any(|l| l.contains(" lost ")), "{log:#?}");
+    }
+}
+
+#[test]
+fn while_redis_is_down_publishes_are_refused_and_clients_stay_connected_then_it_all_works_again() {
+    let mut redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut on_a = a.client("on_a");
+    let mut on_b = b.client("on_b");
+    on_a.subscribe(&["web_live"]);
+    on_b.subscribe(&["web_live"]);
+    assert!(eventually(10, || redis.subscribers("web_live") == 2));
+    let mut d = db(&a);
+    publish(&mut d, "web_live", "before").unwrap();
+    assert_eq!(texts(&mut on_b, 1), ["before"]);
+    assert_eq!(texts(&mut on_a, 1), ["before"]);
+
+    redis.kill();
+    assert!(eventually(10, || a.plain_metric("comet_redis_up") == 0), "the gauge shows Redis down");
+    let (status, body) = info_status(&a);
+    assert!(status.contains("503"), "{status}");
+    assert!(body.contains("redis down") && body.contains("Redis at 127.0.0.1"), "{body}");
+    // A clear error, at once, never a hang; the MySQL connection stays usable.
+    let started = std::time::Instant::now();
+    let e = publish(&mut d, "web_live", "while down").unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(e.contains("503") && e.contains("Redis is down"), "{e}");
+    d.query_drop("SHOW STATUS").expect("statements that need no Redis still work");
+    // The HTTP API answers 503 with the same error.
+    let body = r#"{"name":"web_live","event":"e","message":"while down"}"#;
+    let (status, answer) = http_request(
+        a.api.expect("api"),
+        &format!(
+            "POST /api/pipes_messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(status.contains("503") && answer.contains("Redis is down"), "{status}: {answer}");
+    // A browser publish gets an error frame.
+    on_b.send("web_pipe2\nweb_live\nchat\n*\nwhile down");
+    let err = on_b.recv();
+    assert!(err.to_string().contains("Redis is down"), "{err}");
+
+    // Redis back (empty, on the same port): the nodes reconnect and
+    // resubscribe, and the clients that stayed connected get messages.
+    let redis = Redis::start_on(redis.port);
+    for n in [&a, &b] {
+        assert!(eventually(15, || n.plain_metric("comet_redis_up") == 1), "a node did not reconnect");
+        assert!(info_status(n).0.contains("200"));
+    }
+    assert!(eventually(10, || redis.subscribers("web_live") == 2), "the nodes resubscribe");
+    publish(&mut d, "web_live", "after").unwrap();
+    assert_eq!(texts(&mut on_b, 1), ["after"]);
+    assert_eq!(texts(&mut on_a, 1), ["after"]);
+    on_a.expect_silence(200);
+    on_b.expect_silence(200);
+}
+
+#[test]
+fn a_bad_redis_url_refuses_to_start_without_showing_the_password() {
+    let out = Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args(["--ephemeral", "--api", "off", "--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0"])
+        .args(["--redis", "http://user:secret@127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--redis") && err.contains("redis://") && !err.contains("secret"), "{err}");
+}
+
+/// Connects user `uid` (whose key is `key` on that node); consumes serverInfo.
+fn user(s: &Server, uid: u64, key: &str, uuid: &str) -> Client {
+    let mut c = Client::connect(&s.url(&format!("sesion={key}&myid={uid}&devid=0&v=4.08&uuid={uuid}&api=js")));
+    let info = c.recv();
+    assert_eq!(info["event"], "serverInfo", "{info}");
+    c
+}
+
+fn send_private(d: &mut mysql::Conn, uid: u64, text: &str) {
+    d.query_drop(format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'pm', '{text}')")).unwrap();
+}
+
+/// Reads the next private message (skipping channel traffic such as
+/// user status events); returns its text and whether it came from the
+/// offline queue.
+fn private(c: &mut Client) -> (String, bool) {
+    loop {
+        let m = c.recv();
+        if m["pipe"] == "msg" {
+            return (m["data"].as_str().unwrap().to_string(), m["fromQueue"] == true);
+        }
+    }
+}
+
+#[test]
+fn a_private_message_reaches_the_users_devices_on_every_node_and_is_queued_once_when_none_is_online() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        // Keys are per node in this version (docs/cluster.md): the backend
+        // sets them on each (or uses JWTs, which every node verifies).
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (7, 'k7'), (8, 'k8')").unwrap();
+    }
+    let mut on_0 = user(&nodes[0], 7, "k7", "d0");
+    let mut on_1 = user(&nodes[1], 7, "k7", "d1");
+    assert!(eventually(10, || redis.cli(&["PUBSUB", "NUMSUB", "comet:0:user:7"]).ends_with('2')));
+    // From the node with no device of the user, and from one with a device.
+    let mut d2 = db(&nodes[2]);
+    send_private(&mut d2, 7, "from node 2");
+    assert_eq!(private(&mut on_0), ("from node 2".to_string(), false));
+    assert_eq!(private(&mut on_1), ("from node 2".to_string(), false));
+    let mut d0 = db(&nodes[0]);
+    send_private(&mut d0, 7, "from node 0");
+    assert_eq!(private(&mut on_0), ("from node 0".to_string(), false));
+    assert_eq!(private(&mut on_1), ("from node 0".to_string(), false));
+    on_0.expect_silence(200);
+    on_1.expect_silence(200);
+    assert_eq!(redis.cli(&["LLEN", "comet:0:queue:7"]), "0", "nothing queued while online");
+
+    // User 8 is online nowhere: queued once, in Redis, whichever node sent.
+    send_private(&mut d2, 8, "q1");
+    send_private(&mut d0, 8, "q2");
+    assert!(eventually(5, || redis.cli(&["LLEN", "comet:0:queue:8"]) == "2"));
+    let mut later = user(&nodes[1], 8, "k8", "late");
+    assert_eq!(private(&mut later), ("q1".to_string(), true));
+    assert_eq!(private(&mut later), ("q2".to_string(), true));
+    later.expect_silence(300);
+    assert_eq!(redis.cli(&["LLEN", "comet:0:queue:8"]), "0");
+    // A second device on another node gets no second copy.
+    let mut second = user(&nodes[2], 8, "k8", "second");
+    second.expect_silence(300);
+    // The user's last device on node 0 gone: node 0 unsubscribes.
+    drop(on_0);
+    assert!(eventually(10, || redis.cli(&["PUBSUB", "NUMSUB", "comet:0:user:7"]).ends_with('1')));
+}
+
+#[test]
+fn online_is_the_first_device_anywhere_and_offline_the_last_anywhere() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (9, 'k9')").unwrap();
+    }
+    let mut watchers: Vec<Client> = nodes.iter().map(|n| n.client("watcher")).collect();
+    for w in &mut watchers {
+        w.subscribe(&["user_status_9"]);
+    }
+    assert!(eventually(10, || redis.subscribers("user_status_9") == 3));
+    let status = |w: &mut Client| {
+        let m = w.recv();
+        assert_eq!(m["pipe"], "user_status_9", "{m}");
+        m["event"].as_str().unwrap().to_string()
+    };
+    let first = user(&nodes[0], 9, "k9", "first");
+    for w in &mut watchers {
+        assert_eq!(status(w), "online");
+    }
+    let second = user(&nodes[1], 9, "k9", "second");
+    let third = user(&nodes[1], 9, "k9", "third");
+    // Each node's entry counts for at most PRESENCE_TTL_SECS (20 s) past
+    // its last refresh: a node that dies stops counting within that.
+    let now: i64 = redis.cli(&["TIME"]).lines().next().unwrap().parse().unwrap();
+    let entries = redis.cli(&["HGETALL", "comet:0:online:9"]);
+    let until: Vec<i64> = entries.lines().skip(1).step_by(2).map(|v| v.parse().unwrap()).collect();
+    assert_eq!(until.len(), 2, "one entry per node with a device: {entries}");
+    assert!(until.iter().all(|&u| u > now && u <= now + 20), "{until:?} vs {now}");
+    drop(first);
+    drop(second);
+    for w in &mut watchers {
+        w.expect_silence(400);
+    }
+    drop(third);
+    for w in &mut watchers {
+        assert_eq!(status(w), "offline");
+        w.expect_silence(200);
+    }
+}
+
+#[test]
+fn a_killed_nodes_users_go_offline_within_30_seconds() {
+    let redis = Redis::start();
+    let survivor = node(&redis);
+    let mut doomed = node(&redis);
+    for n in [&survivor, &doomed] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (11, 'k11')").unwrap();
+    }
+    let mut watcher = survivor.client("watcher");
+    watcher.subscribe(&["user_status_11"]);
+    assert!(eventually(10, || redis.subscribers("user_status_11") == 1));
+    let _device = user(&doomed, 11, "k11", "doomed");
+    assert_eq!(watcher.recv()["event"], "online");
+
+    let _ = doomed.child.kill();
+    let _ = doomed.child.wait();
+    let killed = std::time::Instant::now();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = watcher.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(35))).unwrap();
+    }
+    let m = watcher.recv();
+    assert_eq!((m["pipe"].as_str(), m["event"].as_str()), (Some("user_status_11"), Some("offline")), "{m}");
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(30), "the stale presence lasted {took:?}");
+    assert_eq!(redis.cli(&["HLEN", "comet:0:online:11"]), "0");
+    // The swept user comes back online with a new device.
+    let _back = user(&survivor, 11, "k11", "back");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = watcher.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    assert_eq!(watcher.recv()["event"], "online");
+}
+
+#[test]
+fn publishes_waiting_for_a_slow_redis_are_bounded_by_the_mail_limit_and_none_is_dropped() {
+    let redis = Redis::start();
+    let args = |r: &Redis| {
+        vec!["--shards", "1", "--password", "pw", "--mail-limit", "1048576", "--redis", &r.url()]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let a_args = args(&redis);
+    let a = Server::start(&a_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut sub = b.client("far");
+    sub.subscribe(&["web_flood"]);
+    assert!(eventually(10, || redis.subscribers("web_flood") == 1));
+    // Redis stalls for 1.5 s (under the 2 s command timeout) while a
+    // backend publishes 4 MiB: past --mail-limit (1 MiB) the node stops
+    // reading the backend until Redis takes the backlog.
+    let port = redis.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1.5"]).output().unwrap();
+    });
+    // Until Redis stops answering (it sleeps).
+    let asleep = eventually(5, || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        std::io::Write::write_all(&mut s, b"PING\r\n").unwrap();
+        std::io::Read::read(&mut s, &mut [0u8; 16]).is_err()
+    });
+    assert!(asleep, "DEBUG SLEEP did not stall Redis");
+    let mut d = db(&a);
+    let big = "x".repeat(40_000);
+    for i in 0..100 {
+        publish(&mut d, "web_flood", &format!("{i} {big}")).unwrap();
+    }
+    sleeper.join().unwrap();
+    assert!(a.metric("comet_store_congestions_total") >= 1, "the node never stopped reading its backend");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = sub.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    }
+    for i in 0..100 {
+        let text = texts(&mut sub, 1).pop().unwrap();
+        assert!(text.starts_with(&format!("{i} ")), "message {i} arrived as {}", &text[..10]);
+    }
+    assert_eq!(a.plain_metric("comet_redis_lost_total"), 0);
+}
+
+#[test]
+fn an_offline_queue_survives_a_killed_redis_with_an_append_only_file() {
+    let dir = std::env::temp_dir().join(format!("comet-cluster-aof-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let probe = Redis::start();
+    let port = probe.port;
+    drop(probe);
+    let mut redis = Redis::start_durable(port, Some(&dir));
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (12, 'k12')").unwrap();
+    }
+    send_private(&mut db(&a), 12, "kept");
+    assert!(eventually(5, || redis.cli(&["LLEN", "comet:0:queue:12"]) == "1"));
+    redis.kill();
+    assert!(eventually(10, || b.plain_metric("comet_redis_up") == 0));
+    let redis = Redis::start_durable(port, Some(&dir));
+    assert_eq!(redis.cli(&["LLEN", "comet:0:queue:12"]), "1", "the AOF kept the queue");
+    assert!(eventually(15, || b.plain_metric("comet_redis_up") == 1));
+    let mut device = user(&b, 12, "k12", "after");
+    assert_eq!(private(&mut device), ("kept".to_string(), true));
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
+}
