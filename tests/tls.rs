@@ -146,11 +146,27 @@ fn publish(s: &Server, channel: &str, msg: &str) {
 /// Subscribes and waits until a publish reaches the client.
 fn subscribed(s: &Server, ws: &mut WebSocket<Tls>, channel: &str) {
     ws.send(Message::text(format!("subscription\n{channel}"))).unwrap();
-    let got = eventually(5, || {
+    // The subscription may still be on its way when the first publish
+    // goes out: that publish reaches nobody, so a read that times out only
+    // means "publish again".
+    ws.get_ref().sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let got = eventually(10, || {
         publish(s, channel, "ping");
-        let t = text(ws);
-        t.contains("ping")
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) if t.contains("ping") => return true,
+                Ok(Message::Close(f)) => panic!("closed: {f:?}"),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    return false;
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
     });
+    ws.get_ref().sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(got, "no publish reached the subscriber of {channel}");
 }
 
