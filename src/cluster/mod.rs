@@ -47,6 +47,13 @@
 //! its `client-output-buffer-limit pubsub`, and disconnects the node past
 //! that: the node reconnects and resubscribes, and the messages Redis
 //! dropped are lost).
+//!
+//! Keys, user data, revoked tokens, last-online times, settings and history
+//! are shared through Redis too ([`state`]): the storage thread writes them
+//! there instead of a data dir, and the subscriber applies other nodes'
+//! changes to the shards' memory.
+
+pub mod state;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -234,6 +241,13 @@ pub enum Inbound {
     /// Private messages for a user homed on the shard: live from another
     /// node, or the user's offline queue taken from Redis.
     Private { dev_id: u32, user_id: u64, msgs: Vec<PrivateMsg> },
+    /// Another node changed state this shard holds ([`state`]).
+    State(Vec<crate::store::Change>),
+    /// The whole state this shard holds, as Redis has it: replaces the
+    /// shard's copy (after a (re)connect).
+    Reload(Vec<crate::store::Change>),
+    /// Redis has no state: write what the shard holds.
+    Reseed,
 }
 
 impl Inbound {
@@ -241,6 +255,8 @@ impl Inbound {
         match self {
             Inbound::Channel(p) => weight(p),
             Inbound::Private { msgs, .. } => msgs.iter().map(|m| 64 + m.event.len() + m.text.len()).sum(),
+            Inbound::State(c) | Inbound::Reload(c) => c.iter().map(crate::store::Change::weight).sum(),
+            Inbound::Reseed => 64,
         }
     }
 }
@@ -451,7 +467,11 @@ impl Bridge {
             out_waiting: AtomicBool::new(false),
             limit,
             publisher: OnceLock::new(),
-            wanted: Mutex::new(Wanted::default()),
+            // The state channel, always.
+            wanted: Mutex::new(Wanted {
+                channels: HashMap::from([(state::STATE_CHANNEL.to_string(), 1)]),
+                generation: 0,
+            }),
             wanted_generation: AtomicU64::new(0),
             lanes: bells
                 .iter()
@@ -884,7 +904,15 @@ fn subscribe_until_error(
     if let Err(e) = patient(&mut ps, |ps| ps.ping::<String>()) {
         return Some(e);
     }
-    let mut current: HashSet<String> = HashSet::new();
+    // Other nodes' state changes from now on, then the state as it is:
+    // nothing falls between the two.
+    if let Err(e) = patient(&mut ps, |ps| ps.subscribe(state::STATE_CHANNEL)) {
+        return Some(e);
+    }
+    if let Err(e) = state::resync(bridge) {
+        return Some(e);
+    }
+    let mut current: HashSet<String> = HashSet::from([state::STATE_CHANNEL.to_string()]);
     let mut seen_generation = u64::MAX;
     backoff.reset();
     bridge.set_up(&bridge.sub_up, true, None);
@@ -951,6 +979,10 @@ fn patient<T>(
 
 /// Hands a message from Redis to the shards that need it.
 fn deliver(bridge: &Bridge, channel: &str, payload: &[u8]) {
+    if channel == state::STATE_CHANNEL {
+        state::deliver(bridge, payload);
+        return;
+    }
     if let Some((dev_id, user_id)) = parse_user_channel(channel) {
         match serde_json::from_slice::<PrivateWire>(payload) {
             Ok(w) if w.n == bridge.node => {}

@@ -350,6 +350,9 @@ impl ShardCore {
                 crate::cluster::Inbound::Private { dev_id, user_id, msgs } => {
                     self.deliver_private_from_cluster(dev_id, user_id, msgs);
                 }
+                crate::cluster::Inbound::State(changes) => self.apply_cluster_state(changes),
+                crate::cluster::Inbound::Reload(snapshot) => self.reload_cluster_state(snapshot),
+                crate::cluster::Inbound::Reseed => self.reseed_cluster_state(),
             }
         }
         if !c.is_congested() && !self.store_congested() {

@@ -40,12 +40,21 @@ pub struct Stored {
 /// Default history length of `trust_` channels.
 pub const TRUST_DEFAULT: u32 = 100;
 
+/// Slots history ids are spread over between nodes (`--redis`): two nodes
+/// give the same id only when they drew the same slot and append to one
+/// channel at the same moment.
+pub const NODE_SLOTS: u64 = 1024;
+
 /// The history and settings of the channels homed on one shard.
 #[derive(Debug, Default)]
 pub struct HistoryStore {
     channels: AHashMap<u32, AHashMap<Arc<str>, Stored>>,
     /// The largest id given or restored: the next is above it.
     last_id: u64,
+    /// With `--redis`: this node's slot among [`NODE_SLOTS`], so that two
+    /// nodes appending to one channel give different ids (ids then step by
+    /// shards x [`NODE_SLOTS`]).
+    pub node_slot: Option<u64>,
     /// Changes to persisted state not yet sent to the store; `None` when
     /// nothing is persisted (`--ephemeral`).
     pub journal: Option<Vec<Change>>,
@@ -104,6 +113,61 @@ impl HistoryStore {
         }
     }
 
+    /// Applies a change another node made (`--redis`), not journaled:
+    /// entries keep id order and an entry already held is not added twice
+    /// (a re-seed or a reload may repeat it).
+    pub fn apply_remote(&mut self, c: Change) {
+        match c {
+            Change::HistoryPut { dev, channel, entry } => {
+                self.last_id = self.last_id.max(entry.id);
+                let s = self.channels.entry(dev).or_default().entry(channel).or_default();
+                let at = s.entries.iter().rposition(|e| e.id <= entry.id).map_or(0, |i| i + 1);
+                if at > 0 && s.entries[at - 1].id == entry.id {
+                    return;
+                }
+                s.entries.insert(at, entry.into());
+            }
+            Change::HistoryDel { dev, channel, id } => {
+                let Some(m) = self.channels.get_mut(&dev) else { return };
+                if let Some(s) = m.get_mut(&channel) {
+                    s.entries.retain(|e| e.id != id);
+                    if s.entries.is_empty() && s.setting.is_none() {
+                        m.remove(&channel);
+                    }
+                }
+            }
+            Change::Setting { dev, ref channel, len: None } => {
+                if let Some(s) = self.channels.get_mut(&dev).and_then(|m| m.get_mut(channel)) {
+                    s.setting = None;
+                }
+            }
+            c @ Change::Setting { .. } => self.restore(c),
+            _ => {}
+        }
+    }
+
+    /// Forgets every channel's history and setting, before they are loaded
+    /// again from Redis.
+    pub fn clear_all(&mut self) {
+        self.channels.clear();
+    }
+
+    /// Journals every setting and history entry as puts: to write them to
+    /// a store that lost them (an empty Redis).
+    pub fn journal_all(&mut self) {
+        let Some(j) = self.journal.as_mut() else { return };
+        for (&dev, m) in &self.channels {
+            for (name, s) in m {
+                if let Some(len) = s.setting {
+                    j.push(Change::Setting { dev, channel: name.clone(), len: Some(len) });
+                }
+                for e in &s.entries {
+                    j.push(Change::HistoryPut { dev, channel: name.clone(), entry: e.into() });
+                }
+            }
+        }
+    }
+
     fn limit(name: &str, s: Option<&Stored>) -> u32 {
         match s.and_then(|s| s.setting) {
             Some(n) => n,
@@ -120,7 +184,10 @@ impl HistoryStore {
         if limit == 0 {
             return;
         }
-        e.id = next_id(self.last_id, shard, shards);
+        e.id = match self.node_slot {
+            Some(slot) => next_id(self.last_id, shard + shards * slot as usize, shards * NODE_SLOTS as usize),
+            None => next_id(self.last_id, shard, shards),
+        };
         self.last_id = e.id;
         let m = self.channels.entry(dev_id).or_default();
         let key = match m.get_key_value(name) {

@@ -500,6 +500,10 @@ impl ShardCore {
     /// Carries out one plan; returns true when it failed (execution stops).
     fn sql_run(&mut self, id: ConnId, slot_id: u64, index: usize, plan: Plan) -> bool {
         let Some(dev_id) = self.sql_dev_id(id, slot_id) else { return true };
+        if let Some(e) = self.cluster_write_refused(&plan) {
+            self.sql_set(id, slot_id, index, StmtResult::err(CLUSTER_DOWN, e));
+            return true;
+        }
         let arcs = |v: &[String]| v.iter().map(|s| Arc::<str>::from(s.as_str())).collect::<Vec<_>>();
         let then = |t: super::sql::SqlThen| Then::Sql { conn: id, slot: slot_id, index, then: t };
         let (query, sql_then) = match plan {

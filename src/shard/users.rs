@@ -117,7 +117,7 @@ impl ShardCore {
     }
 
     /// Closes every device of a user with an error frame and 4001.
-    fn deauthorize(&mut self, devices: &[ConnId], why: &str) {
+    pub(super) fn deauthorize(&mut self, devices: &[ConnId], why: &str) {
         for &d in devices {
             self.send_error(d, why);
             self.close_ws(d, CLOSE_DEAUTHORIZED, why);

@@ -179,6 +179,66 @@ impl UserStore {
         }
     }
 
+    /// Applies a change another node made (`--redis`), not journaled:
+    /// unlike [`UserStore::restore`], removals too.
+    pub fn apply_remote(&mut self, c: Change) {
+        match c {
+            Change::Revoked { dev, token, on: false } => {
+                if let Some(s) = self.revoked.get_mut(&dev) {
+                    s.remove(&token);
+                    if s.is_empty() {
+                        self.revoked.remove(&dev);
+                    }
+                }
+            }
+            Change::Key { dev, uid, .. } | Change::Data { dev, uid, .. } | Change::LastOnline { dev, uid, .. } => {
+                self.restore(c);
+                self.tidy(dev, uid);
+            }
+            Change::Revoked { .. } => self.restore(c),
+            // Offline queues live in Redis lists in a cluster.
+            _ => {}
+        }
+    }
+
+    /// Forgets every key, user data, last-online time and revoked token
+    /// (not the devices nor the queues), before the state is loaded again
+    /// from Redis.
+    pub fn clear_persisted(&mut self) {
+        for m in self.users.values_mut() {
+            for u in m.values_mut() {
+                u.key = None;
+                u.data = None;
+                u.offline_since = 0;
+            }
+            m.retain(|_, u| !u.is_empty());
+        }
+        self.users.retain(|_, m| !m.is_empty());
+        self.revoked.clear();
+    }
+
+    /// Journals every key, user data, last-online time and revoked token
+    /// as puts: to write them to a store that lost them (an empty Redis).
+    pub fn journal_all(&mut self) {
+        let Some(j) = self.journal.as_mut() else { return };
+        for (&dev, m) in &self.users {
+            for (&uid, u) in m {
+                if let Some(k) = &u.key {
+                    j.push(Change::Key { dev, uid, key: Some(k.clone()) });
+                }
+                if let Some(d) = &u.data {
+                    j.push(Change::Data { dev, uid, data: Some(d.clone()) });
+                }
+                if u.offline_since != 0 {
+                    j.push(Change::LastOnline { dev, uid, time: Some(u.offline_since) });
+                }
+            }
+        }
+        for (&dev, set) in &self.revoked {
+            j.extend(set.iter().map(|t| Change::Revoked { dev, token: t.clone(), on: true }));
+        }
+    }
+
     pub fn get(&self, dev: u32, uid: u64) -> Option<&User> {
         self.users.get(&dev)?.get(&uid)
     }
