@@ -42,7 +42,6 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::{Bridge, IO_TIMEOUT, Inbound};
-use crate::metrics::RedisHealth;
 use crate::store::{Backend, Change, HistoryRecord, StoreError};
 
 /// The Redis channel state changes travel on.
@@ -214,19 +213,12 @@ pub struct RedisStore {
     con: Option<redis::Connection>,
     node: u64,
     address: String,
-    health: Arc<RedisHealth>,
 }
 
 impl RedisStore {
     /// The engine for `bridge`'s Redis and node id.
     pub fn new(bridge: &Bridge) -> RedisStore {
-        RedisStore {
-            client: bridge.client.clone(),
-            con: None,
-            node: bridge.node,
-            address: bridge.address.clone(),
-            health: bridge.health.clone(),
-        }
+        RedisStore { client: bridge.client.clone(), con: None, node: bridge.node, address: bridge.address.clone() }
     }
 
     fn connection(&mut self) -> Result<&mut redis::Connection, StoreError> {
@@ -256,14 +248,10 @@ impl Backend for RedisStore {
         if wire.is_empty() {
             return Ok(());
         }
-        if !self.health.is_up() {
-            // Fail at once rather than after a connect timeout: the node
-            // already knows Redis is gone.
-            return Err(StoreError::Write(format!(
-                "the cluster's Redis is down ({}); the change was not stored",
-                self.health.reason()
-            )));
-        }
+        // Statements that write are refused while Redis is down before they
+        // change anything (`ShardCore::cluster_write_refused`); what still
+        // comes (a last-online time, a re-seed racing the reconnect) is
+        // tried.
         let node = self.node;
         for chunk in wire.chunks(CHUNK) {
             let mut pipe = redis::pipe();
@@ -275,11 +263,23 @@ impl Backend for RedisStore {
             pipe.cmd("SADD").arg(DEVS).arg(devs.into_iter().collect::<Vec<_>>()).ignore();
             let msg = serde_json::to_vec(&StateMsg { n: node, c: chunk.to_vec() }).unwrap_or_default();
             pipe.cmd("PUBLISH").arg(STATE_CHANNEL).arg(msg).ignore();
-            let con = self.connection()?;
-            if let Err(e) = pipe.query::<()>(con) {
-                // A broken connection is opened again by the next write.
-                self.con = None;
-                return Err(self.failed(&e));
+            // Once again on a new connection when the old one failed (Redis
+            // restarted since the last write; how the break shows varies):
+            // the commands are idempotent, and a state message applied
+            // twice changes nothing.
+            let mut tries = 0;
+            loop {
+                let con = self.connection()?;
+                match pipe.query::<()>(con) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.con = None;
+                        tries += 1;
+                        if tries == 2 {
+                            return Err(self.failed(&e));
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -348,7 +348,11 @@ pub fn snapshot(con: &mut redis::Connection, sink: &mut dyn FnMut(Change)) -> re
             continue;
         };
         for (table, make) in [
-            ("auth", (|d, u, v: String| Change::Key { dev: d, uid: u, key: Some(v.into()) }) as fn(u32, u64, String) -> Change),
+            (
+                "auth",
+                (|d, u, v: String| Change::Key { dev: d, uid: u, key: Some(v.into()) })
+                    as fn(u32, u64, String) -> Change,
+            ),
             ("data", |d, u, v: String| Change::Data { dev: d, uid: u, data: Some(v.into()) }),
         ] {
             for (f, v) in hash_pairs(con, &key(d, table))? {

@@ -42,8 +42,9 @@ pub const TRUST_DEFAULT: u32 = 100;
 
 /// Slots history ids are spread over between nodes (`--redis`): two nodes
 /// give the same id only when they drew the same slot and append to one
-/// channel at the same moment.
-pub const NODE_SLOTS: u64 = 1024;
+/// channel at the same moment. Ids stay below 2^53 (exact in JavaScript)
+/// up to 64 shards.
+pub const NODE_SLOTS: u64 = 64;
 
 /// The history and settings of the channels homed on one shard.
 #[derive(Debug, Default)]
@@ -53,7 +54,7 @@ pub struct HistoryStore {
     last_id: u64,
     /// With `--redis`: this node's slot among [`NODE_SLOTS`], so that two
     /// nodes appending to one channel give different ids (ids then step by
-    /// shards x [`NODE_SLOTS`]).
+    /// shards x [`NODE_SLOTS`] from the entry's second x 1024 up).
     pub node_slot: Option<u64>,
     /// Changes to persisted state not yet sent to the store; `None` when
     /// nothing is persisted (`--ephemeral`).
@@ -185,7 +186,15 @@ impl HistoryStore {
             return;
         }
         e.id = match self.node_slot {
-            Some(slot) => next_id(self.last_id, shard + shards * slot as usize, shards * NODE_SLOTS as usize),
+            Some(slot) => {
+                // Not below the entry's second (times 1024 appends a
+                // second per slot): entries from different nodes keep
+                // their order by time, not by which node drew the larger
+                // slot.
+                let stride = shards * NODE_SLOTS as usize;
+                let floor = (e.time.max(0) as u64).saturating_mul(1024 * stride as u64);
+                next_id(self.last_id.max(floor), shard + shards * slot as usize, stride)
+            }
             None => next_id(self.last_id, shard, shards),
         };
         self.last_id = e.id;
@@ -359,5 +368,42 @@ mod tests {
         assert_eq!(a.settings(0, None), vec![("web_a".into(), 5)]);
         assert!(a.remove_setting(0, "web_a"));
         assert!(a.settings(0, None).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    fn e(time: i64, msg: &str) -> Entry {
+        Entry { id: 0, time, event: "e".into(), message: msg.into(), user_id: None }
+    }
+
+    #[test]
+    fn two_nodes_give_distinct_time_ordered_ids_and_a_replica_keeps_id_order_once() {
+        let (mut a, mut b, mut replica) = (HistoryStore::default(), HistoryStore::default(), HistoryStore::default());
+        a.node_slot = Some(3);
+        b.node_slot = Some(5);
+        for h in [&mut a, &mut b, &mut replica] {
+            h.set_length(0, "web_h", 10);
+        }
+        a.append(0, "web_h", e(1_800_000_000, "a1"), 1, 16);
+        b.append(0, "web_h", e(1_800_000_000, "b1"), 1, 16);
+        b.append(0, "web_h", e(1_800_000_001, "b2"), 1, 16);
+        a.append(0, "web_h", e(1_800_000_002, "a2"), 1, 16);
+        let (ea, eb) = (a.entries(0, "web_h"), b.entries(0, "web_h"));
+        assert!(ea.iter().chain(&eb).all(|x| x.id < 1 << 53), "{ea:?} {eb:?}");
+        assert_ne!(ea[0].id, eb[0].id);
+        assert!(eb[1].id < ea[1].id && ea[0].id < eb[1].id, "later seconds, larger ids");
+        // Applied in any order, twice: one copy each, in id order.
+        for x in eb.iter().chain(&ea).chain(&eb) {
+            replica.apply_remote(Change::HistoryPut { dev: 0, channel: "web_h".into(), entry: x.into() });
+        }
+        let mut want: Vec<u64> = ea.iter().chain(&eb).map(|x| x.id).collect();
+        want.sort_unstable();
+        let got: Vec<u64> = replica.entries(0, "web_h").iter().map(|x| x.id).collect();
+        assert_eq!(got, want);
+        replica.apply_remote(Change::HistoryDel { dev: 0, channel: "web_h".into(), id: want[0] });
+        assert_eq!(replica.entries(0, "web_h").len(), 3);
     }
 }

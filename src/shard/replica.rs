@@ -9,8 +9,8 @@
 //! here too.
 
 use super::core::ShardCore;
-use crate::store::Change;
 use crate::cometql::exec::Plan;
+use crate::store::Change;
 use crate::users::{UserQuery, jwt};
 
 impl ShardCore {
