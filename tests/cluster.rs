@@ -407,6 +407,11 @@ fn a_killed_nodes_users_go_offline_within_30_seconds() {
     assert!(eventually(10, || redis.subscribers("user_status_11") == 1));
     let _device = user(&doomed, 11, "k11", "doomed");
     assert_eq!(watcher.recv()["event"], "online");
+    let online = eventually(5, || {
+        let t: Vec<(u64, i64)> = db(&survivor).query("SELECT id, time FROM users_time WHERE id = 11").unwrap();
+        t == [(11, 0)]
+    });
+    assert!(online, "users_time on the survivor shows the user online");
 
     let _ = doomed.child.kill();
     let _ = doomed.child.wait();
@@ -419,6 +424,16 @@ fn a_killed_nodes_users_go_offline_within_30_seconds() {
     let took = killed.elapsed();
     assert!(took <= Duration::from_secs(30), "the stale presence lasted {took:?}");
     assert_eq!(redis.cli(&["HLEN", "comet:0:online:11"]), "0");
+    // users_time on the survivor: online while the device lived, then the
+    // time of the sweep.
+    let mut d = db(&survivor);
+    let mut time = 0;
+    eventually(5, || {
+        let t: Vec<(u64, i64)> = d.query("SELECT id, time FROM users_time WHERE id = 11").unwrap();
+        time = t.first().map_or(0, |r| r.1);
+        time > 0
+    });
+    assert!(time > 0 && time <= unix_now(), "users_time after the sweep: {time}");
     // The swept user comes back online with a new device.
     let _back = user(&survivor, 11, "k11", "back");
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = watcher.ws.get_ref() {
@@ -557,18 +572,28 @@ fn keys_user_data_revoked_tokens_users_time_and_settings_written_on_one_node_hol
         rows_become(&nodes[1], "SELECT name, length FROM pipes_settings", &[("web_kept".into(), 7)]);
     assert_eq!(settings, [("web_kept".to_string(), 7)]);
 
-    // users_time: the user's only device, on node 1, closes; node 2 tells when.
-    let device = user(&nodes[1], 21, "k21", "d21");
+    // users_time: 0 on every node while a device is on any node; the time
+    // the last device anywhere closed once none is left.
+    let users_time = |n: &Server| -> i64 {
+        let t: Vec<(u64, i64)> = db(n).query("SELECT id, time FROM users_time WHERE id = 21").unwrap();
+        t.first().map_or(-1, |r| r.1)
+    };
+    let on_0 = user(&nodes[0], 21, "k21", "d0");
+    let on_1 = user(&nodes[1], 21, "k21", "d1");
+    for n in &nodes {
+        assert!(eventually(5, || users_time(n) == 0), "online on two nodes");
+    }
+    drop(on_0);
+    std::thread::sleep(Duration::from_millis(300));
+    for n in &nodes {
+        assert_eq!(users_time(n), 0, "still online on node 1");
+    }
     let before = unix_now();
-    drop(device);
-    let mut c = db(&nodes[2]);
-    let mut time = -1;
-    eventually(5, || {
-        let t: Vec<(u64, i64)> = c.query("SELECT id, time FROM users_time WHERE id = 21").unwrap();
-        time = t.first().map_or(-1, |r| r.1);
-        time >= before
-    });
-    assert!(time >= before && time <= unix_now(), "users_time on node 2: {time}");
+    drop(on_1);
+    for n in &nodes {
+        assert!(eventually(5, || users_time(n) >= before), "offline everywhere: {}", users_time(n));
+        assert!(users_time(n) <= unix_now());
+    }
 
     // A token revoked on node 0 closes the user's device on node 2, and
     // every node lists it and refuses it.

@@ -178,7 +178,8 @@ return 0";
 
 /// The node is alive for TTL more seconds; every node whose alive flag
 /// expired is swept: its entries leave the users' hashes, and a user no
-/// live node counts any more gets `offline` (as [`DETACH`] sends it).
+/// live node counts any more gets `offline` (as [`DETACH`] sends it) and
+/// its last-online time ([`state`]).
 /// Atomic, so one sweep takes a dead node. ARGV: node id, TTL. Returns the
 /// entries swept.
 const HEARTBEAT: &str = "local now = tonumber(redis.call('TIME')[1]) \
@@ -200,6 +201,9 @@ for _, node in ipairs(redis.call('SMEMBERS', 'comet:nodes')) do \
         local pipe = 'user_status_' .. uid \
         redis.call('PUBLISH', 'comet:' .. dev .. ':pipe:' .. pipe, \
           cjson.encode({n = 0, d = tonumber(dev), p = pipe, e = 'offline', m = 'offline'})) \
+        redis.call('HSET', 'comet:' .. dev .. ':time', uid, now) \
+        redis.call('PUBLISH', 'comet:state', '{\"n\":0,\"c\":[{\"k\":\"Time\",\"d\":' .. dev .. \
+          ',\"u\":' .. uid .. ',\"t\":' .. now .. '}]}') \
       end \
       swept = swept + 1 \
     end \

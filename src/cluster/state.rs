@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Bridge, IO_TIMEOUT, Inbound};
 use crate::store::{Backend, Change, HistoryRecord, StoreError};
+use crate::users::ONLINE_ON_ANOTHER_NODE;
 
 /// The Redis channel state changes travel on.
 pub const STATE_CHANNEL: &str = "comet:state";
@@ -206,6 +207,33 @@ pub fn home_of(c: &Change, shards: usize) -> usize {
     }
 }
 
+/// Adds the `PUBLISH` of `changes` (if any) to `pipe`, and empties it.
+fn publish_state(pipe: &mut redis::Pipeline, node: u64, changes: &mut Vec<WireChange>) {
+    if changes.is_empty() {
+        return;
+    }
+    let msg = serde_json::to_vec(&StateMsg { n: node, c: std::mem::take(changes) }).unwrap_or_default();
+    pipe.cmd("PUBLISH").arg(STATE_CHANNEL).arg(msg).ignore();
+}
+
+/// A node's last device of a user closed: sets the user's last-online time,
+/// unless another node's entry in the user's presence hash (`super::ATTACH`)
+/// is still alive, in which case the user stays online (-1). Publishes the
+/// outcome to every node. KEYS: the time hash, the presence hash; ARGV:
+/// user id, time, node id, the offline message, the online message.
+const WENT_OFFLINE: &str = "local now = tonumber(redis.call('TIME')[1]) \
+local all = redis.call('HGETALL', KEYS[2]) \
+for i = 1, #all, 2 do \
+  if all[i] ~= ARGV[3] and tonumber(all[i + 1]) > now then \
+    redis.call('HSET', KEYS[1], ARGV[1], -1) \
+    redis.call('PUBLISH', 'comet:state', ARGV[5]) \
+    return -1 \
+  end \
+end \
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) \
+redis.call('PUBLISH', 'comet:state', ARGV[4]) \
+return 1";
+
 /// The storage engine of a node in a cluster: Redis, through its own
 /// connection on the storage thread.
 pub struct RedisStore {
@@ -227,6 +255,17 @@ impl RedisStore {
             self.con = Some(con);
         }
         self.con.as_mut().ok_or_else(|| StoreError::Write("no connection to Redis".into()))
+    }
+
+    /// This node's last device of user `u` closed at `t`: the shared
+    /// last-online time becomes `t`, or stays "online" when another live
+    /// node holds a device of the user ([`WENT_OFFLINE`]). Every node, this
+    /// one too, applies what the script decided.
+    fn went_offline(&self, pipe: &mut redis::Pipeline, d: u32, u: u64, t: i64) {
+        let msg = |t: i64| serde_json::to_vec(&StateMsg { n: 0, c: vec![WireChange::Time { d, u, t: Some(t) }] });
+        let (offline, online) = (msg(t).unwrap_or_default(), msg(ONLINE_ON_ANOTHER_NODE).unwrap_or_default());
+        pipe.cmd("EVAL").arg(WENT_OFFLINE).arg(2).arg(key(d, "time")).arg(super::presence_key(d, u));
+        pipe.arg(u).arg(t).arg(self.node.to_string()).arg(offline).arg(online).ignore();
     }
 
     fn failed(&self, e: &redis::RedisError) -> StoreError {
@@ -257,12 +296,25 @@ impl Backend for RedisStore {
             let mut pipe = redis::pipe();
             pipe.atomic();
             let devs: BTreeSet<u32> = chunk.iter().map(WireChange::dev).collect();
-            for c in chunk {
-                c.write(&mut pipe);
-            }
             pipe.cmd("SADD").arg(DEVS).arg(devs.into_iter().collect::<Vec<_>>()).ignore();
-            let msg = serde_json::to_vec(&StateMsg { n: node, c: chunk.to_vec() }).unwrap_or_default();
-            pipe.cmd("PUBLISH").arg(STATE_CHANNEL).arg(msg).ignore();
+            // In order; a user's last device on this node leaving is
+            // decided by a script (is the user online on another node?)
+            // that publishes its own message, so the changes before it are
+            // published before it.
+            let mut plain: Vec<WireChange> = Vec::new();
+            for c in chunk {
+                match c {
+                    WireChange::Time { d, u, t: Some(t) } if *t > 0 => {
+                        publish_state(&mut pipe, node, &mut plain);
+                        self.went_offline(&mut pipe, *d, *u, *t);
+                    }
+                    c => {
+                        c.write(&mut pipe);
+                        plain.push(c.clone());
+                    }
+                }
+            }
+            publish_state(&mut pipe, node, &mut plain);
             // Once again on a new connection when the old one failed (Redis
             // restarted since the last write; how the break shows varies):
             // the commands are idempotent, and a state message applied

@@ -70,6 +70,8 @@ impl ShardCore {
             && let Some(c) = &self.cluster
         {
             c.user_added(dev_id, user_id);
+            // users_time on the other nodes: online now.
+            self.users.journal_online(dev_id, user_id);
         }
         if let Some(old) = reg.evicted {
             self.send_error(old, "device limit reached: replaced by a newer connection");

@@ -17,6 +17,10 @@ use smallvec::SmallVec;
 use crate::domain::{ConnId, ct_eq};
 use crate::store::Change;
 
+/// `offline_since` of a user with a device on another node (`--redis`):
+/// the shared last-online time says "online now".
+pub const ONLINE_ON_ANOTHER_NODE: i64 = -1;
+
 /// Devices (authorized connections) one user may have at once.
 pub const MAX_DEVICES: usize = 16;
 
@@ -84,7 +88,8 @@ pub struct User {
     /// The offline queue: a ring bounded by the configured capacity; boxed
     /// so that a user without one pays 8 bytes, not a `VecDeque`'s 32.
     pub queue: Option<Box<Queue>>,
-    /// Unix time the last device closed; 0 when never seen offline.
+    /// Unix time the last device closed; 0 when never seen offline;
+    /// [`ONLINE_ON_ANOTHER_NODE`] in a cluster.
     pub offline_since: i64,
 }
 
@@ -451,10 +456,16 @@ impl UserStore {
 
     pub fn presence(&self, dev: u32, uid: u64) -> Presence {
         match self.get(dev, uid) {
-            Some(u) if u.devices.is_some() => Presence::Online,
+            Some(u) if u.devices.is_some() || u.offline_since == ONLINE_ON_ANOTHER_NODE => Presence::Online,
             Some(u) if u.offline_since > 0 => Presence::Offline(u.offline_since),
             _ => Presence::Unknown,
         }
+    }
+
+    /// Records, for the other nodes of a cluster, that the user is online
+    /// (this node has its first device).
+    pub fn journal_online(&mut self, dev: u32, uid: u64) {
+        self.log(|| Change::LastOnline { dev, uid, time: Some(ONLINE_ON_ANOTHER_NODE) });
     }
 
     pub fn set_data(&mut self, dev: u32, uid: u64, data: &str) {
