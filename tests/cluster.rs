@@ -755,3 +755,35 @@ fn a_redis_restarted_empty_is_reseeded_from_the_nodes_and_writes_while_it_is_dow
     d.query_drop("INSERT INTO users_auth (id, hash) VALUES (42, 'k42')").unwrap();
     assert!(eventually(5, || authorizes(&c, 42, "k42")));
 }
+
+#[test]
+fn users_messages_shows_and_deletes_the_offline_queue_in_redis_from_any_node() {
+    let mut redis = Redis::start();
+    let nodes: Vec<Server> = (0..2).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let (mut d0, mut d1) = (db(&nodes[0]), db(&nodes[1]));
+    send_private(&mut d0, 51, "first");
+    send_private(&mut d1, 51, "second");
+    send_private(&mut d1, 52, "other");
+    let sql = "SELECT id, message FROM users_messages WHERE id IN (51, 52, 53)";
+    let want = [(51, "first".to_string()), (51, "second".to_string()), (52, "other".to_string())];
+    for n in &nodes {
+        let got: Vec<(u64, String)> = rows_become(n, sql, &want);
+        assert_eq!(got, want);
+    }
+    d1.query_drop("DELETE FROM users_messages WHERE id = 51").unwrap();
+    assert_eq!(d1.affected_rows(), 2);
+    assert_eq!(redis.cli(&["EXISTS", "comet:0:queue:51"]), "0");
+    let got: Vec<(u64, String)> = d0.query(sql).unwrap();
+    assert_eq!(got, [(52, "other".to_string())]);
+    // Redis down: the read gets a clear error at once, never a hang.
+    redis.kill();
+    assert!(eventually(10, || nodes[0].plain_metric("comet_redis_up") == 0));
+    let started = std::time::Instant::now();
+    let e = d0.query::<(u64, String), _>(sql).unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(e.contains("503") && e.contains("Redis is down"), "{e}");
+    d0.query_drop("SHOW STATUS").expect("the connection stays usable");
+}

@@ -252,6 +252,8 @@ pub enum Inbound {
     Reload(Vec<crate::store::Change>),
     /// Redis has no state: write what the shard holds.
     Reseed,
+    /// The answer to a [`state::QueueRead`] of this shard.
+    Queues(state::QueueAnswer),
 }
 
 impl Inbound {
@@ -261,6 +263,7 @@ impl Inbound {
             Inbound::Private { msgs, .. } => msgs.iter().map(|m| 64 + m.event.len() + m.text.len()).sum(),
             Inbound::State(c) | Inbound::Reload(c) => c.iter().map(crate::store::Change::weight).sum(),
             Inbound::Reseed => 64,
+            Inbound::Queues(a) => a.weight(),
         }
     }
 }
@@ -286,6 +289,9 @@ enum Out {
         dev_id: u32,
         user_id: u64,
     },
+    /// Read (or, with `delete`, take) users' offline queues for a
+    /// `users_messages` statement waiting on shard `shard` ([`state`]).
+    Queues(state::QueueRead),
     /// [`ATTACH`] (`online`) or [`DETACH`].
     Presence {
         dev_id: u32,
@@ -303,6 +309,7 @@ impl Out {
                 channel.len() + queue.len() + payload.len() + entry.len()
             }
             Out::Drain { .. } => 0,
+            Out::Queues(q) => 8 * q.user_ids.len(),
             Out::Presence { payload, .. } => payload.len(),
         }
     }
@@ -511,6 +518,9 @@ impl Bridge {
 
     fn send(&self, out: Out) {
         if !self.is_up() {
+            if let Out::Queues(q) = out {
+                return state::answer_queues(self, q, Err(self.down_reason()));
+            }
             // Statements that need Redis were refused already; what is left
             // (presence and status events) is lost while Redis is down, and
             // counted.
@@ -544,6 +554,13 @@ impl Bridge {
                 ttl: ttl.max(1),
             }),
         }
+    }
+
+    /// Reads (or takes) users' offline queues from Redis for shard
+    /// `shard`'s gather `req`; the answer comes back on the shard's lane,
+    /// an error one too when Redis is down.
+    pub fn read_queues(&self, shard: usize, req: u64, dev_id: u32, user_ids: Vec<u64>, delete: bool) {
+        self.send(Out::Queues(state::QueueRead { shard, req, dev_id, user_ids, delete }));
     }
 
     /// Too much waits for the publisher: the shard stops reading clients.
@@ -800,6 +817,7 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
                 Out::Drain { dev_id, user_id } => {
                     pipe.cmd("EVAL").arg(DRAIN).arg(1).arg(queue_key(*dev_id, *user_id));
                 }
+                Out::Queues(q) => q.add_to(&mut pipe),
                 Out::Presence { dev_id, user_id, online, payload } => {
                     let status = redis_channel(*dev_id, &format!("user_status_{user_id}"));
                     pipe.cmd("EVAL").arg(if *online { ATTACH } else { DETACH }).arg(2);
@@ -816,14 +834,22 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
             }
         }
         match result {
-            Ok(drained) => {
-                let sent = batch.iter().filter(|o| !matches!(o, Out::Drain { .. })).count();
+            Ok(lists) => {
+                let sent = batch.iter().filter(|o| !matches!(o, Out::Drain { .. } | Out::Queues(_))).count();
                 bridge.health.published.fetch_add(sent as u64, Ordering::Relaxed);
-                let drains = batch.iter().filter_map(|o| match o {
-                    Out::Drain { dev_id, user_id } => Some((*dev_id, *user_id)),
-                    _ => None,
-                });
-                for ((dev_id, user_id), entries) in drains.zip(drained) {
+                // The lists that came back, in the order their commands went.
+                let mut lists = lists.into_iter();
+                for out in batch {
+                    let (dev_id, user_id) = match out {
+                        Out::Drain { dev_id, user_id } => (dev_id, user_id),
+                        Out::Queues(q) => {
+                            let got: Vec<Vec<Vec<u8>>> = lists.by_ref().take(q.user_ids.len()).collect();
+                            state::answer_queues(bridge, q, Ok(got));
+                            continue;
+                        }
+                        _ => continue,
+                    };
+                    let Some(entries) = lists.next() else { break };
                     let msgs: Vec<PrivateMsg> = entries
                         .iter()
                         .filter_map(|e| serde_json::from_slice::<PrivateWire>(e).ok())
@@ -836,6 +862,11 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
             }
             Err(e) => {
                 bridge.health.lost.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for out in batch {
+                    if let Out::Queues(q) = out {
+                        state::answer_queues(bridge, q, Err(format!("Redis at {} failed: {e}", bridge.address)));
+                    }
+                }
                 return Some(e);
             }
         };

@@ -501,6 +501,72 @@ pub(super) fn resync(bridge: &Bridge) -> redis::RedisResult<()> {
     Ok(())
 }
 
+/// A `users_messages` SELECT (or DELETE, `delete`) in a cluster: the
+/// offline queues are Redis lists (`super::queue_key`), read by the
+/// publisher thread in its next pipeline.
+#[derive(Debug)]
+pub struct QueueRead {
+    /// The shard whose gather `req` waits for the answer.
+    pub shard: usize,
+    pub req: u64,
+    pub dev_id: u32,
+    pub user_ids: Vec<u64>,
+    /// Take the queues (`DELETE`) instead of reading them.
+    pub delete: bool,
+}
+
+impl QueueRead {
+    /// One `LRANGE` (or the atomic take, `super::DRAIN`) per user.
+    pub(super) fn add_to(&self, pipe: &mut redis::Pipeline) {
+        for &u in &self.user_ids {
+            let key = super::queue_key(self.dev_id, u);
+            match self.delete {
+                true => pipe.cmd("EVAL").arg(super::DRAIN).arg(1).arg(key),
+                false => pipe.cmd("LRANGE").arg(key).arg(0).arg(-1),
+            };
+        }
+    }
+}
+
+/// What a [`QueueRead`] found: per user, the queued messages (oldest
+/// first), or why Redis could not be read.
+#[derive(Debug)]
+pub struct QueueAnswer {
+    pub req: u64,
+    pub delete: bool,
+    pub queues: Result<Vec<(u64, Vec<crate::users::Queued>)>, String>,
+}
+
+impl QueueAnswer {
+    pub(super) fn weight(&self) -> usize {
+        64 + self.queues.as_ref().map_or(0, |q| {
+            q.iter().map(|(_, m)| m.iter().map(|m| 16 + m.event().len() + m.message().len()).sum::<usize>()).sum()
+        })
+    }
+}
+
+/// Hands the lists Redis returned for `q` (or the error) to its shard.
+pub(super) fn answer_queues(bridge: &Bridge, q: QueueRead, lists: Result<Vec<Vec<Vec<u8>>>, String>) {
+    let queues = lists.map(|lists| {
+        q.user_ids
+            .iter()
+            .zip(lists)
+            .map(|(&u, entries)| {
+                let msgs = entries
+                    .iter()
+                    .filter_map(|e| serde_json::from_slice::<super::PrivateWire>(e).ok())
+                    .map(|w| crate::users::Queued::new(w.t.unwrap_or(0), &w.e, &w.m))
+                    .collect();
+                (u, msgs)
+            })
+            .collect()
+    });
+    let answer = QueueAnswer { req: q.req, delete: q.delete, queues };
+    if let Some(lane) = bridge.lanes.get(q.shard) {
+        super::push(bridge, lane, Inbound::Queues(answer));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,9 @@
 //! its own: a removed key or a revoked token closes the user's devices
 //! here too.
 
-use super::core::ShardCore;
+use super::core::{Pending, ShardCore, Then};
+use super::mail::Records;
+use crate::cluster::state::QueueAnswer;
 use crate::cometql::exec::Plan;
 use crate::store::Change;
 use crate::users::{UserQuery, jwt};
@@ -87,5 +89,54 @@ impl ShardCore {
         self.users.journal_all();
         self.history.journal_all();
         self.record_changes();
+    }
+}
+
+/// Marks a [`Pending`]'s failure as a failed read of the cluster's Redis
+/// (not a change that was not stored): `sql_failed` answers it with 503.
+pub const READ_FAILED: &str = "\u{0}redis read: ";
+
+impl ShardCore {
+    /// The users whose offline queues a `users_messages` SELECT (false) or
+    /// DELETE (true) touches, when they live in Redis (`--redis`).
+    pub fn cluster_queue_read(&self, q: &UserQuery) -> Option<(Vec<u64>, bool)> {
+        self.cluster.as_ref()?;
+        match q {
+            UserQuery::QueueSelect(ids) => Some((ids.clone(), false)),
+            UserQuery::QueueDelete(ids) => Some((ids.clone(), true)),
+            _ => None,
+        }
+    }
+
+    /// Asks the bridge for the queues; `then` runs with them (as the
+    /// user's home shard would answer) when Redis answered. Counted
+    /// against the connection's `--max-pending` like a gather.
+    pub fn ask_cluster_queues(&mut self, dev_id: u32, (user_ids, delete): (Vec<u64>, bool), then: Then) {
+        let Some(c) = self.cluster.clone() else { return };
+        let req = self.new_request(Pending::new(1, then));
+        c.read_queues(self.id, req, dev_id, user_ids, delete);
+    }
+
+    /// The bridge's answer to [`ShardCore::ask_cluster_queues`]. Queued
+    /// messages past `--offline-queue-ttl` are not shown (Redis expires
+    /// the whole list only).
+    pub fn cluster_queues_answered(&mut self, a: QueueAnswer) {
+        let ttl = self.shared.config.offline_queue_ttl.as_secs() as i64;
+        let now = self.unix;
+        let Some(p) = self.pending.get_mut(&a.req) else { return };
+        p.remaining -= 1;
+        match a.queues {
+            Ok(queues) if a.delete => p.count += queues.iter().map(|(_, q)| q.len() as u64).sum::<u64>(),
+            Ok(queues) => {
+                let live: Vec<_> = queues
+                    .into_iter()
+                    .map(|(u, q)| (u, q.into_iter().filter(|m| m.time + ttl > now).collect::<Vec<_>>()))
+                    .filter(|(_, q)| !q.is_empty())
+                    .collect();
+                p.records.append(Records::Queues(live));
+            }
+            Err(e) => p.failed = Some(format!("{READ_FAILED}{e}").into()),
+        }
+        self.maybe_complete(a.req);
     }
 }
