@@ -787,3 +787,28 @@ fn users_messages_shows_and_deletes_the_offline_queue_in_redis_from_any_node() {
     assert!(e.contains("503") && e.contains("Redis is down"), "{e}");
     d0.query_drop("SHOW STATUS").expect("the connection stays usable");
 }
+
+#[test]
+fn a_node_that_reconnects_replaces_its_copy_of_the_state_with_redis() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..2).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut d = db(&nodes[0]);
+    d.query_drop("INSERT INTO users_auth (id, hash) VALUES (61, 'k61'), (62, 'k62')").unwrap();
+    assert!(eventually(5, || authorizes(&nodes[1], 61, "k61")));
+    // Redis changes behind the nodes' backs (as if they had missed it while
+    // cut off): they see it once they reconnect, not before.
+    redis.cli(&["HDEL", "comet:0:auth", "61"]);
+    redis.cli(&["HSET", "comet:0:auth", "62", "new62"]);
+    assert!(authorizes(&nodes[1], 61, "k61"), "memory is the read path");
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    for n in &nodes {
+        assert!(eventually(10, || !authorizes(n, 61, "k61")), "the reload dropped the key");
+        assert!(authorizes(n, 62, "new62") && !authorizes(n, 62, "k62"));
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let log: Vec<String> = nodes[1].drain_log();
+    assert!(log.iter().any(|l| l.contains("loaded") && l.contains("state records")), "{log:#?}");
+}
