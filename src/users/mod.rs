@@ -701,3 +701,44 @@ mod queued_tests {
         assert_eq!(q.message(), "m");
     }
 }
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn remote_changes_apply_removals_too_and_online_elsewhere_reads_as_online() {
+        let mut u = UserStore::default();
+        u.apply_remote(Change::Key { dev: 0, uid: 5, key: Some("k".into()) });
+        u.apply_remote(Change::Revoked { dev: 0, token: "t".into(), on: true });
+        assert!(u.authorize(0, 5, "k", b"s", 0));
+        assert!(u.is_revoked(0, "t"));
+        u.apply_remote(Change::Key { dev: 0, uid: 5, key: None });
+        u.apply_remote(Change::Revoked { dev: 0, token: "t".into(), on: false });
+        assert!(!u.authorize(0, 5, "k", b"s", 0));
+        assert!(!u.is_revoked(0, "t"));
+        assert!(u.is_empty(), "nothing left is kept");
+        u.apply_remote(Change::LastOnline { dev: 0, uid: 6, time: Some(ONLINE_ON_ANOTHER_NODE) });
+        assert_eq!(u.presence(0, 6), Presence::Online);
+        u.apply_remote(Change::LastOnline { dev: 0, uid: 6, time: Some(100) });
+        assert_eq!(u.presence(0, 6), Presence::Offline(100));
+    }
+
+    #[test]
+    fn a_reload_keeps_devices_and_a_reseed_journals_everything_held() {
+        let mut u = UserStore { journal: Some(Vec::new()), ..UserStore::default() };
+        u.set_key(0, 1, "k1");
+        u.set_data(0, 2, "d2");
+        u.revoke(0, "tok");
+        u.add_device(0, 1, ConnId { index: 1, generation: 0 });
+        u.take_changes();
+        u.journal_all();
+        let mut got = u.take_changes();
+        got.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(got.len(), 3, "{got:?}");
+        u.clear_persisted();
+        assert!(u.get(0, 1).is_some_and(|x| x.key.is_none() && x.devices.is_some()), "devices stay");
+        assert!(u.get(0, 2).is_none() && !u.is_revoked(0, "tok"));
+        assert!(u.take_changes().is_empty(), "a reload journals nothing");
+    }
+}
