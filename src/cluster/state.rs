@@ -491,11 +491,16 @@ pub(super) fn resync(bridge: &Bridge) -> redis::RedisResult<()> {
         eprintln!("comet: redis: no cluster state in Redis; this node writes what it holds");
         return Ok(());
     }
-    let mut all = Vec::new();
-    snapshot(&mut con, &mut |c| all.push(c))?;
-    let records = all.len();
-    for (shard, changes) in split(all.into_iter(), shards) {
-        super::push(bridge, &bridge.lanes[shard], Inbound::Reload(changes));
+    // Straight into each shard's part: one shard's part replaces its copy
+    // at once, so no shard serves half a state.
+    let mut per: Vec<Vec<Change>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut records = 0usize;
+    snapshot(&mut con, &mut |c| {
+        records += 1;
+        per[home_of(&c, shards)].push(c);
+    })?;
+    for (lane, changes) in bridge.lanes.iter().zip(per) {
+        super::push(bridge, lane, Inbound::Reload(changes));
     }
     eprintln!("comet: redis: loaded {records} state records");
     Ok(())
