@@ -51,9 +51,32 @@ pub const STATE_CHANNEL: &str = "comet:state";
 pub const SEEDED: &str = "comet:state:seeded";
 /// The set of dev_ids that have state, to find the hashes at load.
 const DEVS: &str = "comet:devs";
-/// Changes per `MULTI` and per state message: a re-seed of a million users
-/// goes out in pieces, not as one message Redis must hold whole.
+/// Changes per `MULTI` and per state message, at most: a re-seed of a
+/// million users goes out in pieces, not as one message Redis must hold
+/// whole.
 const CHUNK: usize = 1000;
+/// Bytes of changes per state message, at most (one change may be larger):
+/// well under Redis's default output limit for a subscriber (32 MB hard),
+/// which would disconnect every node for one large message.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// Cuts `changes` into pieces of at most [`CHUNK`] changes and about
+/// [`CHUNK_BYTES`] bytes, in order.
+fn chunks(changes: &[Change]) -> Vec<&[Change]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, c) in changes.iter().enumerate() {
+        if i > start && (i - start >= CHUNK || bytes + c.weight() > CHUNK_BYTES) {
+            out.push(&changes[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += c.weight();
+    }
+    if start < changes.len() {
+        out.push(&changes[start..]);
+    }
+    out
+}
 
 fn key(dev: u32, what: &str) -> String {
     format!("comet:{dev}:{what}")
@@ -283,16 +306,16 @@ fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
 
 impl Backend for RedisStore {
     fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
-        let wire: Vec<WireChange> = changes.iter().filter_map(WireChange::of).collect();
-        if wire.is_empty() {
-            return Ok(());
-        }
         // Statements that write are refused while Redis is down before they
         // change anything (`ShardCore::cluster_write_refused`); what still
         // comes (a last-online time, a re-seed racing the reconnect) is
         // tried.
         let node = self.node;
-        for chunk in wire.chunks(CHUNK) {
+        for part in chunks(changes) {
+            let chunk: Vec<WireChange> = part.iter().filter_map(WireChange::of).collect();
+            if chunk.is_empty() {
+                continue;
+            }
             let mut pipe = redis::pipe();
             pipe.atomic();
             let devs: BTreeSet<u32> = chunk.iter().map(WireChange::dev).collect();
@@ -302,7 +325,7 @@ impl Backend for RedisStore {
             // that publishes its own message, so the changes before it are
             // published before it.
             let mut plain: Vec<WireChange> = Vec::new();
-            for c in chunk {
+            for c in &chunk {
                 match c {
                     WireChange::Time { d, u, t: Some(t) } if *t > 0 => {
                         publish_state(&mut pipe, node, &mut plain);
@@ -597,6 +620,21 @@ mod tests {
         assert_eq!(back, changes);
         let q = Change::QueueDel { dev: 1, uid: 2, seq: 0 };
         assert_eq!(WireChange::of(&q), None);
+    }
+
+    #[test]
+    fn changes_go_out_in_pieces_bounded_in_count_and_bytes() {
+        let small = |u| Change::Data { dev: 0, uid: u, data: Some("x".into()) };
+        let many: Vec<Change> = (0..2500).map(small).collect();
+        let sizes: Vec<usize> = chunks(&many).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        let big = |u| Change::Data { dev: 0, uid: u, data: Some("y".repeat(400 << 10).into()) };
+        let large: Vec<Change> = (0..7).map(big).collect();
+        let sizes: Vec<usize> = chunks(&large).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [2, 2, 2, 1]);
+        let huge = vec![Change::Data { dev: 0, uid: 1, data: Some("z".repeat(3 << 20).into()) }, small(2)];
+        assert_eq!(chunks(&huge).len(), 2, "a change over the bound goes alone");
+        assert!(chunks(&[]).is_empty());
     }
 
     #[test]
