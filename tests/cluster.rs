@@ -812,3 +812,41 @@ fn a_node_that_reconnects_replaces_its_copy_of_the_state_with_redis() {
     let log: Vec<String> = nodes[1].drain_log();
     assert!(log.iter().any(|l| l.contains("loaded") && l.contains("state records")), "{log:#?}");
 }
+
+#[test]
+fn a_single_comets_data_dir_seeds_an_empty_redis_and_is_ignored_once_redis_has_state() {
+    let dir = std::env::temp_dir().join(format!("comet-cluster-seed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_arg = dir.to_string_lossy().into_owned();
+    {
+        let single = Server::start(&["--shards", "2", "--password", "pw", "--data-dir", &dir_arg]);
+        let mut d = db(&single);
+        d.query_drop("INSERT INTO users_auth (id, hash) VALUES (71, 'k71')").unwrap();
+        d.query_drop("INSERT INTO pipes_settings (name, length) VALUES ('trust_old', 4)").unwrap();
+        publish(&mut d, "trust_old", "from before").unwrap();
+    }
+    let redis = Redis::start();
+    let args = ["--shards", "2", "--password", "pw", "--redis", &redis.url(), "--data-dir", &dir_arg];
+    let first = Server::start(&args);
+    assert!(eventually(10, || first.plain_metric("comet_redis_up") == 1));
+    assert!(eventually(5, || redis.cli(&["HGET", "comet:0:auth", "71"]) == "k71"), "the data dir seeded Redis");
+    let other = node(&redis);
+    assert!(eventually(10, || other.plain_metric("comet_redis_up") == 1));
+    assert!(eventually(5, || authorizes(&other, 71, "k71")));
+    let history: Vec<String> = rows_become(
+        &other,
+        "SELECT message FROM pipes_messages WHERE name = 'trust_old'",
+        &["from before".to_string()],
+    );
+    assert_eq!(history, ["from before"]);
+    // Redis has state now: the same data dir does not bring the key back.
+    db(&other).query_drop("DELETE FROM users_auth WHERE id = 71").unwrap();
+    drop(first);
+    let again = Server::start(&args);
+    assert!(eventually(10, || again.plain_metric("comet_redis_up") == 1));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!authorizes(&again, 71, "k71"), "Redis's state replaced the data dir's");
+    assert_eq!(redis.cli(&["HEXISTS", "comet:0:auth", "71"]), "0");
+    drop(again);
+    let _ = std::fs::remove_dir_all(&dir);
+}
