@@ -519,7 +519,9 @@ impl Bridge {
     fn send(&self, out: Out) {
         if !self.is_up() {
             if let Out::Queues(q) = out {
-                return state::answer_queues(self, q, Err(self.down_reason()));
+                // On the asking shard's thread: no waiting for its lane.
+                let (shard, answer) = state::queue_answer(q, Err(self.down_reason()));
+                return push_now(&self.lanes[shard], answer);
             }
             // Statements that need Redis were refused already; what is left
             // (presence and status events) is lost while Redis is down, and
@@ -1063,6 +1065,12 @@ fn push(bridge: &Bridge, lane: &Lane, msg: Inbound) {
         lane.bell.poke();
         std::thread::sleep(Duration::from_millis(1));
     }
+    push_now(lane, msg);
+}
+
+/// [`push`] without waiting: for a shard answering itself (it would wait
+/// for its own lane to drain), past the bound by one small message.
+fn push_now(lane: &Lane, msg: Inbound) {
     lane.bytes.fetch_add(msg.weight(), Ordering::SeqCst);
     lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).push(msg);
     lane.bell.poke();

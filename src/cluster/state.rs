@@ -575,6 +575,14 @@ impl QueueAnswer {
 
 /// Hands the lists Redis returned for `q` (or the error) to its shard.
 pub(super) fn answer_queues(bridge: &Bridge, q: QueueRead, lists: Result<Vec<Vec<Vec<u8>>>, String>) {
+    let (shard, answer) = queue_answer(q, lists);
+    if let Some(lane) = bridge.lanes.get(shard) {
+        super::push(bridge, lane, answer);
+    }
+}
+
+/// The shard waiting for `q`, and its answer.
+pub(super) fn queue_answer(q: QueueRead, lists: Result<Vec<Vec<Vec<u8>>>, String>) -> (usize, Inbound) {
     let queues = lists.map(|lists| {
         q.user_ids
             .iter()
@@ -589,10 +597,7 @@ pub(super) fn answer_queues(bridge: &Bridge, q: QueueRead, lists: Result<Vec<Vec
             })
             .collect()
     });
-    let answer = QueueAnswer { req: q.req, delete: q.delete, queues };
-    if let Some(lane) = bridge.lanes.get(q.shard) {
-        super::push(bridge, lane, Inbound::Queues(answer));
-    }
+    (q.shard, Inbound::Queues(QueueAnswer { req: q.req, delete: q.delete, queues }))
 }
 
 #[cfg(test)]
