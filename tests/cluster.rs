@@ -605,6 +605,25 @@ fn keys_user_data_revoked_tokens_users_time_and_settings_written_on_one_node_hol
     assert_eq!(listed, std::slice::from_ref(&token));
     assert!(!authorizes(&nodes[1], 22, &token));
 
+    // The HTTP API writes and reads the same state.
+    let body = r#"{"id":24,"hash":"k24"}"#;
+    let (status, answer) = http_request(
+        nodes[2].api.expect("api"),
+        &format!(
+            "POST /api/users_auth HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(status.contains("200"), "{status}: {answer}");
+    let read = || {
+        http_request(
+            nodes[0].api.expect("api"),
+            "GET /api/users_auth?id=24 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw\r\nConnection: close\r\n\r\n",
+        )
+        .1
+    };
+    assert!(eventually(5, || read().contains("k24")), "{}", read());
+
     // A key deleted on node 2 closes the user's device on node 1.
     let mut on_1 = user(&nodes[1], 21, "k21", "again");
     db(&nodes[2]).query_drop("DELETE FROM users_auth WHERE id = 21").unwrap();
