@@ -46,6 +46,7 @@ check "$out/cluster.json" 'len(f) == 2 and all(x["loss"] == 0 and x["delivered"]
 "$B" "${common[@]}" durability publish --subs 20 --conns 2 --inserts 200 --window 16 --history 10 --json "$out/durability.json"
 check "$out/durability.json" 'len(f) == 3 and all(x["loss"] == 0 for x in f)'
 "$B" "${common[@]}" store-load --users 2000
+"$B" "${common[@]}" cluster-state --users 2000
 "$B" "${common[@]}" --server-arg=--max-accept-rate=2000 storm --clients 400 --procs 2 --threads 4 --json "$out/storm.json"
 check "$out/storm.json" 'f[0]["connections"] == 400 and f[0]["extra"]["subscribed after restart (server count)"] == 400 and f[0]["failed_connections"] == 0'
 "$B" "${common[@]}" --variant-arg=--write-delay=20 fanout --subs 100 --rate 20 --seconds 1 --json "$out/write_delay.json"

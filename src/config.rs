@@ -199,7 +199,7 @@ pub struct Cli {
     /// The demo page at / and /index.html (comet.js is always served) [default: on].
     #[arg(long, env = "COMET_DEMO", value_enum)]
     pub demo: Option<Switch>,
-    /// Directory of the persisted state (keys, user data, queues, history), created on first start [default: comet-data].
+    /// Directory of the persisted state (keys, user data, queues, history), created on first start; not used with --redis, where Redis holds it [default: comet-data].
     #[arg(long, env = "COMET_DATA_DIR", value_name = "PATH")]
     pub data_dir: Option<PathBuf>,
     /// Keep all state in memory only: a restart loses it [default: off].

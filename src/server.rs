@@ -129,6 +129,24 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // The data dir first: a second comet on it must be told about the dir,
     // whatever its ports.
     let mut loaded = match &config.data_dir {
+        // In a cluster Redis is the store (docs/cluster.md). A data dir
+        // that exists is read once: what it holds seeds a Redis that has
+        // no state yet (the way from one comet to a cluster), and is
+        // replaced by Redis's state otherwise.
+        Some(dir) if config.redis.is_some() && dir.exists() => {
+            let l = open_store(dir, n, config.max_journal_size)?;
+            eprintln!(
+                "comet: --redis: Redis keeps the state; the data dir {} was read once and only seeds a Redis that has no state yet",
+                dir.display()
+            );
+            Some(l)
+        }
+        _ if config.redis.is_some() => {
+            eprintln!(
+                "comet: --redis: keys, user data, revoked tokens, last-online times, settings and history are kept in Redis; no data dir is used"
+            );
+            None
+        }
         Some(dir) => Some(open_store(dir, n, config.max_journal_size)?),
         None => {
             eprintln!("comet: --ephemeral: all state is in memory only; a restart loses it");
@@ -197,6 +215,30 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let bells: Vec<Arc<Doorbell>> = mesh.iter().map(|(_, inbox)| inbox.bell().clone()).collect();
     let mut per_shard: Vec<Option<(StoreHandle, UserStore, HistoryStore)>> = (0..n).map(|_| None).collect();
     let mut storage = None;
+    let mut cluster = None;
+    if let (Some(url), Some(health)) = (&config.redis, redis_health) {
+        let bridge = crate::cluster::Bridge::new(url, &bells, config.mail_limit, health)?;
+        // The storage thread writes to Redis (before the subscriber loads
+        // the state and hands it to the shards).
+        let hub = Hub::new(&bells, config.durability);
+        let slot = (bridge.node >> 1) % crate::shard::history::NODE_SLOTS;
+        // The data dir's state, if one was read (its engine is closed).
+        let (mut users, mut history): (Vec<UserStore>, Vec<HistoryStore>) = match loaded.take() {
+            Some(l) => (l.users, l.history),
+            None => ((0..n).map(|_| UserStore::default()).collect(), (0..n).map(|_| HistoryStore::default()).collect()),
+        };
+        for (i, s) in per_shard.iter_mut().enumerate() {
+            let mut h = std::mem::take(&mut history[i]);
+            h.node_slot = Some(slot);
+            *s = Some((StoreHandle::new(&hub, i, config.mail_limit), std::mem::take(&mut users[i]), h));
+        }
+        let backend = Box::new(crate::cluster::state::RedisStore::new(&bridge));
+        let thread = crate::store::writer::spawn(hub.clone(), backend).map_err(ServerError::StoreThread)?;
+        storage = Some((hub, thread));
+        let threads = crate::cluster::spawn(&bridge).map_err(ServerError::RedisThread)?;
+        eprintln!("comet: cluster over Redis at {} (node id {:016x})", bridge.address, bridge.node);
+        cluster = Some((bridge, threads));
+    }
     if let Some(l) = loaded.take() {
         let hub = Hub::new(&bells, config.durability);
         for (i, (users, history)) in l.users.into_iter().zip(l.history).enumerate() {
@@ -204,13 +246,6 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         }
         let thread = crate::store::writer::spawn(hub.clone(), l.backend).map_err(ServerError::StoreThread)?;
         storage = Some((hub, thread));
-    }
-    let mut cluster = None;
-    if let (Some(url), Some(health)) = (&config.redis, redis_health) {
-        let bridge = crate::cluster::Bridge::new(url, &bells, config.mail_limit, health)?;
-        let threads = crate::cluster::spawn(&bridge).map_err(ServerError::RedisThread)?;
-        eprintln!("comet: cluster over Redis at {} (node id {:016x})", bridge.address, bridge.node);
-        cluster = Some((bridge, threads));
     }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
     let mut threads = Vec::with_capacity(n);

@@ -407,6 +407,11 @@ fn a_killed_nodes_users_go_offline_within_30_seconds() {
     assert!(eventually(10, || redis.subscribers("user_status_11") == 1));
     let _device = user(&doomed, 11, "k11", "doomed");
     assert_eq!(watcher.recv()["event"], "online");
+    let online = eventually(5, || {
+        let t: Vec<(u64, i64)> = db(&survivor).query("SELECT id, time FROM users_time WHERE id = 11").unwrap();
+        t == [(11, 0)]
+    });
+    assert!(online, "users_time on the survivor shows the user online");
 
     let _ = doomed.child.kill();
     let _ = doomed.child.wait();
@@ -419,6 +424,16 @@ fn a_killed_nodes_users_go_offline_within_30_seconds() {
     let took = killed.elapsed();
     assert!(took <= Duration::from_secs(30), "the stale presence lasted {took:?}");
     assert_eq!(redis.cli(&["HLEN", "comet:0:online:11"]), "0");
+    // users_time on the survivor: online while the device lived, then the
+    // time of the sweep.
+    let mut d = db(&survivor);
+    let mut time = 0;
+    eventually(5, || {
+        let t: Vec<(u64, i64)> = d.query("SELECT id, time FROM users_time WHERE id = 11").unwrap();
+        time = t.first().map_or(0, |r| r.1);
+        time > 0
+    });
+    assert!(time > 0 && time <= unix_now(), "users_time after the sweep: {time}");
     // The swept user comes back online with a new device.
     let _back = user(&survivor, 11, "k11", "back");
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = watcher.ws.get_ref() {
@@ -502,5 +517,355 @@ fn an_offline_queue_survives_a_killed_redis_with_an_append_only_file() {
     let mut device = user(&b, 12, "k12", "after");
     assert_eq!(private(&mut device), ("kept".to_string(), true));
     drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether a browser on `s` authorizes as `uid` with `key`.
+fn authorizes(s: &Server, uid: u64, key: &str) -> bool {
+    let mut c = Client::connect(&s.url(&format!("sesion={key}&myid={uid}&devid=0&v=4.08&uuid=probe&api=js")));
+    let info = c.recv();
+    assert_eq!(info["event"], "serverInfo", "{info}");
+    info["authorized"] == true
+}
+
+/// The rows of a query on `s`, once they equal `want` (within 5 s); the
+/// last rows read otherwise.
+fn rows_become<T: mysql::prelude::FromRow + PartialEq + std::fmt::Debug>(s: &Server, sql: &str, want: &[T]) -> Vec<T> {
+    let mut d = db(s);
+    let mut got = Vec::new();
+    eventually(5, || {
+        got = d.query(sql).unwrap();
+        got == want
+    });
+    got
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+#[test]
+fn keys_user_data_revoked_tokens_users_time_and_settings_written_on_one_node_hold_on_every_node() {
+    use comet::users::jwt;
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut a = db(&nodes[0]);
+    a.query_drop("INSERT INTO users_auth (id, hash) VALUES (21, 'k21')").unwrap();
+    // The OK came once Redis had it.
+    assert_eq!(redis.cli(&["HGET", "comet:0:auth", "21"]), "k21");
+    assert!(eventually(5, || authorizes(&nodes[1], 21, "k21")), "a key set on node 0 authorizes on node 1");
+    assert!(authorizes(&nodes[2], 21, "k21"));
+    assert!(!authorizes(&nodes[2], 21, "wrong"));
+    let keys: Vec<(u64, String)> =
+        rows_become(&nodes[2], "SELECT id, hash FROM users_auth WHERE id = 21", &[(21, "k21".into())]);
+    assert_eq!(keys, [(21, "k21".to_string())]);
+
+    a.query_drop("INSERT INTO users_data (id, data) VALUES (21, 'Ann')").unwrap();
+    let data: Vec<(u64, String)> =
+        rows_become(&nodes[2], "SELECT id, data FROM users_data WHERE id = 21", &[(21, "Ann".into())]);
+    assert_eq!(data, [(21, "Ann".to_string())]);
+    a.query_drop("INSERT INTO pipes_settings (name, length) VALUES ('web_kept', 7)").unwrap();
+    let settings: Vec<(String, u32)> =
+        rows_become(&nodes[1], "SELECT name, length FROM pipes_settings", &[("web_kept".into(), 7)]);
+    assert_eq!(settings, [("web_kept".to_string(), 7)]);
+
+    // users_time: 0 on every node while a device is on any node; the time
+    // the last device anywhere closed once none is left.
+    let users_time = |n: &Server| -> i64 {
+        let t: Vec<(u64, i64)> = db(n).query("SELECT id, time FROM users_time WHERE id = 21").unwrap();
+        t.first().map_or(-1, |r| r.1)
+    };
+    let on_0 = user(&nodes[0], 21, "k21", "d0");
+    let on_1 = user(&nodes[1], 21, "k21", "d1");
+    for n in &nodes {
+        assert!(eventually(5, || users_time(n) == 0), "online on two nodes");
+    }
+    drop(on_0);
+    std::thread::sleep(Duration::from_millis(300));
+    for n in &nodes {
+        assert_eq!(users_time(n), 0, "still online on node 1");
+    }
+    let before = unix_now();
+    drop(on_1);
+    for n in &nodes {
+        assert!(eventually(5, || users_time(n) >= before), "offline everywhere: {}", users_time(n));
+        assert!(users_time(n) <= unix_now());
+    }
+
+    // A token revoked on node 0 closes the user's device on node 2, and
+    // every node lists it and refuses it.
+    let token = jwt::sign(&serde_json::json!({"user_id": 22, "exp": unix_now() + 600}), b"pw0");
+    let mut holder = user(&nodes[2], 22, &token, "jwt");
+    a.query_drop(format!("INSERT INTO revoked_tokens (token) VALUES ('{token}')")).unwrap();
+    assert_eq!(holder.expect_close(), 4001, "the device on another node is closed");
+    let listed: Vec<String> = rows_become(&nodes[1], "SELECT token FROM revoked_tokens", std::slice::from_ref(&token));
+    assert_eq!(listed, std::slice::from_ref(&token));
+    assert!(!authorizes(&nodes[1], 22, &token));
+
+    // The HTTP API writes and reads the same state.
+    let body = r#"{"id":24,"hash":"k24"}"#;
+    let (status, answer) = http_request(
+        nodes[2].api.expect("api"),
+        &format!(
+            "POST /api/users_auth HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(status.contains("200"), "{status}: {answer}");
+    let read = || {
+        http_request(
+            nodes[0].api.expect("api"),
+            "GET /api/users_auth?id=24 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw\r\nConnection: close\r\n\r\n",
+        )
+        .1
+    };
+    assert!(eventually(5, || read().contains("k24")), "{}", read());
+
+    // A key deleted on node 2 closes the user's device on node 1.
+    let mut on_1 = user(&nodes[1], 21, "k21", "again");
+    db(&nodes[2]).query_drop("DELETE FROM users_auth WHERE id = 21").unwrap();
+    assert_eq!(on_1.expect_close(), 4001);
+    assert!(!authorizes(&nodes[0], 21, "k21"));
+    assert_eq!(redis.cli(&["HEXISTS", "comet:0:auth", "21"]), "0");
+}
+
+#[test]
+fn history_written_through_any_node_is_read_on_every_node_in_order() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    db(&nodes[0]).query_drop("INSERT INTO pipes_settings (name, length) VALUES ('web_hist', 3)").unwrap();
+    let sql = "SELECT message FROM pipes_messages WHERE name = 'web_hist'";
+    let mut want: Vec<String> = Vec::new();
+    // From each node in turn (each once the previous is seen there, as a
+    // chat would), and a fourth that pushes the first out.
+    for (i, n) in [0, 1, 2, 1].iter().enumerate() {
+        let settings: Vec<(String, u32)> =
+            rows_become(&nodes[*n], "SELECT name, length FROM pipes_settings", &[("web_hist".into(), 3)]);
+        assert_eq!(settings.len(), 1);
+        let seen: Vec<String> = rows_become(&nodes[*n], sql, &want);
+        assert_eq!(seen, want, "node {n} before message {i}");
+        publish(&mut db(&nodes[*n]), "web_hist", &format!("m{i}")).unwrap();
+        want.push(format!("m{i}"));
+        if want.len() > 3 {
+            want.remove(0);
+        }
+    }
+    for n in &nodes {
+        let got: Vec<String> = rows_become(n, sql, &want);
+        assert_eq!(got, want);
+    }
+    assert_eq!(redis.cli(&["HLEN", "comet:0:history:web_hist"]), "3");
+    // A browser's pipe_log on node 0 gets the same.
+    let mut b = nodes[0].client("reader");
+    b.send("pipe_log\nweb_hist\nmk\n");
+    let got: Vec<String> = (0..3)
+        .map(|_| {
+            let m = b.recv();
+            assert_eq!(m["history"], true, "{m}");
+            m["data"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(got, want);
+    // Ids are the same everywhere; deleting on one node deletes everywhere.
+    let ids: Vec<u64> = db(&nodes[1]).query("SELECT id FROM pipes_messages WHERE name = 'web_hist'").unwrap();
+    let ids_2: Vec<u64> = db(&nodes[2]).query("SELECT id FROM pipes_messages WHERE name = 'web_hist'").unwrap();
+    assert_eq!(ids, ids_2);
+    let mut d2 = db(&nodes[2]);
+    d2.query_drop(format!("DELETE FROM pipes_messages WHERE name = 'web_hist' AND id = {}", ids[0])).unwrap();
+    assert_eq!(d2.affected_rows(), 1);
+    let left: Vec<String> = rows_become(&nodes[0], sql, &want[1..]);
+    assert_eq!(left, want[1..]);
+}
+
+#[test]
+fn a_sigkilled_node_loses_nothing_and_a_new_node_starts_with_the_whole_state() {
+    let redis = Redis::start();
+    let mut doomed = node(&redis);
+    let survivor = node(&redis);
+    for n in [&doomed, &survivor] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut d = db(&doomed);
+    d.query_drop("INSERT INTO users_auth (id, hash) VALUES (31, 'k31')").unwrap();
+    d.query_drop("INSERT INTO users_data (id, data) VALUES (31, 'kept')").unwrap();
+    d.query_drop("INSERT INTO pipes_settings (name, length) VALUES ('trust_x', 5)").unwrap();
+    publish(&mut d, "trust_x", "last words").unwrap();
+    // SIGKILL right after the last OK: acknowledged means in Redis.
+    let _ = doomed.child.kill();
+    let _ = doomed.child.wait();
+    let newcomer = node(&redis);
+    assert!(eventually(10, || newcomer.plain_metric("comet_redis_up") == 1));
+    for n in [&survivor, &newcomer] {
+        assert!(eventually(5, || authorizes(n, 31, "k31")));
+        let data: Vec<(u64, String)> =
+            rows_become(n, "SELECT id, data FROM users_data WHERE id = 31", &[(31, "kept".into())]);
+        assert_eq!(data, [(31, "kept".to_string())]);
+        let history: Vec<String> =
+            rows_become(n, "SELECT message FROM pipes_messages WHERE name = 'trust_x'", &["last words".to_string()]);
+        assert_eq!(history, ["last words"]);
+        let settings: Vec<(String, u32)> =
+            rows_become(n, "SELECT name, length FROM pipes_settings", &[("trust_x".into(), 5)]);
+        assert_eq!(settings, [("trust_x".to_string(), 5)]);
+    }
+}
+
+#[test]
+fn a_redis_restarted_empty_is_reseeded_from_the_nodes_and_writes_while_it_is_down_get_an_error() {
+    let mut redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut d = db(&a);
+    d.query_drop("INSERT INTO users_auth (id, hash) VALUES (41, 'k41')").unwrap();
+    d.query_drop("INSERT INTO users_data (id, data) VALUES (41, 'seed me')").unwrap();
+    d.query_drop("INSERT INTO pipes_settings (name, length) VALUES ('web_s', 2)").unwrap();
+    publish(&mut d, "web_s", "remembered").unwrap();
+    assert!(eventually(5, || authorizes(&b, 41, "k41")));
+
+    redis.kill();
+    assert!(eventually(10, || a.plain_metric("comet_redis_up") == 0 && b.plain_metric("comet_redis_up") == 0));
+    // Every statement that writes shared state: a clear error at once.
+    for sql in [
+        "INSERT INTO users_auth (id, hash) VALUES (42, 'k42')",
+        "DELETE FROM users_auth WHERE id = 41",
+        "INSERT INTO users_data (id, data) VALUES (41, 'x')",
+        "INSERT INTO revoked_tokens (token) VALUES ('a.b.c')",
+        "INSERT INTO pipes_settings (name, length) VALUES ('web_s', 9)",
+        "DELETE FROM pipes_messages WHERE name = 'web_s'",
+    ] {
+        let started = std::time::Instant::now();
+        let e = d.query_drop(sql).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(2), "{sql} took {:?}", started.elapsed());
+        assert!(e.contains("503") && e.contains("Redis is down") && e.contains("nothing was written"), "{sql}: {e}");
+    }
+    // Reads keep working from memory, and nothing was changed.
+    let data: Vec<(u64, String)> = d.query("SELECT id, data FROM users_data WHERE id = 41").unwrap();
+    assert_eq!(data, [(41, "seed me".to_string())]);
+    assert!(authorizes(&b, 41, "k41"));
+    assert!(!authorizes(&a, 42, "k42"));
+
+    // Redis comes back empty: the nodes write back what they hold.
+    let redis = Redis::start_on(redis.port);
+    for n in [&a, &b] {
+        assert!(eventually(15, || n.plain_metric("comet_redis_up") == 1), "a node did not reconnect");
+    }
+    assert!(eventually(10, || redis.cli(&["HGET", "comet:0:auth", "41"]) == "k41"), "the key was not re-seeded");
+    assert!(eventually(5, || redis.cli(&["HGET", "comet:0:data", "41"]) == "seed me"));
+    assert!(eventually(5, || redis.cli(&["HGET", "comet:0:settings", "web_s"]) == "2"));
+    assert!(eventually(5, || redis.cli(&["HLEN", "comet:0:history:web_s"]) == "1"));
+    // Nothing was lost on either node, and a node started now gets it all.
+    let c = node(&redis);
+    assert!(eventually(10, || c.plain_metric("comet_redis_up") == 1));
+    for n in [&a, &b, &c] {
+        assert!(eventually(5, || authorizes(n, 41, "k41")));
+        let history: Vec<String> =
+            rows_become(n, "SELECT message FROM pipes_messages WHERE name = 'web_s'", &["remembered".to_string()]);
+        assert_eq!(history, ["remembered"]);
+    }
+    // Writes work again, everywhere.
+    d.query_drop("INSERT INTO users_auth (id, hash) VALUES (42, 'k42')").unwrap();
+    assert!(eventually(5, || authorizes(&c, 42, "k42")));
+}
+
+#[test]
+fn users_messages_shows_and_deletes_the_offline_queue_in_redis_from_any_node() {
+    let mut redis = Redis::start();
+    let nodes: Vec<Server> = (0..2).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let (mut d0, mut d1) = (db(&nodes[0]), db(&nodes[1]));
+    send_private(&mut d0, 51, "first");
+    send_private(&mut d1, 51, "second");
+    send_private(&mut d1, 52, "other");
+    let sql = "SELECT id, message FROM users_messages WHERE id IN (51, 52, 53)";
+    let want = [(51, "first".to_string()), (51, "second".to_string()), (52, "other".to_string())];
+    for n in &nodes {
+        let got: Vec<(u64, String)> = rows_become(n, sql, &want);
+        assert_eq!(got, want);
+    }
+    d1.query_drop("DELETE FROM users_messages WHERE id = 51").unwrap();
+    assert_eq!(d1.affected_rows(), 2);
+    assert_eq!(redis.cli(&["EXISTS", "comet:0:queue:51"]), "0");
+    let got: Vec<(u64, String)> = d0.query(sql).unwrap();
+    assert_eq!(got, [(52, "other".to_string())]);
+    // Redis down: the read gets a clear error at once, never a hang.
+    redis.kill();
+    assert!(eventually(10, || nodes[0].plain_metric("comet_redis_up") == 0));
+    let started = std::time::Instant::now();
+    let e = d0.query::<(u64, String), _>(sql).unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(e.contains("503") && e.contains("Redis is down"), "{e}");
+    d0.query_drop("SHOW STATUS").expect("the connection stays usable");
+}
+
+#[test]
+fn a_node_that_reconnects_replaces_its_copy_of_the_state_with_redis() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..2).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut d = db(&nodes[0]);
+    d.query_drop("INSERT INTO users_auth (id, hash) VALUES (61, 'k61'), (62, 'k62')").unwrap();
+    assert!(eventually(5, || authorizes(&nodes[1], 61, "k61")));
+    // Redis changes behind the nodes' backs (as if they had missed it while
+    // cut off): they see it once they reconnect, not before.
+    redis.cli(&["HDEL", "comet:0:auth", "61"]);
+    redis.cli(&["HSET", "comet:0:auth", "62", "new62"]);
+    assert!(authorizes(&nodes[1], 61, "k61"), "memory is the read path");
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    for n in &nodes {
+        assert!(eventually(10, || !authorizes(n, 61, "k61")), "the reload dropped the key");
+        assert!(authorizes(n, 62, "new62") && !authorizes(n, 62, "k62"));
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let log: Vec<String> = nodes[1].drain_log();
+    assert!(log.iter().any(|l| l.contains("loaded") && l.contains("state records")), "{log:#?}");
+}
+
+#[test]
+fn a_single_comets_data_dir_seeds_an_empty_redis_and_is_ignored_once_redis_has_state() {
+    let dir = std::env::temp_dir().join(format!("comet-cluster-seed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_arg = dir.to_string_lossy().into_owned();
+    {
+        let single = Server::start(&["--shards", "2", "--password", "pw", "--data-dir", &dir_arg]);
+        let mut d = db(&single);
+        d.query_drop("INSERT INTO users_auth (id, hash) VALUES (71, 'k71')").unwrap();
+        d.query_drop("INSERT INTO pipes_settings (name, length) VALUES ('trust_old', 4)").unwrap();
+        publish(&mut d, "trust_old", "from before").unwrap();
+    }
+    let redis = Redis::start();
+    let args = ["--shards", "2", "--password", "pw", "--redis", &redis.url(), "--data-dir", &dir_arg];
+    let first = Server::start(&args);
+    assert!(eventually(10, || first.plain_metric("comet_redis_up") == 1));
+    assert!(eventually(5, || redis.cli(&["HGET", "comet:0:auth", "71"]) == "k71"), "the data dir seeded Redis");
+    let other = node(&redis);
+    assert!(eventually(10, || other.plain_metric("comet_redis_up") == 1));
+    assert!(eventually(5, || authorizes(&other, 71, "k71")));
+    let history: Vec<String> = rows_become(
+        &other,
+        "SELECT message FROM pipes_messages WHERE name = 'trust_old'",
+        &["from before".to_string()],
+    );
+    assert_eq!(history, ["from before"]);
+    // Redis has state now: the same data dir does not bring the key back.
+    db(&other).query_drop("DELETE FROM users_auth WHERE id = 71").unwrap();
+    drop(first);
+    let again = Server::start(&args);
+    assert!(eventually(10, || again.plain_metric("comet_redis_up") == 1));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!authorizes(&again, 71, "k71"), "Redis's state replaced the data dir's");
+    assert_eq!(redis.cli(&["HEXISTS", "comet:0:auth", "71"]), "0");
+    drop(again);
     let _ = std::fs::remove_dir_all(&dir);
 }

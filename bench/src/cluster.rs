@@ -40,13 +40,13 @@ pub struct ClusterArgs {
 }
 
 /// A redis-server on a free loopback port, without persistence.
-struct Redis {
+pub(crate) struct Redis {
     child: Child,
-    port: u16,
+    pub port: u16,
 }
 
 impl Redis {
-    fn start() -> std::io::Result<Redis> {
+    pub fn start() -> std::io::Result<Redis> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])

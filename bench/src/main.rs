@@ -12,6 +12,7 @@
 
 mod attack;
 mod cluster;
+mod cluster_state;
 mod proc;
 mod report;
 mod storm;
@@ -193,6 +194,13 @@ enum Cmd {
     /// against one node with the same subscribers: deliveries/s, p99, and
     /// CPU per delivery of the comets and redis-server together.
     Cluster(cluster::ClusterArgs),
+    /// comet: writes of keys and user data through a cluster node (OK once
+    /// Redis has them) against one comet with a data dir, and how long a
+    /// node joining the cluster takes to load the state from Redis.
+    ClusterState {
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+    },
     /// (internal) one client process of `storm`.
     #[command(hide = true)]
     StormClient {
@@ -418,6 +426,10 @@ fn main() {
         Cmd::Durability { scenario } => durability(&g, scenario),
         Cmd::StoreLoad { users } => {
             store_load(&g, users);
+            return;
+        }
+        Cmd::ClusterState { users } => {
+            cluster_state::cluster_state(&g, users);
             return;
         }
         Cmd::Attack { scenario } => match attack::main(&g, &scenario) {

@@ -47,6 +47,13 @@
 //! its `client-output-buffer-limit pubsub`, and disconnects the node past
 //! that: the node reconnects and resubscribes, and the messages Redis
 //! dropped are lost).
+//!
+//! Keys, user data, revoked tokens, last-online times, settings and history
+//! are shared through Redis too ([`state`]): the storage thread writes them
+//! there instead of a data dir, and the subscriber applies other nodes'
+//! changes to the shards' memory.
+
+pub mod state;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -171,7 +178,8 @@ return 0";
 
 /// The node is alive for TTL more seconds; every node whose alive flag
 /// expired is swept: its entries leave the users' hashes, and a user no
-/// live node counts any more gets `offline` (as [`DETACH`] sends it).
+/// live node counts any more gets `offline` (as [`DETACH`] sends it) and
+/// its last-online time ([`state`]).
 /// Atomic, so one sweep takes a dead node. ARGV: node id, TTL. Returns the
 /// entries swept.
 const HEARTBEAT: &str = "local now = tonumber(redis.call('TIME')[1]) \
@@ -193,6 +201,9 @@ for _, node in ipairs(redis.call('SMEMBERS', 'comet:nodes')) do \
         local pipe = 'user_status_' .. uid \
         redis.call('PUBLISH', 'comet:' .. dev .. ':pipe:' .. pipe, \
           cjson.encode({n = 0, d = tonumber(dev), p = pipe, e = 'offline', m = 'offline'})) \
+        redis.call('HSET', 'comet:' .. dev .. ':time', uid, now) \
+        redis.call('PUBLISH', 'comet:state', '{\"n\":0,\"c\":[{\"k\":\"Time\",\"d\":' .. dev .. \
+          ',\"u\":' .. uid .. ',\"t\":' .. now .. '}]}') \
       end \
       swept = swept + 1 \
     end \
@@ -234,6 +245,15 @@ pub enum Inbound {
     /// Private messages for a user homed on the shard: live from another
     /// node, or the user's offline queue taken from Redis.
     Private { dev_id: u32, user_id: u64, msgs: Vec<PrivateMsg> },
+    /// Another node changed state this shard holds ([`state`]).
+    State(Vec<crate::store::Change>),
+    /// The whole state this shard holds, as Redis has it: replaces the
+    /// shard's copy (after a (re)connect).
+    Reload(Vec<crate::store::Change>),
+    /// Redis has no state: write what the shard holds.
+    Reseed,
+    /// The answer to a [`state::QueueRead`] of this shard.
+    Queues(state::QueueAnswer),
 }
 
 impl Inbound {
@@ -241,6 +261,9 @@ impl Inbound {
         match self {
             Inbound::Channel(p) => weight(p),
             Inbound::Private { msgs, .. } => msgs.iter().map(|m| 64 + m.event.len() + m.text.len()).sum(),
+            Inbound::State(c) | Inbound::Reload(c) => c.iter().map(crate::store::Change::weight).sum(),
+            Inbound::Reseed => 64,
+            Inbound::Queues(a) => a.weight(),
         }
     }
 }
@@ -266,6 +289,9 @@ enum Out {
         dev_id: u32,
         user_id: u64,
     },
+    /// Read (or, with `delete`, take) users' offline queues for a
+    /// `users_messages` statement waiting on shard `shard` ([`state`]).
+    Queues(state::QueueRead),
     /// [`ATTACH`] (`online`) or [`DETACH`].
     Presence {
         dev_id: u32,
@@ -283,6 +309,7 @@ impl Out {
                 channel.len() + queue.len() + payload.len() + entry.len()
             }
             Out::Drain { .. } => 0,
+            Out::Queues(q) => 8 * q.user_ids.len(),
             Out::Presence { payload, .. } => payload.len(),
         }
     }
@@ -451,7 +478,11 @@ impl Bridge {
             out_waiting: AtomicBool::new(false),
             limit,
             publisher: OnceLock::new(),
-            wanted: Mutex::new(Wanted::default()),
+            // The state channel, always.
+            wanted: Mutex::new(Wanted {
+                channels: HashMap::from([(state::STATE_CHANNEL.to_string(), 1)]),
+                generation: 0,
+            }),
             wanted_generation: AtomicU64::new(0),
             lanes: bells
                 .iter()
@@ -487,6 +518,11 @@ impl Bridge {
 
     fn send(&self, out: Out) {
         if !self.is_up() {
+            if let Out::Queues(q) = out {
+                // On the asking shard's thread: no waiting for its lane.
+                let (shard, answer) = state::queue_answer(q, Err(self.down_reason()));
+                return push_now(&self.lanes[shard], answer);
+            }
             // Statements that need Redis were refused already; what is left
             // (presence and status events) is lost while Redis is down, and
             // counted.
@@ -520,6 +556,13 @@ impl Bridge {
                 ttl: ttl.max(1),
             }),
         }
+    }
+
+    /// Reads (or takes) users' offline queues from Redis for shard
+    /// `shard`'s gather `req`; the answer comes back on the shard's lane,
+    /// an error one too when Redis is down.
+    pub fn read_queues(&self, shard: usize, req: u64, dev_id: u32, user_ids: Vec<u64>, delete: bool) {
+        self.send(Out::Queues(state::QueueRead { shard, req, dev_id, user_ids, delete }));
     }
 
     /// Too much waits for the publisher: the shard stops reading clients.
@@ -776,6 +819,7 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
                 Out::Drain { dev_id, user_id } => {
                     pipe.cmd("EVAL").arg(DRAIN).arg(1).arg(queue_key(*dev_id, *user_id));
                 }
+                Out::Queues(q) => q.add_to(&mut pipe),
                 Out::Presence { dev_id, user_id, online, payload } => {
                     let status = redis_channel(*dev_id, &format!("user_status_{user_id}"));
                     pipe.cmd("EVAL").arg(if *online { ATTACH } else { DETACH }).arg(2);
@@ -792,14 +836,22 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
             }
         }
         match result {
-            Ok(drained) => {
-                let sent = batch.iter().filter(|o| !matches!(o, Out::Drain { .. })).count();
+            Ok(lists) => {
+                let sent = batch.iter().filter(|o| !matches!(o, Out::Drain { .. } | Out::Queues(_))).count();
                 bridge.health.published.fetch_add(sent as u64, Ordering::Relaxed);
-                let drains = batch.iter().filter_map(|o| match o {
-                    Out::Drain { dev_id, user_id } => Some((*dev_id, *user_id)),
-                    _ => None,
-                });
-                for ((dev_id, user_id), entries) in drains.zip(drained) {
+                // The lists that came back, in the order their commands went.
+                let mut lists = lists.into_iter();
+                for out in batch {
+                    let (dev_id, user_id) = match out {
+                        Out::Drain { dev_id, user_id } => (dev_id, user_id),
+                        Out::Queues(q) => {
+                            let got: Vec<Vec<Vec<u8>>> = lists.by_ref().take(q.user_ids.len()).collect();
+                            state::answer_queues(bridge, q, Ok(got));
+                            continue;
+                        }
+                        _ => continue,
+                    };
+                    let Some(entries) = lists.next() else { break };
                     let msgs: Vec<PrivateMsg> = entries
                         .iter()
                         .filter_map(|e| serde_json::from_slice::<PrivateWire>(e).ok())
@@ -812,6 +864,11 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
             }
             Err(e) => {
                 bridge.health.lost.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for out in batch {
+                    if let Out::Queues(q) = out {
+                        state::answer_queues(bridge, q, Err(format!("Redis at {} failed: {e}", bridge.address)));
+                    }
+                }
                 return Some(e);
             }
         };
@@ -884,7 +941,15 @@ fn subscribe_until_error(
     if let Err(e) = patient(&mut ps, |ps| ps.ping::<String>()) {
         return Some(e);
     }
-    let mut current: HashSet<String> = HashSet::new();
+    // Other nodes' state changes from now on, then the state as it is:
+    // nothing falls between the two.
+    if let Err(e) = patient(&mut ps, |ps| ps.subscribe(state::STATE_CHANNEL)) {
+        return Some(e);
+    }
+    if let Err(e) = state::resync(bridge) {
+        return Some(e);
+    }
+    let mut current: HashSet<String> = HashSet::from([state::STATE_CHANNEL.to_string()]);
     let mut seen_generation = u64::MAX;
     backoff.reset();
     bridge.set_up(&bridge.sub_up, true, None);
@@ -951,6 +1016,10 @@ fn patient<T>(
 
 /// Hands a message from Redis to the shards that need it.
 fn deliver(bridge: &Bridge, channel: &str, payload: &[u8]) {
+    if channel == state::STATE_CHANNEL {
+        state::deliver(bridge, payload);
+        return;
+    }
     if let Some((dev_id, user_id)) = parse_user_channel(channel) {
         match serde_json::from_slice::<PrivateWire>(payload) {
             Ok(w) if w.n == bridge.node => {}
@@ -996,6 +1065,12 @@ fn push(bridge: &Bridge, lane: &Lane, msg: Inbound) {
         lane.bell.poke();
         std::thread::sleep(Duration::from_millis(1));
     }
+    push_now(lane, msg);
+}
+
+/// [`push`] without waiting: for a shard answering itself (it would wait
+/// for its own lane to drain), past the bound by one small message.
+fn push_now(lane: &Lane, msg: Inbound) {
     lane.bytes.fetch_add(msg.weight(), Ordering::SeqCst);
     lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).push(msg);
     lane.bell.poke();

@@ -350,6 +350,10 @@ impl ShardCore {
                 crate::cluster::Inbound::Private { dev_id, user_id, msgs } => {
                     self.deliver_private_from_cluster(dev_id, user_id, msgs);
                 }
+                crate::cluster::Inbound::State(changes) => self.apply_cluster_state(changes),
+                crate::cluster::Inbound::Reload(snapshot) => self.reload_cluster_state(snapshot),
+                crate::cluster::Inbound::Reseed => self.reseed_cluster_state(),
+                crate::cluster::Inbound::Queues(answer) => self.cluster_queues_answered(answer),
             }
         }
         if !c.is_congested() && !self.store_congested() {
@@ -635,7 +639,7 @@ impl ShardCore {
     }
 
     /// Registers a gather; its connection counts it against `--max-pending`.
-    fn new_request(&mut self, p: Pending) -> u64 {
+    pub(super) fn new_request(&mut self, p: Pending) -> u64 {
         if let Some(c) = self.conns.get_mut(p.then.conn()) {
             c.pending = c.pending.saturating_add(1);
         }
@@ -777,7 +781,7 @@ impl ShardCore {
         subscribers
     }
 
-    fn maybe_complete(&mut self, req: u64) {
+    pub(super) fn maybe_complete(&mut self, req: u64) {
         if self.pending.get(&req).is_some_and(|p| p.remaining == 0)
             && let Some(p) = self.pending.remove(&req)
         {

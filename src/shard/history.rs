@@ -40,12 +40,22 @@ pub struct Stored {
 /// Default history length of `trust_` channels.
 pub const TRUST_DEFAULT: u32 = 100;
 
+/// Slots history ids are spread over between nodes (`--redis`): two nodes
+/// give the same id only when they drew the same slot and append to one
+/// channel at the same moment. Ids stay below 2^53 (exact in JavaScript)
+/// up to 64 shards.
+pub const NODE_SLOTS: u64 = 64;
+
 /// The history and settings of the channels homed on one shard.
 #[derive(Debug, Default)]
 pub struct HistoryStore {
     channels: AHashMap<u32, AHashMap<Arc<str>, Stored>>,
     /// The largest id given or restored: the next is above it.
     last_id: u64,
+    /// With `--redis`: this node's slot among [`NODE_SLOTS`], so that two
+    /// nodes appending to one channel give different ids (ids then step by
+    /// shards x [`NODE_SLOTS`] from the entry's second x 1024 up).
+    pub node_slot: Option<u64>,
     /// Changes to persisted state not yet sent to the store; `None` when
     /// nothing is persisted (`--ephemeral`).
     pub journal: Option<Vec<Change>>,
@@ -104,6 +114,61 @@ impl HistoryStore {
         }
     }
 
+    /// Applies a change another node made (`--redis`), not journaled:
+    /// entries keep id order and an entry already held is not added twice
+    /// (a re-seed or a reload may repeat it).
+    pub fn apply_remote(&mut self, c: Change) {
+        match c {
+            Change::HistoryPut { dev, channel, entry } => {
+                self.last_id = self.last_id.max(entry.id);
+                let s = self.channels.entry(dev).or_default().entry(channel).or_default();
+                let at = s.entries.iter().rposition(|e| e.id <= entry.id).map_or(0, |i| i + 1);
+                if at > 0 && s.entries[at - 1].id == entry.id {
+                    return;
+                }
+                s.entries.insert(at, entry.into());
+            }
+            Change::HistoryDel { dev, channel, id } => {
+                let Some(m) = self.channels.get_mut(&dev) else { return };
+                if let Some(s) = m.get_mut(&channel) {
+                    s.entries.retain(|e| e.id != id);
+                    if s.entries.is_empty() && s.setting.is_none() {
+                        m.remove(&channel);
+                    }
+                }
+            }
+            Change::Setting { dev, ref channel, len: None } => {
+                if let Some(s) = self.channels.get_mut(&dev).and_then(|m| m.get_mut(channel)) {
+                    s.setting = None;
+                }
+            }
+            c @ Change::Setting { .. } => self.restore(c),
+            _ => {}
+        }
+    }
+
+    /// Forgets every channel's history and setting, before they are loaded
+    /// again from Redis.
+    pub fn clear_all(&mut self) {
+        self.channels.clear();
+    }
+
+    /// Journals every setting and history entry as puts: to write them to
+    /// a store that lost them (an empty Redis).
+    pub fn journal_all(&mut self) {
+        let Some(j) = self.journal.as_mut() else { return };
+        for (&dev, m) in &self.channels {
+            for (name, s) in m {
+                if let Some(len) = s.setting {
+                    j.push(Change::Setting { dev, channel: name.clone(), len: Some(len) });
+                }
+                for e in &s.entries {
+                    j.push(Change::HistoryPut { dev, channel: name.clone(), entry: e.into() });
+                }
+            }
+        }
+    }
+
     fn limit(name: &str, s: Option<&Stored>) -> u32 {
         match s.and_then(|s| s.setting) {
             Some(n) => n,
@@ -120,7 +185,18 @@ impl HistoryStore {
         if limit == 0 {
             return;
         }
-        e.id = next_id(self.last_id, shard, shards);
+        e.id = match self.node_slot {
+            Some(slot) => {
+                // Not below the entry's second (times 1024 appends a
+                // second per slot): entries from different nodes keep
+                // their order by time, not by which node drew the larger
+                // slot.
+                let stride = shards * NODE_SLOTS as usize;
+                let floor = (e.time.max(0) as u64).saturating_mul(1024 * stride as u64);
+                next_id(self.last_id.max(floor), shard + shards * slot as usize, stride)
+            }
+            None => next_id(self.last_id, shard, shards),
+        };
         self.last_id = e.id;
         let m = self.channels.entry(dev_id).or_default();
         let key = match m.get_key_value(name) {
@@ -292,5 +368,42 @@ mod tests {
         assert_eq!(a.settings(0, None), vec![("web_a".into(), 5)]);
         assert!(a.remove_setting(0, "web_a"));
         assert!(a.settings(0, None).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    fn e(time: i64, msg: &str) -> Entry {
+        Entry { id: 0, time, event: "e".into(), message: msg.into(), user_id: None }
+    }
+
+    #[test]
+    fn two_nodes_give_distinct_time_ordered_ids_and_a_replica_keeps_id_order_once() {
+        let (mut a, mut b, mut replica) = (HistoryStore::default(), HistoryStore::default(), HistoryStore::default());
+        a.node_slot = Some(3);
+        b.node_slot = Some(5);
+        for h in [&mut a, &mut b, &mut replica] {
+            h.set_length(0, "web_h", 10);
+        }
+        a.append(0, "web_h", e(1_800_000_000, "a1"), 1, 16);
+        b.append(0, "web_h", e(1_800_000_000, "b1"), 1, 16);
+        b.append(0, "web_h", e(1_800_000_001, "b2"), 1, 16);
+        a.append(0, "web_h", e(1_800_000_002, "a2"), 1, 16);
+        let (ea, eb) = (a.entries(0, "web_h"), b.entries(0, "web_h"));
+        assert!(ea.iter().chain(&eb).all(|x| x.id < 1 << 53), "{ea:?} {eb:?}");
+        assert_ne!(ea[0].id, eb[0].id);
+        assert!(eb[1].id < ea[1].id && ea[0].id < eb[1].id, "later seconds, larger ids");
+        // Applied in any order, twice: one copy each, in id order.
+        for x in eb.iter().chain(&ea).chain(&eb) {
+            replica.apply_remote(Change::HistoryPut { dev: 0, channel: "web_h".into(), entry: x.into() });
+        }
+        let mut want: Vec<u64> = ea.iter().chain(&eb).map(|x| x.id).collect();
+        want.sort_unstable();
+        let got: Vec<u64> = replica.entries(0, "web_h").iter().map(|x| x.id).collect();
+        assert_eq!(got, want);
+        replica.apply_remote(Change::HistoryDel { dev: 0, channel: "web_h".into(), id: want[0] });
+        assert_eq!(replica.entries(0, "web_h").len(), 3);
     }
 }

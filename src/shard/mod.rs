@@ -21,6 +21,7 @@ pub mod io;
 pub mod limits;
 pub mod mail;
 pub mod outq;
+mod replica;
 #[cfg(test)]
 mod sim;
 pub mod slab;

@@ -500,6 +500,10 @@ impl ShardCore {
     /// Carries out one plan; returns true when it failed (execution stops).
     fn sql_run(&mut self, id: ConnId, slot_id: u64, index: usize, plan: Plan) -> bool {
         let Some(dev_id) = self.sql_dev_id(id, slot_id) else { return true };
+        if let Some(e) = self.cluster_write_refused(&plan) {
+            self.sql_set(id, slot_id, index, StmtResult::err(CLUSTER_DOWN, e));
+            return true;
+        }
         let arcs = |v: &[String]| v.iter().map(|s| Arc::<str>::from(s.as_str())).collect::<Vec<_>>();
         let then = |t: super::sql::SqlThen| Then::Sql { conn: id, slot: slot_id, index, then: t };
         let (query, sql_then) = match plan {
@@ -571,13 +575,25 @@ impl ShardCore {
                     }
                 }
                 let targets = self.user_targets(dev_id, query.user_ids());
-                if let Some(slot) = self.sql_slot(id, slot_id) {
-                    slot.waiting += 1;
-                }
                 let t = match proj {
                     Some(p) => SqlThen::Select(p),
                     None => SqlThen::Affected(last_insert_id),
                 };
+                // In a cluster the offline queues are in Redis.
+                if let Some(read) = self.cluster_queue_read(&query) {
+                    if let Some(e) = self.cluster_down() {
+                        self.sql_set(id, slot_id, index, StmtResult::err(CLUSTER_DOWN, e));
+                        return true;
+                    }
+                    if let Some(slot) = self.sql_slot(id, slot_id) {
+                        slot.waiting += 1;
+                    }
+                    self.ask_cluster_queues(dev_id, read, then(t));
+                    return false;
+                }
+                if let Some(slot) = self.sql_slot(id, slot_id) {
+                    slot.waiting += 1;
+                }
                 self.ask_shards(&targets, dev_id, Query::User(query), then(t));
                 return false;
             }
@@ -616,8 +632,15 @@ impl ShardCore {
     /// Statement `index` changed state in memory that the store could not
     /// write: it answers MySQL's "error writing file" with the cause.
     pub fn sql_failed(&mut self, id: ConnId, slot_id: u64, index: usize, cause: &str) {
-        let msg = format!("The change is made in memory but not stored, so a restart loses it: {cause}");
-        self.sql_set(id, slot_id, index, StmtResult::err(1026, msg));
+        let result = match cause.strip_prefix(super::replica::READ_FAILED) {
+            // A read of the cluster's Redis, not a change.
+            Some(why) => StmtResult::err(CLUSTER_DOWN, format!("the cluster's Redis could not be read: {why}")),
+            None => StmtResult::err(
+                1026,
+                format!("The change is made in memory but not stored, so a restart loses it: {cause}"),
+            ),
+        };
+        self.sql_set(id, slot_id, index, result);
         if let Some(slot) = self.sql_slot(id, slot_id) {
             slot.waiting = slot.waiting.saturating_sub(1);
         }

@@ -70,6 +70,8 @@ impl ShardCore {
             && let Some(c) = &self.cluster
         {
             c.user_added(dev_id, user_id);
+            // users_time on the other nodes: online now.
+            self.users.journal_online(dev_id, user_id);
         }
         if let Some(old) = reg.evicted {
             self.send_error(old, "device limit reached: replaced by a newer connection");
@@ -117,7 +119,7 @@ impl ShardCore {
     }
 
     /// Closes every device of a user with an error frame and 4001.
-    fn deauthorize(&mut self, devices: &[ConnId], why: &str) {
+    pub(super) fn deauthorize(&mut self, devices: &[ConnId], why: &str) {
         for &d in devices {
             self.send_error(d, why);
             self.close_ws(d, CLOSE_DEAUTHORIZED, why);

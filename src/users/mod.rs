@@ -17,6 +17,10 @@ use smallvec::SmallVec;
 use crate::domain::{ConnId, ct_eq};
 use crate::store::Change;
 
+/// `offline_since` of a user with a device on another node (`--redis`):
+/// the shared last-online time says "online now".
+pub const ONLINE_ON_ANOTHER_NODE: i64 = -1;
+
 /// Devices (authorized connections) one user may have at once.
 pub const MAX_DEVICES: usize = 16;
 
@@ -84,7 +88,8 @@ pub struct User {
     /// The offline queue: a ring bounded by the configured capacity; boxed
     /// so that a user without one pays 8 bytes, not a `VecDeque`'s 32.
     pub queue: Option<Box<Queue>>,
-    /// Unix time the last device closed; 0 when never seen offline.
+    /// Unix time the last device closed; 0 when never seen offline;
+    /// [`ONLINE_ON_ANOTHER_NODE`] in a cluster.
     pub offline_since: i64,
 }
 
@@ -176,6 +181,66 @@ impl UserStore {
                 q.items.push_back(msg);
             }
             _ => {}
+        }
+    }
+
+    /// Applies a change another node made (`--redis`), not journaled:
+    /// unlike [`UserStore::restore`], removals too.
+    pub fn apply_remote(&mut self, c: Change) {
+        match c {
+            Change::Revoked { dev, token, on: false } => {
+                if let Some(s) = self.revoked.get_mut(&dev) {
+                    s.remove(&token);
+                    if s.is_empty() {
+                        self.revoked.remove(&dev);
+                    }
+                }
+            }
+            Change::Key { dev, uid, .. } | Change::Data { dev, uid, .. } | Change::LastOnline { dev, uid, .. } => {
+                self.restore(c);
+                self.tidy(dev, uid);
+            }
+            Change::Revoked { .. } => self.restore(c),
+            // Offline queues live in Redis lists in a cluster.
+            _ => {}
+        }
+    }
+
+    /// Forgets every key, user data, last-online time and revoked token
+    /// (not the devices nor the queues), before the state is loaded again
+    /// from Redis.
+    pub fn clear_persisted(&mut self) {
+        for m in self.users.values_mut() {
+            for u in m.values_mut() {
+                u.key = None;
+                u.data = None;
+                u.offline_since = 0;
+            }
+            m.retain(|_, u| !u.is_empty());
+        }
+        self.users.retain(|_, m| !m.is_empty());
+        self.revoked.clear();
+    }
+
+    /// Journals every key, user data, last-online time and revoked token
+    /// as puts: to write them to a store that lost them (an empty Redis).
+    pub fn journal_all(&mut self) {
+        let Some(j) = self.journal.as_mut() else { return };
+        for (&dev, m) in &self.users {
+            for (&uid, u) in m {
+                if let Some(k) = &u.key {
+                    j.push(Change::Key { dev, uid, key: Some(k.clone()) });
+                }
+                if let Some(d) = &u.data {
+                    j.push(Change::Data { dev, uid, data: Some(d.clone()) });
+                }
+                if u.offline_since != 0 {
+                    j.push(Change::LastOnline { dev, uid, time: Some(u.offline_since) });
+                }
+            }
+        }
+        for (&dev, set) in &self.revoked {
+            j.extend(set.iter().map(|t| Change::Revoked { dev, token: t.clone(), on: true }));
         }
     }
 
@@ -391,10 +456,16 @@ impl UserStore {
 
     pub fn presence(&self, dev: u32, uid: u64) -> Presence {
         match self.get(dev, uid) {
-            Some(u) if u.devices.is_some() => Presence::Online,
+            Some(u) if u.devices.is_some() || u.offline_since == ONLINE_ON_ANOTHER_NODE => Presence::Online,
             Some(u) if u.offline_since > 0 => Presence::Offline(u.offline_since),
             _ => Presence::Unknown,
         }
+    }
+
+    /// Records, for the other nodes of a cluster, that the user is online
+    /// (this node has its first device).
+    pub fn journal_online(&mut self, dev: u32, uid: u64) {
+        self.log(|| Change::LastOnline { dev, uid, time: Some(ONLINE_ON_ANOTHER_NODE) });
     }
 
     pub fn set_data(&mut self, dev: u32, uid: u64, data: &str) {
@@ -628,5 +699,46 @@ mod queued_tests {
         let q = Queued::new(0, &long, "m");
         assert!(q.event().len() <= 255 && long.starts_with(q.event()));
         assert_eq!(q.message(), "m");
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn remote_changes_apply_removals_too_and_online_elsewhere_reads_as_online() {
+        let mut u = UserStore::default();
+        u.apply_remote(Change::Key { dev: 0, uid: 5, key: Some("k".into()) });
+        u.apply_remote(Change::Revoked { dev: 0, token: "t".into(), on: true });
+        assert!(u.authorize(0, 5, "k", b"s", 0));
+        assert!(u.is_revoked(0, "t"));
+        u.apply_remote(Change::Key { dev: 0, uid: 5, key: None });
+        u.apply_remote(Change::Revoked { dev: 0, token: "t".into(), on: false });
+        assert!(!u.authorize(0, 5, "k", b"s", 0));
+        assert!(!u.is_revoked(0, "t"));
+        assert!(u.is_empty(), "nothing left is kept");
+        u.apply_remote(Change::LastOnline { dev: 0, uid: 6, time: Some(ONLINE_ON_ANOTHER_NODE) });
+        assert_eq!(u.presence(0, 6), Presence::Online);
+        u.apply_remote(Change::LastOnline { dev: 0, uid: 6, time: Some(100) });
+        assert_eq!(u.presence(0, 6), Presence::Offline(100));
+    }
+
+    #[test]
+    fn a_reload_keeps_devices_and_a_reseed_journals_everything_held() {
+        let mut u = UserStore { journal: Some(Vec::new()), ..UserStore::default() };
+        u.set_key(0, 1, "k1");
+        u.set_data(0, 2, "d2");
+        u.revoke(0, "tok");
+        u.add_device(0, 1, ConnId { index: 1, generation: 0 });
+        u.take_changes();
+        u.journal_all();
+        let mut got = u.take_changes();
+        got.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(got.len(), 3, "{got:?}");
+        u.clear_persisted();
+        assert!(u.get(0, 1).is_some_and(|x| x.key.is_none() && x.devices.is_some()), "devices stay");
+        assert!(u.get(0, 2).is_none() && !u.is_revoked(0, "tok"));
+        assert!(u.take_changes().is_empty(), "a reload journals nothing");
     }
 }
