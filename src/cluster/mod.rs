@@ -48,6 +48,8 @@
 //! that: the node reconnects and resubscribes, and the messages Redis
 //! dropped are lost).
 
+pub mod presence;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -234,6 +236,12 @@ pub enum Inbound {
     /// Private messages for a user homed on the shard: live from another
     /// node, or the user's offline queue taken from Redis.
     Private { dev_id: u32, user_id: u64, msgs: Vec<PrivateMsg> },
+    /// The other nodes' `users_in_pipes` rows for gather `req`
+    /// ([`Bridge::ask_rows`]).
+    Rows { req: u64, rows: presence::RemoteRows },
+    /// Close a device of a user homed on the shard: the cluster-wide
+    /// device cap evicted it (4009).
+    Evict { dev_id: u32, user_id: u64, conn: crate::domain::ConnId },
 }
 
 impl Inbound {
@@ -241,6 +249,10 @@ impl Inbound {
         match self {
             Inbound::Channel(p) => weight(p),
             Inbound::Private { msgs, .. } => msgs.iter().map(|m| 64 + m.event.len() + m.text.len()).sum(),
+            Inbound::Rows { rows, .. } => rows.as_ref().map_or_else(String::len, |r| {
+                r.iter().map(|(c, r)| 96 + c.len() + r.1.len() + r.2.len() + r.3.len() + r.4.len() + r.5.len()).sum()
+            }),
+            Inbound::Evict { .. } => 64,
         }
     }
 }
@@ -398,6 +410,8 @@ pub struct Bridge {
     /// losing the next publish; so it reconnects at once.
     breaks: AtomicU64,
     stop: AtomicBool,
+    /// Cluster-wide counts, rows and the device cap (presence.rs).
+    presence: presence::Presence,
 }
 
 /// Why `--redis` was refused.
@@ -441,7 +455,7 @@ impl Bridge {
         // Never 0: that tag marks messages every node delivers.
         let node = getrandom::u64().unwrap_or_else(|_| std::process::id() as u64 ^ now_nanos()) | 1;
         health.set_reason(format!("connecting to Redis at {address}"));
-        Ok(Arc::new(Bridge {
+        let bridge = Arc::new(Bridge {
             node,
             client,
             address,
@@ -461,7 +475,12 @@ impl Bridge {
             sub_up: AtomicBool::new(false),
             breaks: AtomicU64::new(0),
             stop: AtomicBool::new(false),
-        }))
+            presence: presence::Presence::default(),
+        });
+        // Always: the other nodes' counts, and evictions of this node's devices.
+        bridge.want(presence::COUNTS_CHANNEL.to_string());
+        bridge.want(presence::node_channel(node));
+        Ok(bridge)
     }
 
     /// Whether publishes can go out now.
@@ -741,9 +760,12 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
         if bridge.breaks.load(Ordering::SeqCst) != breaks {
             return Some(redis::RedisError::from(std::io::Error::other("the subscriber's connection broke")));
         }
+        if let Err(e) = presence::work(bridge, con) {
+            return Some(e);
+        }
         // Busy or idle: a node that stopped refreshing counts as dead.
         if last_refresh.elapsed() >= PRESENCE_REFRESH {
-            if let Err(e) = refresh_presence(bridge, con) {
+            if let Err(e) = refresh_presence(bridge, con).and_then(|()| presence::refresh(bridge, con)) {
                 return Some(e);
             }
             last_refresh = Instant::now();
@@ -759,7 +781,7 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
                 }
                 last_ping = Instant::now();
             }
-            std::thread::park_timeout(PING_EVERY);
+            std::thread::park_timeout(bridge.presence_wait(PING_EVERY));
             continue;
         }
         let bytes: usize = batch.iter().map(Out::weight).sum();
@@ -858,6 +880,7 @@ fn subscriber(bridge: &Bridge) {
         let error = subscribe_until_error(bridge, &mut con, &mut backoff);
         if let Some(e) = error {
             bridge.breaks.fetch_add(1, Ordering::SeqCst);
+            bridge.presence_lost();
             if let Some(t) = bridge.publisher.get() {
                 t.unpark();
             }
@@ -909,6 +932,9 @@ fn subscribe_until_error(
             for (dev_id, user_id) in add.iter().filter_map(|c| parse_user_channel(c)) {
                 bridge.send(Out::Drain { dev_id, user_id });
             }
+            if add.iter().any(|c| *c == presence::COUNTS_CHANNEL) {
+                bridge.presence_subscribed();
+            }
             if !drop.is_empty()
                 && let Err(e) = patient(&mut ps, |ps| ps.unsubscribe(&drop))
             {
@@ -951,6 +977,9 @@ fn patient<T>(
 
 /// Hands a message from Redis to the shards that need it.
 fn deliver(bridge: &Bridge, channel: &str, payload: &[u8]) {
+    if bridge.presence_deliver(channel, payload) {
+        return;
+    }
     if let Some((dev_id, user_id)) = parse_user_channel(channel) {
         match serde_json::from_slice::<PrivateWire>(payload) {
             Ok(w) if w.n == bridge.node => {}
