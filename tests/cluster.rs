@@ -504,3 +504,203 @@ fn an_offline_queue_survives_a_killed_redis_with_an_append_only_file() {
     drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `SELECT users FROM pipes` for one channel on node `s`.
+fn pipes_count(s: &Server, pipe: &str) -> u64 {
+    let users: Option<String> = db(s).query_first(format!("SELECT users FROM pipes WHERE name = '{pipe}'")).unwrap();
+    users.and_then(|u| u.parse().ok()).unwrap_or(0)
+}
+
+/// `SELECT user_uuid FROM users_in_pipes` for one channel on node `s`, sorted.
+fn uuids_in(s: &Server, pipe: &str) -> Vec<String> {
+    let mut v: Vec<String> =
+        db(s).query(format!("SELECT user_uuid FROM users_in_pipes WHERE name = '{pipe}'")).unwrap();
+    v.sort();
+    v
+}
+
+/// Reads messages until one on `pipe`; returns it.
+fn on_pipe(c: &mut Client, pipe: &str) -> serde_json::Value {
+    loop {
+        let m = c.recv();
+        if m["pipe"] == pipe {
+            return m;
+        }
+    }
+}
+
+#[test]
+fn counts_rows_and_presence_are_cluster_wide() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    // Two subscribers on node 0, one on node 1, none on node 2.
+    let mut subs: Vec<Client> = [0, 0, 1].iter().enumerate().map(|(i, &n)| nodes[n].client(&format!("c{i}"))).collect();
+    for c in &mut subs {
+        c.subscribe(&["web_count"]);
+    }
+    for n in &nodes {
+        assert!(eventually(5, || pipes_count(n, "web_count") == 3), "pipes is cluster-wide on every node");
+    }
+    // A publish on the node with no subscriber reports all three.
+    let mut d2 = db(&nodes[2]);
+    publish(&mut d2, "web_count", "hello").unwrap();
+    assert_eq!(d2.affected_rows(), 3, "affected rows count every node's subscribers");
+    for c in &mut subs {
+        assert_eq!(texts(c, 1), ["hello"]);
+    }
+    // A browser's web_pipe2 on node 2: its delivery report, and pipe_count.
+    let mut browser = nodes[2].client("browser");
+    browser.send("web_pipe2\nweb_count\nchat\n*\nfrom node 2");
+    let report = on_pipe(&mut browser, "_answer_to_web_count");
+    assert_eq!(report["data"]["number_messages"], 3, "{report}");
+    browser.send("pipe_count\nweb_count\nm1\n");
+    let count = on_pipe(&mut browser, "_answer_pipe_count");
+    assert_eq!(count["data"]["user_in_pipe"], 3, "{count}");
+    for c in &mut subs {
+        assert_eq!(texts(c, 1), ["from node 2"]);
+    }
+
+    // track_: a joins on node 0, b on node 1; a member on node 2 sees both.
+    let mut a = nodes[0].client("ta");
+    a.subscribe(&["track_room"]);
+    assert!(eventually(5, || redis.subscribers("track_room") == 1));
+    let mut b = nodes[1].client("tb");
+    b.subscribe(&["track_room"]);
+    let joined = on_pipe(&mut a, "track_room");
+    assert_eq!((joined["event"].as_str(), joined["data"]["uuid"].as_str()), (Some("subscription"), Some("tb")));
+    for n in &nodes {
+        assert!(eventually(5, || uuids_in(n, "track_room") == ["ta", "tb"]), "users_in_pipes on every node");
+    }
+    let mut watcher = nodes[2].client("tw");
+    watcher.subscribe(&["track_room"]);
+    for c in [&mut a, &mut b] {
+        let m = on_pipe(c, "track_room");
+        assert_eq!((m["event"].as_str(), m["data"]["uuid"].as_str()), (Some("subscription"), Some("tw")), "{m}");
+    }
+    watcher.send("track_pipe_users\ntrack_room\nm2");
+    let members = on_pipe(&mut watcher, "_answer");
+    let mut seen: Vec<&str> = members["data"].as_array().unwrap().iter().map(|m| m["uuid"].as_str().unwrap()).collect();
+    seen.sort();
+    assert_eq!(seen, ["ta", "tb", "tw"], "{members}");
+    // A node's row carries its client's details.
+    let agents: Vec<Option<String>> =
+        db(&nodes[2]).query("SELECT user_agent FROM users_in_pipes WHERE name = 'track_room'").unwrap();
+    assert_eq!(agents.len(), 3);
+    // b leaves: everybody hears it, and the counts drop everywhere.
+    drop(b);
+    for c in [&mut a, &mut watcher] {
+        let m = on_pipe(c, "track_room");
+        assert_eq!((m["event"].as_str(), m["data"]["uuid"].as_str()), (Some("unsubscription"), Some("tb")), "{m}");
+    }
+    drop(subs.pop());
+    for n in &nodes {
+        assert!(eventually(5, || pipes_count(n, "web_count") == 2 && uuids_in(n, "track_room") == ["ta", "tw"]));
+    }
+}
+
+#[test]
+fn the_seventeenth_device_on_another_node_evicts_the_oldest_anywhere_with_4009() {
+    let redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (20, 'k20')").unwrap();
+    }
+    let mut on_a: Vec<Client> = Vec::new();
+    for i in 0..16 {
+        on_a.push(user(&a, 20, "k20", &format!("a{i}")));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(eventually(5, || redis.cli(&["ZCARD", "comet:0:devices:20"]) == "16"));
+    let mut newest = user(&b, 20, "k20", "b0");
+    assert_eq!(on_a[0].expect_close(), 4009, "the oldest device, on the other node, is replaced");
+    for c in &mut on_a[1..] {
+        c.expect_silence(100);
+    }
+    newest.expect_silence(100);
+    assert!(eventually(5, || redis.cli(&["ZCARD", "comet:0:devices:20"]) == "16"));
+    // The next one, on node A, evicts the next oldest.
+    let _another = user(&a, 20, "k20", "a16");
+    assert_eq!(on_a[1].expect_close(), 4009);
+    for c in &mut on_a[2..] {
+        c.expect_silence(100);
+    }
+    newest.expect_silence(100);
+}
+
+#[test]
+fn a_killed_nodes_subscribers_leave_the_counts_and_track_channels_within_30_seconds() {
+    let redis = Redis::start();
+    let survivor = node(&redis);
+    let mut doomed = node(&redis);
+    for n in [&survivor, &doomed] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut watcher = survivor.client("watcher");
+    watcher.subscribe(&["track_k", "web_k"]);
+    assert!(eventually(5, || redis.subscribers("track_k") == 1));
+    let mut gone: Vec<Client> = (0..2).map(|i| doomed.client(&format!("gone{i}"))).collect();
+    for c in &mut gone {
+        c.subscribe(&["track_k", "web_k"]);
+    }
+    for _ in 0..2 {
+        assert_eq!(on_pipe(&mut watcher, "track_k")["event"], "subscription");
+    }
+    assert!(eventually(5, || pipes_count(&survivor, "web_k") == 3));
+    let _ = doomed.child.kill();
+    let _ = doomed.child.wait();
+    let killed = std::time::Instant::now();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = watcher.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(35))).unwrap();
+    }
+    let mut left: Vec<String> = (0..2)
+        .map(|_| {
+            let m = on_pipe(&mut watcher, "track_k");
+            assert_eq!(m["event"], "unsubscription", "{m}");
+            m["data"]["uuid"].as_str().unwrap().to_string()
+        })
+        .collect();
+    left.sort();
+    assert_eq!(left, ["gone0", "gone1"]);
+    assert!(eventually(5, || pipes_count(&survivor, "web_k") == 1 && uuids_in(&survivor, "track_k") == ["watcher"]));
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(30), "the stale presence lasted {took:?}");
+    let mut d = db(&survivor);
+    publish(&mut d, "web_k", "after").unwrap();
+    assert_eq!(d.affected_rows(), 1);
+}
+
+#[test]
+fn a_redis_restarted_empty_learns_every_nodes_counts_rows_and_devices_again() {
+    let mut redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (21, 'k21')").unwrap();
+    }
+    let mut on_b = b.client("rb");
+    on_b.subscribe(&["web_r"]);
+    let mut device = user(&b, 21, "k21", "dev");
+    assert!(eventually(5, || pipes_count(&a, "web_r") == 1));
+    redis.kill();
+    assert!(eventually(10, || a.plain_metric("comet_redis_up") == 0 && b.plain_metric("comet_redis_up") == 0));
+    let e = db(&a).query_drop("SELECT users FROM pipes WHERE name = 'web_r'").unwrap_err().to_string();
+    assert!(e.contains("503") && e.contains("Redis is down"), "{e}");
+    let redis = Redis::start_on(redis.port);
+    for n in [&a, &b] {
+        assert!(eventually(15, || n.plain_metric("comet_redis_up") == 1));
+    }
+    assert!(eventually(10, || pipes_count(&a, "web_r") == 1), "node A learns node B's count again");
+    assert!(eventually(5, || uuids_in(&a, "web_r") == ["rb"]));
+    assert!(eventually(5, || redis.cli(&["ZCARD", "comet:0:devices:21"]) == "1"), "devices are registered again");
+    let mut d = db(&a);
+    publish(&mut d, "web_r", "back").unwrap();
+    assert_eq!(d.affected_rows(), 1);
+    assert_eq!(texts(&mut on_b, 1), ["back"]);
+    device.expect_silence(100);
+}
