@@ -723,6 +723,7 @@ fn publisher(bridge: &Bridge) {
             Ok(c) => c,
             Err(e) => {
                 bridge.set_up(&bridge.pub_up, false, Some(format!("Redis at {} is unreachable: {e}", bridge.address)));
+                presence::fail_asks(bridge, &e.to_string());
                 nap(bridge, backoff.next_wait());
                 continue;
             }
@@ -738,6 +739,7 @@ fn publisher(bridge: &Bridge) {
         bridge.set_up(&bridge.pub_up, true, None);
         let error = publish_until_error(bridge, &mut con, breaks);
         if let Some(e) = error {
+            presence::fail_asks(bridge, &e.to_string());
             eprintln!("comet: redis: publisher lost {}: {e}; reconnecting", bridge.address);
             bridge.set_up(
                 &bridge.pub_up,

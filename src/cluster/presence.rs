@@ -369,13 +369,9 @@ impl Bridge {
     }
 
     /// Asks the other nodes' rows of `pipes` for gather `req` of `shard`;
-    /// the answer comes back as [`Inbound::Rows`].
+    /// the answer comes back as [`Inbound::Rows`] (an error when Redis
+    /// fails before it answers). The caller checked [`Bridge::is_up`].
     pub fn ask_rows(&self, shard: usize, req: u64, dev_id: u32, pipes: Vec<Arc<str>>) {
-        if !self.is_up() {
-            let why = format!("the cluster's Redis is down ({})", self.down_reason());
-            super::push(self, &self.lanes[shard], Inbound::Rows { req, rows: Err(why) });
-            return;
-        }
         self.presence.asks.lock().unwrap_or_else(PoisonError::into_inner).push(RowsAsk { shard, req, dev_id, pipes });
         self.wake_publisher();
     }
@@ -587,6 +583,15 @@ pub(super) fn work(bridge: &Bridge, con: &mut redis::Connection) -> redis::Redis
         return Err(e);
     }
     Ok(())
+}
+
+/// The publisher lost Redis: the questions waiting for it get the error.
+pub(super) fn fail_asks(bridge: &Bridge, why: &str) {
+    let asks = std::mem::take(&mut *bridge.presence.asks.lock().unwrap_or_else(PoisonError::into_inner));
+    for a in asks {
+        let rows = Err(format!("the cluster's Redis failed: {why}"));
+        super::push(bridge, &bridge.lanes[a.shard], Inbound::Rows { req: a.req, rows });
+    }
 }
 
 /// Every [`super::PRESENCE_REFRESH`], after the heartbeat: registers the

@@ -59,14 +59,19 @@ impl ShardCore {
         }
     }
 
-    /// The channels whose other nodes' rows a question needs, if any.
-    pub(super) fn cluster_rows_wanted(&self, query: &Query) -> Option<Vec<Arc<str>>> {
+    /// The channels whose other nodes' rows a question needs, if any; an
+    /// error when it needs them and Redis is down.
+    pub(super) fn cluster_rows_wanted(&self, query: &Query) -> Option<Result<Vec<Arc<str>>, String>> {
         self.cluster.as_ref()?;
-        match query {
-            Query::Members(ch) => Some(vec![ch.clone()]),
-            Query::Subscribers(names) => Some(names.clone()),
-            _ => None,
-        }
+        let pipes = match query {
+            Query::Members(ch) => vec![ch.clone()],
+            Query::Subscribers(names) => names.clone(),
+            _ => return None,
+        };
+        Some(match self.cluster_down() {
+            Some(e) => Err(e),
+            None => Ok(pipes),
+        })
     }
 
     /// Asks the bridge for the other nodes' rows of gather `req`.

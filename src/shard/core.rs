@@ -671,13 +671,21 @@ impl ShardCore {
         let local = targets.contains(&self.id).then(|| self.answer(dev_id, &query));
         let written = self.record_changes();
         let remote = self.cluster_rows_wanted(&query);
-        let waits = others.len() + matches!(written, Written::Wait(_)) as usize + remote.is_some() as usize;
+        let waits = others.len() + matches!(written, Written::Wait(_)) as usize + matches!(remote, Some(Ok(_))) as usize;
         let mut pending = Pending::new(waits, then);
         if let Some(l) = local {
             pending.merge(l);
         }
+        let ask = match remote {
+            Some(Err(why)) => {
+                pending.remote_failed = Some(why);
+                None
+            }
+            Some(Ok(pipes)) => Some(pipes),
+            None => None,
+        };
         let id = self.new_request(pending);
-        if let Some(pipes) = remote {
+        if let Some(pipes) = ask {
             self.cluster_ask_rows(id, dev_id, pipes);
         }
         if let Written::Wait(seq) = written {
