@@ -689,8 +689,15 @@ fn a_redis_restarted_empty_learns_every_nodes_counts_rows_and_devices_again() {
     assert!(eventually(5, || pipes_count(&a, "web_r") == 1));
     redis.kill();
     assert!(eventually(10, || a.plain_metric("comet_redis_up") == 0 && b.plain_metric("comet_redis_up") == 0));
-    let e = db(&a).query_drop("SELECT users FROM pipes WHERE name = 'web_r'").unwrap_err().to_string();
-    assert!(e.contains("503") && e.contains("Redis is down"), "{e}");
+    // What needs the other nodes answers a clear error, at once.
+    for q in ["SELECT users FROM pipes WHERE name = 'web_r'", "SELECT * FROM users_in_pipes WHERE name = 'web_r'"] {
+        let e = db(&a).query_drop(q).unwrap_err().to_string();
+        assert!(e.contains("503") && e.contains("Redis is down"), "{q}: {e}");
+    }
+    let mut asker = a.client("asker");
+    asker.send("track_pipe_users\ntrack_r\nm");
+    let err = asker.recv();
+    assert!(err.to_string().contains("Redis is down"), "{err}");
     let redis = Redis::start_on(redis.port);
     for n in [&a, &b] {
         assert!(eventually(15, || n.plain_metric("comet_redis_up") == 1));
@@ -703,4 +710,46 @@ fn a_redis_restarted_empty_learns_every_nodes_counts_rows_and_devices_again() {
     assert_eq!(d.affected_rows(), 1);
     assert_eq!(texts(&mut on_b, 1), ["back"]);
     device.expect_silence(100);
+}
+
+#[test]
+fn subscription_churn_past_the_mail_limit_while_redis_stalls_is_dropped_and_written_again_whole() {
+    let redis = Redis::start();
+    let a = Server::start(&["--shards", "2", "--password", "pw", "--mail-limit", "1048576", "--redis", &redis.url()]);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    assert!(eventually(5, || a.plain_metric("comet_redis_presence_resyncs_total") == 1), "the first registration");
+    let set = |name: &str| -> Vec<String> { (0..32).map(|j| format!("web_{name}{j}_{}", "p".repeat(50))).collect() };
+    let (x, y) = (set("x"), set("y"));
+    let mut churners: Vec<Client> = (0..10).map(|i| a.client(&format!("churn{i}"))).collect();
+    // Redis stalls 1.5 s (under the 2 s command timeout) while ten clients
+    // swap 32 long channel names 20 times each: 12,800 changes of about
+    // 140 bytes wait for Redis, past --mail-limit (1 MiB).
+    let port = redis.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1.5"]).output().unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    for round in 0..20 {
+        let names = if round % 2 == 0 { &x } else { &y };
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        for c in &mut churners {
+            c.subscribe(&names);
+        }
+    }
+    sleeper.join().unwrap();
+    // Past the bound the node kept no changes and wrote everything again.
+    assert!(eventually(5, || a.plain_metric("comet_redis_presence_resyncs_total") >= 2), "the bound was not reached");
+    let count = |pipe: &str| pipes_count(&b, pipe);
+    assert!(eventually(10, || count(&y[0]) == 10 && count(&y[31]) == 10), "node B sees the last subscriptions");
+    assert_eq!((count(&x[0]), count(&x[31])), (0, 0));
+    // In Redis: node A's hash of each last channel, none of the others.
+    assert_eq!(redis.cli(&["KEYS", &format!("comet:subs:*:0:{}", x[0])]), "");
+    let key = redis.cli(&["KEYS", &format!("comet:subs:*:0:{}", y[0])]);
+    assert_eq!(redis.cli(&["HLEN", &key]), "10");
+    for c in &mut churners {
+        c.expect_silence(50);
+    }
 }

@@ -658,6 +658,9 @@ fn flush(bridge: &Bridge, con: &mut redis::Connection) -> redis::RedisResult<()>
         l.last_flush = Some(Instant::now());
         l.seq += 1;
         let full = std::mem::take(&mut l.resync);
+        if full {
+            bridge.health.presence_resyncs.fetch_add(1, Ordering::Relaxed);
+        }
         let dirty = std::mem::take(&mut l.dirty);
         let ops = std::mem::take(&mut l.device_ops);
         l.pending_bytes = 0;

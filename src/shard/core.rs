@@ -671,7 +671,8 @@ impl ShardCore {
         let local = targets.contains(&self.id).then(|| self.answer(dev_id, &query));
         let written = self.record_changes();
         let remote = self.cluster_rows_wanted(&query);
-        let waits = others.len() + matches!(written, Written::Wait(_)) as usize + matches!(remote, Some(Ok(_))) as usize;
+        let waits =
+            others.len() + matches!(written, Written::Wait(_)) as usize + matches!(remote, Some(Ok(_))) as usize;
         let mut pending = Pending::new(waits, then);
         if let Some(l) = local {
             pending.merge(l);
