@@ -599,6 +599,14 @@ fn counts_rows_and_presence_are_cluster_wide() {
     for n in &nodes {
         assert!(eventually(5, || pipes_count(n, "web_count") == 2 && uuids_in(n, "track_room") == ["ta", "tw"]));
     }
+    // A node that stops (SIGTERM) takes its subscribers out of the counts
+    // at once, not when its alive key expires.
+    let mut late = nodes[1].client("late");
+    late.subscribe(&["web_count"]);
+    assert!(eventually(5, || pipes_count(&nodes[2], "web_count") == 3));
+    nodes[1].sigterm();
+    assert!(eventually(3, || pipes_count(&nodes[2], "web_count") == 2), "a stopped node's subscribers stay counted");
+    assert_eq!(pipes_count(&nodes[0], "web_count"), 2);
 }
 
 #[test]

@@ -19,7 +19,9 @@
 //! to the user's channel is acknowledged. Online/offline is a Redis hash per
 //! user of the nodes holding its devices (`ATTACH`, `DETACH`), kept
 //! fresh by each node's `HEARTBEAT` and `REFRESH`, which also sweep the
-//! nodes that died. docs/cluster.md is the user's view of all this.
+//! nodes that died. Subscriber counts, `users_in_pipes` rows and the
+//! cluster-wide device cap are [`presence`]'s. docs/cluster.md is the
+//! user's view of all this.
 //!
 //! Shards never touch Redis and never wait for it. Two threads do, each
 //! with its own connection from the maintained `redis` crate's blocking
@@ -775,6 +777,8 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
         let batch = std::mem::take(&mut *bridge.out.lock().unwrap_or_else(PoisonError::into_inner));
         if batch.is_empty() {
             if bridge.stop.load(Ordering::SeqCst) {
+                // Best effort: a node that cannot say goodbye is swept.
+                let _ = presence::leave(bridge, con);
                 return None;
             }
             if last_ping.elapsed() >= PING_EVERY {

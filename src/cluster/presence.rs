@@ -585,6 +585,37 @@ pub(super) fn work(bridge: &Bridge, con: &mut redis::Connection) -> redis::Redis
     Ok(())
 }
 
+/// The node stops: its subscribers and devices leave the cluster view at
+/// once (instead of when its alive key expires).
+pub(super) fn leave(bridge: &Bridge, con: &mut redis::Connection) -> redis::RedisResult<()> {
+    let node = bridge.node;
+    let seq = {
+        let mut l = bridge.presence.local();
+        l.seq += 1;
+        l.seq
+    };
+    let wire = CountsWire { n: node, v: seq, f: true, c: Vec::new() };
+    redis::pipe()
+        .atomic()
+        .cmd("EVAL")
+        .arg(RESET)
+        .arg(0)
+        .arg(node.to_string())
+        .ignore()
+        .cmd("SREM")
+        .arg("comet:pnodes")
+        .arg(node.to_string())
+        .ignore()
+        .cmd("DEL")
+        .arg(format!("comet:pseq:{node}"))
+        .ignore()
+        .cmd("PUBLISH")
+        .arg(COUNTS_CHANNEL)
+        .arg(serde_json::to_vec(&wire).unwrap_or_default())
+        .ignore()
+        .query(con)
+}
+
 /// The publisher lost Redis: the questions waiting for it get the error.
 pub(super) fn fail_asks(bridge: &Bridge, why: &str) {
     let asks = std::mem::take(&mut *bridge.presence.asks.lock().unwrap_or_else(PoisonError::into_inner));
