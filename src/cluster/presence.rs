@@ -144,6 +144,9 @@ struct Local {
 struct NodeCounts {
     /// Channel → (count, flush number it was set by).
     channels: HashMap<ChanKey, (u64, u64)>,
+    /// The cache has had all of the node's channels (a snapshot or a full
+    /// list), not only changes: it need not be loaded again.
+    complete: bool,
 }
 
 /// The other nodes' counts.
@@ -201,6 +204,9 @@ impl Remote {
         for (d, p, c) in w.c {
             self.set(w.n, (d, Arc::from(p.as_str())), c, w.v);
         }
+        if w.f {
+            self.nodes.entry(w.n).or_default().complete = true;
+        }
     }
 
     /// A snapshot read from Redis at flush `v` of the node: it replaces
@@ -223,7 +229,7 @@ impl Remote {
                 self.set(node, k, c, v);
             }
         }
-        self.nodes.entry(node).or_default();
+        self.nodes.entry(node).or_default().complete = true;
     }
 
     fn drop_node(&mut self, node: u64) {
@@ -642,7 +648,8 @@ pub(super) fn refresh(bridge: &Bridge, con: &mut redis::Connection) -> redis::Re
 /// Loads the counts of live nodes the cache lacks, and drops the nodes
 /// that are no longer alive.
 fn load(bridge: &Bridge, con: &mut redis::Connection) -> redis::RedisResult<()> {
-    let known: Vec<u64> = bridge.presence.remote().nodes.keys().copied().collect();
+    // Nodes the cache has only changes of are loaded (again) too.
+    let known: Vec<u64> = bridge.presence.remote().nodes.iter().filter(|(_, n)| n.complete).map(|(k, _)| *k).collect();
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(LOAD).arg(0).arg(bridge.node.to_string());
     for n in &known {
@@ -817,6 +824,10 @@ mod tests {
         // Read at flush 6: web_a gone since.
         r.snapshot(1, 6, vec![(key(0, "web_b"), 1)]);
         assert_eq!((r.total(0, "web_a"), r.total(0, "web_b")), (0, 1));
+        assert!(r.nodes[&1].complete);
+        // Changes alone do not make a node's entry complete.
+        r.apply(CountsWire { n: 2, v: 9, f: false, c: vec![(0, "web_a".into(), 1)] });
+        assert!(!r.nodes[&2].complete);
     }
 
     #[test]
