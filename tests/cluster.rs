@@ -651,6 +651,9 @@ fn a_killed_nodes_subscribers_leave_the_counts_and_track_channels_within_30_seco
     let mut watcher = survivor.client("watcher");
     watcher.subscribe(&["track_k", "web_k"]);
     assert!(eventually(5, || redis.subscribers("track_k") == 1));
+    db(&doomed).query_drop("INSERT INTO users_auth (id, hash) VALUES (23, 'k23')").unwrap();
+    let _device = user(&doomed, 23, "k23", "doomed-device");
+    assert!(eventually(5, || redis.cli(&["ZCARD", "comet:0:devices:23"]) == "1"));
     let mut gone: Vec<Client> = (0..2).map(|i| doomed.client(&format!("gone{i}"))).collect();
     for c in &mut gone {
         c.subscribe(&["track_k", "web_k"]);
@@ -677,6 +680,7 @@ fn a_killed_nodes_subscribers_leave_the_counts_and_track_channels_within_30_seco
     assert!(eventually(5, || pipes_count(&survivor, "web_k") == 1 && uuids_in(&survivor, "track_k") == ["watcher"]));
     let took = killed.elapsed();
     assert!(took <= Duration::from_secs(30), "the stale presence lasted {took:?}");
+    assert_eq!(redis.cli(&["ZCARD", "comet:0:devices:23"]), "0", "its devices no longer count against the cap");
     let mut d = db(&survivor);
     publish(&mut d, "web_k", "after").unwrap();
     assert_eq!(d.affected_rows(), 1);

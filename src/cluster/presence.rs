@@ -84,6 +84,19 @@ fn parse_conn_field(s: &str) -> Option<(usize, ConnId)> {
     it.next().is_none().then_some((shard, ConnId { index, generation }))
 }
 
+/// An eviction as `DEVICE_ADD` publishes it: `<devices key>|<member>`,
+/// the member being `<node>:<shard>:<index>:<generation>`. Returns the
+/// dev_id, the user id, the shard and the connection.
+fn parse_eviction(text: &str) -> Option<(u32, u64, usize, ConnId)> {
+    let (key, member) = text.split_once('|')?;
+    let rest = key.strip_prefix("comet:")?;
+    let (dev, rest) = rest.split_once(':')?;
+    let uid = rest.strip_prefix("devices:")?;
+    let (_, conn) = member.split_once(':')?;
+    let (shard, id) = parse_conn_field(conn)?;
+    Some((dev.parse().ok()?, uid.parse().ok()?, shard, id))
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -426,17 +439,8 @@ impl Bridge {
         if channel != node_channel(self.node) {
             return false;
         }
-        // An eviction: `<devices key>|<node>:<shard>:<index>:<generation>`.
         let text = String::from_utf8_lossy(payload);
-        let parsed = text.split_once('|').and_then(|(key, member)| {
-            let rest = key.strip_prefix("comet:")?;
-            let (dev, rest) = rest.split_once(':')?;
-            let uid = rest.strip_prefix("devices:")?;
-            let (_, conn) = member.split_once(':')?;
-            let (shard, id) = parse_conn_field(conn)?;
-            Some((dev.parse().ok()?, uid.parse().ok()?, shard, id))
-        });
-        match parsed {
+        match parse_eviction(&text) {
             Some((dev_id, user_id, shard, conn)) if shard < self.lanes.len() => {
                 super::push(self, &self.lanes[shard], Inbound::Evict { dev_id, user_id, conn });
             }
@@ -787,6 +791,17 @@ mod tests {
         assert_eq!(parse_conn_field(&conn_field(1, id)), Some((1, id)));
         assert_eq!(parse_conn_field("1:2"), None);
         assert_eq!(parse_conn_field("1:2:3:4"), None);
+    }
+
+    #[test]
+    fn an_eviction_names_the_user_and_the_connection() {
+        let id = ConnId { index: 5, generation: 2 };
+        let text = format!("{}|77:{}", devices_key(3, 900), conn_field(1, id));
+        assert_eq!(text, "comet:3:devices:900|77:1:5:2");
+        assert_eq!(parse_eviction(&text), Some((3, 900, 1, id)));
+        assert_eq!(parse_eviction("comet:3:devices:900"), None);
+        assert_eq!(parse_eviction("comet:3:online:900|77:1:5:2"), None);
+        assert_eq!(parse_eviction("comet:3:devices:x|77:1:5:2"), None);
     }
 
     #[test]
