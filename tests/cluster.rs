@@ -602,8 +602,12 @@ fn counts_rows_and_presence_are_cluster_wide() {
     // A node that stops (SIGTERM) takes its subscribers out of the counts
     // at once, not when its alive key expires.
     let mut late = nodes[1].client("late");
+    let asked = std::time::Instant::now();
     late.subscribe(&["web_count"]);
     assert!(eventually(5, || pipes_count(&nodes[2], "web_count") == 3));
+    // Announced within 250 ms plus a Redis hop (2 s: slack for a loaded CI box).
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(2), "another node's subscriber took {took:?} to count");
     nodes[1].sigterm();
     assert!(eventually(3, || pipes_count(&nodes[2], "web_count") == 2), "a stopped node's subscribers stay counted");
     assert_eq!(pipes_count(&nodes[0], "web_count"), 2);

@@ -334,10 +334,16 @@ impl Bridge {
         let key: ChanKey = (dev_id, pipe.clone());
         let mut l = self.presence.local();
         let weight = 64 + pipe.len() + field.len();
+        let first = l.dirty.is_empty();
         if self.presence.note(self.is_up(), self.limit, &mut l, weight) {
             l.dirty.entry(key.clone()).or_default().insert(field.clone());
         }
         l.channels.entry(key).or_default().insert(field, value);
+        drop(l);
+        if first {
+            // The publisher may sleep up to a second when idle.
+            self.wake_publisher();
+        }
     }
 
     /// A connection on `shard` left a channel (or closed).
@@ -352,8 +358,13 @@ impl Bridge {
             }
         }
         let weight = 64 + pipe.len() + field.len();
+        let first = l.dirty.is_empty();
         if self.presence.note(self.is_up(), self.limit, &mut l, weight) {
             l.dirty.entry(key).or_default().insert(field);
+        }
+        drop(l);
+        if first {
+            self.wake_publisher();
         }
     }
 
