@@ -76,6 +76,14 @@ fn conn_field(shard: usize, id: ConnId) -> String {
     format!("{shard}:{}:{}", id.index, id.generation)
 }
 
+/// A subscription's connection in the node's mirror: shard, the low 16
+/// bits of the generation and the slot index (unique among live
+/// connections: a slot is reused only after its connection left every
+/// channel). In Redis it is the hash field, in decimal.
+fn sub_key(shard: usize, id: ConnId) -> u64 {
+    ((shard as u64) << 48) | (u64::from(id.generation & 0xFFFF) << 32) | u64::from(id.index)
+}
+
 fn parse_conn_field(s: &str) -> Option<(usize, ConnId)> {
     let mut it = s.split(':');
     let shard = it.next()?.parse().ok()?;
@@ -134,10 +142,13 @@ type ChanKey = (u32, Arc<str>);
 /// last flush.
 #[derive(Debug, Default)]
 struct Local {
-    /// Subscribers per channel: connection field → row (JSON).
-    channels: HashMap<ChanKey, HashMap<String, String>>,
+    /// Subscribers per channel: connection ([`sub_key`]) → row (JSON),
+    /// one allocation per connection shared by its channels.
+    channels: HashMap<ChanKey, HashMap<u64, Arc<str>>>,
     /// Channels with changed subscribers, and which.
-    dirty: HashMap<ChanKey, HashSet<String>>,
+    dirty: HashMap<ChanKey, HashSet<u64>>,
+    /// The last row made per shard: a connection's next channels reuse it.
+    last_row: HashMap<usize, (ConnId, Arc<str>)>,
     /// Devices per user: member → connect time (unix ms).
     devices: HashMap<(u32, u64), HashMap<String, u64>>,
     /// Device changes in order: (user, member, connect time or `None` for
@@ -327,16 +338,25 @@ impl Bridge {
         self.presence.remote_counts(dev_id, pipes)
     }
 
-    /// A connection on `shard` subscribed a channel.
-    pub fn channel_joined(&self, dev_id: u32, pipe: &Arc<str>, shard: usize, id: ConnId, row: Row) {
-        let field = conn_field(shard, id);
-        let value = serde_json::to_string(&row).unwrap_or_default();
+    /// A connection on `shard` subscribed a channel; `row` makes its
+    /// `users_in_pipes` row (called once per connection and batch of
+    /// channels).
+    pub fn channel_joined(&self, dev_id: u32, pipe: &Arc<str>, shard: usize, id: ConnId, row: impl FnOnce() -> Row) {
+        let field = sub_key(shard, id);
         let key: ChanKey = (dev_id, pipe.clone());
         let mut l = self.presence.local();
-        let weight = 64 + pipe.len() + field.len();
+        let value = match l.last_row.get(&shard) {
+            Some((c, v)) if *c == id => v.clone(),
+            _ => {
+                let v: Arc<str> = serde_json::to_string(&row()).unwrap_or_default().into();
+                l.last_row.insert(shard, (id, v.clone()));
+                v
+            }
+        };
+        let weight = 80 + pipe.len();
         let first = l.dirty.is_empty();
         if self.presence.note(self.is_up(), self.limit, &mut l, weight) {
-            l.dirty.entry(key.clone()).or_default().insert(field.clone());
+            l.dirty.entry(key.clone()).or_default().insert(field);
         }
         l.channels.entry(key).or_default().insert(field, value);
         drop(l);
@@ -348,7 +368,7 @@ impl Bridge {
 
     /// A connection on `shard` left a channel (or closed).
     pub fn channel_left(&self, dev_id: u32, pipe: &Arc<str>, shard: usize, id: ConnId) {
-        let field = conn_field(shard, id);
+        let field = sub_key(shard, id);
         let key: ChanKey = (dev_id, pipe.clone());
         let mut l = self.presence.local();
         if let Some(m) = l.channels.get_mut(&key) {
@@ -357,7 +377,7 @@ impl Bridge {
                 l.channels.remove(&key);
             }
         }
-        let weight = 64 + pipe.len() + field.len();
+        let weight = 80 + pipe.len();
         let first = l.dirty.is_empty();
         if self.presence.note(self.is_up(), self.limit, &mut l, weight) {
             l.dirty.entry(key).or_default().insert(field);
@@ -723,7 +743,7 @@ fn flush(bridge: &Bridge, con: &mut redis::Connection) -> redis::RedisResult<()>
                 let key = subs_key(node, *dev, name);
                 let cmd = pipe.cmd("HSET").arg(&key);
                 for (f, v) in subs {
-                    cmd.arg(f).arg(v);
+                    cmd.arg(*f).arg(&**v);
                 }
                 cmd.ignore();
                 pipe.cmd("SADD").arg(&chans).arg(&key).ignore();
@@ -746,12 +766,11 @@ fn flush(bridge: &Bridge, con: &mut redis::Connection) -> redis::RedisResult<()>
                         pipe.cmd("SREM").arg(&chans).arg(&key).ignore();
                     }
                     Some(subs) => {
-                        let (set, del): (Vec<&String>, Vec<&String>) =
-                            fields.iter().partition(|f| subs.contains_key(f.as_str()));
+                        let (set, del): (Vec<u64>, Vec<u64>) = fields.iter().partition(|f| subs.contains_key(f));
                         if !set.is_empty() {
                             let cmd = pipe.cmd("HSET").arg(&key);
                             for f in set {
-                                cmd.arg(f).arg(&subs[f.as_str()]);
+                                cmd.arg(f).arg(&*subs[&f]);
                             }
                             cmd.ignore();
                         }

@@ -22,15 +22,17 @@ impl ShardCore {
         else {
             return;
         };
-        let info = &conn.info;
-        let row = Row(
-            conn.user_id.to_string(),
-            info.uuid().to_string(),
-            info.user_agent().to_string(),
-            info.forwarded_ip().map_or_else(|| conn.peer.ip().to_string(), str::to_string),
-            info.origin().to_string(),
-            info.language().to_string(),
-        );
+        let row = || {
+            let info = &conn.info;
+            Row(
+                conn.user_id.to_string(),
+                info.uuid().to_string(),
+                info.user_agent().to_string(),
+                info.forwarded_ip().map_or_else(|| conn.peer.ip().to_string(), str::to_string),
+                info.origin().to_string(),
+                info.language().to_string(),
+            )
+        };
         c.channel_joined(channel.dev_id, &channel.name, self.id, id, row);
     }
 
