@@ -769,3 +769,55 @@ fn subscription_churn_past_the_mail_limit_while_redis_stalls_is_dropped_and_writ
         c.expect_silence(50);
     }
 }
+
+/// Redis's count of `EVAL` calls so far.
+fn evals(redis: &Redis) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let line = stats.lines().find(|l| l.starts_with("cmdstat_eval:")).unwrap_or("cmdstat_eval:calls=0,");
+    line["cmdstat_eval:calls=".len()..].split(',').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn repeated_track_pipe_users_while_redis_is_busy_cost_it_one_script_call() {
+    let redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut members: Vec<Client> = (0..3).map(|i| b.client(&format!("m{i}"))).collect();
+    for m in &mut members {
+        m.subscribe(&["track_big"]);
+    }
+    assert!(eventually(5, || uuids_in(&a, "track_big") == ["m0", "m1", "m2"]));
+    let mut askers: Vec<Client> = (0..4).map(|i| a.client(&format!("ask{i}"))).collect();
+    let before = evals(&redis);
+    // Redis stalls 1 s while four browsers ask 25 times each.
+    let port = redis.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1"]).output().unwrap();
+    });
+    let asleep = eventually(5, || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        std::io::Write::write_all(&mut s, b"PING\r\n").unwrap();
+        std::io::Read::read(&mut s, &mut [0u8; 16]).is_err()
+    });
+    assert!(asleep, "DEBUG SLEEP did not stall Redis");
+    for c in &mut askers {
+        for i in 0..25 {
+            c.send(&format!("track_pipe_users\ntrack_big\nq{i}"));
+        }
+    }
+    sleeper.join().unwrap();
+    for c in &mut askers {
+        for i in 0..25 {
+            let m = on_pipe(c, "_answer");
+            assert_eq!(m["marker"], format!("q{i}"), "{m}");
+            assert_eq!(m["data"].as_array().map(Vec::len), Some(3), "{m}");
+        }
+    }
+    // 100 questions; the heartbeat's own scripts make a few calls too.
+    let calls = evals(&redis) - before;
+    assert!(calls < 20, "{calls} script calls for 100 identical questions");
+}

@@ -587,24 +587,41 @@ return out";
 /// questions, reload the cache when asked, and flush changes when due.
 pub(super) fn work(bridge: &Bridge, con: &mut redis::Connection) -> redis::RedisResult<()> {
     let asks = std::mem::take(&mut *bridge.presence.asks.lock().unwrap_or_else(PoisonError::into_inner));
-    for (i, a) in asks.iter().enumerate() {
+    // The same question asked several times while the last script ran
+    // (browsers repeating `track_pipe_users` on a big channel) costs Redis
+    // one script call.
+    let mut groups: Vec<((u32, Vec<Arc<str>>), Vec<(usize, u64)>)> = Vec::new();
+    let mut index: HashMap<(u32, Vec<Arc<str>>), usize> = HashMap::new();
+    for a in asks {
+        let q = (a.dev_id, a.pipes);
+        match index.get(&q) {
+            Some(&i) => groups[i].1.push((a.shard, a.req)),
+            None => {
+                index.insert(q.clone(), groups.len());
+                groups.push((q, vec![(a.shard, a.req)]));
+            }
+        }
+    }
+    for (i, ((dev_id, pipes), askers)) in groups.iter().enumerate() {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(ROWS).arg(0).arg(bridge.node.to_string()).arg(a.dev_id);
-        for p in &a.pipes {
+        cmd.arg(ROWS).arg(0).arg(bridge.node.to_string()).arg(*dev_id);
+        for p in pipes {
             cmd.arg(&**p);
         }
         match cmd.query::<Vec<String>>(con) {
             Ok(flat) => {
-                let rows = flat
+                let rows: Vec<(Arc<str>, Row)> = flat
                     .chunks_exact(2)
                     .filter_map(|c| Some((Arc::from(c[0].as_str()), serde_json::from_str::<Row>(&c[1]).ok()?)))
                     .collect();
-                super::push(bridge, &bridge.lanes[a.shard], Inbound::Rows { req: a.req, rows: Ok(rows) });
+                for &(shard, req) in askers {
+                    super::push(bridge, &bridge.lanes[shard], Inbound::Rows { req, rows: Ok(rows.clone()) });
+                }
             }
             Err(e) => {
-                for a in &asks[i..] {
+                for &(shard, req) in groups[i..].iter().flat_map(|(_, a)| a) {
                     let why = format!("the cluster's Redis failed: {e}");
-                    super::push(bridge, &bridge.lanes[a.shard], Inbound::Rows { req: a.req, rows: Err(why) });
+                    super::push(bridge, &bridge.lanes[shard], Inbound::Rows { req, rows: Err(why) });
                 }
                 return Err(e);
             }
