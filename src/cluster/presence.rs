@@ -590,8 +590,9 @@ pub(super) fn work(bridge: &Bridge, con: &mut redis::Connection) -> redis::Redis
     // The same question asked several times while the last script ran
     // (browsers repeating `track_pipe_users` on a big channel) costs Redis
     // one script call.
-    let mut groups: Vec<((u32, Vec<Arc<str>>), Vec<(usize, u64)>)> = Vec::new();
-    let mut index: HashMap<(u32, Vec<Arc<str>>), usize> = HashMap::new();
+    type Question = (u32, Vec<Arc<str>>);
+    let mut groups: Vec<(Question, Vec<(usize, u64)>)> = Vec::new();
+    let mut index: HashMap<Question, usize> = HashMap::new();
     for a in asks {
         let q = (a.dev_id, a.pipes);
         match index.get(&q) {
