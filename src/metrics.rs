@@ -121,6 +121,8 @@ pub struct RedisHealth {
     pub received: AtomicU64,
     /// Publishes lost with a failed connection, and malformed messages.
     pub lost: AtomicU64,
+    /// Times the node wrote all its presence to Redis again.
+    pub presence_resyncs: AtomicU64,
 }
 
 impl RedisHealth {
@@ -169,6 +171,11 @@ impl Registry {
                     "comet_redis_lost_total",
                     "Publishes lost with a failed Redis connection, and malformed messages.",
                     &r.lost,
+                ),
+                (
+                    "comet_redis_presence_resyncs_total",
+                    "Times the node wrote all its subscribers and devices to Redis again (Redis lost them, a write failed, or changes waiting passed --mail-limit).",
+                    &r.presence_resyncs,
                 ),
             ] {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));

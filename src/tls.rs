@@ -616,11 +616,13 @@ mod tests {
     fn bad_files_are_refused_with_their_name() {
         let d = temp("bad");
         make_certs(&d, "ec", -1);
+        // Both made before `now`: a certificate made after it would not be
+        // valid yet at `now` (openssl takes seconds on a loaded machine).
+        let other = temp("other");
+        make_certs(&other, "ec", 2);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
         let e = load(&files(&d), now).unwrap_err();
         assert!(e.contains("expired on 20") && e.contains("chain.pem"), "{e}");
-        let other = temp("other");
-        make_certs(&other, "ec", 2);
         let mismatched = TlsFiles { cert: other.join("chain.pem"), key: d.join("key.pem") };
         let e = load(&mismatched, now).unwrap_err();
         assert!(e.contains("does not match") && e.contains("key.pem"), "{e}");

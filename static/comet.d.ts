@@ -9,7 +9,9 @@ export interface CometStartOptions {
   user_key?: string;
   /** host[:port] of the server; defaults to the host that served comet.js. */
   node?: string;
-  /** Several nodes; one is picked at random (or in turn with `roundrobin`). */
+  /** Several nodes (a `--redis` cluster): the first is picked at random (the
+   * list's first with `roundrobin`) and kept while it serves; when it closes
+   * the connection or cannot be reached, the next one of the list is tried. */
   nodes?: string[];
   /** Use wss:// (default: when the page is https). */
   wss?: boolean;

@@ -84,6 +84,7 @@
     this.sendQueue = [];
     this.ws = null;
     this.attempt = 0;
+    this.nodeIndex = -1;     // position in opts.nodes of the node in use
     this.timer = null;
     this.stopped = true;
     this.noReconnect = false;
@@ -114,6 +115,7 @@
       nostat: !!opts.nostat
     };
     this.uuid = opts.uuid || storedUuid();
+    this.nodeIndex = -1;
     this.stopped = false;
     this.noReconnect = false;
     this.setAuthorized(undefined);
@@ -212,7 +214,12 @@
     var o = this.opts;
     var node = o.node || scriptHost;
     if (o.nodes && o.nodes.length) {
-      node = o.roundrobin ? o.nodes[this.attempt % o.nodes.length] : o.nodes[Math.floor(Math.random() * o.nodes.length)];
+      // The first node: at random (the first of the list with roundrobin).
+      // It is kept while it serves; failover moves to the next one.
+      if (this.nodeIndex < 0 || this.nodeIndex >= o.nodes.length) {
+        this.nodeIndex = o.roundrobin ? 0 : Math.floor(Math.random() * o.nodes.length);
+      }
+      node = o.nodes[this.nodeIndex];
     }
     var q = 'sesion=' + encodeURIComponent(o.user_key) + '&myid=' + encodeURIComponent(o.user_id || '') +
       '&devid=' + o.dev_id + '&v=' + API_VERSION + '&uuid=' + encodeURIComponent(this.uuid) + '&api=js';
@@ -247,6 +254,10 @@
       if (self.ws !== ws) { return; }
       self.ws = null;
       self.setConnected(false);
+      // The node closed or could not be reached: with a node list, the
+      // next attempt goes to the next node (a node that died, or is
+      // shutting down, is not asked again first).
+      if (ev.code !== 1000) { self.nextNode(); }
       // 4009: replaced by a newer device; 44xx: fatal server errors.
       if (ev.code === 4009 || (ev.code >= 4400 && ev.code < 4500)) { self.noReconnect = true; }
       // 4029: this client sent over the rate for seconds; come back slowly.
@@ -257,6 +268,12 @@
       self.scheduleReconnect();
     };
     ws.onerror = function () { /* onclose follows */ };
+  };
+
+  // Failover: the next node of opts.nodes, if there is a list.
+  P.nextNode = function () {
+    var n = this.opts.nodes;
+    if (n && n.length > 1 && this.nodeIndex >= 0) { this.nodeIndex = (this.nodeIndex + 1) % n.length; }
   };
 
   // After an upgrade that failed: a plain GET of /info on the same node.

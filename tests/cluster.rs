@@ -869,3 +869,320 @@ fn a_single_comets_data_dir_seeds_an_empty_redis_and_is_ignored_once_redis_has_s
     drop(again);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `SELECT users FROM pipes` for one channel on node `s`.
+fn pipes_count(s: &Server, pipe: &str) -> u64 {
+    let users: Option<String> = db(s).query_first(format!("SELECT users FROM pipes WHERE name = '{pipe}'")).unwrap();
+    users.and_then(|u| u.parse().ok()).unwrap_or(0)
+}
+
+/// `SELECT user_uuid FROM users_in_pipes` for one channel on node `s`, sorted.
+fn uuids_in(s: &Server, pipe: &str) -> Vec<String> {
+    let mut v: Vec<String> =
+        db(s).query(format!("SELECT user_uuid FROM users_in_pipes WHERE name = '{pipe}'")).unwrap();
+    v.sort();
+    v
+}
+
+/// Reads messages until one on `pipe`; returns it.
+fn on_pipe(c: &mut Client, pipe: &str) -> serde_json::Value {
+    loop {
+        let m = c.recv();
+        if m["pipe"] == pipe {
+            return m;
+        }
+    }
+}
+
+#[test]
+fn counts_rows_and_presence_are_cluster_wide() {
+    let redis = Redis::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
+    for n in &nodes {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    // Two subscribers on node 0, one on node 1, none on node 2.
+    let mut subs: Vec<Client> = [0, 0, 1].iter().enumerate().map(|(i, &n)| nodes[n].client(&format!("c{i}"))).collect();
+    for c in &mut subs {
+        c.subscribe(&["web_count"]);
+    }
+    for n in &nodes {
+        assert!(eventually(5, || pipes_count(n, "web_count") == 3), "pipes is cluster-wide on every node");
+    }
+    // A publish on the node with no subscriber reports all three.
+    let mut d2 = db(&nodes[2]);
+    publish(&mut d2, "web_count", "hello").unwrap();
+    assert_eq!(d2.affected_rows(), 3, "affected rows count every node's subscribers");
+    for c in &mut subs {
+        assert_eq!(texts(c, 1), ["hello"]);
+    }
+    // A browser's web_pipe2 on node 2: its delivery report, and pipe_count.
+    let mut browser = nodes[2].client("browser");
+    browser.send("web_pipe2\nweb_count\nchat\n*\nfrom node 2");
+    let report = on_pipe(&mut browser, "_answer_to_web_count");
+    assert_eq!(report["data"]["number_messages"], 3, "{report}");
+    browser.send("pipe_count\nweb_count\nm1\n");
+    let count = on_pipe(&mut browser, "_answer_pipe_count");
+    assert_eq!(count["data"]["user_in_pipe"], 3, "{count}");
+    for c in &mut subs {
+        assert_eq!(texts(c, 1), ["from node 2"]);
+    }
+
+    // track_: a joins on node 0, b on node 1; a member on node 2 sees both.
+    let mut a = nodes[0].client("ta");
+    a.subscribe(&["track_room"]);
+    assert!(eventually(5, || redis.subscribers("track_room") == 1));
+    let mut b = nodes[1].client("tb");
+    b.subscribe(&["track_room"]);
+    let joined = on_pipe(&mut a, "track_room");
+    assert_eq!((joined["event"].as_str(), joined["data"]["uuid"].as_str()), (Some("subscription"), Some("tb")));
+    for n in &nodes {
+        assert!(eventually(5, || uuids_in(n, "track_room") == ["ta", "tb"]), "users_in_pipes on every node");
+    }
+    let mut watcher = nodes[2].client("tw");
+    watcher.subscribe(&["track_room"]);
+    for c in [&mut a, &mut b] {
+        let m = on_pipe(c, "track_room");
+        assert_eq!((m["event"].as_str(), m["data"]["uuid"].as_str()), (Some("subscription"), Some("tw")), "{m}");
+    }
+    watcher.send("track_pipe_users\ntrack_room\nm2");
+    let members = on_pipe(&mut watcher, "_answer");
+    let mut seen: Vec<&str> = members["data"].as_array().unwrap().iter().map(|m| m["uuid"].as_str().unwrap()).collect();
+    seen.sort();
+    assert_eq!(seen, ["ta", "tb", "tw"], "{members}");
+    // A node's row carries its client's details.
+    let agents: Vec<Option<String>> =
+        db(&nodes[2]).query("SELECT user_agent FROM users_in_pipes WHERE name = 'track_room'").unwrap();
+    assert_eq!(agents.len(), 3);
+    // b leaves: everybody hears it, and the counts drop everywhere.
+    drop(b);
+    for c in [&mut a, &mut watcher] {
+        let m = on_pipe(c, "track_room");
+        assert_eq!((m["event"].as_str(), m["data"]["uuid"].as_str()), (Some("unsubscription"), Some("tb")), "{m}");
+    }
+    drop(subs.pop());
+    for n in &nodes {
+        assert!(eventually(5, || pipes_count(n, "web_count") == 2 && uuids_in(n, "track_room") == ["ta", "tw"]));
+    }
+    // A node that stops (SIGTERM) takes its subscribers out of the counts
+    // at once, not when its alive key expires.
+    let mut late = nodes[1].client("late");
+    let asked = std::time::Instant::now();
+    late.subscribe(&["web_count"]);
+    assert!(eventually(5, || pipes_count(&nodes[2], "web_count") == 3));
+    // Announced within 250 ms plus a Redis hop (2 s: slack for a loaded CI box).
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(2), "another node's subscriber took {took:?} to count");
+    nodes[1].sigterm();
+    assert!(eventually(3, || pipes_count(&nodes[2], "web_count") == 2), "a stopped node's subscribers stay counted");
+    assert_eq!(pipes_count(&nodes[0], "web_count"), 2);
+}
+
+#[test]
+fn the_seventeenth_device_on_another_node_evicts_the_oldest_anywhere_with_4009() {
+    let redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (20, 'k20')").unwrap();
+    }
+    let mut on_a: Vec<Client> = Vec::new();
+    for i in 0..16 {
+        on_a.push(user(&a, 20, "k20", &format!("a{i}")));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(eventually(5, || redis.cli(&["ZCARD", "comet:0:devices:20"]) == "16"));
+    let mut newest = user(&b, 20, "k20", "b0");
+    assert_eq!(on_a[0].expect_close(), 4009, "the oldest device, on the other node, is replaced");
+    for c in &mut on_a[1..] {
+        c.expect_silence(100);
+    }
+    newest.expect_silence(100);
+    assert!(eventually(5, || redis.cli(&["ZCARD", "comet:0:devices:20"]) == "16"));
+    // The next one, on node A, evicts the next oldest.
+    let _another = user(&a, 20, "k20", "a16");
+    assert_eq!(on_a[1].expect_close(), 4009);
+    for c in &mut on_a[2..] {
+        c.expect_silence(100);
+    }
+    newest.expect_silence(100);
+}
+
+#[test]
+fn a_killed_nodes_subscribers_leave_the_counts_and_track_channels_within_30_seconds() {
+    let redis = Redis::start();
+    let survivor = node(&redis);
+    let mut doomed = node(&redis);
+    for n in [&survivor, &doomed] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut watcher = survivor.client("watcher");
+    watcher.subscribe(&["track_k", "web_k"]);
+    assert!(eventually(5, || redis.subscribers("track_k") == 1));
+    db(&doomed).query_drop("INSERT INTO users_auth (id, hash) VALUES (23, 'k23')").unwrap();
+    let _device = user(&doomed, 23, "k23", "doomed-device");
+    assert!(eventually(5, || redis.cli(&["ZCARD", "comet:0:devices:23"]) == "1"));
+    let mut gone: Vec<Client> = (0..2).map(|i| doomed.client(&format!("gone{i}"))).collect();
+    for c in &mut gone {
+        c.subscribe(&["track_k", "web_k"]);
+    }
+    for _ in 0..2 {
+        assert_eq!(on_pipe(&mut watcher, "track_k")["event"], "subscription");
+    }
+    assert!(eventually(5, || pipes_count(&survivor, "web_k") == 3));
+    let _ = doomed.child.kill();
+    let _ = doomed.child.wait();
+    let killed = std::time::Instant::now();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = watcher.ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(35))).unwrap();
+    }
+    let mut left: Vec<String> = (0..2)
+        .map(|_| {
+            let m = on_pipe(&mut watcher, "track_k");
+            assert_eq!(m["event"], "unsubscription", "{m}");
+            m["data"]["uuid"].as_str().unwrap().to_string()
+        })
+        .collect();
+    left.sort();
+    assert_eq!(left, ["gone0", "gone1"]);
+    assert!(eventually(5, || pipes_count(&survivor, "web_k") == 1 && uuids_in(&survivor, "track_k") == ["watcher"]));
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(30), "the stale presence lasted {took:?}");
+    assert_eq!(redis.cli(&["ZCARD", "comet:0:devices:23"]), "0", "its devices no longer count against the cap");
+    let mut d = db(&survivor);
+    publish(&mut d, "web_k", "after").unwrap();
+    assert_eq!(d.affected_rows(), 1);
+}
+
+#[test]
+fn a_redis_restarted_empty_learns_every_nodes_counts_rows_and_devices_again() {
+    let mut redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+        db(n).query_drop("INSERT INTO users_auth (id, hash) VALUES (21, 'k21')").unwrap();
+    }
+    let mut on_b = b.client("rb");
+    on_b.subscribe(&["web_r"]);
+    let mut device = user(&b, 21, "k21", "dev");
+    assert!(eventually(5, || pipes_count(&a, "web_r") == 1));
+    redis.kill();
+    assert!(eventually(10, || a.plain_metric("comet_redis_up") == 0 && b.plain_metric("comet_redis_up") == 0));
+    // What needs the other nodes answers a clear error, at once.
+    for q in ["SELECT users FROM pipes WHERE name = 'web_r'", "SELECT * FROM users_in_pipes WHERE name = 'web_r'"] {
+        let e = db(&a).query_drop(q).unwrap_err().to_string();
+        assert!(e.contains("503") && e.contains("Redis is down"), "{q}: {e}");
+    }
+    let mut asker = a.client("asker");
+    asker.send("track_pipe_users\ntrack_r\nm");
+    let err = asker.recv();
+    assert!(err.to_string().contains("Redis is down"), "{err}");
+    let redis = Redis::start_on(redis.port);
+    for n in [&a, &b] {
+        assert!(eventually(15, || n.plain_metric("comet_redis_up") == 1));
+    }
+    assert!(eventually(10, || pipes_count(&a, "web_r") == 1), "node A learns node B's count again");
+    assert!(eventually(5, || uuids_in(&a, "web_r") == ["rb"]));
+    assert!(eventually(5, || redis.cli(&["ZCARD", "comet:0:devices:21"]) == "1"), "devices are registered again");
+    let mut d = db(&a);
+    publish(&mut d, "web_r", "back").unwrap();
+    assert_eq!(d.affected_rows(), 1);
+    assert_eq!(texts(&mut on_b, 1), ["back"]);
+    device.expect_silence(100);
+}
+
+#[test]
+fn subscription_churn_past_the_mail_limit_while_redis_stalls_is_dropped_and_written_again_whole() {
+    let redis = Redis::start();
+    let a = Server::start(&["--shards", "2", "--password", "pw", "--mail-limit", "1048576", "--redis", &redis.url()]);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    assert!(eventually(5, || a.plain_metric("comet_redis_presence_resyncs_total") == 1), "the first registration");
+    let set = |name: &str| -> Vec<String> { (0..32).map(|j| format!("web_{name}{j}_{}", "p".repeat(50))).collect() };
+    let (x, y) = (set("x"), set("y"));
+    let mut churners: Vec<Client> = (0..10).map(|i| a.client(&format!("churn{i}"))).collect();
+    // Redis stalls 1.5 s (under the 2 s command timeout) while ten clients
+    // swap 32 long channel names 20 times each: 12,800 changes of about
+    // 140 bytes wait for Redis, past --mail-limit (1 MiB).
+    let port = redis.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1.5"]).output().unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    for round in 0..20 {
+        let names = if round % 2 == 0 { &x } else { &y };
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        for c in &mut churners {
+            c.subscribe(&names);
+        }
+    }
+    sleeper.join().unwrap();
+    // Past the bound the node kept no changes and wrote everything again.
+    assert!(eventually(5, || a.plain_metric("comet_redis_presence_resyncs_total") >= 2), "the bound was not reached");
+    let count = |pipe: &str| pipes_count(&b, pipe);
+    assert!(eventually(10, || count(&y[0]) == 10 && count(&y[31]) == 10), "node B sees the last subscriptions");
+    assert_eq!((count(&x[0]), count(&x[31])), (0, 0));
+    // In Redis: node A's hash of each last channel, none of the others.
+    assert_eq!(redis.cli(&["KEYS", &format!("comet:subs:*:0:{}", x[0])]), "");
+    let key = redis.cli(&["KEYS", &format!("comet:subs:*:0:{}", y[0])]);
+    assert_eq!(redis.cli(&["HLEN", &key]), "10");
+    for c in &mut churners {
+        c.expect_silence(50);
+    }
+}
+
+/// Redis's count of `EVAL` calls so far.
+fn evals(redis: &Redis) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let line = stats.lines().find(|l| l.starts_with("cmdstat_eval:")).unwrap_or("cmdstat_eval:calls=0,");
+    line["cmdstat_eval:calls=".len()..].split(',').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn repeated_track_pipe_users_while_redis_is_busy_cost_it_one_script_call() {
+    let redis = Redis::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    for n in [&a, &b] {
+        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
+    }
+    let mut members: Vec<Client> = (0..3).map(|i| b.client(&format!("m{i}"))).collect();
+    for m in &mut members {
+        m.subscribe(&["track_big"]);
+    }
+    assert!(eventually(5, || uuids_in(&a, "track_big") == ["m0", "m1", "m2"]));
+    let mut askers: Vec<Client> = (0..4).map(|i| a.client(&format!("ask{i}"))).collect();
+    let before = evals(&redis);
+    // Redis stalls 1 s while four browsers ask 25 times each.
+    let port = redis.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1"]).output().unwrap();
+    });
+    let asleep = eventually(5, || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        std::io::Write::write_all(&mut s, b"PING\r\n").unwrap();
+        std::io::Read::read(&mut s, &mut [0u8; 16]).is_err()
+    });
+    assert!(asleep, "DEBUG SLEEP did not stall Redis");
+    for c in &mut askers {
+        for i in 0..25 {
+            c.send(&format!("track_pipe_users\ntrack_big\nq{i}"));
+        }
+    }
+    sleeper.join().unwrap();
+    for c in &mut askers {
+        for i in 0..25 {
+            let m = on_pipe(c, "_answer");
+            assert_eq!(m["marker"], format!("q{i}"), "{m}");
+            assert_eq!(m["data"].as_array().map(Vec::len), Some(3), "{m}");
+        }
+    }
+    // 100 questions; the heartbeat's own scripts make a few calls too.
+    let calls = evals(&redis) - before;
+    assert!(calls < 20, "{calls} script calls for 100 identical questions");
+}

@@ -19,7 +19,9 @@
 //! to the user's channel is acknowledged. Online/offline is a Redis hash per
 //! user of the nodes holding its devices (`ATTACH`, `DETACH`), kept
 //! fresh by each node's `HEARTBEAT` and `REFRESH`, which also sweep the
-//! nodes that died. docs/cluster.md is the user's view of all this.
+//! nodes that died. Subscriber counts, `users_in_pipes` rows and the
+//! cluster-wide device cap are [`presence`]'s. docs/cluster.md is the
+//! user's view of all this.
 //!
 //! Shards never touch Redis and never wait for it. Two threads do, each
 //! with its own connection from the maintained `redis` crate's blocking
@@ -54,6 +56,8 @@
 //! changes to the shards' memory.
 
 pub mod state;
+
+pub mod presence;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -254,6 +258,12 @@ pub enum Inbound {
     Reseed,
     /// The answer to a [`state::QueueRead`] of this shard.
     Queues(state::QueueAnswer),
+    /// The other nodes' `users_in_pipes` rows for gather `req`
+    /// ([`Bridge::ask_rows`]).
+    Rows { req: u64, rows: presence::RemoteRows },
+    /// Close a device of a user homed on the shard: the cluster-wide
+    /// device cap evicted it (4009).
+    Evict { dev_id: u32, user_id: u64, conn: crate::domain::ConnId },
 }
 
 impl Inbound {
@@ -264,6 +274,10 @@ impl Inbound {
             Inbound::State(c) | Inbound::Reload(c) => c.iter().map(crate::store::Change::weight).sum(),
             Inbound::Reseed => 64,
             Inbound::Queues(a) => a.weight(),
+            Inbound::Rows { rows, .. } => rows.as_ref().map_or_else(String::len, |r| {
+                r.iter().map(|(c, r)| 96 + c.len() + r.1.len() + r.2.len() + r.3.len() + r.4.len() + r.5.len()).sum()
+            }),
+            Inbound::Evict { .. } => 64,
         }
     }
 }
@@ -425,6 +439,8 @@ pub struct Bridge {
     /// losing the next publish; so it reconnects at once.
     breaks: AtomicU64,
     stop: AtomicBool,
+    /// Cluster-wide counts, rows and the device cap (presence.rs).
+    presence: presence::Presence,
 }
 
 /// Why `--redis` was refused.
@@ -468,7 +484,7 @@ impl Bridge {
         // Never 0: that tag marks messages every node delivers.
         let node = getrandom::u64().unwrap_or_else(|_| std::process::id() as u64 ^ now_nanos()) | 1;
         health.set_reason(format!("connecting to Redis at {address}"));
-        Ok(Arc::new(Bridge {
+        let bridge = Arc::new(Bridge {
             node,
             client,
             address,
@@ -492,7 +508,12 @@ impl Bridge {
             sub_up: AtomicBool::new(false),
             breaks: AtomicU64::new(0),
             stop: AtomicBool::new(false),
-        }))
+            presence: presence::Presence::default(),
+        });
+        // Always: the other nodes' counts, and evictions of this node's devices.
+        bridge.want(presence::COUNTS_CHANNEL.to_string());
+        bridge.want(presence::node_channel(node));
+        Ok(bridge)
     }
 
     /// Whether publishes can go out now.
@@ -747,6 +768,7 @@ fn publisher(bridge: &Bridge) {
             Ok(c) => c,
             Err(e) => {
                 bridge.set_up(&bridge.pub_up, false, Some(format!("Redis at {} is unreachable: {e}", bridge.address)));
+                presence::fail_asks(bridge, &e.to_string());
                 nap(bridge, backoff.next_wait());
                 continue;
             }
@@ -762,6 +784,7 @@ fn publisher(bridge: &Bridge) {
         bridge.set_up(&bridge.pub_up, true, None);
         let error = publish_until_error(bridge, &mut con, breaks);
         if let Some(e) = error {
+            presence::fail_asks(bridge, &e.to_string());
             eprintln!("comet: redis: publisher lost {}: {e}; reconnecting", bridge.address);
             bridge.set_up(
                 &bridge.pub_up,
@@ -784,9 +807,12 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
         if bridge.breaks.load(Ordering::SeqCst) != breaks {
             return Some(redis::RedisError::from(std::io::Error::other("the subscriber's connection broke")));
         }
+        if let Err(e) = presence::work(bridge, con) {
+            return Some(e);
+        }
         // Busy or idle: a node that stopped refreshing counts as dead.
         if last_refresh.elapsed() >= PRESENCE_REFRESH {
-            if let Err(e) = refresh_presence(bridge, con) {
+            if let Err(e) = refresh_presence(bridge, con).and_then(|()| presence::refresh(bridge, con)) {
                 return Some(e);
             }
             last_refresh = Instant::now();
@@ -794,6 +820,8 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
         let batch = std::mem::take(&mut *bridge.out.lock().unwrap_or_else(PoisonError::into_inner));
         if batch.is_empty() {
             if bridge.stop.load(Ordering::SeqCst) {
+                // Best effort: a node that cannot say goodbye is swept.
+                let _ = presence::leave(bridge, con);
                 return None;
             }
             if last_ping.elapsed() >= PING_EVERY {
@@ -802,7 +830,7 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
                 }
                 last_ping = Instant::now();
             }
-            std::thread::park_timeout(PING_EVERY);
+            std::thread::park_timeout(bridge.presence_wait(PING_EVERY));
             continue;
         }
         let bytes: usize = batch.iter().map(Out::weight).sum();
@@ -915,6 +943,7 @@ fn subscriber(bridge: &Bridge) {
         let error = subscribe_until_error(bridge, &mut con, &mut backoff);
         if let Some(e) = error {
             bridge.breaks.fetch_add(1, Ordering::SeqCst);
+            bridge.presence_lost();
             if let Some(t) = bridge.publisher.get() {
                 t.unpark();
             }
@@ -974,6 +1003,9 @@ fn subscribe_until_error(
             for (dev_id, user_id) in add.iter().filter_map(|c| parse_user_channel(c)) {
                 bridge.send(Out::Drain { dev_id, user_id });
             }
+            if add.iter().any(|c| *c == presence::COUNTS_CHANNEL) {
+                bridge.presence_subscribed();
+            }
             if !drop.is_empty()
                 && let Err(e) = patient(&mut ps, |ps| ps.unsubscribe(&drop))
             {
@@ -1018,6 +1050,9 @@ fn patient<T>(
 fn deliver(bridge: &Bridge, channel: &str, payload: &[u8]) {
     if channel == state::STATE_CHANNEL {
         state::deliver(bridge, payload);
+        return;
+    }
+    if bridge.presence_deliver(channel, payload) {
         return;
     }
     if let Some((dev_id, user_id)) = parse_user_channel(channel) {

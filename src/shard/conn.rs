@@ -839,10 +839,15 @@ impl ShardCore {
                     return;
                 }
                 let dev_id = self.conns.get(id).map_or(0, |c| c.dev_id);
+                if let Some(e) = self.cluster_down() {
+                    self.send_error(id, &e);
+                    return;
+                }
+                let remote = self.cluster_count(dev_id, pipe);
                 self.ask_all(
                     dev_id,
                     Query::Count(Arc::from(pipe)),
-                    Then::PipeCount { conn: id, marker: marker.to_string() },
+                    Then::PipeCount { conn: id, marker: marker.to_string(), remote },
                 );
             }
             Command::TrackPipeUsers { pipe, marker } => {
@@ -1052,18 +1057,22 @@ impl ShardCore {
                 let f = encode_text_frame(|o| message::delivery_report(&pipe, &message, p.count, now, legacy, o));
                 self.send_frame(conn, f);
             }
-            Then::PipeCount { conn, marker } => {
+            Then::PipeCount { conn, marker, remote } => {
                 let Some(c) = self.conns.get(conn) else {
                     return;
                 };
                 let legacy = c.legacy;
-                let f = encode_text_frame(|o| message::pipe_count(p.count, &marker, now, legacy, o));
+                let f = encode_text_frame(|o| message::pipe_count(p.count + remote, &marker, now, legacy, o));
                 self.send_frame(conn, f);
             }
             Then::TrackUsers { conn, marker } => {
                 let Some(c) = self.conns.get(conn) else {
                     return;
                 };
+                if let Some(why) = p.remote_failed {
+                    self.send_error(conn, &format!("track_pipe_users: {why}; retry later"));
+                    return;
+                }
                 let legacy = c.legacy;
                 let f = encode_text_frame(|o| message::track_users(&p.members, &marker, now, legacy, o));
                 self.send_frame(conn, f);
@@ -1089,6 +1098,10 @@ impl ShardCore {
             Then::UserData { conn, user_id, marker } => self.answer_user_data(conn, user_id, &marker, p.records),
             Then::Sql { conn, slot, index, then } => match p.failed {
                 Some(cause) => self.sql_failed(conn, slot, index, &cause),
+                None if p.remote_failed.is_some() => {
+                    let why = p.remote_failed.unwrap_or_default();
+                    self.sql_cluster_failed(conn, slot, index, &why);
+                }
                 None => self.sql_complete(conn, slot, index, then, p.count, p.counts, p.records),
             },
         }

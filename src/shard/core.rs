@@ -41,8 +41,8 @@ pub struct Channel {
 pub enum Then {
     /// Send the `web_pipe2` delivery report to the publishing connection.
     DeliveryReport { conn: ConnId, pipe: String, message: String },
-    /// Answer `pipe_count`.
-    PipeCount { conn: ConnId, marker: String },
+    /// Answer `pipe_count`; `remote`: the other nodes' subscribers.
+    PipeCount { conn: ConnId, marker: String, remote: u64 },
     /// Answer `track_pipe_users`.
     TrackUsers { conn: ConnId, marker: String },
     /// Answer `pipe_log` with the channel's history.
@@ -70,6 +70,8 @@ pub struct Pending {
     /// A shard's change could not be stored: why (a CometQL write answers
     /// this error).
     pub failed: Option<Arc<str>>,
+    /// The other nodes' part could not be read from Redis: why.
+    pub remote_failed: Option<String>,
     pub then: Then,
 }
 
@@ -119,6 +121,7 @@ impl Pending {
             records: Records::None,
             log: Vec::new(),
             failed: None,
+            remote_failed: None,
             then,
         }
     }
@@ -354,6 +357,8 @@ impl ShardCore {
                 crate::cluster::Inbound::Reload(snapshot) => self.reload_cluster_state(snapshot),
                 crate::cluster::Inbound::Reseed => self.reseed_cluster_state(),
                 crate::cluster::Inbound::Queues(answer) => self.cluster_queues_answered(answer),
+                crate::cluster::Inbound::Rows { req, rows } => self.cluster_rows(req, rows),
+                crate::cluster::Inbound::Evict { dev_id, user_id, conn } => self.cluster_evict(dev_id, user_id, conn),
             }
         }
         if !c.is_congested() && !self.store_congested() {
@@ -475,11 +480,13 @@ impl ShardCore {
         };
         conn.subs.push((ch, channel.subs.len() as u32));
         channel.subs.push(id);
+        self.cluster_joined(id, ch);
         true
     }
 
     /// Removes `id` from channel index `ch` (O(1) swap-remove).
     pub fn unsubscribe(&mut self, id: ConnId, ch: u32) {
+        self.cluster_left(id, ch);
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
@@ -617,10 +624,11 @@ impl ShardCore {
             }
             let local = self.deliver_local(&p);
             let written = self.record_changes();
+            let remote = if req.is_some() { self.cluster_count(p.dev_id, &p.msg.pipe) } else { 0 };
             if let Some((_, id)) = req
                 && let Some(pending) = self.pending.get_mut(&id)
             {
-                pending.count += local;
+                pending.count += local + remote;
                 match written {
                     Written::Now => {}
                     Written::Wait(seq) => {
@@ -666,11 +674,25 @@ impl ShardCore {
         let others: Vec<usize> = targets.iter().copied().filter(|&s| s != self.id).collect();
         let local = targets.contains(&self.id).then(|| self.answer(dev_id, &query));
         let written = self.record_changes();
-        let mut pending = Pending::new(others.len() + matches!(written, Written::Wait(_)) as usize, then);
+        let remote = self.cluster_rows_wanted(&query);
+        let waits =
+            others.len() + matches!(written, Written::Wait(_)) as usize + matches!(remote, Some(Ok(_))) as usize;
+        let mut pending = Pending::new(waits, then);
         if let Some(l) = local {
             pending.merge(l);
         }
+        let ask = match remote {
+            Some(Err(why)) => {
+                pending.remote_failed = Some(why);
+                None
+            }
+            Some(Ok(pipes)) => Some(pipes),
+            None => None,
+        };
         let id = self.new_request(pending);
+        if let Some(pipes) = ask {
+            self.cluster_ask_rows(id, dev_id, pipes);
+        }
         if let Written::Wait(seq) = written {
             self.deferred.push_back((seq, Deferred::Local(id)));
         }

@@ -13,6 +13,7 @@
 //! operations.
 
 pub mod api;
+mod cluster;
 pub mod conn;
 pub mod core;
 pub mod history;

@@ -41,8 +41,9 @@ pub enum SqlThen {
     /// A SELECT: the gathered records, rendered as the rows of the table
     /// they belong to (the kind of [`Records`] names it), projected.
     Select(Projection),
-    /// `pipes`: one row per asked channel with its summed count.
-    PipeCounts { names: Vec<String>, proj: Projection },
+    /// `pipes`: one row per asked channel with its summed count, plus
+    /// `remote`, the other nodes' cached counts (`--redis`).
+    PipeCounts { names: Vec<String>, proj: Projection, remote: Vec<u64> },
 }
 
 /// One query's (or HTTP request's) place in the answer order.
@@ -547,7 +548,15 @@ impl ShardCore {
                 self.publish_many(pubs, Some(then(SqlThen::Affected(0))));
                 return false;
             }
-            Plan::PipeCounts { names, proj } => (Query::Counts(arcs(&names)), SqlThen::PipeCounts { names, proj }),
+            Plan::PipeCounts { .. } | Plan::Subscribers { .. } if self.cluster_down().is_some() => {
+                let e = self.cluster_down().unwrap_or_default();
+                self.sql_set(id, slot_id, index, StmtResult::err(CLUSTER_DOWN, e));
+                return true;
+            }
+            Plan::PipeCounts { names, proj } => {
+                let remote = self.cluster_counts(dev_id, &names);
+                (Query::Counts(arcs(&names)), SqlThen::PipeCounts { names, proj, remote })
+            }
             Plan::Subscribers { names, proj } => (Query::Subscribers(arcs(&names)), SqlThen::Select(proj)),
             Plan::HistorySelect { names, proj } => (Query::History(arcs(&names)), SqlThen::Select(proj)),
             Plan::HistoryDelete { names, ids } => {
@@ -620,7 +629,14 @@ impl ShardCore {
         let r = match then {
             SqlThen::Affected(last_insert_id) => StmtResult::Ok { affected: count, last_insert_id },
             SqlThen::Select(proj) => select(&proj, records),
-            SqlThen::PipeCounts { names, proj } => StmtResult::Rows(proj.apply(rows::pipes(names, &counts))),
+            SqlThen::PipeCounts { names, proj, remote } => {
+                let mut counts = counts;
+                counts.resize(names.len(), 0);
+                for (c, r) in counts.iter_mut().zip(remote) {
+                    *c += r;
+                }
+                StmtResult::Rows(proj.apply(rows::pipes(names, &counts)))
+            }
         };
         self.sql_set(id, slot_id, index, r);
         if let Some(slot) = self.sql_slot(id, slot_id) {
@@ -641,6 +657,17 @@ impl ShardCore {
             ),
         };
         self.sql_set(id, slot_id, index, result);
+        if let Some(slot) = self.sql_slot(id, slot_id) {
+            slot.waiting = slot.waiting.saturating_sub(1);
+        }
+        self.sql_flush(id);
+    }
+
+    /// Statement `index` needed the other nodes' part from Redis, which
+    /// failed: ERR 503 with the cause.
+    pub fn sql_cluster_failed(&mut self, id: ConnId, slot_id: u64, index: usize, why: &str) {
+        let msg = format!("{why}; nothing was read, retry later");
+        self.sql_set(id, slot_id, index, StmtResult::err(CLUSTER_DOWN, msg));
         if let Some(slot) = self.sql_slot(id, slot_id) {
             slot.waiting = slot.waiting.saturating_sub(1);
         }

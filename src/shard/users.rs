@@ -66,6 +66,7 @@ impl ShardCore {
             }
         }
         let reg = self.users.add_device(dev_id, user_id, id);
+        self.cluster_device_attached(dev_id, user_id, id);
         if reg.first
             && let Some(c) = &self.cluster
         {
@@ -93,6 +94,7 @@ impl ShardCore {
             return;
         }
         let (dev_id, user_id) = (c.dev_id, c.user_id);
+        self.cluster_device_detached(dev_id, user_id, id);
         if self.users.remove_device(dev_id, user_id, id, self.unix) {
             match &self.cluster {
                 Some(c) => {

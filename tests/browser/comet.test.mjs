@@ -113,6 +113,54 @@ test('cluster: a page on node A and a page on node B chat through Redis', async 
   }
 });
 
+test('cluster failover: a page whose node is SIGKILLed moves to the other node of its list at once and keeps receiving', async () => {
+  const redis = await startRedis();
+  const nodes = [];
+  try {
+    for (let i = 0; i < 2; i++) {
+      nodes.push(await startComet({ password: PASSWORD, extraArgs: ['--node-name', `node-${i}`, '--redis', redis.url] }));
+    }
+    const p = await page(nodes[0]);
+    const list = nodes.map((n) => `127.0.0.1:${n.front}`);
+    await p.evaluate((list) => {
+      // Every WebSocket the page opens, by URL.
+      window.wsUrls = [];
+      const W = window.WebSocket;
+      window.WebSocket = class extends W { constructor(u, p) { super(u, p); window.wsUrls.push(u); } };
+      record('web_fail.message');
+      CometServer().start({ nodes: list });
+    }, list);
+    // The first node is picked at random: find it.
+    const on = await until('the page is on a node', async () => {
+      for (let i = 0; i < 2; i++) if ((await metric(nodes[i], 'comet_websockets')) === 1) return i + 1;
+      return 0;
+    }) - 1;
+    const [dead, live] = [nodes[on], nodes[1 - on]];
+    await until('the node subscribed', async () => redis.cli('PUBSUB', 'NUMSUB', 'comet:0:pipe:web_fail').endsWith('1'));
+    mysql(live, "INSERT INTO pipes_messages (name, event, message) VALUES ('web_fail', 'message', 'before')");
+    await until('the page receives', async () => (await received(p, 'web_fail.message')).length === 1);
+
+    const opened = await p.evaluate(() => window.wsUrls.length);
+    await dead.stop();
+    nodes.splice(nodes.indexOf(dead), 1);
+    // The next node of the list at the first reconnect (within the first
+    // backoff step, 500 ms), not the dead one again.
+    await until('the page is on the other node', async () => (await metric(live, 'comet_websockets')) === 1, 2500);
+    const next = await p.evaluate((n) => window.wsUrls.slice(n), opened);
+    assert.ok(next[0].includes(`:${live.front}/`), `the first reconnect went to ${next[0]}, not the live node`);
+    await until('the other node subscribed', async () => redis.cli('PUBSUB', 'NUMSUB', 'comet:0:pipe:web_fail').endsWith('1'));
+    mysql(live, "INSERT INTO pipes_messages (name, event, message) VALUES ('web_fail', 'message', 'after')");
+    const got = await until('the page receives through the other node', async () => {
+      const r = await received(p, 'web_fail.message');
+      return r.length === 2 && r;
+    });
+    assert.deepEqual(got.map((g) => g.data), ['before', 'after']);
+  } finally {
+    for (const n of nodes) await n.stop();
+    redis.stop();
+  }
+});
+
 test('permessage-deflate: Chromium negotiates it, big messages both ways arrive whole and compressed', async () => {
   const srv = await startServer();
   try {
