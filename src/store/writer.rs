@@ -29,9 +29,25 @@ const ASYNC_SYNC_EVERY: Duration = Duration::from_secs(1);
 /// Under load (the last group was large), how long a sync store lets more
 /// writes join a group before it syncs: fewer, larger fsyncs cost less CPU
 /// per write, and under load the wait is shorter than one fsync anyway.
-const LINGER: Duration = Duration::from_micros(1000);
+fn linger(d: Durability) -> Duration {
+    let var = match d {
+        Durability::Sync => "COMET_X_SYNC_LINGER_US",
+        Durability::Async => "COMET_X_ASYNC_LINGER_US",
+    };
+    let dflt = match d {
+        Durability::Sync => 1000,
+        Durability::Async => 300,
+    };
+    Duration::from_micros(std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(dflt))
+}
+fn frac() -> usize {
+    std::env::var("COMET_X_FRAC").ok().and_then(|v| v.parse().ok()).unwrap_or(50)
+}
 /// Changes in the last group that count as load.
 const LINGER_AFTER: usize = 32;
+const LOAD_WINDOW: Duration = Duration::from_millis(1);
+/// `Hub::wake_at` while the storage thread is not parked: no shard wakes it.
+const AWAKE: usize = usize::MAX;
 
 /// Batches up to `upto` are done; `error` says why they did not reach the
 /// disk, if they did not.
@@ -82,6 +98,14 @@ pub struct Hub {
     dead: Mutex<Option<Arc<str>>>,
     is_dead: AtomicBool,
     stop: AtomicBool,
+    /// Changes sent by the shards and not yet taken by the storage thread.
+    pending: AtomicUsize,
+    /// The storage thread, parked, wants to be woken once `pending` reaches
+    /// this; [`AWAKE`] while it runs. The shard whose send reaches it
+    /// swaps in `AWAKE` and unparks the thread: one wake-up per park, and
+    /// none while the thread works or lingers for a larger group.
+    wake_at: AtomicUsize,
+    pub x_wakes: AtomicUsize,
 }
 
 impl Hub {
@@ -106,6 +130,9 @@ impl Hub {
             dead: Mutex::new(None),
             is_dead: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            pending: AtomicUsize::new(0),
+            wake_at: AtomicUsize::new(1),
+            x_wakes: AtomicUsize::new(0),
         })
     }
 
@@ -141,6 +168,7 @@ impl Hub {
             let batches = std::mem::take(&mut *lane.inbound.lock().unwrap_or_else(PoisonError::into_inner));
             let Some(upto) = batches.last().map(|b| b.seq) else { continue };
             lane.bytes.fetch_sub(batches.iter().map(|b| b.weight).sum(), Ordering::SeqCst);
+            self.pending.fetch_sub(batches.iter().map(|b| b.changes.len()).sum(), Ordering::SeqCst);
             lane.done.lock().unwrap_or_else(PoisonError::into_inner).push_back(Done { upto, error: None });
         }
     }
@@ -165,6 +193,7 @@ impl StoreHandle {
     /// Sends changes to the storage thread; returns the batch's number.
     pub fn send(&mut self, changes: Vec<Change>) -> u64 {
         self.next_seq += 1;
+        let count = changes.len();
         let weight = changes.iter().map(Change::weight).sum();
         let bytes = self.lane.bytes.fetch_add(weight, Ordering::SeqCst) + weight;
         self.lane.peak.fetch_max(bytes, Ordering::Relaxed);
@@ -178,11 +207,18 @@ impl StoreHandle {
             self.lane.fail_all(&why);
             return self.next_seq;
         }
-        if self.storage.is_none() {
-            self.storage = self.hub.thread.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        }
-        if let Some(t) = &self.storage {
-            t.unpark();
+        let pending = self.hub.pending.fetch_add(count, Ordering::SeqCst) + count;
+        let want = self.hub.wake_at.load(Ordering::SeqCst);
+        if pending >= want
+            && self.hub.wake_at.compare_exchange(want, AWAKE, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        {
+            if self.storage.is_none() {
+                self.storage = self.hub.thread.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            }
+            if let Some(t) = &self.storage {
+                self.hub.x_wakes.fetch_add(1, Ordering::Relaxed);
+                t.unpark();
+            }
         }
         self.next_seq
     }
@@ -238,24 +274,49 @@ pub fn spawn(hub: Arc<Hub>, mut backend: Box<dyn Backend>) -> std::io::Result<st
     Ok(t)
 }
 
+/// Parks the storage thread until `target` changes are pending, `until`
+/// passes, or [`Hub::stop`].
+fn park_until(hub: &Hub, target: usize, until: Instant) {
+    loop {
+        if hub.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        hub.wake_at.store(target.max(1), Ordering::SeqCst);
+        if hub.pending.load(Ordering::SeqCst) >= target.max(1) {
+            hub.wake_at.store(AWAKE, Ordering::SeqCst);
+            return;
+        }
+        std::thread::park_timeout(until - now);
+        hub.wake_at.store(AWAKE, Ordering::SeqCst);
+        if hub.pending.load(Ordering::SeqCst) >= target.max(1) {
+            return;
+        }
+    }
+}
+
 fn run(hub: &Hub, backend: &mut dyn Backend) {
     let mut taken: Vec<(usize, Vec<Batch>)> = Vec::new();
     let mut changes: Vec<Change> = Vec::new();
     let mut unsynced = false;
     let mut last_sync = Instant::now();
     let mut logged_failure: Option<Instant> = None;
-    let mut last_group = 0usize;
+    let linger = linger(hub.durability);
+    let frac = frac();
+    let (mut x_groups, mut x_changes, mut x_lingers) = (0usize, 0usize, 0usize);
+    let (mut window, mut last_window, mut window_start) = (0usize, 0usize, Instant::now());
     loop {
         let stopping = hub.stop.load(Ordering::SeqCst);
-        if hub.durability == Durability::Sync && last_group >= LINGER_AFTER && !stopping {
-            std::thread::sleep(LINGER);
-        }
         taken.clear();
         for (i, lane) in hub.lanes.iter().enumerate() {
             let batches = std::mem::take(&mut *lane.inbound.lock().unwrap_or_else(PoisonError::into_inner));
             if !batches.is_empty() {
                 let w: usize = batches.iter().map(|b| b.weight).sum();
                 lane.bytes.fetch_sub(w, Ordering::SeqCst);
+                hub.pending.fetch_sub(batches.iter().map(|b| b.changes.len()).sum(), Ordering::SeqCst);
                 taken.push((i, batches));
             }
         }
@@ -267,10 +328,12 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
                 last_sync = Instant::now();
             }
             if stopping {
+                if std::env::var("COMET_X_STATS").is_ok() {
+                    eprintln!("XSTATS groups {x_groups} changes {x_changes} wakes {} lingers {x_lingers}", hub.x_wakes.load(Ordering::Relaxed));
+                }
                 return;
             }
-            last_group = 0;
-            std::thread::park_timeout(ASYNC_SYNC_EVERY);
+            park_until(hub, 1, Instant::now() + ASYNC_SYNC_EVERY);
             continue;
         }
         changes.clear();
@@ -279,7 +342,9 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
                 changes.append(&mut b.changes);
             }
         }
-        last_group = changes.len();
+        let group = changes.len();
+        x_groups += 1;
+        x_changes += group;
         let mut result = backend.apply(&changes);
         if result.is_ok() {
             match hub.durability {
@@ -297,6 +362,17 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
             let lane = &hub.lanes[*i];
             lane.done.lock().unwrap_or_else(PoisonError::into_inner).push_back(Done { upto, error: error.clone() });
             lane.bell.poke();
+        }
+        // Under load, let the next group grow: until part of this group's
+        // worth of changes is pending, for at most `linger`.
+        let now = Instant::now();
+        if now.duration_since(window_start) >= LOAD_WINDOW {
+            (last_window, window, window_start) = (window, 0, now);
+        }
+        window += group;
+        if window.max(last_window) >= LINGER_AFTER && !hub.stop.load(Ordering::SeqCst) {
+            x_lingers += 1;
+            park_until(hub, (group * frac / 100).max(LINGER_AFTER), now + linger);
         }
     }
 }
