@@ -11,6 +11,12 @@
 //! fsync), so a crash of the process loses nothing acknowledged, and the
 //! thread syncs at least every second.
 //!
+//! Wake-ups are rationed: a shard unparks the storage thread only when the
+//! changes pending reach the number the thread asked for before it parked
+//! (one when idle; under load half the last group, see [`linger`]), so a
+//! busy shard does not pay a futex wake per statement, and the storage
+//! thread writes groups, not single statements.
+//!
 //! A lane is bounded in bytes by `--mail-limit`, like the mail between
 //! shards: past it the shard stops reading its clients until the storage
 //! thread has taken the backlog.
@@ -26,24 +32,21 @@ use crate::mailbox::Doorbell;
 
 /// How often an async store syncs, at the latest.
 const ASYNC_SYNC_EVERY: Duration = Duration::from_secs(1);
-/// Under load (the last group was large), how long a sync store lets more
-/// writes join a group before it syncs: fewer, larger fsyncs cost less CPU
-/// per write, and under load the wait is shorter than one fsync anyway.
+/// Under load, how long the storage thread lets more writes join the next
+/// group before it writes it: fewer, larger groups cost less CPU per write
+/// (one wake-up, one write batch, one fsync each), and the wait ends as
+/// soon as half the last group's worth of changes is pending, so the
+/// pipelined clients never all wait for it. With `sync` an fsync costs more
+/// than the wait (and the next group forms during the fsync anyway); with
+/// `async` the wait is what a group adds to an answer's latency.
 fn linger(d: Durability) -> Duration {
-    let var = match d {
-        Durability::Sync => "COMET_X_SYNC_LINGER_US",
-        Durability::Async => "COMET_X_ASYNC_LINGER_US",
-    };
-    let dflt = match d {
-        Durability::Sync => 1000,
-        Durability::Async => 300,
-    };
-    Duration::from_micros(std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(dflt))
+    match d {
+        Durability::Sync => Duration::from_micros(1000),
+        Durability::Async => Duration::from_micros(300),
+    }
 }
-fn frac() -> usize {
-    std::env::var("COMET_X_FRAC").ok().and_then(|v| v.parse().ok()).unwrap_or(50)
-}
-/// Changes in the last group that count as load.
+/// Changes within [`LOAD_WINDOW`] that count as load; also the smallest
+/// group worth waiting for.
 const LINGER_AFTER: usize = 32;
 const LOAD_WINDOW: Duration = Duration::from_millis(1);
 /// `Hub::wake_at` while the storage thread is not parked: no shard wakes it.
@@ -105,7 +108,6 @@ pub struct Hub {
     /// swaps in `AWAKE` and unparks the thread: one wake-up per park, and
     /// none while the thread works or lingers for a larger group.
     wake_at: AtomicUsize,
-    pub x_wakes: AtomicUsize,
 }
 
 impl Hub {
@@ -132,7 +134,6 @@ impl Hub {
             stop: AtomicBool::new(false),
             pending: AtomicUsize::new(0),
             wake_at: AtomicUsize::new(1),
-            x_wakes: AtomicUsize::new(0),
         })
     }
 
@@ -216,7 +217,6 @@ impl StoreHandle {
                 self.storage = self.hub.thread.lock().unwrap_or_else(PoisonError::into_inner).clone();
             }
             if let Some(t) = &self.storage {
-                self.hub.x_wakes.fetch_add(1, Ordering::Relaxed);
                 t.unpark();
             }
         }
@@ -305,8 +305,6 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
     let mut last_sync = Instant::now();
     let mut logged_failure: Option<Instant> = None;
     let linger = linger(hub.durability);
-    let frac = frac();
-    let (mut x_groups, mut x_changes, mut x_lingers) = (0usize, 0usize, 0usize);
     let (mut window, mut last_window, mut window_start) = (0usize, 0usize, Instant::now());
     loop {
         let stopping = hub.stop.load(Ordering::SeqCst);
@@ -328,9 +326,6 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
                 last_sync = Instant::now();
             }
             if stopping {
-                if std::env::var("COMET_X_STATS").is_ok() {
-                    eprintln!("XSTATS groups {x_groups} changes {x_changes} wakes {} lingers {x_lingers}", hub.x_wakes.load(Ordering::Relaxed));
-                }
                 return;
             }
             park_until(hub, 1, Instant::now() + ASYNC_SYNC_EVERY);
@@ -343,14 +338,18 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
             }
         }
         let group = changes.len();
-        x_groups += 1;
-        x_changes += group;
         let mut result = backend.apply(&changes);
         if result.is_ok() {
             match hub.durability {
                 Durability::Sync => {
                     result = backend.sync();
                     last_sync = Instant::now();
+                }
+                // At least every second, also while writes never stop.
+                Durability::Async if last_sync.elapsed() >= ASYNC_SYNC_EVERY => {
+                    result = backend.sync();
+                    last_sync = Instant::now();
+                    unsynced = result.is_err();
                 }
                 Durability::Async => unsynced = true,
             }
@@ -371,8 +370,7 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
         }
         window += group;
         if window.max(last_window) >= LINGER_AFTER && !hub.stop.load(Ordering::SeqCst) {
-            x_lingers += 1;
-            park_until(hub, (group * frac / 100).max(LINGER_AFTER), now + linger);
+            park_until(hub, (group / 2).max(LINGER_AFTER), now + linger);
         }
     }
 }
