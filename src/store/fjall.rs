@@ -176,7 +176,7 @@ impl FjallStore {
                 read_queue_record(&mut loader, &k, &v, false).map_err(|key| corrupt(&path, &key))?;
             }
         }
-        self.qlog = Some(loader.finish().0);
+        self.qlog = Some(loader.finish(&mut |_, _| {}));
         Ok(())
     }
 }
@@ -496,10 +496,7 @@ impl Backend for FjallStore {
             }
         }
         // Each user's queue from its oldest entry.
-        let (log, queued) = loader.finish();
-        for ((dev, uid, seq), msg) in queued {
-            sink(Change::QueuePut { dev, uid, seq, msg });
-        }
+        let log = loader.finish(&mut |(dev, uid, seq), msg| sink(Change::QueuePut { dev, uid, seq, msg }));
         self.qlog = Some(log);
         Ok(())
     }

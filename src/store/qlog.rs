@@ -71,14 +71,29 @@ pub fn parse_log_key(k: &[u8]) -> Option<(u64, bool)> {
     Some((u64::from_be_bytes(k[1..9].try_into().ok()?), k[9] == 1))
 }
 
-/// Where a live entry is on disk.
+/// A queue entry's identity packed without padding: the map below holds
+/// one per queued message (28 bytes a bucket with its [`Slot`]).
+type Packed = [u32; 5];
+
+fn pack(k: QKey) -> Packed {
+    [k.0, (k.1 >> 32) as u32, k.1 as u32, (k.2 >> 32) as u32, k.2 as u32]
+}
+
+/// Where a live entry is on disk: its group record (0 for a format-1
+/// record of its own) and its bytes, as three u32 (no padding).
 #[derive(Debug, Clone, Copy)]
-struct Slot {
-    /// Its group record; 0 for a format-1 record of its own.
-    group: u64,
-    bytes: u32,
-    /// While its group is being built (or loaded): its place in the list.
-    idx: u32,
+struct Slot([u32; 3]);
+
+impl Slot {
+    fn new(group: u64, bytes: u32) -> Slot {
+        Slot([(group >> 32) as u32, group as u32, bytes])
+    }
+    fn group(self) -> u64 {
+        (self.0[0] as u64) << 32 | self.0[1] as u64
+    }
+    fn bytes(self) -> u32 {
+        self.0[2]
+    }
 }
 
 /// A group record that still holds live entries.
@@ -173,7 +188,7 @@ fn entry_len(m: &Queued) -> u32 {
 pub struct QueueLog {
     /// The group being built; every earlier number is taken.
     group: u64,
-    live: HashMap<QKey, Slot, ahash::RandomState>,
+    live: HashMap<Packed, Slot, ahash::RandomState>,
     /// Group records on disk with live entries, by group.
     groups: BTreeMap<u64, Group>,
     /// Tombstone records on disk: group, bytes.
@@ -232,39 +247,44 @@ impl QueueLog {
         let at = self.put_buf.len() as u32;
         encode_entry(&mut self.put_buf, k, m);
         self.put_at.push((at, bytes));
-        let idx = self.puts.len() as u32;
-        self.puts.push(Some(k));
         // A position is reused only after the queue emptied; a leftover
         // (a store written by a bug, or replayed twice) is replaced.
-        match self.live.insert(k, Slot { group: self.group, bytes, idx }) {
+        let replaced = match self.live.insert(pack(k), Slot::new(self.group, bytes)) {
             Some(old) => self.removed(k, old),
             None => Removed::Nothing,
-        }
+        };
+        self.puts.push(Some(k));
+        replaced
     }
 
     /// An entry removed in this group.
     pub fn remove(&mut self, k: QKey) -> Removed {
-        match self.live.remove(&k) {
+        match self.live.remove(&pack(k)) {
             Some(slot) => self.removed(k, slot),
             None => Removed::Nothing,
         }
     }
 
     fn removed(&mut self, k: QKey, slot: Slot) -> Removed {
-        if slot.group == 0 {
+        if slot.group() == 0 {
             return Removed::OwnRecord;
         }
-        if slot.group == self.group {
-            self.puts[slot.idx as usize] = None;
+        if slot.group() == self.group {
+            // Queued in this group: it never reaches the disk. (The last
+            // put of the key: an earlier one was replaced.)
+            if let Some(p) = self.puts.iter_mut().rev().find(|p| **p == Some(k)) {
+                *p = None;
+            }
             return Removed::Nothing;
         }
-        self.live_bytes -= slot.bytes as u64;
-        self.garbage += slot.bytes as u64;
-        if let Some(g) = self.groups.get_mut(&slot.group) {
+        let (group, bytes) = (slot.group(), slot.bytes() as u64);
+        self.live_bytes -= bytes;
+        self.garbage += bytes;
+        if let Some(g) = self.groups.get_mut(&group) {
             g.live -= 1;
-            g.live_bytes -= slot.bytes as u64;
+            g.live_bytes -= bytes;
             if g.live == 0 {
-                self.dead_groups.push(slot.group);
+                self.dead_groups.push(group);
             }
         }
         self.del_buf.extend_from_slice(&k.0.to_be_bytes());
@@ -311,10 +331,10 @@ impl QueueLog {
             let Some(v) = read(old) else { break };
             let Some(list) = entries(&v) else { break };
             for e in list {
-                if let Some(s) = self.live.get_mut(&e.key)
-                    && s.group == old
+                if let Some(s) = self.live.get_mut(&pack(e.key))
+                    && s.group() == old
                 {
-                    s.group = g;
+                    *s = Slot::new(g, s.bytes());
                     out.entries.extend_from_slice(e.raw);
                     new.live += 1;
                     new.live_bytes += e.raw.len() as u64;
@@ -358,29 +378,22 @@ impl QueueLog {
 #[derive(Debug, Default)]
 pub struct Loader {
     log: QueueLog,
-    kept: Vec<Option<Queued>>,
+    /// Every entry read (when loading, not when rebuilding), in the order
+    /// read; the last of a key is the one that counts, if it is live.
+    kept: Vec<(Packed, Queued)>,
     /// The highest group seen.
     top: u64,
 }
 
 impl Loader {
-    fn take_slot(&mut self, k: &QKey) {
+    fn take_slot(&mut self, k: &Packed) {
         if let Some(old) = self.log.live.remove(k) {
-            self.kept[old.idx as usize] = None;
-            self.log.live_bytes -= old.bytes as u64;
-            if let Some(g) = self.log.groups.get_mut(&old.group) {
+            self.log.live_bytes -= old.bytes() as u64;
+            if let Some(g) = self.log.groups.get_mut(&old.group()) {
                 g.live -= 1;
-                g.live_bytes -= old.bytes as u64;
+                g.live_bytes -= old.bytes() as u64;
             }
         }
-    }
-
-    fn add(&mut self, k: QKey, group: u64, bytes: u32, m: Option<Queued>) {
-        self.take_slot(&k);
-        let idx = self.kept.len() as u32;
-        self.kept.push(m);
-        self.log.live.insert(k, Slot { group, bytes, idx });
-        self.log.live_bytes += bytes as u64;
     }
 
     /// A group record (`keep`: keep the entries' texts, to load them).
@@ -392,52 +405,56 @@ impl Loader {
             let Some(list) = entries(value) else { return false };
             let stat = self.log.groups.entry(group).or_default();
             stat.bytes += value.len() as u64;
+            stat.live += list.len() as u32;
+            stat.live_bytes += value.len() as u64;
             for e in list {
-                let bytes = e.raw.len() as u32;
-                let m = keep.then(|| Queued::new(e.time, e.event, e.message));
-                self.add(e.key, group, bytes, m);
-                if let Some(g) = self.log.groups.get_mut(&group) {
-                    g.live += 1;
-                    g.live_bytes += bytes as u64;
+                let (k, bytes) = (pack(e.key), e.raw.len() as u32);
+                self.take_slot(&k);
+                self.log.live.insert(k, Slot::new(group, bytes));
+                self.log.live_bytes += bytes as u64;
+                if keep {
+                    self.kept.push((k, Queued::new(e.time, e.event, e.message)));
                 }
             }
         } else {
             let Some(list) = removals(value) else { return false };
             self.log.tombs.insert(group, value.len() as u64);
             for k in list {
-                self.take_slot(&k);
+                self.take_slot(&pack(k));
             }
         }
         true
     }
 
-    /// A format-1 record of its own.
+    /// A format-1 record of its own (deleted by key, so not counted in
+    /// the log's bytes).
     pub fn own_record(&mut self, k: QKey, m: Option<Queued>) {
-        let bytes = m.as_ref().map_or(0, entry_len);
-        self.add(k, 0, bytes, m);
-        // Not counted in the log's bytes: deleted by key.
-        self.log.live_bytes -= bytes as u64;
-        if let Some(s) = self.log.live.get_mut(&k) {
-            s.bytes = 0;
+        let k = pack(k);
+        self.take_slot(&k);
+        self.log.live.insert(k, Slot::new(0, 0));
+        if let Some(m) = m {
+            self.kept.push((k, m));
         }
     }
 
-    /// The bookkeeping, and the live entries in key order (each user's
-    /// queue from its oldest entry).
-    pub fn finish(mut self) -> (QueueLog, Vec<(QKey, Queued)>) {
-        let mut order: Vec<(QKey, u32)> = self.log.live.iter().map(|(k, s)| (*k, s.idx)).collect();
-        order.sort_unstable();
-        let mut out = Vec::with_capacity(order.len());
-        for (k, idx) in order {
-            if let Some(m) = self.kept.get_mut(idx as usize).and_then(Option::take) {
-                out.push((k, m));
+    /// The bookkeeping; the live entries go to `sink` in key order (each
+    /// user's queue from its oldest entry).
+    pub fn finish(mut self, sink: &mut dyn FnMut(QKey, Queued)) -> QueueLog {
+        // Stable: of the entries of one key, the last read stays last.
+        self.kept.sort_by_key(|(k, _)| *k);
+        let mut kept = std::mem::take(&mut self.kept).into_iter().peekable();
+        while let Some((k, m)) = kept.next() {
+            if kept.peek().is_some_and(|(next, _)| *next == k) || !self.log.live.contains_key(&k) {
+                continue;
             }
+            let key = (k[0], (k[1] as u64) << 32 | k[2] as u64, (k[3] as u64) << 32 | k[4] as u64);
+            sink(key, m);
         }
         let log = &mut self.log;
         log.dead_groups = log.groups.iter().filter(|(_, s)| s.live == 0).map(|(g, _)| *g).collect();
         log.garbage = log.groups.values().map(|s| s.bytes - s.live_bytes).sum::<u64>() + log.tombs.values().sum::<u64>();
         log.group = self.top + 1;
-        (self.log, out)
+        self.log
     }
 }
 
@@ -473,7 +490,9 @@ mod tests {
             for (k, v) in &self.0 {
                 assert!(l.record(k, v, true));
             }
-            l.finish()
+            let mut got = Vec::new();
+            let log = l.finish(&mut |k, m| got.push((k, m)));
+            (log, got)
         }
     }
 
@@ -494,8 +513,12 @@ mod tests {
         let (mut log, mut disk) = (QueueLog::default(), Disk::default());
         group(&mut log, &mut disk, &[((0, 5, 0), "a"), ((0, 5, 1), "b"), ((0, 6, 0), "c")], &[]);
         group(&mut log, &mut disk, &[((0, 5, 2), "d")], &[(0, 5, 0)]);
-        // Queued and removed in one group: never on disk.
+        // Queued and removed in one group: never on disk; queued twice in
+        // one group: the second counts.
         group(&mut log, &mut disk, &[((0, 7, 0), "gone")], &[(0, 7, 0)]);
+        group(&mut log, &mut disk, &[((0, 8, 0), "first"), ((0, 8, 0), "second")], &[]);
+        assert_eq!(disk.load().1.iter().find(|(k, _)| k.1 == 8).map(|(_, m)| m.message()), Some("second"));
+        group(&mut log, &mut disk, &[], &[(0, 8, 0)]);
         let (_, got) = disk.load();
         let got: Vec<_> = got.iter().map(|(k, m)| (*k, m.message().to_string())).collect();
         assert_eq!(got, [((0, 5, 1), "b".into()), ((0, 5, 2), "d".into()), ((0, 6, 0), "c".into())]);
