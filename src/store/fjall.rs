@@ -47,8 +47,9 @@ const MEMTABLE_BYTES: u64 = 16 << 20;
 /// The store format this comet writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"\0format";
-/// Block cache: reads happen only at start, so a small cache suffices and
-/// keeps loading from doubling the RSS.
+/// Block cache: reads happen at start, and in the storage thread when it
+/// rewrites an old queue record or rebuilds its bookkeeping after a failed
+/// write, so a small cache suffices and keeps loading from doubling the RSS.
 const CACHE_BYTES: u64 = 8 << 20;
 
 /// The fjall store of one data dir, with its lock.

@@ -452,7 +452,8 @@ impl Loader {
         }
         let log = &mut self.log;
         log.dead_groups = log.groups.iter().filter(|(_, s)| s.live == 0).map(|(g, _)| *g).collect();
-        log.garbage = log.groups.values().map(|s| s.bytes - s.live_bytes).sum::<u64>() + log.tombs.values().sum::<u64>();
+        log.garbage =
+            log.groups.values().map(|s| s.bytes - s.live_bytes).sum::<u64>() + log.tombs.values().sum::<u64>();
         log.group = self.top + 1;
         self.log
     }

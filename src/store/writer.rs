@@ -210,8 +210,7 @@ impl StoreHandle {
         }
         let pending = self.hub.pending.fetch_add(count, Ordering::SeqCst) + count;
         let want = self.hub.wake_at.load(Ordering::SeqCst);
-        if pending >= want
-            && self.hub.wake_at.compare_exchange(want, AWAKE, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        if pending >= want && self.hub.wake_at.compare_exchange(want, AWAKE, Ordering::SeqCst, Ordering::SeqCst).is_ok()
         {
             if self.storage.is_none() {
                 self.storage = self.hub.thread.lock().unwrap_or_else(PoisonError::into_inner).clone();
