@@ -83,8 +83,11 @@ pub enum Deferred {
     Reply { to: usize, req: u64, reply: Reply },
     /// Count this shard's own part of gather `req` as answered.
     Local(u64),
-    /// Write a user's offline queue to a device once its removal is stored.
-    Frames { conn: ConnId, frames: Vec<Arc<[u8]>> },
+    /// Write a user's offline queue to a device once its removal is stored
+    /// (and the live private messages that came meanwhile). `cost` is what
+    /// `frames` would add to the device's outbound queue: the live ones
+    /// join only within `--outbound-limit`, counting it.
+    Frames { conn: ConnId, frames: Vec<Arc<[u8]>>, cost: usize },
 }
 
 /// What recording a handler's changes means for its answer.
@@ -399,7 +402,7 @@ impl ShardCore {
                         };
                         self.outbox.send(to, Mail::Reply { req, reply });
                     }
-                    Deferred::Frames { conn, frames } => {
+                    Deferred::Frames { conn, frames, .. } => {
                         self.queues_waiting -= 1;
                         for f in frames {
                             self.send_frame(conn, f);

@@ -586,6 +586,69 @@ mod tests {
         assert_eq!(got, ["queued 0", "queued 1", "queued 2", "live"], "queue first, in order");
     }
 
+    /// Attack: while a device's offline queue waits for the disk, live
+    /// private messages to it wait behind the queue. They are held to
+    /// `--outbound-limit` like frames queued for the socket: past it the
+    /// device is closed as a slow consumer and what waited is dropped, so a
+    /// slow disk cannot make a shard hold more for one device than that.
+    #[test]
+    fn live_messages_waiting_behind_an_offline_queue_are_held_to_the_outbound_limit() {
+        let limit = 8 * 1024;
+        let mut sim = Sim::new(1, Config { shards: 1, outbound_limit: limit, ..config() });
+        sim.attach_store();
+        let api = sim.connect_api(0, "10.0.0.7");
+        api_post(&mut sim, api, "users_auth", r#"{"id":7,"hash":"k7"}"#);
+        api_post(&mut sim, api, "users_messages", r#"{"id":7,"event":"e","message":"queued"}"#);
+        let dev = sim.websocket(0, "v=4&api=js&myid=7&sesion=k7&uuid=d");
+        sim.messages(dev);
+        // The disk does not answer; messages of 500 bytes come, up to 100.
+        let held = |sim: &Sim| -> (usize, usize) {
+            sim.cores[0]
+                .deferred
+                .iter()
+                .filter_map(|(_, d)| match d {
+                    super::super::core::Deferred::Frames { frames, cost, .. } => Some((frames.len(), *cost)),
+                    _ => None,
+                })
+                .fold((0, 0), |(n, c), (fn_, fc)| (n + fn_, c + fc))
+        };
+        let closes = |sim: &Sim| sim.cores[0].metrics.slow_consumer_closes.load(std::sync::atomic::Ordering::Relaxed);
+        let text = "x".repeat(500);
+        let mut most = 0;
+        let mut sent_before_close = 0;
+        for i in 0..100 {
+            let body = format!(r#"{{"id":7,"event":"e","message":"{i} {text}"}}"#);
+            let req = format!(
+                "POST /api/users_messages HTTP/1.1\r\nX-API-Key: comet\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            sim.send(api, req.as_bytes());
+            sim.settle();
+            let (n, cost) = held(&sim);
+            assert!(cost <= limit, "{cost} bytes held past the {limit}-byte limit after {i} messages");
+            most = most.max(n);
+            if closes(&sim) > 0 {
+                break;
+            }
+            sent_before_close = i + 1;
+        }
+        assert_eq!(closes(&sim), 1, "the device went over its limit");
+        assert_eq!(held(&sim), (0, 0), "what waited was dropped at the close");
+        sim.store_catch_up();
+        // (The answer that closed the device waited for the store: its
+        // last-online time is stored.)
+        let answers = String::from_utf8_lossy(&sim.take(api)).matches("HTTP/1.1 200").count();
+        assert_eq!(answers, sent_before_close + 1, "the sender is answered");
+        // 1 queued + 15 live frames of about 530 bytes fit in 8 KiB.
+        assert!((10..20).contains(&sent_before_close), "closed after {sent_before_close} messages");
+        assert!(most > 10, "frames did wait behind the queue ({most})");
+        let frames = sim.frames(dev);
+        let texts = frames.iter().filter(|(op, _)| *op == 1).count();
+        assert_eq!(texts, 0, "nothing that waited went out after the close");
+        let close = frames.iter().find(|(op, _)| *op == 8).map(|(_, p)| u16::from_be_bytes([p[0], p[1]]));
+        assert_eq!(close, Some(4008), "closed as a slow consumer");
+    }
+
     #[test]
     fn an_idle_http_api_connection_is_closed_and_a_busy_one_is_not() {
         let mut sim = Sim::new(2, config());

@@ -5,8 +5,10 @@
 use std::slice;
 use std::sync::Arc;
 
+use super::conn::Phase;
 use super::core::{Deferred, ShardCore, Written};
 use super::mail::{Publication, Records, Reply, encode_text_frame};
+use super::outq::OutQueue;
 use super::{ConnId, home_shard};
 use crate::cometql::session::Passwords;
 use crate::frontend::message::{self, ChannelMessage, Delivery};
@@ -57,7 +59,8 @@ impl ShardCore {
         match self.record_changes() {
             Written::Wait(seq) if !frames.is_empty() => {
                 self.queues_waiting += 1;
-                self.deferred.push_back((seq, Deferred::Frames { conn: id, frames }));
+                let cost = frames.iter().map(|f| OutQueue::cost_of(f)).sum();
+                self.deferred.push_back((seq, Deferred::Frames { conn: id, frames, cost }));
             }
             _ => {
                 for f in frames {
@@ -159,25 +162,48 @@ impl ShardCore {
         for d in devices {
             let legacy = self.conns.get(d).is_some_and(|c| c.legacy);
             let frame = if legacy { p.legacy_frame().clone() } else { p.frame.clone() };
-            if let Some(waiting) = self.queue_waiting_for(d) {
-                waiting.push(frame);
-                continue;
-            }
-            self.send_frame(d, frame);
+            self.send_after_queue(d, frame);
         }
         true
     }
 
-    /// The offline-queue frames still waiting for their removal to be
-    /// stored for device `d`, if any: a live message goes after them.
-    fn queue_waiting_for(&mut self, d: ConnId) -> Option<&mut Vec<Arc<[u8]>>> {
+    /// Sends a live frame to device `d`, after its offline queue if that
+    /// still waits for its removal to be stored. A frame that waits there
+    /// is held to `--outbound-limit` as if it were queued for the socket:
+    /// the device's outbound queue plus what waits plus this frame. Past
+    /// the limit the device is closed as a slow consumer (4008) and what
+    /// waits is dropped, as `send_frame` drops what a socket did not start.
+    fn send_after_queue(&mut self, d: ConnId, frame: Arc<[u8]>) {
+        let Some(i) = self.queue_waiting_for(d) else {
+            self.send_frame(d, frame);
+            return;
+        };
+        let limit = self.shared.config.outbound_limit;
+        let Some(conn) = self.conns.get(d) else { return };
+        let (queued, phase) = (conn.out.cost(), conn.phase);
+        let Some((_, Deferred::Frames { frames, cost, .. })) = self.deferred.get_mut(i) else { return };
+        match phase {
+            Phase::Comet | Phase::Echo if queued + *cost + OutQueue::cost_of(&frame) > limit => {
+                frames.clear();
+                *cost = 0;
+                self.close_slow_consumer(d);
+            }
+            Phase::Closing { .. } => {}
+            _ => {
+                *cost += OutQueue::cost_of(&frame);
+                frames.push(frame);
+            }
+        }
+    }
+
+    /// Where in `deferred` the offline-queue frames still waiting for their
+    /// removal to be stored for device `d` are, if any: a live message
+    /// goes after them.
+    fn queue_waiting_for(&self, d: ConnId) -> Option<usize> {
         if self.queues_waiting == 0 {
             return None;
         }
-        self.deferred.iter_mut().rev().find_map(|(_, a)| match a {
-            Deferred::Frames { conn, frames } if *conn == d => Some(frames),
-            _ => None,
-        })
+        self.deferred.iter().rposition(|(_, a)| matches!(a, Deferred::Frames { conn, .. } if *conn == d))
     }
 
     /// Writes private messages another node sent (or the user's offline

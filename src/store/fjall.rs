@@ -19,12 +19,16 @@
 //! | `D` users_data | user id | the text |
 //! | `T` users_time | user id | unix seconds (i64) |
 //! | `R` revoked_tokens | the token | empty |
-//! | `Q` offline queues | user id, position | time (i64), event length (u8), event and message |
+//! | `L` offline queues | group (u64), kind (u8) | the entries queued, or removed, in one write group ([`super::qlog`]) |
+//! | `Q` offline queues, format 1 | user id, position | time (i64), event length (u8), event and message |
 //! | `H` history | channel length (u16), channel, entry id | time, user id flag and id, event length (u16), event, message |
 //! | `S` pipes_settings | the channel | length (u32) |
 //!
 //! and one meta key, `\0format`, holding the store format version (u32),
-//! written at creation and checked at open.
+//! written at creation and checked at open. Format 2 writes queue entries
+//! as group records (`L`); it reads the `Q` records of format 1 and removes
+//! them one by one as they are delivered, and marks the store as format 2
+//! at open (a comet that reads only format 1 then refuses it).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -32,6 +36,7 @@ use std::sync::Arc;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
+use super::qlog::{self, Loader, QueueLog, Removed};
 use super::{Backend, Change, HistoryRecord, StoreError};
 use crate::users::Queued;
 
@@ -40,10 +45,11 @@ use crate::users::Queued;
 /// start. fjall's 64 MiB default is RSS a push server would rather keep.
 const MEMTABLE_BYTES: u64 = 16 << 20;
 /// The store format this comet writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"\0format";
-/// Block cache: reads happen only at start, so a small cache suffices and
-/// keeps loading from doubling the RSS.
+/// Block cache: reads happen at start, and in the storage thread when it
+/// rewrites an old queue record or rebuilds its bookkeeping after a failed
+/// write, so a small cache suffices and keeps loading from doubling the RSS.
 const CACHE_BYTES: u64 = 8 << 20;
 
 /// The fjall store of one data dir, with its lock.
@@ -54,6 +60,12 @@ pub struct FjallStore {
     /// The database and its one keyspace; `None` after a failed write
     /// until reopened.
     inner: Option<(Database, Keyspace)>,
+    /// Where the offline queue entries are on disk; `None` until loaded,
+    /// and after a failed write until rebuilt from the disk.
+    qlog: Option<QueueLog>,
+    /// Buffers reused from write to write.
+    key: Vec<u8>,
+    value: Vec<u8>,
     /// Held for the life of the store: one comet per data dir.
     _lock: File,
 }
@@ -103,19 +115,26 @@ impl FjallStore {
                 );
             }
         }
-        match state.get(FORMAT_KEY).map_err(|e| dir_error(&db_path, e))? {
-            None => {
-                state.insert(FORMAT_KEY, FORMAT_VERSION.to_be_bytes()).map_err(|e| dir_error(&db_path, e))?;
-                db.persist(PersistMode::SyncAll).map_err(|e| dir_error(&db_path, e))?;
-            }
-            Some(v) => {
-                let found = v.as_ref().try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
-                if found > FORMAT_VERSION {
-                    return Err(StoreError::NewerFormat { path: path.to_path_buf(), found, supported: FORMAT_VERSION });
-                }
-            }
+        let found = match state.get(FORMAT_KEY).map_err(|e| dir_error(&db_path, e))? {
+            None => 0,
+            Some(v) => v.as_ref().try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX),
+        };
+        if found > FORMAT_VERSION {
+            return Err(StoreError::NewerFormat { path: path.to_path_buf(), found, supported: FORMAT_VERSION });
         }
-        Ok(FjallStore { path: path.to_path_buf(), max_journal, inner: Some((db, state)), _lock: lock })
+        if found < FORMAT_VERSION {
+            state.insert(FORMAT_KEY, FORMAT_VERSION.to_be_bytes()).map_err(|e| dir_error(&db_path, e))?;
+            db.persist(PersistMode::SyncAll).map_err(|e| dir_error(&db_path, e))?;
+        }
+        Ok(FjallStore {
+            path: path.to_path_buf(),
+            max_journal,
+            inner: Some((db, state)),
+            qlog: None,
+            key: Vec::with_capacity(64),
+            value: Vec::with_capacity(256),
+            _lock: lock,
+        })
     }
 
     /// After a failed write fjall refuses every later one (it cannot know
@@ -142,7 +161,47 @@ impl FjallStore {
     /// next write) and names the cause.
     fn failed(&mut self, e: &fjall::Error) -> StoreError {
         self.inner = None;
+        self.qlog = None;
         StoreError::Write(write_cause(e))
+    }
+
+    /// Rebuilds the queue bookkeeping from the records on disk (after a
+    /// failed write, or when writing before loading).
+    fn rebuild_qlog(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let (_, ks) = self.handles()?;
+        let mut loader = Loader::default();
+        for prefix in [&b"L"[..], &b"Q"[..]] {
+            for kv in ks.prefix(prefix) {
+                let (k, v) = kv.into_inner().map_err(|e| StoreError::Write(write_cause(&e)))?;
+                read_queue_record(&mut loader, &k, &v, false).map_err(|key| corrupt(&path, &key))?;
+            }
+        }
+        self.qlog = Some(loader.finish(&mut |_, _| {}));
+        Ok(())
+    }
+}
+
+fn corrupt(path: &Path, key: &[u8]) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        key: crate::domain::clip(&String::from_utf8_lossy(key)).to_string(),
+        cause: "cannot decode the record".into(),
+    }
+}
+
+/// Feeds a queue record (`L`, or format 1's `Q`) to `loader`; `Err(key)`
+/// when it cannot be read.
+fn read_queue_record(loader: &mut Loader, k: &[u8], v: &[u8], keep: bool) -> Result<(), Vec<u8>> {
+    if k.first() == Some(&b'L') {
+        return if loader.record(k, v, keep) { Ok(()) } else { Err(k.to_vec()) };
+    }
+    match decode(k, v) {
+        Some(Change::QueuePut { dev, uid, seq, msg }) => {
+            loader.own_record((dev, uid, seq), keep.then_some(msg));
+            Ok(())
+        }
+        _ => Err(k.to_vec()),
     }
 }
 
@@ -158,7 +217,14 @@ fn open_db(db_path: &Path, max_journal: u64) -> Result<(Database, Keyspace), fja
     let max_journal = max_journal.max(crate::config::MIN_JOURNAL_SIZE);
     // Every committed batch goes to the OS at once (a crash of the process
     // loses nothing in either mode); `persist(SyncAll)` makes it durable.
-    let db = Database::builder(db_path).cache_size(CACHE_BYTES).max_journaling_size(max_journal).open()?;
+    // Journal compression is off: a group's queue record is past fjall's
+    // 4 KiB threshold, and compressing it cost the storage thread more
+    // than writing the bytes does (comet's messages are short).
+    let db = Database::builder(db_path)
+        .cache_size(CACHE_BYTES)
+        .max_journaling_size(max_journal)
+        .journal_compression(fjall::CompressionType::None)
+        .open()?;
     let state = db.keyspace("state", || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES))?;
     Ok((db, state))
 }
@@ -239,6 +305,8 @@ fn history_key<'a>(k: &'a mut Vec<u8>, dev: u32, channel: &str, id: u64) -> &'a 
     k
 }
 
+/// A format-1 queue record's value (tests write format-1 stores with it).
+#[cfg(test)]
 fn queued_value<'a>(v: &'a mut Vec<u8>, m: &Queued) -> &'a [u8] {
     v.clear();
     v.extend_from_slice(&m.time.to_be_bytes());
@@ -339,10 +407,16 @@ fn decode(key: &[u8], value: &[u8]) -> Option<Change> {
 
 impl Backend for FjallStore {
     fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
-        let (db, ks) = self.handles()?;
+        if self.qlog.is_none() {
+            self.rebuild_qlog()?;
+        }
+        self.handles()?;
+        let (Some((db, ks)), Some(ql)) = (self.inner.as_ref(), self.qlog.as_mut()) else {
+            return Err(StoreError::Write("the store is closed".into()));
+        };
         let mut batch = db.batch();
-        let (mut k, mut v) = (Vec::with_capacity(64), Vec::with_capacity(256));
-        let k = &mut k;
+        let (k, v) = (&mut self.key, &mut self.value);
+        ql.begin();
         for c in changes {
             match c {
                 Change::Key { dev, uid, key: Some(t) } => batch.insert(ks, user_key(k, b'K', *dev, *uid), t.as_bytes()),
@@ -358,11 +432,17 @@ impl Backend for FjallStore {
                 Change::Revoked { dev, token, on: true } => batch.insert(ks, text_key(k, b'R', *dev, token), &b""[..]),
                 Change::Revoked { dev, token, on: false } => batch.remove(ks, text_key(k, b'R', *dev, token)),
                 Change::QueuePut { dev, uid, seq, msg } => {
-                    batch.insert(ks, queue_key(k, *dev, *uid, *seq), queued_value(&mut v, msg))
+                    if ql.put((*dev, *uid, *seq), msg) == Removed::OwnRecord {
+                        batch.remove(ks, queue_key(k, *dev, *uid, *seq));
+                    }
                 }
-                Change::QueueDel { dev, uid, seq } => batch.remove(ks, queue_key(k, *dev, *uid, *seq)),
+                Change::QueueDel { dev, uid, seq } => {
+                    if ql.remove((*dev, *uid, *seq)) == Removed::OwnRecord {
+                        batch.remove(ks, queue_key(k, *dev, *uid, *seq));
+                    }
+                }
                 Change::HistoryPut { dev, channel, entry } => {
-                    batch.insert(ks, history_key(k, *dev, channel, entry.id), history_value(&mut v, entry))
+                    batch.insert(ks, history_key(k, *dev, channel, entry.id), history_value(v, entry))
                 }
                 Change::HistoryDel { dev, channel, id } => batch.remove(ks, history_key(k, *dev, channel, *id)),
                 Change::Setting { dev, channel, len: Some(n) } => {
@@ -370,6 +450,21 @@ impl Backend for FjallStore {
                 }
                 Change::Setting { dev, channel, len: None } => batch.remove(ks, text_key(k, b'S', *dev, channel)),
             }
+        }
+        // A record read back to be rewritten; one that cannot be read stays.
+        ql.finish(&mut |g| ks.get(qlog::log_key(g, true)).ok().flatten().map(|v| v.to_vec()));
+        let out = &ql.out;
+        for g in &out.delete_entries {
+            batch.remove(ks, qlog::log_key(*g, true));
+        }
+        for g in &out.delete_removals {
+            batch.remove(ks, qlog::log_key(*g, false));
+        }
+        if !out.entries.is_empty() {
+            batch.insert(ks, qlog::log_key(out.group, true), &out.entries[..]);
+        }
+        if !out.removals.is_empty() {
+            batch.insert(ks, qlog::log_key(out.group, false), &out.removals[..]);
         }
         batch.commit().map_err(|e| self.failed(&e))
     }
@@ -382,6 +477,7 @@ impl Backend for FjallStore {
     fn load(&mut self, sink: &mut dyn FnMut(Change)) -> Result<(), StoreError> {
         let path = self.path.clone();
         let (_, state) = self.handles()?;
+        let mut loader = Loader::default();
         for kv in state.iter() {
             let (k, v) = kv.into_inner().map_err(|e| StoreError::Corrupt {
                 path: path.clone(),
@@ -391,17 +487,18 @@ impl Backend for FjallStore {
             if k.as_ref() == FORMAT_KEY {
                 continue;
             }
+            if matches!(k.first(), Some(b'L' | b'Q')) {
+                read_queue_record(&mut loader, &k, &v, true).map_err(|key| corrupt(&path, &key))?;
+                continue;
+            }
             match decode(&k, &v) {
                 Some(c) => sink(c),
-                None => {
-                    return Err(StoreError::Corrupt {
-                        path: path.clone(),
-                        key: crate::domain::clip(&String::from_utf8_lossy(&k)).to_string(),
-                        cause: "cannot decode the record".into(),
-                    });
-                }
+                None => return Err(corrupt(&path, &k)),
             }
         }
+        // Each user's queue from its oldest entry.
+        let log = loader.finish(&mut |(dev, uid, seq), msg| sink(Change::QueuePut { dev, uid, seq, msg }));
+        self.qlog = Some(log);
         Ok(())
     }
 
@@ -454,6 +551,72 @@ mod tests {
             assert!(got.contains(c), "{c:?} not in {got:?}");
         }
         assert_eq!(got.len(), changes.len());
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_format_1_store_is_read_and_its_queue_records_removed_one_by_one() {
+        let dir = std::env::temp_dir().join(format!("comet-store-unit-v1-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            // A format-1 store: its own record per queued message.
+            let (db, ks) = open_db(&dir.join("db"), 64 << 20).unwrap();
+            ks.insert(FORMAT_KEY, 1u32.to_be_bytes()).unwrap();
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            for seq in 0..3 {
+                let m = Queued::new(5, "ev", &format!("old {seq}"));
+                ks.insert(queue_key(&mut k, 0, 9, seq), queued_value(&mut v, &m)).unwrap();
+            }
+            db.persist(PersistMode::SyncAll).unwrap();
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |s: &mut FjallStore| {
+            let mut got = Vec::new();
+            s.load(&mut |c| {
+                if let Change::QueuePut { seq, msg, .. } = c {
+                    got.push((seq, msg.message().to_string()));
+                }
+            })
+            .unwrap();
+            got
+        };
+        {
+            let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
+            assert_eq!(load(&mut s), [(0, "old 0".into()), (1, "old 1".into()), (2, "old 2".into())]);
+            // The oldest is delivered, one more is queued behind the rest.
+            s.apply(&[
+                Change::QueueDel { dev: 0, uid: 9, seq: 0 },
+                Change::QueuePut { dev: 0, uid: 9, seq: 3, msg: Queued::new(6, "ev", "new 3") },
+            ])
+            .unwrap();
+            s.sync().unwrap();
+        }
+        let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
+        assert_eq!(load(&mut s), [(1, "old 1".into()), (2, "old 2".into()), (3, "new 3".into())]);
+        let (_, ks) = s.inner.as_ref().unwrap();
+        assert_eq!(ks.get(FORMAT_KEY).unwrap().unwrap().as_ref(), &FORMAT_VERSION.to_be_bytes()[..]);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn after_a_failed_write_the_queue_bookkeeping_is_rebuilt_from_the_disk() {
+        let dir = std::env::temp_dir().join(format!("comet-store-unit-rebuild-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
+        s.load(&mut |_| {}).unwrap();
+        let put = |seq| Change::QueuePut { dev: 0, uid: 1, seq, msg: Queued::new(1, "e", "m") };
+        s.apply(&[put(0), put(1)]).unwrap();
+        // As after a failed write: the bookkeeping is dropped.
+        s.qlog = None;
+        s.apply(&[Change::QueueDel { dev: 0, uid: 1, seq: 0 }]).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
+        let mut got = Vec::new();
+        s.load(&mut |c| got.push(c)).unwrap();
+        assert_eq!(got, [put(1)], "the removal made after the rebuild reached the disk");
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -16,6 +16,7 @@
 //! one; a networked store (Redis) fits the same three calls.
 
 pub mod fjall;
+pub mod qlog;
 pub mod writer;
 
 use std::path::PathBuf;
