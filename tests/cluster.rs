@@ -80,6 +80,24 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Makes Redis sleep `secs` seconds (`DEBUG SLEEP`, on a thread) and
+    /// returns once it has stopped answering; join the handle to wait until
+    /// it answers again.
+    fn stall(&self, secs: &str) -> std::thread::JoinHandle<()> {
+        let (port, secs) = (self.port.to_string(), secs.to_string());
+        let sleeper = std::thread::spawn(move || {
+            Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", &secs]).output().unwrap();
+        });
+        let asleep = eventually(5, || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            std::io::Write::write_all(&mut s, b"PING\r\n").unwrap();
+            std::io::Read::read(&mut s, &mut [0u8; 16]).is_err()
+        });
+        assert!(asleep, "DEBUG SLEEP did not stall Redis");
+        sleeper
+    }
+
     /// Runs a command with redis-cli; its output, trimmed.
     fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output();
@@ -463,18 +481,7 @@ fn publishes_waiting_for_a_slow_redis_are_bounded_by_the_mail_limit_and_none_is_
     // Redis stalls for 1.5 s (under the 2 s command timeout) while a
     // backend publishes 4 MiB: past --mail-limit (1 MiB) the node stops
     // reading the backend until Redis takes the backlog.
-    let port = redis.port.to_string();
-    let sleeper = std::thread::spawn(move || {
-        Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1.5"]).output().unwrap();
-    });
-    // Until Redis stops answering (it sleeps).
-    let asleep = eventually(5, || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        std::io::Write::write_all(&mut s, b"PING\r\n").unwrap();
-        std::io::Read::read(&mut s, &mut [0u8; 16]).is_err()
-    });
-    assert!(asleep, "DEBUG SLEEP did not stall Redis");
+    let sleeper = redis.stall("1.5");
     let mut d = db(&a);
     let big = "x".repeat(40_000);
     for i in 0..100 {
@@ -1108,11 +1115,7 @@ fn subscription_churn_past_the_mail_limit_while_redis_stalls_is_dropped_and_writ
     // Redis stalls 1.5 s (under the 2 s command timeout) while ten clients
     // swap 32 long channel names 20 times each: 12,800 changes of about
     // 140 bytes wait for Redis, past --mail-limit (1 MiB).
-    let port = redis.port.to_string();
-    let sleeper = std::thread::spawn(move || {
-        Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1.5"]).output().unwrap();
-    });
-    std::thread::sleep(Duration::from_millis(100));
+    let sleeper = redis.stall("1.5");
     for round in 0..20 {
         let names = if round % 2 == 0 { &x } else { &y };
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -1158,17 +1161,7 @@ fn repeated_track_pipe_users_while_redis_is_busy_cost_it_one_script_call() {
     let mut askers: Vec<Client> = (0..4).map(|i| a.client(&format!("ask{i}"))).collect();
     let before = evals(&redis);
     // Redis stalls 1 s while four browsers ask 25 times each.
-    let port = redis.port.to_string();
-    let sleeper = std::thread::spawn(move || {
-        Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1"]).output().unwrap();
-    });
-    let asleep = eventually(5, || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        std::io::Write::write_all(&mut s, b"PING\r\n").unwrap();
-        std::io::Read::read(&mut s, &mut [0u8; 16]).is_err()
-    });
-    assert!(asleep, "DEBUG SLEEP did not stall Redis");
+    let sleeper = redis.stall("1");
     for c in &mut askers {
         for i in 0..25 {
             c.send(&format!("track_pipe_users\ntrack_big\nq{i}"));
