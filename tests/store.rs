@@ -386,15 +386,20 @@ fn a_backend_outrunning_the_disk_is_paused_by_the_mail_limit_and_nothing_is_lost
     // reading the flooding connection, and resumes each time the storage
     // thread caught up.
     let dir = TempDir::new("lane");
-    let args = ["--mail-limit", "1048576", "--offline-queue-size", "10000"];
-    let s = start(&dir, &args);
+    // Whether the lane fills depends on which is faster, the disk or the
+    // shard parsing 60 KB queries, and a busy machine slows the shard: the
+    // debug build's slow-disk hook makes each group commit take 100 ms more.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_comet"));
+    cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "off", "--shards", "2"])
+        .args(["--password", "pw", "--data-dir", dir.path(), "--mail-limit", "1048576"])
+        .args(["--offline-queue-size", "10000"])
+        .env("COMET_TEST_SLOW_SYNC_MS", "100");
+    let s = Server::spawn_cmd(cmd);
     let (mut t, ok) = raw_login(&s, "pw");
     assert_eq!(ok[0], 0);
     let text = "z".repeat(60_000);
     let n = 400;
-    // Whether the lane fills depends on which is faster here, the disk or
-    // the shard parsing 60 KB queries (a busy machine slows the shard):
-    // send rounds of 24 MB until the bound was reached, at most five.
+    // Send rounds of 24 MB until the bound was reached, at most five.
     let mut rounds = 0;
     while rounds < 5 {
         rounds += 1;
@@ -428,7 +433,7 @@ fn a_backend_outrunning_the_disk_is_paused_by_the_mail_limit_and_nothing_is_lost
     assert_eq!(got.len(), n * rounds);
     drop(d);
     kill(s);
-    let s = start(&dir, &args);
+    let s = start(&dir, &["--offline-queue-size", "10000"]);
     let mut d = db(&s);
     let got: Vec<u64> = d.query(format!("SELECT id FROM users_messages WHERE id IN ({ids})")).unwrap();
     assert_eq!(got.len(), n * rounds, "all of them on disk");

@@ -343,6 +343,7 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
         if result.is_ok() {
             match hub.durability {
                 Durability::Sync => {
+                    slow_disk();
                     result = backend.sync();
                     last_sync = Instant::now();
                 }
@@ -375,6 +376,26 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
         }
     }
 }
+
+/// Debug builds only (the integration tests run them): with
+/// `COMET_TEST_SLOW_SYNC_MS` set, every group commit takes at least that
+/// long more, a slow disk on demand, so that a test can reach the storage
+/// lane's bound whatever the speed of the machine's disk and its load.
+/// Release builds have no such hook.
+#[cfg(debug_assertions)]
+fn slow_disk() {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    let d = DELAY.get_or_init(|| {
+        let ms = std::env::var("COMET_TEST_SLOW_SYNC_MS").ok()?.parse().ok()?;
+        Some(Duration::from_millis(ms))
+    });
+    if let Some(d) = d {
+        std::thread::sleep(*d);
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn slow_disk() {}
 
 /// Records whether writes work; logs a failure when it starts and at most
 /// once a minute while it lasts, and the recovery.
