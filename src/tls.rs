@@ -21,7 +21,6 @@ use std::sync::{Arc, RwLock};
 pub mod keys;
 
 use rustls::ServerConfig;
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::UnbufferedServerConnection;
@@ -33,11 +32,26 @@ pub const HANDSHAKE_RECORD: u8 = 0x16;
 /// Most plaintext encrypted into one record (TLS's maximum fragment).
 pub const MAX_PLAINTEXT: usize = 16 * 1024;
 
-/// Where the certificate and key come from, for reloads.
+/// Where the certificate and key come from (for reloads), and how the
+/// record keys are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub record_keys: RecordKeys,
+}
+
+/// How a connection keeps its record keys (`--tls-record-keys`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordKeys {
+    /// The raw key and IV (56 bytes a direction), expanded per record:
+    /// AES-GCM pays a key expansion per record written or read.
+    #[default]
+    Compact,
+    /// ring's expanded keys (560 bytes a direction), kept for the
+    /// connection's life: no setup per record.
+    Expanded,
 }
 
 /// The server configuration new connections use; SIGHUP replaces it, and
@@ -75,12 +89,10 @@ impl std::fmt::Debug for Current {
 /// Errors name the file at fault: unreadable, not PEM, expired or not yet
 /// valid, a key that does not match the certificate.
 pub fn load(files: &TlsFiles, now_unix: i64) -> Result<Arc<ServerConfig>, String> {
-    load_with(files, now_unix, keys::provider())
-}
-
-/// [`load`] with another crypto provider (`comet-bench tls-records` sets
-/// ring's own against comet's compact record keys).
-pub fn load_with(files: &TlsFiles, now_unix: i64, provider: CryptoProvider) -> Result<Arc<ServerConfig>, String> {
+    let provider = match files.record_keys {
+        RecordKeys::Compact => keys::provider(),
+        RecordKeys::Expanded => rustls::crypto::ring::default_provider(),
+    };
     let cert = &files.cert;
     let key = &files.key;
     let certs = read_certs(cert)?;
@@ -454,7 +466,7 @@ mod tests {
     }
 
     fn files(d: &Path) -> TlsFiles {
-        TlsFiles { cert: d.join("chain.pem"), key: d.join("key.pem") }
+        TlsFiles { cert: d.join("chain.pem"), key: d.join("key.pem"), record_keys: RecordKeys::Compact }
     }
 
     fn client(d: &Path) -> rustls::ClientConnection {
@@ -692,13 +704,13 @@ mod tests {
         assert!(e.contains("expired on 20") && e.contains("chain.pem"), "{e}");
         let other = temp("other");
         make_certs(&other, "ec", 2);
-        let mismatched = TlsFiles { cert: other.join("chain.pem"), key: d.join("key.pem") };
+        let mismatched = TlsFiles { cert: other.join("chain.pem"), ..files(&d) };
         let e = load(&mismatched, now).unwrap_err();
         assert!(e.contains("does not match") && e.contains("key.pem"), "{e}");
-        let missing = TlsFiles { cert: d.join("nope.pem"), key: d.join("key.pem") };
+        let missing = TlsFiles { cert: d.join("nope.pem"), ..files(&d) };
         let e = load(&missing, now).unwrap_err();
         assert!(e.contains("nope.pem"), "{e}");
-        let not_pem = TlsFiles { cert: d.join("ext"), key: d.join("key.pem") };
+        let not_pem = TlsFiles { cert: d.join("ext"), ..files(&d) };
         let e = load(&not_pem, now).unwrap_err();
         assert!(e.contains("no CERTIFICATE") && e.contains("ext"), "{e}");
         let _ = std::fs::remove_dir_all(&d);

@@ -23,7 +23,7 @@ use std::cell::Cell;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use comet::tls::{TlsConn, TlsFiles};
+use comet::tls::{RecordKeys, TlsConn, TlsFiles};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -114,7 +114,7 @@ fn an_idle_tls_connection_holds_at_most_its_budget() {
     let dir = std::env::temp_dir().join(format!("comet-tls-mem-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     certs(&dir);
-    let files = TlsFiles { cert: dir.join("chain.pem"), key: dir.join("key.pem") };
+    let files = TlsFiles { cert: dir.join("chain.pem"), key: dir.join("key.pem"), record_keys: RecordKeys::Compact };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let cfg = comet::tls::load(&files, now).unwrap();
     let mut roots = rustls::RootCertStore::empty();

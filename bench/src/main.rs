@@ -12,6 +12,7 @@
 
 mod attack;
 mod cluster;
+mod micro;
 mod proc;
 mod report;
 mod storm;
@@ -178,6 +179,24 @@ enum Cmd {
         /// send(2) per socket, to measure what batching could save.
         #[arg(long)]
         uring: bool,
+    },
+    /// In-process: server CPU per wss record through comet's TLS adapter,
+    /// ring's expanded record keys against comet's compact ones, for every
+    /// ECDSA cipher suite.
+    TlsRecords {
+        #[arg(long, default_value_t = 20_000)]
+        records: usize,
+        /// Plaintext bytes per record (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [90usize, 2048, 16384])]
+        sizes: Vec<usize>,
+    },
+    /// In-process: CPU of one permessage-deflate compression of a published
+    /// message (what a compressed publish pays once, for all subscribers).
+    DeflateCost {
+        #[arg(long, default_value_t = 2048)]
+        bytes: usize,
+        #[arg(long, default_value_t = 5_000)]
+        iterations: usize,
     },
     /// In-process: time the CometQL lexer, parser and planner.
     Parse {
@@ -430,6 +449,14 @@ fn main() {
         }
         Cmd::Parse { iterations } => {
             parse_bench(iterations);
+            return;
+        }
+        Cmd::TlsRecords { records, ref sizes } => {
+            micro::tls_records(records, sizes);
+            return;
+        }
+        Cmd::DeflateCost { bytes, iterations } => {
+            micro::deflate_cost(bytes, iterations);
             return;
         }
         Cmd::SendFloor { sockets, rounds, size, uring } => {

@@ -13,7 +13,7 @@ use crate::wire;
 /// A throwaway CA and a localhost certificate (ECDSA P-256) in `d`, made
 /// with the openssl command line; returns a client configuration that
 /// trusts the CA.
-fn make_certs(d: &std::path::Path) -> std::io::Result<std::sync::Arc<rustls::ClientConfig>> {
+pub(crate) fn make_certs(d: &std::path::Path) -> std::io::Result<std::sync::Arc<rustls::ClientConfig>> {
     use rustls::pki_types::pem::PemObject;
     std::fs::create_dir_all(d)?;
     let ec = "ec -pkeyopt ec_paramgen_curve:P-256";
