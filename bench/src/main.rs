@@ -92,8 +92,9 @@ struct Global {
     #[arg(long = "variant-arg", global = true, allow_hyphen_values = true)]
     variant_args: Vec<String>,
     /// Spawned comet and nginx+nchan serve TLS with a throwaway CA and
-    /// certificate, and subscribers speak wss (idle and connect only; the
-    /// node-ws peer has no TLS and is skipped). For comet alone, or wss
+    /// certificate, and subscribers speak wss (idle, connect and fanout;
+    /// the node-ws peer has no TLS and is skipped; nchan is published to
+    /// on a second, plaintext listener). For comet alone, or wss
     /// against ws in one run: `--variant-arg=--tls-cert=auto`.
     #[arg(long, global = true)]
     wss: bool,
@@ -543,8 +544,8 @@ fn target_for(g: &Global, kind: Kind) -> std::io::Result<Target> {
 }
 
 fn run(g: &Global, t: &Target, cmd: &Cmd) -> Figures {
-    if t.tls.is_some() && !matches!(cmd, Cmd::Idle(_) | Cmd::Connect(_)) {
-        die("wss targets run idle and connect only (the other scenarios read raw WebSocket frames)");
+    if t.tls.is_some() && !matches!(cmd, Cmd::Idle(_) | Cmd::Connect(_) | Cmd::Fanout(_)) {
+        die("wss targets run idle, connect and fanout only (the other scenarios read raw WebSocket frames)");
     }
     match cmd {
         Cmd::Idle(a) => idle(g, t, a),
@@ -983,8 +984,8 @@ fn open_user(_g: &Global, t: &Target, uid: usize, source: u8) -> std::io::Result
 }
 
 /// Starts reader threads over `socks`; returns their join handles.
-fn readers(
-    socks: Vec<TcpStream>,
+fn readers<S: Into<target::Sub> + Send + 'static>(
+    socks: Vec<S>,
     threads: usize,
     expected_per_sock: f64,
 ) -> Vec<std::thread::JoinHandle<(u64, Histogram<u64>)>> {
@@ -1051,10 +1052,13 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
     let mut socks = Vec::with_capacity(a.subs);
     let mut per_channel = vec![0u64; chans.len()];
     let mut children = Vec::new();
+    if a.procs > 1 && t.tls.is_some() {
+        die("fanout --procs: the client processes speak plain ws only; wss runs in one process");
+    }
     if a.procs <= 1 {
         for i in 0..a.subs {
             let c = i % chans.len();
-            match t.subscribe(source(g, i), &chans[c], &format!("f{i}")) {
+            match t.subscribe_reader(source(g, i), &chans[c], &format!("f{i}")) {
                 Ok(s) => {
                     socks.push(s);
                     per_channel[c] += 1;
