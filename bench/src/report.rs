@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -292,6 +292,26 @@ pub fn per_message_figures(f: &mut Figures) {
     }
 }
 
+/// Answers a ping, best effort (a pong is a few bytes; a full socket
+/// buffer drops it and the next ping is answered).
+fn pong(sock: &mut TcpStream, tls: Option<&mut rustls::ClientConnection>, payload: &[u8]) {
+    let mut frame = Vec::with_capacity(payload.len() + 6);
+    wire::encode_masked(0xA, payload, &mut frame);
+    match tls {
+        None => {
+            let _ = sock.write(&frame);
+        }
+        Some(c) => {
+            let _ = c.writer().write_all(&frame);
+            while c.wants_write() {
+                if c.write_tls(sock).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Plaintext from a wss subscriber into `out`: what the client's TLS
 /// state holds, else what decrypting the socket's bytes gives. None: the
 /// socket has nothing more now (or failed).
@@ -314,7 +334,8 @@ fn tls_read(c: &mut rustls::ClientConnection, sock: &mut TcpStream, out: &mut [u
 }
 
 /// Reads every subscriber until `want` timestamped messages arrived (or
-/// 20 s pass without one): the count and the latency histogram.
+/// 20 s pass without one), answering pings: the count and the latency
+/// histogram.
 pub fn read_all<S: Into<Sub>>(socks: Vec<S>, want: u64) -> (u64, Histogram<u64>) {
     let mut socks: Vec<Sub> = socks.into_iter().map(Into::into).collect();
     let mut per_message: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
@@ -357,10 +378,19 @@ pub fn read_all<S: Into<Sub>>(socks: Vec<S>, want: u64) -> (u64, Histogram<u64>)
                 let mut pos = 0;
                 while let Some((op, ps, end)) = wire::parse_frame(&buf[pos..]) {
                     let p = wire::frame_payload(buf[pos], &buf[pos + ps..pos + end], &mut inflater, &mut inflated);
+                    if op == 9 {
+                        // A ping is answered, as a browser does: comet closes
+                        // a subscriber that stays silent past its ping
+                        // timeout (a long wss set-up reaches it).
+                        pong(sock, tls.as_deref_mut(), p);
+                    }
                     if op == 1
                         && let Some(ts) = wire::payload_ts(p)
                     {
                         got += 1;
+                        // Only a counted message is progress: pings keep
+                        // coming while anything is lost.
+                        last_progress = Instant::now();
                         let now = wire::epoch_us();
                         let lat = now.saturating_sub(ts).max(1);
                         let _ = hist.record(lat);
@@ -371,7 +401,6 @@ pub fn read_all<S: Into<Sub>>(socks: Vec<S>, want: u64) -> (u64, Histogram<u64>)
                     pos += end;
                 }
                 buf.drain(..pos);
-                last_progress = Instant::now();
             }
             let _ = poller.modify(&*sock, polling::Event::readable(i));
         }
