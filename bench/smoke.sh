@@ -30,6 +30,10 @@ check "$out/connect.json" 'f[0]["connections"] == 300'
 check "$out/idle_wss.json" '[x["target"] for x in f] == ["comet", "tls-cert=auto"] and all(x["connections"] == 100 for x in f)'
 "$B" "${common[@]}" --wss compare connect --conns 100 --json "$out/connect_wss.json"
 check "$out/connect_wss.json" '[x["target"] for x in f] == ["comet", "nchan"] and all(x["connections"] == 100 for x in f)'
+"$B" "${common[@]}" --wss compare fanout --subs 100 --rate 20 --seconds 1 --json "$out/fanout_wss.json"
+check "$out/fanout_wss.json" '[x["target"] for x in f] == ["comet", "nchan"] and all(x["loss"] == 0 and x["delivered"] == 2000 for x in f)'
+"$B" tls-records --records 200 --sizes 90,2048
+"$B" deflate-cost --iterations 50
 "$B" "${common[@]}" connect --conns 200 --auth --json "$out/connect_auth.json"
 check "$out/connect_auth.json" 'f[0]["connections"] == 200'
 "$B" "${common[@]}" fanout --subs 300 --channels 3 --rate 20 --seconds 1 --procs 2 --json "$out/fanout.json" --svg "$out/fanout.svg"

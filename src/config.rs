@@ -226,6 +226,9 @@ pub struct Cli {
     /// Seconds a client has to finish the TLS handshake before it is closed [default: 10].
     #[arg(long, env = "COMET_TLS_HANDSHAKE_TIMEOUT", value_name = "SECONDS")]
     pub tls_handshake_timeout: Option<u64>,
+    /// compact: each TLS connection keeps its raw record keys and expands them per record (1 KiB less per idle connection; AES-GCM pays a key expansion per record); expanded: keeps ring's expanded keys [default: compact].
+    #[arg(long, env = "COMET_TLS_RECORD_KEYS", value_enum)]
+    pub tls_record_keys: Option<crate::tls::RecordKeys>,
     /// Refuse CometQL logins that do not use TLS, with ERR 3159 (needs --tls-cert) [default: off].
     #[arg(long, env = "COMET_BACKEND_REQUIRE_TLS")]
     pub backend_require_tls: bool,
@@ -282,6 +285,7 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_handshake_timeout: Option<u64>,
+    pub tls_record_keys: Option<crate::tls::RecordKeys>,
     pub backend_require_tls: Option<bool>,
     pub redis: Option<String>,
     /// dev_ids whose `user_data` any connection may read.
@@ -545,7 +549,11 @@ impl Config {
                 .filter(|u| !u.is_empty())
                 .collect(),
             tls: match (cli.tls_cert.or(file.tls_cert), cli.tls_key.or(file.tls_key)) {
-                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                    cert,
+                    key,
+                    record_keys: cli.tls_record_keys.or(file.tls_record_keys).unwrap_or_default(),
+                }),
                 (None, None) => None,
                 _ => {
                     return Err(ConfigError::Invalid(
@@ -789,7 +797,18 @@ mod tests {
         let c = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap();
         let tls = c.tls.expect("tls");
         assert_eq!((tls.cert.to_str(), tls.key.to_str()), (Some("/x/chain.pem"), Some("/x/key.pem")));
+        assert_eq!(tls.record_keys, crate::tls::RecordKeys::Compact);
         assert_eq!((c.tls_handshake_timeout.as_secs(), c.backend_require_tls), (3, true));
+        std::fs::write(&path, "tls_cert = \"/x/c.pem\"\ntls_key = \"/x/k.pem\"\ntls_record_keys = \"expanded\"\n")
+            .unwrap();
+        let c = Config::load(Cli { config: Some(path.clone()), ..Cli::default() }).unwrap();
+        assert_eq!(c.tls.expect("tls").record_keys, crate::tls::RecordKeys::Expanded);
+        let cli = Cli {
+            config: Some(path.clone()),
+            tls_record_keys: Some(crate::tls::RecordKeys::Compact),
+            ..Cli::default()
+        };
+        assert_eq!(Config::load(cli).unwrap().tls.expect("tls").record_keys, crate::tls::RecordKeys::Compact);
         let cli = Cli { config: Some(path.clone()), tls_handshake_timeout: Some(0), ..Cli::default() };
         assert!(Config::load(cli).unwrap_err().to_string().contains("tls-handshake-timeout"));
         let d = Config::load(Cli::default()).unwrap();

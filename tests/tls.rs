@@ -172,9 +172,10 @@ fn subscribed(s: &Server, ws: &mut WebSocket<Tls>, channel: &str) {
 
 #[test]
 fn wss_carries_pushes_over_tls_1_3_and_1_2_with_ecdsa_and_rsa() {
-    for (io, kind) in [("uring", "ec"), ("epoll", "rsa")] {
-        let certs = Certs::new(&format!("push-{io}"), kind, 2);
-        let s = start(&certs, io, &[]);
+    // Both ways of keeping record keys (src/tls/keys.rs) on both backends.
+    for (io, kind, keys) in [("uring", "ec", "compact"), ("epoll", "rsa", "compact"), ("epoll", "ec", "expanded")] {
+        let certs = Certs::new(&format!("push-{io}-{keys}"), kind, 2);
+        let s = start(&certs, io, &["--tls-record-keys", keys]);
         let ca = certs.dir.join("ca.pem");
         for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
             let cfg = client_config(&[&ca], &[version]);

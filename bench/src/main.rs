@@ -13,6 +13,7 @@
 mod attack;
 mod cluster;
 mod cluster_state;
+mod micro;
 mod proc;
 mod report;
 mod storm;
@@ -92,8 +93,9 @@ struct Global {
     #[arg(long = "variant-arg", global = true, allow_hyphen_values = true)]
     variant_args: Vec<String>,
     /// Spawned comet and nginx+nchan serve TLS with a throwaway CA and
-    /// certificate, and subscribers speak wss (idle and connect only; the
-    /// node-ws peer has no TLS and is skipped). For comet alone, or wss
+    /// certificate, and subscribers speak wss (idle, connect and fanout;
+    /// the node-ws peer has no TLS and is skipped; nchan is published to
+    /// on a second, plaintext listener). For comet alone, or wss
     /// against ws in one run: `--variant-arg=--tls-cert=auto`.
     #[arg(long, global = true)]
     wss: bool,
@@ -179,6 +181,24 @@ enum Cmd {
         /// send(2) per socket, to measure what batching could save.
         #[arg(long)]
         uring: bool,
+    },
+    /// In-process: server CPU per wss record through comet's TLS adapter,
+    /// ring's expanded record keys against comet's compact ones, for every
+    /// ECDSA cipher suite.
+    TlsRecords {
+        #[arg(long, default_value_t = 20_000)]
+        records: usize,
+        /// Plaintext bytes per record (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [90usize, 2048, 16384])]
+        sizes: Vec<usize>,
+    },
+    /// In-process: CPU of one permessage-deflate compression of a published
+    /// message (what a compressed publish pays once, for all subscribers).
+    DeflateCost {
+        #[arg(long, default_value_t = 2048)]
+        bytes: usize,
+        #[arg(long, default_value_t = 5_000)]
+        iterations: usize,
     },
     /// In-process: time the CometQL lexer, parser and planner.
     Parse {
@@ -444,6 +464,14 @@ fn main() {
             parse_bench(iterations);
             return;
         }
+        Cmd::TlsRecords { records, ref sizes } => {
+            micro::tls_records(records, sizes);
+            return;
+        }
+        Cmd::DeflateCost { bytes, iterations } => {
+            micro::deflate_cost(bytes, iterations);
+            return;
+        }
         Cmd::SendFloor { sockets, rounds, size, uring } => {
             send_floor(sockets, rounds, size, uring);
             return;
@@ -528,8 +556,8 @@ fn target_for(g: &Global, kind: Kind) -> std::io::Result<Target> {
 }
 
 fn run(g: &Global, t: &Target, cmd: &Cmd) -> Figures {
-    if t.tls.is_some() && !matches!(cmd, Cmd::Idle(_) | Cmd::Connect(_)) {
-        die("wss targets run idle and connect only (the other scenarios read raw WebSocket frames)");
+    if t.tls.is_some() && !matches!(cmd, Cmd::Idle(_) | Cmd::Connect(_) | Cmd::Fanout(_)) {
+        die("wss targets run idle, connect and fanout only (the other scenarios read raw WebSocket frames)");
     }
     match cmd {
         Cmd::Idle(a) => idle(g, t, a),
@@ -968,8 +996,8 @@ fn open_user(_g: &Global, t: &Target, uid: usize, source: u8) -> std::io::Result
 }
 
 /// Starts reader threads over `socks`; returns their join handles.
-fn readers(
-    socks: Vec<TcpStream>,
+fn readers<S: Into<target::Sub> + Send + 'static>(
+    socks: Vec<S>,
     threads: usize,
     expected_per_sock: f64,
 ) -> Vec<std::thread::JoinHandle<(u64, Histogram<u64>)>> {
@@ -1036,10 +1064,13 @@ fn fanout(g: &Global, t: &Target, a: &FanoutArgs) -> Figures {
     let mut socks = Vec::with_capacity(a.subs);
     let mut per_channel = vec![0u64; chans.len()];
     let mut children = Vec::new();
+    if a.procs > 1 && t.tls.is_some() {
+        die("fanout --procs: the client processes speak plain ws only; wss runs in one process");
+    }
     if a.procs <= 1 {
         for i in 0..a.subs {
             let c = i % chans.len();
-            match t.subscribe(source(g, i), &chans[c], &format!("f{i}")) {
+            match t.subscribe_reader(source(g, i), &chans[c], &format!("f{i}")) {
                 Ok(s) => {
                     socks.push(s);
                     per_channel[c] += 1;

@@ -4,13 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::target::Sub;
 use crate::wire;
 
 /// Every figure of one run against one target.
@@ -291,63 +292,121 @@ pub fn per_message_figures(f: &mut Figures) {
     }
 }
 
-pub fn read_all(socks: Vec<TcpStream>, want: u64) -> (u64, Histogram<u64>) {
+/// Answers a ping, best effort (a pong is a few bytes; a full socket
+/// buffer drops it and the next ping is answered).
+fn pong(sock: &mut TcpStream, tls: Option<&mut rustls::ClientConnection>, payload: &[u8]) {
+    let mut frame = Vec::with_capacity(payload.len() + 6);
+    wire::encode_masked(0xA, payload, &mut frame);
+    match tls {
+        None => {
+            let _ = sock.write(&frame);
+        }
+        Some(c) => {
+            let _ = c.writer().write_all(&frame);
+            while c.wants_write() {
+                if c.write_tls(sock).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Plaintext from a wss subscriber into `out`: what the client's TLS
+/// state holds, else what decrypting the socket's bytes gives. None: the
+/// socket has nothing more now (or failed).
+fn tls_read(c: &mut rustls::ClientConnection, sock: &mut TcpStream, out: &mut [u8]) -> Option<usize> {
+    loop {
+        match c.reader().read(out) {
+            Ok(n) if n > 0 => return Some(n),
+            Ok(_) => return Some(0),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return None,
+        }
+        match c.read_tls(sock) {
+            Ok(0) => return Some(0),
+            Ok(_) => {
+                c.process_new_packets().ok()?;
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Reads every subscriber until `want` timestamped messages arrived (or
+/// 20 s pass without one), answering pings: the count and the latency
+/// histogram.
+pub fn read_all<S: Into<Sub>>(socks: Vec<S>, want: u64) -> (u64, Histogram<u64>) {
+    let mut socks: Vec<Sub> = socks.into_iter().map(Into::into).collect();
     let mut per_message: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds");
     let poller = polling::Poller::new().expect("poller");
     let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); socks.len()];
     for (i, s) in socks.iter().enumerate() {
-        s.set_nonblocking(true).expect("nonblocking");
+        s.sock.set_nonblocking(true).expect("nonblocking");
         // SAFETY: each socket outlives its registration: every source is
         // deleted from the poller below, before `socks` is dropped.
-        unsafe { poller.add(s, polling::Event::readable(i)) }.expect("register");
+        unsafe { poller.add(&s.sock, polling::Event::readable(i)) }.expect("register");
     }
     let mut got = 0u64;
     let mut events = polling::Events::new();
     let mut scratch = vec![0u8; 64 * 1024];
     let (mut inflater, mut inflated) = (comet::ws::deflate::Inflater::default(), Vec::new());
     let mut last_progress = Instant::now();
+    // wss: plaintext the handshake already decrypted is read first.
+    let mut ready: Vec<usize> = (0..socks.len()).filter(|&i| socks[i].tls.is_some()).collect();
     while got < want && last_progress.elapsed() < Duration::from_secs(20) {
         events.clear();
-        poller.wait(&mut events, Some(Duration::from_millis(200))).expect("wait");
-        for ev in events.iter() {
-            let i = ev.key;
-            let mut s = &socks[i];
+        poller.wait(&mut events, Some(Duration::from_millis(if ready.is_empty() { 200 } else { 0 }))).expect("wait");
+        ready.extend(events.iter().map(|ev| ev.key));
+        for i in std::mem::take(&mut ready) {
+            let Sub { sock, tls } = &mut socks[i];
             loop {
-                match s.read(&mut scratch) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let buf = &mut bufs[i];
-                        buf.extend_from_slice(&scratch[..n]);
-                        let mut pos = 0;
-                        while let Some((op, ps, end)) = wire::parse_frame(&buf[pos..]) {
-                            let p =
-                                wire::frame_payload(buf[pos], &buf[pos + ps..pos + end], &mut inflater, &mut inflated);
-                            if op == 1
-                                && let Some(ts) = wire::payload_ts(p)
-                            {
-                                got += 1;
-                                let now = wire::epoch_us();
-                                let lat = now.saturating_sub(ts).max(1);
-                                let _ = hist.record(lat);
-                                let e = per_message.entry(ts).or_insert((lat, lat));
-                                e.0 = e.0.min(lat);
-                                e.1 = e.1.max(lat);
-                            }
-                            pos += end;
-                        }
-                        buf.drain(..pos);
-                        last_progress = Instant::now();
+                let n = match tls {
+                    None => match sock.read(&mut scratch) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(_) => break,
+                    },
+                    Some(c) => match tls_read(c, sock, &mut scratch) {
+                        Some(0) | None => break,
+                        Some(n) => n,
+                    },
+                };
+                let buf = &mut bufs[i];
+                buf.extend_from_slice(&scratch[..n]);
+                let mut pos = 0;
+                while let Some((op, ps, end)) = wire::parse_frame(&buf[pos..]) {
+                    let p = wire::frame_payload(buf[pos], &buf[pos + ps..pos + end], &mut inflater, &mut inflated);
+                    if op == 9 {
+                        // A ping is answered, as a browser does: comet closes
+                        // a subscriber that stays silent past its ping
+                        // timeout (a long wss set-up reaches it).
+                        pong(sock, tls.as_deref_mut(), p);
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => break,
+                    if op == 1
+                        && let Some(ts) = wire::payload_ts(p)
+                    {
+                        got += 1;
+                        // Only a counted message is progress: pings keep
+                        // coming while anything is lost.
+                        last_progress = Instant::now();
+                        let now = wire::epoch_us();
+                        let lat = now.saturating_sub(ts).max(1);
+                        let _ = hist.record(lat);
+                        let e = per_message.entry(ts).or_insert((lat, lat));
+                        e.0 = e.0.min(lat);
+                        e.1 = e.1.max(lat);
+                    }
+                    pos += end;
                 }
+                buf.drain(..pos);
             }
-            let _ = poller.modify(s, polling::Event::readable(i));
+            let _ = poller.modify(&*sock, polling::Event::readable(i));
         }
     }
     for s in &socks {
-        let _ = poller.delete(s);
+        let _ = poller.delete(&s.sock);
     }
     let mut all = PER_MESSAGE.lock().expect("per-message lock");
     for (ts, (first, last)) in per_message {

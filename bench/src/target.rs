@@ -13,7 +13,7 @@ use crate::wire;
 /// A throwaway CA and a localhost certificate (ECDSA P-256) in `d`, made
 /// with the openssl command line; returns a client configuration that
 /// trusts the CA.
-fn make_certs(d: &std::path::Path) -> std::io::Result<std::sync::Arc<rustls::ClientConfig>> {
+pub(crate) fn make_certs(d: &std::path::Path) -> std::io::Result<std::sync::Arc<rustls::ClientConfig>> {
     use rustls::pki_types::pem::PemObject;
     std::fs::create_dir_all(d)?;
     let ec = "ec -pkeyopt ec_paramgen_curve:P-256";
@@ -40,6 +40,19 @@ fn make_certs(d: &std::path::Path) -> std::io::Result<std::sync::Arc<rustls::Cli
             .with_root_certificates(roots)
             .with_no_client_auth();
     Ok(std::sync::Arc::new(cfg))
+}
+
+/// A subscriber a reader drains: its socket, and for wss the client's TLS
+/// state (which may already hold received plaintext).
+pub struct Sub {
+    pub sock: TcpStream,
+    pub tls: Option<Box<rustls::ClientConnection>>,
+}
+
+impl From<TcpStream> for Sub {
+    fn from(sock: TcpStream) -> Sub {
+        Sub { sock, tls: None }
+    }
 }
 
 /// Which server.
@@ -207,6 +220,14 @@ impl Target {
                         d.display()
                     );
                     template = template.replace("reuseport;", &ssl);
+                    // The publisher stays plaintext (as comet's CometQL
+                    // port does in the comparison): a second listener.
+                    let p = port_or_free(old.and_then(|o| o.2));
+                    api = Some(p);
+                    template = template.replace(
+                        "        location ~ ^/sub/",
+                        &format!("        listen 127.0.0.1:{} reuseport;\n\n        location ~ ^/sub/", p.port()),
+                    );
                 }
                 let conf = template
                     .replace("@PORT@", &front.port().to_string())
@@ -246,13 +267,19 @@ impl Target {
         Ok(Target { kind, front, back, api, password, pid: Some(child.id()), tls, child: Some(child), _dir: dir })
     }
 
-    /// Opens a WebSocket subscribed to `channel` (waits for comet's serverInfo).
+    /// Opens a WebSocket subscribed to `channel` (waits for comet's
+    /// serverInfo). For wss the client keeps only the socket: an idle
+    /// subscriber never reads, and the server's state is what is measured.
     pub fn subscribe(&self, source: u8, channel: &str, uuid: &str) -> std::io::Result<TcpStream> {
+        self.subscribe_reader(source, channel, uuid).map(|s| s.sock)
+    }
+
+    /// [`Target::subscribe`] for a subscriber that will be read: wss keeps
+    /// its TLS state.
+    pub fn subscribe_reader(&self, source: u8, channel: &str, uuid: &str) -> std::io::Result<Sub> {
         let mut s = wire::connect_from(&self.front, source)?;
         if let Some(cfg) = &self.tls {
-            // wss: the handshakes and the subscription over TLS, then the
-            // client keeps only the socket (an idle subscriber never
-            // reads; the server's state is what is measured).
+            // wss: the handshakes and the subscription over TLS.
             let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
             let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(std::io::Error::other)?;
             let mut t = rustls::StreamOwned::new(conn, s);
@@ -267,7 +294,7 @@ impl Target {
                 wire::ws_handshake(&mut t, &format!("/sub/{channel}"))?;
             }
             std::io::Write::flush(&mut t)?;
-            return Ok(t.sock);
+            return Ok(Sub { sock: t.sock, tls: Some(Box::new(t.conn)) });
         }
         match self.kind {
             Kind::Comet => {
@@ -277,7 +304,7 @@ impl Target {
             }
             Kind::Nchan | Kind::Node => wire::ws_handshake(&mut s, &format!("/sub/{channel}"))?,
         }
-        Ok(s)
+        Ok(s.into())
     }
 
     /// A publishing connection.
@@ -288,7 +315,8 @@ impl Target {
                 Ok(Publisher::Sql(wire::mysql_login(&back, &self.password)?))
             }
             Kind::Nchan | Kind::Node => {
-                let s = TcpStream::connect(self.front)?;
+                // nchan with TLS publishes on its plaintext listener.
+                let s = TcpStream::connect(self.api.unwrap_or(self.front))?;
                 s.set_nodelay(true)?;
                 s.set_read_timeout(Some(Duration::from_secs(15)))?;
                 Ok(Publisher::Http(s))
