@@ -15,6 +15,7 @@
 pub mod api;
 pub mod conn;
 pub mod core;
+pub mod delay;
 pub mod history;
 pub mod inbuf;
 pub mod io;
