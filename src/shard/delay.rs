@@ -74,7 +74,10 @@ impl WriteDelay {
     /// Connection `id`'s queue turned non-empty at `now_ms`: its window
     /// opens. Called once per window (the queue stays non-empty until the
     /// connection is written), so a connection is held at most once at a
-    /// time unless something else wrote it meanwhile.
+    /// time unless something else wrote it meanwhile (an answer to a
+    /// command takes the held frames along; the stale entry then ends in
+    /// an empty write). So a client holds at most one entry per write it
+    /// caused within a window, which `--client-rate` bounds.
     pub fn hold(&mut self, id: ConnId, now_ms: u64) {
         let at = self.deadline(id, now_ms);
         let slice = &mut self.slices[Self::slice_of(id)];
