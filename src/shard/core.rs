@@ -185,11 +185,11 @@ pub struct ShardCore {
     /// Connections with queued output not yet tried this round.
     pub dirty: Vec<ConnId>,
     /// With `--write-delay`: connections that channel messages made dirty,
-    /// written when the shard's window ends (the I/O layer's one timer),
-    /// together with whatever else they were queued by then. A connection
-    /// is listed when its queue turns non-empty, so at most once until it
-    /// is written.
-    pub delayed: Vec<ConnId>,
+    /// each written when its own window ends (the I/O layer sleeps until
+    /// the next deadline), together with whatever else it was queued by
+    /// then. A connection is held when its queue turns non-empty, so at
+    /// most once until it is written.
+    pub delayed: super::delay::WriteDelay,
     /// Effects for the I/O layer, in order.
     pub effects: Vec<Effect>,
     /// Deliveries made since the I/O layer last reset it: the measure of a
@@ -261,6 +261,7 @@ impl ShardCore {
         let metrics = shared.registry.shards[id].clone();
         outbox.set_limit(shared.config.mail_limit);
         let channel_rates = super::limits::ChannelRates::new(shared.config.channel_rate, shards, 0);
+        let delayed = super::delay::WriteDelay::new(shared.config.write_delay_ms);
         ShardCore {
             id,
             shards,
@@ -274,7 +275,7 @@ impl ShardCore {
             pending: AHashMap::default(),
             next_req: 0,
             dirty: Vec::new(),
-            delayed: Vec::new(),
+            delayed,
             effects: Vec::new(),
             work: 0,
             unpaused: false,
@@ -558,7 +559,8 @@ impl ShardCore {
         let Some(channel) = self.channels[ch as usize].as_ref() else {
             return 0;
         };
-        let delay = self.shared.config.write_delay_ms > 0;
+        let delay = self.delayed.is_on();
+        let now_ms = self.now_ms;
         let exclude = p.exclude.filter(|(s, _)| *s == self.id).map(|(_, c)| c);
         let limit = self.shared.config.outbound_limit;
         let mut delivered = 0u64;
@@ -591,7 +593,7 @@ impl ShardCore {
                 saved += (plain.len() - frame.len()) as u64;
             }
             if conn.push_out(frame.clone()) {
-                if delay { self.delayed.push(id) } else { self.dirty.push(id) }
+                if delay { self.delayed.hold(id, now_ms) } else { self.dirty.push(id) }
             }
             delivered += 1;
         }

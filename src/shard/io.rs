@@ -100,9 +100,9 @@ pub struct Shard {
     listeners: Vec<Arc<Socket>>,
     /// Origin of the core's monotonic clock.
     started: Instant,
-    /// A `--write-delay` window is open: its timer task will write the
-    /// core's delayed connections.
-    delay_armed: bool,
+    /// The `--write-delay` deadline a timer task sleeps until, to write
+    /// the held connections whose windows ended by then.
+    delay_armed: Option<u64>,
     /// TLS state by connection slot, beside `socks`; grown only when a TLS
     /// connection comes, so a plaintext-only comet pays nothing.
     tls: Vec<Option<Box<TlsConn>>>,
@@ -147,7 +147,7 @@ pub fn install(core: ShardCore, listeners: Vec<Arc<Socket>>) {
         scratch: vec![0; 64 * 1024],
         listeners,
         started: Instant::now(),
-        delay_armed: false,
+        delay_armed: None,
         tls: Vec::new(),
         plain: Vec::new(),
         handshakes: Default::default(),
@@ -270,27 +270,33 @@ impl Shard {
                 w.wake();
             }
         }
-        // The first delayed connection opens the shard's window: one timer
-        // for all of them, not one per connection.
-        if !self.core.delayed.is_empty() && !self.delay_armed {
-            self.delay_armed = true;
-            let delay = Duration::from_millis(self.core.shared.config.write_delay_ms);
+        // One timer at a time, for the earliest end of window of the held
+        // connections (at most one per slice per window, see
+        // `shard::delay`); a window that ends before the one waited for
+        // gets a timer of its own.
+        if let Some(at) = self.core.delayed.next_deadline()
+            && self.delay_armed.is_none_or(|armed| at < armed)
+        {
+            self.delay_armed = Some(at);
+            let when = self.started + Duration::from_millis(at);
             compio::runtime::spawn(async move {
-                compio::time::sleep(delay).await;
-                with_shard(|s| s.end_delay_window());
+                compio::time::sleep_until(when).await;
+                with_shard(|s| s.end_delay_windows(at));
             })
             .detach();
         }
     }
 
-    /// The `--write-delay` window is over: its connections join the dirty
-    /// list, which `settle` writes (each queue in one vectored write).
-    fn end_delay_window(&mut self) {
-        self.delay_armed = false;
-        let mut delayed = std::mem::take(&mut self.core.delayed);
-        self.core.dirty.append(&mut delayed);
-        // Keep the list's capacity for the next window.
-        self.core.delayed = delayed;
+    /// The `--write-delay` deadline `at` has come: the held connections
+    /// whose windows ended join the dirty list, which `settle` writes (each
+    /// queue in one vectored write), then arms the next deadline.
+    fn end_delay_windows(&mut self, at: u64) {
+        if self.delay_armed == Some(at) {
+            self.delay_armed = None;
+        }
+        self.clock();
+        let now = self.core.now_ms.max(at);
+        self.core.delayed.take_due(now, &mut self.core.dirty);
     }
 
     fn apply(&mut self, e: Effect) {

@@ -16,6 +16,7 @@ pub mod api;
 mod cluster;
 pub mod conn;
 pub mod core;
+pub mod delay;
 pub mod history;
 pub mod inbuf;
 pub mod io;

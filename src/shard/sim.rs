@@ -259,16 +259,19 @@ impl Sim {
     pub fn advance(&mut self, ms: u64) {
         let end = self.now_ms + ms;
         while self.now_ms < end {
-            let step = (1000 - self.now_ms % 1000).min(end - self.now_ms);
+            // Stop at every `--write-delay` deadline on the way, as the I/O
+            // layer's timer does.
+            let next_window_end = self.cores.iter().filter_map(|c| c.delayed.next_deadline()).min();
+            let step = (1000 - self.now_ms % 1000)
+                .min(end - self.now_ms)
+                .min(next_window_end.map_or(u64::MAX, |at| at.saturating_sub(self.now_ms).max(1)));
             self.now_ms += step;
             for core in &mut self.cores {
                 core.set_clock(self.now_ms, UNIX_START + (self.now_ms / 1000) as i64);
                 if self.now_ms.is_multiple_of(1000) {
                     core.tick();
                 }
-                // Any time passing ends a `--write-delay` window.
-                let mut delayed = std::mem::take(&mut core.delayed);
-                core.dirty.append(&mut delayed);
+                core.delayed.take_due(self.now_ms, &mut core.dirty);
             }
             self.settle();
         }
@@ -857,7 +860,8 @@ mod tests {
         assert_eq!(sim.messages(publisher).len(), 3);
         assert!(sim.messages(subs[0]).is_empty(), "held for the window");
         assert_eq!(sim.cores[0].delayed.len(), 3, "each subscriber listed once");
-        sim.advance(20);
+        // The window, and the spread after it (see `shard::delay`).
+        sim.advance(30);
         for (c, before) in subs.iter().zip(before) {
             let got: Vec<String> =
                 sim.messages(*c).iter().map(|m| m["data"].as_str().unwrap_or_default().to_string()).collect();
@@ -874,6 +878,48 @@ mod tests {
         }
         sim.settle();
         assert_eq!(sim.writes[&c.peer], before + 3);
+    }
+
+    #[test]
+    fn with_a_write_delay_the_windows_of_a_hot_channel_end_spread_over_half_a_window_after_it() {
+        let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 20, ..config() });
+        let subs: Vec<Client> = (0..16).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_hot")).collect();
+        let publisher = sim.websocket(0, &anon("pub"));
+        sim.messages(publisher);
+        let before: Vec<usize> = subs.iter().map(|c| sim.writes.get(&c.peer).copied().unwrap_or(0)).collect();
+        let start = sim.now_ms;
+        sim.send_text(publisher, "web_pipe2\nweb_hot\ne\n*\nfirst");
+        sim.settle();
+        sim.advance(5);
+        sim.send_text(publisher, "web_pipe2\nweb_hot\ne\n*\nsecond");
+        sim.settle();
+        // Millisecond by millisecond: when each subscriber got its messages.
+        let mut got_at: HashMap<SocketAddr, u64> = HashMap::new();
+        while sim.now_ms < start + 30 {
+            sim.advance(1);
+            for (c, before) in subs.iter().zip(&before) {
+                let got: Vec<String> =
+                    sim.messages(*c).iter().map(|m| m["data"].as_str().unwrap_or_default().to_string()).collect();
+                if got.is_empty() {
+                    continue;
+                }
+                assert_eq!(got, ["first", "second"], "a window's messages together");
+                assert_eq!(sim.writes[&c.peer], before + 1, "in one write");
+                assert!(got_at.insert(c.peer, sim.now_ms - start).is_none());
+            }
+        }
+        assert_eq!(got_at.len(), subs.len(), "every window ended within the delay and the spread: {got_at:?}");
+        for c in &subs {
+            let (_, id) = sim.home(*c).expect("connected");
+            let waited = got_at[&c.peer];
+            assert_eq!(waited, sim.cores[0].delayed.deadline(id, start) - start, "its own deadline");
+            assert!((20..=30).contains(&waited), "not shorter than the window nor longer by more than half: {waited}");
+        }
+        let mut ends: Vec<u64> = got_at.values().copied().collect();
+        ends.sort_unstable();
+        ends.dedup();
+        assert_eq!(ends.len(), super::super::delay::SLICES, "one end of window per slice, not one burst: {ends:?}");
+        assert!(sim.cores[0].delayed.is_empty());
     }
 
     #[test]
