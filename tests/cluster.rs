@@ -117,6 +117,15 @@ impl Redis {
     }
 }
 
+/// `n` nodes on `redis`, each connected to it.
+fn nodes_up(redis: &Redis, n: usize) -> Vec<Server> {
+    let nodes: Vec<Server> = (0..n).map(|_| node(redis)).collect();
+    for s in &nodes {
+        assert!(eventually(10, || s.plain_metric("comet_redis_up") == 1));
+    }
+    nodes
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
@@ -555,10 +564,7 @@ fn unix_now() -> i64 {
 fn keys_user_data_revoked_tokens_users_time_and_settings_written_on_one_node_hold_on_every_node() {
     use comet::users::jwt;
     let redis = Redis::start();
-    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
-    for n in &nodes {
-        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
-    }
+    let nodes = nodes_up(&redis, 3);
     let mut a = db(&nodes[0]);
     a.query_drop("INSERT INTO users_auth (id, hash) VALUES (21, 'k21')").unwrap();
     // The OK came once Redis had it.
@@ -642,10 +648,7 @@ fn keys_user_data_revoked_tokens_users_time_and_settings_written_on_one_node_hol
 #[test]
 fn history_written_through_any_node_is_read_on_every_node_in_order() {
     let redis = Redis::start();
-    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
-    for n in &nodes {
-        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
-    }
+    let nodes = nodes_up(&redis, 3);
     db(&nodes[0]).query_drop("INSERT INTO pipes_settings (name, length) VALUES ('web_hist', 3)").unwrap();
     let sql = "SELECT message FROM pipes_messages WHERE name = 'web_hist'";
     let mut want: Vec<String> = Vec::new();
@@ -785,10 +788,7 @@ fn a_redis_restarted_empty_is_reseeded_from_the_nodes_and_writes_while_it_is_dow
 #[test]
 fn users_messages_shows_and_deletes_the_offline_queue_in_redis_from_any_node() {
     let mut redis = Redis::start();
-    let nodes: Vec<Server> = (0..2).map(|_| node(&redis)).collect();
-    for n in &nodes {
-        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
-    }
+    let nodes = nodes_up(&redis, 2);
     let (mut d0, mut d1) = (db(&nodes[0]), db(&nodes[1]));
     send_private(&mut d0, 51, "first");
     send_private(&mut d1, 51, "second");
@@ -817,10 +817,7 @@ fn users_messages_shows_and_deletes_the_offline_queue_in_redis_from_any_node() {
 #[test]
 fn a_node_that_reconnects_replaces_its_copy_of_the_state_with_redis() {
     let redis = Redis::start();
-    let nodes: Vec<Server> = (0..2).map(|_| node(&redis)).collect();
-    for n in &nodes {
-        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
-    }
+    let nodes = nodes_up(&redis, 2);
     let mut d = db(&nodes[0]);
     d.query_drop("INSERT INTO users_auth (id, hash) VALUES (61, 'k61'), (62, 'k62')").unwrap();
     assert!(eventually(5, || authorizes(&nodes[1], 61, "k61")));
@@ -904,10 +901,7 @@ fn on_pipe(c: &mut Client, pipe: &str) -> serde_json::Value {
 #[test]
 fn counts_rows_and_presence_are_cluster_wide() {
     let redis = Redis::start();
-    let nodes: Vec<Server> = (0..3).map(|_| node(&redis)).collect();
-    for n in &nodes {
-        assert!(eventually(10, || n.plain_metric("comet_redis_up") == 1));
-    }
+    let nodes = nodes_up(&redis, 3);
     // Two subscribers on node 0, one on node 1, none on node 2.
     let mut subs: Vec<Client> = [0, 0, 1].iter().enumerate().map(|(i, &n)| nodes[n].client(&format!("c{i}"))).collect();
     for c in &mut subs {
@@ -1112,10 +1106,15 @@ fn subscription_churn_past_the_mail_limit_while_redis_stalls_is_dropped_and_writ
     let set = |name: &str| -> Vec<String> { (0..32).map(|j| format!("web_{name}{j}_{}", "p".repeat(50))).collect() };
     let (x, y) = (set("x"), set("y"));
     let mut churners: Vec<Client> = (0..10).map(|i| a.client(&format!("churn{i}"))).collect();
-    // Redis stalls 1.5 s (under the 2 s command timeout) while ten clients
+    // Redis stalls 1.8 s (under the 2 s command timeout) while ten clients
     // swap 32 long channel names 20 times each: 12,800 changes of about
-    // 140 bytes wait for Redis, past --mail-limit (1 MiB).
-    let sleeper = redis.stall("1.5");
+    // 140 bytes wait for Redis, past --mail-limit (1 MiB). The churn starts
+    // 100 ms after the stall is asked for, without probing Redis first.
+    let port = redis.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "1.8"]).output().unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
     for round in 0..20 {
         let names = if round % 2 == 0 { &x } else { &y };
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
