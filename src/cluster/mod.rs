@@ -566,14 +566,15 @@ impl Bridge {
                 .unwrap_or_default()
         };
         let channel = user_channel(dev_id, user_id);
-        match queue {
+        // `--offline-queue-size 0` queues nothing, as on a single node.
+        match queue.filter(|q| q.0 > 0) {
             None => self.send(Out::Publish { channel, payload: wire(None) }),
             Some((cap, ttl, now)) => self.send(Out::PrivateOrQueue {
                 channel,
                 queue: queue_key(dev_id, user_id),
                 payload: wire(None),
                 entry: wire(Some(now)),
-                cap: cap.max(1),
+                cap,
                 ttl: ttl.max(1),
             }),
         }

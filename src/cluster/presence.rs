@@ -192,7 +192,7 @@ impl Remote {
         }
         let m = self.totals.entry(key.0).or_default();
         let t = m.entry(key.1.clone()).or_insert(0);
-        *t = (*t + new).saturating_sub(old);
+        *t = t.saturating_add(new).saturating_sub(old);
         if *t == 0 {
             m.remove(&key.1);
             if m.is_empty() {

@@ -169,6 +169,16 @@ impl HistoryStore {
         }
     }
 
+    /// Trims a channel to its length after another node's append, not
+    /// journaled: that node's trim travels as its own change, but Redis
+    /// may drop a pub/sub message, and the copy must not grow past the
+    /// channel's length for it.
+    pub fn cap_remote(&mut self, dev: u32, channel: &Arc<str>) {
+        let Some(s) = self.channels.get_mut(&dev).and_then(|m| m.get_mut(channel)) else { return };
+        let limit = Self::limit(channel, Some(s)) as usize;
+        trim(s, limit, dev, channel, &mut None);
+    }
+
     fn limit(name: &str, s: Option<&Stored>) -> u32 {
         match s.and_then(|s| s.setting) {
             Some(n) => n,

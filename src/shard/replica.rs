@@ -62,9 +62,12 @@ impl ShardCore {
                     self.deauthorize(&devices, "token revoked by the backend");
                 }
             }
-            Change::HistoryPut { .. } | Change::HistoryDel { .. } | Change::Setting { .. } => {
-                self.history.apply_remote(c)
+            Change::HistoryPut { dev, ref channel, .. } => {
+                let channel = channel.clone();
+                self.history.apply_remote(c);
+                self.history.cap_remote(dev, &channel);
             }
+            Change::HistoryDel { .. } | Change::Setting { .. } => self.history.apply_remote(c),
             c => self.users.apply_remote(c),
         }
     }
@@ -130,7 +133,7 @@ impl ShardCore {
             Ok(queues) => {
                 let live: Vec<_> = queues
                     .into_iter()
-                    .map(|(u, q)| (u, q.into_iter().filter(|m| m.time + ttl > now).collect::<Vec<_>>()))
+                    .map(|(u, q)| (u, q.into_iter().filter(|m| m.time.saturating_add(ttl) > now).collect::<Vec<_>>()))
                     .filter(|(_, q)| !q.is_empty())
                     .collect();
                 p.records.append(Records::Queues(live));

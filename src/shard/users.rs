@@ -213,8 +213,27 @@ impl ShardCore {
     pub fn deliver_private_from_cluster(&mut self, dev_id: u32, user_id: u64, msgs: Vec<crate::cluster::PrivateMsg>) {
         let devices = self.users.devices(dev_id, user_id);
         let ttl = self.queue_ttl();
+        if devices.is_empty() {
+            // The user's last device here closed while the queue taken
+            // from Redis for it was on its way: this node took it alone, so
+            // it goes back through Redis, which queues it again while no
+            // node holds a device (after this node's detach, which the
+            // publisher sends first) or sends it to one that does. (A live
+            // message also went to the user's other nodes: resending it
+            // would deliver it twice there.)
+            if let Some(c) = &self.cluster {
+                let cfg = &self.shared.config;
+                for m in &msgs {
+                    if let Some(at) = m.queued_at.filter(|t| t.saturating_add(ttl) >= self.unix) {
+                        let queue = (cfg.offline_queue_size, cfg.offline_queue_ttl.as_secs(), at);
+                        c.send_private(dev_id, user_id, &m.event, &m.text, Some(queue));
+                    }
+                }
+            }
+            return;
+        }
         for m in msgs {
-            if m.queued_at.is_some_and(|t| t + ttl < self.unix) {
+            if m.queued_at.is_some_and(|t| t.saturating_add(ttl) < self.unix) {
                 continue;
             }
             let msg = private_message(&m.event, &m.text, m.queued_at);
