@@ -416,4 +416,20 @@ mod cluster_tests {
         replica.apply_remote(Change::HistoryDel { dev: 0, channel: "web_h".into(), id: want[0] });
         assert_eq!(replica.entries(0, "web_h").len(), 3);
     }
+
+    #[test]
+    fn a_copy_whose_deletes_were_lost_is_capped_at_the_channel_length() {
+        let mut replica = HistoryStore { journal: Some(Vec::new()), ..Default::default() };
+        replica.set_length(0, "web_c", 2);
+        let _ = replica.take_changes();
+        let channel: Arc<str> = "web_c".into();
+        for id in 1..=5u64 {
+            let entry = Entry { id, ..e(1, "m") };
+            replica.apply_remote(Change::HistoryPut { dev: 0, channel: channel.clone(), entry: (&entry).into() });
+            replica.cap_remote(0, &channel);
+        }
+        let ids: Vec<u64> = replica.entries(0, "web_c").iter().map(|x| x.id).collect();
+        assert_eq!(ids, [4, 5], "the newest, up to the length");
+        assert!(replica.take_changes().is_empty(), "another node's entries are not journaled here");
+    }
 }
