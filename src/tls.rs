@@ -469,6 +469,19 @@ mod tests {
         TlsFiles { cert: d.join("chain.pem"), key: d.join("key.pem"), record_keys: RecordKeys::Compact }
     }
 
+    /// A server config over a fresh EC certificate valid two days, and the
+    /// roots a client needs to trust it (the files are removed).
+    fn served_ec(name: &str) -> (Arc<ServerConfig>, rustls::RootCertStore) {
+        let d = temp(name);
+        make_certs(&d, "ec", 2);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let cfg = load(&files(&d), now).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(d.join("ca.pem")).unwrap()).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+        (cfg, roots)
+    }
+
     fn client(d: &Path) -> rustls::ClientConnection {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(d.join("ca.pem")).unwrap() {
@@ -559,13 +572,7 @@ mod tests {
     /// refused, not delivered.
     #[test]
     fn every_suite_round_trips_with_compact_keys() {
-        let d = temp("suites");
-        make_certs(&d, "ec", 2);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-        let cfg = load(&files(&d), now).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_file(d.join("ca.pem")).unwrap()).unwrap();
-        let _ = std::fs::remove_dir_all(&d);
+        let (cfg, roots) = served_ec("suites");
         let ring = rustls::crypto::ring::default_provider();
         let ecdsa = ring.cipher_suites.iter().filter(|s| !format!("{:?}", s.suite()).contains("_RSA_"));
         let mut served = Vec::new();
@@ -628,11 +635,7 @@ mod tests {
     /// record and handshake message sizes, whatever is sent.
     #[test]
     fn garbage_is_an_error_and_pending_input_stays_bounded() {
-        let d = temp("garbage");
-        make_certs(&d, "ec", 2);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-        let cfg = load(&files(&d), now).unwrap();
-        let _ = std::fs::remove_dir_all(&d);
+        let (cfg, _) = served_ec("garbage");
         let mut plain = Vec::new();
         let mut s = TlsConn::new(cfg.clone()).unwrap();
         assert!(s.receive(&mut [0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5], &mut plain).is_err());
@@ -666,13 +669,7 @@ mod tests {
     /// an alert, not a bare close.
     #[test]
     fn a_failed_handshake_sends_the_alert() {
-        let d = temp("alert");
-        make_certs(&d, "ec", 2);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-        let cfg = load(&files(&d), now).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_file(d.join("ca.pem")).unwrap()).unwrap();
-        let _ = std::fs::remove_dir_all(&d);
+        let (cfg, roots) = served_ec("alert");
         let mut cc = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .unwrap()

@@ -427,27 +427,6 @@ mod tests {
 
     /// An engine that panics on its second write: the storage thread dies
     /// with a batch taken and others still in the lane.
-    struct Panicky {
-        writes: usize,
-    }
-
-    impl Backend for Panicky {
-        fn apply(&mut self, _: &[Change]) -> Result<(), StoreError> {
-            self.writes += 1;
-            assert!(self.writes < 2, "engine gave up");
-            Ok(())
-        }
-        fn sync(&mut self) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn load(&mut self, _: &mut dyn FnMut(Change)) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn disk_size(&self) -> u64 {
-            0
-        }
-    }
-
     fn change(uid: u64) -> Vec<Change> {
         vec![Change::Key { dev: 0, uid, key: Some("k".into()) }]
     }
@@ -464,12 +443,25 @@ mod tests {
         got
     }
 
-    /// An engine that counts what it is given.
-    struct Counting(Arc<AtomicUsize>);
+    /// An engine that counts the changes it is given, and panics (an
+    /// engine that gives up) on apply number `panics_at`.
+    struct Counting {
+        changes: Arc<AtomicUsize>,
+        applies: usize,
+        panics_at: usize,
+    }
+
+    impl Counting {
+        fn new(changes: &Arc<AtomicUsize>) -> Box<Counting> {
+            Box::new(Counting { changes: changes.clone(), applies: 0, panics_at: usize::MAX })
+        }
+    }
 
     impl Backend for Counting {
         fn apply(&mut self, c: &[Change]) -> Result<(), StoreError> {
-            self.0.fetch_add(c.len(), Ordering::SeqCst);
+            self.applies += 1;
+            assert!(self.applies < self.panics_at, "engine gave up");
+            self.changes.fetch_add(c.len(), Ordering::SeqCst);
             Ok(())
         }
         fn sync(&mut self) -> Result<(), StoreError> {
@@ -493,7 +485,7 @@ mod tests {
         let mut a = StoreHandle::new(&hub, 0, 1 << 20);
         let mut b = StoreHandle::new(&hub, 1, 1 << 20);
         let written = Arc::new(AtomicUsize::new(0));
-        let t = spawn(hub.clone(), Box::new(Counting(written.clone()))).unwrap();
+        let t = spawn(hub.clone(), Counting::new(&written)).unwrap();
         let started = Instant::now();
         for uid in 0..50 {
             let seq = a.send(change(uid));
@@ -521,7 +513,7 @@ mod tests {
         let bell = Arc::new(Doorbell::default());
         let hub = Hub::new(std::slice::from_ref(&bell), Durability::Sync);
         let mut h = StoreHandle::new(&hub, 0, 1 << 20);
-        let t = spawn(hub.clone(), Box::new(Panicky { writes: 0 })).unwrap();
+        let t = spawn(hub.clone(), Box::new(Counting { panics_at: 2, ..*Counting::new(&Arc::default()) })).unwrap();
         let first = h.send(change(1));
         let done = wait_done(&h, first);
         assert!(done.iter().all(|d| d.error.is_none()), "{done:?}");
