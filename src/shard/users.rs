@@ -237,10 +237,16 @@ impl ShardCore {
                 continue;
             }
             let msg = private_message(&m.event, &m.text, m.queued_at);
+            // Encoded once per message (and once more only if a legacy
+            // device is among the user's), not once per device.
+            let mut frames: [Option<Arc<[u8]>>; 2] = [None, None];
             for &d in &devices {
                 let legacy = self.conns.get(d).is_some_and(|c| c.legacy);
-                let delivery = Delivery { legacy, history_marker: None, from_queue: m.queued_at.is_some() };
-                let f = encode_text_frame(|o| msg.encode(delivery, o));
+                let f = frames[legacy as usize].get_or_insert_with(|| {
+                    let delivery = Delivery { legacy, history_marker: None, from_queue: m.queued_at.is_some() };
+                    encode_text_frame(|o| msg.encode(delivery, o))
+                });
+                let f = f.clone();
                 self.send_frame(d, f);
             }
         }
