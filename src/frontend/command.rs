@@ -5,7 +5,7 @@
 //! [`Command::Unknown`] or a named problem the connection reports as an
 //! `error` frame.
 
-use super::is_name_char;
+use super::channel_names;
 
 /// One parsed client command; channel names are still wire names (`pipe`).
 #[derive(Debug, PartialEq, Eq)]
@@ -38,9 +38,7 @@ pub fn parse(text: &str) -> Command<'_> {
     let mut args = rest.split('\n');
     let mut next = || args.next().unwrap_or("").trim_end_matches('\r');
     match word {
-        "subscription" => Command::Subscribe(
-            rest.split(|c: char| !c.is_ascii() || !is_name_char(c as u8)).filter(|s| !s.is_empty()).collect(),
-        ),
+        "subscription" => Command::Subscribe(channel_names(rest).collect()),
         "web_pipe2" => {
             let mut parts = rest.splitn(4, '\n');
             let pipe = parts.next().unwrap_or("");

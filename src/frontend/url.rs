@@ -3,6 +3,11 @@
 //! CppComet read them by position; comet reads them by name, from either the
 //! path form `/ws/sesion=..&myid=..` or a query string `/ws?sesion=..`, under
 //! the `/ws` and `/comet-server/ws` prefixes with one or two leading slashes.
+//!
+//! `subscription` is comet's own: the channels to join with the upgrade
+//! (`subscription=news,web_chat`), so that a client needs no `subscription`
+//! command after `serverInfo` and the server no second wake-up for it.
+//! CppComet clients never send it.
 
 /// What the client said about itself when it connected.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -17,6 +22,10 @@ pub struct ConnectParams {
     pub api_major: Option<u32>,
     /// `uuid`: up to 32 characters of `[A-Za-z0-9_-]`, else empty.
     pub uuid: String,
+    /// `subscription`: the channels to join at once, as the `subscription`
+    /// command lists them (split by [`super::channel_names`]); empty when
+    /// absent. Bounded by the request head (`ws::handshake::MAX_HEAD`).
+    pub subscription: String,
 }
 
 /// The path prefixes under which the WebSocket endpoint lives.
@@ -74,6 +83,7 @@ pub fn parse_params(params: &str) -> ConnectParams {
             {
                 p.uuid = value;
             }
+            "subscription" => p.subscription = value,
             _ => {}
         }
     }
@@ -96,7 +106,14 @@ mod tests {
             let p = parse_params(ws_params(path).expect(path));
             assert_eq!(
                 p,
-                ConnectParams { key: "k".into(), user_id: 1, dev_id: 0, api_major: Some(4), uuid: "abc".into() },
+                ConnectParams {
+                    key: "k".into(),
+                    user_id: 1,
+                    dev_id: 0,
+                    api_major: Some(4),
+                    uuid: "abc".into(),
+                    subscription: String::new()
+                },
                 "{path}"
             );
         }
@@ -124,5 +141,32 @@ mod tests {
     fn percent_escapes_are_decoded() {
         assert_eq!(parse_params("sesion=a%2Bb%3D").key, "a+b=");
         assert_eq!(parse_params("sesion=50%").key, "50%");
+    }
+
+    #[test]
+    fn subscription_in_the_path_and_in_the_query() {
+        for path in [
+            "/ws/sesion=&myid=&devid=0&v=4.08&uuid=u1&api=js&subscription=news,web_chat",
+            "/ws?subscription=news%2Cweb_chat&v=4.08",
+            "//comet-server/ws/subscription=news%0Aweb_chat&v=4",
+        ] {
+            let p = parse_params(ws_params(path).expect(path));
+            let names: Vec<&str> = crate::frontend::channel_names(&p.subscription).collect();
+            assert_eq!(names, ["news", "web_chat"], "{path}");
+            assert_eq!(p.api_major, Some(4), "{path}");
+        }
+        assert_eq!(parse_params("v=4.08&api=js").subscription, "");
+    }
+
+    /// The pieces come out as the `subscription` command would take them:
+    /// foreign characters split, nothing is judged here (too short, too
+    /// long, `sys`, `private_` are the shard's to refuse).
+    #[test]
+    fn subscription_names_split_like_the_command() {
+        let p = parse_params("subscription=a,,private_x;sys%20track_room.%D0%B0_b&v=4");
+        let names: Vec<&str> = crate::frontend::channel_names(&p.subscription).collect();
+        assert_eq!(names, ["a", "private_x", "sys", "track_room", "_b"]);
+        let cmd = format!("subscription\n{}", p.subscription);
+        assert_eq!(crate::frontend::command::parse(&cmd), crate::frontend::command::Command::Subscribe(names));
     }
 }

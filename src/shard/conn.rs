@@ -564,7 +564,8 @@ impl ShardCore {
         self.effects.push(Effect::HandOff { id, to, peer, head: bytes.to_vec() });
     }
 
-    /// Completes the upgrade of a comet connection: `101`, `serverInfo`.
+    /// Completes the upgrade of a comet connection: `101`, `serverInfo`,
+    /// then (authorized) the offline queue, then the URL's subscription.
     fn open_comet(&mut self, id: ConnId, req: &ws::Request, p: url::ConnectParams) {
         let now = self.unix;
         let server = concat!("comet ", env!("CARGO_PKG_VERSION"));
@@ -610,6 +611,13 @@ impl ShardCore {
                 c.user_id = p.user_id;
             }
             self.attach_device(id, p.dev_id, p.user_id);
+        }
+        // `subscription` in the URL: the command's rules, applied after the
+        // key check (so `private_` follows the connection's identity), in
+        // the same turn as the upgrade: no second wake-up for it. It is part
+        // of the upgrade, not a command, so `--client-rate` does not meter it.
+        if !p.subscription.is_empty() && self.conns.get(id).is_some_and(|c| c.phase == Phase::Comet) {
+            self.cmd_subscribe(id, crate::frontend::channel_names(&p.subscription).collect());
         }
     }
 

@@ -456,6 +456,37 @@ mod tests {
         assert_eq!(sim.cores[0].shared.conn_counts.total(), 1);
     }
 
+    /// `subscription` in the URL: the head alone (one read, no command
+    /// after `serverInfo`) makes a subscriber, here of channels on both
+    /// shards, and the names are judged as the command judges them.
+    #[test]
+    fn a_subscription_in_the_upgrade_url_subscribes_with_the_head_alone() {
+        let mut sim = Sim::new(2, config());
+        let c = sim.connect_from(0, "10.0.0.7", false).expect("admitted");
+        let head = b"GET /ws/sesion=&myid=&devid=0&v=4.08&uuid=u7&api=js&subscription=web_a,news,x,private_p,sys \
+HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        assert_eq!(sim.send(c, head), Flow::Continue);
+        let (_, id) = sim.home(c).expect("on shard 0");
+        assert_eq!(sim.cores[0].conns.get(id).map(|k| k.subs.len()), Some(2), "web_a and news");
+        sim.settle();
+        let out = sim.take(c);
+        let end = out.windows(4).position(|w| w == b"\r\n\r\n").expect("101 head") + 4;
+        assert!(out.starts_with(b"HTTP/1.1 101"));
+        sim.received.insert(c.peer, out[end..].to_vec());
+        let m = sim.messages(c);
+        assert_eq!(m[0]["event"], "serverInfo", "{m:?}");
+        let errors: Vec<&str> = m[1..].iter().filter_map(|e| e["data"]["error"].as_str()).collect();
+        assert_eq!(errors.len(), 2, "x (too short) and sys (server replies), not private_p: {m:?}");
+        assert!(errors[0].contains("'x'") && errors[1].contains("sys"), "{errors:?}");
+        let publisher = sim.websocket(1, &anon("pub"));
+        sim.messages(publisher);
+        sim.send_text(publisher, "web_pipe2\nweb_a\nev\n*\nhello");
+        sim.settle();
+        let got = sim.messages(c);
+        assert_eq!((got.len(), &got[0]["data"]), (1, &serde_json::json!("hello")), "{got:?}");
+    }
+
     #[test]
     fn presence_is_announced_across_shards_and_not_to_the_one_who_joined() {
         let mut sim = Sim::new(2, config());
