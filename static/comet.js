@@ -17,6 +17,10 @@
   // Longest Retry-After honoured, and the wait after a 4029 (rate limit).
   var RETRY_AFTER_CAP_MS = 300000;
   var RATE_CLOSE_WAIT_MS = 10000;
+  // Longest channel list (encoded) put in the connection URL: beyond it the
+  // list goes in a `subscription` message after serverInfo, as before, so
+  // URLs stay well within what proxies in front of the server accept.
+  var URL_CHANNELS_MAX = 1024;
 
   // The host that served this script is the default node, not a SaaS host.
   var scriptHost = (function () {
@@ -94,6 +98,7 @@
     this.lockRelease = null;
     this.peerChannels = {};  // follower tab -> [channels] (leader only)
     this.uuid = null;
+    this.urlChannels = null; // the channel list the current socket's URL carried
     var self = this;
     this.onOnline = function () { if (!self.stopped && !self.connected && self.role !== 'follower') { self.connectNow(); } };
   }
@@ -223,6 +228,15 @@
     }
     var q = 'sesion=' + encodeURIComponent(o.user_key) + '&myid=' + encodeURIComponent(o.user_id || '') +
       '&devid=' + o.dev_id + '&v=' + API_VERSION + '&uuid=' + encodeURIComponent(this.uuid) + '&api=js';
+    // Channels already wanted join with the handshake (a comet extension):
+    // no `subscription` message after serverInfo, one round trip less.
+    var wanted = this.wantedChannels().join(',');
+    var enc = encodeURIComponent(wanted);
+    this.urlChannels = null;
+    if (wanted && enc.length <= URL_CHANNELS_MAX) {
+      q += '&subscription=' + enc;
+      this.urlChannels = wanted;
+    }
     this.node = node;
     return (o.wss ? 'wss://' : 'ws://') + node + '/ws/' + q;
   };
@@ -241,7 +255,9 @@
       opened = true;
       self.attempt = 0;
       self.setConnected(true);
-      self.sendSubscriptions();
+      // The URL carried the channels: send them only if the set changed
+      // while the socket was opening.
+      if (self.urlChannels === null || self.urlChannels !== self.wantedChannels().join(',')) { self.sendSubscriptions(); }
       var q = self.sendQueue; self.sendQueue = [];
       for (var i = 0; i < q.length; i++) { ws.send(q[i]); }
     };
@@ -328,11 +344,9 @@
     return Object.keys(set);
   };
 
-  P.sendSubscriptions = function () {
-    if (this.role === 'follower') {
-      if (this.bc) { this.bc.postMessage({ t: 'subs', tab: this.tab, channels: this.localChannels() }); }
-      return;
-    }
+  // Channels the socket must carry: this tab's and, for a leader, its
+  // followers'; sorted, so that two lists compare as text.
+  P.wantedChannels = function () {
     var set = {};
     var own = this.localChannels();
     for (var i = 0; i < own.length; i++) { set[own[i]] = true; }
@@ -340,7 +354,15 @@
       var ch = this.peerChannels[t];
       for (var j = 0; j < ch.length; j++) { set[ch[j]] = true; }
     }
-    if (this.ws && this.connected) { this.ws.send('subscription\n' + Object.keys(set).join('\n')); }
+    return Object.keys(set).sort();
+  };
+
+  P.sendSubscriptions = function () {
+    if (this.role === 'follower') {
+      if (this.bc) { this.bc.postMessage({ t: 'subs', tab: this.tab, channels: this.localChannels() }); }
+      return;
+    }
+    if (this.ws && this.connected) { this.ws.send('subscription\n' + this.wantedChannels().join('\n')); }
   };
 
   // Sends a command now, through the leader, or when connected again.

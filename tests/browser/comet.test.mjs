@@ -268,6 +268,58 @@ test('the server restarts under the page: the client reconnects, resubscribes an
   } finally { await srv.stop(); }
 });
 
+test('channels wanted before connecting go in the URL, not in a message; later changes and long lists go by message', async () => {
+  let srv = await startServer();
+  const ports = { front: srv.front, back: srv.back };
+  try {
+    const p = await page(srv);
+    await p.evaluate(() => {
+      // Every WebSocket the page opens (its URL) and every text it sends.
+      window.wsUrls = []; window.sent = [];
+      const W = window.WebSocket;
+      window.WebSocket = class extends W {
+        constructor(u, pr) { super(u, pr); window.wsUrls.push(u); }
+        send(t) { window.sent.push(t); return super.send(t); }
+      };
+      record('news_url'); record('web_url.message');
+      CometServer().start({});
+    });
+    const count = (name) => mysql(srv, `SELECT users FROM pipes WHERE name = '${name}'`).trim();
+    await until('subscribed by URL', async () => count('news_url') === '1' && count('web_url') === '1');
+    const url = await p.evaluate(() => window.wsUrls[0]);
+    assert.match(url, /&subscription=news_url%2Cweb_url$/);
+    assert.deepEqual(await p.evaluate(() => window.sent.filter((t) => t.startsWith('subscription'))), [], 'no subscription message');
+    // A change while connected is a message, as before.
+    await p.evaluate(() => record('later_chan'));
+    await until('subscribed by message', async () => count('later_chan') === '1');
+    assert.deepEqual(await p.evaluate(() => window.sent), ['subscription\nlater_chan\nnews_url\nweb_url']);
+    // A reconnect carries the whole current set in its URL.
+    await srv.stop();
+    await until('page sees the disconnect', () => p.evaluate(() => !CometServer().isConnected()));
+    srv = await startServer(ports);
+    await until('reconnected', async () => count('later_chan') === '1' && count('news_url') === '1', 20000);
+    assert.match(await p.evaluate(() => window.wsUrls[1]), /&subscription=later_chan%2Cnews_url%2Cweb_url$/);
+    assert.equal(await p.evaluate(() => window.sent.length), 1, 'still one subscription message in all');
+    mysql(srv, "INSERT INTO pipes_messages (name, event, message) VALUES ('web_url', 'message', 'via url')");
+    assert.equal((await until('message', async () => (await received(p, 'web_url.message'))[0])).data, 'via url');
+    // A list longer than the URL allows: no subscription in the URL, a message instead.
+    const q = await page(srv);
+    await q.evaluate(() => {
+      window.wsUrls = []; window.sent = [];
+      const W = window.WebSocket;
+      window.WebSocket = class extends W {
+        constructor(u, pr) { super(u, pr); window.wsUrls.push(u); }
+        send(t) { window.sent.push(t); return super.send(t); }
+      };
+      for (let i = 0; i < 30; i++) record(`long_channel_name_number_${String(i).padStart(3, '0')}_with_padding`);
+      CometServer().start({});
+    });
+    await until('long list subscribed', async () => count('long_channel_name_number_029_with_padding') === '1');
+    assert.doesNotMatch(await q.evaluate(() => window.wsUrls[0]), /subscription=/);
+    assert.equal(await q.evaluate(() => window.sent.filter((t) => t.startsWith('subscription\n')).length), 1);
+  } finally { await srv.stop(); }
+});
+
 test('an upgrade refused over --max-accept-rate: the client reads Retry-After from /info and reconnects after it, not before', async () => {
   // One new connection a second, burst one.
   const srv = await startComet({ password: PASSWORD, extraArgs: ['--node-name', 'browser-test', '--max-accept-rate', '1'] });
