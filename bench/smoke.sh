@@ -25,7 +25,9 @@ PY
 "$B" "${common[@]}" idle --conns 300 --channels 2 --procs 2 --json "$out/idle.json"
 check "$out/idle.json" 'f[0]["connections"] == 300 and f[0]["failed_connections"] == 0'
 "$B" "${common[@]}" connect --conns 300 --json "$out/connect.json"
-check "$out/connect.json" 'f[0]["connections"] == 300'
+check "$out/connect.json" 'f[0]["connections"] == 300 and f[0]["extra"]["subscribed (server count)"] == 300'
+"$B" "${common[@]}" compare connect --conns 300 --subscribe message --inflight 8 --json "$out/connect_inflight.json"
+check "$out/connect_inflight.json" 'all(x["connections"] == 300 and x["extra"]["subscribed (server count)"] == 300 for x in f if x["target"] != "node-ws")'
 "$B" "${common[@]}" --variant-arg=--tls-cert=auto idle --conns 100 --channels 1 --json "$out/idle_wss.json"
 check "$out/idle_wss.json" '[x["target"] for x in f] == ["comet", "tls-cert=auto"] and all(x["connections"] == 100 for x in f)'
 "$B" "${common[@]}" --wss compare connect --conns 100 --json "$out/connect_wss.json"

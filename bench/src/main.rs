@@ -13,6 +13,7 @@
 mod attack;
 mod cluster;
 mod cluster_state;
+mod inflight;
 mod micro;
 mod proc;
 mod report;
@@ -291,6 +292,15 @@ struct ConnectArgs {
     auth: bool,
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// comet: name the channel in the upgrade URL (`url`, the peers'
+    /// shape: one request per connection) or in a `subscription` message
+    /// after `serverInfo` (`message`, CppComet's clients: two).
+    #[arg(long, value_enum, default_value = "url")]
+    subscribe: target::Via,
+    /// Handshakes in flight per client thread, on non-blocking sockets (a
+    /// reconnect storm); 1 waits for each answer before the next connect.
+    #[arg(long, default_value_t = 1)]
+    inflight: usize,
 }
 
 /// Sizes of `storm`.
@@ -922,8 +932,12 @@ fn hold(g: &Global, conns: usize, channels: usize, offset: usize) {
 }
 
 fn connect(g: &Global, t: &Target, a: &ConnectArgs) -> Figures {
+    let shape = match (a.auth, a.subscribe) {
+        (true, _) => "authorized".to_string(),
+        (false, via) => format!("subscribe {}", if via == target::Via::Url { "url" } else { "message" }),
+    };
     let mut f = Figures {
-        scenario: if a.auth { "connect (authorized)" } else { "connect" }.into(),
+        scenario: format!("connect ({shape}, inflight {})", a.inflight.max(1)),
         target: t.kind.name().into(),
         ..Figures::default()
     };
@@ -933,42 +947,70 @@ fn connect(g: &Global, t: &Target, a: &ConnectArgs) -> Figures {
         }
         set_user_keys(t, a.conns);
     }
+    if a.inflight > 1 && (a.auth || t.tls.is_some()) {
+        die("connect --inflight > 1: anonymous plaintext subscribers only (not --auth, not --wss)");
+    }
+    // Every thread holds its sockets until all have connected and the
+    // server's CPU has been read: the figure is the handshakes alone, not
+    // the closes. Then the server is asked how many it counts subscribed.
+    let threads = a.threads.max(1);
+    let (connected, counted) = (std::sync::Barrier::new(threads + 1), std::sync::Barrier::new(threads + 1));
+    let (connected, counted) = (&connected, &counted);
     let cpu0 = t.cpu();
     let t0 = Instant::now();
-    let per = a.conns.div_ceil(a.threads.max(1));
+    let per = a.conns.div_ceil(threads);
+    let mut cpu1 = None;
+    let mut subscribed = None;
     let results: Vec<(u64, u64)> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..a.threads.max(1))
+        let hs: Vec<_> = (0..threads)
             .map(|th| {
                 sc.spawn(move || {
-                    let (mut ok, mut bad) = (0u64, 0u64);
-                    let mut keep = Vec::with_capacity(per);
-                    for i in th * per..((th + 1) * per).min(a.conns) {
-                        let r = if a.auth {
-                            open_user(g, t, i % a.conns + 1, source(g, i))
-                        } else {
-                            t.subscribe(source(g, i), "bench_connect", &format!("c{i}"))
-                        };
-                        match r {
-                            Ok(s) => {
-                                ok += 1;
-                                keep.push(s);
+                    let range = (th * per).min(a.conns)..((th + 1) * per).min(a.conns);
+                    let (keep, bad) = if a.inflight > 1 {
+                        inflight::open_range(t, range, a.inflight, a.subscribe, "bench_connect", |i| source(g, i))
+                    } else {
+                        let (mut keep, mut bad) = (Vec::with_capacity(per), 0u64);
+                        for i in range {
+                            let r = if a.auth {
+                                open_user(g, t, i % a.conns + 1, source(g, i))
+                            } else {
+                                t.subscribe_via(source(g, i), "bench_connect", &format!("c{i}"), a.subscribe)
+                                    .map(|s| s.sock)
+                            };
+                            match r {
+                                Ok(s) => keep.push(s),
+                                Err(_) => bad += 1,
                             }
-                            Err(_) => bad += 1,
                         }
-                    }
-                    (ok, bad)
+                        (keep, bad)
+                    };
+                    connected.wait();
+                    counted.wait();
+                    (keep.len() as u64, bad)
                 })
             })
             .collect();
+        connected.wait();
+        f.seconds = t0.elapsed().as_secs_f64();
+        cpu1 = t.cpu();
+        if !a.auth {
+            // One publish: comet answers the connections written, the
+            // peers their subscriber count.
+            std::thread::sleep(Duration::from_millis(200));
+            subscribed = t.publisher().and_then(|mut p| p.publish("bench_connect", "count")).ok();
+        }
+        counted.wait();
         hs.into_iter().map(|h| h.join().expect("connect thread")).collect()
     });
-    f.seconds = t0.elapsed().as_secs_f64();
     f.connections = results.iter().map(|r| r.0).sum();
     f.failed_connections = results.iter().map(|r| r.1).sum();
     f.handshakes_per_sec = f.connections as f64 / f.seconds;
-    if let (Some(a0), Some(a1)) = (cpu0, t.cpu()) {
+    if let (Some(a0), Some(a1)) = (cpu0, cpu1) {
         f.server_cpu_s = a1 - a0;
         f.extra.insert("server CPU µs per handshake".into(), (a1 - a0) * 1e6 / f.connections.max(1) as f64);
+    }
+    if let Some(n) = subscribed {
+        f.extra.insert("subscribed (server count)".into(), n as f64);
     }
     f
 }

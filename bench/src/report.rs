@@ -200,6 +200,12 @@ pub fn print_ratios(all: &[&Figures]) {
                 peer.deliveries_per_sec.max(peer.handshakes_per_sec)
             ),
         );
+        // Handshakes: comet's handshakes per server CPU-second over the
+        // peer's (above 1 is better for comet), the figure issue 14 sets.
+        let hs = "server CPU µs per handshake";
+        if let (Some(c), Some(p)) = (comet.extra.get(hs), peer.extra.get(hs)) {
+            println!("comet / {}: handshakes per server CPU-second {} ({c:.1} / {p:.1} µs)", peer.target, r(*p, *c));
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! WebSockets (every K-th an authorized user), the server is restarted on
 //! the same ports, and every client reconnects at once, retrying with
 //! jittered backoff (and the server's `Retry-After` on a 503 or 429) like
-//! comet.js. Reports how long until all are subscribed again, the failed
+//! comet.js, naming their channel in the upgrade URL as comet.js does. Reports how long until all are subscribed again, the failed
 //! connects, and the new server's CPU and peak RSS.
 
 use std::io::{BufRead, Write};
@@ -32,10 +32,13 @@ fn open(g: &Global, t: &Target, i: usize, auth_every: usize, channels: usize) ->
     let mut s =
         wire::connect_within(&t.front, source(g, i), Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    // The channel goes in the URL, as comet.js sends it when it reconnects
+    // with channels already wanted: no `subscription` message after
+    // serverInfo.
     let path = if uid > 0 {
-        format!("/ws/sesion=k{uid}&myid={uid}&devid=0&v=4.08&uuid=b{uid}&api=js")
+        format!("/ws/sesion=k{uid}&myid={uid}&devid=0&v=4.08&uuid=b{uid}&api=js&subscription={channel}")
     } else {
-        format!("/ws/sesion=&myid=&devid=0&v=4.08&uuid=s{i}&api=js")
+        format!("/ws/sesion=&myid=&devid=0&v=4.08&uuid=s{i}&api=js&subscription={channel}")
     };
     match wire::ws_upgrade(&mut s, &path) {
         Ok((101, _)) => {}
@@ -48,7 +51,6 @@ fn open(g: &Global, t: &Target, i: usize, auth_every: usize, channels: usize) ->
         return Err("not authorized yet".into());
     }
     s.set_read_timeout(None).map_err(|e| e.to_string())?;
-    wire::send_text(&mut s, &format!("subscription\n{channel}")).map_err(|e| e.to_string())?;
     Ok(s)
 }
 

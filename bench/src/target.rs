@@ -55,6 +55,16 @@ impl From<TcpStream> for Sub {
     }
 }
 
+/// How a comet subscriber names its channel: in the upgrade URL (the
+/// shape of the peers, which take it from the path), or in a
+/// `subscription` message after `serverInfo` (CppComet's clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Url,
+    Message,
+}
+
 /// Which server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -274,9 +284,28 @@ impl Target {
         self.subscribe_reader(source, channel, uuid).map(|s| s.sock)
     }
 
+    /// What a subscriber of `channel` sends: the upgrade path, and for
+    /// comet subscribing by message the `subscription` command that follows
+    /// `serverInfo`. The peers take the channel from the path, as comet
+    /// does with [`Via::Url`].
+    pub fn subscriber_request(&self, channel: &str, uuid: &str, via: Via) -> (String, Option<String>) {
+        let anon = format!("/ws/sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js");
+        match (self.kind, via) {
+            (Kind::Comet, Via::Url) => (format!("{anon}&subscription={channel}"), None),
+            (Kind::Comet, Via::Message) => (anon, Some(format!("subscription\n{channel}"))),
+            (Kind::Nchan | Kind::Node, _) => (format!("/sub/{channel}"), None),
+        }
+    }
+
     /// [`Target::subscribe`] for a subscriber that will be read: wss keeps
     /// its TLS state.
     pub fn subscribe_reader(&self, source: u8, channel: &str, uuid: &str) -> std::io::Result<Sub> {
+        self.subscribe_via(source, channel, uuid, Via::Message)
+    }
+
+    /// Opens a subscriber, subscribing as `via` says (comet only).
+    pub fn subscribe_via(&self, source: u8, channel: &str, uuid: &str, via: Via) -> std::io::Result<Sub> {
+        let (path, command) = self.subscriber_request(channel, uuid, via);
         let mut s = wire::connect_from(&self.front, source)?;
         if let Some(cfg) = &self.tls {
             // wss: the handshakes and the subscription over TLS.
@@ -286,23 +315,24 @@ impl Target {
             while t.conn.is_handshaking() {
                 t.conn.complete_io(&mut t.sock)?;
             }
+            wire::ws_handshake(&mut t, &path)?;
             if self.kind == Kind::Comet {
-                wire::ws_handshake(&mut t, &format!("/ws/sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js"))?;
                 wire::read_frame(&mut t)?;
-                wire::send_text(&mut t, &format!("subscription\n{channel}"))?;
-            } else {
-                wire::ws_handshake(&mut t, &format!("/sub/{channel}"))?;
+            }
+            if let Some(c) = command {
+                wire::send_text(&mut t, &c)?;
             }
             std::io::Write::flush(&mut t)?;
             return Ok(Sub { sock: t.sock, tls: Some(Box::new(t.conn)) });
         }
-        match self.kind {
-            Kind::Comet => {
-                wire::ws_handshake(&mut s, &format!("/ws/sesion=&myid=&devid=0&v=4.08&uuid={uuid}&api=js"))?;
-                wire::read_frame(&mut s)?;
-                wire::send_text(&mut s, &format!("subscription\n{channel}"))?;
-            }
-            Kind::Nchan | Kind::Node => wire::ws_handshake(&mut s, &format!("/sub/{channel}"))?,
+        wire::ws_handshake(&mut s, &path)?;
+        if self.kind == Kind::Comet {
+            // serverInfo: with the channel in the URL, comet has subscribed
+            // the connection by the time it is sent.
+            wire::read_frame(&mut s)?;
+        }
+        if let Some(c) = command {
+            wire::send_text(&mut s, &c)?;
         }
         Ok(s.into())
     }

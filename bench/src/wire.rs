@@ -44,17 +44,21 @@ pub fn ws_handshake(s: &mut (impl Read + Write), path: &str) -> std::io::Result<
 /// `--deflate`: every handshake offers permessage-deflate, as browsers do.
 pub static OFFER_DEFLATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Sends an upgrade request for `path` and reads the answer's head; returns
-/// its status code (101 when upgraded) and the head as text.
-pub fn ws_upgrade(s: &mut (impl Read + Write), path: &str) -> std::io::Result<(u16, String)> {
+/// The upgrade request for `path` (offering permessage-deflate with `--deflate`).
+pub fn upgrade_request(path: &str) -> String {
     let ext = match OFFER_DEFLATE.load(std::sync::atomic::Ordering::Relaxed) {
         true => "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
         false => "",
     };
-    write!(
-        s,
+    format!(
         "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
-    )?;
+    )
+}
+
+/// Sends an upgrade request for `path` and reads the answer's head; returns
+/// its status code (101 when upgraded) and the head as text.
+pub fn ws_upgrade(s: &mut (impl Read + Write), path: &str) -> std::io::Result<(u16, String)> {
+    s.write_all(upgrade_request(path).as_bytes())?;
     let mut head = Vec::with_capacity(256);
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
