@@ -87,7 +87,9 @@ fn private_channels_need_an_authorized_user_and_apply_on_the_home_shard() {
         for uid in 1..=4 {
             let (c, info) = connect(
                 &s,
-                &format!("sesion=k{uid}&myid={uid}&devid=0&v=4.08&uuid=u{uid}&api=js&subscription=private_{uid},common"),
+                &format!(
+                    "sesion=k{uid}&myid={uid}&devid=0&v=4.08&uuid=u{uid}&api=js&subscription=private_{uid},common"
+                ),
             );
             assert_eq!(info["authorized"], true, "{io}");
             users.push(c);
@@ -116,10 +118,8 @@ fn too_many_and_bad_names_get_the_commands_error_frames() {
     for io in BACKENDS {
         let s = start(io, &["--max-subscriptions", "3"]);
         let mut d = db(&s);
-        let (mut c, _) = connect(
-            &s,
-            "v=4.08&uuid=e&subscription=web_1,web_2,web_3,web_4,x,sys,_answer_pipe_count,private_p,web_1",
-        );
+        let (mut c, _) =
+            connect(&s, "v=4.08&uuid=e&subscription=web_1,web_2,web_3,web_4,x,sys,_answer_pipe_count,private_p,web_1");
         let mut errors = Vec::new();
         for _ in 0..4 {
             let m = c.recv();

@@ -138,7 +138,8 @@ pub fn open_range(
                             continue;
                         }
                         let request = wire::upgrade_request(&path).into_bytes();
-                        *slot = Some(Hs { sock, request, command, stage: Stage::Sending { written: 0 }, buf: Vec::new() });
+                        *slot =
+                            Some(Hs { sock, request, command, stage: Stage::Sending { written: 0 }, buf: Vec::new() });
                     }
                     Err(_) => *failed += 1,
                 }
