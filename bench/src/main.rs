@@ -956,10 +956,12 @@ fn connect(g: &Global, t: &Target, a: &ConnectArgs) -> Figures {
     let threads = a.threads.max(1);
     let (connected, counted) = (std::sync::Barrier::new(threads + 1), std::sync::Barrier::new(threads + 1));
     let (connected, counted) = (&connected, &counted);
-    let cpu0 = t.cpu();
+    let cpu0 = t.cpu_precise();
+    let sleeps0 = t.pid.map(proc::sleeps);
     let t0 = Instant::now();
     let per = a.conns.div_ceil(threads);
     let mut cpu1 = None;
+    let mut sleeps1 = None;
     let mut subscribed = None;
     let results: Vec<(u64, u64)> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..threads)
@@ -992,7 +994,8 @@ fn connect(g: &Global, t: &Target, a: &ConnectArgs) -> Figures {
             .collect();
         connected.wait();
         f.seconds = t0.elapsed().as_secs_f64();
-        cpu1 = t.cpu();
+        cpu1 = t.cpu_precise();
+        sleeps1 = t.pid.map(proc::sleeps);
         if !a.auth {
             // One publish: comet answers the connections written, the
             // peers their subscriber count.
@@ -1008,6 +1011,9 @@ fn connect(g: &Global, t: &Target, a: &ConnectArgs) -> Figures {
     if let (Some(a0), Some(a1)) = (cpu0, cpu1) {
         f.server_cpu_s = a1 - a0;
         f.extra.insert("server CPU µs per handshake".into(), (a1 - a0) * 1e6 / f.connections.max(1) as f64);
+    }
+    if let (Some(s0), Some(s1)) = (sleeps0, sleeps1) {
+        f.extra.insert("server sleeps per handshake".into(), s1.saturating_sub(s0) as f64 / f.connections.max(1) as f64);
     }
     if let Some(n) = subscribed {
         f.extra.insert("subscribed (server count)".into(), n as f64);

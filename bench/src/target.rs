@@ -359,6 +359,12 @@ impl Target {
         self.pid.map(crate::proc::cpu_secs)
     }
 
+    /// CPU seconds of the server from the scheduler's nanosecond clock
+    /// (`proc::run_secs`), falling back to [`Target::cpu`].
+    pub fn cpu_precise(&self) -> Option<f64> {
+        self.pid.and_then(|p| crate::proc::run_secs(p).or_else(|| Some(crate::proc::cpu_secs(p))))
+    }
+
     pub fn rss_kib(&self) -> Option<u64> {
         self.pid.map(crate::proc::rss_kib)
     }
