@@ -1013,7 +1013,8 @@ fn connect(g: &Global, t: &Target, a: &ConnectArgs) -> Figures {
         f.extra.insert("server CPU µs per handshake".into(), (a1 - a0) * 1e6 / f.connections.max(1) as f64);
     }
     if let (Some(s0), Some(s1)) = (sleeps0, sleeps1) {
-        f.extra.insert("server sleeps per handshake".into(), s1.saturating_sub(s0) as f64 / f.connections.max(1) as f64);
+        f.extra
+            .insert("server sleeps per handshake".into(), s1.saturating_sub(s0) as f64 / f.connections.max(1) as f64);
     }
     if let Some(n) = subscribed {
         f.extra.insert("subscribed (server count)".into(), n as f64);
