@@ -31,6 +31,10 @@ pub fn run(data: &[u8]) {
 fn check_params(params: &str) {
     let p = parse_params(params);
     assert!(p.uuid.len() <= 32 && p.uuid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+    // The channel list splits into names of the allowed characters only.
+    for name in comet::frontend::channel_names(&p.subscription) {
+        assert!(!name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+    }
     let again = parse_params(&canonical(&p));
     assert_eq!(again, p, "canonical form {:?}", canonical(&p));
 }
@@ -48,6 +52,12 @@ fn canonical(p: &ConnectParams) -> String {
     }
     if !p.uuid.is_empty() {
         s.push_str(&format!("&uuid={}", p.uuid));
+    }
+    if !p.subscription.is_empty() {
+        s.push_str("&subscription=");
+        for b in p.subscription.bytes() {
+            s.push_str(&format!("%{b:02X}"));
+        }
     }
     s.push_str("&api=js");
     s
