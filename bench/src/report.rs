@@ -359,6 +359,7 @@ pub fn read_all<S: Into<Sub>>(socks: Vec<S>, want: u64) -> (u64, Histogram<u64>)
     let mut scratch = vec![0u8; 64 * 1024];
     let (mut inflater, mut inflated) = (comet::ws::deflate::Inflater::default(), Vec::new());
     let mut last_progress = Instant::now();
+    let mut counted = false;
     // wss: plaintext the handshake already decrypted is read first.
     let mut ready: Vec<usize> = (0..socks.len()).filter(|&i| socks[i].tls.is_some()).collect();
     while got < want && last_progress.elapsed() < Duration::from_secs(20) {
@@ -379,6 +380,11 @@ pub fn read_all<S: Into<Sub>>(socks: Vec<S>, want: u64) -> (u64, Histogram<u64>)
                         Some(n) => n,
                     },
                 };
+                // One clock reading per read: the frames it returned
+                // arrived together (reading the clock per frame made a
+                // reader slower on many small frames per write than on one,
+                // which `--write-delay` runs measured as latency).
+                let now = wire::epoch_us();
                 let buf = &mut bufs[i];
                 buf.extend_from_slice(&scratch[..n]);
                 let mut pos = 0;
@@ -394,10 +400,7 @@ pub fn read_all<S: Into<Sub>>(socks: Vec<S>, want: u64) -> (u64, Histogram<u64>)
                         && let Some(ts) = wire::payload_ts(p)
                     {
                         got += 1;
-                        // Only a counted message is progress: pings keep
-                        // coming while anything is lost.
-                        last_progress = Instant::now();
-                        let now = wire::epoch_us();
+                        counted = true;
                         let lat = now.saturating_sub(ts).max(1);
                         let _ = hist.record(lat);
                         let e = per_message.entry(ts).or_insert((lat, lat));
@@ -407,6 +410,11 @@ pub fn read_all<S: Into<Sub>>(socks: Vec<S>, want: u64) -> (u64, Histogram<u64>)
                     pos += end;
                 }
                 buf.drain(..pos);
+            }
+            if std::mem::take(&mut counted) {
+                // Only a counted message is progress: pings keep coming
+                // while anything is lost.
+                last_progress = Instant::now();
             }
             let _ = poller.modify(&*sock, polling::Event::readable(i));
         }

@@ -159,9 +159,13 @@ pub fn frame_payload<'a>(
 /// The publish time (µs since the unix epoch) a message carries: comet's
 /// JSON envelope (`"data":"<digits>`) or a peer's raw `<digits>` body.
 pub fn payload_ts(p: &[u8]) -> Option<u64> {
+    // Read on every delivery by the fan-out readers: no allocation.
     let digits_at = |at: usize| -> Option<u64> {
-        let d: Vec<u8> = p.get(at..)?.iter().take_while(|b| b.is_ascii_digit()).copied().collect();
-        if d.is_empty() { None } else { std::str::from_utf8(&d).ok()?.parse().ok() }
+        let mut v: Option<u64> = None;
+        for &b in p.get(at..)?.iter().take_while(|b| b.is_ascii_digit()) {
+            v = Some(v.unwrap_or(0).checked_mul(10)?.checked_add(u64::from(b - b'0'))?);
+        }
+        v
     };
     if p.first().is_some_and(u8::is_ascii_digit) {
         return digits_at(0);
@@ -294,4 +298,21 @@ pub fn http_post(s: &mut TcpStream, path: &str, body: &str) -> std::io::Result<S
         return Err(std::io::Error::other(format!("publish failed: {}{body}", String::from_utf8_lossy(&head))));
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::payload_ts;
+
+    #[test]
+    fn a_timestamp_is_read_from_a_bare_payload_or_a_comet_data_field() {
+        assert_eq!(payload_ts(b"1700000000123456 x"), Some(1_700_000_000_123_456));
+        assert_eq!(
+            payload_ts(br#"{"data":"1700000000123456","event_name":"undefined","pipe":"bench_fan_0"}"#),
+            Some(1_700_000_000_123_456)
+        );
+        assert_eq!(payload_ts(br#"{"data":"warmup"}"#), None);
+        assert_eq!(payload_ts(b"warmup"), None);
+        assert_eq!(payload_ts(b"99999999999999999999999"), None, "overflow is not a timestamp");
+    }
 }
