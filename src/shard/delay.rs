@@ -74,11 +74,10 @@ impl WriteDelay {
     /// `now_ms`" opened up to 1 ms after it: ending it at `now_ms + window`
     /// made it up to 1 ms shorter than asked, and on a channel with a
     /// steady rate the message that arrives one window after the first (at
-    /// 100 a second and 20 ms, the third) missed it. Counted from the next
-    /// millisecond, it catches that message: 3 frames per write instead of
-    /// 2.8 measured on the hot-channel bench (`net:net_dev_xmit` counted
-    /// with `perf stat` over a run: 600,622 packets for 2,000,000
-    /// deliveries against 714,521).
+    /// 100 a second and 20 ms, the third) could miss it. Counted from the
+    /// next millisecond, no window is shorter than asked. (On the
+    /// hot-channel bench the CPU per delivery did not move beyond the
+    /// machine's spread: bench/RESULTS.md.)
     pub fn deadline(&self, id: ConnId, now_ms: u64) -> u64 {
         let late = Self::slice_of(id) as u64 * self.spread_ms / SLICES as u64;
         now_ms + 1 + self.window_ms + late
