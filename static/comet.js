@@ -230,12 +230,17 @@
       '&devid=' + o.dev_id + '&v=' + API_VERSION + '&uuid=' + encodeURIComponent(this.uuid) + '&api=js';
     // Channels already wanted join with the handshake (a comet extension):
     // no `subscription` message after serverInfo, one round trip less.
-    var wanted = this.wantedChannels().join(',');
-    var enc = encodeURIComponent(wanted);
+    // urlChannels: the set the URL carried, as a sorted key ('' for none:
+    // the server starts with an empty set, nothing to send), or null when
+    // the list was too long for the URL and goes by message.
+    var wanted = this.wantedChannels();
+    var enc = encodeURIComponent(wanted.join(','));
     this.urlChannels = null;
-    if (wanted && enc.length <= URL_CHANNELS_MAX) {
+    if (!wanted.length) {
+      this.urlChannels = '';
+    } else if (enc.length <= URL_CHANNELS_MAX) {
       q += '&subscription=' + enc;
-      this.urlChannels = wanted;
+      this.urlChannels = channelsKey(wanted);
     }
     this.node = node;
     return (o.wss ? 'wss://' : 'ws://') + node + '/ws/' + q;
@@ -257,7 +262,7 @@
       self.setConnected(true);
       // The URL carried the channels: send them only if the set changed
       // while the socket was opening.
-      if (self.urlChannels === null || self.urlChannels !== self.wantedChannels().join(',')) { self.sendSubscriptions(); }
+      if (self.urlChannels !== channelsKey(self.wantedChannels())) { self.sendSubscriptions(); }
       var q = self.sendQueue; self.sendQueue = [];
       for (var i = 0; i < q.length; i++) { ws.send(q[i]); }
     };
@@ -345,7 +350,8 @@
   };
 
   // Channels the socket must carry: this tab's and, for a leader, its
-  // followers'; sorted, so that two lists compare as text.
+  // followers', in the order they were asked for (over the server's limit
+  // the first ones are kept).
   P.wantedChannels = function () {
     var set = {};
     var own = this.localChannels();
@@ -354,8 +360,11 @@
       var ch = this.peerChannels[t];
       for (var j = 0; j < ch.length; j++) { set[ch[j]] = true; }
     }
-    return Object.keys(set).sort();
+    return Object.keys(set);
   };
+
+  // A channel list as text that two lists in any order compare equal by.
+  function channelsKey(list) { return list.slice().sort().join(','); }
 
   P.sendSubscriptions = function () {
     if (this.role === 'follower') {
@@ -390,7 +399,13 @@
     var m;
     try { m = JSON.parse(raw); } catch (e) { return; }
     if (!m || typeof m !== 'object') { return; }
-    if (m.pipe === 'sys' && m.event === 'serverInfo') { this.setAuthorized(!!m.authorized); return; }
+    if (m.pipe === 'sys' && m.event === 'serverInfo') {
+      // A server that did not read the URL's list (CppComet, an older
+      // comet) does not confirm it: send it as a command.
+      if (this.ws && this.urlChannels && !m.subscribed) { this.urlChannels = null; this.sendSubscriptions(); }
+      this.setAuthorized(!!m.authorized);
+      return;
+    }
     if (m.pipe === 'sys' && m.event === 'error' && root.console) { console.warn('comet:', m.data && m.data.error); }
     var arg = {
       data: parseData(m.data),

@@ -55,7 +55,11 @@ fn anonymous_clients_subscribe_with_the_path_or_the_query_form() {
             };
             let url = format!("ws://{}/ws{}{params}", s.addr, if i % 2 == 0 { "/" } else { "" });
             let mut c = Client::connect(&url);
-            assert_eq!(c.recv()["event"], "serverInfo", "{io}");
+            let info = c.recv();
+            assert_eq!(info["event"], "serverInfo", "{io}");
+            // The server says it read the list, so that comet.js need not
+            // send it again (a server that ignores it says nothing).
+            assert_eq!(info["subscribed"], true, "{io}: {info}");
             clients.push(c);
         }
         // The subscription was in place before serverInfo left.
@@ -162,9 +166,23 @@ fn a_head_full_of_names_is_held_to_the_limit_and_a_longer_one_is_refused() {
         let (status, body) = http_request(s.addr, &upgrade_request(&huge));
         assert!(status.starts_with("HTTP/1.1 400"), "{io}: {status}");
         assert!(body.contains("16384"), "{io}: {body}");
-        let (mut ok, _) = connect(&s, "v=4.08&subscription=web_after");
+        // A head full of refused names: a few errors and a count, not a
+        // frame per name.
+        let (mut bad, _) = connect(&s, &format!("v=4.08&subscription={}web_kept", "x,".repeat(7000)));
+        let mut errors = Vec::new();
+        for _ in 0..4 {
+            errors.push(bad.recv()["data"]["error"].as_str().unwrap().to_string());
+        }
+        assert!(errors[..3].iter().all(|e| e.contains("'x'") && e.contains("2..64")), "{io}: {errors:?}");
+        assert_eq!(errors[3], "6997 more refused channel names were ignored", "{io}");
+        bad.expect_silence(200);
+        assert_eq!(subscribers(&mut d, "web_kept"), 1, "{io}");
+        let (mut ok, info) = connect(&s, "v=4.08&subscription=web_after");
+        assert_eq!(info["subscribed"], true, "{io}");
         ok.send("pipe_count\nweb_after\nm\n");
         assert_eq!(ok.recv()["data"]["user_in_pipe"], 1, "{io}: the server still serves");
+        let (_, info) = connect(&s, "v=4.08");
+        assert!(info.get("subscribed").is_none(), "{io}: no list, CppComet's frame: {info}");
     }
 }
 

@@ -182,12 +182,30 @@ impl ChannelMessage {
 }
 
 /// `serverInfo` on `sys`, sent once right after the handshake.
-pub fn server_info(authorized: bool, key: &str, time: i64, server: &str, legacy: bool, out: &mut Vec<u8>) {
+///
+/// `url_subscription`: the connection URL carried a `subscription` list
+/// (comet's extension), which the frame confirms with `"subscribed":true`
+/// so that a client can fall back to the command against a server that
+/// ignores the parameter. CppComet's clients never send it: their frame is
+/// unchanged.
+pub fn server_info(
+    authorized: bool,
+    key: &str,
+    time: i64,
+    server: &str,
+    legacy: bool,
+    url_subscription: bool,
+    out: &mut Vec<u8>,
+) {
     let mut o = Obj::new(out).bool("authorized", authorized).str("data", key).str("event", "serverInfo");
     if legacy {
         o = o.str("event_name", "serverInfo");
     }
-    o.num("message_send_time", time).str("pipe", "sys").str("server", server).end();
+    o = o.num("message_send_time", time).str("pipe", "sys").str("server", server);
+    if url_subscription {
+        o = o.bool("subscribed", true);
+    }
+    o.end();
 }
 
 /// A non-fatal `error` on `sys`; the connection stays open.
@@ -357,12 +375,17 @@ mod tests {
     #[test]
     fn protocol_md_server_info_fixtures() {
         assert_eq!(
-            s(|o| server_info(false, "", T, "comet 0.1.0", false, o)),
+            s(|o| server_info(false, "", T, "comet 0.1.0", false, false, o)),
             r#"{"authorized":false,"data":"","event":"serverInfo","message_send_time":1700000000,"pipe":"sys","server":"comet 0.1.0"}"#
         );
         assert_eq!(
-            s(|o| server_info(true, "abc", T, "x", false, o)),
+            s(|o| server_info(true, "abc", T, "x", false, false, o)),
             r#"{"authorized":true,"data":"abc","event":"serverInfo","message_send_time":1700000000,"pipe":"sys","server":"x"}"#
+        );
+        // comet's extension: only for a URL that carried `subscription`.
+        assert_eq!(
+            s(|o| server_info(false, "", T, "x", false, true, o)),
+            r#"{"authorized":false,"data":"","event":"serverInfo","message_send_time":1700000000,"pipe":"sys","server":"x","subscribed":true}"#
         );
     }
 

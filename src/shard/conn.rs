@@ -51,6 +51,11 @@ const RATE_RETRY_SECS: u32 = 2;
 pub const WORK_PER_WAKE: usize = 4096;
 /// Longest event name a browser may publish with (as in CometQL).
 const MAX_EVENT_NAME: usize = 64;
+/// Refused channel names one subscription reports one by one; the rest are
+/// counted in one more error. A list is bounded by its frame or the request
+/// head, but a 16 KiB head of `x,x,...` holds 8,000 bad names, and an error
+/// frame each was a handshake's worth of work per name.
+const MAX_NAME_ERRORS: usize = 3;
 
 /// How long a connection that went over `--client-rate` is not read.
 pub const THROTTLE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -600,7 +605,9 @@ impl ShardCore {
         // over), so the key check and device registration are local.
         let authorized = p.api_major.is_some() && p.user_id > 0 && self.authorize(p.dev_id, p.user_id, &p.key);
         let key = if authorized { p.key.as_str() } else { "" };
-        let frame = encode_text_frame(|o| message::server_info(authorized, key, now, server, legacy, o));
+        let url_subscription = !p.subscription.is_empty();
+        let frame =
+            encode_text_frame(|o| message::server_info(authorized, key, now, server, legacy, url_subscription, o));
         self.send_frame(id, frame);
         if p.api_major.is_none() {
             self.fatal(id, 418, "Invalid request Not assigned client api version");
@@ -914,17 +921,23 @@ impl ShardCore {
         let max = self.shared.config.max_subscriptions;
         let mut wanted: SmallVec<[&str; 8]> = SmallVec::new();
         let mut errors: Vec<String> = Vec::new();
-        let mut over_limit = false;
+        let (mut refused, mut over_limit) = (0usize, false);
         for name in names {
             if name == "msg" || wanted.contains(&name) {
                 continue;
             }
             if !(2..=64).contains(&name.len()) {
-                errors.push(format!("Invalid channel name {}: it must be 2..64 characters", clip(name)));
+                refused += 1;
+                if errors.len() < MAX_NAME_ERRORS {
+                    errors.push(format!("Invalid channel name {}: it must be 2..64 characters", clip(name)));
+                }
                 continue;
             }
             if name == "sys" || name.starts_with("_answer") {
-                errors.push(format!("Channel '{name}' is for server replies only"));
+                refused += 1;
+                if errors.len() < MAX_NAME_ERRORS {
+                    errors.push(format!("Channel '{name}' is for server replies only"));
+                }
                 continue;
             }
             if anonymous && name.starts_with("private_") {
@@ -935,6 +948,9 @@ impl ShardCore {
                 continue;
             }
             wanted.push(name);
+        }
+        if refused > errors.len() {
+            errors.push(format!("{} more refused channel names were ignored", refused - errors.len()));
         }
         if over_limit {
             errors.push(format!("Too many channels: at most {max} per connection; the rest were ignored"));

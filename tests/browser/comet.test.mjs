@@ -292,13 +292,13 @@ test('channels wanted before connecting go in the URL, not in a message; later c
     // A change while connected is a message, as before.
     await p.evaluate(() => record('later_chan'));
     await until('subscribed by message', async () => count('later_chan') === '1');
-    assert.deepEqual(await p.evaluate(() => window.sent), ['subscription\nlater_chan\nnews_url\nweb_url']);
+    assert.deepEqual(await p.evaluate(() => window.sent), ['subscription\nnews_url\nweb_url\nlater_chan']);
     // A reconnect carries the whole current set in its URL.
     await srv.stop();
     await until('page sees the disconnect', () => p.evaluate(() => !CometServer().isConnected()));
     srv = await startServer(ports);
     await until('reconnected', async () => count('later_chan') === '1' && count('news_url') === '1', 20000);
-    assert.match(await p.evaluate(() => window.wsUrls[1]), /&subscription=later_chan%2Cnews_url%2Cweb_url$/);
+    assert.match(await p.evaluate(() => window.wsUrls[1]), /&subscription=news_url%2Cweb_url%2Clater_chan$/);
     assert.equal(await p.evaluate(() => window.sent.length), 1, 'still one subscription message in all');
     mysql(srv, "INSERT INTO pipes_messages (name, event, message) VALUES ('web_url', 'message', 'via url')");
     assert.equal((await until('message', async () => (await received(p, 'web_url.message'))[0])).data, 'via url');
@@ -317,6 +317,28 @@ test('channels wanted before connecting go in the URL, not in a message; later c
     await until('long list subscribed', async () => count('long_channel_name_number_029_with_padding') === '1');
     assert.doesNotMatch(await q.evaluate(() => window.wsUrls[0]), /subscription=/);
     assert.equal(await q.evaluate(() => window.sent.filter((t) => t.startsWith('subscription\n')).length), 1);
+  } finally { await srv.stop(); }
+});
+
+test('against a server that ignores the URL list (no "subscribed" in serverInfo) the client subscribes by message', async () => {
+  const srv = await startServer();
+  try {
+    const p = await page(srv);
+    await p.evaluate(() => {
+      // The URL loses its list on the way, as with CppComet or an older
+      // comet, which do not read it.
+      window.sent = [];
+      const W = window.WebSocket;
+      window.WebSocket = class extends W {
+        constructor(u, pr) { super(u.replace(/&subscription=[^&]*/, ''), pr); }
+        send(t) { window.sent.push(t); return super.send(t); }
+      };
+      record('news_old'); record('web_old.message');
+      CometServer().start({});
+    });
+    const count = (name) => mysql(srv, `SELECT users FROM pipes WHERE name = '${name}'`).trim();
+    await until('subscribed by message', async () => count('news_old') === '1' && count('web_old') === '1');
+    assert.deepEqual(await p.evaluate(() => window.sent), ['subscription\nnews_old\nweb_old']);
   } finally { await srv.stop(); }
 });
 
