@@ -968,27 +968,34 @@ fn connect(g: &Global, t: &Target, a: &ConnectArgs) -> Figures {
             .map(|th| {
                 sc.spawn(move || {
                     let range = (th * per).min(a.conns)..((th + 1) * per).min(a.conns);
-                    let (keep, bad) = if a.inflight > 1 {
-                        inflight::open_range(t, range, a.inflight, a.subscribe, "bench_connect", |i| source(g, i))
-                    } else {
-                        let (mut keep, mut bad) = (Vec::with_capacity(per), 0u64);
-                        for i in range {
-                            let r = if a.auth {
-                                open_user(g, t, i % a.conns + 1, source(g, i))
-                            } else {
-                                t.subscribe_via(source(g, i), "bench_connect", &format!("c{i}"), a.subscribe)
-                                    .map(|s| s.sock)
-                            };
-                            match r {
-                                Ok(s) => keep.push(s),
-                                Err(_) => bad += 1,
+                    // A thread that panics still meets both barriers (else
+                    // the main thread waits for it forever), then panics.
+                    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        if a.inflight > 1 {
+                            inflight::open_range(t, range, a.inflight, a.subscribe, "bench_connect", |i| source(g, i))
+                        } else {
+                            let (mut keep, mut bad) = (Vec::with_capacity(per), 0u64);
+                            for i in range {
+                                let r = if a.auth {
+                                    open_user(g, t, i % a.conns + 1, source(g, i))
+                                } else {
+                                    t.subscribe_via(source(g, i), "bench_connect", &format!("c{i}"), a.subscribe)
+                                        .map(|s| s.sock)
+                                };
+                                match r {
+                                    Ok(s) => keep.push(s),
+                                    Err(_) => bad += 1,
+                                }
                             }
+                            (keep, bad)
                         }
-                        (keep, bad)
-                    };
+                    }));
                     connected.wait();
                     counted.wait();
-                    (keep.len() as u64, bad)
+                    match opened {
+                        Ok((keep, bad)) => (keep.len() as u64, bad),
+                        Err(e) => std::panic::resume_unwind(e),
+                    }
                 })
             })
             .collect();

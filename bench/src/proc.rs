@@ -48,7 +48,10 @@ pub fn cpu_secs(pid: u32) -> f64 {
 fn run_one(pid: u32) -> Option<f64> {
     let mut ns = 0u64;
     for e in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-        let s = std::fs::read_to_string(e.path().join("schedstat")).ok()?;
+        // A thread that ended since the listing is skipped, not a reason to
+        // fall back to the tick for this reading only (two clocks would
+        // then be subtracted).
+        let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) else { continue };
         ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(ns as f64 / 1e9)

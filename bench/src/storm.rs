@@ -2,8 +2,9 @@
 //! WebSockets (every K-th an authorized user), the server is restarted on
 //! the same ports, and every client reconnects at once, retrying with
 //! jittered backoff (and the server's `Retry-After` on a 503 or 429) like
-//! comet.js, naming their channel in the upgrade URL as comet.js does. Reports how long until all are subscribed again, the failed
-//! connects, and the new server's CPU and peak RSS.
+//! comet.js, naming their channel in the upgrade URL as comet.js does.
+//! Reports how long until all are subscribed again, the failed connects,
+//! and the new server's CPU and peak RSS.
 
 use std::io::{BufRead, Write};
 use std::net::TcpStream;
