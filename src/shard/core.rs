@@ -327,7 +327,10 @@ impl ShardCore {
         // Both modes wait for the storage thread: sync until the change is
         // on disk, async only until it is handed to the OS (no disk wait),
         // so that a crash of the process never loses an acknowledged write.
-        Written::Wait(store.send(changes))
+        // The queue entries put are tagged with the write group that will
+        // hold them: their removals name it (`store::qlog`).
+        let users = &mut self.users;
+        Written::Wait(store.send(changes, |c, group| users.retag(c, group)))
     }
 
     /// Too many changes wait for the store, or too many publishes for

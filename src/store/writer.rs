@@ -60,10 +60,21 @@ pub struct Done {
     pub error: Option<Arc<str>>,
 }
 
+/// What a shard sends, and the write group it goes into.
+#[derive(Debug, Default)]
+struct Inbound {
+    batches: Vec<Batch>,
+    /// The group the storage thread writes these batches in: set, under
+    /// this lock, to the next group each time it takes the lane, so a
+    /// shard knows which group holds what it sends (the tag of its queue
+    /// entries, `store::qlog`).
+    group: u64,
+}
+
 /// One shard's lane to the storage thread and back.
 #[derive(Debug)]
 pub struct Lane {
-    inbound: Mutex<Vec<Batch>>,
+    inbound: Mutex<Inbound>,
     /// Weight of the batches not yet taken by the storage thread.
     bytes: AtomicUsize,
     /// The most `bytes` ever was (for `/metrics`: the bound holds).
@@ -77,7 +88,7 @@ impl Lane {
     /// Answers every batch sent so far with `why`: the storage thread is
     /// gone and will never take them, nor finish those it had taken.
     fn fail_all(&self, why: &Arc<str>) {
-        let batches = std::mem::take(&mut *self.inbound.lock().unwrap_or_else(PoisonError::into_inner));
+        let batches = std::mem::take(&mut self.inbound.lock().unwrap_or_else(PoisonError::into_inner).batches);
         let w: usize = batches.iter().map(|b| b.weight).sum();
         self.bytes.fetch_sub(w, Ordering::SeqCst);
         let done = Done { upto: u64::MAX, error: Some(why.clone()) };
@@ -118,7 +129,7 @@ impl Hub {
                 .iter()
                 .map(|b| {
                     Arc::new(Lane {
-                        inbound: Mutex::new(Vec::new()),
+                        inbound: Mutex::new(Inbound::default()),
                         bytes: AtomicUsize::new(0),
                         peak: AtomicUsize::new(0),
                         done: Mutex::new(VecDeque::new()),
@@ -166,7 +177,7 @@ impl Hub {
     /// once (for the simulation, which has no thread and no disk).
     pub fn complete_all(&self) {
         for lane in &self.lanes {
-            let batches = std::mem::take(&mut *lane.inbound.lock().unwrap_or_else(PoisonError::into_inner));
+            let batches = std::mem::take(&mut lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).batches);
             let Some(upto) = batches.last().map(|b| b.seq) else { continue };
             lane.bytes.fetch_sub(batches.iter().map(|b| b.weight).sum(), Ordering::SeqCst);
             self.pending.fetch_sub(batches.iter().map(|b| b.changes.len()).sum(), Ordering::SeqCst);
@@ -192,7 +203,10 @@ impl StoreHandle {
     }
 
     /// Sends changes to the storage thread; returns the batch's number.
-    pub fn send(&mut self, changes: Vec<Change>) -> u64 {
+    /// `tag` is called first with the changes and the write group they go
+    /// into (while the storage thread cannot take the lane), to tag the
+    /// queue entries they put.
+    pub fn send(&mut self, changes: Vec<Change>, tag: impl FnOnce(&[Change], u64)) -> u64 {
         self.next_seq += 1;
         let count = changes.len();
         let weight = changes.iter().map(Change::weight).sum();
@@ -201,11 +215,11 @@ impl StoreHandle {
         // Counted before it is in the lane, so that the storage thread,
         // which subtracts what it takes, never sees fewer than it took.
         let pending = self.hub.pending.fetch_add(count, Ordering::SeqCst) + count;
-        self.lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).push(Batch {
-            seq: self.next_seq,
-            changes,
-            weight,
-        });
+        {
+            let mut inbound = self.lane.inbound.lock().unwrap_or_else(PoisonError::into_inner);
+            tag(&changes, inbound.group);
+            inbound.batches.push(Batch { seq: self.next_seq, changes, weight });
+        }
         if let Some(why) = self.dead() {
             // Nobody takes the lane any more: answer at once.
             self.lane.fail_all(&why);
@@ -251,12 +265,16 @@ impl StoreHandle {
 /// Starts the storage thread; it ends after [`Hub::stop`], once everything
 /// sent before is written and synced.
 pub fn spawn(hub: Arc<Hub>, mut backend: Box<dyn Backend>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let first = backend.next_group();
+    for lane in &hub.lanes {
+        lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).group = first;
+    }
     let h = hub.clone();
     let t = std::thread::Builder::new().name("comet-store".into()).spawn(move || {
         // A panic (a bug, or an engine that gives up) must not leave the
         // shards waiting forever: every write is answered with an error
         // from then on, and the log says so.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&h, backend.as_mut())));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&h, backend.as_mut(), first)));
         if let Err(p) = r {
             let what = p
                 .downcast_ref::<&str>()
@@ -299,7 +317,7 @@ fn park_until(hub: &Hub, target: usize, until: Instant) {
     }
 }
 
-fn run(hub: &Hub, backend: &mut dyn Backend) {
+fn run(hub: &Hub, backend: &mut dyn Backend, mut group: u64) {
     let mut taken: Vec<(usize, Vec<Batch>)> = Vec::new();
     let mut changes: Vec<Change> = Vec::new();
     let mut unsynced = false;
@@ -310,8 +328,14 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
     loop {
         let stopping = hub.stop.load(Ordering::SeqCst);
         taken.clear();
+        // This round writes group `group`; what the shards send from now
+        // on goes into the next (a round that takes nothing leaves a gap).
         for (i, lane) in hub.lanes.iter().enumerate() {
-            let batches = std::mem::take(&mut *lane.inbound.lock().unwrap_or_else(PoisonError::into_inner));
+            let batches = {
+                let mut inbound = lane.inbound.lock().unwrap_or_else(PoisonError::into_inner);
+                inbound.group = group + 1;
+                std::mem::take(&mut inbound.batches)
+            };
             if !batches.is_empty() {
                 let w: usize = batches.iter().map(|b| b.weight).sum();
                 lane.bytes.fetch_sub(w, Ordering::SeqCst);
@@ -320,6 +344,7 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
             }
         }
         if taken.is_empty() {
+            group += 1;
             if unsynced && (stopping || last_sync.elapsed() >= ASYNC_SYNC_EVERY) {
                 let r = backend.sync();
                 note(hub, &r, &mut logged_failure);
@@ -338,8 +363,9 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
                 changes.append(&mut b.changes);
             }
         }
-        let group = changes.len();
-        let mut result = backend.apply(&changes);
+        let this = group;
+        group += 1;
+        let mut result = backend.apply(this, &changes);
         if result.is_ok() {
             match hub.durability {
                 Durability::Sync => {
@@ -370,9 +396,9 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
         if now.duration_since(window_start) >= LOAD_WINDOW {
             (last_window, window, window_start) = (window, 0, now);
         }
-        window += group;
+        window += changes.len();
         if window.max(last_window) >= LINGER_AFTER && !hub.stop.load(Ordering::SeqCst) {
-            park_until(hub, (group / 2).max(LINGER_AFTER), now + linger);
+            park_until(hub, (changes.len() / 2).max(LINGER_AFTER), now + linger);
         }
     }
 }
@@ -458,7 +484,7 @@ mod tests {
     }
 
     impl Backend for Counting {
-        fn apply(&mut self, c: &[Change]) -> Result<(), StoreError> {
+        fn apply(&mut self, _: u64, c: &[Change]) -> Result<(), StoreError> {
             self.applies += 1;
             assert!(self.applies < self.panics_at, "engine gave up");
             self.changes.fetch_add(c.len(), Ordering::SeqCst);
@@ -488,14 +514,14 @@ mod tests {
         let t = spawn(hub.clone(), Counting::new(&written)).unwrap();
         let started = Instant::now();
         for uid in 0..50 {
-            let seq = a.send(change(uid));
+            let seq = a.send(change(uid), |_, _| {});
             wait_done(&a, seq);
         }
         for round in 1..20 {
             let (mut sa, mut sb) = (0, 0);
             for uid in 0..(round * 7) {
-                sa = a.send(change(uid));
-                sb = b.send(change(uid));
+                sa = a.send(change(uid), |_, _| {});
+                sb = b.send(change(uid), |_, _| {});
             }
             wait_done(&a, sa);
             wait_done(&b, sb);
@@ -514,19 +540,19 @@ mod tests {
         let hub = Hub::new(std::slice::from_ref(&bell), Durability::Sync);
         let mut h = StoreHandle::new(&hub, 0, 1 << 20);
         let t = spawn(hub.clone(), Box::new(Counting { panics_at: 2, ..*Counting::new(&Arc::default()) })).unwrap();
-        let first = h.send(change(1));
+        let first = h.send(change(1), |_, _| {});
         let done = wait_done(&h, first);
         assert!(done.iter().all(|d| d.error.is_none()), "{done:?}");
         assert!(h.dead().is_none());
         // The second write kills the thread, taken or not.
-        let second = h.send(change(2));
+        let second = h.send(change(2), |_, _| {});
         let done = wait_done(&h, second);
         let err = done.last().and_then(|d| d.error.clone()).expect("an error");
         assert!(err.contains("storage thread stopped") && err.contains("engine gave up"), "{err}");
         t.join().unwrap();
         assert!(h.dead().is_some());
         // Later writes are answered at once, and the lane does not grow.
-        let third = h.send(change(3));
+        let third = h.send(change(3), |_, _| {});
         let done = h.take_done();
         assert!(done.back().is_some_and(|d| d.upto >= third && d.error.is_some()), "{done:?}");
         assert!(!h.is_congested());
