@@ -588,10 +588,13 @@ mod tests {
             assert_eq!(load(&mut s), [(0, "old 0".into()), (1, "old 1".into()), (2, "old 2".into())]);
             // The oldest is delivered, one more is queued behind the rest.
             let group = s.next_group();
-            s.apply(group, &[
-                Change::QueueDel { dev: 0, uid: 9, seq: 0, tag: 0, bytes: 0 },
-                Change::QueuePut { dev: 0, uid: 9, seq: 3, msg: Queued::new(6, "ev", "new 3") },
-            ])
+            s.apply(
+                group,
+                &[
+                    Change::QueueDel { dev: 0, uid: 9, seq: 0, tag: 0, bytes: 0 },
+                    Change::QueuePut { dev: 0, uid: 9, seq: 3, msg: Queued::new(6, "ev", "new 3") },
+                ],
+            )
             .unwrap();
             s.sync().unwrap();
         }

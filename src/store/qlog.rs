@@ -173,7 +173,6 @@ fn encode_entry(out: &mut Vec<u8>, k: QKey, m: &Queued) {
     out.extend_from_slice(m.message().as_bytes());
 }
 
-
 /// An entry's bytes in a group record (a removal carries it, see
 /// `Change::QueueDel`).
 pub fn entry_len(m: &Queued) -> u32 {
