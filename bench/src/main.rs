@@ -721,7 +721,8 @@ fn durability_rounds(g: &Global, scenario: DurabilityScenario, rounds: usize, ba
     let cpu =
         |f: &Figures| f.extra.iter().find(|(k, _)| k.starts_with("server CPU µs per")).map_or(f64::NAN, |(_, v)| *v);
     // (binary, mode) -> INSERT/s, ratio, CPU per round.
-    let mut table: std::collections::BTreeMap<(usize, usize), Vec<(f64, f64, f64)>> = Default::default();
+    type Rows = std::collections::BTreeMap<(usize, usize), Vec<(f64, f64, f64)>>;
+    let mut table: Rows = Default::default();
     let mut out = Vec::new();
     for r in 0..rounds {
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
