@@ -330,7 +330,14 @@ impl ShardCore {
         // The queue entries put are tagged with the write group that will
         // hold them: their removals name it (`store::qlog`).
         let users = &mut self.users;
-        Written::Wait(store.send(changes, |c, group| users.retag(c, group)))
+        let seq = store.send(changes, |c, group| users.retag(c, group));
+        // The next changes go into a list the storage thread emptied.
+        if let Some(j) = self.users.journal.as_mut()
+            && j.capacity() == 0
+        {
+            *j = store.spare_list();
+        }
+        Written::Wait(seq)
     }
 
     /// Too many changes wait for the store, or too many publishes for

@@ -21,18 +21,33 @@
 //! group (an entry queued and removed within one group never reaches the
 //! disk).
 //!
-//! [`QueueLog`] is the storage thread's bookkeeping: which group holds each
-//! live entry, how many live entries and bytes each group record still has,
-//! and the tombstone records. A group record whose entries are all removed
-//! is deleted in the same write batch; a tombstone record is deleted once
-//! no group before it holds a live entry (nothing it removes is on disk any
-//! more). What is left is garbage: removed entries inside records that
-//! still hold live ones, and tombstones kept by an old live entry. When the
-//! garbage passes the live bytes (plus [`SLACK`]) the oldest group record's
-//! live entries are written again into the current group and the old record
-//! is deleted, which lets the tombstones after it go: the disk holds at
-//! most about twice the live queue entries, and reaches a plateau under a
-//! steady load. The engine's compaction then drops the deleted records.
+//! [`QueueLog`] is the storage thread's bookkeeping: how many live entries
+//! and bytes each group record still has, which of its entries were
+//! removed, and the tombstone records. It holds nothing per live entry: the
+//! shard keeps, with each queued message, the group its record was written
+//! in (a tag, `Queued::tag`, set when the shard's changes go into a lane:
+//! the lane says which group the storage thread writes them in), and a
+//! removal carries that tag and the entry's bytes, so counting its record
+//! down is a lookup among the groups (a few thousand) instead of among the
+//! entries (a million). An entry queued and removed before its group is
+//! written is tagged with that group, or still pending.
+//!
+//! A group record whose entries are all removed is deleted in the same
+//! write batch; a tombstone record is deleted once no group before it
+//! holds a live entry (nothing it removes is on disk any more). What is
+//! left is garbage: removed entries inside records that still hold live
+//! ones, and tombstones kept by an old live entry. When the garbage passes
+//! the live bytes (plus [`SLACK`]) the oldest group record's entries, less
+//! the ones listed as removed, are written again into the current group and
+//! the old record is deleted, which lets the tombstones after it go: the
+//! disk holds at most about twice the live queue entries, and reaches a
+//! plateau under a steady load. The shards' tags still name the old group,
+//! which now forwards to the new one. The engine's compaction then drops
+//! the deleted records.
+//!
+//! At start the [`Loader`] reads the records in key order with a map of
+//! the live entries (for the tombstones to find theirs), hands each live
+//! entry to its shard tagged with its group, and drops the map.
 //!
 //! Entries written by format 1 (one `Q` record each) are loaded too and
 //! removed one by one (group 0 here).

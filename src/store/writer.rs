@@ -33,22 +33,35 @@ use crate::mailbox::Doorbell;
 /// How often an async store syncs, at the latest.
 const ASYNC_SYNC_EVERY: Duration = Duration::from_secs(1);
 /// Under load, how long the storage thread lets more writes join the next
-/// group before it writes it: fewer, larger groups cost less CPU per write
-/// (one wake-up, one write batch, one fsync each), and the wait ends as
-/// soon as half the last group's worth of changes is pending, so the
-/// pipelined clients never all wait for it. With `sync` an fsync costs more
-/// than the wait (and the next group forms during the fsync anyway); with
-/// `async` the wait is what a group adds to an answer's latency.
-fn linger(d: Durability) -> Duration {
+/// group before it writes it, and how much of the last group's worth of
+/// changes must be pending to end the wait earlier: fewer, larger groups
+/// cost less CPU per write (one wake-up of the storage thread and of each
+/// shard, one write batch, one fsync each), and the wait ends once part
+/// of a group is pending, so the pipelined clients never all wait for it.
+///
+/// With `sync` an fsync costs more than the wait (and the next group forms
+/// during the fsync anyway): 1 ms, half a group. With `async` nothing
+/// overlaps the gathering, the wait alone grows a group: 600 µs, three
+/// quarters of a group, at least 48 changes. Measured with the private
+/// bench (bench/RESULTS.md, "issue 10, fourth round"): against 300 µs and
+/// half a group, the storage thread's CPU per message fell by about a
+/// third; 1 ms and a whole group cut it further but the shards, idle while
+/// every answer waited, spent more on waking up than that saved.
+fn linger(d: Durability) -> (Duration, usize, usize) {
     match d {
-        Durability::Sync => Duration::from_micros(1000),
-        Durability::Async => Duration::from_micros(300),
+        Durability::Sync => (Duration::from_micros(1000), 50, LINGER_AFTER),
+        Durability::Async => (Duration::from_micros(600), 75, 48),
     }
 }
 /// Changes within [`LOAD_WINDOW`] that count as load; also the smallest
 /// group worth waiting for.
 const LINGER_AFTER: usize = 32;
 const LOAD_WINDOW: Duration = Duration::from_millis(1);
+/// Emptied change lists kept per lane for the shard to reuse.
+const SPARE_LISTS: usize = 512;
+/// A reused change list larger than this is freed instead (a statement
+/// that changed many rows must not pin its list's memory).
+const SPARE_CAPACITY: usize = 64;
 /// `Hub::wake_at` while the storage thread is not parked: no shard wakes it.
 const AWAKE: usize = usize::MAX;
 
@@ -80,6 +93,13 @@ pub struct Lane {
     /// The most `bytes` ever was (for `/metrics`: the bound holds).
     peak: AtomicUsize,
     done: Mutex<VecDeque<Done>>,
+    /// Emptied change lists the storage thread hands back, for the shard
+    /// to record its next changes in: a shard that allocated a list per
+    /// statement, freed on another thread, paid for it in its allocator
+    /// (a cross-thread free is collected later, on the shard's next
+    /// allocations). At most [`SPARE_LISTS`] (a statement in flight holds
+    /// one: 4 connections x 64 pipelined take 256).
+    spare: Mutex<Vec<Vec<Change>>>,
     /// The shard's doorbell, rung when completions arrive.
     bell: Arc<Doorbell>,
 }
@@ -133,6 +153,7 @@ impl Hub {
                         bytes: AtomicUsize::new(0),
                         peak: AtomicUsize::new(0),
                         done: Mutex::new(VecDeque::new()),
+                        spare: Mutex::new(Vec::new()),
                         bell: b.clone(),
                     })
                 })
@@ -191,6 +212,8 @@ impl Hub {
 pub struct StoreHandle {
     hub: Arc<Hub>,
     lane: Arc<Lane>,
+    /// Change lists taken from the lane's spares, all at once.
+    spare: Vec<Vec<Change>>,
     next_seq: u64,
     limit: usize,
     storage: Option<std::thread::Thread>,
@@ -199,7 +222,14 @@ pub struct StoreHandle {
 impl StoreHandle {
     /// Shard `shard`'s end; `limit` bounds the bytes in flight.
     pub fn new(hub: &Arc<Hub>, shard: usize, limit: usize) -> StoreHandle {
-        StoreHandle { hub: hub.clone(), lane: hub.lanes[shard].clone(), next_seq: 0, limit, storage: None }
+        StoreHandle {
+            hub: hub.clone(),
+            lane: hub.lanes[shard].clone(),
+            spare: Vec::new(),
+            next_seq: 0,
+            limit,
+            storage: None,
+        }
     }
 
     /// Sends changes to the storage thread; returns the batch's number.
@@ -236,6 +266,15 @@ impl StoreHandle {
             }
         }
         self.next_seq
+    }
+
+    /// An empty change list to record the next changes in: one the
+    /// storage thread emptied, if there is one.
+    pub fn spare_list(&mut self) -> Vec<Change> {
+        if self.spare.is_empty() {
+            std::mem::swap(&mut self.spare, &mut *self.lane.spare.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        self.spare.pop().unwrap_or_default()
     }
 
     /// Too much is waiting for the storage thread: stop reading clients.
@@ -323,7 +362,7 @@ fn run(hub: &Hub, backend: &mut dyn Backend, mut group: u64) {
     let mut unsynced = false;
     let mut last_sync = Instant::now();
     let mut logged_failure: Option<Instant> = None;
-    let linger = linger(hub.durability);
+    let (linger, percent, least) = linger(hub.durability);
     let (mut window, mut last_window, mut window_start) = (0usize, 0usize, Instant::now());
     loop {
         let stopping = hub.stop.load(Ordering::SeqCst);
@@ -384,11 +423,17 @@ fn run(hub: &Hub, backend: &mut dyn Backend, mut group: u64) {
         }
         note(hub, &result, &mut logged_failure);
         let error: Option<Arc<str>> = result.err().map(|e| Arc::from(e.to_string()));
-        for (i, batches) in &taken {
+        for (i, batches) in &mut taken {
             let upto = batches.last().map_or(0, |b| b.seq);
             let lane = &hub.lanes[*i];
             lane.done.lock().unwrap_or_else(PoisonError::into_inner).push_back(Done { upto, error: error.clone() });
             lane.bell.poke();
+            let mut spare = lane.spare.lock().unwrap_or_else(PoisonError::into_inner);
+            for b in batches.drain(..) {
+                if spare.len() < SPARE_LISTS && b.changes.capacity() <= SPARE_CAPACITY {
+                    spare.push(b.changes);
+                }
+            }
         }
         // Under load, let the next group grow: until part of this group's
         // worth of changes is pending, for at most `linger`.
@@ -398,7 +443,7 @@ fn run(hub: &Hub, backend: &mut dyn Backend, mut group: u64) {
         }
         window += changes.len();
         if window.max(last_window) >= LINGER_AFTER && !hub.stop.load(Ordering::SeqCst) {
-            park_until(hub, (changes.len() / 2).max(LINGER_AFTER), now + linger);
+            park_until(hub, (changes.len() * percent / 100).max(least), now + linger);
         }
     }
 }
