@@ -579,6 +579,61 @@ mod tests {
         assert_eq!(hub.pending.load(Ordering::SeqCst), 0);
     }
 
+    /// An engine that records which group each change was applied in.
+    struct Groups(Arc<Mutex<Vec<(u64, u64)>>>);
+
+    impl Backend for Groups {
+        fn apply(&mut self, group: u64, c: &[Change]) -> Result<(), StoreError> {
+            let mut seen = self.0.lock().unwrap();
+            for c in c {
+                if let Change::Key { uid, .. } = c {
+                    seen.push((*uid, group));
+                }
+            }
+            Ok(())
+        }
+        fn sync(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn load(&mut self, _: &mut dyn FnMut(Change)) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn disk_size(&self) -> u64 {
+            0
+        }
+        fn next_group(&self) -> u64 {
+            40
+        }
+    }
+
+    #[test]
+    fn a_shard_is_told_the_group_its_changes_are_written_in() {
+        // Two shards sending while the thread takes groups: the group each
+        // send is told (what a shard tags its queue entries with) is the
+        // one the engine writes the change in, from the engine's first.
+        let bells = [Arc::new(Doorbell::default()), Arc::new(Doorbell::default())];
+        let hub = Hub::new(&bells, Durability::Async);
+        let mut a = StoreHandle::new(&hub, 0, 1 << 20);
+        let mut b = StoreHandle::new(&hub, 1, 1 << 20);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let t = spawn(hub.clone(), Box::new(Groups(seen.clone()))).unwrap();
+        let mut told = Vec::new();
+        for uid in 0..400 {
+            let h = if uid % 2 == 0 { &mut a } else { &mut b };
+            let seq = h.send(change(uid), |_, g| told.push((uid, g)));
+            if uid % 50 == 49 {
+                wait_done(h, seq);
+            }
+        }
+        hub.stop();
+        t.join().unwrap();
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(seen, told);
+        assert!(told.iter().all(|(_, g)| *g >= 40), "groups start at the engine's next group");
+        assert!(told.last().unwrap().1 > 40, "more than one group was written");
+    }
+
     #[test]
     fn a_dead_storage_thread_answers_every_write_with_an_error() {
         let bell = Arc::new(Doorbell::default());

@@ -631,6 +631,31 @@ mod tests {
     }
 
     #[test]
+    fn a_removal_names_the_group_its_entry_was_sent_in_and_its_bytes() {
+        let mut s = UserStore { journal: Some(Vec::new()), ..UserStore::default() };
+        s.enqueue(0, 5, msg(100, "a"), 3, 300, 100);
+        s.enqueue(0, 5, msg(100, "bb"), 3, 300, 100);
+        // Sent: the lane said group 7.
+        let sent = s.take_changes();
+        s.retag(&sent, 7);
+        // Queued, and dropped from the full queue, before being sent: its
+        // removal is pending like its put.
+        s.enqueue(0, 5, msg(101, "c"), 3, 300, 101);
+        s.enqueue(0, 5, msg(101, "d"), 2, 300, 101);
+        s.take_queue(0, 5, 300, 102);
+        let dels: Vec<(u64, u64, u32)> = s
+            .take_changes()
+            .into_iter()
+            .filter_map(|c| match c {
+                Change::QueueDel { seq, tag, bytes, .. } => Some((seq, tag, bytes)),
+                _ => None,
+            })
+            .collect();
+        let len = |m: &str| crate::store::qlog::entry_len(&msg(0, m));
+        assert_eq!(dels, [(0, 7, len("a")), (1, 7, len("bb")), (2, TAG_PENDING, len("c")), (3, TAG_PENDING, len("d"))]);
+    }
+
+    #[test]
     fn queue_is_a_bounded_ring_with_ttl() {
         let mut s = UserStore::default();
         for i in 0..3 {
