@@ -413,11 +413,21 @@ impl QueueLog {
 }
 
 /// Where a live entry is on disk while loading: its group record (0 for
-/// a format-1 record of its own) and its bytes.
+/// a format-1 record of its own) and its bytes, as three u32 (no padding:
+/// the loader's map holds one per queued message, 32 bytes a bucket).
 #[derive(Debug, Clone, Copy)]
-struct Slot {
-    group: u64,
-    bytes: u32,
+struct Slot([u32; 3]);
+
+impl Slot {
+    fn new(group: u64, bytes: u32) -> Slot {
+        Slot([(group >> 32) as u32, group as u32, bytes])
+    }
+    fn group(self) -> u64 {
+        (self.0[0] as u64) << 32 | self.0[1] as u64
+    }
+    fn bytes(self) -> u32 {
+        self.0[2]
+    }
 }
 
 /// Builds a [`QueueLog`] from the records on disk, in key order, and
@@ -439,10 +449,10 @@ impl Loader {
     /// entry of the same key): a rewrite of its record leaves it out.
     fn take_slot(&mut self, k: &Packed) {
         if let Some(old) = self.live.remove(k)
-            && let Some(g) = self.log.groups.get_mut(&old.group)
+            && let Some(g) = self.log.groups.get_mut(&old.group())
         {
             g.live -= 1;
-            g.live_bytes -= old.bytes as u64;
+            g.live_bytes -= old.bytes() as u64;
             g.removed.push(*k);
         }
     }
@@ -461,7 +471,7 @@ impl Loader {
             for e in list {
                 let (k, bytes) = (pack(e.key), e.raw.len() as u32);
                 self.take_slot(&k);
-                self.live.insert(k, Slot { group, bytes });
+                self.live.insert(k, Slot::new(group, bytes));
                 if keep {
                     self.kept.push((k, Queued::new(e.time, e.event, e.message)));
                 }
@@ -481,7 +491,7 @@ impl Loader {
     pub fn own_record(&mut self, k: QKey, m: Option<Queued>) {
         let k = pack(k);
         self.take_slot(&k);
-        self.live.insert(k, Slot { group: 0, bytes: 0 });
+        self.live.insert(k, Slot::new(0, 0));
         if let Some(m) = m {
             self.kept.push((k, m));
         }
@@ -498,12 +508,12 @@ impl Loader {
                 continue;
             }
             if let Some(slot) = self.live.get(&k) {
-                sink(unpack(k), m.tagged(slot.group));
+                sink(unpack(k), m.tagged(slot.group()));
             }
         }
         let log = &mut self.log;
-        log.live_n = self.live.values().filter(|s| s.group != 0).count() as u64;
-        log.live_bytes = self.live.values().map(|s| s.bytes as u64).sum();
+        log.live_n = self.live.values().filter(|s| s.group() != 0).count() as u64;
+        log.live_bytes = self.live.values().map(|s| s.bytes() as u64).sum();
         log.dead_groups = log.groups.iter().filter(|(_, s)| s.live == 0).map(|(g, _)| *g).collect();
         log.garbage =
             log.groups.values().map(|s| s.bytes - s.live_bytes).sum::<u64>() + log.tombs.values().sum::<u64>();
