@@ -412,51 +412,36 @@ impl QueueLog {
     }
 }
 
-/// Where a live entry is on disk while loading: its group record (0 for
-/// a format-1 record of its own) and its bytes, as three u32 (no padding:
-/// the loader's map holds one per queued message, 32 bytes a bucket).
-#[derive(Debug, Clone, Copy)]
-struct Slot([u32; 3]);
-
-impl Slot {
-    fn new(group: u64, bytes: u32) -> Slot {
-        Slot([(group >> 32) as u32, group as u32, bytes])
-    }
-    fn group(self) -> u64 {
-        (self.0[0] as u64) << 32 | self.0[1] as u64
-    }
-    fn bytes(self) -> u32 {
-        self.0[2]
-    }
+/// An entry read at start: its key, the group record holding it (0 for a
+/// format-1 record of its own), its bytes there, and its message (when
+/// loading, not when rebuilding the bookkeeping).
+#[derive(Debug)]
+struct Read {
+    key: Packed,
+    bytes: u32,
+    group: u64,
+    msg: Option<Queued>,
 }
 
 /// Builds a [`QueueLog`] from the records on disk, in key order, and
 /// collects the live entries, each tagged with the group that holds it.
+///
+/// It keeps every entry and every removal read, sorts both by key, and
+/// then tells for each key which entry is live: the last one written, if
+/// no removal came after it. No map of the live entries is built: at
+/// start, with a million queued messages, a map is the peak of memory the
+/// loading adds (and an allocator gives that back to the system late).
 #[derive(Debug, Default)]
 pub struct Loader {
     log: QueueLog,
-    /// Where each live entry read so far is; only while loading.
-    live: HashMap<Packed, Slot, ahash::RandomState>,
-    /// Every entry read (when loading, not when rebuilding), in the order
-    /// read; the last of a key is the one that counts, if it is live.
-    kept: Vec<(Packed, Queued)>,
+    reads: Vec<Read>,
+    /// The removals read: the entry's key, the group of the tombstone.
+    removed: Vec<(Packed, u64)>,
     /// The highest group seen.
     top: u64,
 }
 
 impl Loader {
-    /// Entry `k` is no longer live where it was (a removal, or a later
-    /// entry of the same key): a rewrite of its record leaves it out.
-    fn take_slot(&mut self, k: &Packed) {
-        if let Some(old) = self.live.remove(k)
-            && let Some(g) = self.log.groups.get_mut(&old.group())
-        {
-            g.live -= 1;
-            g.live_bytes -= old.bytes() as u64;
-            g.removed.push(*k);
-        }
-    }
-
     /// A group record (`keep`: keep the entries' texts, to load them).
     /// `false` when it is malformed.
     pub fn record(&mut self, key: &[u8], value: &[u8], keep: bool) -> bool {
@@ -469,19 +454,13 @@ impl Loader {
             stat.live += list.len() as u32;
             stat.live_bytes += value.len() as u64;
             for e in list {
-                let (k, bytes) = (pack(e.key), e.raw.len() as u32);
-                self.take_slot(&k);
-                self.live.insert(k, Slot::new(group, bytes));
-                if keep {
-                    self.kept.push((k, Queued::new(e.time, e.event, e.message)));
-                }
+                let msg = keep.then(|| Queued::new(e.time, e.event, e.message));
+                self.reads.push(Read { key: pack(e.key), bytes: e.raw.len() as u32, group, msg });
             }
         } else {
             let Some(list) = removals(value) else { return false };
             self.log.tombs.insert(group, value.len() as u64);
-            for k in list {
-                self.take_slot(&pack(k));
-            }
+            self.removed.extend(list.into_iter().map(|k| (pack(k), group)));
         }
         true
     }
@@ -489,31 +468,50 @@ impl Loader {
     /// A format-1 record of its own (deleted by key, so not counted in
     /// the log's bytes).
     pub fn own_record(&mut self, k: QKey, m: Option<Queued>) {
-        let k = pack(k);
-        self.take_slot(&k);
-        self.live.insert(k, Slot::new(0, 0));
-        if let Some(m) = m {
-            self.kept.push((k, m));
-        }
+        self.reads.push(Read { key: pack(k), bytes: 0, group: 0, msg: m });
     }
 
     /// The bookkeeping; the live entries go to `sink` in key order (each
     /// user's queue from its oldest entry), tagged with their group.
     pub fn finish(mut self, sink: &mut dyn FnMut(QKey, Queued)) -> QueueLog {
-        // Stable: of the entries of one key, the last read stays last.
-        self.kept.sort_by_key(|(k, _)| *k);
-        let mut kept = std::mem::take(&mut self.kept).into_iter().peekable();
-        while let Some((k, m)) = kept.next() {
-            if kept.peek().is_some_and(|(next, _)| *next == k) {
+        // Of one key, the entries in the order written (a position is
+        // reused only once its entry was removed), and its removals.
+        self.reads.sort_unstable_by_key(|r| (r.key, r.group));
+        self.removed.sort_unstable();
+        let log = &mut self.log;
+        let mut removed = self.removed.iter().peekable();
+        let mut reads = std::mem::take(&mut self.reads).into_iter().peekable();
+        // The key of the last read and the latest group a removal of it
+        // was written in.
+        let mut last_removal: Option<(Packed, u64)> = None;
+        while let Some(r) = reads.next() {
+            if last_removal.is_none_or(|(k, _)| k != r.key) {
+                while removed.next_if(|(k, _)| *k < r.key).is_some() {}
+                let mut latest = 0;
+                while let Some((_, t)) = removed.next_if(|(k, _)| *k == r.key) {
+                    latest = latest.max(*t);
+                }
+                last_removal = Some((r.key, latest));
+            }
+            // A later entry of the key, or a removal written after it (in
+            // a later group), removed it.
+            let replaced = reads.peek().is_some_and(|n| n.key == r.key);
+            let gone = last_removal.is_some_and(|(_, t)| t > r.group);
+            if replaced || gone {
+                // Dead in its record: a rewrite leaves it out.
+                if let Some(g) = log.groups.get_mut(&r.group) {
+                    g.live -= 1;
+                    g.live_bytes -= r.bytes as u64;
+                    g.removed.push(r.key);
+                }
                 continue;
             }
-            if let Some(slot) = self.live.get(&k) {
-                sink(unpack(k), m.tagged(slot.group()));
+            log.live_n += (r.group != 0) as u64;
+            log.live_bytes += r.bytes as u64;
+            if let Some(m) = r.msg {
+                sink(unpack(r.key), m.tagged(r.group));
             }
         }
-        let log = &mut self.log;
-        log.live_n = self.live.values().filter(|s| s.group() != 0).count() as u64;
-        log.live_bytes = self.live.values().map(|s| s.bytes() as u64).sum();
         log.dead_groups = log.groups.iter().filter(|(_, s)| s.live == 0).map(|(g, _)| *g).collect();
         log.garbage =
             log.groups.values().map(|s| s.bytes - s.live_bytes).sum::<u64>() + log.tombs.values().sum::<u64>();
