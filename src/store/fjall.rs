@@ -63,6 +63,9 @@ pub struct FjallStore {
     /// Where the offline queue entries are on disk; `None` until loaded,
     /// and after a failed write until rebuilt from the disk.
     qlog: Option<QueueLog>,
+    /// The forwarding of rewritten queue records, kept from a failed
+    /// write's bookkeeping until it is rebuilt ([`QueueLog::take_moved`]).
+    moved: Vec<(u64, u64)>,
     /// Buffers reused from write to write.
     key: Vec<u8>,
     value: Vec<u8>,
@@ -131,6 +134,7 @@ impl FjallStore {
             max_journal,
             inner: Some((db, state)),
             qlog: None,
+            moved: Vec::new(),
             key: Vec::with_capacity(64),
             value: Vec::with_capacity(256),
             _lock: lock,
@@ -161,7 +165,9 @@ impl FjallStore {
     /// next write) and names the cause.
     fn failed(&mut self, e: &fjall::Error) -> StoreError {
         self.inner = None;
-        self.qlog = None;
+        if let Some(mut q) = self.qlog.take() {
+            self.moved.extend(q.take_moved());
+        }
         StoreError::Write(write_cause(e))
     }
 
@@ -177,7 +183,9 @@ impl FjallStore {
                 read_queue_record(&mut loader, &k, &v, false).map_err(|key| corrupt(&path, &key))?;
             }
         }
-        self.qlog = Some(loader.finish(&mut |_, _| {}));
+        let mut log = loader.finish(&mut |_, _| {});
+        log.keep_moved(std::mem::take(&mut self.moved));
+        self.qlog = Some(log);
         Ok(())
     }
 }
@@ -462,7 +470,11 @@ impl Backend for FjallStore {
         if !out.removals.is_empty() {
             batch.insert(ks, qlog::log_key(out.group, false), &out.removals[..]);
         }
-        batch.commit().map_err(|e| self.failed(&e))
+        batch.commit().map_err(|e| self.failed(&e))?;
+        if let Some(q) = self.qlog.as_mut() {
+            q.written();
+        }
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {

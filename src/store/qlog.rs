@@ -215,6 +215,11 @@ pub struct QueueLog {
     /// most one hop: a rewrite re-points the groups moved into the old
     /// record. An entry goes when the record it points to goes.
     moved: HashMap<u64, u64, ahash::RandomState>,
+    /// Groups rewritten into the group being finished: they forward to it
+    /// once its write is done ([`QueueLog::written`]). A write that fails
+    /// leaves the old records on disk, and the tags must keep leading to
+    /// them.
+    moving: Vec<u64>,
     /// Tombstone records on disk: group, bytes.
     tombs: BTreeMap<u64, u64>,
     garbage: u64,
@@ -267,6 +272,7 @@ impl QueueLog {
     /// Starts group `group` (greater than every earlier one).
     pub fn begin(&mut self, group: u64) {
         self.group = group;
+        self.moving.clear();
         self.puts.clear();
         self.put_buf.clear();
         self.put_at.clear();
@@ -313,6 +319,33 @@ impl QueueLog {
         self.del_buf.extend_from_slice(&k.1.to_be_bytes());
         self.del_buf.extend_from_slice(&k.2.to_be_bytes());
         Removed::Logged
+    }
+
+    /// The group [`QueueLog::finish`] built is written: the records it
+    /// rewrote forward to it.
+    pub fn written(&mut self) {
+        let g = self.out.group;
+        for f in self.moving.drain(..) {
+            self.moved.insert(f, g);
+        }
+    }
+
+    /// The forwarding of rewritten groups, to keep across a rebuild of
+    /// the bookkeeping after a failed write (the shards' tags still name
+    /// the rewritten groups).
+    pub fn take_moved(&mut self) -> Vec<(u64, u64)> {
+        self.moved.drain().collect()
+    }
+
+    /// Keeps the forwarding that leads to records on disk (after a
+    /// rebuild from the disk).
+    pub fn keep_moved(&mut self, moved: Vec<(u64, u64)>) {
+        for (from, to) in moved {
+            if let Some(g) = self.groups.get_mut(&to) {
+                g.from.push(from);
+                self.moved.insert(from, to);
+            }
+        }
     }
 
     /// Forgets a record that left the disk, and the tags that led to it.
@@ -373,9 +406,10 @@ impl QueueLog {
             }
             self.garbage -= stat.bytes - stat.live_bytes;
             self.out.delete_entries.push(old);
-            // The tags of its entries, and of those moved into it, lead here.
+            // The tags of its entries, and of those moved into it, lead
+            // here once this group is written.
             for f in stat.from.into_iter().chain([old]) {
-                self.moved.insert(f, g);
+                self.moving.push(f);
                 new.from.push(f);
             }
             self.rewritten += 1;
@@ -385,9 +419,7 @@ impl QueueLog {
             new.bytes = out.entries.len() as u64;
             self.groups.insert(g, new);
         } else {
-            for f in &new.from {
-                self.moved.remove(f);
-            }
+            self.moving.clear();
         }
         // Tombstones go once no earlier group holds a live entry; this
         // group's own is not written then.
@@ -581,6 +613,7 @@ mod tests {
         }
         log.finish(&mut |g| disk.0.get(&log_key(g, true)[..]).cloned());
         disk.write(log);
+        log.written();
     }
 
     #[test]
@@ -676,6 +709,7 @@ mod tests {
             }
             log.finish(&mut |g| disk.0.get(&log_key(g, true)[..]).cloned());
             disk.write(&log);
+            log.written();
             // The shard tags what it sent with the group.
             tag_pending(&mut model, g);
             if round % 100 == 99 {
@@ -708,6 +742,35 @@ mod tests {
         rewritten += log.rewritten;
         assert!(rewritten > 10, "old records were rewritten ({rewritten})");
         assert!(disk.bytes() < 64 * 1024, "the disk stays bounded: {}", disk.bytes());
+    }
+
+    #[test]
+    fn a_rewritten_record_still_takes_removals_by_its_old_tag_after_a_failed_write() {
+        let (mut log, mut disk, mut tags) =
+            (QueueLog { slack: Some(0), ..QueueLog::default() }, Disk::default(), HashMap::new());
+        // Group 1 holds the entry kept; removing its neighbour makes
+        // garbage enough to rewrite group 1 into group 2.
+        group(&mut log, &mut disk, &mut tags, &[((0, 1, 0), "keep"), ((0, 2, 0), "a long message, garbage soon")], &[]);
+        group(&mut log, &mut disk, &mut tags, &[], &[(0, 2, 0)]);
+        assert_eq!(log.rewritten, 1);
+        assert!(!disk.0.contains_key(&log_key(1, true)[..]), "group 1's record was rewritten");
+        // Group 3's write fails: the bookkeeping is rebuilt from the disk,
+        // keeping the forwarding of group 1.
+        log.begin(3);
+        log.put((0, 3, 0), &Queued::new(1, "e", "lost"));
+        log.finish(&mut |g| disk.0.get(&log_key(g, true)[..]).cloned());
+        let moved = log.take_moved();
+        let (mut rebuilt, _) = disk.load();
+        rebuilt.keep_moved(moved);
+        // The shard still tags the kept entry with group 1.
+        let (tag, bytes) = tags[&(0, 1, 0)];
+        assert_eq!(tag, 1);
+        rebuilt.begin(4);
+        assert_eq!(rebuilt.remove((0, 1, 0), tag, bytes), Removed::Logged);
+        rebuilt.finish(&mut |g| disk.0.get(&log_key(g, true)[..]).cloned());
+        disk.write(&rebuilt);
+        rebuilt.written();
+        assert!(disk.load().1.is_empty(), "the delivered entry is not loaded again: {:?}", disk.load().1);
     }
 
     #[test]
