@@ -639,7 +639,13 @@ mod tests {
         assert_eq!(got.len(), 3);
     }
 
-    fn tag_pending(model: &mut BTreeMap<u64, (u64, std::collections::VecDeque<(String, u64, u32)>)>, g: u64) {
+    /// The model of the randomized test: per user, the position of its
+    /// head and its messages, each with the tag the shard keeps (the group
+    /// it was put in, or pending while its group is being built) and its
+    /// bytes.
+    type Model = BTreeMap<u64, (u64, std::collections::VecDeque<(String, u64, u32)>)>;
+
+    fn tag_pending(model: &mut Model, g: u64) {
         for (_, q) in model.values_mut() {
             for e in q.iter_mut().filter(|e| e.1 == TAG_PENDING) {
                 e.1 = g;
@@ -662,10 +668,6 @@ mod tests {
             rng % n
         };
         let (mut log, mut disk) = (QueueLog { slack: Some(512), ..QueueLog::default() }, Disk::default());
-        // The model: per user, the position of its head and its messages,
-        // each with the tag the shard keeps (the group it was put in, or
-        // pending while its group is being built) and its bytes.
-        type Model = BTreeMap<u64, (u64, std::collections::VecDeque<(String, u64, u32)>)>;
         let mut model: Model = BTreeMap::new();
         let (mut g, mut rewritten) = (0, 0);
         for round in 0..3000 {
