@@ -60,8 +60,9 @@ const LOAD_WINDOW: Duration = Duration::from_millis(1);
 /// Emptied change lists kept per lane for the shard to reuse.
 const SPARE_LISTS: usize = 512;
 /// A reused change list larger than this is freed instead (a statement
-/// that changed many rows must not pin its list's memory).
-const SPARE_CAPACITY: usize = 64;
+/// that changed many rows must not pin its list's memory): the spares of
+/// a lane hold at most 512 x 8 changes of 104 bytes, 416 KiB.
+const SPARE_CAPACITY: usize = 8;
 /// `Hub::wake_at` while the storage thread is not parked: no shard wakes it.
 const AWAKE: usize = usize::MAX;
 
