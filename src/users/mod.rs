@@ -780,6 +780,18 @@ mod queued_tests {
         assert!(q.event().len() <= 255 && long.starts_with(q.event()));
         assert_eq!(q.message(), "m");
     }
+
+    #[test]
+    fn the_store_tag_costs_no_memory_and_holds_48_bits() {
+        // Time, the text's pointer and length, and the tag and event
+        // length in what would otherwise be padding.
+        assert_eq!(std::mem::size_of::<Queued>(), 32);
+        let q = Queued::new(5, "e", "m");
+        assert_eq!(q.tag(), super::TAG_PENDING);
+        let g = (1 << 47) + 12_345;
+        assert_eq!(q.clone().tagged(g).tag(), g);
+        assert_eq!(q.clone().tagged(g), q, "the tag is not part of the message");
+    }
 }
 
 #[cfg(test)]
