@@ -51,6 +51,8 @@ check "$out/publish_http.json" '[x["target"] for x in f] == ["comet", "comet-htt
 check "$out/cluster.json" 'len(f) == 2 and all(x["loss"] == 0 and x["delivered"] == 3000 for x in f)'
 "$B" "${common[@]}" durability publish --subs 20 --conns 2 --inserts 200 --window 16 --history 10 --json "$out/durability.json"
 check "$out/durability.json" 'len(f) == 3 and all(x["loss"] == 0 for x in f)'
+"$B" "${common[@]}" durability --rounds 2 --base-bin "$C" private --users 50 --devices 0 --conns 2 --inserts 200 --window 16 --json "$out/durability_rounds.json"
+check "$out/durability_rounds.json" 'len(f) == 12 and all(x["loss"] == 0 and x["extra"]["INSERTs/s"] > 0 for x in f)'
 "$B" "${common[@]}" store-load --users 2000
 "$B" "${common[@]}" cluster-state --users 2000
 "$B" "${common[@]}" --server-arg=--max-accept-rate=2000 storm --clients 400 --procs 2 --threads 4 --json "$out/storm.json"

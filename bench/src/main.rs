@@ -146,6 +146,18 @@ enum Cmd {
     /// async and --ephemeral in one run (fresh temp data dirs); prints each
     /// one's INSERT/s as a share of --ephemeral's.
     Durability {
+        /// Rounds of the three modes, each round in another order (sync,
+        /// async, ephemeral; then async, ephemeral, sync; ...), each mode's
+        /// ratio taken against the ephemeral phase of its own round; prints
+        /// every round and the medians. A busy moment on a shared machine
+        /// then moves one round, not the result. 1: the single run as before.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// A second comet binary run in every round too, alternating with
+        /// `--comet-bin` (e.g. main's build against a branch's): the same
+        /// rounds, medians for each.
+        #[arg(long)]
+        base_bin: Option<PathBuf>,
         #[command(subcommand)]
         scenario: DurabilityScenario,
     },
@@ -453,7 +465,10 @@ fn main() {
     wire::OFFER_DEFLATE.store(g.deflate, std::sync::atomic::Ordering::Relaxed);
     let results: Vec<Figures> = match cli.cmd {
         Cmd::Compare { scenario } => compare(&g, scenario),
-        Cmd::Durability { scenario } => durability(&g, scenario),
+        Cmd::Durability { rounds, base_bin, scenario } if rounds > 1 || base_bin.is_some() => {
+            durability_rounds(&g, scenario, rounds.max(1), base_bin)
+        }
+        Cmd::Durability { scenario, .. } => durability(&g, scenario),
         Cmd::StoreLoad { users } => {
             store_load(&g, users);
             return;
@@ -656,36 +671,118 @@ fn compare(g: &Global, scenario: CompareScenario) -> Vec<Figures> {
 
 /// Runs a CometQL scenario against comet with each durability setting.
 fn durability(g: &Global, scenario: DurabilityScenario) -> Vec<Figures> {
-    let cmd = match scenario {
-        DurabilityScenario::Private(a) => Cmd::Private(a),
-        DurabilityScenario::Publish(a) => Cmd::Publish(a),
-    };
+    let cmd = durability_cmd(scenario);
     let mut out: Vec<Figures> = Vec::new();
     for mode in ["sync", "async", "ephemeral"] {
-        let mut g = g.clone();
-        g.spawn = true;
-        let dir = std::env::temp_dir().join(format!("comet-bench-store-{}-{mode}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        if mode == "ephemeral" {
-            g.server_args.push("--ephemeral".into());
-        } else {
-            g.server_args.extend(["--data-dir".into(), dir.to_string_lossy().into_owned()]);
-            g.server_args.extend(["--durability".into(), mode.into()]);
-        }
-        eprintln!("durability: {mode}");
-        let mut f = match Target::spawn(Kind::Comet, &spawn_opts(&g)) {
-            Ok(t) => run(&g, &t, &cmd),
-            Err(e) => die(&format!("cannot start comet: {e}")),
-        };
-        f.target = format!("comet {mode}");
-        let _ = std::fs::remove_dir_all(&dir);
-        out.push(f);
-        std::thread::sleep(Duration::from_millis(500));
+        out.push(durability_phase(g, &cmd, mode));
     }
     let rate = |f: &Figures| f.extra.get("INSERTs/s").copied().unwrap_or(0.0);
     if let Some(eph) = out.iter().find(|f| f.target == "comet ephemeral").map(rate) {
         for f in &out {
             println!("{}: {:.0} INSERT/s, {:.0}% of ephemeral", f.target, rate(f), 100.0 * rate(f) / eph.max(1.0));
+        }
+    }
+    out
+}
+
+fn durability_cmd(scenario: DurabilityScenario) -> Cmd {
+    match scenario {
+        DurabilityScenario::Private(a) => Cmd::Private(a),
+        DurabilityScenario::Publish(a) => Cmd::Publish(a),
+    }
+}
+
+/// One spawned comet in durability `mode` (`sync`, `async` or
+/// `ephemeral`, on a fresh data dir) running `cmd`.
+fn durability_phase(g: &Global, cmd: &Cmd, mode: &str) -> Figures {
+    let mut g = g.clone();
+    g.spawn = true;
+    let dir = std::env::temp_dir().join(format!("comet-bench-store-{}-{mode}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    if mode == "ephemeral" {
+        g.server_args.push("--ephemeral".into());
+    } else {
+        g.server_args.extend(["--data-dir".into(), dir.to_string_lossy().into_owned()]);
+        g.server_args.extend(["--durability".into(), mode.into()]);
+    }
+    eprintln!("durability: {mode} ({})", g.comet_bin.display());
+    let mut f = match Target::spawn(Kind::Comet, &spawn_opts(&g)) {
+        Ok(t) => run(&g, &t, cmd),
+        Err(e) => die(&format!("cannot start comet: {e}")),
+    };
+    f.target = format!("comet {mode}");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::thread::sleep(Duration::from_millis(500));
+    f
+}
+
+/// `durability --rounds N [--base-bin B]`: the three modes (of each
+/// binary) in every round, in an order that rotates from round to round;
+/// each ratio against the ephemeral phase of the same binary and round;
+/// medians at the end.
+fn durability_rounds(g: &Global, scenario: DurabilityScenario, rounds: usize, base: Option<PathBuf>) -> Vec<Figures> {
+    let cmd = durability_cmd(scenario);
+    let modes = ["sync", "async", "ephemeral"];
+    let mut bins = vec![("this", g.comet_bin.clone())];
+    if let Some(b) = base {
+        bins.push(("base", b));
+    }
+    let rate = |f: &Figures| f.extra.get("INSERTs/s").copied().unwrap_or(0.0);
+    let cpu =
+        |f: &Figures| f.extra.iter().find(|(k, _)| k.starts_with("server CPU µs per")).map_or(f64::NAN, |(_, v)| *v);
+    // (binary, mode) -> INSERT/s, ratio, CPU per round.
+    type Rows = std::collections::BTreeMap<(usize, usize), Vec<(f64, f64, f64)>>;
+    let mut table: Rows = Default::default();
+    let mut out = Vec::new();
+    for r in 0..rounds {
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let load: String = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+        // Rotate the order of the modes and of the binaries.
+        let mut phases: Vec<(usize, usize)> = Vec::new();
+        for i in 0..bins.len() {
+            let b = (i + r) % bins.len();
+            for j in 0..modes.len() {
+                phases.push((b, (j + r) % modes.len()));
+            }
+        }
+        let mut got: std::collections::BTreeMap<(usize, usize), Figures> = Default::default();
+        for (b, m) in phases {
+            let mut gb = g.clone();
+            gb.comet_bin = bins[b].1.clone();
+            let mut f = durability_phase(&gb, &cmd, modes[m]);
+            f.target = format!("comet {} {} round {}", bins[b].0, modes[m], r + 1);
+            got.insert((b, m), f);
+        }
+        for (b, (name, _)) in bins.iter().enumerate() {
+            let eph = got.get(&(b, 2)).map(rate).unwrap_or(0.0).max(1.0);
+            let mut line = format!("round {} ({name}, load {load}):", r + 1);
+            for (m, mode) in modes.iter().enumerate() {
+                let f = &got[&(b, m)];
+                let row = (rate(f), 100.0 * rate(f) / eph, cpu(f));
+                line += &format!(" {mode} {:.0}/s {:.0}% {:.1} µs;", row.0, row.1, row.2);
+                table.entry((b, m)).or_default().push(row);
+            }
+            println!("{}", line.trim_end_matches(';'));
+        }
+        out.extend(got.into_values());
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    };
+    for (b, (name, bin)) in bins.iter().enumerate() {
+        println!("median of {rounds} rounds, {name} ({}):", bin.display());
+        for (m, mode) in modes.iter().enumerate() {
+            let rows = &table[&(b, m)];
+            let ratios: Vec<String> = rows.iter().map(|r| format!("{:.0}", r.1)).collect();
+            println!(
+                "  {mode}: {:.0} INSERT/s, {:.0}% of ephemeral (rounds: {}%), {:.1} µs server CPU per message",
+                median(rows.iter().map(|r| r.0).collect()),
+                median(rows.iter().map(|r| r.1).collect()),
+                ratios.join(", "),
+                median(rows.iter().map(|r| r.2).collect()),
+            );
         }
     }
     out
@@ -1245,12 +1342,14 @@ fn private(g: &Global, t: &Target, a: &PrivateArgs) -> Figures {
     let cpu0 = t.cpu();
     let t0 = Instant::now();
     let back = t.back.expect("comet backend");
-    let writers: Vec<_> = (0..a.conns)
-        .map(|w| {
-            let (password, inserts, window, users, rate, conns) =
-                (t.password.clone(), a.inserts, a.window, a.users, a.rate, a.conns);
+    let conns = wire::mysql_logins_spread(&back, &t.password, a.conns, g.workers)
+        .unwrap_or_else(|e| die(&format!("CometQL login: {e}")));
+    let writers: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(w, mut s)| {
+            let (inserts, window, users, rate, conns) = (a.inserts, a.window, a.users, a.rate, a.conns);
             std::thread::spawn(move || {
-                let mut s = wire::mysql_login(&back, &password).expect("CometQL login");
                 pipelined(&mut s, inserts, window, |i| {
                     if rate > 0.0 {
                         let due = t0 + Duration::from_secs_f64((i * conns + w) as f64 / rate);
@@ -1395,12 +1494,18 @@ fn publish(g: &Global, t: &Target, a: &PublishArgs, via: Via) -> Figures {
     let cpu0 = t.cpu();
     let t0 = Instant::now();
     let (back, api) = (t.back.expect("comet backend"), t.api);
+    let mut sql = match via {
+        Via::CometQl => wire::mysql_logins_spread(&back, &t.password, a.conns, g.workers)
+            .unwrap_or_else(|e| die(&format!("CometQL login: {e}"))),
+        Via::Http => Vec::new(),
+    };
     let writers: Vec<_> = (0..a.conns)
         .map(|_| {
             let (password, inserts, window) = (t.password.clone(), a.inserts, a.window);
+            let conn = sql.pop();
             std::thread::spawn(move || match via {
                 Via::CometQl => {
-                    let mut s = wire::mysql_login(&back, &password).expect("CometQL login");
+                    let mut s = conn.expect("one connection per writer");
                     pipelined(&mut s, inserts, window, |_| {
                         let ts = wire::epoch_us();
                         format!("INSERT INTO pipes_messages (name, event, message) VALUES ('{channel}', 'bench', '{ts}')")

@@ -305,7 +305,7 @@ fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
 }
 
 impl Backend for RedisStore {
-    fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+    fn apply(&mut self, _group: u64, changes: &[Change]) -> Result<(), StoreError> {
         // Statements that write are refused while Redis is down before they
         // change anything (`ShardCore::cluster_write_refused`); what still
         // comes (a last-online time, a re-seed racing the reconnect) is
@@ -623,7 +623,7 @@ mod tests {
         assert_eq!(back.n, 4);
         let back: Vec<Change> = back.c.into_iter().map(WireChange::into_change).collect();
         assert_eq!(back, changes);
-        let q = Change::QueueDel { dev: 1, uid: 2, seq: 0 };
+        let q = Change::QueueDel { dev: 1, uid: 2, seq: 0, tag: 1, bytes: 40 };
         assert_eq!(WireChange::of(&q), None);
     }
 

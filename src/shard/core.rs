@@ -327,7 +327,17 @@ impl ShardCore {
         // Both modes wait for the storage thread: sync until the change is
         // on disk, async only until it is handed to the OS (no disk wait),
         // so that a crash of the process never loses an acknowledged write.
-        Written::Wait(store.send(changes))
+        // The queue entries put are tagged with the write group that will
+        // hold them: their removals name it (`store::qlog`).
+        let users = &mut self.users;
+        let seq = store.send(changes, |c, group| users.retag(c, group));
+        // The next changes go into a list the storage thread emptied.
+        if let Some(j) = self.users.journal.as_mut()
+            && j.capacity() == 0
+        {
+            *j = store.spare_list();
+        }
+        Written::Wait(seq)
     }
 
     /// Too many changes wait for the store, or too many publishes for

@@ -245,6 +245,9 @@ impl Shard {
         // Changes no answer waits for (a device leaving, a queue delivered,
         // a sweep) go to the store now.
         self.core.record_changes();
+        // Completions the storage thread sent meanwhile: answered now,
+        // with this round's writes, instead of at the mailbox task's turn.
+        self.core.storage_progress();
         loop {
             if !self.core.effects.is_empty() {
                 for e in std::mem::take(&mut self.core.effects) {

@@ -63,6 +63,9 @@ pub struct FjallStore {
     /// Where the offline queue entries are on disk; `None` until loaded,
     /// and after a failed write until rebuilt from the disk.
     qlog: Option<QueueLog>,
+    /// The forwarding of rewritten queue records, kept from a failed
+    /// write's bookkeeping until it is rebuilt ([`QueueLog::take_moved`]).
+    moved: Vec<(u64, u64)>,
     /// Buffers reused from write to write.
     key: Vec<u8>,
     value: Vec<u8>,
@@ -131,6 +134,7 @@ impl FjallStore {
             max_journal,
             inner: Some((db, state)),
             qlog: None,
+            moved: Vec::new(),
             key: Vec::with_capacity(64),
             value: Vec::with_capacity(256),
             _lock: lock,
@@ -161,7 +165,9 @@ impl FjallStore {
     /// next write) and names the cause.
     fn failed(&mut self, e: &fjall::Error) -> StoreError {
         self.inner = None;
-        self.qlog = None;
+        if let Some(mut q) = self.qlog.take() {
+            self.moved.extend(q.take_moved());
+        }
         StoreError::Write(write_cause(e))
     }
 
@@ -177,7 +183,9 @@ impl FjallStore {
                 read_queue_record(&mut loader, &k, &v, false).map_err(|key| corrupt(&path, &key))?;
             }
         }
-        self.qlog = Some(loader.finish(&mut |_, _| {}));
+        let mut log = loader.finish(&mut |_, _| {});
+        log.keep_moved(std::mem::take(&mut self.moved));
+        self.qlog = Some(log);
         Ok(())
     }
 }
@@ -385,7 +393,7 @@ fn decode(key: &[u8], value: &[u8]) -> Option<Change> {
             let time = v.i64()?;
             let elen = v.u8()? as usize;
             let event = v.str(elen)?;
-            Change::QueuePut { dev, uid, seq, msg: Queued::new(time, event, v.rest()?) }
+            Change::QueuePut { dev, uid, seq, msg: Queued::new(time, event, v.rest()?).tagged(0) }
         }
         b'H' => {
             let clen = k.u16()? as usize;
@@ -406,7 +414,7 @@ fn decode(key: &[u8], value: &[u8]) -> Option<Change> {
 }
 
 impl Backend for FjallStore {
-    fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+    fn apply(&mut self, group: u64, changes: &[Change]) -> Result<(), StoreError> {
         if self.qlog.is_none() {
             self.rebuild_qlog()?;
         }
@@ -416,7 +424,7 @@ impl Backend for FjallStore {
         };
         let mut batch = db.batch();
         let (k, v) = (&mut self.key, &mut self.value);
-        ql.begin();
+        ql.begin(group);
         for c in changes {
             match c {
                 Change::Key { dev, uid, key: Some(t) } => batch.insert(ks, user_key(k, b'K', *dev, *uid), t.as_bytes()),
@@ -431,13 +439,9 @@ impl Backend for FjallStore {
                 Change::LastOnline { dev, uid, time: None } => batch.remove(ks, user_key(k, b'T', *dev, *uid)),
                 Change::Revoked { dev, token, on: true } => batch.insert(ks, text_key(k, b'R', *dev, token), &b""[..]),
                 Change::Revoked { dev, token, on: false } => batch.remove(ks, text_key(k, b'R', *dev, token)),
-                Change::QueuePut { dev, uid, seq, msg } => {
-                    if ql.put((*dev, *uid, *seq), msg) == Removed::OwnRecord {
-                        batch.remove(ks, queue_key(k, *dev, *uid, *seq));
-                    }
-                }
-                Change::QueueDel { dev, uid, seq } => {
-                    if ql.remove((*dev, *uid, *seq)) == Removed::OwnRecord {
+                Change::QueuePut { dev, uid, seq, msg } => ql.put((*dev, *uid, *seq), msg),
+                Change::QueueDel { dev, uid, seq, tag, bytes } => {
+                    if ql.remove((*dev, *uid, *seq), *tag, *bytes) == Removed::OwnRecord {
                         batch.remove(ks, queue_key(k, *dev, *uid, *seq));
                     }
                 }
@@ -466,7 +470,11 @@ impl Backend for FjallStore {
         if !out.removals.is_empty() {
             batch.insert(ks, qlog::log_key(out.group, false), &out.removals[..]);
         }
-        batch.commit().map_err(|e| self.failed(&e))
+        batch.commit().map_err(|e| self.failed(&e))?;
+        if let Some(q) = self.qlog.as_mut() {
+            q.written();
+        }
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
@@ -505,6 +513,10 @@ impl Backend for FjallStore {
     fn disk_size(&self) -> u64 {
         self.inner.as_ref().map_or(0, |(db, _)| db.disk_space().unwrap_or(0))
     }
+
+    fn next_group(&self) -> u64 {
+        self.qlog.as_ref().map_or(1, QueueLog::next_group)
+    }
 }
 
 /// The cause of a failed write, as an operator reads it.
@@ -538,9 +550,11 @@ mod tests {
         ];
         {
             let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
-            s.apply(&changes).unwrap();
-            s.apply(&[Change::QueuePut { dev: 0, uid: 9, seq: 4, msg: Queued::new(5, "ev", "gone") }]).unwrap();
-            s.apply(&[Change::QueueDel { dev: 0, uid: 9, seq: 4 }]).unwrap();
+            s.apply(1, &changes).unwrap();
+            let gone = Queued::new(5, "ev", "gone");
+            let bytes = qlog::entry_len(&gone);
+            s.apply(2, &[Change::QueuePut { dev: 0, uid: 9, seq: 4, msg: gone }]).unwrap();
+            s.apply(3, &[Change::QueueDel { dev: 0, uid: 9, seq: 4, tag: 2, bytes }]).unwrap();
             s.sync().unwrap();
             assert!(matches!(FjallStore::open(&dir, 64 << 20), Err(StoreError::Locked { .. })));
         }
@@ -585,10 +599,14 @@ mod tests {
             let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
             assert_eq!(load(&mut s), [(0, "old 0".into()), (1, "old 1".into()), (2, "old 2".into())]);
             // The oldest is delivered, one more is queued behind the rest.
-            s.apply(&[
-                Change::QueueDel { dev: 0, uid: 9, seq: 0 },
-                Change::QueuePut { dev: 0, uid: 9, seq: 3, msg: Queued::new(6, "ev", "new 3") },
-            ])
+            let group = s.next_group();
+            s.apply(
+                group,
+                &[
+                    Change::QueueDel { dev: 0, uid: 9, seq: 0, tag: 0, bytes: 0 },
+                    Change::QueuePut { dev: 0, uid: 9, seq: 3, msg: Queued::new(6, "ev", "new 3") },
+                ],
+            )
             .unwrap();
             s.sync().unwrap();
         }
@@ -607,10 +625,11 @@ mod tests {
         let mut s = FjallStore::open(&dir, 64 << 20).unwrap();
         s.load(&mut |_| {}).unwrap();
         let put = |seq| Change::QueuePut { dev: 0, uid: 1, seq, msg: Queued::new(1, "e", "m") };
-        s.apply(&[put(0), put(1)]).unwrap();
+        s.apply(1, &[put(0), put(1)]).unwrap();
         // As after a failed write: the bookkeeping is dropped.
         s.qlog = None;
-        s.apply(&[Change::QueueDel { dev: 0, uid: 1, seq: 0 }]).unwrap();
+        let bytes = qlog::entry_len(&Queued::new(1, "e", "m"));
+        s.apply(2, &[Change::QueueDel { dev: 0, uid: 1, seq: 0, tag: 1, bytes }]).unwrap();
         s.sync().unwrap();
         drop(s);
         let mut s = FjallStore::open(&dir, 64 << 20).unwrap();

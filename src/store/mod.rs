@@ -36,9 +36,15 @@ pub enum Change {
     /// `revoked_tokens`.
     Revoked { dev: u32, token: Box<str>, on: bool },
     /// An offline queue entry, at position `seq` of the user's queue.
+    /// Loaded from the store, `msg` carries the write group that holds it
+    /// as its tag ([`Queued::tag`]).
     QueuePut { dev: u32, uid: u64, seq: u64, msg: Queued },
-    /// An offline queue entry delivered, expired, dropped or deleted.
-    QueueDel { dev: u32, uid: u64, seq: u64 },
+    /// An offline queue entry delivered, expired, dropped or deleted:
+    /// `tag` is the entry's ([`Queued::tag`]: the write group it was
+    /// written in) and `bytes` its size in that group's record
+    /// ([`qlog::entry_len`]), so the storage thread counts the record down
+    /// without looking the entry up.
+    QueueDel { dev: u32, uid: u64, seq: u64, tag: u64, bytes: u32 },
     /// A channel history entry.
     HistoryPut { dev: u32, channel: Arc<str>, entry: HistoryRecord },
     /// A history entry trimmed or deleted.
@@ -95,14 +101,21 @@ pub enum StoreError {
 /// thread only (and from the main thread at start).
 pub trait Backend: Send {
     /// Applies changes in order, atomically if the engine can; not yet
-    /// synced.
-    fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError>;
+    /// synced. `group` numbers this write group: it grows with every
+    /// group (gaps allowed), starting at [`Backend::next_group`], and is
+    /// what the shards tagged the queue entries of `changes` with.
+    fn apply(&mut self, group: u64, changes: &[Change]) -> Result<(), StoreError>;
     /// Makes everything applied so far durable.
     fn sync(&mut self) -> Result<(), StoreError>;
     /// Replays the whole persisted state as puts.
     fn load(&mut self, sink: &mut dyn FnMut(Change)) -> Result<(), StoreError>;
     /// Bytes the store takes on disk (for metrics and benches).
     fn disk_size(&self) -> u64;
+    /// The first write group number after [`Backend::load`]: above every
+    /// group the loaded entries are tagged with.
+    fn next_group(&self) -> u64 {
+        1
+    }
 }
 
 /// What a shard sends to the storage thread after a handler: its changes,

@@ -21,25 +21,40 @@
 //! group (an entry queued and removed within one group never reaches the
 //! disk).
 //!
-//! [`QueueLog`] is the storage thread's bookkeeping: which group holds each
-//! live entry, how many live entries and bytes each group record still has,
-//! and the tombstone records. A group record whose entries are all removed
-//! is deleted in the same write batch; a tombstone record is deleted once
-//! no group before it holds a live entry (nothing it removes is on disk any
-//! more). What is left is garbage: removed entries inside records that
-//! still hold live ones, and tombstones kept by an old live entry. When the
-//! garbage passes the live bytes (plus [`SLACK`]) the oldest group record's
-//! live entries are written again into the current group and the old record
-//! is deleted, which lets the tombstones after it go: the disk holds at
-//! most about twice the live queue entries, and reaches a plateau under a
-//! steady load. The engine's compaction then drops the deleted records.
+//! [`QueueLog`] is the storage thread's bookkeeping: how many live entries
+//! and bytes each group record still has, which of its entries were
+//! removed, and the tombstone records. It holds nothing per live entry: the
+//! shard keeps, with each queued message, the group its record was written
+//! in (a tag, `Queued::tag`, set when the shard's changes go into a lane:
+//! the lane says which group the storage thread writes them in), and a
+//! removal carries that tag and the entry's bytes, so counting its record
+//! down is a lookup among the groups (a few thousand) instead of among the
+//! entries (a million). An entry queued and removed before its group is
+//! written is tagged with that group, or still pending.
+//!
+//! A group record whose entries are all removed is deleted in the same
+//! write batch; a tombstone record is deleted once no group before it
+//! holds a live entry (nothing it removes is on disk any more). What is
+//! left is garbage: removed entries inside records that still hold live
+//! ones, and tombstones kept by an old live entry. When the garbage passes
+//! the live bytes (plus [`SLACK`]) the oldest group record's entries, less
+//! the ones listed as removed, are written again into the current group and
+//! the old record is deleted, which lets the tombstones after it go: the
+//! disk holds at most about twice the live queue entries, and reaches a
+//! plateau under a steady load. The shards' tags still name the old group,
+//! which now forwards to the new one. The engine's compaction then drops
+//! the deleted records.
+//!
+//! At start the [`Loader`] reads the records in key order with a map of
+//! the live entries (for the tombstones to find theirs), hands each live
+//! entry to its shard tagged with its group, and drops the map.
 //!
 //! Entries written by format 1 (one `Q` record each) are loaded too and
 //! removed one by one (group 0 here).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::users::Queued;
+use crate::users::{Queued, TAG_PENDING};
 
 /// A queue entry's identity: dev_id, user id, position in the user's queue.
 pub type QKey = (u32, u64, u64);
@@ -71,37 +86,31 @@ pub fn parse_log_key(k: &[u8]) -> Option<(u64, bool)> {
     Some((u64::from_be_bytes(k[1..9].try_into().ok()?), k[9] == 1))
 }
 
-/// A queue entry's identity packed without padding: the map below holds
-/// one per queued message (28 bytes a bucket with its [`Slot`]).
+/// A queue entry's identity packed without padding (a group's list of
+/// removed entries, and the loader's map, hold them).
 type Packed = [u32; 5];
 
 fn pack(k: QKey) -> Packed {
     [k.0, (k.1 >> 32) as u32, k.1 as u32, (k.2 >> 32) as u32, k.2 as u32]
 }
 
-/// Where a live entry is on disk: its group record (0 for a format-1
-/// record of its own) and its bytes, as three u32 (no padding).
-#[derive(Debug, Clone, Copy)]
-struct Slot([u32; 3]);
-
-impl Slot {
-    fn new(group: u64, bytes: u32) -> Slot {
-        Slot([(group >> 32) as u32, group as u32, bytes])
-    }
-    fn group(self) -> u64 {
-        (self.0[0] as u64) << 32 | self.0[1] as u64
-    }
-    fn bytes(self) -> u32 {
-        self.0[2]
-    }
+fn unpack(k: Packed) -> QKey {
+    (k[0], (k[1] as u64) << 32 | k[2] as u64, (k[3] as u64) << 32 | k[4] as u64)
 }
 
 /// A group record that still holds live entries.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 struct Group {
     live: u32,
     live_bytes: u64,
     bytes: u64,
+    /// The entries of this record removed since it was written: what a
+    /// rewrite of it leaves out. (Garbage, so bounded with it; a record
+    /// whose entries are all removed goes, list and all.)
+    removed: Vec<Packed>,
+    /// Groups whose live entries were rewritten into this record: the
+    /// tags of those entries lead here (see [`QueueLog::moved`]).
+    from: Vec<u64>,
 }
 
 /// What one removal means on disk.
@@ -179,21 +188,40 @@ fn encode_entry(out: &mut Vec<u8>, k: QKey, m: &Queued) {
     out.extend_from_slice(m.message().as_bytes());
 }
 
-fn entry_len(m: &Queued) -> u32 {
+/// An entry's bytes in a group record (a removal carries it, see
+/// `Change::QueueDel`).
+pub fn entry_len(m: &Queued) -> u32 {
     (ENTRY_HEAD + m.event().len() + m.message().len()) as u32
 }
 
 /// The storage thread's view of the queue records on disk.
+///
+/// It holds nothing per live entry: a removal names the group its entry
+/// was written in (the tag the shard keeps with the entry) and its bytes,
+/// so counting the record down is a lookup among the groups, not among
+/// the entries. What a record's rewrite must leave out is the list of its
+/// removed entries, kept with the record.
 #[derive(Debug, Default)]
 pub struct QueueLog {
-    /// The group being built; every earlier number is taken.
+    /// The group being built (the next one after [`QueueLog::finish`]).
     group: u64,
-    live: HashMap<Packed, Slot, ahash::RandomState>,
+    /// Live entries and their bytes.
+    live_n: u64,
+    live_bytes: u64,
     /// Group records on disk with live entries, by group.
     groups: BTreeMap<u64, Group>,
+    /// Groups whose record was rewritten, and the group that holds their
+    /// live entries now (the shards' tags still name the old group). At
+    /// most one hop: a rewrite re-points the groups moved into the old
+    /// record. An entry goes when the record it points to goes.
+    moved: HashMap<u64, u64, ahash::RandomState>,
+    /// Groups rewritten into the group being finished: they forward to it
+    /// once its write is done ([`QueueLog::written`]). A write that fails
+    /// leaves the old records on disk, and the tags must keep leading to
+    /// them.
+    moving: Vec<u64>,
     /// Tombstone records on disk: group, bytes.
     tombs: BTreeMap<u64, u64>,
-    live_bytes: u64,
     garbage: u64,
     /// Records left with no live entry (found at load, or emptied in
     /// this group), deleted with this group.
@@ -227,8 +255,8 @@ pub struct Out {
 
 impl QueueLog {
     /// Live entries and their bytes (for tests and metrics).
-    pub fn live(&self) -> (usize, u64) {
-        (self.live.len(), self.live_bytes)
+    pub fn live(&self) -> (u64, u64) {
+        (self.live_n, self.live_bytes)
     }
 
     /// Bytes of removed entries and tombstones still on disk.
@@ -236,9 +264,15 @@ impl QueueLog {
         self.garbage
     }
 
-    /// Starts a group.
-    pub fn begin(&mut self) {
-        self.group = self.group.max(1);
+    /// The first group number after the ones on disk.
+    pub fn next_group(&self) -> u64 {
+        self.group.max(1)
+    }
+
+    /// Starts group `group` (greater than every earlier one).
+    pub fn begin(&mut self, group: u64) {
+        self.group = group;
+        self.moving.clear();
         self.puts.clear();
         self.put_buf.clear();
         self.put_at.clear();
@@ -246,55 +280,81 @@ impl QueueLog {
     }
 
     /// An entry queued in this group.
-    pub fn put(&mut self, k: QKey, m: &Queued) -> Removed {
+    pub fn put(&mut self, k: QKey, m: &Queued) {
         let bytes = entry_len(m);
         let at = self.put_buf.len() as u32;
         encode_entry(&mut self.put_buf, k, m);
         self.put_at.push((at, bytes));
-        // A position is reused only after the queue emptied; a leftover
-        // (a store written by a bug, or replayed twice) is replaced.
-        let replaced = match self.live.insert(pack(k), Slot::new(self.group, bytes)) {
-            Some(old) => self.removed(k, old),
-            None => Removed::Nothing,
-        };
         self.puts.push(Some(k));
-        replaced
     }
 
-    /// An entry removed in this group.
-    pub fn remove(&mut self, k: QKey) -> Removed {
-        match self.live.remove(&pack(k)) {
-            Some(slot) => self.removed(k, slot),
-            None => Removed::Nothing,
-        }
-    }
-
-    fn removed(&mut self, k: QKey, slot: Slot) -> Removed {
-        if slot.group() == 0 {
+    /// An entry removed in this group: `tag` is the group it was written
+    /// in (as the shard tagged it), `bytes` its size there.
+    pub fn remove(&mut self, k: QKey, tag: u64, bytes: u32) -> Removed {
+        if tag == 0 {
             return Removed::OwnRecord;
         }
-        if slot.group() == self.group {
+        if tag == self.group || tag == TAG_PENDING {
             // Queued in this group: it never reaches the disk. (The last
-            // put of the key: an earlier one was replaced.)
+            // put of the key: an earlier one was removed before it.)
             if let Some(p) = self.puts.iter_mut().rev().find(|p| **p == Some(k)) {
                 *p = None;
             }
             return Removed::Nothing;
         }
-        let (group, bytes) = (slot.group(), slot.bytes() as u64);
-        self.live_bytes -= bytes;
-        self.garbage += bytes;
-        if let Some(g) = self.groups.get_mut(&group) {
-            g.live -= 1;
-            g.live_bytes -= bytes;
-            if g.live == 0 {
-                self.dead_groups.push(group);
-            }
+        let group = self.moved.get(&tag).copied().unwrap_or(tag);
+        // Not on disk: its group's write failed, or it is gone already.
+        let Some(g) = self.groups.get_mut(&group) else { return Removed::Nothing };
+        let bytes = bytes as u64;
+        g.live = g.live.saturating_sub(1);
+        g.live_bytes = g.live_bytes.saturating_sub(bytes);
+        g.removed.push(pack(k));
+        if g.live == 0 {
+            self.dead_groups.push(group);
         }
+        self.live_n = self.live_n.saturating_sub(1);
+        self.live_bytes = self.live_bytes.saturating_sub(bytes);
+        self.garbage += bytes;
         self.del_buf.extend_from_slice(&k.0.to_be_bytes());
         self.del_buf.extend_from_slice(&k.1.to_be_bytes());
         self.del_buf.extend_from_slice(&k.2.to_be_bytes());
         Removed::Logged
+    }
+
+    /// The group [`QueueLog::finish`] built is written: the records it
+    /// rewrote forward to it.
+    pub fn written(&mut self) {
+        let g = self.out.group;
+        for f in self.moving.drain(..) {
+            self.moved.insert(f, g);
+        }
+    }
+
+    /// The forwarding of rewritten groups, to keep across a rebuild of
+    /// the bookkeeping after a failed write (the shards' tags still name
+    /// the rewritten groups).
+    pub fn take_moved(&mut self) -> Vec<(u64, u64)> {
+        self.moved.drain().collect()
+    }
+
+    /// Keeps the forwarding that leads to records on disk (after a
+    /// rebuild from the disk).
+    pub fn keep_moved(&mut self, moved: Vec<(u64, u64)>) {
+        for (from, to) in moved {
+            if let Some(g) = self.groups.get_mut(&to) {
+                g.from.push(from);
+                self.moved.insert(from, to);
+            }
+        }
+    }
+
+    /// Forgets a record that left the disk, and the tags that led to it.
+    fn drop_group(&mut self, g: u64) -> Option<Group> {
+        let s = self.groups.remove(&g)?;
+        for f in &s.from {
+            self.moved.remove(f);
+        }
+        Some(s)
     }
 
     /// Ends the group: what it writes and deletes is in [`QueueLog::out`].
@@ -318,12 +378,13 @@ impl QueueLog {
             new.live += 1;
             new.live_bytes += len as u64;
         }
+        self.live_n += new.live as u64;
         self.live_bytes += new.live_bytes;
         // Group records left with no live entry go.
-        for e in self.dead_groups.drain(..) {
-            if let Some(s) = self.groups.remove(&e) {
+        for e in std::mem::take(&mut self.dead_groups) {
+            if let Some(s) = self.drop_group(e) {
                 self.garbage -= s.bytes - s.live_bytes;
-                out.delete_entries.push(e);
+                self.out.delete_entries.push(e);
             }
         }
         // Too much garbage: rewrite the oldest records' live entries here.
@@ -331,31 +392,38 @@ impl QueueLog {
             if self.garbage <= self.live_bytes + self.slack.unwrap_or(SLACK) {
                 break;
             }
-            let Some((&old, &stat)) = self.groups.first_key_value() else { break };
+            let Some(&old) = self.groups.keys().next() else { break };
             let Some(v) = read(old) else { break };
             let Some(list) = entries(&v) else { break };
+            let Some(stat) = self.groups.remove(&old) else { break };
+            let removed: HashSet<Packed, ahash::RandomState> = stat.removed.iter().copied().collect();
             for e in list {
-                if let Some(s) = self.live.get_mut(&pack(e.key))
-                    && s.group() == old
-                {
-                    *s = Slot::new(g, s.bytes());
-                    out.entries.extend_from_slice(e.raw);
+                if !removed.contains(&pack(e.key)) {
+                    self.out.entries.extend_from_slice(e.raw);
                     new.live += 1;
                     new.live_bytes += e.raw.len() as u64;
                 }
             }
-            self.groups.remove(&old);
             self.garbage -= stat.bytes - stat.live_bytes;
-            out.delete_entries.push(old);
+            self.out.delete_entries.push(old);
+            // The tags of its entries, and of those moved into it, lead
+            // here once this group is written.
+            for f in stat.from.into_iter().chain([old]) {
+                self.moving.push(f);
+                new.from.push(f);
+            }
             self.rewritten += 1;
         }
+        let out = &mut self.out;
         if new.live > 0 {
             new.bytes = out.entries.len() as u64;
             self.groups.insert(g, new);
+        } else {
+            self.moving.clear();
         }
         // Tombstones go once no earlier group holds a live entry; this
         // group's own is not written then.
-        let oldest_live = self.groups.first_key_value().map_or(u64::MAX, |(g, _)| *g);
+        let oldest_live = self.groups.keys().next().copied().unwrap_or(u64::MAX);
         if !self.del_buf.is_empty() && oldest_live < g {
             out.removals.extend_from_slice(&self.del_buf);
             self.tombs.insert(g, self.del_buf.len() as u64);
@@ -372,35 +440,40 @@ impl QueueLog {
             self.garbage -= bytes;
             out.delete_removals.push(t);
         }
-        if !out.entries.is_empty() || !out.removals.is_empty() || !self.del_buf.is_empty() {
-            self.group += 1;
-        }
+        self.group = g + 1;
     }
 }
 
+/// An entry read at start: its key, the group record holding it (0 for a
+/// format-1 record of its own), its bytes there, and its message (when
+/// loading, not when rebuilding the bookkeeping).
+#[derive(Debug)]
+struct Read {
+    key: Packed,
+    bytes: u32,
+    group: u64,
+    msg: Option<Queued>,
+}
+
 /// Builds a [`QueueLog`] from the records on disk, in key order, and
-/// collects the live entries.
+/// collects the live entries, each tagged with the group that holds it.
+///
+/// It keeps every entry and every removal read, sorts both by key, and
+/// then tells for each key which entry is live: the last one written, if
+/// no removal came after it. No map of the live entries is built: at
+/// start, with a million queued messages, a map is the peak of memory the
+/// loading adds (and an allocator gives that back to the system late).
 #[derive(Debug, Default)]
 pub struct Loader {
     log: QueueLog,
-    /// Every entry read (when loading, not when rebuilding), in the order
-    /// read; the last of a key is the one that counts, if it is live.
-    kept: Vec<(Packed, Queued)>,
+    reads: Vec<Read>,
+    /// The removals read: the entry's key, the group of the tombstone.
+    removed: Vec<(Packed, u64)>,
     /// The highest group seen.
     top: u64,
 }
 
 impl Loader {
-    fn take_slot(&mut self, k: &Packed) {
-        if let Some(old) = self.log.live.remove(k) {
-            self.log.live_bytes -= old.bytes() as u64;
-            if let Some(g) = self.log.groups.get_mut(&old.group()) {
-                g.live -= 1;
-                g.live_bytes -= old.bytes() as u64;
-            }
-        }
-    }
-
     /// A group record (`keep`: keep the entries' texts, to load them).
     /// `false` when it is malformed.
     pub fn record(&mut self, key: &[u8], value: &[u8], keep: bool) -> bool {
@@ -413,20 +486,13 @@ impl Loader {
             stat.live += list.len() as u32;
             stat.live_bytes += value.len() as u64;
             for e in list {
-                let (k, bytes) = (pack(e.key), e.raw.len() as u32);
-                self.take_slot(&k);
-                self.log.live.insert(k, Slot::new(group, bytes));
-                self.log.live_bytes += bytes as u64;
-                if keep {
-                    self.kept.push((k, Queued::new(e.time, e.event, e.message)));
-                }
+                let msg = keep.then(|| Queued::new(e.time, e.event, e.message));
+                self.reads.push(Read { key: pack(e.key), bytes: e.raw.len() as u32, group, msg });
             }
         } else {
             let Some(list) = removals(value) else { return false };
             self.log.tombs.insert(group, value.len() as u64);
-            for k in list {
-                self.take_slot(&pack(k));
-            }
+            self.removed.extend(list.into_iter().map(|k| (pack(k), group)));
         }
         true
     }
@@ -434,28 +500,50 @@ impl Loader {
     /// A format-1 record of its own (deleted by key, so not counted in
     /// the log's bytes).
     pub fn own_record(&mut self, k: QKey, m: Option<Queued>) {
-        let k = pack(k);
-        self.take_slot(&k);
-        self.log.live.insert(k, Slot::new(0, 0));
-        if let Some(m) = m {
-            self.kept.push((k, m));
-        }
+        self.reads.push(Read { key: pack(k), bytes: 0, group: 0, msg: m });
     }
 
     /// The bookkeeping; the live entries go to `sink` in key order (each
-    /// user's queue from its oldest entry).
+    /// user's queue from its oldest entry), tagged with their group.
     pub fn finish(mut self, sink: &mut dyn FnMut(QKey, Queued)) -> QueueLog {
-        // Stable: of the entries of one key, the last read stays last.
-        self.kept.sort_by_key(|(k, _)| *k);
-        let mut kept = std::mem::take(&mut self.kept).into_iter().peekable();
-        while let Some((k, m)) = kept.next() {
-            if kept.peek().is_some_and(|(next, _)| *next == k) || !self.log.live.contains_key(&k) {
+        // Of one key, the entries in the order written (a position is
+        // reused only once its entry was removed), and its removals.
+        self.reads.sort_unstable_by_key(|r| (r.key, r.group));
+        self.removed.sort_unstable();
+        let log = &mut self.log;
+        let mut removed = self.removed.iter().peekable();
+        let mut reads = std::mem::take(&mut self.reads).into_iter().peekable();
+        // The key of the last read and the latest group a removal of it
+        // was written in.
+        let mut last_removal: Option<(Packed, u64)> = None;
+        while let Some(r) = reads.next() {
+            if last_removal.is_none_or(|(k, _)| k != r.key) {
+                while removed.next_if(|(k, _)| *k < r.key).is_some() {}
+                let mut latest = 0;
+                while let Some((_, t)) = removed.next_if(|(k, _)| *k == r.key) {
+                    latest = latest.max(*t);
+                }
+                last_removal = Some((r.key, latest));
+            }
+            // A later entry of the key, or a removal written after it (in
+            // a later group), removed it.
+            let replaced = reads.peek().is_some_and(|n| n.key == r.key);
+            let gone = last_removal.is_some_and(|(_, t)| t > r.group);
+            if replaced || gone {
+                // Dead in its record: a rewrite leaves it out.
+                if let Some(g) = log.groups.get_mut(&r.group) {
+                    g.live -= 1;
+                    g.live_bytes -= r.bytes as u64;
+                    g.removed.push(r.key);
+                }
                 continue;
             }
-            let key = (k[0], (k[1] as u64) << 32 | k[2] as u64, (k[3] as u64) << 32 | k[4] as u64);
-            sink(key, m);
+            log.live_n += (r.group != 0) as u64;
+            log.live_bytes += r.bytes as u64;
+            if let Some(m) = r.msg {
+                sink(unpack(r.key), m.tagged(r.group));
+            }
         }
-        let log = &mut self.log;
         log.dead_groups = log.groups.iter().filter(|(_, s)| s.live == 0).map(|(g, _)| *g).collect();
         log.garbage =
             log.groups.values().map(|s| s.bytes - s.live_bytes).sum::<u64>() + log.tombs.values().sum::<u64>();
@@ -502,38 +590,67 @@ mod tests {
         }
     }
 
-    fn group(log: &mut QueueLog, disk: &mut Disk, puts: &[(QKey, &str)], dels: &[QKey]) {
-        log.begin();
+    /// Plays one write group as the shards play it: each entry put is
+    /// tagged with the group (`tags`, as `UserStore::retag` does), and a
+    /// removal carries the tag and the bytes of the entry it removes.
+    fn group(
+        log: &mut QueueLog,
+        disk: &mut Disk,
+        tags: &mut HashMap<QKey, (u64, u32)>,
+        puts: &[(QKey, &str)],
+        dels: &[QKey],
+    ) {
+        let g = log.next_group();
+        log.begin(g);
         for (k, t) in puts {
-            log.put(*k, &Queued::new(1, "e", t));
+            let m = Queued::new(1, "e", t);
+            log.put(*k, &m);
+            tags.insert(*k, (g, entry_len(&m)));
         }
         for k in dels {
-            log.remove(*k);
+            let (tag, bytes) = tags.remove(k).expect("removes a live entry");
+            log.remove(*k, tag, bytes);
         }
         log.finish(&mut |g| disk.0.get(&log_key(g, true)[..]).cloned());
         disk.write(log);
+        log.written();
     }
 
     #[test]
     fn a_queue_replays_from_its_group_records() {
-        let (mut log, mut disk) = (QueueLog::default(), Disk::default());
-        group(&mut log, &mut disk, &[((0, 5, 0), "a"), ((0, 5, 1), "b"), ((0, 6, 0), "c")], &[]);
-        group(&mut log, &mut disk, &[((0, 5, 2), "d")], &[(0, 5, 0)]);
-        // Queued and removed in one group: never on disk; queued twice in
-        // one group: the second counts.
-        group(&mut log, &mut disk, &[((0, 7, 0), "gone")], &[(0, 7, 0)]);
-        group(&mut log, &mut disk, &[((0, 8, 0), "first"), ((0, 8, 0), "second")], &[]);
-        assert_eq!(disk.load().1.iter().find(|(k, _)| k.1 == 8).map(|(_, m)| m.message()), Some("second"));
-        group(&mut log, &mut disk, &[], &[(0, 8, 0)]);
+        let (mut log, mut disk, mut tags) = (QueueLog::default(), Disk::default(), HashMap::new());
+        let (log, disk, t) = (&mut log, &mut disk, &mut tags);
+        group(log, disk, t, &[((0, 5, 0), "a"), ((0, 5, 1), "b"), ((0, 6, 0), "c")], &[]);
+        group(log, disk, t, &[((0, 5, 2), "d")], &[(0, 5, 0)]);
+        // Queued and removed in one group: never on disk.
+        group(log, disk, t, &[((0, 7, 0), "gone")], &[(0, 7, 0)]);
         let (_, got) = disk.load();
-        let got: Vec<_> = got.iter().map(|(k, m)| (*k, m.message().to_string())).collect();
-        assert_eq!(got, [((0, 5, 1), "b".into()), ((0, 5, 2), "d".into()), ((0, 6, 0), "c".into())]);
+        let got: Vec<_> = got.iter().map(|(k, m)| (*k, m.message().to_string(), m.tag())).collect();
+        assert_eq!(
+            got,
+            [((0, 5, 1), "b".into(), 1), ((0, 5, 2), "d".into(), 2), ((0, 6, 0), "c".into(), 1)],
+            "loaded entries are tagged with the group that holds them"
+        );
         // User 6's queue is taken, then refilled from position 0.
-        group(&mut log, &mut disk, &[], &[(0, 6, 0)]);
-        group(&mut log, &mut disk, &[((0, 6, 0), "again")], &[]);
+        group(log, disk, t, &[], &[(0, 6, 0)]);
+        group(log, disk, t, &[((0, 6, 0), "again")], &[]);
         let (_, got) = disk.load();
         assert_eq!(got.iter().find(|(k, _)| k.1 == 6).map(|(_, m)| m.message()), Some("again"));
         assert_eq!(got.len(), 3);
+    }
+
+    /// The model of the randomized test: per user, the position of its
+    /// head and its messages, each with the tag the shard keeps (the group
+    /// it was put in, or pending while its group is being built) and its
+    /// bytes.
+    type Model = BTreeMap<u64, (u64, std::collections::VecDeque<(String, u64, u32)>)>;
+
+    fn tag_pending(model: &mut Model, g: u64) {
+        for (_, q) in model.values_mut() {
+            for e in q.iter_mut().filter(|e| e.1 == TAG_PENDING) {
+                e.1 = g;
+            }
+        }
     }
 
     /// Random queues played as the shards play them (entries appended at
@@ -551,12 +668,12 @@ mod tests {
             rng % n
         };
         let (mut log, mut disk) = (QueueLog { slack: Some(512), ..QueueLog::default() }, Disk::default());
-        // The model: per user, the position of its head and its messages.
-        let mut model: BTreeMap<u64, (u64, std::collections::VecDeque<String>)> = BTreeMap::new();
+        let mut model: Model = BTreeMap::new();
+        let (mut g, mut rewritten) = (0, 0);
         for round in 0..3000 {
-            let mut puts: Vec<(QKey, String)> = Vec::new();
-            let mut dels: Vec<QKey> = Vec::new();
-            log.begin();
+            // Group numbers grow with gaps (idle rounds of the writer).
+            g += 1 + next(3);
+            log.begin(g);
             for _ in 0..next(12) {
                 let uid = next(20);
                 let (head, q) = model.entry(uid).or_insert((0, Default::default()));
@@ -564,20 +681,19 @@ mod tests {
                     0..=5 => {
                         let text = format!("{round}-{}", next(1000));
                         let k = (0, uid, *head + q.len() as u64);
-                        log.put(k, &Queued::new(1, "e", &text));
-                        puts.push((k, text.clone()));
-                        q.push_back(text);
+                        let m = Queued::new(1, "e", &text);
+                        log.put(k, &m);
+                        q.push_back((text, m.tag(), entry_len(&m)));
                     }
                     6..=8 => {
-                        if q.pop_front().is_some() {
-                            log.remove((0, uid, *head));
-                            dels.push((0, uid, *head));
+                        if let Some((_, tag, bytes)) = q.pop_front() {
+                            log.remove((0, uid, *head), tag, bytes);
                             *head += 1;
                         }
                     }
                     _ => {
-                        for i in 0..q.len() as u64 {
-                            log.remove((0, uid, *head + i));
+                        for (i, (_, tag, bytes)) in q.iter().enumerate() {
+                            log.remove((0, uid, *head + i as u64), *tag, *bytes);
                         }
                         model.remove(&uid);
                     }
@@ -585,39 +701,92 @@ mod tests {
                 if model.get(&uid).is_some_and(|(_, q)| q.is_empty()) {
                     model.remove(&uid);
                 }
+                // A shard sent its batch within the group: its entries
+                // carry the group's number, a later removal in the same
+                // group names it (the others are still pending: both mean
+                // "not on disk yet").
+                if next(3) == 0 {
+                    tag_pending(&mut model, g);
+                }
             }
             log.finish(&mut |g| disk.0.get(&log_key(g, true)[..]).cloned());
             disk.write(&log);
+            log.written();
+            // The shard tags what it sent with the group.
+            tag_pending(&mut model, g);
             if round % 100 == 99 {
                 let (reloaded, got) = disk.load();
                 let want: Vec<(QKey, String)> = model
                     .iter()
                     .flat_map(|(uid, (head, q))| {
-                        q.iter().enumerate().map(move |(i, t)| ((0, *uid, head + i as u64), t.clone()))
+                        q.iter().enumerate().map(move |(i, t)| ((0, *uid, head + i as u64), t.0.clone()))
                     })
                     .collect();
                 let got: Vec<(QKey, String)> = got.into_iter().map(|(k, m)| (k, m.message().to_string())).collect();
                 assert_eq!(got, want, "round {round}");
                 assert_eq!(reloaded.live(), log.live(), "round {round}");
                 assert_eq!(reloaded.garbage(), log.garbage(), "round {round}");
+                if round % 500 == 499 {
+                    // A restart: go on with the bookkeeping rebuilt from
+                    // the disk, and the shards hold the loaded tags.
+                    let (reloaded, tagged) = disk.load();
+                    rewritten += log.rewritten;
+                    log = QueueLog { slack: Some(512), ..reloaded };
+                    let mut it = tagged.iter();
+                    for (_, q) in model.values_mut() {
+                        for e in q.iter_mut() {
+                            e.1 = it.next().expect("as many entries").1.tag();
+                        }
+                    }
+                }
             }
         }
-        assert!(log.rewritten > 10, "old records were rewritten ({})", log.rewritten);
+        rewritten += log.rewritten;
+        assert!(rewritten > 10, "old records were rewritten ({rewritten})");
         assert!(disk.bytes() < 64 * 1024, "the disk stays bounded: {}", disk.bytes());
     }
 
     #[test]
+    fn a_rewritten_record_still_takes_removals_by_its_old_tag_after_a_failed_write() {
+        let (mut log, mut disk, mut tags) =
+            (QueueLog { slack: Some(0), ..QueueLog::default() }, Disk::default(), HashMap::new());
+        // Group 1 holds the entry kept; removing its neighbour makes
+        // garbage enough to rewrite group 1 into group 2.
+        group(&mut log, &mut disk, &mut tags, &[((0, 1, 0), "keep"), ((0, 2, 0), "a long message, garbage soon")], &[]);
+        group(&mut log, &mut disk, &mut tags, &[], &[(0, 2, 0)]);
+        assert_eq!(log.rewritten, 1);
+        assert!(!disk.0.contains_key(&log_key(1, true)[..]), "group 1's record was rewritten");
+        // Group 3's write fails: the bookkeeping is rebuilt from the disk,
+        // keeping the forwarding of group 1.
+        log.begin(3);
+        log.put((0, 3, 0), &Queued::new(1, "e", "lost"));
+        log.finish(&mut |g| disk.0.get(&log_key(g, true)[..]).cloned());
+        let moved = log.take_moved();
+        let (mut rebuilt, _) = disk.load();
+        rebuilt.keep_moved(moved);
+        // The shard still tags the kept entry with group 1.
+        let (tag, bytes) = tags[&(0, 1, 0)];
+        assert_eq!(tag, 1);
+        rebuilt.begin(4);
+        assert_eq!(rebuilt.remove((0, 1, 0), tag, bytes), Removed::Logged);
+        rebuilt.finish(&mut |g| disk.0.get(&log_key(g, true)[..]).cloned());
+        disk.write(&rebuilt);
+        rebuilt.written();
+        assert!(disk.load().1.is_empty(), "the delivered entry is not loaded again: {:?}", disk.load().1);
+    }
+
+    #[test]
     fn records_of_removed_entries_leave_the_disk_and_it_reaches_a_plateau() {
-        let (mut log, mut disk) = (QueueLog::default(), Disk::default());
+        let (mut log, mut disk, mut tags) = (QueueLog::default(), Disk::default(), HashMap::new());
         // One entry that is never removed pins the tombstones after it
         // until it is rewritten; everything else churns.
-        group(&mut log, &mut disk, &[((0, 1, 0), "old")], &[]);
+        group(&mut log, &mut disk, &mut tags, &[((0, 1, 0), "old")], &[]);
         let mut most = 0;
         let mut relocated = false;
         for round in 0..12_000u64 {
             let puts: Vec<_> = (0..64).map(|i| ((1, round * 64 + i, 0), "0123456789")).collect();
             let dels: Vec<_> = if round > 0 { (0..64).map(|i| (1, (round - 1) * 64 + i, 0)).collect() } else { vec![] };
-            group(&mut log, &mut disk, &puts, &dels);
+            group(&mut log, &mut disk, &mut tags, &puts, &dels);
             most = most.max(disk.bytes());
             relocated |= !disk.0.contains_key(&log_key(1, true)[..]);
         }

@@ -33,22 +33,36 @@ use crate::mailbox::Doorbell;
 /// How often an async store syncs, at the latest.
 const ASYNC_SYNC_EVERY: Duration = Duration::from_secs(1);
 /// Under load, how long the storage thread lets more writes join the next
-/// group before it writes it: fewer, larger groups cost less CPU per write
-/// (one wake-up, one write batch, one fsync each), and the wait ends as
-/// soon as half the last group's worth of changes is pending, so the
-/// pipelined clients never all wait for it. With `sync` an fsync costs more
-/// than the wait (and the next group forms during the fsync anyway); with
-/// `async` the wait is what a group adds to an answer's latency.
-fn linger(d: Durability) -> Duration {
+/// group before it writes it, and how much of the last group's worth of
+/// changes must be pending to end the wait earlier: fewer, larger groups
+/// cost less CPU per write (one wake-up of the storage thread and of each
+/// shard, one write batch, one fsync each), and the wait ends once part
+/// of a group is pending, so the pipelined clients never all wait for it.
+///
+/// With `sync` an fsync costs more than the wait (and the next group forms
+/// during the fsync anyway): 1 ms, half a group. With `async` nothing
+/// overlaps the gathering, the wait alone grows a group: 600 µs, three
+/// quarters of a group, at least 48 changes. Measured with the private
+/// bench (bench/RESULTS.md, "issue 10, fourth round"): against 300 µs and
+/// half a group, the storage thread's CPU per message fell by about a
+/// third; 1 ms and a whole group cut it further but the shards, idle while
+/// every answer waited, spent more on waking up than that saved.
+fn linger(d: Durability) -> (Duration, usize, usize) {
     match d {
-        Durability::Sync => Duration::from_micros(1000),
-        Durability::Async => Duration::from_micros(300),
+        Durability::Sync => (Duration::from_micros(1000), 50, LINGER_AFTER),
+        Durability::Async => (Duration::from_micros(600), 75, 48),
     }
 }
 /// Changes within [`LOAD_WINDOW`] that count as load; also the smallest
 /// group worth waiting for.
 const LINGER_AFTER: usize = 32;
 const LOAD_WINDOW: Duration = Duration::from_millis(1);
+/// Emptied change lists kept per lane for the shard to reuse.
+const SPARE_LISTS: usize = 512;
+/// A reused change list larger than this is freed instead (a statement
+/// that changed many rows must not pin its list's memory): the spares of
+/// a lane hold at most 512 x 8 changes of 104 bytes, 416 KiB.
+const SPARE_CAPACITY: usize = 8;
 /// `Hub::wake_at` while the storage thread is not parked: no shard wakes it.
 const AWAKE: usize = usize::MAX;
 
@@ -60,15 +74,33 @@ pub struct Done {
     pub error: Option<Arc<str>>,
 }
 
+/// What a shard sends, and the write group it goes into.
+#[derive(Debug, Default)]
+struct Inbound {
+    batches: Vec<Batch>,
+    /// The group the storage thread writes these batches in: set, under
+    /// this lock, to the next group each time it takes the lane, so a
+    /// shard knows which group holds what it sends (the tag of its queue
+    /// entries, `store::qlog`).
+    group: u64,
+}
+
 /// One shard's lane to the storage thread and back.
 #[derive(Debug)]
 pub struct Lane {
-    inbound: Mutex<Vec<Batch>>,
+    inbound: Mutex<Inbound>,
     /// Weight of the batches not yet taken by the storage thread.
     bytes: AtomicUsize,
     /// The most `bytes` ever was (for `/metrics`: the bound holds).
     peak: AtomicUsize,
     done: Mutex<VecDeque<Done>>,
+    /// Emptied change lists the storage thread hands back, for the shard
+    /// to record its next changes in: a shard that allocated a list per
+    /// statement, freed on another thread, paid for it in its allocator
+    /// (a cross-thread free is collected later, on the shard's next
+    /// allocations). At most [`SPARE_LISTS`] (a statement in flight holds
+    /// one: 4 connections x 64 pipelined take 256).
+    spare: Mutex<Vec<Vec<Change>>>,
     /// The shard's doorbell, rung when completions arrive.
     bell: Arc<Doorbell>,
 }
@@ -77,7 +109,7 @@ impl Lane {
     /// Answers every batch sent so far with `why`: the storage thread is
     /// gone and will never take them, nor finish those it had taken.
     fn fail_all(&self, why: &Arc<str>) {
-        let batches = std::mem::take(&mut *self.inbound.lock().unwrap_or_else(PoisonError::into_inner));
+        let batches = std::mem::take(&mut self.inbound.lock().unwrap_or_else(PoisonError::into_inner).batches);
         let w: usize = batches.iter().map(|b| b.weight).sum();
         self.bytes.fetch_sub(w, Ordering::SeqCst);
         let done = Done { upto: u64::MAX, error: Some(why.clone()) };
@@ -118,10 +150,11 @@ impl Hub {
                 .iter()
                 .map(|b| {
                     Arc::new(Lane {
-                        inbound: Mutex::new(Vec::new()),
+                        inbound: Mutex::new(Inbound::default()),
                         bytes: AtomicUsize::new(0),
                         peak: AtomicUsize::new(0),
                         done: Mutex::new(VecDeque::new()),
+                        spare: Mutex::new(Vec::new()),
                         bell: b.clone(),
                     })
                 })
@@ -166,7 +199,7 @@ impl Hub {
     /// once (for the simulation, which has no thread and no disk).
     pub fn complete_all(&self) {
         for lane in &self.lanes {
-            let batches = std::mem::take(&mut *lane.inbound.lock().unwrap_or_else(PoisonError::into_inner));
+            let batches = std::mem::take(&mut lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).batches);
             let Some(upto) = batches.last().map(|b| b.seq) else { continue };
             lane.bytes.fetch_sub(batches.iter().map(|b| b.weight).sum(), Ordering::SeqCst);
             self.pending.fetch_sub(batches.iter().map(|b| b.changes.len()).sum(), Ordering::SeqCst);
@@ -180,6 +213,8 @@ impl Hub {
 pub struct StoreHandle {
     hub: Arc<Hub>,
     lane: Arc<Lane>,
+    /// Change lists taken from the lane's spares, all at once.
+    spare: Vec<Vec<Change>>,
     next_seq: u64,
     limit: usize,
     storage: Option<std::thread::Thread>,
@@ -188,11 +223,21 @@ pub struct StoreHandle {
 impl StoreHandle {
     /// Shard `shard`'s end; `limit` bounds the bytes in flight.
     pub fn new(hub: &Arc<Hub>, shard: usize, limit: usize) -> StoreHandle {
-        StoreHandle { hub: hub.clone(), lane: hub.lanes[shard].clone(), next_seq: 0, limit, storage: None }
+        StoreHandle {
+            hub: hub.clone(),
+            lane: hub.lanes[shard].clone(),
+            spare: Vec::new(),
+            next_seq: 0,
+            limit,
+            storage: None,
+        }
     }
 
     /// Sends changes to the storage thread; returns the batch's number.
-    pub fn send(&mut self, changes: Vec<Change>) -> u64 {
+    /// `tag` is called first with the changes and the write group they go
+    /// into (while the storage thread cannot take the lane), to tag the
+    /// queue entries they put.
+    pub fn send(&mut self, changes: Vec<Change>, tag: impl FnOnce(&[Change], u64)) -> u64 {
         self.next_seq += 1;
         let count = changes.len();
         let weight = changes.iter().map(Change::weight).sum();
@@ -201,11 +246,11 @@ impl StoreHandle {
         // Counted before it is in the lane, so that the storage thread,
         // which subtracts what it takes, never sees fewer than it took.
         let pending = self.hub.pending.fetch_add(count, Ordering::SeqCst) + count;
-        self.lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).push(Batch {
-            seq: self.next_seq,
-            changes,
-            weight,
-        });
+        {
+            let mut inbound = self.lane.inbound.lock().unwrap_or_else(PoisonError::into_inner);
+            tag(&changes, inbound.group);
+            inbound.batches.push(Batch { seq: self.next_seq, changes, weight });
+        }
         if let Some(why) = self.dead() {
             // Nobody takes the lane any more: answer at once.
             self.lane.fail_all(&why);
@@ -222,6 +267,15 @@ impl StoreHandle {
             }
         }
         self.next_seq
+    }
+
+    /// An empty change list to record the next changes in: one the
+    /// storage thread emptied, if there is one.
+    pub fn spare_list(&mut self) -> Vec<Change> {
+        if self.spare.is_empty() {
+            std::mem::swap(&mut self.spare, &mut *self.lane.spare.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        self.spare.pop().unwrap_or_default()
     }
 
     /// Too much is waiting for the storage thread: stop reading clients.
@@ -251,12 +305,16 @@ impl StoreHandle {
 /// Starts the storage thread; it ends after [`Hub::stop`], once everything
 /// sent before is written and synced.
 pub fn spawn(hub: Arc<Hub>, mut backend: Box<dyn Backend>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let first = backend.next_group();
+    for lane in &hub.lanes {
+        lane.inbound.lock().unwrap_or_else(PoisonError::into_inner).group = first;
+    }
     let h = hub.clone();
     let t = std::thread::Builder::new().name("comet-store".into()).spawn(move || {
         // A panic (a bug, or an engine that gives up) must not leave the
         // shards waiting forever: every write is answered with an error
         // from then on, and the log says so.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&h, backend.as_mut())));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&h, backend.as_mut(), first)));
         if let Err(p) = r {
             let what = p
                 .downcast_ref::<&str>()
@@ -299,19 +357,25 @@ fn park_until(hub: &Hub, target: usize, until: Instant) {
     }
 }
 
-fn run(hub: &Hub, backend: &mut dyn Backend) {
+fn run(hub: &Hub, backend: &mut dyn Backend, mut group: u64) {
     let mut taken: Vec<(usize, Vec<Batch>)> = Vec::new();
     let mut changes: Vec<Change> = Vec::new();
     let mut unsynced = false;
     let mut last_sync = Instant::now();
     let mut logged_failure: Option<Instant> = None;
-    let linger = linger(hub.durability);
+    let (linger, percent, least) = linger(hub.durability);
     let (mut window, mut last_window, mut window_start) = (0usize, 0usize, Instant::now());
     loop {
         let stopping = hub.stop.load(Ordering::SeqCst);
         taken.clear();
+        // This round writes group `group`; what the shards send from now
+        // on goes into the next (a round that takes nothing leaves a gap).
         for (i, lane) in hub.lanes.iter().enumerate() {
-            let batches = std::mem::take(&mut *lane.inbound.lock().unwrap_or_else(PoisonError::into_inner));
+            let batches = {
+                let mut inbound = lane.inbound.lock().unwrap_or_else(PoisonError::into_inner);
+                inbound.group = group + 1;
+                std::mem::take(&mut inbound.batches)
+            };
             if !batches.is_empty() {
                 let w: usize = batches.iter().map(|b| b.weight).sum();
                 lane.bytes.fetch_sub(w, Ordering::SeqCst);
@@ -320,6 +384,7 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
             }
         }
         if taken.is_empty() {
+            group += 1;
             if unsynced && (stopping || last_sync.elapsed() >= ASYNC_SYNC_EVERY) {
                 let r = backend.sync();
                 note(hub, &r, &mut logged_failure);
@@ -338,8 +403,9 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
                 changes.append(&mut b.changes);
             }
         }
-        let group = changes.len();
-        let mut result = backend.apply(&changes);
+        let this = group;
+        group += 1;
+        let mut result = backend.apply(this, &changes);
         if result.is_ok() {
             match hub.durability {
                 Durability::Sync => {
@@ -358,11 +424,17 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
         }
         note(hub, &result, &mut logged_failure);
         let error: Option<Arc<str>> = result.err().map(|e| Arc::from(e.to_string()));
-        for (i, batches) in &taken {
+        for (i, batches) in &mut taken {
             let upto = batches.last().map_or(0, |b| b.seq);
             let lane = &hub.lanes[*i];
             lane.done.lock().unwrap_or_else(PoisonError::into_inner).push_back(Done { upto, error: error.clone() });
             lane.bell.poke();
+            let mut spare = lane.spare.lock().unwrap_or_else(PoisonError::into_inner);
+            for b in batches.drain(..) {
+                if spare.len() < SPARE_LISTS && b.changes.capacity() <= SPARE_CAPACITY {
+                    spare.push(b.changes);
+                }
+            }
         }
         // Under load, let the next group grow: until part of this group's
         // worth of changes is pending, for at most `linger`.
@@ -370,9 +442,9 @@ fn run(hub: &Hub, backend: &mut dyn Backend) {
         if now.duration_since(window_start) >= LOAD_WINDOW {
             (last_window, window, window_start) = (window, 0, now);
         }
-        window += group;
+        window += changes.len();
         if window.max(last_window) >= LINGER_AFTER && !hub.stop.load(Ordering::SeqCst) {
-            park_until(hub, (group / 2).max(LINGER_AFTER), now + linger);
+            park_until(hub, (changes.len() * percent / 100).max(least), now + linger);
         }
     }
 }
@@ -458,7 +530,7 @@ mod tests {
     }
 
     impl Backend for Counting {
-        fn apply(&mut self, c: &[Change]) -> Result<(), StoreError> {
+        fn apply(&mut self, _: u64, c: &[Change]) -> Result<(), StoreError> {
             self.applies += 1;
             assert!(self.applies < self.panics_at, "engine gave up");
             self.changes.fetch_add(c.len(), Ordering::SeqCst);
@@ -488,14 +560,14 @@ mod tests {
         let t = spawn(hub.clone(), Counting::new(&written)).unwrap();
         let started = Instant::now();
         for uid in 0..50 {
-            let seq = a.send(change(uid));
+            let seq = a.send(change(uid), |_, _| {});
             wait_done(&a, seq);
         }
         for round in 1..20 {
             let (mut sa, mut sb) = (0, 0);
             for uid in 0..(round * 7) {
-                sa = a.send(change(uid));
-                sb = b.send(change(uid));
+                sa = a.send(change(uid), |_, _| {});
+                sb = b.send(change(uid), |_, _| {});
             }
             wait_done(&a, sa);
             wait_done(&b, sb);
@@ -508,25 +580,80 @@ mod tests {
         assert_eq!(hub.pending.load(Ordering::SeqCst), 0);
     }
 
+    /// An engine that records which group each change was applied in.
+    struct Groups(Arc<Mutex<Vec<(u64, u64)>>>);
+
+    impl Backend for Groups {
+        fn apply(&mut self, group: u64, c: &[Change]) -> Result<(), StoreError> {
+            let mut seen = self.0.lock().unwrap();
+            for c in c {
+                if let Change::Key { uid, .. } = c {
+                    seen.push((*uid, group));
+                }
+            }
+            Ok(())
+        }
+        fn sync(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn load(&mut self, _: &mut dyn FnMut(Change)) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn disk_size(&self) -> u64 {
+            0
+        }
+        fn next_group(&self) -> u64 {
+            40
+        }
+    }
+
+    #[test]
+    fn a_shard_is_told_the_group_its_changes_are_written_in() {
+        // Two shards sending while the thread takes groups: the group each
+        // send is told (what a shard tags its queue entries with) is the
+        // one the engine writes the change in, from the engine's first.
+        let bells = [Arc::new(Doorbell::default()), Arc::new(Doorbell::default())];
+        let hub = Hub::new(&bells, Durability::Async);
+        let mut a = StoreHandle::new(&hub, 0, 1 << 20);
+        let mut b = StoreHandle::new(&hub, 1, 1 << 20);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let t = spawn(hub.clone(), Box::new(Groups(seen.clone()))).unwrap();
+        let mut told = Vec::new();
+        for uid in 0..400 {
+            let h = if uid % 2 == 0 { &mut a } else { &mut b };
+            let seq = h.send(change(uid), |_, g| told.push((uid, g)));
+            if uid % 50 == 49 {
+                wait_done(h, seq);
+            }
+        }
+        hub.stop();
+        t.join().unwrap();
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(seen, told);
+        assert!(told.iter().all(|(_, g)| *g >= 40), "groups start at the engine's next group");
+        assert!(told.last().unwrap().1 > 40, "more than one group was written");
+    }
+
     #[test]
     fn a_dead_storage_thread_answers_every_write_with_an_error() {
         let bell = Arc::new(Doorbell::default());
         let hub = Hub::new(std::slice::from_ref(&bell), Durability::Sync);
         let mut h = StoreHandle::new(&hub, 0, 1 << 20);
         let t = spawn(hub.clone(), Box::new(Counting { panics_at: 2, ..*Counting::new(&Arc::default()) })).unwrap();
-        let first = h.send(change(1));
+        let first = h.send(change(1), |_, _| {});
         let done = wait_done(&h, first);
         assert!(done.iter().all(|d| d.error.is_none()), "{done:?}");
         assert!(h.dead().is_none());
         // The second write kills the thread, taken or not.
-        let second = h.send(change(2));
+        let second = h.send(change(2), |_, _| {});
         let done = wait_done(&h, second);
         let err = done.last().and_then(|d| d.error.clone()).expect("an error");
         assert!(err.contains("storage thread stopped") && err.contains("engine gave up"), "{err}");
         t.join().unwrap();
         assert!(h.dead().is_some());
         // Later writes are answered at once, and the lane does not grow.
-        let third = h.send(change(3));
+        let third = h.send(change(3), |_, _| {});
         let done = h.take_done();
         assert!(done.back().is_some_and(|d| d.upto >= third && d.error.is_some()), "{done:?}");
         assert!(!h.is_congested());

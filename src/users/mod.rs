@@ -27,14 +27,33 @@ pub const MAX_DEVICES: usize = 16;
 /// A private message waiting for the user to come back. Event and message
 /// share one allocation (the event is at most 64 bytes), since an offline
 /// user's queue is what a million idle users cost.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Queued {
     /// When it was queued (unix seconds); sent as `message_send_time`.
     pub time: i64,
-    event_len: u8,
     /// The event name followed by the message text.
     text: Box<str>,
+    /// Where the store keeps it: the write group its record was written
+    /// in (48 bits, in what would be padding), so that its removal tells
+    /// the storage thread which record to count down without a lookup
+    /// per message there (`store::qlog`). [`TAG_PENDING`] until the
+    /// shard's changes are sent; 0 for an entry of store format 1.
+    tag: [u16; 3],
+    event_len: u8,
 }
+
+/// The tag of a queue entry whose change has not been sent to the store
+/// yet: it is in the batch being built.
+pub const TAG_PENDING: u64 = (1 << 48) - 1;
+
+/// Equal messages: the store's tag is bookkeeping, not part of it.
+impl PartialEq for Queued {
+    fn eq(&self, o: &Queued) -> bool {
+        self.time == o.time && self.event_len == o.event_len && self.text == o.text
+    }
+}
+
+impl Eq for Queued {}
 
 impl Queued {
     /// A queued message; an event longer than 255 bytes is cut (CometQL
@@ -47,7 +66,9 @@ impl Queued {
         let mut text = String::with_capacity(cut + message.len());
         text.push_str(&event[..cut]);
         text.push_str(message);
-        Queued { time, event_len: cut as u8, text: text.into_boxed_str() }
+        let mut q = Queued { time, text: text.into_boxed_str(), tag: [0; 3], event_len: cut as u8 };
+        q.set_tag(TAG_PENDING);
+        q
     }
 
     pub fn event(&self) -> &str {
@@ -56,6 +77,21 @@ impl Queued {
 
     pub fn message(&self) -> &str {
         &self.text[self.event_len as usize..]
+    }
+
+    /// The store's tag (the low 48 bits of a write group).
+    pub fn tag(&self) -> u64 {
+        self.tag[0] as u64 | (self.tag[1] as u64) << 16 | (self.tag[2] as u64) << 32
+    }
+
+    pub fn set_tag(&mut self, group: u64) {
+        self.tag = [group as u16, (group >> 16) as u16, (group >> 32) as u16];
+    }
+
+    /// The message with the store's tag set.
+    pub fn tagged(mut self, group: u64) -> Queued {
+        self.set_tag(group);
+        self
     }
 }
 
@@ -162,6 +198,19 @@ impl UserStore {
     /// The changes recorded since the last call.
     pub fn take_changes(&mut self) -> Vec<Change> {
         self.journal.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Tags the entries queued by `changes` (now on their way to the
+    /// store) with the write group that will hold them.
+    pub fn retag(&mut self, changes: &[Change], group: u64) {
+        for c in changes {
+            if let Change::QueuePut { dev, uid, seq, .. } = c
+                && let Some(q) = self.users.get_mut(dev).and_then(|m| m.get_mut(uid)).and_then(|u| u.queue.as_mut())
+                && let Some(m) = seq.checked_sub(q.head).and_then(|i| q.items.get_mut(i as usize))
+            {
+                m.set_tag(group);
+            }
+        }
     }
 
     /// Puts back state read from the store at start (not journaled).
@@ -520,9 +569,9 @@ fn expire(q: &mut Queue, ttl: i64, now: i64, dev: u32, uid: u64, mut journal: Op
 
 /// Drops the oldest entry (from the store too).
 fn pop_oldest(q: &mut Queue, dev: u32, uid: u64, journal: Option<&mut Vec<Change>>) {
-    if q.items.pop_front().is_some() {
+    if let Some(m) = q.items.pop_front() {
         if let Some(j) = journal {
-            j.push(Change::QueueDel { dev, uid, seq: q.head });
+            j.push(removal(dev, uid, q.head, &m));
         }
         q.head += 1;
     }
@@ -531,8 +580,14 @@ fn pop_oldest(q: &mut Queue, dev: u32, uid: u64, journal: Option<&mut Vec<Change
 /// Removes every entry of a queue being taken or cleared from the store.
 fn forget(q: &Queue, dev: u32, uid: u64, journal: Option<&mut Vec<Change>>) {
     if let Some(j) = journal {
-        j.extend((0..q.items.len() as u64).map(|i| Change::QueueDel { dev, uid, seq: q.head + i }));
+        j.extend(q.items.iter().enumerate().map(|(i, m)| removal(dev, uid, q.head + i as u64, m)));
     }
+}
+
+/// The store's removal of entry `m` at position `seq`: it names the
+/// record (the tag) and the bytes it frees there.
+fn removal(dev: u32, uid: u64, seq: u64, m: &Queued) -> Change {
+    Change::QueueDel { dev, uid, seq, tag: m.tag(), bytes: crate::store::qlog::entry_len(m) }
 }
 
 #[cfg(test)]
@@ -573,6 +628,31 @@ mod tests {
         assert!(s.remove_device(0, 1, conn(2), 200));
         assert_eq!(s.presence(0, 1), Presence::Offline(200));
         assert_eq!(s.presence(1, 1), Presence::Unknown, "dev_ids are separate");
+    }
+
+    #[test]
+    fn a_removal_names_the_group_its_entry_was_sent_in_and_its_bytes() {
+        let mut s = UserStore { journal: Some(Vec::new()), ..UserStore::default() };
+        s.enqueue(0, 5, msg(100, "a"), 3, 300, 100);
+        s.enqueue(0, 5, msg(100, "bb"), 3, 300, 100);
+        // Sent: the lane said group 7.
+        let sent = s.take_changes();
+        s.retag(&sent, 7);
+        // Queued, and dropped from the full queue, before being sent: its
+        // removal is pending like its put.
+        s.enqueue(0, 5, msg(101, "c"), 3, 300, 101);
+        s.enqueue(0, 5, msg(101, "d"), 2, 300, 101);
+        s.take_queue(0, 5, 300, 102);
+        let dels: Vec<(u64, u64, u32)> = s
+            .take_changes()
+            .into_iter()
+            .filter_map(|c| match c {
+                Change::QueueDel { seq, tag, bytes, .. } => Some((seq, tag, bytes)),
+                _ => None,
+            })
+            .collect();
+        let len = |m: &str| crate::store::qlog::entry_len(&msg(0, m));
+        assert_eq!(dels, [(0, 7, len("a")), (1, 7, len("bb")), (2, TAG_PENDING, len("c")), (3, TAG_PENDING, len("d"))]);
     }
 
     #[test]
@@ -699,6 +779,18 @@ mod queued_tests {
         let q = Queued::new(0, &long, "m");
         assert!(q.event().len() <= 255 && long.starts_with(q.event()));
         assert_eq!(q.message(), "m");
+    }
+
+    #[test]
+    fn the_store_tag_costs_no_memory_and_holds_48_bits() {
+        // Time, the text's pointer and length, and the tag and event
+        // length in what would otherwise be padding.
+        assert_eq!(std::mem::size_of::<Queued>(), 32);
+        let q = Queued::new(5, "e", "m");
+        assert_eq!(q.tag(), super::TAG_PENDING);
+        let g = (1 << 47) + 12_345;
+        assert_eq!(q.clone().tagged(g).tag(), g);
+        assert_eq!(q.clone().tagged(g), q, "the tag is not part of the message");
     }
 }
 
