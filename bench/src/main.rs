@@ -213,6 +213,13 @@ enum Cmd {
         #[arg(long, default_value_t = 5_000)]
         iterations: usize,
     },
+    /// In-process: CPU of one sleep and wake-up of a thread woken from the
+    /// other CPU, waiting in epoll_wait, poll or io_uring_enter (what a
+    /// latency-bound handshake pays per round trip).
+    WakeCost {
+        #[arg(long, default_value_t = 20_000)]
+        rounds: usize,
+    },
     /// In-process: time the CometQL lexer, parser and planner.
     Parse {
         #[arg(long, default_value_t = 200_000)]
@@ -495,6 +502,10 @@ fn main() {
         }
         Cmd::DeflateCost { bytes, iterations } => {
             micro::deflate_cost(bytes, iterations);
+            return;
+        }
+        Cmd::WakeCost { rounds } => {
+            micro::wake_cost(rounds);
             return;
         }
         Cmd::SendFloor { sockets, rounds, size, uring } => {

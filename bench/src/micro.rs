@@ -199,3 +199,170 @@ pub fn deflate_cost(bytes: usize, iterations: usize) {
         );
     }
 }
+
+/// Pins the calling thread to one CPU.
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it;
+    // sched_setaffinity reads the set we own for this thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// This thread's voluntary context switches: its sleeps.
+fn thread_sleeps() -> i64 {
+    // SAFETY: getrusage fills the rusage we own.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru.ru_nvcsw
+    }
+}
+
+fn eventfd() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd returns a new descriptor (checked) that we then own.
+    unsafe {
+        let fd = libc::eventfd(0, libc::EFD_CLOEXEC);
+        assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }
+}
+
+fn efd_write(fd: std::os::fd::RawFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a buffer we own to an eventfd.
+    let n = unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+    assert_eq!(n, 8, "eventfd write");
+}
+
+fn efd_read(fd: std::os::fd::RawFd) {
+    let mut b = [0u8; 8];
+    // SAFETY: reads 8 bytes into a buffer we own from an eventfd.
+    let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 8) };
+    assert_eq!(n, 8, "eventfd read");
+}
+
+/// How a thread waits for a descriptor to become readable.
+#[derive(Clone, Copy, Debug)]
+enum Wait {
+    Epoll,
+    Poll,
+    /// A POLL_ADD and `io_uring_enter` with GETEVENTS and a 1 s timeout,
+    /// on a ring set up as comet's shards set theirs up (SINGLE_ISSUER,
+    /// DEFER_TASKRUN; NO_IOWAIT when the kernel has it).
+    Uring,
+    /// The same ring, without DEFER_TASKRUN.
+    UringPlain,
+    /// `Uring` with 5,000 other polls armed on the ring that never fire,
+    /// as a shard has a read armed for every idle connection.
+    UringArmed,
+}
+
+/// CPU of one sleep and wake-up of a thread, by the way it waits. Thread W
+/// (pinned to CPU 0) waits for an eventfd that thread P (CPU 1) writes,
+/// then answers on a second one that P blocks on: every round W goes to
+/// sleep once and is woken from the other CPU, as a shard is by a client
+/// on loopback. Reports W's CPU per round (what the shard pays) and its
+/// sleeps per round, for epoll_wait, poll and io_uring_enter.
+pub fn wake_cost(rounds: usize) {
+    use std::os::fd::AsRawFd;
+    println!("wake-cost: {rounds} rounds; waiter on CPU 0, waker on CPU 1");
+    println!("{:<34} {:>14} {:>16} {:>14}", "wait", "waiter µs/round", "waiter sleeps/round", "waker µs/round");
+    for mode in [Wait::Epoll, Wait::Poll, Wait::Uring, Wait::UringPlain, Wait::UringArmed, Wait::Epoll, Wait::Uring] {
+        let (a, b) = (eventfd(), eventfd());
+        let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+        let waker = std::thread::spawn(move || {
+            pin(1);
+            let c0 = thread_cpu();
+            for _ in 0..rounds {
+                efd_write(fa);
+                efd_read(fb);
+            }
+            thread_cpu() - c0
+        });
+        let waiter = std::thread::spawn(move || {
+            pin(0);
+            let mut wait = waiter_for(mode, fa);
+            let (c0, s0) = (thread_cpu(), thread_sleeps());
+            for _ in 0..rounds {
+                wait();
+                efd_read(fa);
+                efd_write(fb);
+            }
+            (thread_cpu() - c0, thread_sleeps() - s0)
+        });
+        let (w_cpu, w_sleeps) = waiter.join().expect("waiter");
+        let p_cpu = waker.join().expect("waker");
+        let r = rounds as f64;
+        println!(
+            "{:<34} {:>14.1} {:>16.2} {:>14.1}",
+            format!("{mode:?}"),
+            w_cpu * 1e6 / r,
+            w_sleeps as f64 / r,
+            p_cpu * 1e6 / r
+        );
+        drop((a, b));
+    }
+}
+
+/// A closure that blocks until `fd` is readable, the way `mode` waits.
+fn waiter_for(mode: Wait, fd: std::os::fd::RawFd) -> Box<dyn FnMut()> {
+    match mode {
+        Wait::Epoll => {
+            // SAFETY: epoll_create1 returns a new descriptor (checked);
+            // epoll_ctl registers `fd`, which outlives the closure's use.
+            let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            assert!(ep >= 0);
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) }, 0);
+            Box::new(move || {
+                let mut out = [libc::epoll_event { events: 0, u64: 0 }; 4];
+                // SAFETY: epoll_wait writes at most 4 events into `out`.
+                let n = unsafe { libc::epoll_wait(ep, out.as_mut_ptr(), 4, 1000) };
+                assert!(n > 0, "epoll_wait: {n}");
+            })
+        }
+        Wait::Poll => Box::new(move || {
+            let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll reads and writes the one pollfd we own.
+            let n = unsafe { libc::poll(&mut p, 1, 1000) };
+            assert!(n > 0, "poll: {n}");
+        }),
+        Wait::Uring | Wait::UringPlain | Wait::UringArmed => {
+            let mut b = io_uring::IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder();
+            if !matches!(mode, Wait::UringPlain) {
+                b.setup_single_issuer().setup_defer_taskrun();
+            }
+            let mut ring = b.build(64).expect("io_uring");
+            let no_iowait = ring.params().is_feature_no_iowait();
+            let idle: Vec<std::os::fd::OwnedFd> =
+                if matches!(mode, Wait::UringArmed) { (0..5000).map(|_| eventfd()).collect() } else { Vec::new() };
+            for chunk in idle.chunks(32) {
+                for f in chunk {
+                    use std::os::fd::AsRawFd;
+                    let p = io_uring::opcode::PollAdd::new(io_uring::types::Fd(f.as_raw_fd()), libc::POLLIN as u32)
+                        .build()
+                        .user_data(1);
+                    // SAFETY: the entry refers to a descriptor the closure keeps open.
+                    unsafe { ring.submission().push(&p) }.expect("sq full");
+                }
+                ring.submit().expect("submit");
+            }
+            Box::new(move || {
+                let poll = io_uring::opcode::PollAdd::new(io_uring::types::Fd(fd), libc::POLLIN as u32).build();
+                // SAFETY: the entry refers to `fd` only, which outlives it.
+                unsafe { ring.submission().push(&poll) }.expect("sq full");
+                let ts = io_uring::types::Timespec::new().sec(1);
+                let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+                let flags = if no_iowait { io_uring::EnterFlags::NO_IOWAIT } else { io_uring::EnterFlags::empty() };
+                ring.submitter().submit_with_args_and_flags(1, &args, flags).expect("enter");
+                assert!(ring.completion().next().is_some(), "a completion");
+                let _ = &idle;
+            })
+        }
+    }
+}
