@@ -36,6 +36,7 @@ check "$out/connect_wss.json" '[x["target"] for x in f] == ["comet", "nchan"] an
 check "$out/fanout_wss.json" '[x["target"] for x in f] == ["comet", "nchan"] and all(x["loss"] == 0 and x["delivered"] == 2000 for x in f)'
 "$B" tls-records --records 200 --sizes 90,2048
 "$B" deflate-cost --iterations 50
+"$B" wake-cost --rounds 200
 "$B" "${common[@]}" connect --conns 200 --auth --json "$out/connect_auth.json"
 check "$out/connect_auth.json" 'f[0]["connections"] == 200'
 "$B" "${common[@]}" fanout --subs 300 --channels 3 --rate 20 --seconds 1 --procs 2 --json "$out/fanout.json" --svg "$out/fanout.svg"
