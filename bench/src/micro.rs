@@ -268,29 +268,55 @@ enum Wait {
 /// on loopback. Reports W's CPU per round (what the shard pays) and its
 /// sleeps per round, for epoll_wait, poll and io_uring_enter.
 pub fn wake_cost(rounds: usize) {
-    use std::os::fd::AsRawFd;
     println!("wake-cost: {rounds} rounds; waiter on CPU 0, waker on CPU 1");
     println!("{:<34} {:>14} {:>16} {:>14}", "wait", "waiter µs/round", "waiter sleeps/round", "waker µs/round");
-    for mode in [Wait::Epoll, Wait::Poll, Wait::Uring, Wait::UringPlain, Wait::UringArmed, Wait::Epoll, Wait::Uring] {
-        let (a, b) = (eventfd(), eventfd());
+    for tcp in [false, true] {
+        println!("woken by {}:", if tcp { "a byte on a loopback TCP connection" } else { "an eventfd" });
+        for mode in [Wait::Epoll, Wait::Poll, Wait::Uring, Wait::UringPlain, Wait::UringArmed, Wait::Epoll, Wait::Uring]
+        {
+            wake_rounds(rounds, mode, tcp);
+        }
+    }
+}
+
+/// One row of [`wake_cost`]: with `tcp`, the waiter is woken by a byte on
+/// a loopback TCP connection (the client's softirq wakes it, as in a
+/// handshake) and answers with one; else by eventfds.
+fn wake_rounds(rounds: usize, mode: Wait, tcp: bool) {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    {
+        let (a, b): (OwnedFd, OwnedFd) = if tcp {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let c = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+            let (s, _) = l.accept().expect("accept");
+            let _ = (c.set_nodelay(true), s.set_nodelay(true));
+            (s.into(), c.into())
+        } else {
+            (eventfd(), eventfd())
+        };
         let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+        // eventfds: the waker writes a and reads b; the waiter waits for a,
+        // reads it and writes b. TCP: each side reads and writes its own
+        // end, the waiter a, the waker b.
+        let (w_wait, w_back) = (fa, if tcp { fa } else { fb });
+        let (p_write, p_read) = (if tcp { fb } else { fa }, fb);
         let waker = std::thread::spawn(move || {
             pin(1);
             let c0 = thread_cpu();
             for _ in 0..rounds {
-                efd_write(fa);
-                efd_read(fb);
+                efd_write(p_write);
+                efd_read(p_read);
             }
             thread_cpu() - c0
         });
         let waiter = std::thread::spawn(move || {
             pin(0);
-            let mut wait = waiter_for(mode, fa);
+            let mut wait = waiter_for(mode, w_wait);
             let (c0, s0) = (thread_cpu(), thread_sleeps());
             for _ in 0..rounds {
                 wait();
-                efd_read(fa);
-                efd_write(fb);
+                efd_read(w_wait);
+                efd_write(w_back);
             }
             (thread_cpu() - c0, thread_sleeps() - s0)
         });
