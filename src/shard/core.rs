@@ -322,6 +322,11 @@ impl ShardCore {
         let mut changes = self.users.take_changes();
         changes.append(&mut self.history.take_changes());
         if changes.is_empty() {
+            // Nothing to send: the list keeps its capacity for the next
+            // changes (most calls, after every handler, find none).
+            if let Some(j) = self.users.journal.as_mut() {
+                *j = changes;
+            }
             return Written::Now;
         }
         // Both modes wait for the storage thread: sync until the change is

@@ -242,12 +242,12 @@ impl Shard {
     /// Carries out the core's effects and writes what it queued, until
     /// neither is left; wakes paused readers when the core says so.
     fn settle(&mut self) {
-        // Changes no answer waits for (a device leaving, a queue delivered,
-        // a sweep) go to the store now.
-        self.core.record_changes();
         // Completions the storage thread sent meanwhile: answered now,
         // with this round's writes, instead of at the mailbox task's turn.
         self.core.storage_progress();
+        // Changes no answer waits for (a device leaving, a queue delivered,
+        // a sweep, what the completions above resumed) go to the store now.
+        self.core.record_changes();
         loop {
             if !self.core.effects.is_empty() {
                 for e in std::mem::take(&mut self.core.effects) {

@@ -61,7 +61,8 @@ const LOAD_WINDOW: Duration = Duration::from_millis(1);
 const SPARE_LISTS: usize = 512;
 /// A reused change list larger than this is freed instead (a statement
 /// that changed many rows must not pin its list's memory): the spares of
-/// a lane hold at most 512 x 8 changes of 104 bytes, 416 KiB.
+/// a lane hold at most 512 x 8 changes of 104 bytes, 416 KiB, and the
+/// shard's handle as many again once it took them (832 KiB a shard).
 const SPARE_CAPACITY: usize = 8;
 /// `Hub::wake_at` while the storage thread is not parked: no shard wakes it.
 const AWAKE: usize = usize::MAX;
@@ -444,7 +445,11 @@ fn run(hub: &Hub, backend: &mut dyn Backend, mut group: u64) {
         }
         window += changes.len();
         if window.max(last_window) >= LINGER_AFTER && !hub.stop.load(Ordering::SeqCst) {
-            park_until(hub, (changes.len() * percent / 100).max(least), now + linger);
+            // At least `least`, but never more than this group had: a
+            // closed loop of fewer clients could never reach it, and every
+            // group would wait the whole linger.
+            let want = changes.len() * percent / 100;
+            park_until(hub, if changes.len() >= least { want.max(least) } else { want }, now + linger);
         }
     }
 }
