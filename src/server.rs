@@ -266,7 +266,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                         return;
                     }
                 };
-                rt.block_on(async move {
+                let ran = runtime::block_on(&rt, async move {
                     let listener = Arc::new(listener);
                     let backend_listener = Arc::new(backend_listener);
                     let api_listener = api_listener.map(Arc::new);
@@ -287,6 +287,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                     shard::io::sweep_loop(timeout).await;
                 });
                 drop(shard::io::uninstall());
+                if let Err(panic) = ran {
+                    // The tasks go with the runtime, before the unwind
+                    // goes on (compio's own block_on does the same).
+                    drop(rt);
+                    std::panic::resume_unwind(panic);
+                }
             })
             .map_err(|e| ServerError::Shard { shard: i, err: e.to_string() })?;
         threads.push(t);
