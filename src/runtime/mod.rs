@@ -97,3 +97,85 @@ pub fn block_on<F: Future>(rt: &Runtime, future: F) -> std::thread::Result<F::Ou
         })
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::rc::Rc;
+
+    use compio::driver::SharedFd;
+    use compio::driver::op::{Interest, PollOnce};
+
+    /// A readiness wait completes while another task keeps the run queue
+    /// busy: `block_on` then never sleeps, so this holds only if its
+    /// non-waiting polls really reap completions (on io_uring, through the
+    /// ring's TASKRUN flag). Without them the wait ends only when the
+    /// spinner gives up, and the test fails.
+    fn io_completes_while_tasks_stay_queued(backend: Backend) {
+        let rt = build_runtime(backend).unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            b.write_all(b"x").unwrap();
+            b
+        });
+        let done = Rc::new(Cell::new(false));
+        let spins = Rc::new(Cell::new(0u64));
+        let ran = block_on(&rt, {
+            let (done, spins) = (done.clone(), spins.clone());
+            async move {
+                compio::runtime::spawn({
+                    let (done, spins) = (done.clone(), spins.clone());
+                    async move {
+                        let start = std::time::Instant::now();
+                        // Gives up after 3 s, so that a broken loop fails
+                        // the test below instead of hanging it.
+                        while !done.get() && start.elapsed() < Duration::from_secs(3) {
+                            spins.set(spins.get() + 1);
+                            let mut yielded = false;
+                            std::future::poll_fn(|cx| {
+                                if std::mem::replace(&mut yielded, true) {
+                                    Poll::Ready(())
+                                } else {
+                                    cx.waker().wake_by_ref();
+                                    Poll::Pending
+                                }
+                            })
+                            .await;
+                        }
+                    }
+                })
+                .detach();
+                let fd = SharedFd::new(a);
+                let start = std::time::Instant::now();
+                compio::runtime::submit(PollOnce::new(fd, Interest::Readable)).await.0.unwrap();
+                done.set(true);
+                start.elapsed()
+            }
+        });
+        let waited = ran.expect("the spinner or the wait panicked");
+        // The byte comes after 50 ms; a wait that lasted until the spinner
+        // gave up was reaped only once the run queue emptied.
+        assert!(waited < Duration::from_secs(1), "readable after {waited:?} while tasks stayed queued");
+        assert!(spins.get() > 0, "the spinner never ran");
+        drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn io_uring_completions_are_reaped_while_tasks_stay_queued() {
+        if probe::probe_io_uring().is_err() {
+            eprintln!("io_uring unavailable here; skipped");
+            return;
+        }
+        io_completes_while_tasks_stay_queued(Backend::IoUring);
+    }
+
+    #[test]
+    fn epoll_readiness_is_reaped_while_tasks_stay_queued() {
+        io_completes_while_tasks_stay_queued(Backend::Epoll);
+    }
+}
