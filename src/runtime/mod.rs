@@ -1,5 +1,7 @@
 //! The I/O layer under the shards: which backend to use, the listening
-//! sockets, and building one compio runtime per shard thread.
+//! sockets, building one compio runtime per shard thread, and the loop that
+//! runs it ([`block_on`], compio's own loop minus a zero-timeout wait that
+//! io_uring turns into a timer sleep).
 
 pub mod listener;
 pub mod probe;
