@@ -181,7 +181,7 @@ pub struct Cli {
     /// Browser publishes per second to one channel, process-wide (burst: twice as many; 0: unlimited); more are dropped with an error [default: 100].
     #[arg(long, env = "COMET_CHANNEL_RATE", value_name = "N")]
     pub channel_rate: Option<u32>,
-    /// Milliseconds a channel message may wait so that the messages of a window go to each subscriber in one write (0: at once); the windows' ends are spread over up to half of it more, at most 25 ms [default: 0].
+    /// Milliseconds a channel message may wait so that the messages of a window go to each subscriber in one write (0: at once); a window may end up to 1 ms and a tenth of it early or late, to take along a message due at its end [default: 0].
     #[arg(long, env = "COMET_WRITE_DELAY", value_name = "MS")]
     pub write_delay: Option<u64>,
     /// Seconds a started WebSocket frame, HTTP head or MySQL packet has to arrive whole [default: 10].

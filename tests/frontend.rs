@@ -538,15 +538,24 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
 }
 
 #[test]
-fn with_a_write_delay_a_burst_of_channel_messages_arrives_after_the_delay_in_one_write() {
+fn with_a_write_delay_a_burst_of_channel_messages_arrives_in_one_write_staggered_over_the_window() {
     use std::io::Read;
+    const SUBS: usize = 16;
     for io in BACKENDS {
         let s = start(io, &["--write-delay", "300"]);
-        let mut sub = Raw::open(s.addr, "/ws/v=4&uuid=hot-sub");
-        sub.frame(); // serverInfo
-        sub.send_frame(0x81, b"subscription\nweb_hot", true);
+        let mut subs: Vec<Raw> = (0..SUBS)
+            .map(|i| {
+                let mut sub = Raw::open(s.addr, &format!("/ws/v=4&uuid=hot-sub-{i}"));
+                sub.frame(); // serverInfo
+                sub.send_frame(0x81, b"subscription\nweb_hot", true);
+                sub
+            })
+            .collect();
         let mut publisher = s.client("hot-pub");
-        wait_count(&mut publisher, "web_hot", 1);
+        wait_count(&mut publisher, "web_hot", SUBS as u64);
+        for sub in &subs {
+            sub.s.set_nonblocking(true).unwrap();
+        }
         let t = std::time::Instant::now();
         for i in 0..5 {
             publisher.send(&format!("web_pipe2\nweb_hot\ne\n*\nhot-msg-{i}"));
@@ -554,15 +563,42 @@ fn with_a_write_delay_a_burst_of_channel_messages_arrives_after_the_delay_in_one
         // The reports to the publisher are not delayed.
         for _ in 0..5 {
             let report = publisher.recv();
-            assert_eq!(report["data"]["number_messages"], 1, "{io}: {report}");
+            assert_eq!(report["data"]["number_messages"], SUBS, "{io}: {report}");
         }
         assert!(t.elapsed() < Duration::from_millis(250), "{io}: reports took {:?}", t.elapsed());
+        // Each subscriber: when its first bytes came, and what each read got.
+        let mut got: Vec<(Option<Duration>, Vec<String>)> = vec![(None, Vec::new()); SUBS];
         let mut buf = vec![0u8; 64 * 1024];
-        let n = sub.s.read(&mut buf).unwrap();
-        let waited = t.elapsed();
-        let text = String::from_utf8_lossy(&buf[..n]);
-        assert!(waited >= Duration::from_millis(250), "{io}: delivered after {waited:?}, before the window closed");
-        assert!(waited < Duration::from_millis(2000), "{io}: delivered after {waited:?}");
-        assert_eq!(text.matches("hot-msg-").count(), 5, "{io}: the five messages in one read: {text}");
+        while got.iter().any(|(_, reads)| reads.concat().matches("hot-msg-").count() < 5) {
+            assert!(t.elapsed() < Duration::from_secs(3), "{io}: not all delivered: {got:?}");
+            for (sub, (first, reads)) in subs.iter_mut().zip(&mut got) {
+                match sub.s.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        first.get_or_insert(t.elapsed());
+                        reads.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    }
+                    Ok(_) => panic!("{io}: closed"),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{io}: {e}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let waited: Vec<Duration> = got.iter().map(|(first, _)| first.unwrap()).collect();
+        for ((first, reads), waited) in got.iter().zip(&waited) {
+            let all = reads.concat();
+            let order: Vec<usize> = (0..5).map(|i| all.find(&format!("hot-msg-{i}")).unwrap()).collect();
+            assert!(order.windows(2).all(|w| w[0] < w[1]), "{io}: in order: {all}");
+            assert!(*waited < Duration::from_millis(2000), "{io}: delivered after {waited:?}");
+            // A window of 150 ms or more surely spans the five publishes.
+            if *waited >= Duration::from_millis(150) {
+                assert_eq!(reads.len(), 1, "{io}: five messages in one write, waited {first:?}: {reads:?}");
+            }
+        }
+        // First windows are staggered over the window by group (eight
+        // groups, drawn at random per second: all sixteen subscribers in
+        // one half of them has odds of 1 in 65,536).
+        assert!(waited.iter().any(|w| *w >= Duration::from_millis(150)), "{io}: some wait: {waited:?}");
+        assert!(waited.iter().any(|w| *w < Duration::from_millis(150)), "{io}: some go early: {waited:?}");
     }
 }

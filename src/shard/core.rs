@@ -185,10 +185,11 @@ pub struct ShardCore {
     /// Connections with queued output not yet tried this round.
     pub dirty: Vec<ConnId>,
     /// With `--write-delay`: connections that channel messages made dirty,
-    /// each written when its own window ends (the I/O layer sleeps until
-    /// the next deadline), together with whatever else it was queued by
-    /// then. A connection is held when its queue turns non-empty, so at
-    /// most once until it is written.
+    /// each written when its own window ends (on a later message's arrival,
+    /// or at its deadline, which the I/O layer sleeps until), together with
+    /// whatever else it was queued by then. A window opens when a
+    /// connection's queue turns non-empty, so at most once until it is
+    /// written; its mark is in the connection's `OutQueue`.
     pub delayed: super::delay::WriteDelay,
     /// Effects for the I/O layer, in order.
     pub effects: Vec<Effect>,
@@ -557,6 +558,29 @@ impl ShardCore {
 
     /// Writes a publication to this shard's subscribers; returns how many
     /// connections it was queued to.
+    /// Ends the `--write-delay` windows whose deadline is `now_ms` or
+    /// before: their connections join the dirty list, unless the window
+    /// already ended (on an arrival, or its frames went with an answer and
+    /// another opened since).
+    pub fn end_delay_windows(&mut self, now_ms: u64) {
+        let (conns, dirty) = (&mut self.conns, &mut self.dirty);
+        self.delayed.take_due(now_ms, |id, mark| {
+            if let Some(conn) = conns.get_mut(id)
+                && conn.out.window == mark
+            {
+                conn.out.window = super::delay::WriteDelay::ended(mark);
+                dirty.push(id);
+            }
+        });
+    }
+
+    /// When the next `--write-delay` window ends, if one is open; entries
+    /// of windows that ended already are dropped, not waited for.
+    pub fn next_delay_deadline(&mut self) -> Option<u64> {
+        let conns = &self.conns;
+        self.delayed.next_live_deadline(|id, mark| conns.get(id).is_some_and(|c| c.out.window == mark))
+    }
+
     pub fn deliver_local(&mut self, p: &Publication) -> u64 {
         if p.store && home_shard_of_channel(p.dev_id, &p.msg.pipe, self.shards) == self.id {
             let entry = history::Entry {
@@ -608,7 +632,15 @@ impl ShardCore {
                 saved += (plain.len() - frame.len()) as u64;
             }
             if conn.push_out(frame.clone()) {
-                if delay { self.delayed.hold(id, now_ms) } else { self.dirty.push(id) }
+                if delay {
+                    conn.out.window = self.delayed.open(id, conn.out.window, now_ms);
+                } else {
+                    self.dirty.push(id);
+                }
+            } else if delay && self.delayed.ends_on_arrival(conn.out.window, now_ms) {
+                // Near its end: this message goes along (see `shard::delay`).
+                conn.out.window = super::delay::WriteDelay::ended(conn.out.window);
+                self.dirty.push(id);
             }
             delivered += 1;
         }

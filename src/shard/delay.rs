@@ -1,60 +1,93 @@
 //! `--write-delay`: when each held connection's output is written.
 //!
-//! A connection's window opens with the first channel message queued for it
-//! and ends at its own deadline; whatever it was queued by then leaves in
-//! one write. Deadlines are not one per shard: on a hot channel every
-//! subscriber's window opens in the same fan-out pass, and ending them all
-//! at once put a whole fan-out's writes (2,000 sends with two frames each)
-//! into one burst, which the readers then drained for longer than the
-//! window itself (bench/RESULTS.md, "Hot channel"). So connections are
-//! split into [`SLICES`] slices by slot, and a slice's windows end a little
-//! late, by its share of the spread: the writes of one fan-out go out
-//! paced over the spread after the window, not in one burst.
+//! A channel message queued to a connection with nothing queued opens that
+//! connection's window; what it is queued until the window ends leaves in
+//! one write. Three rules decide when a window ends.
 //!
-//! The rule, for a frame first queued in millisecond `t` on a connection of
-//! slice `j`: the connection is written at `t + 1 + window + j * spread /
-//! SLICES` (from the end of that millisecond), where
-//! `spread` is half the window, at most [`MAX_SPREAD_MS`]. So no window is
-//! shorter than asked (a connection is written at most once per window for
-//! its channel messages, the CPU saving), and none is longer than
-//! `window + spread + 1` ms. Late rather than early: windows that ended early
-//! caught fewer messages (measured: at 100 messages a second and 20 ms,
-//! 0.52 to 0.65 of the CPU per delivery without the delay, against 0.39
-//! to 0.46 with one end for all; bench/RESULTS.md).
+//! - **It may end on an arrival.** At a steady rate the message that comes
+//!   one window after the first (at 100 a second and 20 ms, the third) is
+//!   due exactly at the window's end. Catching it is what halves the CPU
+//!   (three messages per write instead of two), and waiting for it past
+//!   the end is what pushed the p99 over the delay. So a message queued
+//!   to a connection whose window is within the early margin (`1 + window
+//!   / 10` ms) of its end ends the window then and there, and goes along.
+//!   A whole window waits as long past its end (its deadline is `window`
+//!   and the margin from the end of the millisecond it opened in), so a
+//!   message a little late also goes along.
+//! - **First windows are staggered.** A hot channel queues its message to
+//!   every subscriber in the same fan-out pass, so all their windows would
+//!   open and end together, and each end would be one burst of a whole
+//!   fan-out's writes that the readers must then drain. A window that opens
+//!   after a quiet spell (its connection's last window opened two windows
+//!   and two margins ago or more) is shortened by the connection's group:
+//!   the connections are split into [`GROUPS`], and group `j`'s first
+//!   windows last `j / (GROUPS - 1)` of the window (group 0 is written at
+//!   the next millisecond, the last group waits the whole window). Later
+//!   windows, opened while the stream goes on, are whole, so each group
+//!   keeps the phase its first window gave it: at 100 messages a second
+//!   and 20 ms, each arrival ends the windows of part of the subscribers
+//!   instead of all of them every third arrival.
+//! - **Each second starts afresh.** Groups only ever fall into step: a
+//!   window that misses its last message (it came later than the margin)
+//!   moves its group's phase onto another group's, and the two then end
+//!   their windows together. So a connection's first window to open in a
+//!   new second of the shard's clock is a first window too, and the groups
+//!   are drawn afresh each second (from the slot and the second, hashed),
+//!   so that connections in step split again. It costs one shortened
+//!   window per connection a second.
+//!
+//! No message waits longer than the window, the margin and the rest of its
+//! first millisecond (24 ms for 20).
+//!
+//! A connection carries one `u32` for this, its [`Mark`]: the millisecond
+//! its window opened in, and whether it is still open. The entries here
+//! are checked against it, so an entry whose window ended on an arrival, or
+//! whose frames an answer took along, ends nothing.
 //!
 //! Pure: the core holds connections with its clock's `now_ms`, the I/O
-//! layer asks for the next deadline to sleep until and takes what is due.
+//! layer asks for the next deadline to sleep until and ends what is due.
 
 use std::collections::VecDeque;
 
 use super::ConnId;
 
-/// How many groups the connections are split into, each with its own end
-/// of window. More slices pace writes more evenly and cost more timer
-/// wake-ups (at most one per slice per window).
-pub const SLICES: usize = 8;
+/// How many groups the connections are split into, each with its own
+/// length of first window. More groups pace a hot channel's writes in
+/// smaller steps and cost more timer wake-ups when a stream starts (at
+/// most one per group).
+pub const GROUPS: usize = 8;
+const _: () = assert!(GROUPS.is_power_of_two(), "a group is drawn from the top bits of a hash");
 
-/// Longest time by which a window may end late. Half a 20 ms window is
-/// enough to pace 2,000 sends on this machine (about 10 ms of work); a long
-/// window (hundreds of milliseconds) ends at most this much later than
-/// asked.
-pub const MAX_SPREAD_MS: u64 = 25;
+/// A connection's `--write-delay` state: the shard millisecond its last
+/// window opened in (31 bits, wrapping after 24 days; only ages up to two
+/// windows are read from it; 0 at first), and [`OPEN`] while that window
+/// is open.
+pub type Mark = u32;
 
-/// The connections whose channel messages are held, by slice; each slice in
-/// deadline order (its connections' windows all have the same length, and
-/// open in time order).
+const OPEN: Mark = 1 << 31;
+const CLOCK: Mark = OPEN - 1;
+
+/// One held connection: when its window ends, and the mark it opened with.
+type Held = (u64, ConnId, Mark);
+
+/// The connections whose channel messages are held, in deadline order
+/// within each queue.
 #[derive(Debug, Default)]
 pub struct WriteDelay {
     window_ms: u64,
-    spread_ms: u64,
-    slices: [VecDeque<(u64, ConnId)>; SLICES],
+    /// How much before its deadline an arrival ends a window.
+    early_ms: u64,
+    /// Windows opened while a stream goes on: all `window_ms` long.
+    steady: VecDeque<Held>,
+    /// First windows, by group (each group's are all as long).
+    first: [VecDeque<Held>; GROUPS],
     held: usize,
 }
 
 impl WriteDelay {
     /// A delay with `window_ms` (0: off, nothing is ever held).
     pub fn new(window_ms: u64) -> WriteDelay {
-        WriteDelay { window_ms, spread_ms: (window_ms / 2).min(MAX_SPREAD_MS), ..WriteDelay::default() }
+        WriteDelay { window_ms, early_ms: 1 + window_ms / 10, ..WriteDelay::default() }
     }
 
     /// Whether channel messages are held at all.
@@ -62,46 +95,82 @@ impl WriteDelay {
         self.window_ms > 0
     }
 
-    /// The slice of a connection: by its slot, so that the connections of
-    /// one channel spread evenly.
-    fn slice_of(id: ConnId) -> usize {
-        id.index as usize % SLICES
+    /// The group of a connection in the second of `now_ms`: its slot
+    /// and the second, mixed (SplitMix64's finalizer), so that what is
+    /// drawn does not depend on the phase a connection is in.
+    fn group_of(id: ConnId, now_ms: u64) -> usize {
+        let second = u64::from(Self::clock(now_ms) / 1000);
+        let mut z = (second << 32 | u64::from(id.index)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> (64 - GROUPS.ilog2())) as usize
     }
 
-    /// When a window opened at `now_ms` ends for connection `id`.
-    ///
-    /// The shard's clock counts whole milliseconds, so a window "opened at
-    /// `now_ms`" opened up to 1 ms after it: ending it at `now_ms + window`
-    /// made it up to 1 ms shorter than asked, and on a channel with a
-    /// steady rate the message that arrives one window after the first (at
-    /// 100 a second and 20 ms, the third) could miss it. Counted from the
-    /// next millisecond, no window is shorter than asked. (On the
-    /// hot-channel bench the CPU per delivery did not move beyond the
-    /// machine's spread: bench/RESULTS.md.)
-    pub fn deadline(&self, id: ConnId, now_ms: u64) -> u64 {
-        let late = Self::slice_of(id) as u64 * self.spread_ms / SLICES as u64;
-        now_ms + 1 + self.window_ms + late
+    fn clock(now_ms: u64) -> Mark {
+        now_ms as Mark & CLOCK
+    }
+
+    /// Milliseconds from the time in `mark` to `now_ms`.
+    fn age(mark: Mark, now_ms: u64) -> u64 {
+        u64::from(Self::clock(now_ms).wrapping_sub(mark & CLOCK) & CLOCK)
+    }
+
+    /// The mark of a connection whose window, marked `mark`, ended.
+    pub fn ended(mark: Mark) -> Mark {
+        mark & CLOCK
+    }
+
+    /// How long a window opening now on connection `id`, marked `mark`,
+    /// lasts: the whole window while a stream goes on (the last window
+    /// opened less than two windows and two margins ago, in the same second
+    /// of the shard's clock; or it is still open, an answer having taken
+    /// its frames), its group's share otherwise.
+    pub fn length(&self, id: ConnId, mark: Mark, now_ms: u64) -> u64 {
+        let stream = mark != 0
+            && mark / 1000 == Self::clock(now_ms) / 1000
+            && Self::age(mark, now_ms) < 2 * (self.window_ms + self.early_ms);
+        if mark & OPEN != 0 || stream {
+            self.window_ms
+        } else {
+            self.window_ms * Self::group_of(id, now_ms) as u64 / (GROUPS as u64 - 1)
+        }
     }
 
     /// Connection `id`'s queue turned non-empty at `now_ms`: its window
-    /// opens. Called once per window (the queue stays non-empty until the
-    /// connection is written), so a connection is held at most once at a
-    /// time unless something else wrote it meanwhile (an answer to a
-    /// command takes the held frames along; the stale entry then ends in
-    /// an empty write). So a client holds at most one entry per write it
-    /// caused within a window, which `--client-rate` bounds.
-    pub fn hold(&mut self, id: ConnId, now_ms: u64) {
-        let at = self.deadline(id, now_ms);
-        let slice = &mut self.slices[Self::slice_of(id)];
-        // Deadlines of one slice come in order as long as the clock does;
+    /// opens. `mark` is the connection's mark; the one returned replaces it.
+    ///
+    /// A connection is listed once per window it opened. An entry outlives
+    /// its window when the window ended on an arrival (by at most the
+    /// early margin), or when an answer to a command took the held frames
+    /// along: so a client holds at most two entries per window, plus one per
+    /// write it caused within a window, which `--client-rate` bounds.
+    pub fn open(&mut self, id: ConnId, mark: Mark, now_ms: u64) -> Mark {
+        let len = self.length(id, mark, now_ms);
+        let (queue, at) = if len == self.window_ms {
+            // A whole window waits for a message up to the early margin
+            // late, as it ends for one up to the margin early.
+            (&mut self.steady, now_ms + 1 + len + self.early_ms)
+        } else {
+            (&mut self.first[Self::group_of(id, now_ms)], now_ms + 1 + len)
+        };
+        // Deadlines of one queue come in order as long as the clock does;
         // a clock that stepped back (it is monotonic) would only end this
         // window with the ones before it.
-        let at = slice.back().map_or(at, |&(last, _)| at.max(last));
-        slice.push_back((at, id));
+        let at = queue.back().map_or(at, |&(last, ..)| at.max(last));
+        let mark = OPEN | Self::clock(now_ms);
+        queue.push_back((at, id, mark));
         self.held += 1;
+        mark
     }
 
-    /// Connections held (one entry per opened window).
+    /// Whether a channel message queued at `now_ms` to a connection marked
+    /// `mark`, with frames queued already, ends its window now.
+    pub fn ends_on_arrival(&self, mark: Mark, now_ms: u64) -> bool {
+        mark & OPEN != 0 && Self::age(mark, now_ms) + self.early_ms >= self.window_ms
+    }
+
+    /// Entries listed (one per opened window, until its deadline).
     pub fn len(&self) -> usize {
         self.held
     }
@@ -110,22 +179,39 @@ impl WriteDelay {
         self.held == 0
     }
 
-    /// The earliest deadline of any held connection.
+    /// The earliest deadline of any listed connection.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.slices.iter().filter_map(|s| s.front().map(|&(at, _)| at)).min()
+        std::iter::once(&self.steady).chain(&self.first).filter_map(|q| q.front().map(|&(at, ..)| at)).min()
     }
 
-    /// Moves every connection whose window ended by `now_ms` to `out`
-    /// (the core's dirty list).
-    pub fn take_due(&mut self, now_ms: u64, out: &mut Vec<ConnId>) {
-        for slice in &mut self.slices {
-            while let Some(&(at, id)) = slice.front() {
+    /// The earliest deadline that ends a window: first drops the entries
+    /// at the front whose window ended already (`live(id, mark)` false), so
+    /// that a stream whose windows end on arrivals sets no timer for them.
+    pub fn next_live_deadline(&mut self, mut live: impl FnMut(ConnId, Mark) -> bool) -> Option<u64> {
+        for queue in std::iter::once(&mut self.steady).chain(&mut self.first) {
+            while let Some(&(_, id, mark)) = queue.front() {
+                if live(id, mark) {
+                    break;
+                }
+                queue.pop_front();
+                self.held -= 1;
+            }
+        }
+        self.next_deadline()
+    }
+
+    /// Takes every entry whose deadline is at or before `now_ms`, and calls
+    /// `end(id, mark)` for it: the caller ends the window if the
+    /// connection's mark is still `mark`.
+    pub fn take_due(&mut self, now_ms: u64, mut end: impl FnMut(ConnId, Mark)) {
+        for queue in std::iter::once(&mut self.steady).chain(&mut self.first) {
+            while let Some(&(at, id, mark)) = queue.front() {
                 if at > now_ms {
                     break;
                 }
-                slice.pop_front();
-                out.push(id);
+                queue.pop_front();
                 self.held -= 1;
+                end(id, mark);
             }
         }
     }
@@ -139,74 +225,130 @@ mod tests {
         ConnId { index, generation: 0 }
     }
 
+    /// Ends what is due at `now` for connections whose marks are in
+    /// `marks` (indexed by slot), as the core does; returns them by slot.
+    fn end_due(d: &mut WriteDelay, marks: &mut [Mark], now: u64) -> Vec<u32> {
+        let mut ended = Vec::new();
+        d.take_due(now, |id, mark| {
+            if marks[id.index as usize] == mark {
+                marks[id.index as usize] = WriteDelay::ended(mark);
+                ended.push(id.index);
+            }
+        });
+        ended.sort_unstable();
+        ended
+    }
+
     #[test]
-    fn the_ends_of_window_spread_over_half_a_short_window_after_it() {
-        let mut d = WriteDelay::new(20);
-        for i in 0..16 {
-            d.hold(conn(i), 1000);
+    fn first_windows_are_staggered_by_group_and_none_is_longer_than_the_window() {
+        let mut d = WriteDelay::new(21);
+        let mut marks = vec![0; 64];
+        for (i, mark) in marks.iter_mut().enumerate() {
+            *mark = d.open(conn(i as u32), *mark, 1000);
         }
-        assert_eq!(d.len(), 16);
-        // From the end of ms 1000, slice j ends 10 * j / 8 ms late: 1021,
-        // 1022, 1023, 1024, 1026, ...
+        assert_eq!(d.len(), 64);
         let mut ends = Vec::new();
         let mut now = 1000;
         while let Some(at) = d.next_deadline() {
             assert!(at > now, "deadlines move forward");
             now = at;
-            let mut due = Vec::new();
-            d.take_due(now, &mut due);
-            due.sort_by_key(|c| c.index);
-            ends.push((now, due.iter().map(|c| c.index).collect::<Vec<_>>()));
+            ends.push((now - 1001, end_due(&mut d, &mut marks, now)));
         }
-        assert_eq!(
-            ends,
-            [
-                (1021, vec![0, 8]),
-                (1022, vec![1, 9]),
-                (1023, vec![2, 10]),
-                (1024, vec![3, 11]),
-                (1026, vec![4, 12]),
-                (1027, vec![5, 13]),
-                (1028, vec![6, 14]),
-                (1029, vec![7, 15]),
-            ]
-        );
         assert!(d.is_empty());
-    }
-
-    #[test]
-    fn no_window_is_shorter_than_asked_nor_longer_than_the_window_and_the_spread() {
-        for window in [1, 2, 5, 20, 100, 300, 1000] {
-            let d = WriteDelay::new(window);
-            let spread = (window / 2).min(MAX_SPREAD_MS);
-            for i in 0..SLICES as u32 {
-                // Opened anywhere within ms 5000: counted from its end.
-                let wait = d.deadline(conn(i), 5000) - 5001;
-                assert!(wait >= window && wait <= window + spread, "window {window}, slice {i}: {wait}");
+        // From the end of ms 1000, group j waits 21 * j / 7 ms: 0, 3, ...
+        // 18; the last group's first window is whole, and like every whole
+        // window waits the early margin (1 + 21 / 10 ms) more for a message.
+        let wait = |j: usize| if j < 7 { 3 * j as u64 } else { 24 };
+        for (waited, conns) in &ends {
+            for &i in conns {
+                assert_eq!(*waited, wait(WriteDelay::group_of(conn(i), 1000)), "conn {i}");
             }
-            // A long window ends at most 25 ms late.
-            assert!(d.deadline(conn(SLICES as u32 - 1), 0) <= 1 + window + MAX_SPREAD_MS);
+        }
+        assert_eq!(ends.len(), GROUPS, "every group has connections: {ends:?}");
+        assert!(ends.iter().all(|(_, conns)| (2..=16).contains(&conns.len())), "spread evenly: {ends:?}");
+        for window in [1, 2, 5, 20, 100, 1000] {
+            let d = WriteDelay::new(window);
+            let lengths: Vec<u64> = (0..64).map(|i| d.length(conn(i), 0, 5000)).collect();
+            assert!(lengths.iter().all(|&l| l <= window));
+            assert!(lengths.contains(&window), "the last group waits it whole");
+            assert!(lengths.contains(&0), "the first is written at once");
         }
         assert!(!WriteDelay::new(0).is_on());
     }
 
     #[test]
-    fn a_connection_is_due_only_once_its_own_window_ended() {
+    fn the_groups_are_drawn_afresh_each_second() {
+        // Of the connections in one group, each other group gets some the
+        // next second.
+        let in_group_0: Vec<ConnId> = (0..256).map(conn).filter(|&c| WriteDelay::group_of(c, 1000) == 0).collect();
+        let mut next: Vec<usize> = in_group_0.iter().map(|&c| WriteDelay::group_of(c, 2000)).collect();
+        next.sort_unstable();
+        next.dedup();
+        assert_eq!(next.len(), GROUPS, "{next:?}");
+        assert!(in_group_0.iter().all(|&c| WriteDelay::group_of(c, 1999) == 0), "one group for a second");
+    }
+
+    /// The mark of a connection whose last window opened at `ms` and ended.
+    fn closed(ms: u64) -> Mark {
+        WriteDelay::clock(ms)
+    }
+
+    #[test]
+    fn a_window_opened_while_a_stream_goes_on_lasts_the_whole_window() {
         let mut d = WriteDelay::new(20);
-        d.hold(conn(0), 0);
-        d.hold(conn(1), 5);
-        // conn 1's window opened later and ends late by its slice's share.
-        assert_eq!(d.deadline(conn(1), 5), 27);
-        let mut due = Vec::new();
-        d.take_due(20, &mut due);
-        assert!(due.is_empty(), "20 ms from ms 0's start, not from its end");
-        d.take_due(21, &mut due);
-        assert_eq!(due, [conn(0)]);
-        assert_eq!(d.next_deadline(), Some(27));
-        d.take_due(26, &mut due);
-        assert_eq!(due, [conn(0)]);
-        d.take_due(27, &mut due);
-        assert_eq!(due, [conn(0), conn(1)]);
-        assert_eq!(d.next_deadline(), None);
+        // A connection in group 1 from ms 0 to 1999: its first windows are
+        // 2 ms long.
+        let c = (0..10_000)
+            .map(conn)
+            .find(|&c| WriteDelay::group_of(c, 0) == 1 && WriteDelay::group_of(c, 1000) == 1)
+            .unwrap();
+        assert_eq!(d.length(c, 0, 100), 2, "no window yet");
+        assert_eq!(d.length(c, closed(100), 130), 20);
+        assert_eq!(d.length(c, closed(85), 130), 20);
+        assert_eq!(d.length(c, closed(84), 130), 2, "two windows and two margins ago: a quiet spell");
+        assert_eq!(d.length(c, closed(990), 1010), 2, "a new second starts afresh");
+        assert_eq!(d.length(c, closed(1010), 1030), 20);
+        let mark = d.open(c, closed(95), 100);
+        assert_eq!(d.next_deadline(), Some(124), "20 ms from the end of ms 100, and the early margin");
+        // Still open (an answer took its frames): the next one is whole too.
+        assert_eq!(d.length(c, mark, 150), 20);
+    }
+
+    #[test]
+    fn an_arrival_near_the_end_ends_the_window_and_its_entry_then_ends_nothing() {
+        let mut d = WriteDelay::new(20);
+        let mut marks = vec![closed(1090)];
+        marks[0] = d.open(conn(0), marks[0], 1100);
+        // The early margin is 1 + 20 / 10 = 3 ms.
+        assert!(!d.ends_on_arrival(marks[0], 1110));
+        assert!(!d.ends_on_arrival(marks[0], 1116));
+        assert!(d.ends_on_arrival(marks[0], 1117));
+        assert!(d.ends_on_arrival(marks[0], 1123), "up to the margin late");
+        assert_eq!(d.next_deadline(), Some(1124));
+        // The core ends it on the arrival at ms 1120, and the next arrival
+        // at 1130 opens a new window, with the stream: whole.
+        marks[0] = WriteDelay::ended(marks[0]);
+        assert!(!d.ends_on_arrival(marks[0], 1121), "an ended window ends nothing");
+        marks[0] = d.open(conn(0), marks[0], 1130);
+        assert_eq!(end_due(&mut d, &mut marks, 1124), Vec::<u32>::new(), "the old entry is stale");
+        assert_eq!(d.len(), 1);
+        assert_eq!(end_due(&mut d, &mut marks, 1153), Vec::<u32>::new());
+        assert_eq!(end_due(&mut d, &mut marks, 1154), vec![0]);
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn marks_survive_the_clock_wrapping() {
+        let d = WriteDelay::new(20);
+        let before = (1u64 << 31) - 5;
+        let mark = OPEN | WriteDelay::clock(before);
+        assert!(!d.ends_on_arrival(mark, before + 10));
+        assert!(d.ends_on_arrival(mark, before + 18));
+        // The clock's wrap counts as a new second: one staggered window.
+        let c = conn(3);
+        let first = 20 * WriteDelay::group_of(c, before + 10) as u64 / 7;
+        assert_eq!(d.length(c, closed(before), before + 10), first);
+        let before = (1u64 << 31) - 15;
+        assert_eq!(d.length(c, closed(before), before + 10), 20);
     }
 }

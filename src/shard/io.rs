@@ -274,10 +274,9 @@ impl Shard {
             }
         }
         // One timer at a time, for the earliest end of window of the held
-        // connections (at most one per slice per window, see
-        // `shard::delay`); a window that ends before the one waited for
-        // gets a timer of its own.
-        if let Some(at) = self.core.delayed.next_deadline()
+        // connections (see `shard::delay`); a window that ends before the
+        // one waited for gets a timer of its own.
+        if let Some(at) = self.core.next_delay_deadline()
             && self.delay_armed.is_none_or(|armed| at < armed)
         {
             self.delay_armed = Some(at);
@@ -299,7 +298,7 @@ impl Shard {
         }
         self.clock();
         let now = self.core.now_ms.max(at);
-        self.core.delayed.take_due(now, &mut self.core.dirty);
+        self.core.end_delay_windows(now);
     }
 
     fn apply(&mut self, e: Effect) {

@@ -39,6 +39,10 @@ pub struct OutQueue {
     /// u32 because every bound on it is far below 4 GiB and every idle
     /// connection carries this struct.
     cost: u32,
+    /// `--write-delay`: when this queue's window opened, or when its last
+    /// one ended (see [`super::delay::Mark`]). Kept here, where it fills
+    /// the struct's padding, rather than in `Conn`, which it would grow.
+    pub window: super::delay::Mark,
 }
 
 impl OutQueue {
@@ -106,8 +110,9 @@ impl OutQueue {
             }
         }
         if self.is_empty() {
-            // An idle connection keeps no queue allocation.
-            *self = OutQueue::default();
+            // An idle connection keeps no queue allocation (its window's
+            // mark stays: it tells whether a stream goes on).
+            *self = OutQueue { window: self.window, ..OutQueue::default() };
         } else {
             // Release written frames now and then, so a long backlog
             // neither keeps them alive nor grows without bound.
@@ -124,7 +129,7 @@ impl OutQueue {
     pub fn drop_unstarted(&mut self) {
         let front = self.front_started().then(|| self.frames[self.head as usize].clone());
         let offset = self.offset;
-        *self = OutQueue::default();
+        *self = OutQueue { window: self.window, ..OutQueue::default() };
         if let Some(f) = front {
             self.push(f);
             self.offset = offset;

@@ -261,7 +261,7 @@ impl Sim {
         while self.now_ms < end {
             // Stop at every `--write-delay` deadline on the way, as the I/O
             // layer's timer does.
-            let next_window_end = self.cores.iter().filter_map(|c| c.delayed.next_deadline()).min();
+            let next_window_end = self.cores.iter_mut().filter_map(|c| c.next_delay_deadline()).min();
             let step = (1000 - self.now_ms % 1000)
                 .min(end - self.now_ms)
                 .min(next_window_end.map_or(u64::MAX, |at| at.saturating_sub(self.now_ms).max(1)));
@@ -271,7 +271,7 @@ impl Sim {
                 if self.now_ms.is_multiple_of(1000) {
                     core.tick();
                 }
-                core.delayed.take_due(self.now_ms, &mut core.dirty);
+                core.end_delay_windows(self.now_ms);
             }
             self.settle();
         }
@@ -891,8 +891,9 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(sim.messages(publisher).len(), 3);
         assert!(sim.messages(subs[0]).is_empty(), "held for the window");
         assert_eq!(sim.cores[0].delayed.len(), 3, "each subscriber listed once");
-        // The window, and the spread after it (see `shard::delay`).
-        sim.advance(30);
+        // At most the window and its early margin, from the end of the
+        // millisecond (see `shard::delay`).
+        sim.advance(24);
         for (c, before) in subs.iter().zip(before) {
             let got: Vec<String> =
                 sim.messages(*c).iter().map(|m| m["data"].as_str().unwrap_or_default().to_string()).collect();
@@ -911,45 +912,78 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(sim.writes[&c.peer], before + 3);
     }
 
-    #[test]
-    fn with_a_write_delay_the_windows_of_a_hot_channel_end_spread_over_half_a_window_after_it() {
-        let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 20, ..config() });
-        let subs: Vec<Client> = (0..16).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_hot")).collect();
-        let publisher = sim.websocket(0, &anon("pub"));
-        sim.messages(publisher);
-        let before: Vec<usize> = subs.iter().map(|c| sim.writes.get(&c.peer).copied().unwrap_or(0)).collect();
-        let start = sim.now_ms;
-        sim.send_text(publisher, "web_pipe2\nweb_hot\ne\n*\nfirst");
-        sim.settle();
-        sim.advance(5);
-        sim.send_text(publisher, "web_pipe2\nweb_hot\ne\n*\nsecond");
-        sim.settle();
-        // Millisecond by millisecond: when each subscriber got its messages.
-        let mut got_at: HashMap<SocketAddr, u64> = HashMap::new();
-        while sim.now_ms < start + 30 {
-            sim.advance(1);
-            for (c, before) in subs.iter().zip(&before) {
-                let got: Vec<String> =
-                    sim.messages(*c).iter().map(|m| m["data"].as_str().unwrap_or_default().to_string()).collect();
-                if got.is_empty() {
-                    continue;
-                }
-                assert_eq!(got, ["first", "second"], "a window's messages together");
-                assert_eq!(sim.writes[&c.peer], before + 1, "in one write");
-                assert!(got_at.insert(c.peer, sim.now_ms - start).is_none());
+    /// What each subscriber got since the last call: (message, ms).
+    fn received(sim: &mut Sim, subs: &[Client], got: &mut [Vec<(u64, u64)>]) {
+        for (c, got) in subs.iter().zip(got) {
+            for m in sim.messages(*c) {
+                got.push((m["data"].as_str().and_then(|d| d.parse().ok()).expect("a numbered message"), sim.now_ms));
             }
         }
-        assert_eq!(got_at.len(), subs.len(), "every window ended within the delay and the spread: {got_at:?}");
-        for c in &subs {
-            let (_, id) = sim.home(*c).expect("connected");
-            let waited = got_at[&c.peer];
-            assert_eq!(waited, sim.cores[0].delayed.deadline(id, start) - start, "its own deadline");
-            assert!((20..=30).contains(&waited), "not shorter than the window nor longer by more than half: {waited}");
+    }
+
+    #[test]
+    fn with_a_write_delay_a_steady_stream_ends_windows_on_arrivals_in_staggered_groups() {
+        let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 20, ..config() });
+        let subs: Vec<Client> = (0..64).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_hot")).collect();
+        let publisher = sim.websocket(0, &anon("pub"));
+        sim.messages(publisher);
+        let before: Vec<usize> = subs.iter().map(|c| sim.writes[&c.peer]).collect();
+        // 100 messages a second for 1.6 s, each at the start of its 10 ms,
+        // except message 20, 3 ms late (within the early margin), and
+        // message 30, 5 ms late.
+        let start = sim.now_ms;
+        assert!(start < 100, "the run crosses one second of the shard's clock");
+        let sent_at =
+            |m: u64| start + 10 * m + [(20, 3), (30, 5)].iter().find(|&&(l, _)| l == m).map_or(0, |&(_, by)| by);
+        let mut got = vec![Vec::new(); subs.len()];
+        // How many subscribers each arrival wrote, by the arrival's ms.
+        let mut written_on_arrival = Vec::new();
+        let mut next = 0;
+        while sim.now_ms < start + 1630 {
+            if next < 160 && sim.now_ms == sent_at(next) {
+                let writes: Vec<usize> = subs.iter().map(|c| sim.writes[&c.peer]).collect();
+                sim.send_text(publisher, &format!("web_pipe2\nweb_hot\ne\n*\n{next}"));
+                sim.settle();
+                let n = subs.iter().zip(writes).filter(|(c, w)| sim.writes[&c.peer] > *w).count();
+                written_on_arrival.push((sim.now_ms, n));
+                next += 1;
+            }
+            received(&mut sim, &subs, &mut got);
+            sim.advance(1);
         }
-        let mut ends: Vec<u64> = got_at.values().copied().collect();
-        ends.sort_unstable();
-        ends.dedup();
-        assert_eq!(ends.len(), super::super::delay::SLICES, "one end of window per slice, not one burst: {ends:?}");
+        received(&mut sim, &subs, &mut got);
+        for ((c, got), before) in subs.iter().zip(&got).zip(before) {
+            let order: Vec<u64> = got.iter().map(|&(m, _)| m).collect();
+            assert_eq!(order, (0..160).collect::<Vec<u64>>(), "every message, in order");
+            for &(m, at) in got {
+                let waited = at - sent_at(m);
+                assert!(
+                    waited <= 24,
+                    "message {m} waited {waited} ms: at most the window, the margin and the rest of its ms"
+                );
+            }
+            // Three messages a write while the stream runs (160 messages:
+            // 54 writes), and a few more where windows started afresh.
+            let writes = sim.writes[&c.peer] - before;
+            assert!(writes <= 60, "{writes} writes for 160 messages");
+        }
+        // The groups keep their phases: each arrival writes some of the
+        // subscribers, never all of them (at 100 a second and 20 ms, first
+        // windows shorter than 10 ms, half of them, put their groups in
+        // one phase). The late message puts groups in step, so that some
+        // arrivals write nobody; the next second staggers them afresh.
+        let share = |from: u64, to: u64| -> Vec<usize> {
+            written_on_arrival
+                .iter()
+                .filter(|&&(at, _)| at >= start + from && at < start + to)
+                .map(|&(_, n)| n)
+                .collect()
+        };
+        let (steady, in_step, afresh) = (share(100, 300), share(350, 1000), share(1100, 1600));
+        let spread = |n: &usize| *n > 0 && *n <= subs.len() * 9 / 16;
+        assert!(steady.iter().all(spread), "{steady:?}");
+        assert!(in_step.contains(&0), "the late message put groups in step: {in_step:?}");
+        assert!(afresh.iter().all(spread), "{afresh:?}");
         assert!(sim.cores[0].delayed.is_empty());
     }
 
