@@ -27,14 +27,15 @@
 //!   keeps the phase its first window gave it: at 100 messages a second
 //!   and 20 ms, each arrival ends the windows of part of the subscribers
 //!   instead of all of them every third arrival.
-//! - **Each second starts afresh.** Groups only ever fall into step: a
+//! - **Each round starts afresh.** Groups only ever fall into step: a
 //!   window that misses its last message (it came later than the margin)
 //!   moves its group's phase onto another group's, and the two then end
-//!   their windows together. So a connection's first window to open in a
-//!   new second of the shard's clock is a first window too, and the groups
-//!   are drawn afresh each second (from the slot and the second, hashed),
-//!   so that connections in step split again. It costs one shortened
-//!   window per connection a second.
+//!   their windows together. So the shard's clock is cut into rounds (ten
+//!   windows, at least [`MIN_ROUND_MS`]), a connection's first window to
+//!   open in a new round is a first window too, and the groups are drawn
+//!   afresh each round (from the slot and the round, hashed), so that
+//!   connections in step split again. It costs one shortened window per
+//!   connection a round.
 //!
 //! No message waits longer than the window, the margin and the rest of its
 //! first millisecond (24 ms for 20).
@@ -58,6 +59,11 @@ use super::ConnId;
 pub const GROUPS: usize = 8;
 const _: () = assert!(GROUPS.is_power_of_two(), "a group is drawn from the top bits of a hash");
 
+/// Groups start afresh every this many windows, and at most every
+/// [`MIN_ROUND_MS`]: each time costs a connection one shortened window.
+pub const ROUND_WINDOWS: u64 = 10;
+pub const MIN_ROUND_MS: u64 = 250;
+
 /// A connection's `--write-delay` state: the shard millisecond its last
 /// window opened in (31 bits, wrapping after 24 days; only ages up to two
 /// windows are read from it; 0 at first), and [`OPEN`] while that window
@@ -77,6 +83,8 @@ pub struct WriteDelay {
     window_ms: u64,
     /// How much before its deadline an arrival ends a window.
     early_ms: u64,
+    /// How often groups start afresh.
+    round_ms: u64,
     /// Windows opened while a stream goes on: all `window_ms` long.
     steady: VecDeque<Held>,
     /// First windows, by group (each group's are all as long).
@@ -87,7 +95,12 @@ pub struct WriteDelay {
 impl WriteDelay {
     /// A delay with `window_ms` (0: off, nothing is ever held).
     pub fn new(window_ms: u64) -> WriteDelay {
-        WriteDelay { window_ms, early_ms: 1 + window_ms / 10, ..WriteDelay::default() }
+        WriteDelay {
+            window_ms,
+            early_ms: 1 + window_ms / 10,
+            round_ms: (ROUND_WINDOWS * window_ms).max(MIN_ROUND_MS),
+            ..WriteDelay::default()
+        }
     }
 
     /// Whether channel messages are held at all.
@@ -95,12 +108,16 @@ impl WriteDelay {
         self.window_ms > 0
     }
 
-    /// The group of a connection in the second of `now_ms`: its slot
-    /// and the second, mixed (SplitMix64's finalizer), so that what is
-    /// drawn does not depend on the phase a connection is in.
-    fn group_of(id: ConnId, now_ms: u64) -> usize {
-        let second = u64::from(Self::clock(now_ms) / 1000);
-        let mut z = (second << 32 | u64::from(id.index)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    /// The round of the shard's clock that `mark` or `now_ms` falls in.
+    fn round(&self, clock: Mark) -> u64 {
+        u64::from(clock & CLOCK) / self.round_ms
+    }
+
+    /// The group of a connection in a round: its slot and the round, mixed
+    /// (SplitMix64's finalizer), so that what is drawn does not depend on
+    /// the phase a connection is in.
+    fn group_of(id: ConnId, round: u64) -> usize {
+        let mut z = (round << 32 | u64::from(id.index)).wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
@@ -123,17 +140,18 @@ impl WriteDelay {
 
     /// How long a window opening now on connection `id`, marked `mark`,
     /// lasts: the whole window while a stream goes on (the last window
-    /// opened less than two windows and two margins ago, in the same second
-    /// of the shard's clock; or it is still open, an answer having taken
-    /// its frames), its group's share otherwise.
+    /// opened less than two windows and two margins ago, in the same round;
+    /// or it is still open, an answer having taken its frames), its
+    /// group's share otherwise.
     pub fn length(&self, id: ConnId, mark: Mark, now_ms: u64) -> u64 {
+        let now = Self::clock(now_ms);
         let stream = mark != 0
-            && mark / 1000 == Self::clock(now_ms) / 1000
+            && self.round(mark) == self.round(now)
             && Self::age(mark, now_ms) < 2 * (self.window_ms + self.early_ms);
         if mark & OPEN != 0 || stream {
             self.window_ms
         } else {
-            self.window_ms * Self::group_of(id, now_ms) as u64 / (GROUPS as u64 - 1)
+            self.window_ms * Self::group_of(id, self.round(now)) as u64 / (GROUPS as u64 - 1)
         }
     }
 
@@ -152,7 +170,7 @@ impl WriteDelay {
             // late, as it ends for one up to the margin early.
             (&mut self.steady, now_ms + 1 + len + self.early_ms)
         } else {
-            (&mut self.first[Self::group_of(id, now_ms)], now_ms + 1 + len)
+            (&mut self.first[Self::group_of(id, self.round(Self::clock(now_ms)))], now_ms + 1 + len)
         };
         // Deadlines of one queue come in order as long as the clock does;
         // a clock that stepped back (it is monotonic) would only end this
@@ -261,7 +279,7 @@ mod tests {
         let wait = |j: usize| if j < 7 { 3 * j as u64 } else { 24 };
         for (waited, conns) in &ends {
             for &i in conns {
-                assert_eq!(*waited, wait(WriteDelay::group_of(conn(i), 1000)), "conn {i}");
+                assert_eq!(*waited, wait(WriteDelay::group_of(conn(i), d.round(1000))), "conn {i}");
             }
         }
         assert_eq!(ends.len(), GROUPS, "every group has connections: {ends:?}");
@@ -277,15 +295,18 @@ mod tests {
     }
 
     #[test]
-    fn the_groups_are_drawn_afresh_each_second() {
+    fn the_groups_are_drawn_afresh_each_round() {
         // Of the connections in one group, each other group gets some the
-        // next second.
-        let in_group_0: Vec<ConnId> = (0..256).map(conn).filter(|&c| WriteDelay::group_of(c, 1000) == 0).collect();
-        let mut next: Vec<usize> = in_group_0.iter().map(|&c| WriteDelay::group_of(c, 2000)).collect();
+        // next round.
+        let in_group_0: Vec<ConnId> = (0..1024).map(conn).filter(|&c| WriteDelay::group_of(c, 4) == 0).collect();
+        let mut next: Vec<usize> = in_group_0.iter().map(|&c| WriteDelay::group_of(c, 5)).collect();
         next.sort_unstable();
         next.dedup();
         assert_eq!(next.len(), GROUPS, "{next:?}");
-        assert!(in_group_0.iter().all(|&c| WriteDelay::group_of(c, 1999) == 0), "one group for a second");
+        // Rounds: ten windows, at least 250 ms.
+        let (short, long) = (WriteDelay::new(20), WriteDelay::new(300));
+        assert_eq!((short.round(249), short.round(250), short.round(1999), short.round(2000)), (0, 1, 7, 8));
+        assert_eq!((long.round(2999), long.round(3000)), (0, 1));
     }
 
     /// The mark of a connection whose last window opened at `ms` and ended.
@@ -296,17 +317,17 @@ mod tests {
     #[test]
     fn a_window_opened_while_a_stream_goes_on_lasts_the_whole_window() {
         let mut d = WriteDelay::new(20);
-        // A connection in group 1 from ms 0 to 1999: its first windows are
-        // 2 ms long.
+        // A connection in group 1 in rounds 0 and 4 (ms 0-249 and
+        // 1000-1249): its first windows are 2 ms long.
         let c = (0..10_000)
             .map(conn)
-            .find(|&c| WriteDelay::group_of(c, 0) == 1 && WriteDelay::group_of(c, 1000) == 1)
+            .find(|&c| WriteDelay::group_of(c, 0) == 1 && WriteDelay::group_of(c, 4) == 1)
             .unwrap();
         assert_eq!(d.length(c, 0, 100), 2, "no window yet");
         assert_eq!(d.length(c, closed(100), 130), 20);
         assert_eq!(d.length(c, closed(85), 130), 20);
         assert_eq!(d.length(c, closed(84), 130), 2, "two windows and two margins ago: a quiet spell");
-        assert_eq!(d.length(c, closed(990), 1010), 2, "a new second starts afresh");
+        assert_eq!(d.length(c, closed(990), 1010), 2, "a new round starts afresh");
         assert_eq!(d.length(c, closed(1010), 1030), 20);
         let mark = d.open(c, closed(95), 100);
         assert_eq!(d.next_deadline(), Some(124), "20 ms from the end of ms 100, and the early margin");
@@ -344,9 +365,9 @@ mod tests {
         let mark = OPEN | WriteDelay::clock(before);
         assert!(!d.ends_on_arrival(mark, before + 10));
         assert!(d.ends_on_arrival(mark, before + 18));
-        // The clock's wrap counts as a new second: one staggered window.
+        // The clock's wrap starts a new round: one staggered window.
         let c = conn(3);
-        let first = 20 * WriteDelay::group_of(c, before + 10) as u64 / 7;
+        let first = 20 * WriteDelay::group_of(c, 0) as u64 / 7;
         assert_eq!(d.length(c, closed(before), before + 10), first);
         let before = (1u64 << 31) - 15;
         assert_eq!(d.length(c, closed(before), before + 10), 20);
