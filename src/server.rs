@@ -277,14 +277,18 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                     }
                     let all = [Some(listener.clone()), Some(backend_listener.clone()), api_listener.clone()];
                     shard::io::install(core, all.into_iter().flatten().collect());
-                    compio::runtime::spawn(shard::io::accept_loop(listener, Port::Frontend)).detach();
-                    compio::runtime::spawn(shard::io::accept_loop(backend_listener, Port::Backend)).detach();
+                    let mut loops = vec![
+                        compio::runtime::spawn(shard::io::accept_loop(listener, Port::Frontend)),
+                        compio::runtime::spawn(shard::io::accept_loop(backend_listener, Port::Backend)),
+                    ];
                     if let Some(l) = api_listener {
-                        compio::runtime::spawn(shard::io::accept_loop(l, Port::Api)).detach();
+                        loops.push(compio::runtime::spawn(shard::io::accept_loop(l, Port::Api)));
                     }
-                    compio::runtime::spawn(shard::io::mailbox_loop(inbox)).detach();
+                    loops.push(compio::runtime::spawn(shard::io::mailbox_loop(inbox)));
                     let _ = ready.send((i, Ok(())));
-                    shard::io::sweep_loop(timeout).await;
+                    // A panic in one of these loops stops the shard, as one
+                    // in the sweep loop does (see `runtime::watching`).
+                    runtime::watching(shard::io::sweep_loop(timeout), loops).await;
                 });
                 drop(shard::io::uninstall());
                 if let Err(panic) = ran {

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use compio::driver::{DriverType, ProactorBuilder};
-use compio::runtime::Runtime;
+use compio::runtime::{JoinHandle, Runtime};
 
 /// Builds the compio runtime for one shard thread on the chosen backend.
 /// Call it on that thread: the io_uring ring accepts submissions from its
@@ -72,9 +72,10 @@ pub fn build_runtime(backend: Backend) -> std::io::Result<compio::runtime::Runti
 /// epoll a zero timeout is a plain `epoll_wait(0)` and compio's way is
 /// kept.
 ///
-/// A panic in a task or in `future` is caught and returned once the
-/// runtime's loop is left, so that the caller drops the shard's state and
-/// the runtime outside the unwind.
+/// A panic in `future` is caught and returned once the runtime's loop is
+/// left, so that the caller drops the shard's state and the runtime
+/// outside the unwind. (A panic in a spawned task never reaches here:
+/// compio's executor catches it and ends that task only.)
 pub fn block_on<F: Future>(rt: &Runtime, future: F) -> std::thread::Result<F::Output> {
     let uring = rt.driver_type() == DriverType::IoUring;
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -98,6 +99,38 @@ pub fn block_on<F: Future>(rt: &Runtime, future: F) -> std::thread::Result<F::Ou
             }
         })
     }))
+}
+
+/// Runs `main`, the shard's main future, while watching `tasks`, its
+/// long-lived tasks (the accept loops and the mailbox loop): a panic in
+/// one of them is resumed here, so that it stops the shard (and the
+/// process) as a panic in `main` does. compio's executor catches a task's
+/// panic and ends that task alone, which would leave the shard running
+/// without its mail or its accepts. A task that ends without a panic is no
+/// longer watched; the ones still running when `main` ends are detached,
+/// as if they had never been watched.
+pub async fn watching<T>(main: impl Future<Output = T>, mut tasks: Vec<JoinHandle<()>>) -> T {
+    let mut main = pin!(main);
+    let out = std::future::poll_fn(|cx| {
+        let mut i = 0;
+        while i < tasks.len() {
+            match std::pin::Pin::new(&mut tasks[i]).poll(cx) {
+                Poll::Pending => i += 1,
+                Poll::Ready(end) => {
+                    drop(tasks.swap_remove(i));
+                    if let Err(e) = end {
+                        e.resume_unwind();
+                    }
+                }
+            }
+        }
+        main.as_mut().poll(cx)
+    })
+    .await;
+    for task in tasks {
+        task.detach();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -179,5 +212,76 @@ mod tests {
     #[test]
     fn epoll_readiness_is_reaped_while_tasks_stay_queued() {
         io_completes_while_tasks_stay_queued(Backend::Epoll);
+    }
+
+    /// A panic in a shard's main future comes back from `block_on` as an
+    /// error (the caller then drops the shard and the runtime, and the
+    /// process stops), on either backend. A panic in a spawned task does
+    /// not: compio's executor catches it and ends that task only (a
+    /// detached task's panic is printed and dropped), and the shard goes
+    /// on. This test pins both, so that a compio update that changes
+    /// either is noticed.
+    #[test]
+    fn a_panic_in_the_future_comes_back_as_an_error_and_one_in_a_task_ends_that_task() {
+        let mut backends = vec![Backend::Epoll];
+        if probe::probe_io_uring().is_ok() {
+            backends.push(Backend::IoUring);
+        }
+        for backend in backends {
+            let rt = build_runtime(backend).unwrap();
+            let ran = block_on(&rt, async {
+                if std::hint::black_box(true) {
+                    panic!("in the future");
+                }
+            });
+            let payload = ran.expect_err("the future panicked");
+            assert_eq!(payload.downcast_ref::<&str>(), Some(&"in the future"), "{backend:?}");
+            drop(rt);
+
+            let rt = build_runtime(backend).unwrap();
+            let ran = block_on(&rt, async {
+                compio::runtime::spawn(async {
+                    if std::hint::black_box(true) {
+                        panic!("in a task");
+                    }
+                })
+                .detach();
+                compio::time::sleep(Duration::from_millis(20)).await;
+                "the future went on"
+            });
+            assert_eq!(ran.expect("a task's panic stays in the task"), "the future went on", "{backend:?}");
+            drop(rt);
+        }
+    }
+
+    /// What `watching` is for: a watched task's panic stops `block_on` at
+    /// once, while the main future still waits; a watched task that ends
+    /// normally does not.
+    #[test]
+    fn a_panic_in_a_watched_task_comes_back_as_an_error() {
+        let rt = build_runtime(Backend::Epoll).unwrap();
+        let start = std::time::Instant::now();
+        let ran = block_on(&rt, async {
+            let done = compio::runtime::spawn(async {});
+            let panics = compio::runtime::spawn(async {
+                compio::time::sleep(Duration::from_millis(20)).await;
+                if std::hint::black_box(true) {
+                    panic!("in a watched task");
+                }
+            });
+            watching(compio::time::sleep(Duration::from_secs(5)), vec![done, panics]).await
+        });
+        let payload = ran.expect_err("the watched task panicked");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"in a watched task"));
+        assert!(start.elapsed() < Duration::from_secs(2), "at once, not after main: {:?}", start.elapsed());
+        drop(rt);
+
+        let rt = build_runtime(Backend::Epoll).unwrap();
+        let ran = block_on(&rt, async {
+            let ends = compio::runtime::spawn(async {});
+            let runs_on = compio::runtime::spawn(compio::time::sleep(Duration::from_secs(60)));
+            watching(async { 7 }, vec![ends, runs_on]).await
+        });
+        assert_eq!(ran.expect("nothing panicked"), 7);
     }
 }
