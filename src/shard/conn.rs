@@ -241,6 +241,25 @@ impl Conn {
     pub fn push_out(&mut self, frame: Arc<[u8]>) -> bool {
         self.out.push(frame)
     }
+
+    /// Queues a frame that goes out at once (an answer, a private message,
+    /// a pong, a close, an HTTP or MySQL answer); returns true if the
+    /// connection must join the dirty list: its queue was empty, or held
+    /// for a `--write-delay` window, which then ends here (its channel
+    /// messages go along).
+    pub fn push_now(&mut self, frame: Arc<[u8]>) -> bool {
+        self.out.push(frame) || self.end_window()
+    }
+
+    /// Ends this connection's `--write-delay` window if one is open;
+    /// returns whether it was.
+    pub fn end_window(&mut self) -> bool {
+        let open = super::delay::WriteDelay::is_open(self.out.window);
+        if open {
+            self.out.window = super::delay::WriteDelay::ended(self.out.window);
+        }
+        open
+    }
 }
 
 /// What the connection task should do after a handler.
@@ -1161,7 +1180,7 @@ impl ShardCore {
             }
             None => frame,
         };
-        if conn.push_out(frame) {
+        if conn.push_now(frame) {
             self.dirty.push(id);
         }
     }
@@ -1191,7 +1210,7 @@ impl ShardCore {
             self.drop_conn(id);
             return;
         }
-        if conn.push_out(bytes.into()) {
+        if conn.push_now(bytes.into()) {
             self.dirty.push(id);
         }
     }
@@ -1217,7 +1236,9 @@ impl ShardCore {
         }
         self.leave_all(id, &subs);
         self.detach_device(id);
-        if self.conns.get(id).is_some_and(|c| c.out_is_empty()) {
+        // Written now: with an empty queue to shut the write side, with
+        // frames held for a `--write-delay` window to send them first.
+        if self.conns.get_mut(id).is_some_and(|c| c.out_is_empty() || c.end_window()) {
             self.dirty.push(id);
         }
     }

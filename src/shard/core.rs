@@ -556,12 +556,10 @@ impl ShardCore {
         ch.subs.iter().filter_map(|&id| self.conns.get(id)).map(|c| (c.user_id, c.info.uuid().to_string())).collect()
     }
 
-    /// Writes a publication to this shard's subscribers; returns how many
-    /// connections it was queued to.
     /// Ends the `--write-delay` windows whose deadline is `now_ms` or
     /// before: their connections join the dirty list, unless the window
-    /// already ended (on an arrival, or its frames went with an answer and
-    /// another opened since).
+    /// already ended (on an arrival, or with an answer that took its
+    /// frames along).
     pub fn end_delay_windows(&mut self, now_ms: u64) {
         let (conns, dirty) = (&mut self.conns, &mut self.dirty);
         self.delayed.take_due(now_ms, |id, mark| {
@@ -581,6 +579,8 @@ impl ShardCore {
         self.delayed.next_live_deadline(|id, mark| conns.get(id).is_some_and(|c| c.out.window == mark))
     }
 
+    /// Writes a publication to this shard's subscribers; returns how many
+    /// connections it was queued to.
     pub fn deliver_local(&mut self, p: &Publication) -> u64 {
         if p.store && home_shard_of_channel(p.dev_id, &p.msg.pipe, self.shards) == self.id {
             let entry = history::Entry {

@@ -8,12 +8,13 @@
 //!   one window after the first (at 100 a second and 20 ms, the third) is
 //!   due exactly at the window's end. Catching it is what halves the CPU
 //!   (three messages per write instead of two), and waiting for it past
-//!   the end is what pushed the p99 over the delay. So a message queued
-//!   to a connection whose window is within the early margin (`1 + window
-//!   / 10` ms) of its end ends the window then and there, and goes along.
-//!   A whole window waits as long past its end (its deadline is `window`
-//!   and the margin from the end of the millisecond it opened in), so a
-//!   message a little late also goes along.
+//!   the end is what pushed the p99 over the delay. A window ends
+//!   `window` ms from the end of the millisecond it opened in. A message
+//!   queued to a connection whose window is within the margin (`1 +
+//!   window / 10` ms) of that end ends the window then and there, and goes
+//!   along; and a whole window waits as long past its end for one (its
+//!   deadline is the end and the margin), so a message a little late also
+//!   goes along.
 //! - **First windows are staggered.** A hot channel queues its message to
 //!   every subscriber in the same fan-out pass, so all their windows would
 //!   open and end together, and each end would be one burst of a whole
@@ -59,15 +60,18 @@ use super::ConnId;
 pub const GROUPS: usize = 8;
 const _: () = assert!(GROUPS.is_power_of_two(), "a group is drawn from the top bits of a hash");
 
-/// Groups start afresh every this many windows, and at most every
-/// [`MIN_ROUND_MS`]: each time costs a connection one shortened window.
+/// Groups start afresh every this many windows: each time costs a
+/// connection one shortened window.
 pub const ROUND_WINDOWS: u64 = 10;
+/// ... and at most every this many milliseconds (short windows).
 pub const MIN_ROUND_MS: u64 = 250;
 
 /// A connection's `--write-delay` state: the shard millisecond its last
-/// window opened in (31 bits, wrapping after 24 days; only ages up to two
-/// windows are read from it; 0 at first), and [`OPEN`] while that window
-/// is open.
+/// window opened in (31 bits, wrapping after 24 days; read for ages up to
+/// two windows and two margins, and for the round it fell in; 0 at
+/// first), and [`OPEN`] while that window is open. Two windows opened in
+/// the same millisecond have the same mark, so an old entry may end the
+/// newer one: early, never late.
 pub type Mark = u32;
 
 const OPEN: Mark = 1 << 31;
@@ -87,7 +91,8 @@ pub struct WriteDelay {
     round_ms: u64,
     /// Windows opened while a stream goes on: all `window_ms` long.
     steady: VecDeque<Held>,
-    /// First windows, by group (each group's are all as long).
+    /// First windows, by group (each group's are all as long; the last
+    /// group's are whole, and listed in `steady`).
     first: [VecDeque<Held>; GROUPS],
     held: usize,
 }
@@ -133,6 +138,11 @@ impl WriteDelay {
         u64::from(Self::clock(now_ms).wrapping_sub(mark & CLOCK) & CLOCK)
     }
 
+    /// Whether a connection marked `mark` has a window open.
+    pub fn is_open(mark: Mark) -> bool {
+        mark & OPEN != 0
+    }
+
     /// The mark of a connection whose window, marked `mark`, ended.
     pub fn ended(mark: Mark) -> Mark {
         mark & CLOCK
@@ -141,8 +151,8 @@ impl WriteDelay {
     /// How long a window opening now on connection `id`, marked `mark`,
     /// lasts: the whole window while a stream goes on (the last window
     /// opened less than two windows and two margins ago, in the same round;
-    /// or it is still open, an answer having taken its frames), its
-    /// group's share otherwise.
+    /// or it is still open, its frames having gone with a write it did not
+    /// end, such as a TLS record's), its group's share otherwise.
     pub fn length(&self, id: ConnId, mark: Mark, now_ms: u64) -> u64 {
         let now = Self::clock(now_ms);
         let stream = mark != 0
@@ -158,11 +168,14 @@ impl WriteDelay {
     /// Connection `id`'s queue turned non-empty at `now_ms`: its window
     /// opens. `mark` is the connection's mark; the one returned replaces it.
     ///
-    /// A connection is listed once per window it opened. An entry outlives
-    /// its window when the window ended on an arrival (by at most the
-    /// early margin), or when an answer to a command took the held frames
-    /// along: so a client holds at most two entries per window, plus one per
-    /// write it caused within a window, which `--client-rate` bounds.
+    /// One entry is listed per window opened. An entry outlives its window
+    /// when the window ended on an arrival (by up to twice the margin and
+    /// 1 ms) or when an answer took the held frames along, so a connection
+    /// can hold several; but a window opens only when a delivery finds the
+    /// connection's queue empty, at most once per write, and every entry
+    /// goes at its deadline (`window`, the margin and 1 ms at most after
+    /// it opened): what a connection holds is bounded by the writes it got
+    /// in that time, not by anything it sends.
     pub fn open(&mut self, id: ConnId, mark: Mark, now_ms: u64) -> Mark {
         let len = self.length(id, mark, now_ms);
         let (queue, at) = if len == self.window_ms {
@@ -185,10 +198,13 @@ impl WriteDelay {
     /// Whether a channel message queued at `now_ms` to a connection marked
     /// `mark`, with frames queued already, ends its window now.
     pub fn ends_on_arrival(&self, mark: Mark, now_ms: u64) -> bool {
-        mark & OPEN != 0 && Self::age(mark, now_ms) + self.early_ms >= self.window_ms
+        // The window ends `window` ms after the end of the millisecond it
+        // opened in, the one `mark` holds: at age `window + 1`.
+        mark & OPEN != 0 && Self::age(mark, now_ms) + self.early_ms > self.window_ms
     }
 
-    /// Entries listed (one per opened window, until its deadline).
+    /// Entries listed (one per opened window, until its deadline or until
+    /// found stale at the front of its queue).
     pub fn len(&self) -> usize {
         self.held
     }
@@ -341,9 +357,11 @@ mod tests {
         let mut marks = vec![closed(1090)];
         marks[0] = d.open(conn(0), marks[0], 1100);
         // The early margin is 1 + 20 / 10 = 3 ms.
+        // The window ends at 1121 (20 ms from the end of ms 1100): an
+        // arrival from 1118 on ends it, and it waits for one until 1124.
         assert!(!d.ends_on_arrival(marks[0], 1110));
-        assert!(!d.ends_on_arrival(marks[0], 1116));
-        assert!(d.ends_on_arrival(marks[0], 1117));
+        assert!(!d.ends_on_arrival(marks[0], 1117));
+        assert!(d.ends_on_arrival(marks[0], 1118));
         assert!(d.ends_on_arrival(marks[0], 1123), "up to the margin late");
         assert_eq!(d.next_deadline(), Some(1124));
         // The core ends it on the arrival at ms 1120, and the next arrival

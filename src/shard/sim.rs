@@ -912,6 +912,41 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(sim.writes[&c.peer], before + 3);
     }
 
+    #[test]
+    fn with_a_write_delay_an_answer_goes_at_once_and_takes_the_held_messages_along() {
+        let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 1000, ..config() });
+        let subs: Vec<Client> = (0..8).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_hot")).collect();
+        let publisher = sim.websocket(0, &anon("pub"));
+        sim.messages(publisher);
+        for i in 0..2 {
+            sim.send_text(publisher, &format!("web_pipe2\nweb_hot\ne\n*\n{i}"));
+        }
+        sim.settle();
+        // Some first windows are long (up to the whole second): one of
+        // those subscribers asks something.
+        let (_, id) = sim.home(subs[0]).expect("connected");
+        let c = subs
+            .iter()
+            .copied()
+            .find(|c| sim.home(*c).is_some_and(|(_, id)| sim.cores[0].conns.get(id).is_some_and(|c| !c.out_is_empty())))
+            .unwrap_or_else(|| panic!("every first window was shorter than a millisecond ({id:?})"));
+        let before = sim.writes[&c.peer];
+        let at = sim.now_ms;
+        sim.send_text(c, "pipe_count\nweb_hot\nm\n");
+        sim.settle();
+        assert_eq!(sim.now_ms, at, "no wait");
+        let got = sim.messages(c);
+        let data: Vec<String> = got.iter().map(|m| m["data"].to_string()).collect();
+        assert_eq!(got.len(), 3, "{data:?}");
+        assert_eq!((got[0]["data"].as_str(), got[1]["data"].as_str()), (Some("0"), Some("1")), "held first: {data:?}");
+        assert_eq!(got[2]["data"]["user_in_pipe"], 8, "then the answer: {data:?}");
+        assert_eq!(sim.writes[&c.peer], before + 1, "in one write");
+        // Its window ended: its entry ends nothing when the deadline comes.
+        let writes = sim.writes[&c.peer];
+        sim.advance(1100);
+        assert_eq!(sim.writes[&c.peer], writes);
+    }
+
     /// What each subscriber got since the last call: (message, ms).
     fn received(sim: &mut Sim, subs: &[Client], got: &mut [Vec<(u64, u64)>]) {
         for (c, got) in subs.iter().zip(got) {
@@ -981,7 +1016,11 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         };
         // (Groups start afresh every 250 ms: the late message's effect
         // lasts until 500.)
-        let (steady, in_step, afresh) = (share(100, 300), share(310, 500), share(550, 1600));
+        // (Message 20, 3 ms late, opens windows that the arrival 17 ms
+        // later does not end: they end at their deadline, so that arrival
+        // writes nobody; the phases stay.)
+        let steady = [share(100, 200), share(230, 300)].concat();
+        let (in_step, afresh) = (share(310, 500), share(550, 1600));
         let spread = |n: &usize| *n > 0 && *n <= subs.len() * 9 / 16;
         assert!(steady.iter().all(spread), "{steady:?}");
         assert!(in_step.contains(&0), "the late message put groups in step: {in_step:?}");
