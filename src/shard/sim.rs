@@ -1016,10 +1016,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         };
         // (Groups start afresh every 250 ms: the late message's effect
         // lasts until 500.)
-        // (Message 20, 3 ms late, opens windows that the arrival 17 ms
-        // later does not end: they end at their deadline, so that arrival
-        // writes nobody; the phases stay.)
-        let steady = [share(100, 200), share(230, 300)].concat();
+        let steady = share(100, 300);
         let (in_step, afresh) = (share(310, 500), share(550, 1600));
         let spread = |n: &usize| *n > 0 && *n <= subs.len() * 9 / 16;
         assert!(steady.iter().all(spread), "{steady:?}");
