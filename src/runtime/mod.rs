@@ -1,7 +1,8 @@
 //! The I/O layer under the shards: which backend to use, the listening
-//! sockets, building one compio runtime per shard thread, and the loop that
+//! sockets, building one compio runtime per shard thread, the loop that
 //! runs it ([`block_on`], compio's own loop minus a zero-timeout wait that
-//! io_uring turns into a timer sleep).
+//! io_uring turns into a timer sleep), and [`watching`], which makes a
+//! panic in a shard's long-lived tasks stop the shard.
 
 pub mod listener;
 pub mod probe;
@@ -9,7 +10,7 @@ pub mod probe;
 pub use probe::{Backend, choose_backend};
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -106,15 +107,16 @@ pub fn block_on<F: Future>(rt: &Runtime, future: F) -> std::thread::Result<F::Ou
 /// one of them is resumed here, so that it stops the shard (and the
 /// process) as a panic in `main` does. compio's executor catches a task's
 /// panic and ends that task alone, which would leave the shard running
-/// without its mail or its accepts. A task that ends without a panic is no
-/// longer watched; the ones still running when `main` ends are detached,
-/// as if they had never been watched.
+/// without its mail or its accepts. A task that ends without a panic (or
+/// was cancelled, which only a dropped handle does, and these are held
+/// here) is no longer watched; the ones still running when `main` ends are
+/// detached, as if they had never been watched.
 pub async fn watching<T>(main: impl Future<Output = T>, mut tasks: Vec<JoinHandle<()>>) -> T {
     let mut main = pin!(main);
     let out = std::future::poll_fn(|cx| {
         let mut i = 0;
         while i < tasks.len() {
-            match std::pin::Pin::new(&mut tasks[i]).poll(cx) {
+            match Pin::new(&mut tasks[i]).poll(cx) {
                 Poll::Pending => i += 1,
                 Poll::Ready(end) => {
                     drop(tasks.swap_remove(i));
@@ -276,12 +278,29 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(2), "at once, not after main: {:?}", start.elapsed());
         drop(rt);
 
+        // A task that ends normally first, one that outlives `main`: it is
+        // detached, not cancelled, so it still finishes afterwards.
         let rt = build_runtime(Backend::Epoll).unwrap();
-        let ran = block_on(&rt, async {
-            let ends = compio::runtime::spawn(async {});
-            let runs_on = compio::runtime::spawn(compio::time::sleep(Duration::from_secs(60)));
-            watching(async { 7 }, vec![ends, runs_on]).await
+        let finished = Rc::new(Cell::new(false));
+        let ran = block_on(&rt, {
+            let finished = finished.clone();
+            async move {
+                let ends = compio::runtime::spawn(async {});
+                let runs_on = compio::runtime::spawn(async move {
+                    compio::time::sleep(Duration::from_millis(10)).await;
+                    finished.set(true);
+                });
+                let main = async {
+                    // Once past the first poll, so that `ends` has ended.
+                    compio::time::sleep(Duration::from_millis(1)).await;
+                    7
+                };
+                let out = watching(main, vec![ends, runs_on]).await;
+                compio::time::sleep(Duration::from_millis(50)).await;
+                out
+            }
         });
         assert_eq!(ran.expect("nothing panicked"), 7);
+        assert!(finished.get(), "the task still running when main ended was detached, not cancelled");
     }
 }

@@ -248,7 +248,11 @@ impl Conn {
     /// for a `--write-delay` window, which then ends here (its channel
     /// messages go along).
     pub fn push_now(&mut self, frame: Arc<[u8]>) -> bool {
-        self.out.push(frame) || self.end_window()
+        let was_empty = self.out.push(frame);
+        // Ended even when the queue was empty (a TLS write or a dropped
+        // backlog took the held frames): a later frame must not find it
+        // open and make the connection dirty a second time.
+        self.end_window() | was_empty
     }
 
     /// Ends this connection's `--write-delay` window if one is open;
@@ -1238,7 +1242,7 @@ impl ShardCore {
         self.detach_device(id);
         // Written now: with an empty queue to shut the write side, with
         // frames held for a `--write-delay` window to send them first.
-        if self.conns.get_mut(id).is_some_and(|c| c.out_is_empty() || c.end_window()) {
+        if self.conns.get_mut(id).is_some_and(|c| c.end_window() | c.out_is_empty()) {
             self.dirty.push(id);
         }
     }

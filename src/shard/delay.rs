@@ -350,7 +350,8 @@ mod tests {
         assert_eq!(d.length(c, closed(1010), 1030), 20);
         let mark = d.open(c, closed(95), 100);
         assert_eq!(d.next_deadline(), Some(124), "20 ms from the end of ms 100, and the early margin");
-        // Still open (an answer took its frames): the next one is whole too.
+        // Still open with its frames gone (a TLS write took them): the
+        // next one is whole too.
         assert_eq!(d.length(c, mark, 150), 20);
     }
 

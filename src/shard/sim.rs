@@ -914,37 +914,44 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 
     #[test]
     fn with_a_write_delay_an_answer_goes_at_once_and_takes_the_held_messages_along() {
-        let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 1000, ..config() });
+        let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 100, ..config() });
         let subs: Vec<Client> = (0..8).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_hot")).collect();
         let publisher = sim.websocket(0, &anon("pub"));
         sim.messages(publisher);
+        sim.advance(5);
         for i in 0..2 {
             sim.send_text(publisher, &format!("web_pipe2\nweb_hot\ne\n*\n{i}"));
         }
         sim.settle();
-        // Some first windows are long (up to the whole second): one of
-        // those subscribers asks something.
-        let (_, id) = sim.home(subs[0]).expect("connected");
-        let c = subs
-            .iter()
-            .copied()
-            .find(|c| sim.home(*c).is_some_and(|(_, id)| sim.cores[0].conns.get(id).is_some_and(|c| !c.out_is_empty())))
-            .unwrap_or_else(|| panic!("every first window was shorter than a millisecond ({id:?})"));
+        // A subscriber whose first window is still open 2 ms on (its
+        // group's is longer than that) asks something.
+        sim.advance(2);
+        let held = |sim: &Sim, c: Client| {
+            sim.home(c).and_then(|(_, id)| sim.cores[0].conns.get(id)).is_some_and(|c| !c.out_is_empty())
+        };
+        let c = subs.iter().copied().find(|c| held(&sim, *c)).expect("a first window longer than 2 ms");
+        let (_, id) = sim.home(c).expect("connected");
         let before = sim.writes[&c.peer];
-        let at = sim.now_ms;
         sim.send_text(c, "pipe_count\nweb_hot\nm\n");
         sim.settle();
-        assert_eq!(sim.now_ms, at, "no wait");
         let got = sim.messages(c);
         let data: Vec<String> = got.iter().map(|m| m["data"].to_string()).collect();
         assert_eq!(got.len(), 3, "{data:?}");
         assert_eq!((got[0]["data"].as_str(), got[1]["data"].as_str()), (Some("0"), Some("1")), "held first: {data:?}");
         assert_eq!(got[2]["data"]["user_in_pipe"], 8, "then the answer: {data:?}");
-        assert_eq!(sim.writes[&c.peer], before + 1, "in one write");
-        // Its window ended: its entry ends nothing when the deadline comes.
-        let writes = sim.writes[&c.peer];
-        sim.advance(1100);
-        assert_eq!(sim.writes[&c.peer], writes);
+        assert_eq!(sim.writes[&c.peer], before + 1, "at once, in one write");
+        let window = sim.cores[0].conns.get(id).expect("connected").out.window;
+        assert!(!super::super::delay::WriteDelay::is_open(window), "the answer ended the window");
+        // The next channel message opens a window of its own (whole: the
+        // stream goes on), and waits for it.
+        sim.advance(1);
+        sim.send_text(publisher, "web_pipe2\nweb_hot\ne\n*\n2");
+        sim.settle();
+        assert!(sim.messages(c).is_empty(), "held for its own window");
+        sim.advance(100 + 11 + 1);
+        let got = sim.messages(c);
+        assert_eq!(got.iter().map(|m| m["data"].as_str()).collect::<Vec<_>>(), [Some("2")]);
+        assert_eq!(sim.writes[&c.peer], before + 2);
     }
 
     /// What each subscriber got since the last call: (message, ms).
