@@ -954,6 +954,49 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(sim.writes[&c.peer], before + 2);
     }
 
+    #[test]
+    fn with_a_write_delay_a_stalled_subscriber_is_closed_at_the_limit_and_the_held_list_stays_bounded() {
+        let config = Config {
+            shards: 1,
+            write_delay_ms: 20,
+            outbound_limit: 64 * 1024,
+            client_rate: 1000,
+            channel_rate: 0,
+            ..config()
+        };
+        let mut sim = Sim::new(1, config);
+        let stalled = subscriber(&mut sim, 0, "stalled", "web_hot");
+        let reader = subscriber(&mut sim, 0, "reader", "web_hot");
+        // A subscriber that asks something every 3 ms: each answer ends its
+        // window and the next message opens another.
+        let asker = subscriber(&mut sim, 0, "asker", "web_hot");
+        let publisher = sim.websocket(0, &anon("pub"));
+        sim.messages(publisher);
+        sim.stall(stalled, true);
+        let closes = |sim: &Sim| sim.cores[0].metrics.slow_consumer_closes.load(std::sync::atomic::Ordering::Relaxed);
+        let big = "x".repeat(1000);
+        let (mut most_held, mut got) = (0, 0);
+        for ms in 0..3000u64 {
+            if ms % 10 == 0 {
+                sim.send_text(publisher, &format!("web_pipe2\nweb_hot\ne\n*\n{big}"));
+            }
+            if ms % 3 == 0 {
+                sim.send_text(asker, "pipe_count\nweb_hot\nm\n");
+            }
+            sim.settle();
+            most_held = most_held.max(sim.cores[0].delayed.len());
+            got += sim.messages(reader).len();
+            sim.messages(asker);
+            sim.advance(1);
+        }
+        got += sim.messages(reader).len();
+        assert_eq!(got, 300, "the reading subscriber got every message");
+        assert_eq!(closes(&sim), 1, "the stalled one was closed at the limit");
+        // At most a few entries per connection at any time, however many
+        // windows a connection opened and ended (here about 300 each).
+        assert!(most_held <= 2 * 3, "{most_held} entries held at most");
+    }
+
     /// What each subscriber got since the last call: (message, ms).
     fn received(sim: &mut Sim, subs: &[Client], got: &mut [Vec<(u64, u64)>]) {
         for (c, got) in subs.iter().zip(got) {
