@@ -82,6 +82,13 @@ type Held = (u64, ConnId, Mark);
 
 /// The connections whose channel messages are held, in deadline order
 /// within each queue.
+///
+/// Queues, not a heap: windows of one length opened in clock order end in
+/// that order, so each length gets its own queue (whole windows in
+/// `steady`, each group's first windows in `first`), and holding, the next
+/// deadline and taking what is due are O(1) per entry. An entry carries the
+/// mark it opened with instead of being removed when its window ends early:
+/// removal from the middle would need a search per arrival.
 #[derive(Debug, Default)]
 pub struct WriteDelay {
     window_ms: u64,

@@ -417,6 +417,15 @@ mod tests {
         c
     }
 
+    /// `n` subscribers of `web_hot` on shard 0 and a browser publisher
+    /// whose answers were read: the `--write-delay` tests' stage.
+    fn hot_channel(sim: &mut Sim, n: usize) -> (Vec<Client>, Client) {
+        let subs = (0..n).map(|i| subscriber(sim, 0, &format!("s{i}"), "web_hot")).collect();
+        let publisher = sim.websocket(0, &anon("pub"));
+        sim.messages(publisher);
+        (subs, publisher)
+    }
+
     #[test]
     fn a_publish_reaches_every_subscriber_on_every_shard_once_and_the_report_counts_them() {
         let mut sim = Sim::new(2, config());
@@ -879,9 +888,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     #[test]
     fn with_a_write_delay_the_messages_of_a_window_reach_each_subscriber_in_one_write() {
         let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 20, ..config() });
-        let subs: Vec<Client> = (0..3).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_hot")).collect();
-        let publisher = sim.websocket(0, &anon("pub"));
-        sim.messages(publisher);
+        let (subs, publisher) = hot_channel(&mut sim, 3);
         let before: Vec<usize> = subs.iter().map(|c| sim.writes.get(&c.peer).copied().unwrap_or(0)).collect();
         for i in 0..3 {
             sim.send_text(publisher, &format!("web_pipe2\nweb_hot\ne\n*\n{i}"));
@@ -915,9 +922,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     #[test]
     fn with_a_write_delay_an_answer_goes_at_once_and_takes_the_held_messages_along() {
         let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 100, ..config() });
-        let subs: Vec<Client> = (0..8).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_hot")).collect();
-        let publisher = sim.websocket(0, &anon("pub"));
-        sim.messages(publisher);
+        let (subs, publisher) = hot_channel(&mut sim, 8);
         sim.advance(5);
         for i in 0..2 {
             sim.send_text(publisher, &format!("web_pipe2\nweb_hot\ne\n*\n{i}"));
@@ -1009,9 +1014,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     #[test]
     fn with_a_write_delay_a_steady_stream_ends_windows_on_arrivals_in_staggered_groups() {
         let mut sim = Sim::new(1, Config { shards: 1, write_delay_ms: 20, ..config() });
-        let subs: Vec<Client> = (0..64).map(|i| subscriber(&mut sim, 0, &format!("s{i}"), "web_hot")).collect();
-        let publisher = sim.websocket(0, &anon("pub"));
-        sim.messages(publisher);
+        let (subs, publisher) = hot_channel(&mut sim, 64);
         let before: Vec<usize> = subs.iter().map(|c| sim.writes[&c.peer]).collect();
         // 100 messages a second for 1.6 s, each at the start of its 10 ms,
         // except message 20, 3 ms late (within the early margin), and
