@@ -27,6 +27,8 @@ pub struct ShardMetrics {
     pub slow_consumer_closes: AtomicU64,
     /// Connections closed for not answering pings.
     pub heartbeat_closes: AtomicU64,
+    /// Connections closed because handling their input panicked.
+    pub handler_panics: AtomicU64,
     /// Connections handed to another shard.
     pub handoffs: AtomicU64,
     /// WebSocket connections that negotiated permessage-deflate.
@@ -182,7 +184,7 @@ impl Registry {
             }
         }
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 36] = [
+        let families: [(&str, &str, &str, Get); 37] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -305,6 +307,12 @@ impl Registry {
             ("comet_heartbeat_closes_total", "counter", "Connections closed for missing pongs.", |m| {
                 m.heartbeat_closes.load(Relaxed) as i64
             }),
+            (
+                "comet_handler_panics_total",
+                "counter",
+                "Connections closed because handling their input panicked (a bug; the panic is in the log).",
+                |m| m.handler_panics.load(Relaxed) as i64,
+            ),
             ("comet_handoffs_total", "counter", "Connections handed to their user's home shard.", |m| {
                 m.handoffs.load(Relaxed) as i64
             }),

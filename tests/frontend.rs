@@ -300,6 +300,54 @@ fn slow_consumer_is_closed_with_4008_and_others_keep_receiving() {
     }
 }
 
+/// A bug in the handling of one connection's input (a panic, asked for
+/// here with the debug build's COMET_TEST_PANIC_ON marker) closes that
+/// connection at once, with 1011 for a WebSocket, and counts it; the
+/// other connections, on the same shard, go on.
+#[test]
+fn a_panic_handling_one_connection_closes_it_alone() {
+    for io in BACKENDS {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
+        cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+            .args(["--io", io, "--shards", "1", "--ephemeral", "--password", "pw"])
+            .env("COMET_TEST_PANIC_ON", "panic-marker");
+        let s = Server::spawn_cmd(cmd);
+        let mut sub = s.client("sub");
+        sub.subscribe(&["web_x"]);
+        let mut bad = s.client("bad");
+        bad.subscribe(&["web_x"]);
+        let mut p = s.client("pub");
+        wait_count(&mut p, "web_x", 2);
+        bad.send("panic-marker");
+        assert_eq!(bad.expect_close(), 1011, "{io}");
+        assert_eq!(s.metric("comet_handler_panics_total"), 1, "{io}");
+        // Its subscription went with it; the subscriber and the publisher,
+        // on the same shard, go on.
+        wait_count(&mut p, "web_x", 1);
+        p.send("web_pipe2\nweb_x\ne\n*\nafter");
+        p.recv();
+        assert_eq!(sub.recv()["data"], "after", "{io}");
+        // Plain HTTP and CometQL connections are dropped.
+        let (status, _) = http_request(s.addr, "GET /panic-marker HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(status, "", "{io}: an HTTP request that panicked gets no answer");
+        let (mut t, ok) = common::raw_login(&s, "pw");
+        assert_eq!(ok[0], 0, "{io}");
+        let q = b"\x03SELECT 'panic-marker'";
+        let mut packet = vec![q.len() as u8, 0, 0, 0];
+        packet.extend_from_slice(q);
+        std::io::Write::write_all(&mut t, &packet).unwrap();
+        let mut rest = Vec::new();
+        let read = std::io::Read::read_to_end(&mut t, &mut rest);
+        assert!(read.is_ok() && rest.is_empty(), "{io}: {read:?} {rest:?}");
+        assert_eq!(s.metric("comet_handler_panics_total"), 3, "{io}");
+        let (_, ok) = common::raw_login(&s, "pw");
+        assert_eq!(ok[0], 0, "{io}: a new CometQL connection logs in");
+        let mut again = s.client("again");
+        again.subscribe(&["web_x"]);
+        wait_count(&mut p, "web_x", 2);
+    }
+}
+
 #[test]
 fn plain_http_routes() {
     for io in BACKENDS {

@@ -821,6 +821,7 @@ impl ShardCore {
     /// One complete client message. Returns true when the connection closed.
     fn on_message(&mut self, id: ConnId, text: bool, payload: &[u8]) -> bool {
         ShardMetrics::add(&self.metrics.messages_in, 1);
+        super::panic_on_test_marker(payload);
         if !self.admit_command(id, true) {
             return self.conns.get(id).is_none_or(|c| matches!(c.phase, Phase::Closing { .. }));
         }
@@ -1267,6 +1268,27 @@ impl ShardCore {
         ws::encode_close(code, reason, &mut f);
         self.send_raw(id, f);
         self.finish_after_flush(id, false);
+    }
+
+    /// Closes a connection whose input handling panicked (a bug, logged by
+    /// the panic hook): a WebSocket gets 1011 after the frame being written,
+    /// anything else is dropped, and either is counted. Whatever the handler
+    /// left half done belongs to this connection, which goes now rather
+    /// than when the heartbeat sweep finds it unread.
+    pub fn close_after_panic(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        ShardMetrics::add(&self.metrics.handler_panics, 1);
+        if !matches!(conn.phase, Phase::Comet | Phase::Echo) {
+            self.drop_conn(id);
+            return;
+        }
+        conn.out.drop_unstarted();
+        let mut f = Vec::with_capacity(20);
+        ws::encode_close(CloseCode::INTERNAL_ERROR, "internal error", &mut f);
+        self.send_raw(id, f);
+        self.finish_after_flush(id, true);
     }
 
     /// Closes a connection whose queue went over the bound (4008).

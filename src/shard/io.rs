@@ -613,6 +613,7 @@ impl Shard {
                     }
                 }
                 Ok(n) => {
+                    super::panic_on_test_marker(&self.scratch[..n]);
                     flow = self.core.readable(id, &mut self.scratch[..n]);
                     // An SSLRequest: what comes next is TLS, for the
                     // effect to set up before anything more is read.
@@ -754,7 +755,7 @@ async fn run_conn(id: ConnId, fd: SharedFd<Socket>) {
             with_shard(|s| s.core.hangup(id));
             return;
         }
-        let flow = with_shard(|s| s.on_readable(id));
+        let flow = handling(id, |s| s.on_readable(id));
         if flow != Flow::Continue && !Box::pin(after_read(id, flow)).await {
             return;
         }
@@ -771,7 +772,7 @@ fn start_conn(id: ConnId, fd: SharedFd<Socket>, read_first: bool) {
         compio::runtime::spawn(run_conn(id, fd)).detach();
         return;
     }
-    match with_shard(|s| s.on_readable(id)) {
+    match handling(id, |s| s.on_readable(id)) {
         Flow::Gone => {}
         Flow::Continue => compio::runtime::spawn(run_conn(id, fd)).detach(),
         flow => compio::runtime::spawn(async move {
@@ -783,6 +784,21 @@ fn start_conn(id: ConnId, fd: SharedFd<Socket>, read_first: bool) {
     }
 }
 
+/// Runs `f`, the handling of connection `id`'s input, on the shard. A
+/// panic in it (a bug, which the panic hook logs) closes that connection
+/// alone ([`ShardCore::close_after_panic`]) and ends its read task. Left
+/// to compio, the task would end and the connection stay open, unread,
+/// until the heartbeat sweep.
+fn handling(id: ConnId, f: impl FnOnce(&mut Shard) -> Flow) -> Flow {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| with_shard(f))) {
+        Ok(flow) => flow,
+        Err(_) => {
+            with_shard(|s| s.core.close_after_panic(id));
+            Flow::Gone
+        }
+    }
+}
+
 /// Carries out what the core asked after a read; false when the
 /// connection is gone.
 async fn after_read(id: ConnId, mut flow: Flow) -> bool {
@@ -790,7 +806,7 @@ async fn after_read(id: ConnId, mut flow: Flow) -> bool {
     // what this connection has buffered.
     while flow == Flow::Yield {
         yield_now().await;
-        flow = with_shard(|s| {
+        flow = handling(id, |s| {
             s.core.work = 0;
             s.core.resume(id)
         });
@@ -828,7 +844,7 @@ async fn wait_until_readable_allowed(id: ConnId) -> bool {
         }
         // Commands buffered before the pause may pause it again.
         loop {
-            match with_shard(|s| {
+            match handling(id, |s| {
                 s.core.work = 0;
                 s.core.resume(id)
             }) {

@@ -54,3 +54,25 @@ pub fn home_shard(dev_id: u32, user_id: u64, shards: usize) -> usize {
     z ^= z >> 31;
     (z % shards as u64) as usize
 }
+
+/// Debug builds only (the integration tests run them): with
+/// `COMET_TEST_PANIC_ON` set, input that contains its text makes the
+/// handler panic, a bug on demand, so that a test can check that a panic
+/// in one connection's handling closes that connection alone. Called with
+/// what a connection sent: raw bytes as read (CometQL, HTTP) and each
+/// WebSocket message unmasked. Release builds have no such hook.
+#[cfg(debug_assertions)]
+pub(crate) fn panic_on_test_marker(input: &[u8]) {
+    static MARKER: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
+    let marker = MARKER.get_or_init(|| std::env::var_os("COMET_TEST_PANIC_ON").map(|m| m.into_encoded_bytes()));
+    if let Some(m) = marker.as_deref()
+        && !m.is_empty()
+        && input.windows(m.len()).any(|w| w == m)
+    {
+        panic!("COMET_TEST_PANIC_ON matched a connection's input");
+    }
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub(crate) fn panic_on_test_marker(_: &[u8]) {}

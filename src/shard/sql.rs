@@ -422,6 +422,7 @@ impl ShardCore {
             ("Comet_messages_out".into(), sum(|m| m.messages_out.load(Relaxed) as i64)),
             ("Comet_bytes_out".into(), sum(|m| m.bytes_out.load(Relaxed) as i64)),
             ("Comet_slow_consumer_closes".into(), sum(|m| m.slow_consumer_closes.load(Relaxed) as i64)),
+            ("Comet_handler_panics".into(), sum(|m| m.handler_panics.load(Relaxed) as i64)),
         ]
     }
 

@@ -50,6 +50,8 @@ impl CloseCode {
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     pub const POLICY: CloseCode = CloseCode(1008);
     pub const TOO_BIG: CloseCode = CloseCode(1009);
+    /// The server failed handling the connection's input (a bug).
+    pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
     /// Heartbeat timeout: the peer stopped answering pings.
     pub const HEARTBEAT_TIMEOUT: CloseCode = CloseCode(4000);
     /// The connection's outbound queue went over its bound.
