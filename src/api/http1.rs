@@ -144,6 +144,8 @@ pub fn reason(status: u16) -> &'static str {
         422 => "Unprocessable Content",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     }
 }
@@ -185,6 +187,13 @@ mod tests {
         let h = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", 100).unwrap().unwrap();
         assert!(!h.keep_alive);
         assert_eq!(parse_head(b"GET / HTTP/1.1\r\nHost:", 100), Ok(None));
+    }
+
+    #[test]
+    fn every_status_has_its_own_reason_phrase() {
+        assert_eq!(reason(503), "Service Unavailable");
+        assert_eq!(reason(500), "Internal Server Error");
+        assert_eq!(reason(429), "Too Many Requests");
     }
 
     #[test]
