@@ -278,9 +278,12 @@ impl Registry {
             ("comet_offline_queued_total", "counter", "Private messages put in offline queues.", |m| {
                 m.offline_queued.load(Relaxed) as i64
             }),
-            ("comet_offline_dropped_total", "counter", "Offline-queue entries dropped from full queues.", |m| {
-                m.offline_dropped.load(Relaxed) as i64
-            }),
+            (
+                "comet_offline_dropped_total",
+                "counter",
+                "Offline-queue entries dropped from full queues (by count or bytes), or too large to queue.",
+                |m| m.offline_dropped.load(Relaxed) as i64,
+            ),
             ("comet_cometql_connections", "gauge", "Open CometQL and HTTP API (backend) connections.", |m| {
                 m.sql_connections.load(Relaxed)
             }),

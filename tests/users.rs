@@ -182,6 +182,66 @@ fn full_queue_drops_the_oldest_and_reports_affected_zero() {
     c.expect_silence(200);
 }
 
+/// An offline queue is bounded in bytes too, to half of --outbound-limit:
+/// a user whose queue filled with big messages gets the newest that fit,
+/// every one of them, when a device connects. Before, the whole queue
+/// went into the device's outbound queue at once, past the limit: the
+/// device was closed as a slow consumer and the queue was lost.
+#[test]
+fn a_queue_of_big_messages_keeps_the_newest_that_fit_and_delivers_them_all() {
+    for io in BACKENDS {
+        let s = start(io, &["--outbound-limit", "262144"]);
+        let mut d = db(&s);
+        set_key(&mut d, 9, "k9");
+        let big = "x".repeat(17_000);
+        let affected: Vec<u64> = (0..20).map(|i| send(&mut d, 9, "big", &format!("{i:02}-{big}"))).collect();
+        // Each costs its 17,006 bytes of text, the event again and 224:
+        // seven fit in 131,072. Past them each INSERT drops the oldest.
+        assert_eq!(affected, [[1; 7].as_slice(), &[0; 13]].concat(), "{io}");
+        assert_eq!(s.metric("comet_offline_dropped_total"), 13, "{io}");
+        let (mut c, _) = user(&s, 0, 9, "k9");
+        let got: Vec<String> = (0..7).map(|_| c.recv()["data"].as_str().unwrap()[..2].to_string()).collect();
+        assert_eq!(got, ["13", "14", "15", "16", "17", "18", "19"], "{io}");
+        c.expect_silence(200);
+        assert_eq!(s.metric("comet_slow_consumer_closes_total"), 0, "{io}");
+        // A message over the whole bound is not queued (affected 0).
+        drop(c);
+        assert!(eventually(5, || s.metric("comet_websockets") == 0));
+        assert_eq!(send(&mut d, 9, "big", &"y".repeat(140_000)), 0, "{io}");
+        let queued: Vec<mysql::Row> = d.query("SELECT * FROM users_messages WHERE id = 9").unwrap();
+        assert!(queued.is_empty(), "{io}");
+    }
+}
+
+/// The bound is measured again on the frames when a device connects: a
+/// queue stored under a larger --outbound-limit, loaded by a comet with a
+/// smaller one, delivers the newest messages that fit and counts the
+/// oldest as dropped, instead of closing the device as a slow consumer.
+#[test]
+fn a_queue_stored_under_a_larger_limit_delivers_the_newest_that_fit_after_a_restart() {
+    let dir = std::env::temp_dir().join(format!("comet-queue-limit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = format!("--data-dir={}", dir.display());
+    {
+        let s = start("uring", &[&data]);
+        let mut d = db(&s);
+        set_key(&mut d, 4, "k4");
+        let big = "z".repeat(17_000);
+        for i in 0..20 {
+            assert_eq!(send(&mut d, 4, "big", &format!("{i:02}-{big}")), 1);
+        }
+    }
+    let s = start("uring", &[&data, "--outbound-limit", "262144"]);
+    let (mut c, _) = user(&s, 0, 4, "k4");
+    let got: Vec<String> = (0..7).map(|_| c.recv()["data"].as_str().unwrap()[..2].to_string()).collect();
+    assert_eq!(got, ["13", "14", "15", "16", "17", "18", "19"]);
+    c.expect_silence(200);
+    assert_eq!(s.metric("comet_offline_dropped_total"), 13);
+    assert_eq!(s.metric("comet_slow_consumer_closes_total"), 0);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn expired_queue_entries_are_never_delivered() {
     let s = start("epoll", &["--offline-queue-ttl", "1"]);

@@ -13,7 +13,7 @@ use super::{ConnId, home_shard};
 use crate::cometql::session::Passwords;
 use crate::frontend::message::{self, ChannelMessage, Delivery};
 use crate::metrics::ShardMetrics;
-use crate::users::{Presence, Queued, UserQuery, jwt};
+use crate::users::{Presence, QueueCap, Queued, UserQuery, jwt};
 use crate::ws::CloseCode;
 
 /// Close code for a device whose authorization was withdrawn
@@ -32,6 +32,13 @@ impl ShardCore {
         self.shared.config.offline_queue_ttl.as_secs() as i64
     }
 
+    /// An offline queue's bounds: `--offline-queue-size` messages, and
+    /// half of `--outbound-limit` in bytes ([`QueueCap`]).
+    fn queue_cap(&self) -> QueueCap {
+        let cfg = &self.shared.config;
+        QueueCap { count: cfg.offline_queue_size, bytes: cfg.outbound_limit / 2 }
+    }
+
     /// Checks a connecting user's key; called on the user's home shard.
     pub fn authorize(&self, dev_id: u32, user_id: u64, key: &str) -> bool {
         debug_assert_eq!(home_shard(dev_id, user_id, self.shards), self.id);
@@ -44,7 +51,7 @@ impl ShardCore {
     pub fn attach_device(&mut self, id: ConnId, dev_id: u32, user_id: u64) {
         let now = self.unix;
         let legacy = self.conns.get(id).is_some_and(|c| c.legacy);
-        let frames: Vec<_> = self
+        let mut frames: Vec<_> = self
             .users
             .take_queue(dev_id, user_id, self.queue_ttl(), now)
             .into_iter()
@@ -54,6 +61,22 @@ impl ShardCore {
                 encode_text_frame(|o| msg.encode(d, o))
             })
             .collect();
+        // The queue was bounded to half of --outbound-limit as it was
+        // filled, by an estimate; the frames are measured here, so that
+        // escapes in the JSON, or a store filled under a larger limit, can
+        // never close the device as a slow consumer, which would lose the
+        // whole queue. The oldest that do not fit are dropped and counted.
+        let budget = self.queue_cap().bytes;
+        let mut cost = 0;
+        let fit = frames.iter().rev().take_while(|f| {
+            cost += OutQueue::cost_of(f);
+            cost <= budget
+        });
+        let dropped = frames.len() - fit.count();
+        if dropped > 0 {
+            frames.drain(..dropped);
+            ShardMetrics::add(&self.metrics.offline_dropped, dropped as u64);
+        }
         // The queue is sent once its removal is stored (on disk with
         // --durability sync), so a crash cannot deliver it a second time.
         match self.record_changes() {
@@ -149,8 +172,7 @@ impl ShardCore {
             }
         } else if devices.is_empty() {
             let q = Queued::new(now, event, text);
-            let cap = self.shared.config.offline_queue_size;
-            let kept = self.users.enqueue(dev_id, user_id, q, cap, self.queue_ttl(), now);
+            let kept = self.users.enqueue(dev_id, user_id, q, self.queue_cap(), self.queue_ttl(), now);
             if !kept {
                 ShardMetrics::add(&self.metrics.offline_dropped, 1);
             }

@@ -93,6 +93,29 @@ impl Queued {
         self.set_tag(group);
         self
     }
+
+    /// About what delivering it costs a connection's outbound queue: its
+    /// text, the event a second time (legacy clients get `event_name` too)
+    /// and [`QUEUED_FRAME_OVERHEAD`]. Escapes in the JSON are not counted:
+    /// the delivery measures the real frames (`attach_device`).
+    pub fn cost(&self) -> usize {
+        self.text.len() + self.event_len as usize + QUEUED_FRAME_OVERHEAD
+    }
+}
+
+/// What a queued message's frame holds besides its text, at most: the JSON
+/// keys and punctuation, the send time, the WebSocket header, and the
+/// bookkeeping an outbound queue counts per frame (64 bytes).
+pub const QUEUED_FRAME_OVERHEAD: usize = 224;
+
+/// The bounds of one user's offline queue: at most `count` messages
+/// (`--offline-queue-size`) whose [`Queued::cost`] adds up to at most
+/// `bytes` (half of `--outbound-limit`, so that a device that connects
+/// takes its whole queue without being closed as a slow consumer).
+#[derive(Debug, Clone, Copy)]
+pub struct QueueCap {
+    pub count: usize,
+    pub bytes: usize,
 }
 
 /// An offline queue, oldest first. `head` is the stored position of the
@@ -102,6 +125,8 @@ impl Queued {
 pub struct Queue {
     pub head: u64,
     pub items: VecDeque<Queued>,
+    /// The sum of the items' [`Queued::cost`].
+    pub bytes: usize,
 }
 
 /// The device slots of an online user.
@@ -226,7 +251,8 @@ impl UserStore {
                 let q = self
                     .entry(dev, uid)
                     .queue
-                    .get_or_insert_with(|| Box::new(Queue { head: seq, items: VecDeque::new() }));
+                    .get_or_insert_with(|| Box::new(Queue { head: seq, items: VecDeque::new(), bytes: 0 }));
+                q.bytes += msg.cost();
                 q.items.push_back(msg);
             }
             _ => {}
@@ -397,24 +423,28 @@ impl UserStore {
     }
 
     /// Queues a message for an offline user; returns false when the queue
-    /// was full and its oldest entry was dropped.
-    pub fn enqueue(&mut self, dev: u32, uid: u64, q: Queued, capacity: usize, ttl: i64, now: i64) -> bool {
-        if capacity == 0 {
+    /// was full and its oldest entries were dropped to make room, or when
+    /// the message alone is over `cap.bytes` and was not queued.
+    pub fn enqueue(&mut self, dev: u32, uid: u64, q: Queued, cap: QueueCap, ttl: i64, now: i64) -> bool {
+        let cost = q.cost();
+        if cap.count == 0 || cost > cap.bytes {
             self.dropped += 1;
             return false;
         }
         let mut journal = self.journal.take();
         let u = self.entry(dev, uid);
-        let queue = u.queue.get_or_insert_with(|| Box::new(Queue { head: 0, items: VecDeque::with_capacity(1) }));
+        let queue =
+            u.queue.get_or_insert_with(|| Box::new(Queue { head: 0, items: VecDeque::with_capacity(1), bytes: 0 }));
         expire(queue, ttl, now, dev, uid, journal.as_mut());
         let mut kept_all = true;
-        while queue.items.len() >= capacity {
+        while queue.items.len() >= cap.count || (!queue.items.is_empty() && queue.bytes + cost > cap.bytes) {
             pop_oldest(queue, dev, uid, journal.as_mut());
             kept_all = false;
         }
         if let Some(j) = journal.as_mut() {
             j.push(Change::QueuePut { dev, uid, seq: queue.head + queue.items.len() as u64, msg: q.clone() });
         }
+        queue.bytes += cost;
         queue.items.push_back(q);
         self.journal = journal;
         if !kept_all {
@@ -570,6 +600,7 @@ fn expire(q: &mut Queue, ttl: i64, now: i64, dev: u32, uid: u64, mut journal: Op
 /// Drops the oldest entry (from the store too).
 fn pop_oldest(q: &mut Queue, dev: u32, uid: u64, journal: Option<&mut Vec<Change>>) {
     if let Some(m) = q.items.pop_front() {
+        q.bytes -= m.cost();
         if let Some(j) = journal {
             j.push(removal(dev, uid, q.head, &m));
         }
@@ -600,6 +631,40 @@ mod tests {
 
     fn msg(t: i64, m: &str) -> Queued {
         Queued::new(t, "e", m)
+    }
+
+    /// A bound of `count` messages and no bound in bytes.
+    fn cap(count: usize) -> QueueCap {
+        QueueCap { count, bytes: usize::MAX }
+    }
+
+    #[test]
+    fn a_queue_keeps_the_newest_messages_that_fit_its_bytes() {
+        let mut s = UserStore { journal: Some(Vec::new()), ..UserStore::default() };
+        let m = |t, len| Queued::new(t, "e", &"x".repeat(len));
+        // 1,000-byte messages cost 1,000 + 2 + 224; four fit in 5,000.
+        let bound = QueueCap { count: 64, bytes: 5000 };
+        for t in 0..4 {
+            assert!(s.enqueue(0, 5, m(100 + t, 1000), bound, 300, 100), "{t}");
+        }
+        assert!(!s.enqueue(0, 5, m(104, 1000), bound, 300, 100), "the oldest is dropped to make room");
+        let kept: Vec<i64> = s.queued(0, 5, 300, 100).iter().map(|q| q.time).collect();
+        assert_eq!(kept, [101, 102, 103, 104]);
+        // One big message takes the room of several.
+        assert!(!s.enqueue(0, 5, m(105, 3000), bound, 300, 100));
+        let kept: Vec<i64> = s.queued(0, 5, 300, 100).iter().map(|q| q.time).collect();
+        assert_eq!(kept, [104, 105]);
+        // A message over the whole bound is not queued, and the queue stays.
+        assert!(!s.enqueue(0, 5, m(106, 5000), bound, 300, 100));
+        assert_eq!(s.queued(0, 5, 300, 100).len(), 2);
+        // What leaves, by expiry or delivery, frees its bytes.
+        assert_eq!(s.take_queue(0, 5, 300, 100).len(), 2);
+        for t in 0..4 {
+            assert!(s.enqueue(0, 5, m(200 + t, 1000), bound, 300, 200), "{t}");
+        }
+        assert!(s.enqueue(0, 5, m(600, 1000), bound, 300, 600), "the four expired, and their bytes with them");
+        let removals = s.take_changes().iter().filter(|c| matches!(c, Change::QueueDel { .. })).count();
+        assert_eq!(removals, 1 + 3 + 2 + 4, "every drop is stored");
     }
 
     #[test]
@@ -633,15 +698,15 @@ mod tests {
     #[test]
     fn a_removal_names_the_group_its_entry_was_sent_in_and_its_bytes() {
         let mut s = UserStore { journal: Some(Vec::new()), ..UserStore::default() };
-        s.enqueue(0, 5, msg(100, "a"), 3, 300, 100);
-        s.enqueue(0, 5, msg(100, "bb"), 3, 300, 100);
+        s.enqueue(0, 5, msg(100, "a"), cap(3), 300, 100);
+        s.enqueue(0, 5, msg(100, "bb"), cap(3), 300, 100);
         // Sent: the lane said group 7.
         let sent = s.take_changes();
         s.retag(&sent, 7);
         // Queued, and dropped from the full queue, before being sent: its
         // removal is pending like its put.
-        s.enqueue(0, 5, msg(101, "c"), 3, 300, 101);
-        s.enqueue(0, 5, msg(101, "d"), 2, 300, 101);
+        s.enqueue(0, 5, msg(101, "c"), cap(3), 300, 101);
+        s.enqueue(0, 5, msg(101, "d"), cap(2), 300, 101);
         s.take_queue(0, 5, 300, 102);
         let dels: Vec<(u64, u64, u32)> = s
             .take_changes()
@@ -659,9 +724,9 @@ mod tests {
     fn queue_is_a_bounded_ring_with_ttl() {
         let mut s = UserStore::default();
         for i in 0..3 {
-            assert!(s.enqueue(0, 5, msg(100 + i, &i.to_string()), 3, 300, 100 + i));
+            assert!(s.enqueue(0, 5, msg(100 + i, &i.to_string()), cap(3), 300, 100 + i));
         }
-        assert!(!s.enqueue(0, 5, msg(103, "3"), 3, 300, 103), "full: oldest dropped");
+        assert!(!s.enqueue(0, 5, msg(103, "3"), cap(3), 300, 103), "full: oldest dropped");
         assert_eq!(s.dropped, 1);
         let got: Vec<String> = s.queued(0, 5, 300, 104).into_iter().map(|q| q.message().to_string()).collect();
         assert_eq!(got, ["1", "2", "3"]);
