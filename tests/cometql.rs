@@ -99,6 +99,33 @@ fn pipes_and_users_in_pipes_report_every_shard() {
     }
 }
 
+/// A history larger than a connection may have queued: `pipe_log` sends
+/// the newest messages that fit in half of --outbound-limit, in order,
+/// instead of closing the asker as a slow consumer every time.
+#[test]
+fn pipe_log_of_a_history_over_the_outbound_limit_sends_the_newest_that_fit() {
+    for io in BACKENDS {
+        let s = start(io, &["--outbound-limit", "262144"]);
+        let mut db = connect(&s);
+        db.query_drop("INSERT INTO pipes_settings (name, length) VALUES ('web_big', 100)").unwrap();
+        let big = "h".repeat(10_000);
+        for i in 0..40 {
+            db.query_drop(format!("INSERT INTO pipes_messages VALUES ('web_big', 'ev', '{i:02}-{big}')")).unwrap();
+        }
+        let mut a = s.client("a");
+        a.send("pipe_log\nweb_big\nmk\n");
+        // Frames of about 10,100 bytes plus 64 counted: 12 fit in 131,072.
+        let got: Vec<String> = (0..12).map(|_| a.recv()["data"].as_str().unwrap()[..2].to_string()).collect();
+        let want: Vec<String> = (28..40).map(|i| format!("{i:02}")).collect();
+        assert_eq!(got, want, "{io}");
+        a.expect_silence(200);
+        // The connection stays, and asks again.
+        a.send("pipe_log\nweb_big\nmk2\n");
+        assert_eq!(a.recv()["marker"], "mk2", "{io}");
+        assert_eq!(s.metric("comet_slow_consumer_closes_total"), 0, "{io}");
+    }
+}
+
 #[test]
 fn history_settings_select_delete_and_pipe_log() {
     for io in BACKENDS {
