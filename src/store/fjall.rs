@@ -8,7 +8,9 @@
 //!
 //! Layout of the data dir:
 //! - `comet.lock`: held (flock) by the comet using the dir;
-//! - `db/`: the fjall database, one keyspace `state`.
+//! - `db/`: the fjall database, one keyspace `state`;
+//! - `corrupt/`: copies of journal files whose damaged tail was dropped at
+//!   start ([`salvage_journal`]), kept for the operator; none normally.
 //!
 //! Keys start with a table byte and the dev_id (big-endian, so a table's
 //! keys sort by dev_id, then user id or channel):
@@ -31,10 +33,11 @@
 //! at open (a comet that reads only format 1 then refuses it).
 
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, JournalRecoveryError, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::qlog::{self, Loader, QueueLog, Removed};
 use super::{Backend, Change, HistoryRecord, StoreError};
@@ -107,8 +110,25 @@ impl FjallStore {
         std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe)).map_err(|e| dir_error(path, e))?;
         let db_path = path.join("db");
         let before = journal_sizes(&db_path);
-        let (db, state) = open_db(&db_path, max_journal).map_err(|e| dir_error(&db_path, e))?;
+        let (db, state, salvaged) = match open_db(&db_path, max_journal) {
+            Ok((db, state)) => (db, state, None),
+            Err(e) if unreadable_batch(&e) => {
+                let (db, state, file) = salvage_journal(path, &db_path, max_journal, &e)?;
+                (db, state, Some(file))
+            }
+            Err(e @ fjall::Error::JournalRecovery(JournalRecoveryError::InvalidFileName)) => {
+                let cause = format!(
+                    "{e}: a file in it ends in .jnl but is not named <number>.jnl, as fjall's journal files are; move it out of {}",
+                    db_path.display()
+                );
+                return Err(dir_error(&db_path, cause));
+            }
+            Err(e) => return Err(dir_error(&db_path, e)),
+        };
         for (file, old) in before {
+            if salvaged.as_ref() == Some(&file) {
+                continue;
+            }
             let new = std::fs::metadata(&file).map_or(0, |m| m.len());
             if new < old {
                 eprintln!(
@@ -221,6 +241,14 @@ fn read_queue_record(loader: &mut Loader, k: &[u8], v: &[u8], keep: bool) -> Res
 /// data dir rises to about 64 MB and falls back (a sawtooth), plus at most
 /// `max_journal` of sealed files while flushes lag.
 fn open_db(db_path: &Path, max_journal: u64) -> Result<(Database, Keyspace), fjall::Error> {
+    let db = open_database(db_path, max_journal)?;
+    let state = db.keyspace("state", || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES))?;
+    Ok((db, state))
+}
+
+/// Opens the database without touching its keyspaces: the journal is
+/// recovered here, so this is what [`salvage_journal`] tries.
+fn open_database(db_path: &Path, max_journal: u64) -> Result<Database, fjall::Error> {
     // fjall panics below its minimum; the flag's check says so first.
     let max_journal = max_journal.max(crate::config::MIN_JOURNAL_SIZE);
     // Every committed batch goes to the OS at once (a crash of the process
@@ -228,13 +256,11 @@ fn open_db(db_path: &Path, max_journal: u64) -> Result<(Database, Keyspace), fja
     // Journal compression is off: a group's queue record is past fjall's
     // 4 KiB threshold, and compressing it cost the storage thread more
     // than writing the bytes does (comet's messages are short).
-    let db = Database::builder(db_path)
+    Database::builder(db_path)
         .cache_size(CACHE_BYTES)
         .max_journaling_size(max_journal)
         .journal_compression(fjall::CompressionType::None)
-        .open()?;
-    let state = db.keyspace("state", || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES))?;
-    Ok((db, state))
+        .open()
 }
 
 /// Where the data of a journal file ends: fjall preallocates journals with
@@ -275,6 +301,221 @@ fn journal_sizes(dir: &Path) -> Vec<(PathBuf, u64)> {
         }
     }
     out
+}
+
+/// Whether opening failed on a journal batch that fjall cannot read back:
+/// its end marker parses but its checksum does not match, or it holds fewer
+/// or more items than its start marker says. fjall tolerates a last batch
+/// that lacks its end marker (a write cut short), not this, yet a crash
+/// leaves it too: on a file system that may write a file's data after its
+/// size (ext4 with `data=writeback`), blocks of the writes after the last
+/// fsync can hold stale bytes. A journal file name fjall cannot parse, a
+/// held lock or a newer format are not this.
+fn unreadable_batch(e: &fjall::Error) -> bool {
+    matches!(
+        e,
+        fjall::Error::JournalRecovery(
+            JournalRecoveryError::ChecksumMismatch
+                | JournalRecoveryError::InsufficientLength
+                | JournalRecoveryError::TooManyItems
+        )
+    )
+}
+
+/// What is wrong with the batch, for the log.
+fn unreadable_what(e: &fjall::Error) -> &'static str {
+    match e {
+        fjall::Error::JournalRecovery(JournalRecoveryError::InsufficientLength) => {
+            "where a batch holds fewer items than its start marker says"
+        }
+        fjall::Error::JournalRecovery(JournalRecoveryError::TooManyItems) => {
+            "where a batch holds more items than its start marker says"
+        }
+        _ => "where a batch's checksum does not match",
+    }
+}
+
+/// What an operator can do when comet refuses a data dir whose journal
+/// does not read back.
+const DAMAGED_ADVICE: &str =
+    "restore the data dir from a backup, or move it aside to start with an empty one (without its state)";
+
+/// Opens the database after fjall's recovery failed on an unreadable batch
+/// ([`unreadable_batch`]) in the newest journal file, the one being written
+/// when comet stopped: keeps the longest prefix of that file with which
+/// fjall opens, which is every batch before the first unreadable one, and
+/// drops the rest. Returns the database and the file it cut.
+///
+/// Batches after the unreadable one are dropped even when they read back:
+/// they were written after it, and applying them without it would give a
+/// state comet never had. So damage in the middle of the newest file
+/// starts like damage at its end, with the state from before the damaged
+/// write, as a crash at that write would have left it.
+///
+/// The file as it was is first copied and synced to
+/// `<data dir>/corrupt/<name>.<unix time>` (its bytes up to the last
+/// non-zero one: fjall preallocates journals with zeros), outside `db/`,
+/// where fjall looks for journal files.
+///
+/// The prefix is found by bisection. fjall opens with the first `n` bytes
+/// for every `n` up to the end of the first unreadable batch (a prefix that
+/// ends inside a batch is cut back to the batch before, as after a torn
+/// write) and fails for every longer one (it reads in order, so it meets
+/// the same batch), so about log2 of the file's size opens find the
+/// boundary: 26 for a full 64 MB journal, each replaying a prefix. Each
+/// try first writes its prefix from memory, as fjall cuts the file while
+/// recovering; a failed open releases fjall's lock and creates nothing.
+///
+/// When fjall fails even with the newest file empty, the unreadable batch
+/// is in a sealed journal, whose writes were synced before the newest file
+/// was started: not a torn tail. comet then refuses to start, with the
+/// newest file put back as it was and no copy kept.
+fn salvage_journal(
+    dir: &Path,
+    db_path: &Path,
+    max_journal: u64,
+    cause: &fjall::Error,
+) -> Result<(Database, Keyspace, PathBuf), StoreError> {
+    let journals = journal_files(db_path);
+    let Some(newest) = journals.last().cloned() else {
+        return Err(dir_error(db_path, format!("the journal does not read back ({cause}); {DAMAGED_ADVICE}")));
+    };
+    let len = std::fs::metadata(&newest).map_err(|e| dir_error(&newest, e))?.len();
+    let bytes = read_head(&newest, data_end(&newest)).map_err(|e| dir_error(&newest, e))?;
+    let copy = keep_copy(dir, &newest, &bytes).map_err(|e| {
+        let cause = format!("cannot keep a copy of the damaged journal {}: {e}", newest.display());
+        dir_error(&dir.join("corrupt"), cause)
+    })?;
+    // Puts the newest file back as it was (zeros included) and drops the
+    // copy, before refusing to start.
+    let refuse = |cause: String| -> StoreError {
+        let put_back = write_journal(&newest, &bytes).and_then(|()| {
+            let f = std::fs::OpenOptions::new().write(true).open(&newest)?;
+            f.set_len(len)?;
+            f.sync_all()
+        });
+        match put_back {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&copy);
+                // Only when no earlier copy is in it.
+                let _ = std::fs::remove_dir(dir.join("corrupt"));
+                dir_error(db_path, cause)
+            }
+            Err(e) => dir_error(
+                db_path,
+                format!(
+                    "{cause}; and {} could not be put back ({e}): a copy is in {}",
+                    newest.display(),
+                    copy.display()
+                ),
+            ),
+        }
+    };
+    let opens = |n: usize| -> Result<bool, String> {
+        write_journal(&newest, &bytes[..n]).map_err(|e| format!("cannot write {}: {e}", newest.display()))?;
+        match open_database(db_path, max_journal) {
+            Ok(_) => Ok(true),
+            Err(e) if unreadable_batch(&e) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match opens(0) {
+        Ok(true) => {}
+        Ok(false) => {
+            let sealed: Vec<String> = journals[..journals.len() - 1]
+                .iter()
+                .map(|p| p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()))
+                .collect();
+            return Err(refuse(format!(
+                "the journal does not read back ({cause}) in a sealed file ({}), not in the newest, {}: a sealed journal holds writes that were synced, which comet does not drop; {DAMAGED_ADVICE}",
+                sealed.join(", "),
+                newest.display()
+            )));
+        }
+        Err(e) => return Err(refuse(format!("{e}, reading back the damaged journal {}", newest.display()))),
+    }
+    let (mut good, mut bad) = (0, bytes.len());
+    while bad - good > 1 {
+        let mid = good + (bad - good) / 2;
+        match opens(mid) {
+            Ok(true) => good = mid,
+            Ok(false) => bad = mid,
+            Err(e) => return Err(refuse(format!("{e}, reading back the damaged journal {}", newest.display()))),
+        }
+    }
+    let opened = write_journal(&newest, &bytes[..good])
+        .map_err(|e| e.to_string())
+        .and_then(|()| open_db(db_path, max_journal).map_err(|e| e.to_string()));
+    let (db, state) = match opened {
+        Ok(o) => o,
+        Err(e) => return Err(refuse(format!("{e}, reading back the damaged journal {}", newest.display()))),
+    };
+    let kept = std::fs::metadata(&newest).map_or(0, |m| m.len());
+    eprintln!(
+        "comet: store: journal {} does not read back from offset {kept}, {} (a crash can leave blocks of its last writes that never reached the disk): recovered every batch before it, dropped the {} bytes from offset {kept}; the file as it was is kept in {}",
+        newest.display(),
+        unreadable_what(cause),
+        bytes.len() as u64 - kept,
+        copy.display()
+    );
+    Ok((db, state, newest))
+}
+
+/// The journal files of the database at `db_path`, oldest first: fjall
+/// names them `<number>.jnl` and writes to the highest number.
+fn journal_files(db_path: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(db_path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let id = name.to_str()?.strip_suffix(".jnl")?.parse().ok()?;
+            Some((id, e.path()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
+/// The first `n` bytes of a file.
+fn read_head(path: &Path, n: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    File::open(path)?.take(n).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Replaces a journal file's contents with `bytes`.
+fn write_journal(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Copies a damaged journal's `bytes` to `<dir>/corrupt/<name>.<unix time>`
+/// (never over an earlier copy) and syncs it; returns where.
+fn keep_copy(dir: &Path, journal: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    let folder = dir.join("corrupt");
+    std::fs::create_dir_all(&folder)?;
+    let name = journal.file_name().map_or_else(|| "journal".into(), |n| n.to_string_lossy().into_owned());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut k = 0;
+    let (mut f, path) = loop {
+        let path = match k {
+            0 => folder.join(format!("{name}.{now}")),
+            _ => folder.join(format!("{name}.{now}-{k}")),
+        };
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(f) => break (f, path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => k += 1,
+            Err(e) => return Err(e),
+        }
+    };
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    File::open(&folder)?.sync_all()?;
+    Ok(path)
 }
 
 // The encoders write into buffers the caller reuses: fjall copies keys
