@@ -582,6 +582,9 @@ fn a_backend_outrunning_the_disk_is_paused_by_the_mail_limit_and_nothing_is_lost
     cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "off", "--shards", "2"])
         .args(["--password", "pw", "--data-dir", dir.path(), "--mail-limit", "1048576"])
         .args(["--offline-queue-size", "10000"])
+        // Queues of 60 KB messages: room for them all in bytes (half of
+        // --outbound-limit), so that every one is kept.
+        .args(["--outbound-limit", "1073741824"])
         .env("COMET_TEST_SLOW_SYNC_MS", "100");
     let s = Server::spawn_cmd(cmd);
     let (mut t, ok) = raw_login(&s, "pw");
@@ -650,7 +653,8 @@ fn statements_arriving_as_mail_from_another_shard_respect_the_storage_lane_bound
     // its own clients: it stops taking mail while the lane is full.
     let dir = TempDir::new("mail-lane");
     let limit: i64 = 1 << 20;
-    let args = ["--mail-limit", "1048576", "--offline-queue-size", "100000"];
+    // --outbound-limit: room in bytes for every queued 60 KB message.
+    let args = ["--mail-limit", "1048576", "--offline-queue-size", "100000", "--outbound-limit", "1073741824"];
     let s = start(&dir, &args);
     let on_shard_1: Vec<u64> = (1..).filter(|&u| comet::shard::home_shard(0, u, 2) == 1).take(7).collect();
     let mut flooders = Vec::new();
