@@ -1827,13 +1827,14 @@ fn self_rss_kib() -> u64 {
 }
 
 fn users_mem(users: u64, queued: usize) {
-    use comet::users::{Queued, UserStore};
+    use comet::users::{QueueCap, Queued, UserStore};
     let before = self_rss_kib();
     let mut store = UserStore::default();
     for u in 1..=users {
         for i in 0..queued {
             let q = Queued::new(1_700_000_000 + i as i64, "message", &format!("{{\"n\":{u}}}"));
-            store.enqueue(0, u, q, 64, 300, 1_700_000_000);
+            // The defaults: 64 messages, half of a 1 MiB --outbound-limit.
+            store.enqueue(0, u, q, QueueCap { count: 64, bytes: 512 * 1024 }, 300, 1_700_000_000);
         }
     }
     let after = self_rss_kib();
