@@ -194,6 +194,40 @@ fn wss_carries_pushes_over_tls_1_3_and_1_2_with_ecdsa_and_rsa() {
     }
 }
 
+/// A panic handling a TLS connection's input (asked for with the debug
+/// build's COMET_TEST_PANIC_ON marker) closes that connection alone, with
+/// 1011. The shard's read buffer, lent out while a TLS read is decrypted,
+/// is put back: the other connections on the shard go on reading.
+#[test]
+fn a_panic_handling_a_tls_connection_closes_it_alone() {
+    let certs = Certs::new("panic", "ec", 2);
+    let (cert, key) = (certs.path("chain.pem"), certs.path("key.pem"));
+    for io in BACKENDS {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_comet"));
+        cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "127.0.0.1:0", "--ephemeral"])
+            .args(["--io", io, "--shards", "1", "--password", "pw", "--tls-cert", &cert, "--tls-key", &key])
+            .env("COMET_TEST_PANIC_ON", "panic-marker");
+        let s = Server::spawn_cmd(cmd);
+        let cfg = client_config(&[&certs.dir.join("ca.pem")], &[&rustls::version::TLS13]);
+        let mut good = wss(&s, cfg.clone(), "good");
+        subscribed(&s, &mut good, "tls_news");
+        let mut bad = wss(&s, cfg.clone(), "bad");
+        bad.send(Message::text("panic-marker")).unwrap();
+        let code = loop {
+            match bad.read() {
+                Ok(Message::Close(Some(f))) => break u16::from(f.code),
+                Ok(_) => {}
+                Err(e) => panic!("{io}: no close frame: {e}"),
+            }
+        };
+        assert_eq!(code, 1011, "{io}");
+        publish(&s, "tls_news", "after");
+        while !text(&mut good).contains("after") {}
+        let _again = wss(&s, cfg, "again");
+        assert_eq!(tls_metric(&certs, &s, "comet_handler_panics_total"), 1, "{io}");
+    }
+}
+
 #[test]
 fn a_plaintext_client_on_the_tls_port_is_told_to_use_tls() {
     for io in BACKENDS {

@@ -1294,14 +1294,21 @@ impl ShardCore {
 
     /// Closes a connection whose input handling panicked (a bug, logged by
     /// the panic hook): a WebSocket gets 1011 after the frame being written,
-    /// anything else is dropped, and either is counted. Whatever the handler
-    /// left half done belongs to this connection, which goes now rather
-    /// than when the heartbeat sweep finds it unread.
+    /// anything else is dropped, and either is counted. The connection goes
+    /// now rather than when the heartbeat sweep finds it unread. What the
+    /// handler changed before the panic stays as it was left; the one
+    /// piece of shard state a panic can take away, the change lists that
+    /// the user and history stores lend out while they work, is put back,
+    /// so that the shard goes on recording changes for the store.
     pub fn close_after_panic(&mut self, id: ConnId) {
+        ShardMetrics::add(&self.metrics.handler_panics, 1);
+        if self.store.is_some() {
+            self.users.journal.get_or_insert_with(Vec::new);
+            self.history.journal.get_or_insert_with(Vec::new);
+        }
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
-        ShardMetrics::add(&self.metrics.handler_panics, 1);
         if !matches!(conn.phase, Phase::Comet | Phase::Echo) {
             self.drop_conn(id);
             return;

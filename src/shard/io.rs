@@ -34,6 +34,8 @@ use crate::tls::TlsConn;
 
 /// Reads per readiness event before yielding to other connections.
 const READS_PER_WAKE: usize = 8;
+/// The shard's read buffer: what one read takes at most.
+const SCRATCH_LEN: usize = 64 * 1024;
 /// Deliveries the mailbox task makes per turn (a connection makes
 /// [`super::conn::WORK_PER_WAKE`]). Measured: 2x instead of 16x cost 50%
 /// more server CPU per pipelined INSERT (`comet-bench publish --subs 1000
@@ -144,7 +146,7 @@ pub fn install(core: ShardCore, listeners: Vec<Arc<Socket>>) {
         core,
         socks: Vec::new(),
         paused: Vec::new(),
-        scratch: vec![0; 64 * 1024],
+        scratch: vec![0; SCRATCH_LEN],
         listeners,
         started: Instant::now(),
         delay_armed: None,
@@ -788,15 +790,23 @@ fn start_conn(id: ConnId, fd: SharedFd<Socket>, read_first: bool) {
 /// panic in it (a bug, which the panic hook logs) closes that connection
 /// alone ([`ShardCore::close_after_panic`]) and ends its read task. Left
 /// to compio, the task would end and the connection stay open, unread,
-/// until the heartbeat sweep.
+/// until the heartbeat sweep. Only `f` is caught: what [`with_shard`]
+/// does after it (effects, other connections' writes) is not this
+/// connection's doing.
 fn handling(id: ConnId, f: impl FnOnce(&mut Shard) -> Flow) -> Flow {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| with_shard(f))) {
+    with_shard(|s| match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s))) {
         Ok(flow) => flow,
         Err(_) => {
-            with_shard(|s| s.core.close_after_panic(id));
+            // A TLS read lends the read buffer out while it decrypts: a
+            // panic there left the shard reading into nothing (every read
+            // a hang-up, on every connection).
+            if s.scratch.len() != SCRATCH_LEN {
+                s.scratch = vec![0; SCRATCH_LEN];
+            }
+            s.core.close_after_panic(id);
             Flow::Gone
         }
-    }
+    })
 }
 
 /// Carries out what the core asked after a read; false when the
