@@ -144,7 +144,6 @@ pub fn reason(status: u16) -> &'static str {
         422 => "Unprocessable Content",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Internal Server Error",
     }
@@ -192,7 +191,6 @@ mod tests {
     #[test]
     fn every_status_has_its_own_reason_phrase() {
         assert_eq!(reason(503), "Service Unavailable");
-        assert_eq!(reason(500), "Internal Server Error");
         assert_eq!(reason(429), "Too Many Requests");
     }
 

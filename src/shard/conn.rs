@@ -1128,39 +1128,31 @@ impl ShardCore {
             Then::PipeLog { conn, pipe, marker } => {
                 let Some(c) = self.conns.get(conn) else { return };
                 let legacy = c.legacy;
-                let frames: Vec<Arc<[u8]>> = p
-                    .log
-                    .into_iter()
-                    .map(|e| {
-                        let msg = ChannelMessage {
-                            pipe: pipe.clone(),
-                            event: e.event,
-                            data: e.message,
-                            data_is_json: false,
-                            time: Some(e.time),
-                            user_id: e.user_id,
-                        };
-                        let d = message::Delivery { legacy, history_marker: Some(&marker), from_queue: false };
-                        encode_text_frame(|o| msg.encode(d, o))
-                    })
-                    .collect();
                 // A history can hold more than a connection may have queued
                 // (1000 messages of up to --max-outbound-message): sent
                 // whole, it closed the asker as a slow consumer every time.
-                // The newest that fit in half of --outbound-limit go, as an
-                // offline queue does.
-                let budget = self.shared.config.outbound_limit / 2;
-                let mut cost = 0;
-                let fit = frames
-                    .iter()
-                    .rev()
-                    .take_while(|f| {
-                        cost += OutQueue::cost_of(f);
-                        cost <= budget
-                    })
-                    .count();
-                let skip = frames.len() - fit;
-                for f in frames.into_iter().skip(skip) {
+                // The newest that fit in half of --outbound-limit, less
+                // what already waits for the socket, go, as an offline
+                // queue does; they are encoded newest first, and no further
+                // than the budget.
+                let mut budget = (self.shared.config.outbound_limit / 2).saturating_sub(c.out.cost());
+                let mut frames: Vec<Arc<[u8]>> = Vec::new();
+                for e in p.log.into_iter().rev() {
+                    let msg = ChannelMessage {
+                        pipe: pipe.clone(),
+                        event: e.event,
+                        data: e.message,
+                        data_is_json: false,
+                        time: Some(e.time),
+                        user_id: e.user_id,
+                    };
+                    let d = message::Delivery { legacy, history_marker: Some(&marker), from_queue: false };
+                    let f = encode_text_frame(|o| msg.encode(d, o));
+                    let Some(left) = budget.checked_sub(OutQueue::cost_of(&f)) else { break };
+                    budget = left;
+                    frames.push(f);
+                }
+                for f in frames.into_iter().rev() {
                     self.send_frame(conn, f);
                 }
             }

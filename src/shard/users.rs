@@ -172,12 +172,12 @@ impl ShardCore {
             }
         } else if devices.is_empty() {
             let q = Queued::new(now, event, text);
-            let kept = self.users.enqueue(dev_id, user_id, q, self.queue_cap(), self.queue_ttl(), now);
-            if !kept {
-                ShardMetrics::add(&self.metrics.offline_dropped, 1);
+            let e = self.users.enqueue(dev_id, user_id, q, self.queue_cap(), self.queue_ttl(), now);
+            ShardMetrics::add(&self.metrics.offline_dropped, e.dropped);
+            if e.queued {
+                ShardMetrics::add(&self.metrics.offline_queued, 1);
             }
-            ShardMetrics::add(&self.metrics.offline_queued, 1);
-            return kept;
+            return e.dropped == 0;
         }
         let msg = private_message(event, text, None);
         let p = Publication::new(dev_id, msg, None);

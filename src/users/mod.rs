@@ -108,6 +108,15 @@ impl Queued {
 /// bookkeeping an outbound queue counts per frame (64 bytes).
 pub const QUEUED_FRAME_OVERHEAD: usize = 224;
 
+/// What [`UserStore::enqueue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The message is in the queue.
+    pub queued: bool,
+    /// Messages dropped: the oldest, to make room, or this one.
+    pub dropped: u64,
+}
+
 /// The bounds of one user's offline queue: at most `count` messages
 /// (`--offline-queue-size`) whose [`Queued::cost`] adds up to at most
 /// `bytes` (half of `--outbound-limit`, so that a device that connects
@@ -206,7 +215,7 @@ pub struct UserStore {
     users: AHashMap<u32, AHashMap<u64, User>>,
     revoked: AHashMap<u32, AHashSet<Box<str>>>,
     registrations: u64,
-    /// Messages dropped from full offline queues (for `/metrics`).
+    /// Messages dropped from full offline queues, or too large to queue.
     pub dropped: u64,
     /// Changes to persisted state not yet sent to the store; `None` when
     /// nothing is persisted (`--ephemeral`).
@@ -422,24 +431,24 @@ impl UserStore {
             .unwrap_or_default()
     }
 
-    /// Queues a message for an offline user; returns false when the queue
-    /// was full and its oldest entries were dropped to make room, or when
-    /// the message alone is over `cap.bytes` and was not queued.
-    pub fn enqueue(&mut self, dev: u32, uid: u64, q: Queued, cap: QueueCap, ttl: i64, now: i64) -> bool {
+    /// Queues a message for an offline user; says whether it was queued
+    /// (not when it alone is over `cap.bytes`) and how many messages were
+    /// dropped: the oldest, to make room, or this one.
+    pub fn enqueue(&mut self, dev: u32, uid: u64, q: Queued, cap: QueueCap, ttl: i64, now: i64) -> Enqueued {
         let cost = q.cost();
         if cap.count == 0 || cost > cap.bytes {
             self.dropped += 1;
-            return false;
+            return Enqueued { queued: false, dropped: 1 };
         }
         let mut journal = self.journal.take();
         let u = self.entry(dev, uid);
         let queue =
             u.queue.get_or_insert_with(|| Box::new(Queue { head: 0, items: VecDeque::with_capacity(1), bytes: 0 }));
         expire(queue, ttl, now, dev, uid, journal.as_mut());
-        let mut kept_all = true;
+        let mut dropped = 0;
         while queue.items.len() >= cap.count || (!queue.items.is_empty() && queue.bytes + cost > cap.bytes) {
             pop_oldest(queue, dev, uid, journal.as_mut());
-            kept_all = false;
+            dropped += 1;
         }
         if let Some(j) = journal.as_mut() {
             j.push(Change::QueuePut { dev, uid, seq: queue.head + queue.items.len() as u64, msg: q.clone() });
@@ -447,10 +456,8 @@ impl UserStore {
         queue.bytes += cost;
         queue.items.push_back(q);
         self.journal = journal;
-        if !kept_all {
-            self.dropped += 1;
-        }
-        kept_all
+        self.dropped += dropped;
+        Enqueued { queued: true, dropped }
     }
 
     /// Takes the user's unexpired queued messages, oldest first (the store
@@ -645,24 +652,31 @@ mod tests {
         // 1,000-byte messages cost 1,000 + 2 + 224; four fit in 5,000.
         let bound = QueueCap { count: 64, bytes: 5000 };
         for t in 0..4 {
-            assert!(s.enqueue(0, 5, m(100 + t, 1000), bound, 300, 100), "{t}");
+            assert_eq!(
+                s.enqueue(0, 5, m(100 + t, 1000), bound, 300, 100),
+                Enqueued { queued: true, dropped: 0 },
+                "{t}"
+            );
         }
-        assert!(!s.enqueue(0, 5, m(104, 1000), bound, 300, 100), "the oldest is dropped to make room");
+        let e = s.enqueue(0, 5, m(104, 1000), bound, 300, 100);
+        assert_eq!(e, Enqueued { queued: true, dropped: 1 }, "the oldest is dropped to make room");
         let kept: Vec<i64> = s.queued(0, 5, 300, 100).iter().map(|q| q.time).collect();
         assert_eq!(kept, [101, 102, 103, 104]);
         // One big message takes the room of several.
-        assert!(!s.enqueue(0, 5, m(105, 3000), bound, 300, 100));
+        assert_eq!(s.enqueue(0, 5, m(105, 3000), bound, 300, 100), Enqueued { queued: true, dropped: 3 });
         let kept: Vec<i64> = s.queued(0, 5, 300, 100).iter().map(|q| q.time).collect();
         assert_eq!(kept, [104, 105]);
         // A message over the whole bound is not queued, and the queue stays.
-        assert!(!s.enqueue(0, 5, m(106, 5000), bound, 300, 100));
+        assert_eq!(s.enqueue(0, 5, m(106, 5000), bound, 300, 100), Enqueued { queued: false, dropped: 1 });
+        assert_eq!(s.dropped, 1 + 3 + 1);
         assert_eq!(s.queued(0, 5, 300, 100).len(), 2);
         // What leaves, by expiry or delivery, frees its bytes.
         assert_eq!(s.take_queue(0, 5, 300, 100).len(), 2);
         for t in 0..4 {
-            assert!(s.enqueue(0, 5, m(200 + t, 1000), bound, 300, 200), "{t}");
+            assert_eq!(s.enqueue(0, 5, m(200 + t, 1000), bound, 300, 200).dropped, 0, "{t}");
         }
-        assert!(s.enqueue(0, 5, m(600, 1000), bound, 300, 600), "the four expired, and their bytes with them");
+        let e = s.enqueue(0, 5, m(600, 1000), bound, 300, 600);
+        assert_eq!(e.dropped, 0, "the four expired, and their bytes with them");
         let removals = s.take_changes().iter().filter(|c| matches!(c, Change::QueueDel { .. })).count();
         assert_eq!(removals, 1 + 3 + 2 + 4, "every drop is stored");
     }
@@ -724,9 +738,9 @@ mod tests {
     fn queue_is_a_bounded_ring_with_ttl() {
         let mut s = UserStore::default();
         for i in 0..3 {
-            assert!(s.enqueue(0, 5, msg(100 + i, &i.to_string()), cap(3), 300, 100 + i));
+            assert_eq!(s.enqueue(0, 5, msg(100 + i, &i.to_string()), cap(3), 300, 100 + i).dropped, 0);
         }
-        assert!(!s.enqueue(0, 5, msg(103, "3"), cap(3), 300, 103), "full: oldest dropped");
+        assert_eq!(s.enqueue(0, 5, msg(103, "3"), cap(3), 300, 103).dropped, 1, "full: oldest dropped");
         assert_eq!(s.dropped, 1);
         let got: Vec<String> = s.queued(0, 5, 300, 104).into_iter().map(|q| q.message().to_string()).collect();
         assert_eq!(got, ["1", "2", "3"]);
