@@ -109,6 +109,7 @@ impl FjallStore {
         let probe = path.join("comet.probe");
         std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe)).map_err(|e| dir_error(path, e))?;
         let db_path = path.join("db");
+        resume_salvage(path)?;
         let before = journal_sizes(&db_path);
         let (db, state, salvaged) = match open_db(&db_path, max_journal) {
             Ok((db, state)) => (db, state, None),
@@ -386,6 +387,16 @@ fn salvage_journal(
         let cause = format!("cannot keep a copy of the damaged journal {}: {e}", newest.display());
         dir_error(&dir.join("corrupt"), cause)
     })?;
+    // The search below rewrites the journal in place: a comet stopped in
+    // the middle of it (killed, a power loss) would find the file cut at
+    // some trial's length and start with it, having lost good batches
+    // without a word. The marker makes the next start put the file back
+    // from the copy first ([`resume_salvage`]).
+    let marker = salvage_marker(dir);
+    let noted = format!("{}\n{}\n", newest.display(), copy.display());
+    std::fs::write(&marker, noted)
+        .and_then(|()| File::open(dir.join("corrupt"))?.sync_all())
+        .map_err(|e| dir_error(&marker, e))?;
     // Puts the newest file back as it was (zeros included) and drops the
     // copy, before refusing to start.
     let refuse = |cause: String| -> StoreError {
@@ -396,6 +407,7 @@ fn salvage_journal(
         });
         match put_back {
             Ok(()) => {
+                let _ = std::fs::remove_file(&marker);
                 let _ = std::fs::remove_file(&copy);
                 // Only when no earlier copy is in it.
                 let _ = std::fs::remove_dir(dir.join("corrupt"));
@@ -434,7 +446,11 @@ fn salvage_journal(
         }
         Err(e) => return Err(refuse(format!("{e}, reading back the damaged journal {}", newest.display()))),
     }
-    let (mut good, mut bad) = (0, bytes.len());
+    // A failure that does not come back with the whole file (an I/O
+    // error at the first open) cuts nothing.
+    let whole = opens(bytes.len())
+        .map_err(|e| refuse(format!("{e}, reading back the damaged journal {}", newest.display())))?;
+    let (mut good, mut bad) = if whole { (bytes.len(), bytes.len()) } else { (0, bytes.len()) };
     while bad - good > 1 {
         let mid = good + (bad - good) / 2;
         match opens(mid) {
@@ -450,6 +466,15 @@ fn salvage_journal(
         Ok(o) => o,
         Err(e) => return Err(refuse(format!("{e}, reading back the damaged journal {}", newest.display()))),
     };
+    let _ = std::fs::remove_file(&marker);
+    if whole {
+        eprintln!(
+            "comet: store: journal {} failed to read back once ({cause}) and whole the next time: nothing dropped; the file as it was is kept in {}",
+            newest.display(),
+            copy.display()
+        );
+        return Ok((db, state, newest));
+    }
     let kept = std::fs::metadata(&newest).map_or(0, |m| m.len());
     eprintln!(
         "comet: store: journal {} does not read back from offset {kept}, {} (a crash can leave blocks of its last writes that never reached the disk): recovered every batch before it, dropped the {} bytes from offset {kept}; the file as it was is kept in {}",
@@ -484,6 +509,35 @@ fn read_head(path: &Path, n: u64) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     File::open(path)?.take(n).read_to_end(&mut bytes)?;
     Ok(bytes)
+}
+
+/// The file that says a journal salvage is under way: the journal's path
+/// and its copy's, a line each.
+fn salvage_marker(dir: &Path) -> PathBuf {
+    dir.join("corrupt").join("salvaging")
+}
+
+/// Puts back the journal a salvage was rewriting when comet stopped (see
+/// [`salvage_journal`]), from the copy the salvage kept, so that this start
+/// salvages it again from the start; then removes the marker.
+fn resume_salvage(dir: &Path) -> Result<(), StoreError> {
+    let marker = salvage_marker(dir);
+    let noted = match std::fs::read_to_string(&marker) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(dir_error(&marker, e)),
+    };
+    let mut lines = noted.lines();
+    let (Some(journal), Some(copy)) = (lines.next(), lines.next()) else {
+        return Err(dir_error(&marker, "it does not name a journal and its copy; remove it"));
+    };
+    let bytes = std::fs::read(copy).map_err(|e| dir_error(Path::new(copy), e))?;
+    write_journal(Path::new(journal), &bytes).map_err(|e| dir_error(Path::new(journal), e))?;
+    std::fs::remove_file(&marker).map_err(|e| dir_error(&marker, e))?;
+    eprintln!(
+        "comet: store: the salvage of journal {journal} was cut short; it is put back from {copy} and salvaged again"
+    );
+    Ok(())
 }
 
 /// Replaces a journal file's contents with `bytes`.
