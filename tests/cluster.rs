@@ -785,6 +785,38 @@ fn a_redis_restarted_empty_is_reseeded_from_the_nodes_and_writes_while_it_is_dow
     assert!(eventually(5, || authorizes(&c, 42, "k42")));
 }
 
+/// A queue read from Redis is held to the same bytes on delivery as a
+/// single node's (half of --outbound-limit): a device that connects gets
+/// the newest messages that fit, in order, instead of a slow-consumer
+/// close that lost the whole queue.
+#[test]
+fn a_queue_of_big_messages_from_redis_delivers_the_newest_that_fit() {
+    let redis = Redis::start();
+    let s =
+        Server::start(&["--shards", "2", "--password", "pw", "--redis", &redis.url(), "--outbound-limit", "262144"]);
+    assert!(eventually(10, || s.plain_metric("comet_redis_up") == 1));
+    let mut d = db(&s);
+    d.query_drop("INSERT INTO users_auth (id, hash) VALUES (9, 'k9')").unwrap();
+    let big = "x".repeat(17_000);
+    for i in 0..20 {
+        send_private(&mut d, 9, &format!("{i:02}-{big}"));
+    }
+    assert!(eventually(5, || redis.cli(&["LLEN", "comet:0:queue:9"]) == "20"));
+    // Each counts 17,003 + 2 x 2 + 224 bytes: seven fit in 131,072.
+    let mut c = user(&s, 9, "k9", "big");
+    let got: Vec<String> = (0..7)
+        .map(|_| {
+            let (text, queued) = private(&mut c);
+            assert!(queued, "from the queue");
+            text[..2].to_string()
+        })
+        .collect();
+    assert_eq!(got, ["13", "14", "15", "16", "17", "18", "19"]);
+    c.expect_silence(300);
+    assert_eq!(s.metric("comet_slow_consumer_closes_total"), 0);
+    assert_eq!(s.metric("comet_offline_dropped_total"), 13);
+}
+
 #[test]
 fn users_messages_shows_and_deletes_the_offline_queue_in_redis_from_any_node() {
     let mut redis = Redis::start();

@@ -13,7 +13,7 @@ use super::{ConnId, home_shard};
 use crate::cometql::session::Passwords;
 use crate::frontend::message::{self, ChannelMessage, Delivery};
 use crate::metrics::ShardMetrics;
-use crate::users::{Presence, QueueCap, Queued, UserQuery, jwt};
+use crate::users::{Presence, QUEUED_FRAME_OVERHEAD, QueueCap, Queued, UserQuery, jwt};
 use crate::ws::CloseCode;
 
 /// Close code for a device whose authorization was withdrawn
@@ -254,8 +254,29 @@ impl ShardCore {
             }
             return;
         }
-        for m in msgs {
-            if m.queued_at.is_some_and(|t| t.saturating_add(ttl) < self.unix) {
+        // A queue read from Redis for a device that just connected is held
+        // to the same bytes as a single node's (half of --outbound-limit,
+        // each message counted as its text, its event twice and
+        // QUEUED_FRAME_OVERHEAD): the newest that fit go. Sent whole, a
+        // queue of big messages closed the device as a slow consumer and
+        // was lost. Redis bounds the queue by count only.
+        let budget = self.queue_cap().bytes;
+        let mut cost = 0usize;
+        let mut oldest_kept = 0;
+        for (i, m) in msgs.iter().enumerate().rev() {
+            if m.queued_at.is_none() {
+                continue;
+            }
+            cost += m.text.len() + 2 * m.event.len() + QUEUED_FRAME_OVERHEAD;
+            if cost > budget {
+                oldest_kept = i + 1;
+                break;
+            }
+        }
+        let dropped = msgs[..oldest_kept].iter().filter(|m| m.queued_at.is_some()).count();
+        ShardMetrics::add(&self.metrics.offline_dropped, dropped as u64);
+        for (i, m) in msgs.into_iter().enumerate() {
+            if m.queued_at.is_some_and(|t| i < oldest_kept || t.saturating_add(ttl) < self.unix) {
                 continue;
             }
             let msg = private_message(&m.event, &m.text, m.queued_at);
