@@ -65,9 +65,7 @@ fn everything_survives_sigkill_and_queued_messages_are_delivered_once() {
     let token = comet::users::jwt::sign(&json!({"user_id": 31, "exp": now + 600}), b"pw0");
     let s = start(&dir, &[]);
     let mut d = db(&s);
-    for uid in 1..=20 {
-        d.query_drop(format!("INSERT INTO users_auth (id, hash) VALUES ({uid}, 'key{uid}')")).unwrap();
-    }
+    set_keys(&mut d, 1..=20);
     d.query_drop("INSERT INTO users_data (id, data) VALUES (3, 'three'), (4, 'four')").unwrap();
     d.query_drop(format!("INSERT INTO revoked_tokens (token) VALUES ('{token}')")).unwrap();
     for i in 0..3 {
@@ -279,6 +277,22 @@ fn a_torn_journal_tail_is_recovered_and_logged() {
     d.query_drop("INSERT INTO users_data (id, data) VALUES (99, 'after')").unwrap();
 }
 
+/// Sets key `key<uid>` for each user, one statement (one write batch) each.
+fn set_keys(d: &mut mysql::Conn, uids: std::ops::RangeInclusive<u64>) {
+    for uid in uids {
+        d.query_drop(format!("INSERT INTO users_auth (id, hash) VALUES ({uid}, 'key{uid}')")).unwrap();
+    }
+}
+
+/// Which of `uids` have a key, in order (rows come from the users' shards
+/// in no set order).
+fn keys_among(d: &mut mysql::Conn, uids: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+    let list = uids.map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let mut keys: Vec<u64> = d.query(format!("SELECT id FROM users_auth WHERE id IN ({list})")).unwrap();
+    keys.sort();
+    keys
+}
+
 /// The journal file fjall writes to: the highest-numbered `<n>.jnl` in
 /// `db/`.
 fn newest_journal(dir: &Path) -> PathBuf {
@@ -338,9 +352,7 @@ fn a_salvage_cut_short_is_put_back_and_done_again_at_the_next_start() {
     let dir = TempDir::new("salvage-cut");
     let s = start(&dir, &[]);
     let mut d = db(&s);
-    for uid in 1..=20 {
-        d.query_drop(format!("INSERT INTO users_auth (id, hash) VALUES ({uid}, 'key{uid}')")).unwrap();
-    }
+    set_keys(&mut d, 1..=20);
     let last = noise(2000, 11);
     d.query_drop(format!("INSERT INTO users_data (id, data) VALUES (99, '{last}')")).unwrap();
     drop(d);
@@ -366,10 +378,7 @@ fn a_salvage_cut_short_is_put_back_and_done_again_at_the_next_start() {
     assert!(s.startup.iter().any(|l| l.contains("does not read back")), "salvaged again: {:#?}", s.startup);
     assert!(!corrupt.join("salvaging").exists());
     let mut d = db(&s);
-    let mut keys: Vec<u64> = d.query("SELECT id FROM users_auth WHERE id IN (1, 10, 20)").unwrap();
-    // Rows come from the users' shards, in no set order.
-    keys.sort();
-    assert_eq!(keys, [1, 10, 20], "every batch before the damage is back");
+    assert_eq!(keys_among(&mut d, 1..=20), (1..=20).collect::<Vec<u64>>(), "every batch before the damage is back");
 }
 
 #[test]
@@ -377,9 +386,7 @@ fn garbage_at_the_end_of_the_newest_journal_is_dropped_logged_and_kept_aside() {
     let dir = TempDir::new("garbage-tail");
     let s = start(&dir, &[]);
     let mut d = db(&s);
-    for uid in 1..=20 {
-        d.query_drop(format!("INSERT INTO users_auth (id, hash) VALUES ({uid}, 'key{uid}')")).unwrap();
-    }
+    set_keys(&mut d, 1..=20);
     for i in 0..3 {
         d.query_drop(format!("INSERT INTO users_messages (id, event, message) VALUES (5, 'ev', 'five{i}')")).unwrap();
     }
@@ -411,12 +418,7 @@ fn garbage_at_the_end_of_the_newest_journal_is_dropped_logged_and_kept_aside() {
     assert_eq!(copy.len() as u64, from + dropped, "the copy holds the journal up to the end of its data");
 
     let mut d = db(&s);
-    let keys: Vec<u64> = d
-        .query(format!(
-            "SELECT id FROM users_auth WHERE id IN ({})",
-            (1..=20).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
-        ))
-        .unwrap();
+    let keys = keys_among(&mut d, 1..=20);
     assert_eq!(keys.len(), 20, "{keys:?}");
     let queued: Vec<String> = d.query("SELECT message FROM users_messages WHERE id = 5").unwrap();
     assert_eq!(queued, ["five0", "five1", "five2"]);
@@ -446,14 +448,10 @@ fn garbage_in_the_middle_of_the_newest_journal_keeps_every_batch_before_it() {
     let dir = TempDir::new("garbage-middle");
     let s = start(&dir, &[]);
     let mut d = db(&s);
-    for uid in 1..=10 {
-        d.query_drop(format!("INSERT INTO users_auth (id, hash) VALUES ({uid}, 'key{uid}')")).unwrap();
-    }
+    set_keys(&mut d, 1..=10);
     let middle = noise(2000, 11);
     d.query_drop(format!("INSERT INTO users_data (id, data) VALUES (97, '{middle}')")).unwrap();
-    for uid in 11..=20 {
-        d.query_drop(format!("INSERT INTO users_auth (id, hash) VALUES ({uid}, 'key{uid}')")).unwrap();
-    }
+    set_keys(&mut d, 11..=20);
     d.query_drop("INSERT INTO users_messages (id, event, message) VALUES (6, 'ev', 'six')").unwrap();
     drop(d);
     kill(s);
@@ -467,13 +465,7 @@ fn garbage_in_the_middle_of_the_newest_journal_keeps_every_batch_before_it() {
     assert!((from as usize) < at, "{line}, damage at {at}");
     assert_eq!(corrupt_copies(&dir).len(), 1);
     let mut d = db(&s);
-    let mut keys: Vec<u64> = d
-        .query(format!(
-            "SELECT id FROM users_auth WHERE id IN ({})",
-            (1..=20).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
-        ))
-        .unwrap();
-    keys.sort();
+    let keys = keys_among(&mut d, 1..=20);
     assert_eq!(keys, (1..=10).collect::<Vec<u64>>(), "every batch before the damaged one, none after");
     let data: Option<String> = d.query_first("SELECT data FROM users_data WHERE id = 97").unwrap();
     assert_eq!(data, None);
