@@ -189,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn every_status_has_its_own_reason_phrase() {
+    fn a_503_says_service_unavailable_and_a_429_too_many_requests() {
         assert_eq!(reason(503), "Service Unavailable");
         assert_eq!(reason(429), "Too Many Requests");
     }

@@ -13,7 +13,7 @@ use super::{ConnId, home_shard};
 use crate::cometql::session::Passwords;
 use crate::frontend::message::{self, ChannelMessage, Delivery};
 use crate::metrics::ShardMetrics;
-use crate::users::{Presence, QUEUED_FRAME_OVERHEAD, QueueCap, Queued, UserQuery, jwt};
+use crate::users::{Presence, QueueCap, Queued, UserQuery, jwt, queued_cost};
 use crate::ws::CloseCode;
 
 /// Close code for a device whose authorization was withdrawn
@@ -256,8 +256,7 @@ impl ShardCore {
         }
         // A queue read from Redis for a device that just connected is held
         // to the same bytes as a single node's (half of --outbound-limit,
-        // each message counted as its text, its event twice and
-        // QUEUED_FRAME_OVERHEAD): the newest that fit go. Sent whole, a
+        // each message counted by `queued_cost`): the newest that fit go. Sent whole, a
         // queue of big messages closed the device as a slow consumer and
         // was lost. Redis bounds the queue by count only.
         let budget = self.queue_cap().bytes;
@@ -267,7 +266,7 @@ impl ShardCore {
             if m.queued_at.is_none() {
                 continue;
             }
-            cost += m.text.len() + 2 * m.event.len() + QUEUED_FRAME_OVERHEAD;
+            cost += queued_cost(m.event.len(), m.text.len());
             if cost > budget {
                 oldest_kept = i + 1;
                 break;

@@ -99,8 +99,14 @@ impl Queued {
     /// and [`QUEUED_FRAME_OVERHEAD`]. Escapes in the JSON are not counted:
     /// the delivery measures the real frames (`attach_device`).
     pub fn cost(&self) -> usize {
-        self.text.len() + self.event_len as usize + QUEUED_FRAME_OVERHEAD
+        queued_cost(self.event().len(), self.message().len())
     }
+}
+
+/// [`Queued::cost`] of a message with an event and a text of these
+/// lengths; also what a node counts for a queue it reads from Redis.
+pub fn queued_cost(event_len: usize, message_len: usize) -> usize {
+    message_len + 2 * event_len + QUEUED_FRAME_OVERHEAD
 }
 
 /// What a queued message's frame holds besides its text, at most: the JSON
