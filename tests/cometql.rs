@@ -505,6 +505,97 @@ fn a_backend_client_that_never_reads_is_disconnected_not_buffered_forever() {
     assert_eq!(one.as_deref(), Some("1"));
 }
 
+/// Peak resident memory of a process so far (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Fills channel `name`'s history with `n` messages of `len` bytes, in
+/// INSERTs of at most 4 KB.
+fn fill_history(db: &mut mysql::Conn, name: &str, n: usize, len: usize) {
+    db.query_drop(format!("INSERT INTO pipes_settings (name, length) VALUES ('{name}', {n})")).unwrap();
+    let text = "H".repeat(len);
+    let per = (3500 / len).max(1);
+    for done in (0..n).step_by(per) {
+        let rows: Vec<String> = (done..n.min(done + per)).map(|_| format!("('{name}', 'e', '{text}')")).collect();
+        db.query_drop(format!("INSERT INTO pipes_messages (name, event, message) VALUES {}", rows.join(","))).unwrap();
+    }
+}
+
+/// One query packing many SELECTs of a big history: their answers wait in
+/// the server until the last has run, so past the connection's bound of
+/// unread answers (16 x --outbound-limit) the next SELECT is refused by
+/// name, instead of every answer being built at once (one 2 KB query of
+/// 40 SELECTs of a 4 MB history held 160 MB).
+#[test]
+fn selects_packed_in_one_query_stop_at_the_bound_of_unread_answers() {
+    for io in BACKENDS {
+        // 64 KiB x 16 = 1 MiB of unread answers.
+        let s = start(io, &["--outbound-limit", "65536", "--max-query-size", "4096"]);
+        let mut db = connect(&s);
+        fill_history(&mut db, "hist_many", 100, 1000);
+        let q = vec!["SELECT * FROM pipes_messages WHERE name = 'hist_many'"; 40].join(";");
+        let mut sets = Vec::new();
+        let mut failure = None;
+        {
+            let mut r = db.query_iter(q).unwrap();
+            while let Some(set) = r.iter() {
+                let mut n = 0;
+                for row in set {
+                    match row {
+                        Ok(_) => n += 1,
+                        Err(e) => failure = Some(e),
+                    }
+                }
+                sets.push(n);
+            }
+        }
+        let n = sets.iter().filter(|&&n| n == 100).count();
+        // Each answer holds about 106 KB as rows: the ninth or tenth
+        // SELECT finds 1 MiB held.
+        assert!((8..=11).contains(&n), "{io}: {n} whole answers before the refusal: {sets:?}");
+        let Some(mysql::Error::MySqlError(e)) = failure else { panic!("{io}: no refusal after {sets:?}") };
+        assert_eq!(e.code, 1041, "{io}: {}", e.message);
+        assert!(e.message.contains("over the limit of 1048576 bytes"), "{io}: {}", e.message);
+        // The connection goes on.
+        let one: Option<String> = db.query_first("SELECT 1").unwrap();
+        assert_eq!(one.as_deref(), Some("1"), "{io}");
+    }
+}
+
+/// A client pipelining SELECTs of a big history that it never reads: the
+/// shards build one answer at a time for it, and its unread answers close
+/// it at the bound, so the server's memory grows by a few answers, not by
+/// --max-pending of them (64 of 4 MB grew it by hundreds of MB).
+#[test]
+fn pipelined_selects_never_read_build_one_answer_at_a_time() {
+    for io in BACKENDS {
+        let s = start(io, &["--outbound-limit", "65536", "--max-query-size", "4096"]);
+        let mut db = connect(&s);
+        fill_history(&mut db, "hist_big", 1000, 4000);
+        let pid = s.child.id();
+        let before = peak_rss_kib(pid);
+        let (mut t, ok) = raw_login(&s, "s3cret");
+        assert_eq!(ok[0], 0);
+        let mut out = Vec::new();
+        for _ in 0..64 {
+            packet(&mut out, 0, b"\x03SELECT * FROM pipes_messages WHERE name = 'hist_big'");
+        }
+        t.write_all(&out).unwrap();
+        // The server drops the client at its bound.
+        let dropped = eventually(10, || {
+            db.query_map("SHOW STATUS LIKE 'Threads_connected'", |(_, v): (String, String)| v).unwrap() == ["1"]
+        });
+        assert!(dropped, "{io}: the client that never reads is still connected");
+        let grew = peak_rss_kib(pid).saturating_sub(before);
+        assert!(grew < 64 * 1024, "{io}: the server's peak memory grew by {grew} KiB");
+        let one: Option<String> = db.query_first("SELECT 1").unwrap();
+        assert_eq!(one.as_deref(), Some("1"), "{io}");
+    }
+}
+
 #[test]
 fn queries_and_answers_over_16_mib_span_several_packets() {
     // 17 MiB each way: the query arrives as two packets (sequence 0 and 1)

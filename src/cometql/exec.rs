@@ -25,6 +25,22 @@ impl StmtResult {
     pub fn err(code: u16, msg: impl Into<String>) -> StmtResult {
         StmtResult::Err(code, msg.into())
     }
+
+    /// Bytes this result holds until it is encoded and sent: its texts,
+    /// plus a small constant per row and per cell.
+    pub fn weight(&self) -> usize {
+        match self {
+            StmtResult::Ok { .. } => 16,
+            StmtResult::Err(_, m) => 16 + m.len(),
+            StmtResult::Rows(rs) => {
+                64 + rs.columns.iter().map(|c| c.len() + 24).sum::<usize>()
+                    + rs.rows
+                        .iter()
+                        .map(|r| 24 + r.iter().map(|c| 24 + c.as_ref().map_or(0, String::len)).sum::<usize>())
+                        .sum::<usize>()
+            }
+        }
+    }
 }
 
 /// Which columns of a full row a SELECT returns, and its LIMIT.
@@ -105,6 +121,22 @@ pub enum Plan {
         proj: Option<Projection>,
         last_insert_id: u64,
     },
+}
+
+impl Plan {
+    /// Whether the plan gathers rows from the shards: its answer grows
+    /// with the server's state (a channel's history, its subscribers, a
+    /// whole table), not with the statement.
+    pub fn gathers_rows(&self) -> bool {
+        matches!(
+            self,
+            Plan::PipeCounts { .. }
+                | Plan::Subscribers { .. }
+                | Plan::HistorySelect { .. }
+                | Plan::SettingsSelect { .. }
+                | Plan::User { proj: Some(_), .. }
+        )
+    }
 }
 
 /// What planning needs to know about the session and server.

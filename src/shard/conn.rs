@@ -391,7 +391,8 @@ impl ShardCore {
 
     /// Whether connection `id` may be read now: not while the shard's mail
     /// is congested (its commands would add mail), nor while a backend
-    /// connection has `--max-pending` requests waiting.
+    /// connection has `--max-pending` requests waiting or statements
+    /// parked behind its gather of rows.
     /// A closing connection is always read (what it sends is dropped).
     pub fn may_read(&self, id: ConnId) -> bool {
         let Some(c) = self.conns.get(id) else {
@@ -400,7 +401,7 @@ impl ShardCore {
         match c.phase {
             Phase::Closing { .. } => true,
             _ if self.outbox.is_congested() || self.store_congested() => false,
-            Phase::Sql => c.pending < self.shared.config.max_pending,
+            Phase::Sql => c.pending < self.shared.config.max_pending && !c.sql.as_ref().is_some_and(|s| s.parked()),
             _ => true,
         }
     }
@@ -1216,10 +1217,8 @@ impl ShardCore {
 
     fn send_raw(&mut self, id: ConnId, bytes: Vec<u8>) {
         // A CometQL client that pipelines answers it never reads gets a
-        // generous bound (16x the browser one, and room for answers as big
-        // as the largest query), then is disconnected.
-        let c = &self.shared.config;
-        let sql_limit = c.outbound_limit.saturating_mul(16).max(c.max_query_size.saturating_mul(4));
+        // generous bound, then is disconnected.
+        let sql_limit = self.sql_answer_limit();
         let Some(conn) = self.conns.get_mut(id) else { return };
         if conn.phase == Phase::Sql && conn.out.cost() + OutQueue::cost_of(&bytes) > sql_limit {
             eprintln!(

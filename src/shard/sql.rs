@@ -30,6 +30,10 @@ use crate::shard::limits::{AUTH_FAILURES_ALLOWED, AUTH_WINDOW_SECS};
 /// is down (docs/cometql.md).
 pub const CLUSTER_DOWN: u16 = 503;
 
+/// The error code of a statement that gathers rows while the connection's
+/// unread answers are over their bound (MySQL's ER_OUT_OF_RESOURCES).
+pub const ANSWERS_UNREAD: u16 = 1041;
+
 /// Largest packet accepted before authentication.
 const MAX_AUTH_PACKET: usize = 64 * 1024;
 
@@ -55,6 +59,8 @@ pub(super) struct Slot {
     raw: Option<Vec<u8>>,
     /// Statements still gathering.
     waiting: usize,
+    /// Bytes of `results` held (counted in [`SqlConn::held`]).
+    held: usize,
     /// Statements are still being started.
     executing: bool,
     /// Close the connection after this answer.
@@ -90,6 +96,29 @@ pub struct SqlConn {
     slots: VecDeque<Slot>,
     /// Id of `slots[0]`.
     front: u64,
+    /// Bytes of the results held in `slots`, not yet encoded and queued.
+    held: usize,
+    /// The statement (slot id, index) whose rows are being gathered: a
+    /// connection gathers rows for one statement at a time, so what it can
+    /// make the shards build at once is one answer, however many SELECTs
+    /// it pipelines or packs into one query.
+    reading: Option<(u64, usize)>,
+    /// The statements that wait for `reading`: the connection is not read
+    /// meanwhile ([`ShardCore::may_read`]).
+    parked: Option<Box<Parked>>,
+    /// Its statements are being started ([`ShardCore::sql_execute`] is on
+    /// the stack): a gather completing on the spot must not restart them.
+    running: bool,
+}
+
+/// The rest of a query whose next statement gathers rows while an earlier
+/// statement of the connection still does.
+#[derive(Debug)]
+struct Parked {
+    slot_id: u64,
+    index: usize,
+    plan: Plan,
+    rest: std::vec::IntoIter<Result<Statement, ParseError>>,
 }
 
 /// How a backend connection speaks.
@@ -122,7 +151,17 @@ pub struct HttpConn {
 impl SqlConn {
     /// A new HTTP API connection.
     pub fn http() -> SqlConn {
-        SqlConn { transport: Transport::Http(HttpConn::default()), slots: VecDeque::new(), front: 0 }
+        SqlConn::new(Transport::Http(HttpConn::default()))
+    }
+
+    fn new(transport: Transport) -> SqlConn {
+        SqlConn { transport, slots: VecDeque::new(), front: 0, held: 0, reading: None, parked: None, running: false }
+    }
+
+    /// Whether statements wait for an earlier one's rows: the connection
+    /// is not read until they ran.
+    pub fn parked(&self) -> bool {
+        self.parked.is_some()
     }
 
     /// The MySQL session of a CometQL connection.
@@ -229,17 +268,13 @@ impl ShardCore {
         let greeting = session.greeting();
         if let Some(c) = self.conns.get_mut(id) {
             c.phase = Phase::Sql;
-            c.sql = Some(Box::new(SqlConn {
-                transport: Transport::MySql(Box::new(MySqlConn {
-                    session,
-                    skip: 0,
-                    skip_more: false,
-                    skip_error: None,
-                    skip_seq: 0,
-                })),
-                slots: VecDeque::new(),
-                front: 0,
-            }));
+            c.sql = Some(Box::new(SqlConn::new(Transport::MySql(Box::new(MySqlConn {
+                session,
+                skip: 0,
+                skip_more: false,
+                skip_error: None,
+                skip_seq: 0,
+            })))));
         }
         self.metrics.sql_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.send_raw_bytes(id, greeting);
@@ -435,46 +470,141 @@ impl ShardCore {
         let Some(sc) = self.sql(id) else { return };
         let slot_id = sc.front + sc.slots.len() as u64;
         sc.slots.push_back(Slot { results: (0..n).map(|_| None).collect(), executing: true, ..slot });
-        for (i, st) in stmts.into_iter().enumerate() {
-            // A statement that did not parse fails here, after the ones
-            // before it ran, as MySQL does.
-            let st = match st {
-                Ok(st) => st,
-                Err(e) => Statement::Failed(e),
+        self.sql_execute(
+            id,
+            Parked {
+                slot_id,
+                index: 0,
+                plan: Plan::Done(StmtResult::Ok { affected: 0, last_insert_id: 0 }),
+                rest: stmts.into_iter(),
+            },
+            false,
+        );
+    }
+
+    /// Runs the statements of a slot from `at.index`: `at.plan` first when
+    /// `planned` (a statement parked before), then `at.rest`. Stops after
+    /// a statement that failed, and parks before a statement that gathers
+    /// rows while another of this connection still does, or refuses it
+    /// when the connection's unread answers are over its bound.
+    fn sql_execute(&mut self, id: ConnId, at: Parked, planned: bool) {
+        let Parked { slot_id, mut index, plan, mut rest } = at;
+        let mut first = planned.then_some(plan);
+        let Some(sc) = self.sql(id) else { return };
+        sc.running = true;
+        loop {
+            let plan = match first.take() {
+                Some(p) => p,
+                None => {
+                    let Some(st) = rest.next() else { break };
+                    // A statement that did not parse fails here, after the
+                    // ones before it ran, as MySQL does.
+                    let st = st.unwrap_or_else(Statement::Failed);
+                    let Some(p) = self.sql_plan(id, slot_id, st) else { return };
+                    p
+                }
             };
-            let plan = {
-                let status = self.status_rows();
-                let config = self.shared.config.clone();
-                let Some(dev_id) = self.sql_dev_id(id, slot_id) else { return };
+            if plan.gathers_rows() {
+                let limit = self.sql_answer_limit();
+                let unsent = self.conns.get(id).map_or(0, |c| c.out.cost() + c.sql.as_ref().map_or(0, |s| s.held));
                 let Some(sc) = self.sql(id) else { return };
-                let session = sc.session();
-                // An HTTP request's key opens its dev_id and no other.
-                let may = |d: u32| session.map_or(d == dev_id, |s| s.may_use_dev(d, &*config));
-                let status_fn = || status.clone();
-                let ctx = Ctx {
-                    dev_id,
-                    database: session.map_or("CometQL_v1", |s| s.database.as_str()),
-                    connection_id: session.map_or(0, |s| s.connection_id),
-                    may_use_dev: &may,
-                    status: &status_fn,
-                    max_query_size: config.max_query_size,
-                    charsets: session
-                        .map_or((Charset::Utf8mb4, Charset::Utf8mb4), |s| (s.client_charset, s.results_charset)),
-                };
-                exec::plan(st, &ctx)
-            };
-            let failed = self.sql_run(id, slot_id, i, plan);
+                if sc.reading.is_some() {
+                    sc.parked = Some(Box::new(Parked { slot_id, index, plan, rest }));
+                    sc.running = false;
+                    return;
+                }
+                if unsent > limit {
+                    let e = format!(
+                        "Not run: this connection's answers not yet read take {unsent} bytes, over the limit of {limit} bytes (16 x --outbound-limit); read them before asking for more rows"
+                    );
+                    self.sql_set(id, slot_id, index, StmtResult::err(ANSWERS_UNREAD, e));
+                    if let Some(slot) = self.sql_slot(id, slot_id) {
+                        slot.results.truncate(index + 1);
+                    }
+                    break;
+                }
+                sc.reading = Some((slot_id, index));
+            }
+            let failed = self.sql_run(id, slot_id, index, plan);
+            // A gather that failed at once, or completed on the spot, is
+            // not in flight.
+            let answered =
+                self.sql_slot(id, slot_id).is_some_and(|s| s.results.get(index).is_some_and(Option::is_some));
+            if let Some(sc) = self.sql(id)
+                && answered
+                && sc.reading == Some((slot_id, index))
+            {
+                sc.reading = None;
+            }
             if failed {
                 if let Some(slot) = self.sql_slot(id, slot_id) {
-                    slot.results.truncate(i + 1);
+                    slot.results.truncate(index + 1);
                 }
                 break;
             }
+            index += 1;
+        }
+        if let Some(sc) = self.sql(id) {
+            sc.running = false;
         }
         if let Some(slot) = self.sql_slot(id, slot_id) {
             slot.executing = false;
         }
         self.sql_flush(id);
+    }
+
+    /// Plans one statement of slot `slot_id` in the connection's session as
+    /// it is now (a `USE` before it in the same query counts); `None` when
+    /// the connection is gone.
+    fn sql_plan(&mut self, id: ConnId, slot_id: u64, st: Statement) -> Option<Plan> {
+        let status = self.status_rows();
+        let config = self.shared.config.clone();
+        let dev_id = self.sql_dev_id(id, slot_id)?;
+        let sc = self.sql(id)?;
+        let session = sc.session();
+        // An HTTP request's key opens its dev_id and no other.
+        let may = |d: u32| session.map_or(d == dev_id, |s| s.may_use_dev(d, &*config));
+        let status_fn = || status.clone();
+        let ctx = Ctx {
+            dev_id,
+            database: session.map_or("CometQL_v1", |s| s.database.as_str()),
+            connection_id: session.map_or(0, |s| s.connection_id),
+            may_use_dev: &may,
+            status: &status_fn,
+            max_query_size: config.max_query_size,
+            charsets: session.map_or((Charset::Utf8mb4, Charset::Utf8mb4), |s| (s.client_charset, s.results_charset)),
+        };
+        Some(exec::plan(st, &ctx))
+    }
+
+    /// How many bytes of answers a backend connection may leave unread:
+    /// 16x the browser bound, and room for answers as big as the largest
+    /// query. Past it, queued answers disconnect it and statements that
+    /// gather rows are refused.
+    pub(super) fn sql_answer_limit(&self) -> usize {
+        let c = &self.shared.config;
+        c.outbound_limit.saturating_mul(16).max(c.max_query_size.saturating_mul(4))
+    }
+
+    /// Statement `index` of slot `slot_id` has its answer: if it was the
+    /// connection's gather of rows, the statements parked behind it run,
+    /// and the connection is read again.
+    fn sql_answered(&mut self, id: ConnId, slot_id: u64, index: usize) {
+        let Some(sc) = self.sql(id) else { return };
+        if sc.reading != Some((slot_id, index)) {
+            return;
+        }
+        sc.reading = None;
+        if sc.running {
+            return;
+        }
+        if let Some(p) = sc.parked.take() {
+            self.sql_execute(id, *p, true);
+            if self.sql(id).is_some_and(|sc| !sc.parked()) {
+                self.resume(id);
+                self.unpause();
+            }
+        }
     }
 
     /// The dev_id the statements of slot `slot_id` act on now.
@@ -492,10 +622,15 @@ impl ShardCore {
     }
 
     fn sql_set(&mut self, id: ConnId, slot_id: u64, index: usize, r: StmtResult) {
+        let w = r.weight();
         if let Some(slot) = self.sql_slot(id, slot_id)
             && let Some(cell) = slot.results.get_mut(index)
         {
-            *cell = Some(r);
+            let old = cell.replace(r).map_or(0, |o| o.weight());
+            slot.held = slot.held + w - old;
+            if let Some(sc) = self.sql(id) {
+                sc.held = sc.held + w - old;
+            }
         }
     }
 
@@ -644,6 +779,7 @@ impl ShardCore {
             slot.waiting = slot.waiting.saturating_sub(1);
         }
         self.sql_flush(id);
+        self.sql_answered(id, slot_id, index);
     }
 
     /// Statement `index` changed state in memory that the store could not
@@ -662,6 +798,7 @@ impl ShardCore {
             slot.waiting = slot.waiting.saturating_sub(1);
         }
         self.sql_flush(id);
+        self.sql_answered(id, slot_id, index);
     }
 
     /// Statement `index` needed the other nodes' part from Redis, which
@@ -673,6 +810,7 @@ impl ShardCore {
             slot.waiting = slot.waiting.saturating_sub(1);
         }
         self.sql_flush(id);
+        self.sql_answered(id, slot_id, index);
     }
 
     /// Sends every answer at the front of the queue that is complete.
@@ -686,6 +824,7 @@ impl ShardCore {
             let http = sc.is_http();
             let Some(slot) = sc.slots.pop_front() else { return };
             sc.front += 1;
+            sc.held -= slot.held;
             let bytes = match slot.raw {
                 Some(b) => b,
                 None => {
