@@ -125,6 +125,9 @@ pub struct RedisHealth {
     pub lost: AtomicU64,
     /// Times the node wrote all its presence to Redis again.
     pub presence_resyncs: AtomicU64,
+    /// Offline messages Redis dropped from users' queues to keep them
+    /// within their bounds, when this node queued a newer one.
+    pub queue_dropped: AtomicU64,
 }
 
 impl RedisHealth {
@@ -178,6 +181,11 @@ impl Registry {
                     "comet_redis_presence_resyncs_total",
                     "Times the node wrote all its subscribers and devices to Redis again (Redis lost them, a write failed, or changes waiting passed --mail-limit).",
                     &r.presence_resyncs,
+                ),
+                (
+                    "comet_redis_queue_dropped_total",
+                    "Offline messages dropped from users' queues in Redis, oldest first, to keep each within --offline-queue-size and half of --outbound-limit, when this node queued a newer one.",
+                    &r.queue_dropped,
                 ),
             ] {
                 let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));

@@ -785,36 +785,57 @@ fn a_redis_restarted_empty_is_reseeded_from_the_nodes_and_writes_while_it_is_dow
     assert!(eventually(5, || authorizes(&c, 42, "k42")));
 }
 
-/// A queue read from Redis is held to the same bytes on delivery as a
-/// single node's (half of --outbound-limit): a device that connects gets
-/// the newest messages that fit, in order, instead of a slow-consumer
-/// close that lost the whole queue.
+/// A user's queue in Redis is held to a single node's bounds by the node
+/// that queues (at most half of --outbound-limit, each entry counted as its
+/// length plus 224 bytes, oldest dropped first), and trimmed again by a
+/// node with a smaller limit as it delivers it.
 #[test]
-fn a_queue_of_big_messages_from_redis_delivers_the_newest_that_fit() {
+fn a_queue_of_big_messages_in_redis_keeps_and_delivers_the_newest_that_fit() {
     let redis = Redis::start();
-    let s =
-        Server::start(&["--shards", "2", "--password", "pw", "--redis", &redis.url(), "--outbound-limit", "262144"]);
-    assert!(eventually(10, || s.plain_metric("comet_redis_up") == 1));
-    let mut d = db(&s);
-    d.query_drop("INSERT INTO users_auth (id, hash) VALUES (9, 'k9')").unwrap();
+    let url = redis.url();
+    let start = |limit: &str| {
+        let s = Server::start(&["--shards", "2", "--password", "pw", "--redis", &url, "--outbound-limit", limit]);
+        assert!(eventually(10, || s.plain_metric("comet_redis_up") == 1));
+        s
+    };
+    let (wide, narrow) = (start("1048576"), start("262144"));
     let big = "x".repeat(17_000);
+    let newest: Vec<String> = (13..20).map(|i| format!("{i:02}")).collect();
+    let mut take_seven = |s: &Server, uid: u64, key: &str| {
+        let mut c = user(s, uid, key, &format!("big{uid}"));
+        let got: Vec<String> = (0..7)
+            .map(|_| {
+                let (text, queued) = private(&mut c);
+                assert!(queued, "from the queue");
+                text[..2].to_string()
+            })
+            .collect();
+        assert_eq!(got, newest);
+        c.expect_silence(300);
+    };
+    // Queued by the narrow node: an entry is 17,003 bytes of text in about
+    // 60 of JSON, plus 224; seven fit in 131,072, and Redis keeps those.
+    let mut d = db(&narrow);
+    d.query_drop("INSERT INTO users_auth (id, hash) VALUES (9, 'k9'), (10, 'k10')").unwrap();
     for i in 0..20 {
         send_private(&mut d, 9, &format!("{i:02}-{big}"));
     }
-    assert!(eventually(5, || redis.cli(&["LLEN", "comet:0:queue:9"]) == "20"));
-    // Each counts 17,003 + 2 x 2 + 224 bytes: seven fit in 131,072.
-    let mut c = user(&s, 9, "k9", "big");
-    let got: Vec<String> = (0..7)
-        .map(|_| {
-            let (text, queued) = private(&mut c);
-            assert!(queued, "from the queue");
-            text[..2].to_string()
-        })
-        .collect();
-    assert_eq!(got, ["13", "14", "15", "16", "17", "18", "19"]);
-    c.expect_silence(300);
-    assert_eq!(s.metric("comet_slow_consumer_closes_total"), 0);
-    assert_eq!(s.metric("comet_offline_dropped_total"), 13);
+    assert!(eventually(5, || narrow.plain_metric("comet_redis_queue_dropped_total") == 13));
+    assert_eq!(redis.cli(&["LLEN", "comet:0:queue:9"]), "7");
+    take_seven(&narrow, 9, "k9");
+    assert_eq!(redis.cli(&["EXISTS", "comet:0:queue:9", "comet:0:queue:9:bytes"]), "0");
+    assert_eq!(narrow.metric("comet_offline_dropped_total"), 0);
+    // Queued by the wide node, whose bound (524,288) keeps all 20: the
+    // narrow node delivers the newest seven and counts 13 dropped.
+    let mut w = db(&wide);
+    for i in 0..20 {
+        send_private(&mut w, 10, &format!("{i:02}-{big}"));
+    }
+    assert!(eventually(5, || redis.cli(&["LLEN", "comet:0:queue:10"]) == "20"));
+    assert_eq!(wide.plain_metric("comet_redis_queue_dropped_total"), 0);
+    take_seven(&narrow, 10, "k10");
+    assert_eq!(narrow.metric("comet_slow_consumer_closes_total"), 0);
+    assert_eq!(narrow.metric("comet_offline_dropped_total"), 13);
 }
 
 #[test]

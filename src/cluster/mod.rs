@@ -70,6 +70,7 @@ use crate::frontend::message::ChannelMessage;
 use crate::mailbox::Doorbell;
 use crate::metrics::RedisHealth;
 use crate::shard::mail::Publication;
+use crate::users::{QUEUED_FRAME_OVERHEAD, QueueCap};
 
 /// How long the subscriber waits for a message before it re-checks the
 /// subscriptions the shards want: the delay before a new channel's
@@ -99,6 +100,18 @@ pub fn queue_key(dev_id: u32, user_id: u64) -> String {
     format!("comet:{dev_id}:queue:{user_id}")
 }
 
+/// How a private message for a user with no device on this node is queued
+/// in Redis when no node holds one either.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisQueue {
+    /// `--offline-queue-size` and half of `--outbound-limit`.
+    pub cap: QueueCap,
+    /// `--offline-queue-ttl`, seconds.
+    pub ttl: u64,
+    /// When the message was queued first (unix seconds).
+    pub at: i64,
+}
+
 /// The (dev_id, user id) of a [`user_channel`] name.
 fn parse_user_channel(channel: &str) -> Option<(u32, u64)> {
     let rest = channel.strip_prefix("comet:")?;
@@ -111,15 +124,34 @@ fn parse_user_channel(channel: &str) -> Option<(u32, u64)> {
 /// node, and queues it in Redis when no node subscribes the user's channel
 /// (holds a device of the user), in one atomic step: a node that
 /// subscribes after it drains the queue (see [`DRAIN`]), so the message is
-/// delivered or queued, once. KEYS: user channel, queue; ARGV: message,
-/// queue entry, queue size, queue TTL in seconds.
+/// delivered or queued, once.
+///
+/// The queue keeps at most `--offline-queue-size` entries and, as a
+/// single node's, at most half of `--outbound-limit` of bytes, each entry
+/// counted as its length plus [`QUEUED_FRAME_OVERHEAD`]: the counter of
+/// those bytes lives beside the list (`<queue>:bytes`, same TTL), and the
+/// oldest entries go first. Returns the receivers when published, else
+/// minus the entries dropped (0 when none was).
+///
+/// KEYS: user channel, queue, its byte counter; ARGV: message, queue
+/// entry, queue size, queue TTL in seconds, queue bytes, overhead per
+/// entry.
 const PUBLISH_OR_QUEUE: &str = "local n = redis.call('PUBLISH', KEYS[1], ARGV[1]) \
-if n == 0 then \
-  redis.call('RPUSH', KEYS[2], ARGV[2]) \
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1) \
-  redis.call('EXPIRE', KEYS[2], ARGV[4]) \
+if n > 0 then return n end \
+local cap, most, over = tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6]) \
+local len = redis.call('RPUSH', KEYS[2], ARGV[2]) \
+local bytes = redis.call('INCRBY', KEYS[3], #ARGV[2] + over) \
+local dropped = 0 \
+while len > 0 and (len > cap or bytes > most) do \
+  local old = redis.call('LPOP', KEYS[2]) \
+  bytes = redis.call('DECRBY', KEYS[3], #old + over) \
+  len = len - 1 \
+  dropped = dropped + 1 \
 end \
-return n";
+if len == 0 or bytes < 0 then redis.call('SET', KEYS[3], math.max(bytes, 0)) end \
+redis.call('EXPIRE', KEYS[2], ARGV[4]) \
+redis.call('EXPIRE', KEYS[3], ARGV[4]) \
+return -dropped";
 
 /// How long a node counts as alive, and its devices count for a user,
 /// after the node last said so: a node that dies without a word leaves the
@@ -217,8 +249,9 @@ for _, node in ipairs(redis.call('SMEMBERS', 'comet:nodes')) do \
 end \
 return swept";
 
-/// Takes a user's whole queue (KEYS: the queue).
-const DRAIN: &str = "local v = redis.call('LRANGE', KEYS[1], 0, -1) redis.call('DEL', KEYS[1]) return v";
+/// Takes a user's whole queue (KEYS: the queue; its byte counter goes too).
+const DRAIN: &str =
+    "local v = redis.call('LRANGE', KEYS[1], 0, -1) redis.call('DEL', KEYS[1], KEYS[1] .. ':bytes') return v";
 
 /// A private message as it travels through Redis (JSON), on the user's
 /// channel or in the user's queue (where `n` is unused).
@@ -295,7 +328,7 @@ enum Out {
         queue: String,
         payload: Vec<u8>,
         entry: Vec<u8>,
-        cap: usize,
+        cap: QueueCap,
         ttl: u64,
     },
     /// [`DRAIN`], then hand the messages to the user's home shard.
@@ -560,22 +593,22 @@ impl Bridge {
     /// Sends a private message to the user's devices on other nodes. With
     /// `queue` (the user has no device on this node; the offline queue's
     /// size and TTL in seconds), Redis queues it when no node has one.
-    pub fn send_private(&self, dev_id: u32, user_id: u64, event: &str, text: &str, queue: Option<(usize, u64, i64)>) {
+    pub fn send_private(&self, dev_id: u32, user_id: u64, event: &str, text: &str, queue: Option<RedisQueue>) {
         let wire = |t: Option<i64>| {
             serde_json::to_vec(&PrivateWire { n: self.node, e: event.to_string(), m: text.to_string(), t })
                 .unwrap_or_default()
         };
         let channel = user_channel(dev_id, user_id);
         // `--offline-queue-size 0` queues nothing, as on a single node.
-        match queue.filter(|q| q.0 > 0) {
+        match queue.filter(|q| q.cap.count > 0) {
             None => self.send(Out::Publish { channel, payload: wire(None) }),
-            Some((cap, ttl, now)) => self.send(Out::PrivateOrQueue {
+            Some(q) => self.send(Out::PrivateOrQueue {
                 channel,
                 queue: queue_key(dev_id, user_id),
                 payload: wire(None),
-                entry: wire(Some(now)),
-                cap,
-                ttl: ttl.max(1),
+                entry: wire(Some(q.at)),
+                cap: q.cap,
+                ttl: q.ttl.max(1),
             }),
         }
     }
@@ -842,8 +875,8 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
                     pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
                 }
                 Out::PrivateOrQueue { channel, queue, payload, entry, cap, ttl } => {
-                    pipe.cmd("EVAL").arg(PUBLISH_OR_QUEUE).arg(2).arg(channel).arg(queue);
-                    pipe.arg(payload).arg(entry).arg(*cap).arg(*ttl).ignore();
+                    pipe.cmd("EVAL").arg(PUBLISH_OR_QUEUE).arg(3).arg(channel).arg(queue).arg(format!("{queue}:bytes"));
+                    pipe.arg(payload).arg(entry).arg(cap.count).arg(*ttl).arg(cap.bytes).arg(QUEUED_FRAME_OVERHEAD);
                 }
                 Out::Drain { dev_id, user_id } => {
                     pipe.cmd("EVAL").arg(DRAIN).arg(1).arg(queue_key(*dev_id, *user_id));
@@ -857,7 +890,7 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
                 }
             }
         }
-        let result = pipe.query::<Vec<Vec<Vec<u8>>>>(con);
+        let result = pipe.query::<Vec<redis::Value>>(con);
         bridge.out_bytes.fetch_sub(bytes, Ordering::SeqCst);
         if bridge.out_waiting.swap(false, Ordering::SeqCst) {
             for l in &bridge.lanes {
@@ -868,19 +901,30 @@ fn publish_until_error(bridge: &Bridge, con: &mut redis::Connection, breaks: u64
             Ok(lists) => {
                 let sent = batch.iter().filter(|o| !matches!(o, Out::Drain { .. } | Out::Queues(_))).count();
                 bridge.health.published.fetch_add(sent as u64, Ordering::Relaxed);
-                // The lists that came back, in the order their commands went.
+                // The answers that came back, in the order their commands
+                // went: lists of queue entries, and what each queueing
+                // script dropped.
+                let list = |v: redis::Value| redis::from_redis_value::<Vec<Vec<u8>>>(v).unwrap_or_default();
                 let mut lists = lists.into_iter();
                 for out in batch {
                     let (dev_id, user_id) = match out {
                         Out::Drain { dev_id, user_id } => (dev_id, user_id),
                         Out::Queues(q) => {
-                            let got: Vec<Vec<Vec<u8>>> = lists.by_ref().take(q.user_ids.len()).collect();
+                            let got: Vec<Vec<Vec<u8>>> = lists.by_ref().take(q.user_ids.len()).map(list).collect();
                             state::answer_queues(bridge, q, Ok(got));
                             continue;
                         }
-                        _ => continue,
+                        Out::PrivateOrQueue { .. } => {
+                            if let Some(redis::Value::Int(n)) = lists.next()
+                                && n < 0
+                            {
+                                bridge.health.queue_dropped.fetch_add(n.unsigned_abs(), Ordering::Relaxed);
+                            }
+                            continue;
+                        }
+                        Out::Publish { .. } | Out::Presence { .. } => continue,
                     };
-                    let Some(entries) = lists.next() else { break };
+                    let Some(entries) = lists.next().map(list) else { break };
                     let msgs: Vec<PrivateMsg> = entries
                         .iter()
                         .filter_map(|e| serde_json::from_slice::<PrivateWire>(e).ok())

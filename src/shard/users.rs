@@ -10,6 +10,7 @@ use super::core::{Deferred, ShardCore, Written};
 use super::mail::{Publication, Records, Reply, encode_text_frame};
 use super::outq::OutQueue;
 use super::{ConnId, home_shard};
+use crate::cluster::RedisQueue;
 use crate::cometql::session::Passwords;
 use crate::frontend::message::{self, ChannelMessage, Delivery};
 use crate::metrics::ShardMetrics;
@@ -162,9 +163,10 @@ impl ShardCore {
         if let Some(c) = &self.cluster {
             // Devices on other nodes get it through Redis; with none here,
             // Redis queues it when no node has one (docs/cluster.md).
-            let queue = devices.is_empty().then(|| {
-                let cfg = &self.shared.config;
-                (cfg.offline_queue_size, cfg.offline_queue_ttl.as_secs(), now)
+            let queue = devices.is_empty().then(|| RedisQueue {
+                cap: self.queue_cap(),
+                ttl: self.shared.config.offline_queue_ttl.as_secs(),
+                at: now,
             });
             c.send_private(dev_id, user_id, event, text, queue);
             if devices.is_empty() {
@@ -244,10 +246,10 @@ impl ShardCore {
             // message also went to the user's other nodes: resending it
             // would deliver it twice there.)
             if let Some(c) = &self.cluster {
-                let cfg = &self.shared.config;
+                let (cap, ttl_secs) = (self.queue_cap(), self.shared.config.offline_queue_ttl.as_secs());
                 for m in &msgs {
                     if let Some(at) = m.queued_at.filter(|t| t.saturating_add(ttl) >= self.unix) {
-                        let queue = (cfg.offline_queue_size, cfg.offline_queue_ttl.as_secs(), at);
+                        let queue = RedisQueue { cap, ttl: ttl_secs, at };
                         c.send_private(dev_id, user_id, &m.event, &m.text, Some(queue));
                     }
                 }
