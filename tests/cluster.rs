@@ -801,7 +801,7 @@ fn a_queue_of_big_messages_in_redis_keeps_and_delivers_the_newest_that_fit() {
     let (wide, narrow) = (start("1048576"), start("262144"));
     let big = "x".repeat(17_000);
     let newest: Vec<String> = (13..20).map(|i| format!("{i:02}")).collect();
-    let mut take_seven = |s: &Server, uid: u64, key: &str| {
+    let take_seven = |s: &Server, uid: u64, key: &str| {
         let mut c = user(s, uid, key, &format!("big{uid}"));
         let got: Vec<String> = (0..7)
             .map(|_| {
