@@ -348,6 +348,50 @@ fn a_panic_handling_one_connection_closes_it_alone() {
     }
 }
 
+/// A panic while the user's home shard takes over a connection handed
+/// from the shard that accepted it (asked for with the debug build's
+/// COMET_TEST_PANIC_ON_ADOPT marker in the request head) drops that
+/// connection alone and counts it; the home shard goes on serving.
+#[test]
+fn a_panic_taking_over_a_handed_off_connection_drops_it_alone() {
+    for io in BACKENDS {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
+        cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+            .args(["--io", io, "--shards", "2", "--ephemeral", "--password", "pw"])
+            .env("COMET_TEST_PANIC_ON_ADOPT", "adopt-marker");
+        let s = Server::spawn_cmd(cmd);
+        let user_url = |uid: u64, uuid: &str| s.url(&format!("sesion=k&myid={uid}&devid=0&v=4.08&uuid={uuid}"));
+        let mut clients = Vec::new();
+        let mut dropped = Vec::new();
+        // Each connection lands on either shard: those the other shard
+        // accepted are handed to the user's home shard, and panic there.
+        for uid in 1..=12 {
+            match tungstenite::connect(user_url(uid, &format!("adopt-marker{uid}"))) {
+                Ok((ws, _)) => clients.push(Client::from_ws(ws)),
+                Err(_) => dropped.push(uid),
+            }
+        }
+        assert!(!dropped.is_empty(), "{io}: no connection was handed off");
+        assert_eq!(s.metric("comet_handler_panics_total"), dropped.len() as i64, "{io}");
+        assert_eq!(s.metric("comet_handoffs_total"), dropped.len() as i64, "{io}");
+        // Both shards go on: the users whose connection panicked connect
+        // again, and everyone gets a publish.
+        for &uid in &dropped {
+            clients.push(Client::connect(&user_url(uid, &format!("again{uid}"))));
+        }
+        for c in &mut clients {
+            assert_eq!(c.recv()["event"], "serverInfo", "{io}");
+            c.subscribe(&["web_home"]);
+        }
+        let mut p = s.client("p");
+        wait_count(&mut p, "web_home", 12);
+        p.send("web_pipe2\nweb_home\ne\n*\nx");
+        for c in &mut clients {
+            assert_eq!(c.recv()["data"], "x", "{io}");
+        }
+    }
+}
+
 #[test]
 fn plain_http_routes() {
     for io in BACKENDS {

@@ -377,16 +377,22 @@ impl ShardCore {
         id
     }
 
-    /// Takes over a connection handed over by another shard, with the bytes
-    /// the other shard read (counted as accepted, and in the connection
-    /// counts, once, by the shard that accepted it).
-    pub fn adopt(&mut self, peer: SocketAddr, mut head: Vec<u8>) -> ConnId {
+    /// Takes over a connection handed over by another shard (counted as
+    /// accepted, and in the connection counts, once, by the shard that
+    /// accepted it); the bytes the other shard read go to
+    /// [`ShardCore::adopted_head`].
+    pub fn adopt(&mut self, peer: SocketAddr) -> ConnId {
         let id = self.open(peer);
         if let Some(conn) = self.conns.get_mut(id) {
             conn.counted = true;
         }
-        self.feed(id, &mut head);
         id
+    }
+
+    /// Handles the request head an adopted connection came with.
+    pub fn adopted_head(&mut self, id: ConnId, mut head: Vec<u8>) {
+        super::panic_on_adopt_marker(&head);
+        self.feed(id, &mut head);
     }
 
     /// Whether connection `id` may be read now: not while the shard's mail

@@ -330,7 +330,14 @@ impl Shard {
             Effect::StartTls { id, leftover } => self.start_tls(id, leftover),
             Effect::Adopt(h) => {
                 let fd = SharedFd::new(h.sock);
-                let id = self.core.adopt(h.peer, h.head);
+                let id = self.core.adopt(h.peer);
+                // A panic handling the head closes this connection alone,
+                // as one handling its reads does ([`handling`]).
+                let head = h.head;
+                let core = &mut self.core;
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.adopted_head(id, head))).is_err() {
+                    self.core.close_after_panic(id);
+                }
                 if self.core.conns.get(id).is_some() {
                     self.insert(id, fd.clone(), h.tls);
                     compio::runtime::spawn(run_conn(id, fd)).detach();

@@ -60,19 +60,37 @@ pub fn home_shard(dev_id: u32, user_id: u64, shards: usize) -> usize {
 /// handler panic, a bug on demand, so that a test can check that a panic
 /// in one connection's handling closes that connection alone. Called with
 /// what a connection sent: raw bytes as read (CometQL, HTTP) and each
-/// WebSocket message unmasked. Release builds have no such hook.
+/// WebSocket message unmasked. `COMET_TEST_PANIC_ON_ADOPT` does the same
+/// for the request head of a connection handed over from another shard,
+/// as the user's home shard takes it ([`panic_on_adopt_marker`]). Release
+/// builds have no such hook.
 #[cfg(debug_assertions)]
 pub(crate) fn panic_on_test_marker(input: &[u8]) {
     static MARKER: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
-    let marker = MARKER.get_or_init(|| std::env::var_os("COMET_TEST_PANIC_ON").map(|m| m.into_encoded_bytes()));
+    panic_on(&MARKER, "COMET_TEST_PANIC_ON", input);
+}
+
+#[cfg(debug_assertions)]
+pub(crate) fn panic_on_adopt_marker(head: &[u8]) {
+    static MARKER: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
+    panic_on(&MARKER, "COMET_TEST_PANIC_ON_ADOPT", head);
+}
+
+#[cfg(debug_assertions)]
+fn panic_on(marker: &std::sync::OnceLock<Option<Vec<u8>>>, var: &str, input: &[u8]) {
+    let marker = marker.get_or_init(|| std::env::var_os(var).map(|m| m.into_encoded_bytes()));
     if let Some(m) = marker.as_deref()
         && !m.is_empty()
         && input.windows(m.len()).any(|w| w == m)
     {
-        panic!("COMET_TEST_PANIC_ON matched a connection's input");
+        panic!("{var} matched a connection's input");
     }
 }
 
 #[cfg(not(debug_assertions))]
 #[inline(always)]
 pub(crate) fn panic_on_test_marker(_: &[u8]) {}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub(crate) fn panic_on_adopt_marker(_: &[u8]) {}

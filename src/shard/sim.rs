@@ -295,7 +295,8 @@ impl Sim {
             // The simulation has no sockets, so no TLS.
             Effect::StartTls { .. } => {}
             Effect::Adopt(h) => {
-                let id = self.cores[shard].adopt(h.peer, h.head);
+                let id = self.cores[shard].adopt(h.peer);
+                self.cores[shard].adopted_head(id, h.head);
                 if self.cores[shard].conns.get(id).is_some() {
                     self.at.insert(h.peer, (shard, id));
                 }

@@ -218,6 +218,11 @@ pub struct Client {
 impl Client {
     pub fn connect(url: &str) -> Client {
         let (ws, _) = tungstenite::connect(url).expect("connect");
+        Client::from_ws(ws)
+    }
+
+    /// A client over a WebSocket the test opened itself.
+    pub fn from_ws(ws: WebSocket<MaybeTlsStream<TcpStream>>) -> Client {
         if let MaybeTlsStream::Plain(s) = ws.get_ref() {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         }
