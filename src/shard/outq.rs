@@ -125,9 +125,12 @@ impl OutQueue {
     }
 
     /// Drops every frame not yet started; keeps a partly written front frame
-    /// (it must be finished before anything else goes out).
+    /// (it must be finished before anything else goes out), and an unwritten
+    /// front that is the upgrade's `101` answer (a close frame without it
+    /// would reach a client still waiting for its handshake).
     pub fn drop_unstarted(&mut self) {
-        let front = self.front_started().then(|| self.frames[self.head as usize].clone());
+        let keep = |f: &[u8]| f.starts_with(b"HTTP/1.1 101 ");
+        let front = self.frames.get(self.head as usize).filter(|f| self.front_started() || keep(f)).cloned();
         let offset = self.offset;
         *self = OutQueue { window: self.window, ..OutQueue::default() };
         if let Some(f) = front {
@@ -202,6 +205,12 @@ mod tests {
         q.push(frame(10));
         q.drop_unstarted();
         assert!(q.is_empty());
+        // The upgrade's answer, not yet written, stays ahead of a close.
+        let mut q = OutQueue::default();
+        q.push(Arc::from(&b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..]));
+        q.push(frame(10));
+        q.drop_unstarted();
+        assert_eq!(q.single().map(<[u8]>::len), Some(36));
     }
 
     #[test]
