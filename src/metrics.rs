@@ -62,6 +62,9 @@ pub struct ShardMetrics {
     pub refused_rate: AtomicU64,
     /// Backend connections refused (`--max-backend-connections`).
     pub refused_backend: AtomicU64,
+    /// Backend connections closed to admit a new one with all slots taken:
+    /// the oldest that had not logged in (or was an idle HTTP API one).
+    pub evicted_backend: AtomicU64,
     /// Of the refused ones, those answered by one write and closed at once
     /// because 64 refusals were already lingering on their shard.
     pub refused_unlingered: AtomicU64,
@@ -192,7 +195,7 @@ impl Registry {
             }
         }
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 37] = [
+        let families: [(&str, &str, &str, Get); 38] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -219,6 +222,12 @@ impl Registry {
                 "counter",
                 "CometQL and HTTP API connections refused (--max-backend-connections).",
                 |m| m.refused_backend.load(Relaxed) as i64,
+            ),
+            (
+                "comet_evicted_backend_total",
+                "counter",
+                "Backend connections closed to make room for a new one at --max-backend-connections: the shard's oldest CometQL connection not logged in, or idle HTTP API connection.",
+                |m| m.evicted_backend.load(Relaxed) as i64,
             ),
             ("comet_rate_limited_total", "counter", "Client commands dropped over --client-rate.", |m| {
                 m.rate_limited.load(Relaxed) as i64

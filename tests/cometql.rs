@@ -596,6 +596,46 @@ fn pipelined_selects_never_read_build_one_answer_at_a_time() {
     }
 }
 
+/// Connections that never log in cannot lock the backends out: with every
+/// slot taken, a new backend connection takes the slot of its shard's
+/// oldest connection that has not logged in (or idle HTTP API one);
+/// logged-in connections are never closed for another.
+#[test]
+fn connections_that_never_log_in_give_their_slot_to_a_new_one() {
+    for io in BACKENDS {
+        let s = Server::start(&["--io", io, "--shards", "1", "--password", "s3cret", "--max-backend-connections", "3"]);
+        let mut first = connect(&s);
+        let silent = |addr| {
+            let mut t = TcpStream::connect(addr).unwrap();
+            t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            t
+        };
+        let mut junk = silent(s.backend);
+        let _ = read_packet(&mut junk); // the greeting: it holds a slot
+        // An HTTP API client that starts a request head and stops.
+        let mut idle_api = silent(s.api.unwrap());
+        idle_api.write_all(b"GET /api/pipes").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        // Both give way.
+        let mut second = connect(&s);
+        let mut third = connect(&s);
+        assert_eq!((s.metric("comet_evicted_backend_total"), s.metric("comet_refused_backend_total")), (2, 0), "{io}");
+        for t in [&mut junk, &mut idle_api] {
+            let mut rest = Vec::new();
+            assert!(t.read_to_end(&mut rest).is_ok(), "{io}: an evicted connection is closed");
+        }
+        // Three logged in: the next is refused, and nobody was closed for it.
+        let url = format!("mysql://root:s3cret@{}/CometQL_v1", s.backend);
+        let e = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains("1040")), "{io}: {e:?}");
+        assert_eq!(s.metric("comet_refused_backend_total"), 1, "{io}");
+        for db in [&mut first, &mut second, &mut third] {
+            let one: Option<String> = db.query_first("SELECT 1").unwrap();
+            assert_eq!(one.as_deref(), Some("1"), "{io}");
+        }
+    }
+}
+
 #[test]
 fn queries_and_answers_over_16_mib_span_several_packets() {
     // 17 MiB each way: the query arrives as two packets (sequence 0 and 1)

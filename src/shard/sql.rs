@@ -193,6 +193,17 @@ impl SqlConn {
     pub fn answering(&self) -> bool {
         !self.slots.is_empty()
     }
+
+    /// Whether the connection holds a backend slot without having proven
+    /// anything: a CometQL client not logged in, or an HTTP API connection
+    /// with no request under way whose key was checked (idle between
+    /// requests, or sending a head).
+    pub fn unproven(&self) -> bool {
+        match &self.transport {
+            Transport::MySql(m) => !m.session.is_authenticated(),
+            Transport::Http(h) => !self.answering() && !h.key_checked,
+        }
+    }
 }
 
 /// The MySQL side of a CometQL connection.
@@ -285,14 +296,49 @@ impl ShardCore {
     /// `--max-backend-connections`, or says it must be refused (then nothing
     /// is counted). The count is released where a connection that has its
     /// `sql` state is dropped.
-    pub(super) fn admit_backend(&self) -> bool {
+    ///
+    /// With every slot taken, the new connection takes the slot of this
+    /// shard's oldest connection that holds one without having proven
+    /// anything ([`SqlConn::unproven`]): connections that never log in
+    /// cannot lock the backends out, and a backend's own connections,
+    /// logged in or at work, are never closed for another.
+    pub(super) fn admit_backend(&mut self) -> bool {
+        if self.try_admit_backend() {
+            return true;
+        }
+        if let Some(victim) = self.oldest_unproven_backend() {
+            ShardMetrics::add(&self.metrics.evicted_backend, 1);
+            self.drop_conn(victim);
+            if self.try_admit_backend() {
+                return true;
+            }
+        }
+        ShardMetrics::add(&self.metrics.refused_backend, 1);
+        false
+    }
+
+    fn try_admit_backend(&self) -> bool {
         let held = &self.shared.backend_conns;
         if held.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= self.shared.config.max_backend_connections {
             held.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            ShardMetrics::add(&self.metrics.refused_backend, 1);
             return false;
         }
         true
+    }
+
+    /// This shard's backend connection that has held its slot the longest
+    /// without proving anything (since it opened, or its last request).
+    fn oldest_unproven_backend(&self) -> Option<ConnId> {
+        self.conns
+            .ids()
+            .into_iter()
+            .filter_map(|id| {
+                let c = self.conns.get(id)?;
+                let sql = c.sql.as_deref().filter(|s| s.unproven() && c.phase == Phase::Sql)?;
+                Some((if sql.is_http() { c.last_rx } else { c.opened }, id))
+            })
+            .min_by_key(|&(since, _)| since)
+            .map(|(_, id)| id)
     }
 
     /// Counts and logs a failed login (a CometQL login or an HTTP API key);
