@@ -606,7 +606,7 @@ fn connections_that_never_log_in_give_their_slot_to_a_new_one() {
         let s = Server::start(&["--io", io, "--shards", "1", "--password", "s3cret", "--max-backend-connections", "3"]);
         let mut first = connect(&s);
         let silent = |addr| {
-            let mut t = TcpStream::connect(addr).unwrap();
+            let t = TcpStream::connect(addr).unwrap();
             t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             t
         };
