@@ -47,6 +47,7 @@ impl ShardCore {
         if let Some(c) = self.conns.get_mut(id) {
             c.phase = Phase::Sql;
             c.sql = Some(Box::new(SqlConn::http()));
+            self.backends.push(id);
         }
         self.metrics.sql_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         id

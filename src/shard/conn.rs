@@ -397,8 +397,8 @@ impl ShardCore {
 
     /// Whether connection `id` may be read now: not while the shard's mail
     /// is congested (its commands would add mail), nor while a backend
-    /// connection has `--max-pending` requests waiting or statements
-    /// parked behind its gather of rows.
+    /// connection has `--max-pending` requests waiting, statements parked
+    /// behind its gather of rows, or statements being started.
     /// A closing connection is always read (what it sends is dropped).
     pub fn may_read(&self, id: ConnId) -> bool {
         let Some(c) = self.conns.get(id) else {
@@ -407,7 +407,9 @@ impl ShardCore {
         match c.phase {
             Phase::Closing { .. } => true,
             _ if self.outbox.is_congested() || self.store_congested() => false,
-            Phase::Sql => c.pending < self.shared.config.max_pending && !c.sql.as_ref().is_some_and(|s| s.parked()),
+            Phase::Sql => {
+                c.pending < self.shared.config.max_pending && !c.sql.as_ref().is_some_and(|s| s.holds_input())
+            }
             _ => true,
         }
     }
@@ -1352,6 +1354,7 @@ impl ShardCore {
         if conn.sql.is_some() {
             self.shared.backend_conns.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             self.metrics.sql_connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.backends.retain(|&b| b != id);
         }
         if matches!(conn.phase, Phase::Comet | Phase::Echo) {
             self.metrics.websockets.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -1398,13 +1401,16 @@ impl ShardCore {
         let timeout = self.shared.config.ping_timeout.as_secs() as u32;
         let message_timeout = self.shared.config.message_timeout.as_secs() as u32;
         for id in self.conns.ids() {
+            // Input held while the shard does not read the connection
+            // (answers it waits for, congested mail) is not the client's delay.
+            let reading = self.may_read(id);
             let Some(conn) = self.conns.get_mut(id) else {
                 continue;
             };
             // A frame, head or packet that started must finish in time: one
             // byte every few seconds must not pin a buffer forever.
             let started = conn.inbuf.since().or((conn.fragments_since > 0).then_some(conn.fragments_since));
-            if started.is_some_and(|t| now.saturating_sub(t) >= message_timeout) && conn.keeps_input() {
+            if started.is_some_and(|t| now.saturating_sub(t) >= message_timeout) && conn.keeps_input() && reading {
                 ShardMetrics::add(&self.metrics.message_timeouts, 1);
                 conn.inbuf.clear();
                 match conn.phase {

@@ -221,6 +221,10 @@ pub struct ShardCore {
     pub auth_log_at: Option<u32>,
     /// `--channel-rate`: this shard's share of browser publishes per channel.
     pub channel_rates: super::limits::ChannelRates,
+    /// This shard's backend connections (CometQL and HTTP API), at most
+    /// `--max-backend-connections`: where a new one looks for a slot to
+    /// take when all are taken, without walking every connection.
+    pub backends: Vec<ConnId>,
     /// This shard's lane to the storage thread; `None` with `--ephemeral`.
     pub store: Option<crate::store::writer::StoreHandle>,
     /// Answers waiting for the store, by batch number (ascending).
@@ -291,6 +295,7 @@ impl ShardCore {
             last_queue_purge: 0,
             auth_log_at: None,
             channel_rates,
+            backends: Vec::new(),
             deflater: Default::default(),
             inflater: Default::default(),
             inflated: Vec::new(),

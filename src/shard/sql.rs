@@ -158,10 +158,13 @@ impl SqlConn {
         SqlConn { transport, slots: VecDeque::new(), front: 0, held: 0, reading: None, parked: None, running: false }
     }
 
-    /// Whether statements wait for an earlier one's rows: the connection
-    /// is not read until they ran.
-    pub fn parked(&self) -> bool {
-        self.parked.is_some()
+    /// Whether the connection must not be read now: statements wait for
+    /// an earlier one's rows, or its statements are being started (a
+    /// gather completing on the spot may resume reading it from inside
+    /// [`ShardCore::sql_execute`], which would start a later query before
+    /// the rest of this one).
+    pub fn holds_input(&self) -> bool {
+        self.parked.is_some() || self.running
     }
 
     /// The MySQL session of a CometQL connection.
@@ -286,6 +289,7 @@ impl ShardCore {
                 skip_error: None,
                 skip_seq: 0,
             })))));
+            self.backends.push(id);
         }
         self.metrics.sql_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.send_raw_bytes(id, greeting);
@@ -329,10 +333,9 @@ impl ShardCore {
     /// This shard's backend connection that has held its slot the longest
     /// without proving anything (since it opened, or its last request).
     fn oldest_unproven_backend(&self) -> Option<ConnId> {
-        self.conns
-            .ids()
-            .into_iter()
-            .filter_map(|id| {
+        self.backends
+            .iter()
+            .filter_map(|&id| {
                 let c = self.conns.get(id)?;
                 let sql = c.sql.as_deref().filter(|s| s.unproven() && c.phase == Phase::Sql)?;
                 Some((if sql.is_http() { c.last_rx } else { c.opened }, id))
@@ -555,13 +558,14 @@ impl ShardCore {
                 let unsent = self.conns.get(id).map_or(0, |c| c.out.cost() + c.sql.as_ref().map_or(0, |s| s.held));
                 let Some(sc) = self.sql(id) else { return };
                 if sc.reading.is_some() {
+                    debug_assert!(sc.parked.is_none(), "one query parks at a time");
                     sc.parked = Some(Box::new(Parked { slot_id, index, plan, rest }));
                     sc.running = false;
                     return;
                 }
                 if unsent > limit {
                     let e = format!(
-                        "Not run: this connection's answers not yet read take {unsent} bytes, over the limit of {limit} bytes (16 x --outbound-limit); read them before asking for more rows"
+                        "Not run: this connection's answers not yet read take {unsent} bytes, over the limit of {limit} bytes (16 x --outbound-limit, or 4 x --max-query-size if more); read them before asking for more rows"
                     );
                     self.sql_set(id, slot_id, index, StmtResult::err(ANSWERS_UNREAD, e));
                     if let Some(slot) = self.sql_slot(id, slot_id) {
@@ -646,7 +650,7 @@ impl ShardCore {
         }
         if let Some(p) = sc.parked.take() {
             self.sql_execute(id, *p, true);
-            if self.sql(id).is_some_and(|sc| !sc.parked()) {
+            if self.sql(id).is_some_and(|sc| !sc.holds_input()) {
                 self.resume(id);
                 self.unpause();
             }
