@@ -132,6 +132,50 @@ fn browsers_flooding_one_channel_are_held_to_the_channel_rate() {
     }
 }
 
+/// A browser toggling its subscription between many `track_` channels and
+/// none makes a presence event per channel per toggle, each sent to every
+/// member: a toggle costs a command per event, so the events it causes
+/// are held to --client-rate a second, not --client-rate toggles.
+#[test]
+fn presence_churn_is_held_to_the_client_rate_in_events() {
+    for io in BACKENDS {
+        // 10 commands a second, burst 20.
+        let s = start(io, &["--client-rate", "10"]);
+        let channels: Vec<String> = (0..32).map(|i| format!("track_{i}")).collect();
+        let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+        let mut watcher = s.client("watcher");
+        watcher.subscribe(&names);
+        let mut churner = s.client("churner");
+        let join = format!("subscription\n{}\n", channels.join("\n"));
+        // 40 toggles over 0.8 s: within the command rate, 28 would pass
+        // (20 of burst, 8 refilled), 896 presence events.
+        for i in 0..40 {
+            churner.send(if i % 2 == 0 { &join } else { "subscription\nweb_calm\n" });
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut events = 0;
+        loop {
+            if let tungstenite::stream::MaybeTlsStream::Plain(t) = watcher.ws.get_ref() {
+                t.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            }
+            match watcher.ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    let m: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    if m["event"] == "subscription" || m["event"] == "unsubscription" {
+                        events += 1;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        // The first toggle's 32 joins put the churner 12 commands in debt
+        // (1.2 s at 10 a second): nothing else it sent passed.
+        assert!((32..=64).contains(&events), "{io}: {events} presence events");
+        assert!(bystander_round_trip(&s, "calm") < Duration::from_secs(1));
+    }
+}
+
 #[test]
 fn a_frame_that_never_finishes_is_closed_with_1008_after_the_message_timeout() {
     for io in BACKENDS {

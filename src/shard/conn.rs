@@ -995,14 +995,27 @@ impl ShardCore {
             .iter()
             .filter_map(|&(ch, _)| self.channels[ch as usize].as_ref().map(|c| (ch, c.name.clone())))
             .collect();
+        let mut announced = 0u32;
         for (ch, name) in &current {
             if !wanted.contains(&&**name) {
                 self.leave(id, *ch, name);
+                announced += name.starts_with("track_") as u32;
             }
         }
         for name in wanted {
             if current.iter().all(|(_, n)| &**n != name) && self.subscribe(id, dev_id, name) {
                 self.presence_event(id, dev_id, name, "subscription");
+                announced += name.starts_with("track_") as u32;
+            }
+        }
+        // Each presence event goes to every member of its channel: a
+        // command that joins and leaves many `track_` channels costs a
+        // command per event, so that toggling them is held to
+        // --client-rate events a second, not commands.
+        if announced > 0 {
+            let (rate, now_ms) = (self.shared.config.client_rate, self.now_ms);
+            if let Some(c) = self.conns.get_mut(id) {
+                c.rate.charge(announced, rate, now_ms);
             }
         }
         for e in errors {

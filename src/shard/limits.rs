@@ -12,7 +12,9 @@ pub const RATE_CLOSE_AFTER: u32 = 10;
 
 /// A token bucket: `rate` a second, burst `2 * rate`. Time is in
 /// milliseconds of shard time; the stamp advances only by the time the
-/// added tokens represent, so fractions of a token are not lost.
+/// added tokens represent, so fractions of a token are not lost. A stamp
+/// ahead of the clock is a debt ([`Bucket::charge`]): no tokens come until
+/// the clock passes it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Bucket {
     tokens: u32,
@@ -20,25 +22,51 @@ pub struct Bucket {
     stamp: u32,
 }
 
+/// The longest debt [`Bucket::charge`] runs up, in ms.
+const MAX_DEBT_MS: u32 = 10_000;
+
 impl Bucket {
     /// A full bucket at shard time `now_ms`.
     pub fn full(rate: u32, now_ms: u64) -> Bucket {
         Bucket { tokens: rate.saturating_mul(2), stamp: now_ms as u32 }
     }
 
-    /// Takes a token if there is one.
-    pub fn take(&mut self, rate: u32, now_ms: u64) -> bool {
-        let now = now_ms as u32;
+    /// Adds the tokens earned since the stamp (none while in debt).
+    fn refill(&mut self, rate: u32, now: u32) {
         let burst = rate.saturating_mul(2);
         let elapsed = now.wrapping_sub(self.stamp);
+        if elapsed > i32::MAX as u32 || rate == 0 {
+            return; // the stamp is ahead: a debt being paid off
+        }
         let add = (elapsed as u64 * rate as u64 / 1000).min(burst as u64) as u32;
         if add > 0 {
             self.tokens = self.tokens.saturating_add(add).min(burst);
             self.stamp = if self.tokens == burst { now } else { self.stamp.wrapping_add(add * 1000 / rate) };
         }
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, rate: u32, now_ms: u64) -> bool {
+        self.refill(rate, now_ms as u32);
         let had = self.tokens > 0;
         self.tokens = self.tokens.saturating_sub(1);
         had
+    }
+
+    /// Takes `n` more tokens for work already done: what the bucket lacks
+    /// becomes a debt (up to [`MAX_DEBT_MS`]) that the next tokens pay off.
+    pub fn charge(&mut self, n: u32, rate: u32, now_ms: u64) {
+        let now = now_ms as u32;
+        self.refill(rate, now);
+        let short = n.saturating_sub(self.tokens);
+        self.tokens = self.tokens.saturating_sub(n);
+        if short == 0 || rate == 0 {
+            return;
+        }
+        // Debt runs from the later of the stamp and now.
+        let from = if self.stamp.wrapping_sub(now) <= i32::MAX as u32 { self.stamp } else { now };
+        let owed = from.wrapping_sub(now).saturating_add((short as u64 * 1000 / rate as u64) as u32);
+        self.stamp = now.wrapping_add(owed.min(MAX_DEBT_MS));
     }
 }
 
@@ -94,6 +122,13 @@ impl RateLimiter {
             return RateVerdict::Close;
         }
         RateVerdict::Drop { tell }
+    }
+
+    /// Takes `n` more tokens for what a command that was let through
+    /// turned out to cost (the presence events of a subscription change):
+    /// the commands that follow wait until it is paid off.
+    pub fn charge(&mut self, n: u32, rate: u32, now_ms: u64) {
+        self.bucket.charge(n, rate, now_ms);
     }
 }
 
@@ -377,6 +412,27 @@ mod channel_rate_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_charge_past_the_tokens_is_a_debt_paid_before_the_next_command() {
+        // 10 a second, burst 20: 20 commands, then a charge of 30 more.
+        let mut b = Bucket::full(10, 1_000);
+        assert_eq!((0..25).filter(|_| b.take(10, 1_000)).count(), 20);
+        b.charge(30, 10, 1_000);
+        // 30 tokens owed at 10 a second: nothing for 3 s, then the rate.
+        assert!(!b.take(10, 3_900));
+        assert!(b.take(10, 4_100));
+        // Within the tokens, a charge is no debt.
+        let mut b = Bucket::full(10, 0);
+        b.charge(5, 10, 0);
+        assert_eq!((0..20).filter(|_| b.take(10, 0)).count(), 15);
+        // A debt stops at 10 s, and a later one adds to it.
+        let mut b = Bucket::full(10, 0);
+        b.charge(1_000, 10, 0);
+        b.charge(10, 10, 50);
+        assert!(!b.take(10, 9_990));
+        assert!(b.take(10, 10_200));
+    }
 
     #[test]
     fn the_accept_rate_allows_a_second_worth_then_the_rate_without_losing_fractions() {
