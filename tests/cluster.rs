@@ -822,6 +822,10 @@ fn a_queue_of_big_messages_in_redis_keeps_and_delivers_the_newest_that_fit() {
     }
     assert!(eventually(5, || narrow.plain_metric("comet_redis_queue_dropped_total") == 13));
     assert_eq!(redis.cli(&["LLEN", "comet:0:queue:9"]), "7");
+    // One message larger than the whole bound is dropped alone.
+    send_private(&mut d, 9, &"y".repeat(140_000));
+    assert!(eventually(5, || narrow.plain_metric("comet_redis_queue_dropped_total") == 14));
+    assert_eq!(redis.cli(&["LLEN", "comet:0:queue:9"]), "7");
     take_seven(&narrow, 9, "k9");
     assert_eq!(redis.cli(&["EXISTS", "comet:0:queue:9", "comet:0:queue:9:bytes"]), "0");
     assert_eq!(narrow.metric("comet_offline_dropped_total"), 0);
@@ -836,6 +840,13 @@ fn a_queue_of_big_messages_in_redis_keeps_and_delivers_the_newest_that_fit() {
     take_seven(&narrow, 10, "k10");
     assert_eq!(narrow.metric("comet_slow_consumer_closes_total"), 0);
     assert_eq!(narrow.metric("comet_offline_dropped_total"), 13);
+    // A byte counter left behind by a list that went another way (evicted
+    // by Redis, taken by an older node) does not carry over.
+    redis.cli(&["SET", "comet:0:queue:11:bytes", "500000"]);
+    send_private(&mut d, 11, "fresh");
+    assert!(eventually(5, || redis.cli(&["LLEN", "comet:0:queue:11"]) == "1"));
+    let counted: u64 = redis.cli(&["GET", "comet:0:queue:11:bytes"]).parse().unwrap();
+    assert!((224..400).contains(&counted), "the counter holds one small entry: {counted}");
 }
 
 #[test]

@@ -129,9 +129,12 @@ fn parse_user_channel(channel: &str) -> Option<(u32, u64)> {
 /// The queue keeps at most `--offline-queue-size` entries and, as a
 /// single node's, at most half of `--outbound-limit` of bytes, each entry
 /// counted as its length plus [`QUEUED_FRAME_OVERHEAD`]: the counter of
-/// those bytes lives beside the list (`<queue>:bytes`, same TTL), and the
-/// oldest entries go first. Returns the receivers when published, else
-/// minus the entries dropped (0 when none was).
+/// those bytes lives beside the list (`<queue>:bytes`, same TTL; set anew
+/// by the first entry of a list, so a counter left by a list that went
+/// another way is not carried over), and the oldest entries go first. An
+/// entry larger than the whole bound is not queued (the others stay).
+/// Returns the receivers when published, else minus the entries dropped
+/// (0 when none was).
 ///
 /// KEYS: user channel, queue, its byte counter; ARGV: message, queue
 /// entry, queue size, queue TTL in seconds, queue bytes, overhead per
@@ -139,16 +142,19 @@ fn parse_user_channel(channel: &str) -> Option<(u32, u64)> {
 const PUBLISH_OR_QUEUE: &str = "local n = redis.call('PUBLISH', KEYS[1], ARGV[1]) \
 if n > 0 then return n end \
 local cap, most, over = tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6]) \
+local cost = #ARGV[2] + over \
+if cost > most then return -1 end \
 local len = redis.call('RPUSH', KEYS[2], ARGV[2]) \
-local bytes = redis.call('INCRBY', KEYS[3], #ARGV[2] + over) \
+local bytes = cost \
+if len == 1 then redis.call('SET', KEYS[3], cost) else bytes = redis.call('INCRBY', KEYS[3], cost) end \
 local dropped = 0 \
-while len > 0 and (len > cap or bytes > most) do \
+while len > 1 and (len > cap or bytes > most) do \
   local old = redis.call('LPOP', KEYS[2]) \
   bytes = redis.call('DECRBY', KEYS[3], #old + over) \
   len = len - 1 \
   dropped = dropped + 1 \
 end \
-if len == 0 or bytes < 0 then redis.call('SET', KEYS[3], math.max(bytes, 0)) end \
+if bytes < 0 then redis.call('SET', KEYS[3], 0) end \
 redis.call('EXPIRE', KEYS[2], ARGV[4]) \
 redis.call('EXPIRE', KEYS[3], ARGV[4]) \
 return -dropped";

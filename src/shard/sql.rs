@@ -199,12 +199,14 @@ impl SqlConn {
 
     /// Whether the connection holds a backend slot without having proven
     /// anything: a CometQL client not logged in, or an HTTP API connection
-    /// with no request under way whose key was checked (idle between
-    /// requests, or sending a head).
+    /// that never showed a good key and has no request under way whose key
+    /// was checked. (One that did is proven, as a CometQL login is, even
+    /// while the socket still takes its last answer; it closes after
+    /// [`super::api::IDLE_TIMEOUT`] idle.)
     pub fn unproven(&self) -> bool {
         match &self.transport {
             Transport::MySql(m) => !m.session.is_authenticated(),
-            Transport::Http(h) => !self.answering() && !h.key_checked,
+            Transport::Http(h) => !self.answering() && !h.key_checked && h.good_key.is_none(),
         }
     }
 }
