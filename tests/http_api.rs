@@ -497,6 +497,10 @@ fn bad_keys_are_throttled_with_cometql_logins() {
     assert_eq!((a.status, a.code()), (429, 1129), "{a:?}");
     assert!(a.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok_and(|n| (1..=10).contains(&n))));
     assert_eq!(metric_sum(&s, "comet_auth_failures_total") - before, 21);
+    // A new connection from the address is answered so at once, without
+    // taking a backend slot (nor, at the limit, anyone else's).
+    let a = Http::connect(api(&s)).get("/api/pipes?name=abc");
+    assert_eq!((a.status, a.code()), (429, 1129), "{a:?}");
     // The throttle is the CometQL logins' one: that address's logins fail too.
     let opts = mysql::OptsBuilder::new()
         .ip_or_hostname(Some(s.backend.ip().to_string()))

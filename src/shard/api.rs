@@ -30,6 +30,21 @@ impl ShardCore {
     pub fn accept_api(&mut self, peer: SocketAddr) -> ConnId {
         ShardMetrics::add(&self.metrics.accepted, 1);
         let id = self.open(peer);
+        // A blocked address is answered at once, as at a CometQL accept:
+        // it takes no slot, nor anyone else's.
+        if let Some(secs) = self.shared.auth_failures.refused(peer.ip(), self.unix as u64) {
+            ShardMetrics::add(&self.metrics.auth_refusals, 1);
+            let message = format!(
+                "Host '{}' is blocked for {secs} s after more than {AUTH_FAILURES_ALLOWED} failed logins in {AUTH_WINDOW_SECS} s",
+                peer.ip()
+            );
+            let e = ApiError { retry_after: Some(secs), ..ApiError::new(429, 1129, message) };
+            self.send_raw_bytes(id, api::error_answer(&e, true));
+            // Lingering: the request it sent is read, so that the close is
+            // not a reset that would destroy the answer.
+            self.finish_after_flush(id, false);
+            return id;
+        }
         if !self.admit_backend() {
             let max = self.shared.config.max_backend_connections;
             let e = ApiError {
