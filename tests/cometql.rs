@@ -526,16 +526,19 @@ fn fill_history(db: &mut mysql::Conn, name: &str, n: usize, len: usize) {
 
 /// One query packing many SELECTs of a big history: their answers wait in
 /// the server until the last has run, so past the connection's bound of
-/// unread answers (16 x --outbound-limit) the next SELECT is refused by
-/// name, instead of every answer being built at once (one 2 KB query of
-/// 40 SELECTs of a 4 MB history held 160 MB).
+/// unread answers the next SELECT is refused by name, instead of every
+/// answer being built at once (one 2 KB query of 40 SELECTs of a 4 MB
+/// history held 160 MB). What ran is answered whole, although together
+/// it passes the bound (the bound of queued answers is for answers not
+/// read: a client that reads gets them).
 #[test]
 fn selects_packed_in_one_query_stop_at_the_bound_of_unread_answers() {
     for io in BACKENDS {
-        // 64 KiB x 16 = 1 MiB of unread answers.
-        let s = start(io, &["--outbound-limit", "65536", "--max-query-size", "4096"]);
+        // 4 x --max-query-size (1 MiB) = 4 MiB of unread answers, above
+        // 16 x 64 KiB.
+        let s = start(io, &["--outbound-limit", "65536"]);
         let mut db = connect(&s);
-        fill_history(&mut db, "hist_many", 100, 1000);
+        fill_history(&mut db, "hist_many", 100, 10_000);
         let q = vec!["SELECT * FROM pipes_messages WHERE name = 'hist_many'"; 40].join(";");
         let mut sets = Vec::new();
         let mut failure = None;
@@ -553,12 +556,12 @@ fn selects_packed_in_one_query_stop_at_the_bound_of_unread_answers() {
             }
         }
         let n = sets.iter().filter(|&&n| n == 100).count();
-        // Each answer holds about 106 KB as rows: the ninth or tenth
-        // SELECT finds 1 MiB held.
-        assert!((8..=11).contains(&n), "{io}: {n} whole answers before the refusal: {sets:?}");
+        // Each answer holds about 1.02 MB as rows: the sixth SELECT finds
+        // 4 MiB held, and five answers (5 MB) go out.
+        assert!((4..=6).contains(&n), "{io}: {n} whole answers before the refusal: {sets:?}");
         let Some(mysql::Error::MySqlError(e)) = failure else { panic!("{io}: no refusal after {sets:?}") };
         assert_eq!(e.code, 1041, "{io}: {}", e.message);
-        assert!(e.message.contains("over the limit of 1048576 bytes"), "{io}: {}", e.message);
+        assert!(e.message.contains("over the limit of 4194304 bytes"), "{io}: {}", e.message);
         // The connection goes on, and gathers rows again.
         let rows: Vec<String> = db.query("SELECT message FROM pipes_messages WHERE name = 'hist_many'").unwrap();
         assert_eq!(rows.len(), 100, "{io}");
@@ -661,9 +664,10 @@ fn pipelined_queries_with_parked_statements_run_in_order() {
 #[test]
 fn pipelined_selects_never_read_build_one_answer_at_a_time() {
     for io in BACKENDS {
-        let s = start(io, &["--outbound-limit", "65536", "--max-query-size", "4096"]);
+        // 256 KiB x 16 = 4 MiB of unread answers; each answer 3.6 MB.
+        let s = start(io, &["--outbound-limit", "262144", "--max-query-size", "4096"]);
         let mut db = connect(&s);
-        fill_history(&mut db, "hist_big", 1000, 4000);
+        fill_history(&mut db, "hist_big", 1000, 3500);
         let pid = s.child.id();
         let before = peak_rss_kib(pid);
         let (mut t, ok) = raw_login(&s, "s3cret");
@@ -682,6 +686,30 @@ fn pipelined_selects_never_read_build_one_answer_at_a_time() {
         assert!(grew < 64 * 1024, "{io}: the server's peak memory grew by {grew} KiB");
         let one: Option<String> = db.query_first("SELECT 1").unwrap();
         assert_eq!(one.as_deref(), Some("1"), "{io}");
+    }
+}
+
+/// A SELECT whose answer alone would pass the bound of a connection's
+/// unread answers is refused before anything is built (ERR 1104), and
+/// with a LIMIT, which the channel's home shard applies first, it works.
+#[test]
+fn a_select_too_big_to_answer_is_refused_and_a_limit_gets_it() {
+    for io in BACKENDS {
+        // 64 KiB x 16 = 1 MiB; the history holds 1.6 MB.
+        let s = start(io, &["--outbound-limit", "65536", "--max-query-size", "4096"]);
+        let mut db = connect(&s);
+        fill_history(&mut db, "hist_huge", 400, 4000);
+        let sql = "SELECT id, message FROM pipes_messages WHERE name = 'hist_huge'";
+        let (code, msg) = sql_err(db.query::<(u64, String), _>(sql));
+        assert_eq!(code, 1104, "{io}: {msg}");
+        assert!(msg.contains("more than 1048576 bytes"), "{io}: {msg}");
+        let rows: Vec<(u64, String)> = db.query(format!("{sql} LIMIT 100, 100")).unwrap();
+        assert_eq!(rows.len(), 100, "{io}");
+        assert!(rows.windows(2).all(|w| w[0].0 < w[1].0), "{io}: oldest first");
+        // A whole answer over the bound of queued answers still goes out
+        // whole to a client that reads: the bound is for answers not read.
+        let rows: Vec<(u64, String)> = db.query(format!("{sql} LIMIT 250")).unwrap();
+        assert_eq!(rows.len(), 250, "{io}");
     }
 }
 

@@ -332,14 +332,16 @@ fn backend_connections_over_their_limit_get_err_1040_or_503_and_the_frontend_is_
         let s = start(io, &["--max-backend-connections", "4", "--password", "s3cret"]);
         let url = format!("mysql://root:s3cret@{}/CometQL_v1", s.backend);
         let opts = mysql::Opts::from_url(&url).unwrap();
-        // An attacker holds connections it never logs in on, and HTTP API
-        // connections: they count together.
-        let mut idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(s.backend).unwrap()).collect();
-        // (The API port accepts only connections that have spoken:
-        // TCP_DEFER_ACCEPT; one byte of a request head is enough.)
+        // Logged-in CometQL connections and HTTP API connections that
+        // showed a good key count together. (Connections that never log
+        // in give their slot to a new one: tests/cometql.rs.)
+        let mut idle: Vec<mysql::Conn> = (0..2).map(|_| mysql::Conn::new(opts.clone()).unwrap()).collect();
         let mut api = TcpStream::connect(s.api.unwrap()).unwrap();
-        api.write_all(b"G").unwrap();
-        idle.push(api);
+        api.write_all(b"GET /api/pipes?name=web_x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 12];
+        api.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "{io}");
         let mut db = mysql::Conn::new(opts.clone()).expect("the fourth backend connection is admitted");
         assert!(eventually(5, || s.metric("comet_cometql_connections") == 4), "{io}");
 
@@ -358,8 +360,10 @@ fn backend_connections_over_their_limit_get_err_1040_or_503_and_the_frontend_is_
         assert_eq!(n, Some(1));
         assert!(bystander_round_trip(&s, "backfull") < Duration::from_secs(2));
 
+        assert_eq!(s.metric("comet_evicted_backend_total"), 0, "{io}");
         // A connection that goes frees its place.
         idle.truncate(0);
+        drop(api);
         assert!(eventually(5, || mysql::Conn::new(opts.clone()).is_ok()), "{io}: a freed place is taken again");
     }
 }

@@ -316,8 +316,7 @@ const NUMERIC: &[&str] = &["id", "time", "index", "user_id", "users", "length"];
 /// The HTTP answer to one statement's result: 200 with `{"affected":N}`
 /// (and `"last_insert_id"` when CometQL gives one) or `{"rows":[...]}`; a
 /// CometQL error is 422 (404 for an unknown table, 503 while the cluster's
-/// Redis is down, 429 with `Retry-After` while the connection's unread
-/// answers are over their bound).
+/// Redis is down).
 pub fn answer(r: &StmtResult, close: bool) -> Vec<u8> {
     match r {
         StmtResult::Ok { affected, last_insert_id } => {
@@ -333,11 +332,9 @@ pub fn answer(r: &StmtResult, close: bool) -> Vec<u8> {
             let status = match *code {
                 15 => 404,
                 503 => 503,
-                crate::shard::sql::ANSWERS_UNREAD => 429,
                 _ => 422,
             };
-            let retry_after = (status == 429).then_some(1);
-            error_answer(&ApiError { retry_after, ..ApiError::new(status, *code, msg.clone()) }, close)
+            error_answer(&ApiError::new(status, *code, msg.clone()), close)
         }
     }
 }

@@ -1237,11 +1237,13 @@ impl ShardCore {
     }
 
     fn send_raw(&mut self, id: ConnId, bytes: Vec<u8>) {
-        // A CometQL client that pipelines answers it never reads gets a
-        // generous bound, then is disconnected.
+        // A backend client that has not read a generous bound of earlier
+        // answers is disconnected. The answer itself is not counted: it is
+        // built already (a gather of rows builds one within the bound, and
+        // one at a time), and a client that reads must get it whole.
         let sql_limit = self.sql_answer_limit();
         let Some(conn) = self.conns.get_mut(id) else { return };
-        if conn.phase == Phase::Sql && conn.out.cost() + OutQueue::cost_of(&bytes) > sql_limit {
+        if conn.phase == Phase::Sql && conn.out.cost() > sql_limit {
             eprintln!(
                 "comet: shard {}: backend client {} (CometQL or HTTP API) does not read its answers; disconnecting",
                 self.id, conn.peer

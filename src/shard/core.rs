@@ -782,17 +782,24 @@ impl ShardCore {
             Query::Members(ch) => Reply::Members(self.local_members(dev_id, ch)),
             Query::Counts(names) => Reply::Counts(names.iter().map(|n| self.local_count(dev_id, n)).collect()),
             Query::Subscribers(names) => Reply::Records(Records::Subscribers(self.local_subscribers(dev_id, names))),
-            Query::History(names) => Reply::Records(Records::History(
-                names
-                    .iter()
-                    .filter(|n| home(self, n))
-                    .map(|n| ChannelHistory {
-                        channel: n.clone(),
-                        messages: self.history.entries(dev_id, n).into_iter().map(Into::into).collect(),
-                    })
-                    .filter(|h| !h.messages.is_empty())
-                    .collect(),
-            )),
+            Query::History { names, rows } => {
+                // Never more than a backend connection may leave unread:
+                // past it, nothing is built and the SELECT is refused.
+                let limit = self.sql_answer_limit();
+                let mut budget = limit;
+                let mut found = Vec::new();
+                for n in names.iter().filter(|n| home(self, n)) {
+                    match self.history.entries_within(dev_id, n, *rows, &mut budget) {
+                        None => return Reply::Records(Records::TooBig(limit)),
+                        Some(m) if m.is_empty() => {}
+                        Some(m) => found.push(ChannelHistory {
+                            channel: n.clone(),
+                            messages: m.into_iter().map(Into::into).collect(),
+                        }),
+                    }
+                }
+                Reply::Records(Records::History(found))
+            }
             Query::HistoryDelete { names, ids } => {
                 // `WHERE name AND id` removes those ids from those channels
                 // only; `WHERE name` clears them; `WHERE id` looks everywhere.

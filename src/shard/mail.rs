@@ -110,7 +110,9 @@ impl Query {
         use crate::users::UserQuery as U;
         match self {
             Query::Count(n) | Query::Members(n) | Query::Log(n) => n.len(),
-            Query::Counts(v) | Query::Subscribers(v) | Query::History(v) | Query::SettingsDelete(v) => strs(v),
+            Query::Counts(v) | Query::Subscribers(v) | Query::History { names: v, .. } | Query::SettingsDelete(v) => {
+                strs(v)
+            }
             Query::HistoryDelete { names, ids } => strs(names) + ids.len() * 8,
             Query::SettingsSet(v) => strs(v.iter().map(|(n, _)| n)) + v.len() * 8,
             Query::SettingsSelect(v) => v.as_ref().map_or(0, strs),
@@ -182,6 +184,7 @@ impl Records {
                 .sum(),
             Records::Presences(v) => v.len() * 24,
             Records::Tokens(v) => v.iter().map(|t| t.len() + 24).sum(),
+            Records::TooBig(_) => 16,
         }
     }
 
@@ -195,7 +198,8 @@ impl Records {
             return;
         }
         match (self, other) {
-            (_, Records::None) => {}
+            (_, Records::None) | (Records::TooBig(_), _) => {}
+            (a, b @ Records::TooBig(_)) => *a = b,
             (Records::History(a), Records::History(b)) => a.extend(b),
             (Records::Subscribers(a), Records::Subscribers(b)) => a.extend(b),
             (Records::Settings(a), Records::Settings(b)) => a.extend(b),
@@ -219,6 +223,7 @@ impl Records {
             Records::Queues(_) => "offline queue",
             Records::Presences(_) => "presence",
             Records::Tokens(_) => "revoked token",
+            Records::TooBig(_) => "too big",
         }
     }
 }
@@ -251,8 +256,11 @@ pub enum Query {
     Counts(Vec<Arc<str>>),
     /// `users_in_pipes` rows of the local subscribers of these channels.
     Subscribers(Vec<Arc<str>>),
-    /// `pipes_messages` rows of these channels (from their home shards).
-    History(Vec<Arc<str>>),
+    /// `pipes_messages` rows of these channels (from their home shards):
+    /// at most `rows` of each (a LIMIT's offset and count), and at most
+    /// the bound of a backend connection's unread answers in all
+    /// ([`Records::TooBig`] past it).
+    History { names: Vec<Arc<str>>, rows: u64 },
     /// Clear these channels' history and remove entries with these ids.
     HistoryDelete { names: Vec<Arc<str>>, ids: Vec<u64> },
     /// Set history lengths (on the channels' home shards).
@@ -312,6 +320,9 @@ pub enum Records {
     Presences(Vec<(u64, Presence)>),
     /// `revoked_tokens`: the revoked tokens asked for.
     Tokens(Vec<String>),
+    /// A shard's part would have taken more than this many bytes, so it
+    /// was not built.
+    TooBig(usize),
 }
 
 /// A message between shards.

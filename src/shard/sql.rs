@@ -34,6 +34,10 @@ pub const CLUSTER_DOWN: u16 = 503;
 /// unread answers are over their bound (MySQL's ER_OUT_OF_RESOURCES).
 pub const ANSWERS_UNREAD: u16 = 1041;
 
+/// The error code of a SELECT whose answer alone would pass that bound
+/// (MySQL's ER_TOO_BIG_SELECT).
+pub const ANSWER_TOO_BIG: u16 = 1104;
+
 /// Largest packet accepted before authentication.
 const MAX_AUTH_PACKET: usize = 64 * 1024;
 
@@ -746,7 +750,11 @@ impl ShardCore {
                 (Query::Counts(arcs(&names)), SqlThen::PipeCounts { names, proj, remote })
             }
             Plan::Subscribers { names, proj } => (Query::Subscribers(arcs(&names)), SqlThen::Select(proj)),
-            Plan::HistorySelect { names, proj } => (Query::History(arcs(&names)), SqlThen::Select(proj)),
+            Plan::HistorySelect { names, proj } => {
+                // A LIMIT takes at most offset + count rows of each channel.
+                let rows = proj.limit.map_or(u64::MAX, |(offset, count)| offset.saturating_add(count));
+                (Query::History { names: arcs(&names), rows }, SqlThen::Select(proj))
+            }
             Plan::HistoryDelete { names, ids } => {
                 (Query::HistoryDelete { names: arcs(&names), ids }, SqlThen::Affected(0))
             }
@@ -911,6 +919,14 @@ impl ShardCore {
 fn select(proj: &Projection, records: Records) -> StmtResult {
     let all = match records {
         Records::None => Vec::new(),
+        Records::TooBig(limit) => {
+            return StmtResult::err(
+                ANSWER_TOO_BIG,
+                format!(
+                    "The answer would take more than {limit} bytes (16 x --outbound-limit, or 4 x --max-query-size if more); ask for fewer rows (LIMIT) or fewer channels"
+                ),
+            );
+        }
         Records::History(h) => rows::pipes_messages(h),
         Records::Subscribers(s) => rows::users_in_pipes(s),
         Records::Settings(s) => rows::pipes_settings(s),
