@@ -62,6 +62,8 @@ pub struct ShardMetrics {
     pub refused_rate: AtomicU64,
     /// Backend connections refused (`--max-backend-connections`).
     pub refused_backend: AtomicU64,
+    /// Backend connections closed for not reading their answers.
+    pub unread_answer_closes: AtomicU64,
     /// Backend connections closed to admit a new one with all slots taken:
     /// the oldest that had not logged in (or was an idle HTTP API one).
     pub evicted_backend: AtomicU64,
@@ -195,7 +197,7 @@ impl Registry {
             }
         }
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 38] = [
+        let families: [(&str, &str, &str, Get); 39] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -222,6 +224,12 @@ impl Registry {
                 "counter",
                 "CometQL and HTTP API connections refused (--max-backend-connections).",
                 |m| m.refused_backend.load(Relaxed) as i64,
+            ),
+            (
+                "comet_unread_answer_closes_total",
+                "counter",
+                "CometQL and HTTP API connections closed for leaving 16 x --outbound-limit of answers unread.",
+                |m| m.unread_answer_closes.load(Relaxed) as i64,
             ),
             (
                 "comet_evicted_backend_total",

@@ -682,6 +682,7 @@ fn pipelined_selects_never_read_build_one_answer_at_a_time() {
             db.query_map("SHOW STATUS LIKE 'Threads_connected'", |(_, v): (String, String)| v).unwrap() == ["1"]
         });
         assert!(dropped, "{io}: the client that never reads is still connected");
+        assert_eq!(s.metric("comet_unread_answer_closes_total"), 1, "{io}");
         let grew = peak_rss_kib(pid).saturating_sub(before);
         assert!(grew < 64 * 1024, "{io}: the server's peak memory grew by {grew} KiB");
         let one: Option<String> = db.query_first("SELECT 1").unwrap();

@@ -368,6 +368,55 @@ fn backend_connections_over_their_limit_get_err_1040_or_503_and_the_frontend_is_
     }
 }
 
+/// At --max-backend-connections, the slot a new backend connection takes
+/// is one from the address holding the most connections that prove
+/// nothing, so a flood of silent connections evicts its own, not a backend
+/// from another address; and each eviction counts as a failed login of the
+/// flood's address, which is soon refused at accept (ERR 1129).
+#[test]
+fn a_flood_of_silent_backend_connections_evicts_its_own_and_gets_its_address_refused() {
+    for io in BACKENDS {
+        let s = Server::start(&["--io", io, "--shards", "1", "--password", "s3cret", "--max-backend-connections", "4"]);
+        // A connection from `source` and the first packet it gets.
+        let from = |source: &str| {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            sock.bind(&format!("{source}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
+            sock.connect(&s.backend.into()).unwrap();
+            let mut t: TcpStream = sock.into();
+            t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let (_, first) = common::read_packet(&mut t);
+            (t, first)
+        };
+        let (mut lone, _) = from("127.0.0.3");
+        let mut flood = Vec::new();
+        let mut refused = 0;
+        for _ in 0..40 {
+            let (t, first) = from("127.0.0.2");
+            if first[0] == 0xff && u16::from_le_bytes([first[1], first[2]]) == 1129 {
+                refused += 1;
+            }
+            flood.push(t);
+        }
+        // 3 fill the slots; then each evicts one of its own, and past 20
+        // failures in 10 s the address is refused.
+        assert!(refused >= 15, "{io}: {refused} of the flood refused at accept");
+        assert!(s.metric("comet_evicted_backend_total") >= 15, "{io}");
+        // The connection from the other address was never the one taken.
+        lone.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(lone.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{io}: the lone connection was closed"
+        );
+        // A backend from a third address logs in (taking one of the
+        // flood's slots) and works.
+        let url = format!("mysql://root:s3cret@{}/CometQL_v1", s.backend);
+        let mut db = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).expect("a backend logs in");
+        let n: Option<u64> = mysql::prelude::Queryable::query_first(&mut db, "SELECT 1").unwrap();
+        assert_eq!(n, Some(1), "{io}");
+    }
+}
+
 /// Past the 64 refusals a shard keeps lingering, a refused connection is
 /// not kept, but it is still told to come back later: every one of a burst
 /// far larger than that gets its 503 with `Retry-After` (before, those past

@@ -1244,10 +1244,17 @@ impl ShardCore {
         let sql_limit = self.sql_answer_limit();
         let Some(conn) = self.conns.get_mut(id) else { return };
         if conn.phase == Phase::Sql && conn.out.cost() > sql_limit {
-            eprintln!(
-                "comet: shard {}: backend client {} (CometQL or HTTP API) does not read its answers; disconnecting",
-                self.id, conn.peer
-            );
+            // One line a minute per shard at most: a client must not be
+            // able to fill the log by being disconnected over and over.
+            let (now, peer) = (self.now, conn.peer);
+            if self.unread_log_at.is_none_or(|t| now >= t + 60) {
+                eprintln!(
+                    "comet: shard {}: backend client {peer} (CometQL or HTTP API) does not read its answers; disconnecting (others are counted in comet_unread_answer_closes_total)",
+                    self.id
+                );
+                self.unread_log_at = Some(now);
+            }
+            ShardMetrics::add(&self.metrics.unread_answer_closes, 1);
             self.drop_conn(id);
             return;
         }

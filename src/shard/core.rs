@@ -219,6 +219,8 @@ pub struct ShardCore {
     pub last_queue_purge: u32,
     /// Shard time a failed backend login was last logged.
     pub auth_log_at: Option<u32>,
+    /// When a backend client not reading its answers was last logged.
+    pub unread_log_at: Option<u32>,
     /// `--channel-rate`: this shard's share of browser publishes per channel.
     pub channel_rates: super::limits::ChannelRates,
     /// This shard's backend connections (CometQL and HTTP API), at most
@@ -294,6 +296,7 @@ impl ShardCore {
             users: crate::users::UserStore::default(),
             last_queue_purge: 0,
             auth_log_at: None,
+            unread_log_at: None,
             channel_rates,
             backends: Vec::new(),
             deflater: Default::default(),

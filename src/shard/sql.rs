@@ -318,6 +318,13 @@ impl ShardCore {
         }
         if let Some(victim) = self.oldest_unproven_backend() {
             ShardMetrics::add(&self.metrics.evicted_backend, 1);
+            // A CometQL connection closed before it logged in counts as a
+            // failed login of its address: a flood of connections that
+            // never log in gets its address refused at accept, and stops
+            // taking slots.
+            if self.sql(victim).is_some_and(|s| !s.is_http()) {
+                self.login_failed(victim);
+            }
             self.drop_conn(victim);
             if self.try_admit_backend() {
                 return true;
@@ -336,18 +343,31 @@ impl ShardCore {
         true
     }
 
-    /// This shard's backend connection that has held its slot the longest
-    /// without proving anything (since it opened, or its last request).
+    /// This shard's backend connection to close for a new one: of those
+    /// that prove nothing, one from the address that holds the most of
+    /// them (a flood from one address evicts its own connections, not a
+    /// backend logging in from another), the oldest of those (since it
+    /// opened, or its last request).
     fn oldest_unproven_backend(&self) -> Option<ConnId> {
-        self.backends
+        let mut unproven: Vec<(std::net::IpAddr, u32, ConnId)> = self
+            .backends
             .iter()
             .filter_map(|&id| {
                 let c = self.conns.get(id)?;
                 let sql = c.sql.as_deref().filter(|s| s.unproven() && c.phase == Phase::Sql)?;
-                Some((if sql.is_http() { c.last_rx } else { c.opened }, id))
+                Some((c.peer.ip(), if sql.is_http() { c.last_rx } else { c.opened }, id))
             })
-            .min_by_key(|&(since, _)| since)
-            .map(|(_, id)| id)
+            .collect();
+        // By address, oldest first within one: the first of the longest run.
+        unproven.sort_unstable_by_key(|u| (u.0, u.1));
+        let mut best: Option<(usize, u32, ConnId)> = None;
+        for run in unproven.chunk_by(|a, b| a.0 == b.0) {
+            let (n, since, id) = (run.len(), run[0].1, run[0].2);
+            if best.is_none_or(|(bn, bs, _)| n > bn || (n == bn && since < bs)) {
+                best = Some((n, since, id));
+            }
+        }
+        best.map(|(_, _, id)| id)
     }
 
     /// Counts and logs a failed login (a CometQL login or an HTTP API key);
