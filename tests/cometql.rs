@@ -714,6 +714,31 @@ fn a_select_too_big_to_answer_is_refused_and_a_limit_gets_it() {
     }
 }
 
+/// The same bound holds for the users' tables: a SELECT of many users'
+/// offline queues (each up to half of --outbound-limit) is refused before
+/// anything is built; fewer users are answered. (Each shard's part is
+/// held to the bound.)
+#[test]
+fn a_select_of_too_many_offline_queues_is_refused() {
+    // Queues of at most 32 KiB; answers of at most 4 MiB (4 x 1 MiB
+    // queries) from each of the 2 shards: 400 x 30 KB is 6 MB a shard.
+    let s = start("epoll", &["--outbound-limit", "65536"]);
+    let mut db = connect(&s);
+    let text = "q".repeat(30_000);
+    for uid in 1..=400 {
+        db.query_drop(format!("INSERT INTO users_messages (id, event, message) VALUES ({uid}, 'e', '{text}')"))
+            .unwrap();
+    }
+    let ids = |n: u64| (1..=n).map(|u| u.to_string()).collect::<Vec<_>>().join(",");
+    let (code, msg) = sql_err(
+        db.query::<(u64, String), _>(format!("SELECT id, message FROM users_messages WHERE id IN ({})", ids(400))),
+    );
+    assert_eq!(code, 1104, "{msg}");
+    let rows: Vec<(u64, String)> =
+        db.query(format!("SELECT id, message FROM users_messages WHERE id IN ({})", ids(20))).unwrap();
+    assert_eq!(rows.len(), 20);
+}
+
 /// Connections that never log in cannot lock the backends out: with every
 /// slot taken, a new backend connection takes the slot of its shard's
 /// oldest connection that has not logged in (or idle HTTP API one);

@@ -943,7 +943,7 @@ fn select(proj: &Projection, records: Records) -> StmtResult {
             return StmtResult::err(
                 ANSWER_TOO_BIG,
                 format!(
-                    "The answer would take more than {limit} bytes (16 x --outbound-limit, or 4 x --max-query-size if more); ask for fewer rows (LIMIT) or fewer channels"
+                    "The answer would take more than {limit} bytes (16 x --outbound-limit, or 4 x --max-query-size if more); ask for fewer rows: fewer channels or user ids, or a LIMIT on pipes_messages"
                 ),
             );
         }

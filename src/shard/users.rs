@@ -310,7 +310,7 @@ impl ShardCore {
                 }
                 Reply::Count(mine_rows.len() as u64)
             }
-            UserQuery::AuthSelect(ids) => Reply::Records(Records::Keys(self.texts(dev_id, ids, |u| u.key.as_deref()))),
+            UserQuery::AuthSelect(ids) => Reply::Records(self.texts(dev_id, ids, |u| u.key.as_deref(), Records::Keys)),
             UserQuery::AuthDelete(ids) => {
                 let mut n = 0;
                 for &u in ids.iter().filter(|u| mine(**u)) {
@@ -327,13 +327,26 @@ impl ShardCore {
                 }
                 Reply::Count(n)
             }
-            UserQuery::QueueSelect(ids) => Reply::Records(Records::Queues(
-                ids.iter()
-                    .filter(|u| mine(**u))
-                    .map(|&u| (u, self.users.queued(dev_id, u, ttl, now)))
-                    .filter(|(_, q)| !q.is_empty())
-                    .collect(),
-            )),
+            UserQuery::QueueSelect(ids) => {
+                // Within the bound of a backend connection's unread
+                // answers, or nothing (a queue is at most half of
+                // --outbound-limit, a thousand of them far more).
+                let limit = self.sql_answer_limit();
+                let mut left = limit;
+                let mut found = Vec::new();
+                for &u in ids.iter().filter(|u| mine(**u)) {
+                    let q = self.users.queued(dev_id, u, ttl, now);
+                    let w = 32 + q.iter().map(|m| m.event().len() + m.message().len() + 32).sum::<usize>();
+                    let Some(l) = left.checked_sub(w) else {
+                        return Reply::Records(Records::TooBig(limit));
+                    };
+                    left = l;
+                    if !q.is_empty() {
+                        found.push((u, q));
+                    }
+                }
+                Reply::Records(Records::Queues(found))
+            }
             UserQuery::QueueDelete(ids) => {
                 Reply::Count(ids.iter().filter(|u| mine(**u)).map(|&u| self.users.clear_queue(dev_id, u)).sum())
             }
@@ -345,7 +358,7 @@ impl ShardCore {
                 }
                 Reply::Count(mine_rows.len() as u64)
             }
-            UserQuery::DataSelect(ids) => Reply::Records(Records::Data(self.texts(dev_id, ids, |u| u.data.as_deref()))),
+            UserQuery::DataSelect(ids) => Reply::Records(self.texts(dev_id, ids, |u| u.data.as_deref(), Records::Data)),
             UserQuery::DataDelete(ids) => {
                 Reply::Count(ids.iter().filter(|u| mine(**u)).map(|&u| self.users.remove_data(dev_id, u) as u64).sum())
             }
@@ -382,23 +395,31 @@ impl ShardCore {
             // `users_time` and `users_data` for that user alone.
             UserQuery::Status(u) => Reply::Records(Records::Presences(self.presences(dev_id, slice::from_ref(u)))),
             UserQuery::Data(u) => {
-                Reply::Records(Records::Data(self.texts(dev_id, slice::from_ref(u), |u| u.data.as_deref())))
+                Reply::Records(self.texts(dev_id, slice::from_ref(u), |u| u.data.as_deref(), Records::Data))
             }
         }
     }
 
     /// (user id, text) for the users homed here among `ids` that have the
     /// text `field` picks (a key, user data).
+    ///
+    /// Within the bound of a backend connection's unread answers (each
+    /// text counted with 32 bytes, as a gathered reply counts it), or
+    /// [`Records::TooBig`] with nothing built.
     fn texts(
         &self,
         dev_id: u32,
         ids: &[u64],
         field: impl Fn(&crate::users::User) -> Option<&str>,
-    ) -> Vec<(u64, String)> {
-        ids.iter()
-            .filter(|&&u| home_shard(dev_id, u, self.shards) == self.id)
-            .filter_map(|&u| Some((u, field(self.users.get(dev_id, u)?)?.to_string())))
-            .collect()
+        records: fn(Vec<(u64, String)>) -> Records,
+    ) -> Records {
+        let mine = |u: &&u64| home_shard(dev_id, **u, self.shards) == self.id;
+        let found = || ids.iter().filter(mine).filter_map(|&u| Some((u, field(self.users.get(dev_id, u)?)?)));
+        let limit = self.sql_answer_limit();
+        if found().map(|(_, t)| t.len() + 32).sum::<usize>() > limit {
+            return Records::TooBig(limit);
+        }
+        records(found().map(|(u, t)| (u, t.to_string())).collect())
     }
 
     /// (user id, presence) for the users homed here among `ids`.
