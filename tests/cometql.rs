@@ -739,6 +739,32 @@ fn a_select_of_too_many_offline_queues_is_refused() {
     assert_eq!(rows.len(), 20);
 }
 
+/// `users_in_pipes` rows are held to the bound too: a channel whose
+/// subscribers' rows (with their User-Agent texts) pass it is refused.
+#[test]
+fn users_in_pipes_of_too_many_subscribers_is_refused() {
+    use tungstenite::client::IntoClientRequest;
+    // 4 KiB x 16 = 64 KiB for a shard's part; 38 rows of 4 KB are 152 KB.
+    let s = start("uring", &["--outbound-limit", "4096", "--max-outbound-message", "4096", "--max-query-size", "4096"]);
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let mut req = s.url(&format!("v=4&uuid=rows{i}")).into_client_request().unwrap();
+        req.headers_mut().insert("User-Agent", "u".repeat(4000).parse().unwrap());
+        let (ws, _) = tungstenite::connect(req).unwrap();
+        let mut c = Client::from_ws(ws);
+        assert_eq!(c.recv()["event"], "serverInfo");
+        c.subscribe(&[if i < 2 { "web_few" } else { "web_rows" }]);
+        clients.push(c);
+    }
+    let mut db = connect(&s);
+    wait_subscribers(&mut db, "web_rows", 38);
+    let (code, msg) = sql_err(db.query::<String, _>("SELECT user_uuid FROM users_in_pipes WHERE name = 'web_rows'"));
+    assert_eq!(code, 1104, "{msg}");
+    let mut few: Vec<String> = db.query("SELECT user_uuid FROM users_in_pipes WHERE name = 'web_few'").unwrap();
+    few.sort();
+    assert_eq!(few, ["rows0", "rows1"]);
+}
+
 /// Connections that never log in cannot lock the backends out: with every
 /// slot taken, a new backend connection takes the slot of its shard's
 /// oldest connection that has not logged in (or idle HTTP API one);

@@ -784,7 +784,7 @@ impl ShardCore {
             Query::Count(ch) => Reply::Count(self.local_count(dev_id, ch)),
             Query::Members(ch) => Reply::Members(self.local_members(dev_id, ch)),
             Query::Counts(names) => Reply::Counts(names.iter().map(|n| self.local_count(dev_id, n)).collect()),
-            Query::Subscribers(names) => Reply::Records(Records::Subscribers(self.local_subscribers(dev_id, names))),
+            Query::Subscribers(names) => Reply::Records(self.local_subscribers(dev_id, names)),
             Query::History { names, rows } => {
                 // Never more than a backend connection may leave unread:
                 // past it, nothing is built and the SELECT is refused.
@@ -848,7 +848,12 @@ impl ShardCore {
 
     /// The local subscribers of `names` (`users_in_pipes`), channel by
     /// channel in the order asked.
-    fn local_subscribers(&self, dev_id: u32, names: &[Arc<str>]) -> Vec<Subscriber> {
+    ///
+    /// Within the bound of a backend connection's unread answers (each row
+    /// counted as a gathered reply counts it), or [`Records::TooBig`].
+    fn local_subscribers(&self, dev_id: u32, names: &[Arc<str>]) -> Records {
+        let limit = self.sql_answer_limit();
+        let mut left = limit;
         let mut subscribers = Vec::new();
         for name in names {
             let Some(ch) = self.find_channel(dev_id, name).and_then(|i| self.channels[i as usize].as_ref()) else {
@@ -856,6 +861,18 @@ impl ShardCore {
             };
             for c in ch.subs.iter().filter_map(|&id| self.conns.get(id)) {
                 let info = &c.info;
+                // The texts below, and 160 bytes (as Records counts a row).
+                let w = name.len()
+                    + info.uuid().len()
+                    + info.user_agent().len()
+                    + info.origin().len()
+                    + info.language().len()
+                    + 40
+                    + 160;
+                let Some(l) = left.checked_sub(w) else {
+                    return Records::TooBig(limit);
+                };
+                left = l;
                 subscribers.push(Subscriber {
                     channel: name.clone(),
                     user_id: c.user_id,
@@ -867,7 +884,7 @@ impl ShardCore {
                 });
             }
         }
-        subscribers
+        Records::Subscribers(subscribers)
     }
 
     pub(super) fn maybe_complete(&mut self, req: u64) {
