@@ -228,7 +228,7 @@ impl Registry {
             (
                 "comet_unread_answer_closes_total",
                 "counter",
-                "CometQL and HTTP API connections closed for leaving 16 x --outbound-limit of answers unread.",
+                "CometQL and HTTP API connections closed for leaving 16 x --outbound-limit of answers unread for --message-timeout.",
                 |m| m.unread_answer_closes.load(Relaxed) as i64,
             ),
             (

@@ -478,16 +478,23 @@ fn a_backend_client_that_never_logs_in_is_dropped_after_the_handshake_time() {
 
 #[test]
 fn a_backend_client_that_never_reads_is_disconnected_not_buffered_forever() {
-    // outbound limit 64 KiB and queries of at most 1 KiB -> CometQL bound 1 MiB.
-    let s = start("uring", &["--outbound-limit", "65536", "--max-query-size", "1024"]);
+    // outbound limit 64 KiB and queries of at most 1 KiB -> CometQL bound
+    // 1 MiB; past it the client is not read, and after --message-timeout
+    // so it is disconnected.
+    let s = start("uring", &["--outbound-limit", "65536", "--max-query-size", "1024", "--message-timeout", "2"]);
     let (mut t, ok) = raw_login(&s, "s3cret");
     assert_eq!(ok[0], 0);
-    // Ask for SHOW VARIABLES (about 1 KiB each) 4,000 times without reading.
+    // Ask for SHOW VARIABLES (about 1 KiB each) 40,000 times without
+    // reading: more than the sockets' buffers hold, so the server's own
+    // queue stays over its bound.
     let mut out = Vec::new();
-    for _ in 0..4000 {
+    for _ in 0..40_000 {
         packet(&mut out, 0, b"\x03SHOW VARIABLES");
     }
+    t.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
     let _ = t.write_all(&out);
+    // Not read past its bound, then disconnected after --message-timeout.
+    assert!(eventually(15, || s.metric("comet_unread_answer_closes_total") == 1));
     let mut rest = Vec::new();
     t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // The server closes the connection (EOF, or a reset for the queries it
@@ -498,7 +505,7 @@ fn a_backend_client_that_never_reads_is_disconnected_not_buffered_forever() {
             "the server kept the connection open: {e}"
         );
     }
-    assert!(rest.len() < 4000 * 900, "the server stopped answering at its bound ({} bytes read)", rest.len());
+    assert!(rest.len() < 40_000 * 900, "the server stopped answering at its bound ({} bytes read)", rest.len());
     // The server is fine.
     let mut db = connect(&s);
     let one: Option<String> = db.query_first("SELECT 1").unwrap();
@@ -657,6 +664,37 @@ fn pipelined_queries_with_parked_statements_run_in_order() {
     }
 }
 
+/// A client that pipelines big SELECTs and reads them more slowly than the
+/// server answers gets every answer, in order: past the bound of unread
+/// answers the server stops reading its queries until it caught up,
+/// instead of disconnecting it.
+#[test]
+fn pipelined_big_selects_read_slowly_are_all_answered_in_order() {
+    // 4 x --max-query-size (1 MiB) = 4 MiB of unread answers; 1 MB each.
+    let s = start("uring", &["--outbound-limit", "65536"]);
+    let mut db = connect(&s);
+    fill_history(&mut db, "hist_slow", 100, 10_000);
+    let (mut t, ok) = raw_login(&s, "s3cret");
+    assert_eq!(ok[0], 0);
+    let mut out = Vec::new();
+    for i in 0..30 {
+        packet(&mut out, 0, b"\x03SELECT id FROM pipes_messages WHERE name = 'hist_slow'");
+        packet(
+            &mut out,
+            0,
+            format!("\x03SELECT message FROM pipes_messages WHERE name = 'hist_slow'; SELECT 'm{i}'").as_bytes(),
+        );
+    }
+    t.write_all(&out).unwrap();
+    for i in 0..30 {
+        assert_eq!(read_answer(&mut t)[0].len(), 100, "answer {i}");
+        let both = read_answer(&mut t);
+        assert_eq!((both[0].len(), both[1].as_slice()), (100, [format!("m{i}")].as_slice()), "answer {i}");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert_eq!(s.metric("comet_unread_answer_closes_total"), 0);
+}
+
 /// A client pipelining SELECTs of a big history that it never reads: the
 /// shards build one answer at a time for it, and its unread answers close
 /// it at the bound, so the server's memory grows by a few answers, not by
@@ -665,7 +703,7 @@ fn pipelined_queries_with_parked_statements_run_in_order() {
 fn pipelined_selects_never_read_build_one_answer_at_a_time() {
     for io in BACKENDS {
         // 256 KiB x 16 = 4 MiB of unread answers; each answer 3.6 MB.
-        let s = start(io, &["--outbound-limit", "262144", "--max-query-size", "4096"]);
+        let s = start(io, &["--outbound-limit", "262144", "--max-query-size", "4096", "--message-timeout", "2"]);
         let mut db = connect(&s);
         fill_history(&mut db, "hist_big", 1000, 3500);
         let pid = s.child.id();
@@ -707,6 +745,13 @@ fn a_select_too_big_to_answer_is_refused_and_a_limit_gets_it() {
         let rows: Vec<(u64, String)> = db.query(format!("{sql} LIMIT 100, 100")).unwrap();
         assert_eq!(rows.len(), 100, "{io}");
         assert!(rows.windows(2).all(|w| w[0].0 < w[1].0), "{io}: oldest first");
+        // The tail of the history, past the bound: the rows before the
+        // offset are not built.
+        let tail: Vec<(String, String)> =
+            db.query("SELECT `index`, message FROM pipes_messages WHERE name = 'hist_huge' LIMIT 390, 10").unwrap();
+        assert_eq!(tail.len(), 10, "{io}");
+        assert_eq!(tail[0].0, "390", "{io}: positions kept");
+        assert_eq!(tail[9].1.len(), 4000, "{io}");
         // A whole answer over the bound of queued answers still goes out
         // whole to a client that reads: the bound is for answers not read.
         let rows: Vec<(u64, String)> = db.query(format!("{sql} LIMIT 250")).unwrap();

@@ -401,7 +401,9 @@ fn oversized_heads_and_chunked_bodies_are_refused_and_the_connection_closed() {
 fn a_client_that_pipelines_and_never_reads_is_disconnected_at_the_answer_bound() {
     // Unread answers are bounded at max(16 x --outbound-limit, 4 x
     // --max-query-size) = 1 MiB here, as for CometQL clients.
-    let s = start("epoll", &["--outbound-limit", "65536", "--max-query-size", "1024"]);
+    // Past it the connection is not read, and after --message-timeout so
+    // it is disconnected.
+    let s = start("epoll", &["--outbound-limit", "65536", "--max-query-size", "1024", "--message-timeout", "2"]);
     let before = rss_kib(&s);
     let mut h = Http::connect(api(&s));
     let one = request_bytes("GET", "/api/users_time?id=1", Some(KEY), None);

@@ -398,7 +398,9 @@ impl ShardCore {
     /// Whether connection `id` may be read now: not while the shard's mail
     /// is congested (its commands would add mail), nor while a backend
     /// connection has `--max-pending` requests waiting, statements parked
-    /// behind its gather of rows, or statements being started.
+    /// behind its gather of rows, statements being started, or more
+    /// answers queued than the bound of unread answers (it is read again
+    /// once they are written).
     /// A closing connection is always read (what it sends is dropped).
     pub fn may_read(&self, id: ConnId) -> bool {
         let Some(c) = self.conns.get(id) else {
@@ -408,7 +410,9 @@ impl ShardCore {
             Phase::Closing { .. } => true,
             _ if self.outbox.is_congested() || self.store_congested() => false,
             Phase::Sql => {
-                c.pending < self.shared.config.max_pending && !c.sql.as_ref().is_some_and(|s| s.holds_input())
+                c.pending < self.shared.config.max_pending
+                    && !c.sql.as_ref().is_some_and(|s| s.holds_input())
+                    && c.out.cost() <= self.sql_answer_limit()
             }
             _ => true,
         }
@@ -1237,26 +1241,18 @@ impl ShardCore {
     }
 
     fn send_raw(&mut self, id: ConnId, bytes: Vec<u8>) {
-        // A backend client that has not read a generous bound of earlier
-        // answers is disconnected. The answer itself is not counted: it is
-        // built already (a gather of rows builds one within the bound, and
-        // one at a time), and a client that reads must get it whole.
-        let sql_limit = self.sql_answer_limit();
+        // A backend client whose answers pass the bound of unread answers
+        // is not read until they are written (`may_read`), and is
+        // disconnected if that lasts (`tick`). The answer itself is queued
+        // whole: it is built already (one gather of rows at a time, each
+        // within the bound), and a client that reads must get it.
+        let (sql_limit, now) = (self.sql_answer_limit(), self.now);
         let Some(conn) = self.conns.get_mut(id) else { return };
-        if conn.phase == Phase::Sql && conn.out.cost() > sql_limit {
-            // One line a minute per shard at most: a client must not be
-            // able to fill the log by being disconnected over and over.
-            let (now, peer) = (self.now, conn.peer);
-            if self.unread_log_at.is_none_or(|t| now >= t + 60) {
-                eprintln!(
-                    "comet: shard {}: backend client {peer} (CometQL or HTTP API) does not read its answers; disconnecting (others are counted in comet_unread_answer_closes_total)",
-                    self.id
-                );
-                self.unread_log_at = Some(now);
-            }
-            ShardMetrics::add(&self.metrics.unread_answer_closes, 1);
-            self.drop_conn(id);
-            return;
+        if conn.phase == Phase::Sql
+            && conn.out.cost() + OutQueue::cost_of(&bytes) > sql_limit
+            && let Some(sc) = conn.sql.as_deref_mut()
+        {
+            sc.over_since.get_or_insert(now);
         }
         if conn.push_now(bytes.into()) {
             self.dirty.push(id);
@@ -1341,6 +1337,23 @@ impl ShardCore {
         self.finish_after_flush(id, true);
     }
 
+    /// Disconnects a backend client that did not read its answers.
+    fn unread_answers_close(&mut self, id: ConnId) {
+        let Some(peer) = self.conns.get(id).map(|c| c.peer) else { return };
+        // One line a minute per shard at most: a client must not be able
+        // to fill the log by being disconnected over and over.
+        let now = self.now;
+        if self.unread_log_at.is_none_or(|t| now >= t + 60) {
+            eprintln!(
+                "comet: shard {}: backend client {peer} (CometQL or HTTP API) does not read its answers; disconnecting (others are counted in comet_unread_answer_closes_total)",
+                self.id
+            );
+            self.unread_log_at = Some(now);
+        }
+        ShardMetrics::add(&self.metrics.unread_answer_closes, 1);
+        self.drop_conn(id);
+    }
+
     /// Closes a connection whose queue went over the bound (4008).
     pub fn close_slow_consumer(&mut self, id: ConnId) {
         let Some(conn) = self.conns.get_mut(id) else {
@@ -1410,6 +1423,15 @@ impl ShardCore {
                 }
                 true
             }
+            // A backend connection held for its answers is read again.
+            Phase::Sql => {
+                if let Some(sc) = self.conns.get_mut(id).and_then(|c| c.sql.as_deref_mut())
+                    && sc.over_since.take().is_some()
+                {
+                    self.unpause();
+                }
+                false
+            }
             _ => false,
         }
     }
@@ -1422,6 +1444,7 @@ impl ShardCore {
         let interval = self.shared.config.ping_interval.as_secs() as u32;
         let timeout = self.shared.config.ping_timeout.as_secs() as u32;
         let message_timeout = self.shared.config.message_timeout.as_secs() as u32;
+        let sql_limit = self.sql_answer_limit();
         for id in self.conns.ids() {
             // Input held while the shard does not read the connection
             // (answers it waits for, congested mail) is not the client's delay.
@@ -1452,6 +1475,23 @@ impl ShardCore {
                         && conn.sql.as_ref().is_some_and(|s| s.logging_in()) =>
                 {
                     self.drop_conn(id)
+                }
+                // A backend client that leaves the bound of unread answers
+                // queued for --message-timeout does not read them.
+                Phase::Sql
+                    if conn
+                        .sql
+                        .as_ref()
+                        .and_then(|s| s.over_since)
+                        .is_some_and(|t| now.saturating_sub(t) >= message_timeout) =>
+                {
+                    if conn.out.cost() > sql_limit {
+                        self.unread_answers_close(id);
+                    } else if let Some(sc) = conn.sql.as_deref_mut() {
+                        // Under the bound again (still writing): a new spell
+                        // over it counts from its own start.
+                        sc.over_since = None;
+                    }
                 }
                 // An HTTP API connection that keeps nothing waiting (no
                 // request started, no answer owed) is closed after a while.

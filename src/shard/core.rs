@@ -785,14 +785,14 @@ impl ShardCore {
             Query::Members(ch) => Reply::Members(self.local_members(dev_id, ch)),
             Query::Counts(names) => Reply::Counts(names.iter().map(|n| self.local_count(dev_id, n)).collect()),
             Query::Subscribers(names) => Reply::Records(self.local_subscribers(dev_id, names)),
-            Query::History { names, rows } => {
+            Query::History { names, rows, skip } => {
                 // Never more than a backend connection may leave unread:
                 // past it, nothing is built and the SELECT is refused.
                 let limit = self.sql_answer_limit();
                 let mut budget = limit;
                 let mut found = Vec::new();
                 for n in names.iter().filter(|n| home(self, n)) {
-                    match self.history.entries_within(dev_id, n, *rows, &mut budget) {
+                    match self.history.entries_within(dev_id, n, *rows, *skip, &mut budget) {
                         None => return Reply::Records(Records::TooBig(limit)),
                         Some(m) if m.is_empty() => {}
                         Some(m) => found.push(ChannelHistory {

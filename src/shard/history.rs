@@ -230,16 +230,29 @@ impl HistoryStore {
             .unwrap_or_default()
     }
 
-    /// The first `rows` entries of a channel's history, oldest first, while
-    /// their weight (text and 80 bytes each, as a gathered reply counts
-    /// them) fits in `budget`, which they take from; `None` when it would
-    /// not.
-    pub fn entries_within(&self, dev_id: u32, name: &str, rows: u64, budget: &mut usize) -> Option<Vec<Entry>> {
+    /// The first `rows` entries of a channel's history, oldest first, the
+    /// first `skip` of them without their texts (placeholders that keep
+    /// the others' positions), while their weight (text and 80 bytes
+    /// each, as a gathered reply counts them) fits in `budget`, which they
+    /// take from; `None` when it would not.
+    pub fn entries_within(
+        &self,
+        dev_id: u32,
+        name: &str,
+        rows: u64,
+        skip: u64,
+        budget: &mut usize,
+    ) -> Option<Vec<Entry>> {
         let Some(s) = self.channels.get(&dev_id).and_then(|m| m.get(name)) else {
             return Some(Vec::new());
         };
         let mut out = Vec::new();
-        for e in s.entries.iter().take(rows.min(usize::MAX as u64) as usize) {
+        for (i, e) in s.entries.iter().take(rows.min(usize::MAX as u64) as usize).enumerate() {
+            if (i as u64) < skip {
+                *budget = budget.checked_sub(80)?;
+                out.push(Entry { event: String::new(), message: String::new(), ..*e });
+                continue;
+            }
             *budget = budget.checked_sub(e.event.len() + e.message.len() + 80)?;
             out.push(e.clone());
         }

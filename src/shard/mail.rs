@@ -257,10 +257,12 @@ pub enum Query {
     /// `users_in_pipes` rows of the local subscribers of these channels.
     Subscribers(Vec<Arc<str>>),
     /// `pipes_messages` rows of these channels (from their home shards):
-    /// at most `rows` of each (a LIMIT's offset and count), and at most
-    /// the bound of a backend connection's unread answers in all
+    /// at most `rows` of each (a LIMIT's offset and count), the first
+    /// `skip` of them (a LIMIT's offset, for one channel) as placeholders
+    /// without their texts, which the LIMIT drops; and at most the bound
+    /// of a backend connection's unread answers in all
     /// ([`Records::TooBig`] past it).
-    History { names: Vec<Arc<str>>, rows: u64 },
+    History { names: Vec<Arc<str>>, rows: u64, skip: u64 },
     /// Clear these channels' history and remove entries with these ids.
     HistoryDelete { names: Vec<Arc<str>>, ids: Vec<u64> },
     /// Set history lengths (on the channels' home shards).

@@ -113,6 +113,10 @@ pub struct SqlConn {
     /// Its statements are being started ([`ShardCore::sql_execute`] is on
     /// the stack): a gather completing on the spot must not restart them.
     running: bool,
+    /// Since when (shard second) its queued answers are over the bound of
+    /// unread answers: it is not read meanwhile, and it is disconnected
+    /// when that lasts `--message-timeout` ([`ShardCore::tick`]).
+    pub(super) over_since: Option<u32>,
 }
 
 /// The rest of a query whose next statement gathers rows while an earlier
@@ -159,7 +163,16 @@ impl SqlConn {
     }
 
     fn new(transport: Transport) -> SqlConn {
-        SqlConn { transport, slots: VecDeque::new(), front: 0, held: 0, reading: None, parked: None, running: false }
+        SqlConn {
+            transport,
+            slots: VecDeque::new(),
+            front: 0,
+            held: 0,
+            reading: None,
+            parked: None,
+            running: false,
+            over_since: None,
+        }
     }
 
     /// Whether the connection must not be read now: statements wait for
@@ -580,9 +593,12 @@ impl ShardCore {
                 }
             };
             if plan.gathers_rows() {
+                // Answers queued for the socket hold the connection's input
+                // back (`may_read`); results waiting for the rest of their
+                // query are bounded here.
                 let limit = self.sql_answer_limit();
-                let unsent = self.conns.get(id).map_or(0, |c| c.out.cost() + c.sql.as_ref().map_or(0, |s| s.held));
                 let Some(sc) = self.sql(id) else { return };
+                let unsent = sc.held;
                 if sc.reading.is_some() {
                     debug_assert!(sc.parked.is_none(), "one query parks at a time");
                     sc.parked = Some(Box::new(Parked { slot_id, index, plan, rest }));
@@ -591,7 +607,7 @@ impl ShardCore {
                 }
                 if unsent > limit {
                     let e = format!(
-                        "Not run: this connection's answers not yet read take {unsent} bytes, over the limit of {limit} bytes (16 x --outbound-limit, or 4 x --max-query-size if more); read them before asking for more rows"
+                        "Not run: the answers this connection waits to send take {unsent} bytes, over the limit of {limit} bytes (16 x --outbound-limit, or 4 x --max-query-size if more); ask for fewer rows in one query"
                     );
                     self.sql_set(id, slot_id, index, StmtResult::err(ANSWERS_UNREAD, e));
                     if let Some(slot) = self.sql_slot(id, slot_id) {
@@ -771,9 +787,15 @@ impl ShardCore {
             }
             Plan::Subscribers { names, proj } => (Query::Subscribers(arcs(&names)), SqlThen::Select(proj)),
             Plan::HistorySelect { names, proj } => {
-                // A LIMIT takes at most offset + count rows of each channel.
+                // A LIMIT takes at most offset + count rows of each
+                // channel; of one channel, the first `offset` are dropped
+                // (the shard sends them without their texts).
                 let rows = proj.limit.map_or(u64::MAX, |(offset, count)| offset.saturating_add(count));
-                (Query::History { names: arcs(&names), rows }, SqlThen::Select(proj))
+                let skip = match names.len() {
+                    1 => proj.limit.map_or(0, |(offset, _)| offset),
+                    _ => 0,
+                };
+                (Query::History { names: arcs(&names), rows, skip }, SqlThen::Select(proj))
             }
             Plan::HistoryDelete { names, ids } => {
                 (Query::HistoryDelete { names: arcs(&names), ids }, SqlThen::Affected(0))
