@@ -300,6 +300,17 @@ fn slow_consumer_is_closed_with_4008_and_others_keep_receiving() {
     }
 }
 
+/// A debug build on `shards` shards whose environment variable `var` (a
+/// panic hook of the debug build, `shard::panic_on_test_marker`) is
+/// `marker`.
+fn start_with_panic_marker(io: &str, shards: u8, var: &str, marker: &str) -> Server {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
+    cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+        .args(["--io", io, "--shards", &shards.to_string(), "--ephemeral", "--password", "pw"])
+        .env(var, marker);
+    Server::spawn_cmd(cmd)
+}
+
 /// A bug in the handling of one connection's input (a panic, asked for
 /// here with the debug build's COMET_TEST_PANIC_ON marker) closes that
 /// connection at once, with 1011 for a WebSocket, and counts it; the
@@ -307,11 +318,7 @@ fn slow_consumer_is_closed_with_4008_and_others_keep_receiving() {
 #[test]
 fn a_panic_handling_one_connection_closes_it_alone() {
     for io in BACKENDS {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
-        cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "127.0.0.1:0"])
-            .args(["--io", io, "--shards", "1", "--ephemeral", "--password", "pw"])
-            .env("COMET_TEST_PANIC_ON", "panic-marker");
-        let s = Server::spawn_cmd(cmd);
+        let s = start_with_panic_marker(io, 1, "COMET_TEST_PANIC_ON", "panic-marker");
         let mut sub = s.client("sub");
         sub.subscribe(&["web_x"]);
         let mut bad = s.client("bad");
@@ -355,11 +362,7 @@ fn a_panic_handling_one_connection_closes_it_alone() {
 #[test]
 fn a_panic_taking_over_a_handed_off_connection_drops_it_alone() {
     for io in BACKENDS {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comet"));
-        cmd.args(["--frontend", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--api", "127.0.0.1:0"])
-            .args(["--io", io, "--shards", "2", "--ephemeral", "--password", "pw"])
-            .env("COMET_TEST_PANIC_ON_ADOPT", "adopt-marker");
-        let s = Server::spawn_cmd(cmd);
+        let s = start_with_panic_marker(io, 2, "COMET_TEST_PANIC_ON_ADOPT", "adopt-marker");
         let user_url = |uid: u64, uuid: &str| s.url(&format!("sesion=k&myid={uid}&devid=0&v=4.08&uuid={uuid}"));
         let mut clients = Vec::new();
         let mut dropped = Vec::new();

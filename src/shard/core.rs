@@ -861,14 +861,16 @@ impl ShardCore {
             };
             for c in ch.subs.iter().filter_map(|&id| self.conns.get(id)) {
                 let info = &c.info;
-                // The texts below, and 160 bytes (as Records counts a row).
-                let w = name.len()
-                    + info.uuid().len()
-                    + info.user_agent().len()
-                    + info.origin().len()
-                    + info.language().len()
-                    + 40
-                    + 160;
+                // The texts below (an address at most 40), counted as a
+                // gathered reply counts them.
+                let w = super::mail::weigh::subscriber(
+                    name.len()
+                        + info.uuid().len()
+                        + info.user_agent().len()
+                        + info.origin().len()
+                        + info.language().len()
+                        + 40,
+                );
                 let Some(l) = left.checked_sub(w) else {
                     return Records::TooBig(limit);
                 };

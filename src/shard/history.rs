@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ahash::AHashMap;
 
+use super::mail::weigh;
 use crate::cometql::rows::StoredMessage;
 use crate::store::{Change, HistoryRecord};
 
@@ -232,9 +233,9 @@ impl HistoryStore {
 
     /// The first `rows` entries of a channel's history, oldest first, the
     /// first `skip` of them without their texts (placeholders that keep
-    /// the others' positions), while their weight (text and 80 bytes
-    /// each, as a gathered reply counts them) fits in `budget`, which they
-    /// take from; `None` when it would not.
+    /// the others' positions), while their weight (as a gathered reply
+    /// counts them: `mail::weigh`) fits in `budget`, which they take from;
+    /// `None` when it would not.
     pub fn entries_within(
         &self,
         dev_id: u32,
@@ -249,11 +250,11 @@ impl HistoryStore {
         let mut out = Vec::new();
         for (i, e) in s.entries.iter().take(rows.min(usize::MAX as u64) as usize).enumerate() {
             if (i as u64) < skip {
-                *budget = budget.checked_sub(80)?;
+                *budget = budget.checked_sub(weigh::history_entry("", ""))?;
                 out.push(Entry { event: String::new(), message: String::new(), ..*e });
                 continue;
             }
-            *budget = budget.checked_sub(e.event.len() + e.message.len() + 80)?;
+            *budget = budget.checked_sub(weigh::history_entry(&e.event, &e.message))?;
             out.push(e.clone());
         }
         Some(out)

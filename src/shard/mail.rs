@@ -141,18 +141,43 @@ impl Reply {
             Reply::Count(_) => 0,
             Reply::Members(m) => m.iter().map(|(_, u)| u.len() + 32).sum(),
             Reply::Counts(c) => c.len() * 8,
-            Reply::Log(l) => l.iter().map(|e| e.event.len() + e.message.len() + 80).sum(),
+            Reply::Log(l) => l.iter().map(|e| weigh::history_entry(&e.event, &e.message)).sum(),
             Reply::Records(r) => r.weight(),
             Reply::Failed(e) => e.len(),
         }
     }
 }
 
+/// What one record weighs, for [`Records::weight`] and for the shards that
+/// hold a reply to the bound of a backend connection's unread answers as
+/// they build it (so that the two count alike).
+pub mod weigh {
+    /// A history entry: its texts and its fixed fields.
+    pub fn history_entry(event: &str, message: &str) -> usize {
+        event.len() + message.len() + 80
+    }
+
+    /// One user's offline queue: a slot, and each entry's texts.
+    pub fn queue(q: &[crate::users::Queued]) -> usize {
+        32 + q.iter().map(|m| m.event().len() + m.message().len() + 32).sum::<usize>()
+    }
+
+    /// A (user id, text) row: `users_auth`, `users_data`.
+    pub fn text(t: &str) -> usize {
+        t.len() + 32
+    }
+
+    /// A `users_in_pipes` row, from the lengths of its texts.
+    pub fn subscriber(texts: usize) -> usize {
+        texts + 160
+    }
+}
+
 impl Records {
     /// Bytes these records hold: their strings, plus a small constant per
-    /// record for its fixed fields and the vector slot.
+    /// record for its fixed fields and the vector slot ([`weigh`]).
     fn weight(&self) -> usize {
-        let texts = |v: &[(u64, String)]| v.iter().map(|(_, t)| t.len() + 32).sum::<usize>();
+        let texts = |v: &[(u64, String)]| v.iter().map(|(_, t)| weigh::text(t)).sum::<usize>();
         let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
         match self {
             Records::None => 0,
@@ -161,27 +186,25 @@ impl Records {
                 .map(|c| {
                     c.channel.len()
                         + 40
-                        + c.messages.iter().map(|m| m.event.len() + m.message.len() + 80).sum::<usize>()
+                        + c.messages.iter().map(|m| weigh::history_entry(&m.event, &m.message)).sum::<usize>()
                 })
                 .sum(),
             Records::Subscribers(s) => s
                 .iter()
                 .map(|s| {
-                    s.channel.len()
-                        + s.uuid.len()
-                        + s.ip.len()
-                        + opt(&s.user_agent)
-                        + opt(&s.origin)
-                        + opt(&s.language)
-                        + 160
+                    weigh::subscriber(
+                        s.channel.len()
+                            + s.uuid.len()
+                            + s.ip.len()
+                            + opt(&s.user_agent)
+                            + opt(&s.origin)
+                            + opt(&s.language),
+                    )
                 })
                 .sum(),
             Records::Settings(v) => v.iter().map(|(n, _)| n.len() + 32).sum(),
             Records::Keys(v) | Records::Data(v) => texts(v),
-            Records::Queues(v) => v
-                .iter()
-                .map(|(_, q)| 32 + q.iter().map(|m| m.event().len() + m.message().len() + 32).sum::<usize>())
-                .sum(),
+            Records::Queues(v) => v.iter().map(|(_, q)| weigh::queue(q)).sum(),
             Records::Presences(v) => v.len() * 24,
             Records::Tokens(v) => v.iter().map(|t| t.len() + 24).sum(),
             Records::TooBig(_) => 16,

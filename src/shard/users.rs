@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::conn::Phase;
 use super::core::{Deferred, ShardCore, Written};
-use super::mail::{Publication, Records, Reply, encode_text_frame};
+use super::mail::{Publication, Records, Reply, encode_text_frame, weigh};
 use super::outq::OutQueue;
 use super::{ConnId, home_shard};
 use crate::cluster::RedisQueue;
@@ -336,8 +336,7 @@ impl ShardCore {
                 let mut found = Vec::new();
                 for &u in ids.iter().filter(|u| mine(**u)) {
                     let q = self.users.queued(dev_id, u, ttl, now);
-                    let w = 32 + q.iter().map(|m| m.event().len() + m.message().len() + 32).sum::<usize>();
-                    let Some(l) = left.checked_sub(w) else {
+                    let Some(l) = left.checked_sub(weigh::queue(&q)) else {
                         return Reply::Records(Records::TooBig(limit));
                     };
                     left = l;
@@ -404,7 +403,7 @@ impl ShardCore {
     /// text `field` picks (a key, user data).
     ///
     /// Within the bound of a backend connection's unread answers (each
-    /// text counted with 32 bytes, as a gathered reply counts it), or
+    /// text counted as a gathered reply counts it: `mail::weigh`), or
     /// [`Records::TooBig`] with nothing built.
     fn texts(
         &self,
@@ -416,7 +415,7 @@ impl ShardCore {
         let mine = |u: &&u64| home_shard(dev_id, **u, self.shards) == self.id;
         let found = || ids.iter().filter(mine).filter_map(|&u| Some((u, field(self.users.get(dev_id, u)?)?)));
         let limit = self.sql_answer_limit();
-        if found().map(|(_, t)| t.len() + 32).sum::<usize>() > limit {
+        if found().map(|(_, t)| weigh::text(t)).sum::<usize>() > limit {
             return Records::TooBig(limit);
         }
         records(found().map(|(u, t)| (u, t.to_string())).collect())
