@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Peak memory of comet while one backend client asks for many big answers
-and does not read them (the bound of unread answers, docs/architecture.md).
+"""Peak memory of comet while backend clients ask for many big answers and
+do not read them (the bounds of unread answers, docs/architecture.md).
 
-Usage: bench/answers-memory.py BACKEND_PORT COMET_PID K [PASSWORD]
+Usage: bench/answers-memory.py BACKEND_PORT COMET_PID K [PASSWORD [CONNS]]
 
-Fills channel `hbig` with 1,000 history entries of 4,000 bytes, then sends
-one COM_QUERY packing K `SELECT * FROM pipes_messages WHERE name = 'hbig'`
-from a client with a 4 KiB receive buffer that reads nothing for 3 s, and
-samples comet's RSS every 5 ms. Prints RSS before and the peak, in KiB.
+Fills channel `hbig` with 1,000 history entries of 4,000 bytes, then from
+each of CONNS clients (default 1) with a 4 KiB receive buffer sends one
+COM_QUERY packing K `SELECT * FROM pipes_messages WHERE name = 'hbig'`.
+The clients read nothing for 3 s while comet's RSS is sampled every 5 ms.
+Prints RSS before and the peak, in KiB.
 Needs only the Python standard library (a raw MySQL client below).
 """
 import hashlib, socket, struct, sys, threading, time
@@ -66,6 +67,7 @@ class My:
 def main():
     port, pid, k = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     pw = (sys.argv[4] if len(sys.argv) > 4 else "comet").encode()
+    conns = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     rss = lambda: int(next(l for l in open("/proc/%d/status" % pid) if l.startswith("VmRSS")).split()[1])
     m = My(port, pw)
     m.query("INSERT INTO pipes_settings (name, length) VALUES ('hbig', 1000)")
@@ -80,14 +82,19 @@ def main():
             time.sleep(0.005)
 
     threading.Thread(target=sample, daemon=True).start()
-    c = My(port, pw)
-    c.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    c.write_packet(0, b"\x03" + ";".join(["SELECT * FROM pipes_messages WHERE name = 'hbig'"] * k).encode())
+    query = b"\x03" + ";".join(["SELECT * FROM pipes_messages WHERE name = 'hbig'"] * k).encode()
+    clients = []
+    for _ in range(conns):
+        c = My(port, pw)
+        c.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.write_packet(0, query)
+        clients.append(c)
     time.sleep(3)
-    c.s.close()
+    for c in clients:
+        c.s.close()
     time.sleep(0.5)
     done.append(1)
-    print("K=%d rss_before_kib=%d peak_kib=%d" % (k, before, peak[0]))
+    print("K=%d CONNS=%d rss_before_kib=%d peak_kib=%d" % (k, conns, before, peak[0]))
 
 
 main()

@@ -172,6 +172,9 @@ pub struct Cli {
     /// Backend connections (CometQL and HTTP API together) this process holds at most; more get MySQL ERR 1040 or HTTP 503 [default: 256].
     #[arg(long, env = "COMET_MAX_BACKEND_CONNECTIONS", value_name = "N")]
     pub max_backend_connections: Option<usize>,
+    /// Bytes of CometQL and HTTP API answers the process holds for all backend connections together (built, or queued and not yet read); a SELECT that would pass it gets ERR 1041 [default: 268435456].
+    #[arg(long, env = "COMET_ANSWER_MEMORY_LIMIT", value_name = "BYTES")]
+    pub answer_memory_limit: Option<usize>,
     /// New frontend connections per second this process accepts (burst: one second's worth; 0: unlimited); more get HTTP 503 with Retry-After [default: 0].
     #[arg(long, env = "COMET_MAX_ACCEPT_RATE", value_name = "N")]
     pub max_accept_rate: Option<u32>,
@@ -267,6 +270,7 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<u32>,
     pub max_backend_connections: Option<usize>,
+    pub answer_memory_limit: Option<usize>,
     pub max_accept_rate: Option<u32>,
     pub client_rate: Option<u32>,
     pub channel_rate: Option<u32>,
@@ -345,6 +349,9 @@ pub struct Config {
     /// CometQL and HTTP API connections the process holds at most (within
     /// [`DESCRIPTOR_RESERVE`]); MySQL ERR 1040 or HTTP 503 beyond.
     pub max_backend_connections: usize,
+    /// Answer bytes held for all backend connections together; a SELECT
+    /// whose part would pass it gets ERR 1041.
+    pub answer_memory_limit: usize,
     /// New frontend connections a second, process-wide (0: unlimited);
     /// HTTP 503 beyond.
     pub max_accept_rate: u32,
@@ -440,6 +447,7 @@ impl Default for Config {
                 .min(10_000_000),
             max_connections_per_ip: 1000,
             max_backend_connections: 256,
+            answer_memory_limit: 256 << 20,
             max_accept_rate: 0,
             client_rate: 50,
             channel_rate: 100,
@@ -463,6 +471,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How many bytes of answers one backend connection may leave unread:
+    /// 16x the browser bound, and room for answers as big as the largest
+    /// query. Past it, queued answers stop its reading (and disconnect it
+    /// after `--message-timeout`), statements that gather rows are
+    /// refused, and so is any one shard's part of an answer that is bigger.
+    pub fn answer_bound(&self) -> usize {
+        self.outbound_limit.saturating_mul(16).max(self.max_query_size.saturating_mul(4))
+    }
+
     /// Merges file, environment and flags over the defaults, then validates.
     pub fn load(cli: Cli) -> Result<Config, ConfigError> {
         let file = match &cli.config {
@@ -523,6 +540,7 @@ impl Config {
                 .max_backend_connections
                 .or(file.max_backend_connections)
                 .unwrap_or(d.max_backend_connections),
+            answer_memory_limit: cli.answer_memory_limit.or(file.answer_memory_limit).unwrap_or(d.answer_memory_limit),
             max_accept_rate: cli.max_accept_rate.or(file.max_accept_rate).unwrap_or(d.max_accept_rate),
             client_rate: cli.client_rate.or(file.client_rate).unwrap_or(d.client_rate),
             channel_rate: cli.channel_rate.or(file.channel_rate).unwrap_or(d.channel_rate),
@@ -619,6 +637,13 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_connections_per_ip == 0 || self.max_backend_connections == 0 {
             return bad("max-connections, max-connections-per-ip and max-backend-connections must be at least 1".into());
+        }
+        if self.answer_memory_limit < self.answer_bound() {
+            return bad(format!(
+                "answer-memory-limit must be at least one backend connection's bound of unread answers, {} bytes (16 x outbound-limit, or 4 x max-query-size if more), got {}",
+                self.answer_bound(),
+                self.answer_memory_limit
+            ));
         }
         if self.max_accept_rate > 1_000_000 {
             return bad(format!(

@@ -64,6 +64,8 @@ pub struct ShardMetrics {
     pub refused_backend: AtomicU64,
     /// Backend connections closed for not reading their answers.
     pub unread_answer_closes: AtomicU64,
+    /// SELECTs refused for `--answer-memory-limit` (ERR 1041).
+    pub answer_memory_refusals: AtomicU64,
     /// Backend connections closed to admit a new one with all slots taken:
     /// the oldest that had not logged in (or was an idle HTTP API one).
     pub evicted_backend: AtomicU64,
@@ -115,6 +117,8 @@ pub struct Registry {
     pub started: std::time::Instant,
     /// The Redis connection's state with `--redis`; `None` without.
     pub redis: Option<Arc<RedisHealth>>,
+    /// The answer bytes held for backend connections (`--answer-memory-limit`).
+    pub answers: Option<Arc<crate::shard::answer_memory::AnswerMemory>>,
 }
 
 /// Whether the node is connected to Redis (`--redis`), and why not.
@@ -168,6 +172,14 @@ impl Registry {
         );
         let _ = writeln!(s, "# HELP comet_uptime_seconds Seconds since start.\n# TYPE comet_uptime_seconds gauge");
         let _ = writeln!(s, "comet_uptime_seconds {}", self.started.elapsed().as_secs());
+        if let Some(a) = &self.answers {
+            let name = "comet_answer_memory_bytes";
+            let _ = writeln!(
+                s,
+                "# HELP {name} Bytes of CometQL and HTTP API answers held for all backend connections, being built or not yet written (bound: --answer-memory-limit).\n# TYPE {name} gauge\n{name} {}",
+                a.used()
+            );
+        }
         if let Some(r) = &self.redis {
             let _ = writeln!(
                 s,
@@ -197,7 +209,7 @@ impl Registry {
             }
         }
         type Get = fn(&ShardMetrics) -> i64;
-        let families: [(&str, &str, &str, Get); 39] = [
+        let families: [(&str, &str, &str, Get); 40] = [
             ("comet_refused_total", "counter", "Frontend connections refused with 503 (--max-connections).", |m| {
                 m.refused_full.load(Relaxed) as i64
             }),
@@ -228,8 +240,14 @@ impl Registry {
             (
                 "comet_unread_answer_closes_total",
                 "counter",
-                "CometQL and HTTP API connections closed for leaving 16 x --outbound-limit of answers unread for --message-timeout.",
+                "CometQL and HTTP API connections closed for leaving 16 x --outbound-limit of answers unread for --message-timeout, or any answers unwritten that long while --answer-memory-limit has less than that left.",
                 |m| m.unread_answer_closes.load(Relaxed) as i64,
+            ),
+            (
+                "comet_answer_memory_refusals_total",
+                "counter",
+                "SELECTs refused with ERR 1041 because the answers held for all backend connections would pass --answer-memory-limit.",
+                |m| m.answer_memory_refusals.load(Relaxed) as i64,
             ),
             (
                 "comet_evicted_backend_total",
@@ -511,6 +529,7 @@ mod tests {
             io_backend: "epoll",
             started: std::time::Instant::now(),
             redis: None,
+            answers: None,
         };
         reg.shards[1].accepted.fetch_add(3, Relaxed);
         let text = reg.render();

@@ -189,11 +189,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     };
 
     let redis_health = config.redis.as_ref().map(|_| Arc::new(crate::metrics::RedisHealth::default()));
+    let answers = crate::shard::answer_memory::AnswerMemory::new(config.answer_memory_limit);
     let registry = Arc::new(Registry {
         shards: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
         io_backend: backend.name(),
         started: Instant::now(),
         redis: redis_health.clone(),
+        answers: Some(answers.clone()),
     });
     let metrics_addr = metrics_listener.map(|(a, l)| {
         crate::metrics::serve(l, registry.clone(), config.message_timeout);
@@ -206,6 +208,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         shutdown: shutdown.clone(),
         conn_counts: Default::default(),
         backend_conns: Default::default(),
+        answers,
         accept_rate: Default::default(),
         auth_failures: Default::default(),
         tls: crate::tls::Current::new(tls),

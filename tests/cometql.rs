@@ -734,6 +734,162 @@ fn pipelined_selects_never_read_build_one_answer_at_a_time() {
     }
 }
 
+/// `comet_answer_memory_bytes`, the process's one series.
+fn answer_memory(s: &Server) -> i64 {
+    let text = s.metrics_text();
+    let line = text.lines().find(|l| l.starts_with("comet_answer_memory_bytes ")).expect("the gauge");
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// A backend client with a 4 KiB receive buffer that asks for a big
+/// answer and reads only its first packet: "rows", or the error code and
+/// message.
+fn ask_and_stall(s: &Server, sql: &str) -> (TcpStream, Result<(), (u16, String)>) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&s.backend.into()).unwrap();
+    let (mut t, ok) = common::login_on(sock.into(), "s3cret", 0x10000, 45);
+    assert_eq!(ok[0], 0);
+    let mut out = Vec::new();
+    packet(&mut out, 0, format!("\x03{sql}").as_bytes());
+    t.write_all(&out).unwrap();
+    let (_, p) = read_packet(&mut t);
+    let first = match p[0] {
+        0xff => Err((u16::from_le_bytes([p[1], p[2]]), String::from_utf8_lossy(&p[9..]).into_owned())),
+        _ => Ok(()),
+    };
+    (t, first)
+}
+
+/// Reads the rest of a result set whose column count was read: the
+/// column definitions and the rows, each list ending in an EOF packet.
+fn read_rest_of_rows(t: &mut TcpStream) -> usize {
+    let (mut eofs, mut rows) = (0, 0);
+    while eofs < 2 {
+        let (_, p) = read_packet(t);
+        if p[0] == 0xfe && p.len() < 9 {
+            eofs += 1;
+        } else if eofs == 1 {
+            rows += 1;
+        }
+    }
+    rows
+}
+
+/// Every backend connection stays within its own bound of unread answers,
+/// but many of them together would hold that bound many times over (256
+/// connections x 16 MiB by default). The process counts the answers held
+/// for all of them, from the shard that builds a part to the socket that
+/// takes it, and a SELECT whose part would pass --answer-memory-limit gets
+/// ERR 1041 before it is built; reading the answers, or closing the
+/// connections that asked for them, gives the memory back.
+#[test]
+fn answers_held_for_all_backend_connections_stop_at_the_answer_memory_limit() {
+    // Each connection's bound: 16 x 256 KiB = 4 MiB; the process's: 8 MiB.
+    // Each answer holds about 3.6 MB.
+    let limit = 8 << 20;
+    let s = start(
+        "uring",
+        &["--outbound-limit", "262144", "--max-query-size", "4096", "--answer-memory-limit", &limit.to_string()],
+    );
+    let mut db = connect(&s);
+    fill_history(&mut db, "hist_pool", 1000, 3500);
+    let sql = "SELECT * FROM pipes_messages WHERE name = 'hist_pool'";
+    let mut served = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..6 {
+        match ask_and_stall(&s, sql) {
+            (t, Ok(())) => served.push(t),
+            (t, Err(e)) => refused.push((t, e)),
+        }
+        let held = answer_memory(&s);
+        assert!(held <= limit + (1 << 20), "{held} bytes of answers held, past the {limit}-byte limit");
+    }
+    // Two or three answers fit, whatever the sockets' buffers took of them.
+    assert!((1..=3).contains(&served.len()), "{} of 6 served", served.len());
+    assert_eq!(s.metric("comet_answer_memory_refusals_total"), refused.len() as i64);
+    for (_, (code, msg)) in &refused {
+        assert_eq!(*code, 1041, "{msg}");
+        assert!(msg.contains("--answer-memory-limit (8388608 bytes)"), "{msg}");
+    }
+    // A client that reads is refused as well while the memory is taken...
+    let (code, msg) = sql_err(db.query::<mysql::Row, _>(sql).map(|rows| rows.len()));
+    assert_eq!(code, 1041, "{msg}");
+    // ...and small answers still fit.
+    let one: Option<String> = db.query_first("SELECT 1").unwrap();
+    assert_eq!(one.as_deref(), Some("1"));
+    // The refused connections go on: their next SELECT is answered once
+    // the answers were read.
+    for t in &mut served {
+        assert_eq!(read_rest_of_rows(t), 1000);
+    }
+    assert!(eventually(5, || answer_memory(&s) < 1 << 20), "{} bytes still held after the reads", answer_memory(&s));
+    let rows: Vec<mysql::Row> = db.query(sql).unwrap();
+    assert_eq!(rows.len(), 1000);
+    let (mut t, _) = refused.pop().unwrap();
+    let mut out = Vec::new();
+    packet(&mut out, 0, format!("\x03{sql}").as_bytes());
+    t.write_all(&out).unwrap();
+    let (_, p) = read_packet(&mut t);
+    assert_ne!(p[0], 0xff, "refused again: {}", String::from_utf8_lossy(&p));
+    // An answer left unread is given back when its connection closes.
+    assert!(eventually(5, || answer_memory(&s) > 1 << 20), "the answer is not counted");
+    drop(t);
+    assert!(eventually(5, || answer_memory(&s) == 0), "{} bytes held after the close", answer_memory(&s));
+}
+
+/// Clients that ask for big answers and never read them cannot keep the
+/// answer memory from the others: while less than one connection's bound
+/// is left, a connection whose answers stay unwritten for
+/// --message-timeout is disconnected, and the memory frees.
+#[test]
+fn clients_that_never_read_give_the_answer_memory_back_after_the_message_timeout() {
+    let limit = 8 << 20;
+    let s = start(
+        "uring",
+        &[
+            "--outbound-limit",
+            "262144",
+            "--max-query-size",
+            "4096",
+            "--answer-memory-limit",
+            &limit.to_string(),
+            "--message-timeout",
+            "2",
+        ],
+    );
+    let mut db = connect(&s);
+    fill_history(&mut db, "hist_hoard", 1000, 3500);
+    let sql = "SELECT * FROM pipes_messages WHERE name = 'hist_hoard'";
+    let mut stalled = Vec::new();
+    while stalled.len() < 6 {
+        let (t, first) = ask_and_stall(&s, sql);
+        let refused = first.is_err();
+        stalled.push(t);
+        if refused {
+            break;
+        }
+    }
+    let (code, msg) = sql_err(db.query::<mysql::Row, _>(sql).map(|rows| rows.len()));
+    assert_eq!(code, 1041, "the memory is not taken: {msg}");
+    let served = stalled.len() as i64 - 1;
+    // Within a few seconds of --message-timeout clients that hold answers
+    // are closed until one connection's bound is free again (those whose
+    // time ran out in the same second go together); the one refused
+    // stays, and a reader is answered.
+    assert!(eventually(10, || s.metric("comet_unread_answer_closes_total") >= 1), "none closed");
+    let bound = 4 << 20;
+    assert!(eventually(5, || answer_memory(&s) <= limit - bound), "{} bytes still held", answer_memory(&s));
+    assert!(s.metric("comet_unread_answer_closes_total") <= served);
+    let rows: Vec<mysql::Row> = db.query(sql).unwrap();
+    assert_eq!(rows.len(), 1000);
+    let mut last = stalled.pop().unwrap();
+    let mut out = Vec::new();
+    packet(&mut out, 0, b"\x03SELECT 1");
+    last.write_all(&out).unwrap();
+    assert_eq!(read_answer(&mut last), vec![vec!["1".to_string()]]);
+}
+
 /// A SELECT whose answer alone would pass the bound of a connection's
 /// unread answers is refused before anything is built (ERR 1104), and
 /// with a LIMIT, which the channel's home shard applies first, it works.

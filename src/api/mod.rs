@@ -329,12 +329,15 @@ pub fn answer(r: &StmtResult, close: bool) -> Vec<u8> {
         }
         StmtResult::Rows(rs) => http1::response(200, "", &rows_json(rs), close),
         StmtResult::Err(code, msg) => {
-            let status = match *code {
-                15 => 404,
-                503 => 503,
-                _ => 422,
+            let (status, retry_after) = match *code {
+                15 => (404, None),
+                503 => (503, None),
+                // The server's answer memory is full for now
+                // (--answer-memory-limit): the request may be retried.
+                1041 => (503, Some(1)),
+                _ => (422, None),
             };
-            error_answer(&ApiError::new(status, *code, msg.clone()), close)
+            error_answer(&ApiError { retry_after, ..ApiError::new(status, *code, msg.clone()) }, close)
         }
     }
 }
@@ -499,5 +502,9 @@ mod tests {
         assert!(text.ends_with(r#"{"error":{"code":12,"message":"Channel name 'a\"b' is bad"}}"#), "{text}");
         let throttled = ApiError { retry_after: Some(7), ..ApiError::new(429, 1129, "blocked") };
         assert!(String::from_utf8_lossy(&error_answer(&throttled, false)).contains("Retry-After: 7\r\n"));
+        // The answer memory is full for now: worth a retry.
+        let full = answer(&StmtResult::err(1041, "Not built"), false);
+        let text = String::from_utf8_lossy(&full);
+        assert!(text.starts_with("HTTP/1.1 503 ") && text.contains("Retry-After: 1\r\n"), "{text}");
     }
 }

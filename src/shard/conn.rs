@@ -1190,7 +1190,7 @@ impl ShardCore {
                     let why = p.remote_failed.unwrap_or_default();
                     self.sql_cluster_failed(conn, slot, index, &why);
                 }
-                None => self.sql_complete(conn, slot, index, then, p.count, p.counts, p.records),
+                None => self.sql_complete(conn, slot, index, then, p.count, p.counts, (p.records, p.charge)),
             },
         }
     }
@@ -1423,13 +1423,16 @@ impl ShardCore {
                 }
                 true
             }
-            // A backend connection held for its answers is read again.
+            // A backend connection held for its answers is read again, and
+            // what they took of the answer memory is free.
             Phase::Sql => {
-                if let Some(sc) = self.conns.get_mut(id).and_then(|c| c.sql.as_deref_mut())
-                    && sc.over_since.take().is_some()
-                {
-                    self.unpause();
+                if let Some(sc) = self.conns.get_mut(id).and_then(|c| c.sql.as_deref_mut()) {
+                    sc.stalled_since = None;
+                    if sc.over_since.take().is_some() {
+                        self.unpause();
+                    }
                 }
+                self.sql_recharge(id);
                 false
             }
             _ => false,
@@ -1445,6 +1448,9 @@ impl ShardCore {
         let timeout = self.shared.config.ping_timeout.as_secs() as u32;
         let message_timeout = self.shared.config.message_timeout.as_secs() as u32;
         let sql_limit = self.sql_answer_limit();
+        // The answer memory cannot take one more connection's worth: the
+        // answers left unwritten are the ones to reclaim.
+        let short = self.shared.answers.room() < sql_limit;
         for id in self.conns.ids() {
             // Input held while the shard does not read the connection
             // (answers it waits for, congested mail) is not the client's delay.
@@ -1463,6 +1469,20 @@ impl ShardCore {
                     _ => self.drop_conn(id),
                 }
                 continue;
+            }
+            if conn.phase == Phase::Sql
+                && let Some(sc) = conn.sql.as_deref_mut()
+            {
+                let stalled = if short && conn.out.cost() > 0 {
+                    now.saturating_sub(*sc.stalled_since.get_or_insert(now)) >= message_timeout
+                } else {
+                    sc.stalled_since = None;
+                    false
+                };
+                if stalled {
+                    self.unread_answers_close(id);
+                    continue;
+                }
             }
             match conn.phase {
                 Phase::Http if now.saturating_sub(conn.opened) >= HANDSHAKE_TIMEOUT.min(message_timeout) => {

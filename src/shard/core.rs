@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicBool;
 
 use ahash::AHashMap;
 
+use super::answer_memory::Charge;
 use super::conn::Conn;
 use super::history::{self, HistoryStore};
 use super::mail::{Mail, Publication, Query, Records, Reply};
@@ -66,6 +67,8 @@ pub struct Pending {
     /// The typed records gathered so far (CometQL renders them into rows;
     /// a frontend user question reads them directly).
     pub records: Records,
+    /// What `records` count in the process's answer memory.
+    pub charge: Charge,
     pub log: Vec<history::Entry>,
     /// A shard's change could not be stored: why (a CometQL write answers
     /// this error).
@@ -122,6 +125,7 @@ impl Pending {
             members: Vec::new(),
             counts: Vec::new(),
             records: Records::None,
+            charge: Charge::default(),
             log: Vec::new(),
             failed: None,
             remote_failed: None,
@@ -143,6 +147,10 @@ impl Pending {
             }
             Reply::Log(mut l) => self.log.append(&mut l),
             Reply::Records(r) => self.records.append(r),
+            Reply::Charged(r, c) => {
+                self.records.append(r);
+                self.charge.absorb(c);
+            }
             Reply::Failed(e) => self.failed = Some(e),
         }
     }
@@ -159,6 +167,8 @@ pub struct Shared {
     pub conn_counts: super::limits::ConnCounts,
     /// CometQL and HTTP API connections held (`--max-backend-connections`).
     pub backend_conns: std::sync::atomic::AtomicUsize,
+    /// Answer bytes held for all of them (`--answer-memory-limit`).
+    pub answers: Arc<super::answer_memory::AnswerMemory>,
     /// New frontend connections a second (`--max-accept-rate`).
     pub accept_rate: super::limits::AcceptRate,
     /// Failed backend logins per client address.
@@ -732,7 +742,7 @@ impl ShardCore {
     /// the merged answers.
     pub fn ask_shards(&mut self, targets: &[usize], dev_id: u32, query: Query, then: Then) {
         let others: Vec<usize> = targets.iter().copied().filter(|&s| s != self.id).collect();
-        let local = targets.contains(&self.id).then(|| self.answer(dev_id, &query));
+        let local = targets.contains(&self.id).then(|| self.charged_answer(dev_id, &query));
         let written = self.record_changes();
         let remote = self.cluster_rows_wanted(&query);
         let waits =
@@ -776,6 +786,18 @@ impl ShardCore {
         }
     }
 
+    /// [`Self::answer`], with the records it built counted in the
+    /// process's answer memory until whoever asked is done with them.
+    fn charged_answer(&mut self, dev_id: u32, q: &Query) -> Reply {
+        match self.answer(dev_id, q) {
+            Reply::Records(r) => {
+                let bytes = r.weight();
+                Reply::Charged(r, Charge::new(&self.shared.answers, bytes))
+            }
+            other => other,
+        }
+    }
+
     /// Answers a question from this shard's own state.
     pub fn answer(&mut self, dev_id: u32, q: &Query) -> Reply {
         let (me, shards) = (self.id, self.shards);
@@ -786,14 +808,14 @@ impl ShardCore {
             Query::Counts(names) => Reply::Counts(names.iter().map(|n| self.local_count(dev_id, n)).collect()),
             Query::Subscribers(names) => Reply::Records(self.local_subscribers(dev_id, names)),
             Query::History { names, rows, skip } => {
-                // Never more than a backend connection may leave unread:
-                // past it, nothing is built and the SELECT is refused.
-                let limit = self.sql_answer_limit();
-                let mut budget = limit;
+                // Never more than a backend connection may leave unread,
+                // nor than the process's answer memory has left: past it,
+                // nothing is built and the SELECT is refused.
+                let mut budget = self.answer_room();
                 let mut found = Vec::new();
                 for n in names.iter().filter(|n| home(self, n)) {
                     match self.history.entries_within(dev_id, n, *rows, *skip, &mut budget) {
-                        None => return Reply::Records(Records::TooBig(limit)),
+                        None => return Reply::Records(self.answer_refused()),
                         Some(m) if m.is_empty() => {}
                         Some(m) => found.push(ChannelHistory {
                             channel: n.clone(),
@@ -849,11 +871,11 @@ impl ShardCore {
     /// The local subscribers of `names` (`users_in_pipes`), channel by
     /// channel in the order asked.
     ///
-    /// Within the bound of a backend connection's unread answers (each row
-    /// counted as a gathered reply counts it), or [`Records::TooBig`].
+    /// Within the bound of a backend connection's unread answers and what
+    /// is left of the process's answer memory (each row counted as a
+    /// gathered reply counts it), or [`Self::answer_refused`].
     fn local_subscribers(&self, dev_id: u32, names: &[Arc<str>]) -> Records {
-        let limit = self.sql_answer_limit();
-        let mut left = limit;
+        let mut left = self.answer_room();
         let mut subscribers = Vec::new();
         for name in names {
             let Some(ch) = self.find_channel(dev_id, name).and_then(|i| self.channels[i as usize].as_ref()) else {
@@ -872,7 +894,7 @@ impl ShardCore {
                         + 40,
                 );
                 let Some(l) = left.checked_sub(w) else {
-                    return Records::TooBig(limit);
+                    return self.answer_refused();
                 };
                 left = l;
                 subscribers.push(Subscriber {
@@ -922,7 +944,7 @@ impl ShardCore {
                 }
             }
             Mail::Ask { dev_id, query, req: (from, id) } => {
-                let reply = self.answer(dev_id, &query);
+                let reply = self.charged_answer(dev_id, &query);
                 self.reply_after_write(from, id, reply);
             }
             Mail::Reply { req, reply } => {

@@ -19,6 +19,7 @@ use crate::users::{Presence, Queued};
 use crate::ws;
 
 use super::ConnId;
+use super::answer_memory::Charge;
 
 /// A channel message ready to be written: encoded once, shared by all shards.
 #[derive(Debug)]
@@ -142,7 +143,7 @@ impl Reply {
             Reply::Members(m) => m.iter().map(|(_, u)| u.len() + 32).sum(),
             Reply::Counts(c) => c.len() * 8,
             Reply::Log(l) => l.iter().map(|e| weigh::history_entry(&e.event, &e.message)).sum(),
-            Reply::Records(r) => r.weight(),
+            Reply::Records(r) | Reply::Charged(r, _) => r.weight(),
             Reply::Failed(e) => e.len(),
         }
     }
@@ -176,7 +177,7 @@ pub mod weigh {
 impl Records {
     /// Bytes these records hold: their strings, plus a small constant per
     /// record for its fixed fields and the vector slot ([`weigh`]).
-    fn weight(&self) -> usize {
+    pub fn weight(&self) -> usize {
         let texts = |v: &[(u64, String)]| v.iter().map(|(_, t)| weigh::text(t)).sum::<usize>();
         let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
         match self {
@@ -207,7 +208,7 @@ impl Records {
             Records::Queues(v) => v.iter().map(|(_, q)| weigh::queue(q)).sum(),
             Records::Presences(v) => v.len() * 24,
             Records::Tokens(v) => v.iter().map(|t| t.len() + 24).sum(),
-            Records::TooBig(_) => 16,
+            Records::TooBig(_) | Records::Busy { .. } => 16,
         }
     }
 
@@ -223,6 +224,8 @@ impl Records {
         match (self, other) {
             (_, Records::None) | (Records::TooBig(_), _) => {}
             (a, b @ Records::TooBig(_)) => *a = b,
+            (Records::Busy { .. }, _) => {}
+            (a, b @ Records::Busy { .. }) => *a = b,
             (Records::History(a), Records::History(b)) => a.extend(b),
             (Records::Subscribers(a), Records::Subscribers(b)) => a.extend(b),
             (Records::Settings(a), Records::Settings(b)) => a.extend(b),
@@ -247,6 +250,7 @@ impl Records {
             Records::Presences(_) => "presence",
             Records::Tokens(_) => "revoked token",
             Records::TooBig(_) => "too big",
+            Records::Busy { .. } => "busy",
         }
     }
 }
@@ -314,6 +318,9 @@ pub enum Reply {
     /// Typed records: what a CometQL SELECT or a frontend user question
     /// asked for.
     Records(Records),
+    /// Records as they travel: counted in the process's answer memory
+    /// from the moment they were built ([`super::answer_memory`]).
+    Charged(Records, Charge),
     /// The change was made in memory but could not be stored: why.
     Failed(Arc<str>),
 }
@@ -348,6 +355,9 @@ pub enum Records {
     /// A shard's part would have taken more than this many bytes, so it
     /// was not built.
     TooBig(usize),
+    /// A shard's part would have passed `--answer-memory-limit` (`limit`
+    /// bytes, `used` of them held when it was asked), so it was not built.
+    Busy { used: usize, limit: usize },
 }
 
 /// A message between shards.

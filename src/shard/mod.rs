@@ -12,6 +12,7 @@
 //! the core's handlers for WebSocket, CometQL, the HTTP API and user
 //! operations.
 
+pub mod answer_memory;
 pub mod api;
 mod cluster;
 pub mod conn;

@@ -55,11 +55,13 @@ const UNIX_START: i64 = 1_800_000_000;
 impl Sim {
     /// `shards` cores of one process with `config`.
     pub fn new(shards: usize, config: Config) -> Sim {
+        let answers = crate::shard::answer_memory::AnswerMemory::new(config.answer_memory_limit);
         let registry = Arc::new(Registry {
             shards: (0..shards).map(|_| Arc::new(ShardMetrics::default())).collect(),
             io_backend: "sim",
             started: std::time::Instant::now(),
             redis: None,
+            answers: Some(answers.clone()),
         });
         let shared = Arc::new(Shared {
             config: Arc::new(config),
@@ -67,6 +69,7 @@ impl Sim {
             shutdown: Arc::new(AtomicBool::new(false)),
             conn_counts: Default::default(),
             backend_conns: Default::default(),
+            answers,
             accept_rate: Default::default(),
             auth_failures: Default::default(),
             tls: Default::default(),

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::ConnId;
+use super::answer_memory::Charge;
 use super::conn::Phase;
 use super::core::{Effect, ShardCore, Then};
 use super::mail::{Publication, Query, Records};
@@ -117,6 +118,14 @@ pub struct SqlConn {
     /// unread answers: it is not read meanwhile, and it is disconnected
     /// when that lasts `--message-timeout` ([`ShardCore::tick`]).
     pub(super) over_since: Option<u32>,
+    /// What it holds, counted in the process's answer memory
+    /// ([`ShardCore::sql_recharge`]); given back when it goes.
+    charge: Charge,
+    /// Since when (shard second) it has left answers unwritten while the
+    /// process's answer memory has less than one connection's bound left:
+    /// it is disconnected when that lasts `--message-timeout`, so that
+    /// clients that never read cannot keep the memory from the others.
+    pub(super) stalled_since: Option<u32>,
 }
 
 /// The rest of a query whose next statement gathers rows while an earlier
@@ -172,6 +181,8 @@ impl SqlConn {
             parked: None,
             running: false,
             over_since: None,
+            charge: Charge::default(),
+            stalled_since: None,
         }
     }
 
@@ -669,13 +680,28 @@ impl ShardCore {
         Some(exec::plan(st, &ctx))
     }
 
-    /// How many bytes of answers a backend connection may leave unread:
-    /// 16x the browser bound, and room for answers as big as the largest
-    /// query. Past it, queued answers disconnect it and statements that
-    /// gather rows are refused.
+    /// How many bytes of answers a backend connection may leave unread
+    /// ([`Config::answer_bound`]).
     pub(super) fn sql_answer_limit(&self) -> usize {
-        let c = &self.shared.config;
-        c.outbound_limit.saturating_mul(16).max(c.max_query_size.saturating_mul(4))
+        self.shared.config.answer_bound()
+    }
+
+    /// Bytes one shard's part of a SELECT's answer may take: the bound of
+    /// a connection's unread answers, or what is left of the process's
+    /// `--answer-memory-limit` if less.
+    pub(super) fn answer_room(&self) -> usize {
+        self.sql_answer_limit().min(self.shared.answers.room())
+    }
+
+    /// The records of a part that did not fit in [`Self::answer_room`]:
+    /// too big for any connection, or too big for the memory left now.
+    pub(super) fn answer_refused(&self) -> Records {
+        let (limit, pool) = (self.sql_answer_limit(), &self.shared.answers);
+        if pool.room() < limit {
+            Records::Busy { used: pool.used(), limit: pool.limit() }
+        } else {
+            Records::TooBig(limit)
+        }
     }
 
     /// Statement `index` of slot `slot_id` has its answer: if it was the
@@ -862,8 +888,16 @@ impl ShardCore {
         then: SqlThen,
         count: u64,
         counts: Vec<u64>,
-        records: Records,
+        (records, charge): (Records, Charge),
     ) {
+        // The records' bytes stay counted until the answer made of them is
+        // written (`sql_flush` counts what the connection holds then).
+        if let Some(sc) = self.sql(id) {
+            sc.charge.absorb(charge);
+        }
+        if matches!(records, Records::Busy { .. }) {
+            ShardMetrics::add(&self.metrics.answer_memory_refusals, 1);
+        }
         let r = match then {
             SqlThen::Affected(last_insert_id) => StmtResult::Ok { affected: count, last_insert_id },
             SqlThen::Select(proj) => select(&proj, records),
@@ -915,8 +949,28 @@ impl ShardCore {
         self.sql_answered(id, slot_id, index);
     }
 
-    /// Sends every answer at the front of the queue that is complete.
+    /// Sends every answer at the front of the queue that is complete, then
+    /// counts what the connection holds in the process's answer memory.
     fn sql_flush(&mut self, id: ConnId) {
+        self.sql_send_ready(id);
+        self.sql_recharge(id);
+    }
+
+    /// Counts in the process's answer memory what backend connection `id`
+    /// holds now: results waiting for their turn and answers not yet
+    /// written. Called when answers are queued and when its queue drained;
+    /// between the two a partial write leaves it counting a little more
+    /// than it holds, never less.
+    pub(super) fn sql_recharge(&mut self, id: ConnId) {
+        let pool = self.shared.answers.clone();
+        let Some(c) = self.conns.get_mut(id) else { return };
+        let cost = c.out.cost();
+        if let Some(sc) = c.sql.as_deref_mut() {
+            sc.charge.set(&pool, sc.held + cost);
+        }
+    }
+
+    fn sql_send_ready(&mut self, id: ConnId) {
         loop {
             let Some(sc) = self.sql(id) else { return };
             if !sc.slots.front().is_some_and(Slot::ready) {
@@ -961,6 +1015,14 @@ impl ShardCore {
 fn select(proj: &Projection, records: Records) -> StmtResult {
     let all = match records {
         Records::None => Vec::new(),
+        Records::Busy { used, limit } => {
+            return StmtResult::err(
+                ANSWERS_UNREAD,
+                format!(
+                    "Not built: the answers held for all backend connections take {used} bytes, and this one would pass --answer-memory-limit ({limit} bytes); retry once clients have read their answers, or ask for fewer rows"
+                ),
+            );
+        }
         Records::TooBig(limit) => {
             return StmtResult::err(
                 ANSWER_TOO_BIG,

@@ -310,7 +310,9 @@ impl ShardCore {
                 }
                 Reply::Count(mine_rows.len() as u64)
             }
-            UserQuery::AuthSelect(ids) => Reply::Records(self.texts(dev_id, ids, |u| u.key.as_deref(), Records::Keys)),
+            UserQuery::AuthSelect(ids) => {
+                Reply::Records(self.texts(dev_id, ids, |u| u.key.as_deref(), Records::Keys, self.answer_room()))
+            }
             UserQuery::AuthDelete(ids) => {
                 let mut n = 0;
                 for &u in ids.iter().filter(|u| mine(**u)) {
@@ -329,15 +331,15 @@ impl ShardCore {
             }
             UserQuery::QueueSelect(ids) => {
                 // Within the bound of a backend connection's unread
-                // answers, or nothing (a queue is at most half of
-                // --outbound-limit, a thousand of them far more).
-                let limit = self.sql_answer_limit();
-                let mut left = limit;
+                // answers and the process's answer memory left, or
+                // nothing (a queue is at most half of --outbound-limit, a
+                // thousand of them far more).
+                let mut left = self.answer_room();
                 let mut found = Vec::new();
                 for &u in ids.iter().filter(|u| mine(**u)) {
                     let q = self.users.queued(dev_id, u, ttl, now);
                     let Some(l) = left.checked_sub(weigh::queue(&q)) else {
-                        return Reply::Records(Records::TooBig(limit));
+                        return Reply::Records(self.answer_refused());
                     };
                     left = l;
                     if !q.is_empty() {
@@ -357,7 +359,9 @@ impl ShardCore {
                 }
                 Reply::Count(mine_rows.len() as u64)
             }
-            UserQuery::DataSelect(ids) => Reply::Records(self.texts(dev_id, ids, |u| u.data.as_deref(), Records::Data)),
+            UserQuery::DataSelect(ids) => {
+                Reply::Records(self.texts(dev_id, ids, |u| u.data.as_deref(), Records::Data, self.answer_room()))
+            }
             UserQuery::DataDelete(ids) => {
                 Reply::Count(ids.iter().filter(|u| mine(**u)).map(|&u| self.users.remove_data(dev_id, u) as u64).sum())
             }
@@ -393,30 +397,36 @@ impl ShardCore {
             // The frontend's questions about one user: the records of
             // `users_time` and `users_data` for that user alone.
             UserQuery::Status(u) => Reply::Records(Records::Presences(self.presences(dev_id, slice::from_ref(u)))),
-            UserQuery::Data(u) => {
-                Reply::Records(self.texts(dev_id, slice::from_ref(u), |u| u.data.as_deref(), Records::Data))
-            }
+            // One user's data, for a browser: within a connection's bound
+            // alone (the process's answer memory is the backends').
+            UserQuery::Data(u) => Reply::Records(self.texts(
+                dev_id,
+                slice::from_ref(u),
+                |u| u.data.as_deref(),
+                Records::Data,
+                self.sql_answer_limit(),
+            )),
         }
     }
 
     /// (user id, text) for the users homed here among `ids` that have the
     /// text `field` picks (a key, user data).
     ///
-    /// Within the bound of a backend connection's unread answers (each
-    /// text counted as a gathered reply counts it: `mail::weigh`), or
-    /// [`Records::TooBig`] with nothing built.
+    /// Within `room` bytes (each text counted as a gathered reply counts
+    /// it: `mail::weigh`), or [`ShardCore::answer_refused`] with nothing
+    /// built.
     fn texts(
         &self,
         dev_id: u32,
         ids: &[u64],
         field: impl Fn(&crate::users::User) -> Option<&str>,
         records: fn(Vec<(u64, String)>) -> Records,
+        room: usize,
     ) -> Records {
         let mine = |u: &&u64| home_shard(dev_id, **u, self.shards) == self.id;
         let found = || ids.iter().filter(mine).filter_map(|&u| Some((u, field(self.users.get(dev_id, u)?)?)));
-        let limit = self.sql_answer_limit();
-        if found().map(|(_, t)| weigh::text(t)).sum::<usize>() > limit {
-            return Records::TooBig(limit);
+        if found().map(|(_, t)| weigh::text(t)).sum::<usize>() > room {
+            return self.answer_refused();
         }
         records(found().map(|(u, t)| (u, t.to_string())).collect())
     }

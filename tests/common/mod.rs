@@ -413,8 +413,12 @@ pub const BASE_CAPS: u32 = 0x200 | 0x8000 | 0x80000;
 /// Logs in by hand with `extra_caps` besides [`BASE_CAPS`] and the
 /// character set of `collation`; returns the stream and the answer.
 pub fn raw_login_as(s: &Server, password: &str, extra_caps: u32, collation: u8) -> (TcpStream, Vec<u8>) {
+    login_on(TcpStream::connect(s.backend).unwrap(), password, extra_caps, collation)
+}
+
+/// [`raw_login_as`] over a stream already connected to the backend port.
+pub fn login_on(mut t: TcpStream, password: &str, extra_caps: u32, collation: u8) -> (TcpStream, Vec<u8>) {
     use sha1::{Digest, Sha1};
-    let mut t = TcpStream::connect(s.backend).unwrap();
     t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let (_, g) = read_packet(&mut t);
     let vend = g.iter().position(|&b| b == 0).unwrap();
