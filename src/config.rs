@@ -172,7 +172,7 @@ pub struct Cli {
     /// Backend connections (CometQL and HTTP API together) this process holds at most; more get MySQL ERR 1040 or HTTP 503 [default: 256].
     #[arg(long, env = "COMET_MAX_BACKEND_CONNECTIONS", value_name = "N")]
     pub max_backend_connections: Option<usize>,
-    /// Bytes of CometQL and HTTP API answers the process holds for all backend connections together (built, or queued and not yet read); a SELECT that would pass it gets ERR 1041 [default: 268435456].
+    /// Bytes of CometQL and HTTP API answers the process holds for all backend connections together (built, or queued and not yet read); a SELECT that would pass it gets ERR 1041 [default: 268435456, or one connection's bound of unread answers if more].
     #[arg(long, env = "COMET_ANSWER_MEMORY_LIMIT", value_name = "BYTES")]
     pub answer_memory_limit: Option<usize>,
     /// New frontend connections per second this process accepts (burst: one second's worth; 0: unlimited); more get HTTP 503 with Retry-After [default: 0].
@@ -497,7 +497,8 @@ impl Config {
         }
         let d = Config::default();
         let secs = Duration::from_secs;
-        let c = Config {
+        let answer_memory_set = cli.answer_memory_limit.or(file.answer_memory_limit);
+        let mut c = Config {
             frontend: cli.frontend.or(file.frontend).unwrap_or(d.frontend),
             backend: cli.backend.or(file.backend).unwrap_or(d.backend),
             api: cli.api.or(file.api).map_or(d.api, Listen::addr),
@@ -540,7 +541,7 @@ impl Config {
                 .max_backend_connections
                 .or(file.max_backend_connections)
                 .unwrap_or(d.max_backend_connections),
-            answer_memory_limit: cli.answer_memory_limit.or(file.answer_memory_limit).unwrap_or(d.answer_memory_limit),
+            answer_memory_limit: answer_memory_set.unwrap_or(d.answer_memory_limit),
             max_accept_rate: cli.max_accept_rate.or(file.max_accept_rate).unwrap_or(d.max_accept_rate),
             client_rate: cli.client_rate.or(file.client_rate).unwrap_or(d.client_rate),
             channel_rate: cli.channel_rate.or(file.channel_rate).unwrap_or(d.channel_rate),
@@ -586,6 +587,11 @@ impl Config {
             backend_require_tls: cli.backend_require_tls || file.backend_require_tls == Some(true),
             redis: cli.redis.or(file.redis).filter(|u| !u.is_empty()),
         };
+        // The default leaves room for at least one answer as big as a
+        // connection may leave unread, however high that bound was set.
+        if answer_memory_set.is_none() {
+            c.answer_memory_limit = c.answer_memory_limit.max(c.answer_bound());
+        }
         c.validate()?;
         Ok(c)
     }
@@ -756,6 +762,17 @@ mod tests {
         let small = Cli { max_journal_size: Some(1 << 20), ..Cli::default() };
         let e = Config::load(small).unwrap_err().to_string();
         assert!(e.contains("max-journal-size") && e.contains("1048576"), "{e}");
+    }
+
+    #[test]
+    fn the_answer_memory_defaults_to_room_for_one_connections_bound_and_refuses_less() {
+        assert_eq!(Config::load(Cli::default()).unwrap().answer_memory_limit, 256 << 20);
+        // 16 x 1 GiB of unread answers for one connection: the default grows.
+        let big = Cli { outbound_limit: Some(1 << 30), ..Cli::default() };
+        assert_eq!(Config::load(big).unwrap().answer_memory_limit, 16 << 30);
+        let small = Cli { answer_memory_limit: Some(8 << 20), ..Cli::default() };
+        let e = Config::load(small).unwrap_err().to_string();
+        assert!(e.contains("answer-memory-limit") && e.contains("16777216") && e.contains("8388608"), "{e}");
     }
 
     #[test]
