@@ -172,7 +172,7 @@ pub struct Cli {
     /// Backend connections (CometQL and HTTP API together) this process holds at most; more get MySQL ERR 1040 or HTTP 503 [default: 256].
     #[arg(long, env = "COMET_MAX_BACKEND_CONNECTIONS", value_name = "N")]
     pub max_backend_connections: Option<usize>,
-    /// Bytes of CometQL and HTTP API answers the process holds for all backend connections together (built, or queued and not yet read); a SELECT that would pass it gets ERR 1041 [default: 268435456, or one connection's bound of unread answers if more].
+    /// Bytes of CometQL and HTTP API answers the process holds for all backend connections together (built, or queued and not yet read); a SELECT that would pass it gets ERR 1037 [default: 268435456, or one connection's bound of unread answers if more].
     #[arg(long, env = "COMET_ANSWER_MEMORY_LIMIT", value_name = "BYTES")]
     pub answer_memory_limit: Option<usize>,
     /// New frontend connections per second this process accepts (burst: one second's worth; 0: unlimited); more get HTTP 503 with Retry-After [default: 0].
@@ -350,7 +350,7 @@ pub struct Config {
     /// [`DESCRIPTOR_RESERVE`]); MySQL ERR 1040 or HTTP 503 beyond.
     pub max_backend_connections: usize,
     /// Answer bytes held for all backend connections together; a SELECT
-    /// whose part would pass it gets ERR 1041.
+    /// whose part would pass it gets ERR 1037.
     pub answer_memory_limit: usize,
     /// New frontend connections a second, process-wide (0: unlimited);
     /// HTTP 503 beyond.

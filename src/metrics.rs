@@ -64,7 +64,7 @@ pub struct ShardMetrics {
     pub refused_backend: AtomicU64,
     /// Backend connections closed for not reading their answers.
     pub unread_answer_closes: AtomicU64,
-    /// SELECTs refused for `--answer-memory-limit` (ERR 1041).
+    /// SELECTs refused for `--answer-memory-limit` (ERR 1037).
     pub answer_memory_refusals: AtomicU64,
     /// Backend connections closed to admit a new one with all slots taken:
     /// the oldest that had not logged in (or was an idle HTTP API one).
@@ -176,7 +176,7 @@ impl Registry {
             let name = "comet_answer_memory_bytes";
             let _ = writeln!(
                 s,
-                "# HELP {name} Bytes of CometQL and HTTP API answers held for all backend connections, being built or not yet written (bound: --answer-memory-limit).\n# TYPE {name} gauge\n{name} {}",
+                "# HELP {name} Bytes of CometQL and HTTP API answers held for all backend connections: parts built or being built, results waiting for their turn, answers not yet written (bound: --answer-memory-limit).\n# TYPE {name} gauge\n{name} {}",
                 a.used()
             );
         }
@@ -240,13 +240,13 @@ impl Registry {
             (
                 "comet_unread_answer_closes_total",
                 "counter",
-                "CometQL and HTTP API connections closed for leaving 16 x --outbound-limit of answers unread for --message-timeout, or any answers unwritten that long while --answer-memory-limit has less than that left.",
+                "CometQL and HTTP API connections closed for leaving 16 x --outbound-limit of answers unread for --message-timeout, or for taking less than 64 KiB of their answers that long while --answer-memory-limit has less than that left.",
                 |m| m.unread_answer_closes.load(Relaxed) as i64,
             ),
             (
                 "comet_answer_memory_refusals_total",
                 "counter",
-                "SELECTs refused with ERR 1041 because the answers held for all backend connections would pass --answer-memory-limit.",
+                "SELECTs refused with ERR 1037 because the answers held for all backend connections would pass --answer-memory-limit.",
                 |m| m.answer_memory_refusals.load(Relaxed) as i64,
             ),
             (

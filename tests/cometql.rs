@@ -742,8 +742,8 @@ fn answer_memory(s: &Server) -> i64 {
 }
 
 /// A backend client with a 4 KiB receive buffer that asks for a big
-/// answer and reads only its first packet: "rows", or the error code and
-/// message.
+/// answer and reads only its first packet: `Ok` for rows, or the error
+/// code and message.
 fn ask_and_stall(s: &Server, sql: &str) -> (TcpStream, Result<(), (u16, String)>) {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
@@ -781,7 +781,7 @@ fn read_rest_of_rows(t: &mut TcpStream) -> usize {
 /// connections x 16 MiB by default). The process counts the answers held
 /// for all of them, from the shard that builds a part to the socket that
 /// takes it, and a SELECT whose part would pass --answer-memory-limit gets
-/// ERR 1041 before it is built; reading the answers, or closing the
+/// ERR 1037 before it is built; reading the answers, or closing the
 /// connections that asked for them, gives the memory back.
 #[test]
 fn answers_held_for_all_backend_connections_stop_at_the_answer_memory_limit() {
@@ -802,19 +802,22 @@ fn answers_held_for_all_backend_connections_stop_at_the_answer_memory_limit() {
             (t, Ok(())) => served.push(t),
             (t, Err(e)) => refused.push((t, e)),
         }
+        // Parts are built within a reservation, and what an answer holds
+        // once encoded differs from its rows by a few bytes a row.
         let held = answer_memory(&s);
-        assert!(held <= limit + (1 << 20), "{held} bytes of answers held, past the {limit}-byte limit");
+        assert!(held <= limit + (64 << 10), "{held} bytes of answers held, past the {limit}-byte limit");
     }
-    // Two or three answers fit, whatever the sockets' buffers took of them.
-    assert!((1..=3).contains(&served.len()), "{} of 6 served", served.len());
+    // Two or three answers fit, whatever the sockets' buffers took of them
+    // (a part is built only with a connection's bound free).
+    assert!((2..=3).contains(&served.len()), "{} of 6 served", served.len());
     assert_eq!(s.metric("comet_answer_memory_refusals_total"), refused.len() as i64);
     for (_, (code, msg)) in &refused {
-        assert_eq!(*code, 1041, "{msg}");
+        assert_eq!(*code, 1037, "{msg}");
         assert!(msg.contains("--answer-memory-limit (8388608 bytes)"), "{msg}");
     }
     // A client that reads is refused as well while the memory is taken...
     let (code, msg) = sql_err(db.query::<mysql::Row, _>(sql).map(|rows| rows.len()));
-    assert_eq!(code, 1041, "{msg}");
+    assert_eq!(code, 1037, "{msg}");
     // ...and small answers still fit.
     let one: Option<String> = db.query_first("SELECT 1").unwrap();
     assert_eq!(one.as_deref(), Some("1"));
@@ -838,20 +841,47 @@ fn answers_held_for_all_backend_connections_stop_at_the_answer_memory_limit() {
     assert!(eventually(5, || answer_memory(&s) == 0), "{} bytes held after the close", answer_memory(&s));
 }
 
+/// Reads the rest of a result set as [`read_rest_of_rows`] does, at about
+/// 1.4 MB a second: a client that reads steadily, if not fast.
+fn read_rest_of_rows_slowly(t: &mut TcpStream) -> std::io::Result<usize> {
+    let (mut eofs, mut rows, mut unpaused) = (0, 0, 0);
+    while eofs < 2 {
+        let mut h = [0u8; 4];
+        t.read_exact(&mut h)?;
+        let mut p = vec![0; u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize];
+        t.read_exact(&mut p)?;
+        unpaused += p.len();
+        if unpaused >= 28 * 1024 {
+            std::thread::sleep(Duration::from_millis(20));
+            unpaused = 0;
+        }
+        if p[0] == 0xfe && p.len() < 9 {
+            eofs += 1;
+        } else if eofs == 1 {
+            rows += 1;
+        }
+    }
+    Ok(rows)
+}
+
 /// Clients that ask for big answers and never read them cannot keep the
 /// answer memory from the others: while less than one connection's bound
-/// is left, a connection whose answers stay unwritten for
-/// --message-timeout is disconnected, and the memory frees.
+/// is left, a connection that reads less than 64 KiB of its answers in
+/// --message-timeout is disconnected, and the memory frees. One that reads
+/// steadily keeps its answer, although its socket takes it in bursts.
 #[test]
 fn clients_that_never_read_give_the_answer_memory_back_after_the_message_timeout() {
-    let limit = 8 << 20;
+    // Answers of 14.3 MB (much more than the sockets' buffers take), a
+    // connection's bound of 16 MiB: three answers fit in 44 MB, and two
+    // leave less than a bound free.
+    let (bound, limit) = (16 << 20, 44_000_000);
     let s = start(
         "uring",
         &[
             "--outbound-limit",
-            "262144",
+            "1048576",
             "--max-query-size",
-            "4096",
+            "32768",
             "--answer-memory-limit",
             &limit.to_string(),
             "--message-timeout",
@@ -859,8 +889,11 @@ fn clients_that_never_read_give_the_answer_memory_back_after_the_message_timeout
         ],
     );
     let mut db = connect(&s);
-    fill_history(&mut db, "hist_hoard", 1000, 3500);
+    fill_history(&mut db, "hist_hoard", 1000, 14_000);
     let sql = "SELECT * FROM pipes_messages WHERE name = 'hist_hoard'";
+    let (mut slow, first) = ask_and_stall(&s, sql);
+    assert!(first.is_ok(), "{first:?}");
+    let slow = std::thread::spawn(move || read_rest_of_rows_slowly(&mut slow));
     let mut stalled = Vec::new();
     while stalled.len() < 6 {
         let (t, first) = ask_and_stall(&s, sql);
@@ -871,16 +904,17 @@ fn clients_that_never_read_give_the_answer_memory_back_after_the_message_timeout
         }
     }
     let (code, msg) = sql_err(db.query::<mysql::Row, _>(sql).map(|rows| rows.len()));
-    assert_eq!(code, 1041, "the memory is not taken: {msg}");
+    assert_eq!(code, 1037, "the memory is not taken: {msg}");
     let served = stalled.len() as i64 - 1;
     // Within a few seconds of --message-timeout clients that hold answers
-    // are closed until one connection's bound is free again (those whose
-    // time ran out in the same second go together); the one refused
-    // stays, and a reader is answered.
+    // are closed until one connection's bound is free again, and no more;
+    // the one refused stays, and a reader is answered.
     assert!(eventually(10, || s.metric("comet_unread_answer_closes_total") >= 1), "none closed");
-    let bound = 4 << 20;
     assert!(eventually(5, || answer_memory(&s) <= limit - bound), "{} bytes still held", answer_memory(&s));
-    assert!(s.metric("comet_unread_answer_closes_total") <= served);
+    std::thread::sleep(Duration::from_secs(3));
+    let closed = s.metric("comet_unread_answer_closes_total");
+    assert!(closed <= served, "{closed} closed of {served} that never read");
+    assert_eq!(slow.join().unwrap().expect("the steady reader was cut off"), 1000);
     let rows: Vec<mysql::Row> = db.query(sql).unwrap();
     assert_eq!(rows.len(), 1000);
     let mut last = stalled.pop().unwrap();

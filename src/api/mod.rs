@@ -334,7 +334,7 @@ pub fn answer(r: &StmtResult, close: bool) -> Vec<u8> {
                 503 => (503, None),
                 // The server's answer memory is full for now
                 // (--answer-memory-limit): the request may be retried.
-                1041 => (503, Some(1)),
+                1037 => (503, Some(1)),
                 _ => (422, None),
             };
             error_answer(&ApiError { retry_after, ..ApiError::new(status, *code, msg.clone()) }, close)
@@ -503,7 +503,7 @@ mod tests {
         let throttled = ApiError { retry_after: Some(7), ..ApiError::new(429, 1129, "blocked") };
         assert!(String::from_utf8_lossy(&error_answer(&throttled, false)).contains("Retry-After: 7\r\n"));
         // The answer memory is full for now: worth a retry.
-        let full = answer(&StmtResult::err(1041, "Not built"), false);
+        let full = answer(&StmtResult::err(1037, "Not built"), false);
         let text = String::from_utf8_lossy(&full);
         assert!(text.starts_with("HTTP/1.1 503 ") && text.contains("Retry-After: 1\r\n"), "{text}");
     }

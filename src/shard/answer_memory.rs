@@ -4,11 +4,17 @@
 //! One connection's answers are bounded on its own shard (16x
 //! `--outbound-limit`, see `ShardCore::sql_answer_limit`), but 256 backend
 //! connections each at that bound would hold gigabytes. This pool counts
-//! what they hold together, from the moment a shard builds a part of an
-//! answer (the part carries a [`Charge`] through the mailboxes) until the
-//! connection's socket took the encoded answer or the connection went. A
-//! shard builds a part only within what is left of the pool
-//! ([`AnswerMemory::room`]); past it the SELECT gets ERR 1041.
+//! what they hold together, from the moment a shard starts building a part
+//! of an answer (the part carries a [`Charge`] through the mailboxes)
+//! until the connection's queue drained or the connection went. A shard
+//! reserves what is left of the pool, up to a connection's bound, before
+//! it builds a part ([`Charge::reserve`]), so shards building at once
+//! cannot pass the limit together; it keeps what the part weighs, and a
+//! part that does not fit gets ERR 1037 instead of being built.
+//!
+//! Rows that come from Redis (`--redis`: other nodes' subscribers, offline
+//! queues kept there) are counted only once they are results waiting at
+//! the connection.
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,6 +28,7 @@ pub struct AnswerMemory {
 }
 
 impl AnswerMemory {
+    /// An empty pool of `limit` bytes (`--answer-memory-limit`).
     pub fn new(limit: usize) -> Arc<AnswerMemory> {
         Arc::new(AnswerMemory { used: AtomicUsize::new(0), limit })
     }
@@ -31,6 +38,7 @@ impl AnswerMemory {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// The bound, `--answer-memory-limit`.
     pub fn limit(&self) -> usize {
         self.limit
     }
@@ -57,6 +65,19 @@ impl Charge {
         Charge { pool: Some(pool.clone()), bytes }
     }
 
+    /// What is left of the pool, up to `want` bytes, counted at once: a
+    /// budget for building a part that no other shard can take meanwhile.
+    /// Shrink it to what the part weighs with [`Charge::set`].
+    pub fn reserve(pool: &Arc<AnswerMemory>, want: usize) -> Charge {
+        let mut took = 0;
+        let _ = pool.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+            took = want.min(pool.limit.saturating_sub(used));
+            Some(used + took)
+        });
+        Charge { pool: Some(pool.clone()), bytes: took }
+    }
+
+    /// Bytes counted.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -119,6 +140,19 @@ mod tests {
         held.set(&pool, 40);
         assert_eq!(pool.used(), 40);
         drop(held);
+        assert_eq!(pool.used(), 0);
+    }
+
+    #[test]
+    fn reservations_never_pass_the_limit_together() {
+        let pool = AnswerMemory::new(1000);
+        let a = Charge::reserve(&pool, 600);
+        let mut b = Charge::reserve(&pool, 600);
+        let c = Charge::reserve(&pool, 600);
+        assert_eq!((a.bytes(), b.bytes(), c.bytes(), pool.used()), (600, 400, 0, 1000));
+        b.set(&pool, 150);
+        assert_eq!(Charge::reserve(&pool, 600).bytes(), 250);
+        drop((a, b, c));
         assert_eq!(pool.used(), 0);
     }
 

@@ -1190,7 +1190,7 @@ impl ShardCore {
                     let why = p.remote_failed.unwrap_or_default();
                     self.sql_cluster_failed(conn, slot, index, &why);
                 }
-                None => self.sql_complete(conn, slot, index, then, p.count, p.counts, (p.records, p.charge)),
+                None => self.sql_complete(conn, slot, index, then, p.count, p.counts, p.records, p.charge),
             },
         }
     }
@@ -1248,11 +1248,12 @@ impl ShardCore {
         // within the bound), and a client that reads must get it.
         let (sql_limit, now) = (self.sql_answer_limit(), self.now);
         let Some(conn) = self.conns.get_mut(id) else { return };
-        if conn.phase == Phase::Sql
-            && conn.out.cost() + OutQueue::cost_of(&bytes) > sql_limit
-            && let Some(sc) = conn.sql.as_deref_mut()
-        {
-            sc.over_since.get_or_insert(now);
+        let cost = OutQueue::cost_of(&bytes);
+        if let Some(sc) = conn.sql.as_deref_mut() {
+            sc.queued += cost as u64;
+            if conn.phase == Phase::Sql && conn.out.cost() + cost > sql_limit {
+                sc.over_since.get_or_insert(now);
+            }
         }
         if conn.push_now(bytes.into()) {
             self.dirty.push(id);
@@ -1420,6 +1421,9 @@ impl ShardCore {
             Phase::Closing { drop_when_flushed, .. } => {
                 if drop_when_flushed {
                     self.drop_conn(id);
+                } else {
+                    // A lingering HTTP API close: its answer is out.
+                    self.sql_recharge(id);
                 }
                 true
             }
@@ -1427,7 +1431,7 @@ impl ShardCore {
             // what they took of the answer memory is free.
             Phase::Sql => {
                 if let Some(sc) = self.conns.get_mut(id).and_then(|c| c.sql.as_deref_mut()) {
-                    sc.stalled_since = None;
+                    sc.stalled = None;
                     if sc.over_since.take().is_some() {
                         self.unpause();
                     }
@@ -1448,10 +1452,11 @@ impl ShardCore {
         let timeout = self.shared.config.ping_timeout.as_secs() as u32;
         let message_timeout = self.shared.config.message_timeout.as_secs() as u32;
         let sql_limit = self.sql_answer_limit();
-        // The answer memory cannot take one more connection's worth: the
-        // answers left unwritten are the ones to reclaim.
-        let short = self.shared.answers.room() < sql_limit;
         for id in self.conns.ids() {
+            // The answer memory cannot take one more connection's worth:
+            // answers left unread are the ones to reclaim. Read for each
+            // connection, as closing one may have freed enough.
+            let short = self.shared.answers.room() < sql_limit;
             // Input held while the shard does not read the connection
             // (answers it waits for, congested mail) is not the client's delay.
             let reading = self.may_read(id);
@@ -1473,11 +1478,23 @@ impl ShardCore {
             if conn.phase == Phase::Sql
                 && let Some(sc) = conn.sql.as_deref_mut()
             {
-                let stalled = if short && conn.out.cost() > 0 {
-                    now.saturating_sub(*sc.stalled_since.get_or_insert(now)) >= message_timeout
-                } else {
-                    sc.stalled_since = None;
-                    false
+                let cost = conn.out.cost();
+                // What the socket took: whole frames, and the front one's
+                // written part.
+                let read = sc.queued - cost as u64 + conn.out.front_written() as u64;
+                let stalled = match sc.stalled {
+                    _ if !short || cost == 0 => {
+                        sc.stalled = None;
+                        false
+                    }
+                    Some((since, from)) if read < from + super::sql::STALL_PROGRESS => {
+                        now.saturating_sub(since) >= message_timeout
+                    }
+                    // It read enough since: a new spell counts from now.
+                    _ => {
+                        sc.stalled = Some((now, read));
+                        false
+                    }
                 };
                 if stalled {
                     self.unread_answers_close(id);

@@ -206,6 +206,9 @@ pub struct ShardCore {
     /// Deliveries made since the I/O layer last reset it: the measure of a
     /// turn's work (see [`super::conn::WORK_PER_WAKE`]).
     pub work: usize,
+    /// While a part of a backend's answer is built: the bytes reserved
+    /// for it in the process's answer memory ([`Self::answer_room`]).
+    pub(super) building: Option<usize>,
     /// Something that kept connections from being read may have changed
     /// (mail drained, answers came back): the I/O layer re-checks them.
     pub unpaused: bool,
@@ -295,6 +298,7 @@ impl ShardCore {
             delayed,
             effects: Vec::new(),
             work: 0,
+            building: None,
             unpaused: false,
             now: 0,
             now_ms: 0,
@@ -786,13 +790,29 @@ impl ShardCore {
         }
     }
 
-    /// [`Self::answer`], with the records it built counted in the
-    /// process's answer memory until whoever asked is done with them.
+    /// [`Self::answer`], with the records it built for a backend counted
+    /// in the process's answer memory until whoever asked is done with
+    /// them. The parts that can be big are built within a reservation
+    /// taken first, so that shards building at once cannot pass the limit
+    /// together.
     fn charged_answer(&mut self, dev_id: u32, q: &Query) -> Reply {
-        match self.answer(dev_id, q) {
+        use crate::users::UserQuery;
+        // A browser's questions about its own user are not backend answers.
+        if matches!(q, Query::User(UserQuery::Status(_) | UserQuery::Data(_))) {
+            return self.answer(dev_id, q);
+        }
+        let pool = self.shared.answers.clone();
+        let mut charge = Charge::default();
+        if q.builds_within_room() {
+            charge = Charge::reserve(&pool, self.sql_answer_limit());
+            self.building = Some(charge.bytes());
+        }
+        let reply = self.answer(dev_id, q);
+        self.building = None;
+        match reply {
             Reply::Records(r) => {
-                let bytes = r.weight();
-                Reply::Charged(r, Charge::new(&self.shared.answers, bytes))
+                charge.set(&pool, r.weight());
+                Reply::Charged(r, charge)
             }
             other => other,
         }

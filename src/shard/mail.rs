@@ -106,6 +106,18 @@ fn strs<'a>(v: impl IntoIterator<Item = &'a Arc<str>>) -> usize {
 }
 
 impl Query {
+    /// Whether its answer is a backend's rows built within a budget
+    /// (`ShardCore::answer_room`): the parts that can be big.
+    pub fn builds_within_room(&self) -> bool {
+        use crate::users::UserQuery as U;
+        matches!(
+            self,
+            Query::History { .. }
+                | Query::Subscribers(_)
+                | Query::User(U::AuthSelect(_) | U::QueueSelect(_) | U::DataSelect(_))
+        )
+    }
+
     /// Bytes this question holds, for the mailbox bound.
     fn weight(&self) -> usize {
         use crate::users::UserQuery as U;

@@ -69,6 +69,12 @@ impl OutQueue {
         was_empty
     }
 
+    /// Bytes of the front frame already written (its cost is released
+    /// only with its last byte).
+    pub fn front_written(&self) -> usize {
+        self.offset as usize
+    }
+
     /// Whether the front frame is partly written (a close frame must wait
     /// for it, or the stream would be corrupt).
     pub fn front_started(&self) -> bool {

@@ -39,6 +39,10 @@ pub const ANSWERS_UNREAD: u16 = 1041;
 /// (MySQL's ER_TOO_BIG_SELECT).
 pub const ANSWER_TOO_BIG: u16 = 1104;
 
+/// The error code of a SELECT whose answer would pass what is left of
+/// `--answer-memory-limit` now (MySQL's ER_OUTOFMEMORY: try again).
+pub const ANSWER_MEMORY_FULL: u16 = 1037;
+
 /// Largest packet accepted before authentication.
 const MAX_AUTH_PACKET: usize = 64 * 1024;
 
@@ -121,12 +125,23 @@ pub struct SqlConn {
     /// What it holds, counted in the process's answer memory
     /// ([`ShardCore::sql_recharge`]); given back when it goes.
     charge: Charge,
-    /// Since when (shard second) it has left answers unwritten while the
-    /// process's answer memory has less than one connection's bound left:
-    /// it is disconnected when that lasts `--message-timeout`, so that
-    /// clients that never read cannot keep the memory from the others.
-    pub(super) stalled_since: Option<u32>,
+    /// Bytes ever queued for its socket, counted as its queue counts them:
+    /// less what is queued now (and the front's written part), what its
+    /// socket took.
+    pub(super) queued: u64,
+    /// While the process's answer memory has less than one connection's
+    /// bound left and this one has answers unwritten: since when (shard
+    /// second), and what it had read then. Unless it reads
+    /// [`STALL_PROGRESS`] more within `--message-timeout`, it is
+    /// disconnected, so that clients that never read (or read a trickle)
+    /// cannot keep the memory from the others.
+    pub(super) stalled: Option<(u32, u64)>,
 }
+
+/// Bytes a backend connection must read per `--message-timeout` to keep
+/// its answers while the answer memory is short: a reader at a few KB a
+/// second keeps them, one that takes nothing loses them.
+pub(super) const STALL_PROGRESS: u64 = 64 * 1024;
 
 /// The rest of a query whose next statement gathers rows while an earlier
 /// statement of the connection still does.
@@ -182,7 +197,8 @@ impl SqlConn {
             running: false,
             over_since: None,
             charge: Charge::default(),
-            stalled_since: None,
+            queued: 0,
+            stalled: None,
         }
     }
 
@@ -688,17 +704,24 @@ impl ShardCore {
 
     /// Bytes one shard's part of a SELECT's answer may take: the bound of
     /// a connection's unread answers, or what is left of the process's
-    /// `--answer-memory-limit` if less.
+    /// `--answer-memory-limit` if less (reserved for the part while it is
+    /// built, [`ShardCore::charged_answer`]).
     pub(super) fn answer_room(&self) -> usize {
-        self.sql_answer_limit().min(self.shared.answers.room())
+        match self.building {
+            Some(reserved) => reserved,
+            None => self.sql_answer_limit().min(self.shared.answers.room()),
+        }
     }
 
     /// The records of a part that did not fit in [`Self::answer_room`]:
-    /// too big for any connection, or too big for the memory left now.
+    /// too big for any connection, or (when the room was less than that)
+    /// too big for the memory left now.
     pub(super) fn answer_refused(&self) -> Records {
         let (limit, pool) = (self.sql_answer_limit(), &self.shared.answers);
-        if pool.room() < limit {
-            Records::Busy { used: pool.used(), limit: pool.limit() }
+        if self.answer_room() < limit {
+            // What others hold: this part's own reservation aside.
+            let used = pool.used().saturating_sub(self.building.unwrap_or(0));
+            Records::Busy { used, limit: pool.limit() }
         } else {
             Records::TooBig(limit)
         }
@@ -888,7 +911,8 @@ impl ShardCore {
         then: SqlThen,
         count: u64,
         counts: Vec<u64>,
-        (records, charge): (Records, Charge),
+        records: Records,
+        charge: Charge,
     ) {
         // The records' bytes stay counted until the answer made of them is
         // written (`sql_flush` counts what the connection holds then).
@@ -1017,7 +1041,7 @@ fn select(proj: &Projection, records: Records) -> StmtResult {
         Records::None => Vec::new(),
         Records::Busy { used, limit } => {
             return StmtResult::err(
-                ANSWERS_UNREAD,
+                ANSWER_MEMORY_FULL,
                 format!(
                     "Not built: the answers held for all backend connections take {used} bytes, and this one would pass --answer-memory-limit ({limit} bytes); retry once clients have read their answers, or ask for fewer rows"
                 ),

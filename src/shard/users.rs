@@ -425,7 +425,14 @@ impl ShardCore {
     ) -> Records {
         let mine = |u: &&u64| home_shard(dev_id, **u, self.shards) == self.id;
         let found = || ids.iter().filter(mine).filter_map(|&u| Some((u, field(self.users.get(dev_id, u)?)?)));
-        if found().map(|(_, t)| weigh::text(t)).sum::<usize>() > room {
+        let size = found().map(|(_, t)| weigh::text(t)).sum::<usize>();
+        // Too big for any connection is not worth a retry, whatever the
+        // memory left.
+        let limit = self.sql_answer_limit();
+        if size > limit {
+            return Records::TooBig(limit);
+        }
+        if size > room {
             return self.answer_refused();
         }
         records(found().map(|(u, t)| (u, t.to_string())).collect())
