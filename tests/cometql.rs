@@ -745,8 +745,16 @@ fn answer_memory(s: &Server) -> i64 {
 /// answer and reads only its first packet: `Ok` for rows, or the error
 /// code and message.
 fn ask_and_stall(s: &Server, sql: &str) -> (TcpStream, Result<(), (u16, String)>) {
+    ask_with_buffer(s, sql, Some(4096))
+}
+
+/// [`ask_and_stall`] with the given receive buffer (`None`: the kernel's
+/// default, which grows as the client reads).
+fn ask_with_buffer(s: &Server, sql: &str, rcvbuf: Option<usize>) -> (TcpStream, Result<(), (u16, String)>) {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
+    if let Some(n) = rcvbuf {
+        sock.set_recv_buffer_size(n).unwrap();
+    }
     sock.connect(&s.backend.into()).unwrap();
     let (mut t, ok) = common::login_on(sock.into(), "s3cret", 0x10000, 45);
     assert_eq!(ok[0], 0);
@@ -841,9 +849,9 @@ fn answers_held_for_all_backend_connections_stop_at_the_answer_memory_limit() {
     assert!(eventually(5, || answer_memory(&s) == 0), "{} bytes held after the close", answer_memory(&s));
 }
 
-/// Reads the rest of a result set as [`read_rest_of_rows`] does, at about
-/// 1.4 MB a second: a client that reads steadily, if not fast.
-fn read_rest_of_rows_slowly(t: &mut TcpStream) -> std::io::Result<usize> {
+/// Reads the rest of a result set as [`read_rest_of_rows`] does, pausing
+/// `pause` after each 28 KiB: a client that reads steadily, if not fast.
+fn read_rest_of_rows_slowly(t: &mut TcpStream, pause: Duration) -> std::io::Result<usize> {
     let (mut eofs, mut rows, mut unpaused) = (0, 0, 0);
     while eofs < 2 {
         let mut h = [0u8; 4];
@@ -852,7 +860,7 @@ fn read_rest_of_rows_slowly(t: &mut TcpStream) -> std::io::Result<usize> {
         t.read_exact(&mut p)?;
         unpaused += p.len();
         if unpaused >= 28 * 1024 {
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(pause);
             unpaused = 0;
         }
         if p[0] == 0xfe && p.len() < 9 {
@@ -893,7 +901,8 @@ fn clients_that_never_read_give_the_answer_memory_back_after_the_message_timeout
     let sql = "SELECT * FROM pipes_messages WHERE name = 'hist_hoard'";
     let (mut slow, first) = ask_and_stall(&s, sql);
     assert!(first.is_ok(), "{first:?}");
-    let slow = std::thread::spawn(move || read_rest_of_rows_slowly(&mut slow));
+    // About 1.4 MB a second.
+    let slow = std::thread::spawn(move || read_rest_of_rows_slowly(&mut slow, Duration::from_millis(20)));
     let mut stalled = Vec::new();
     while stalled.len() < 6 {
         let (t, first) = ask_and_stall(&s, sql);
@@ -922,6 +931,75 @@ fn clients_that_never_read_give_the_answer_memory_back_after_the_message_timeout
     packet(&mut out, 0, b"\x03SELECT 1");
     last.write_all(&out).unwrap();
     assert_eq!(read_answer(&mut last), vec![vec!["1".to_string()]]);
+}
+
+/// Clients that read steadily, and together take all the answer memory,
+/// keep their answers: what counts is what their end receives, not the
+/// bursts in which the socket takes an answer (half its send buffer at a
+/// time, which came seconds apart for a reader at 500 KB/s and cut it).
+#[test]
+fn steady_readers_that_fill_the_answer_memory_keep_their_answers() {
+    // Answers of 7.1 MB, a connection's bound of 8 MiB: two answers fit in
+    // 15 MB and leave less than a bound free.
+    let s = start(
+        "uring",
+        &[
+            "--outbound-limit",
+            "524288",
+            "--max-query-size",
+            "32768",
+            "--answer-memory-limit",
+            "15000000",
+            "--message-timeout",
+            "2",
+        ],
+    );
+    let mut db = connect(&s);
+    fill_history(&mut db, "hist_steady", 1000, 7000);
+    let sql = "SELECT * FROM pipes_messages WHERE name = 'hist_steady'";
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (mut t, first) = ask_with_buffer(&s, sql, None);
+            assert!(first.is_ok(), "{first:?}");
+            // About 500 KB a second: 14 s for the answer.
+            std::thread::spawn(move || read_rest_of_rows_slowly(&mut t, Duration::from_millis(56)))
+        })
+        .collect();
+    let (code, msg) = sql_err(db.query::<mysql::Row, _>(sql).map(|rows| rows.len()));
+    assert_eq!(code, 1037, "the memory is not taken: {msg}");
+    for r in readers {
+        assert_eq!(r.join().unwrap().expect("a steady reader was cut off"), 1000);
+    }
+    assert_eq!(s.metric("comet_unread_answer_closes_total"), 0);
+}
+
+/// Listing every channel setting or every revoked token is held to the
+/// same bounds as the other tables: sized before anything is built, 1104
+/// past a connection's bound (they were built and sent whole, and a few
+/// clients that did not read held 12x --answer-memory-limit).
+#[test]
+fn listing_every_setting_or_revoked_token_is_held_to_the_answer_bounds() {
+    // 16 x 64 KiB = 1 MiB for one connection.
+    let s = start("uring", &["--outbound-limit", "65536", "--max-query-size", "8192"]);
+    let mut db = connect(&s);
+    // 24,000 of each: about 1.2 MB of rows on each of the 2 shards.
+    for batch in 0..480 {
+        let names: Vec<String> = (0..50).map(|i| format!("('set_{batch}_{i}_{}', 5)", "x".repeat(48))).collect();
+        db.query_drop(format!("INSERT INTO pipes_settings (name, length) VALUES {}", names.join(","))).unwrap();
+        let tokens: Vec<String> = (0..50).map(|i| format!("('tok.{batch}.{i}.{}')", "y".repeat(56))).collect();
+        db.query_drop(format!("INSERT INTO revoked_tokens (token) VALUES {}", tokens.join(","))).unwrap();
+    }
+    for table in ["pipes_settings", "revoked_tokens"] {
+        let (code, msg) = sql_err(db.query::<mysql::Row, _>(format!("SELECT * FROM {table}")).map(|r| r.len()));
+        assert_eq!(code, 1104, "{table}: {msg}");
+    }
+    // Named rows are answered.
+    let one: Vec<(String, u32)> =
+        db.query(format!("SELECT name, length FROM pipes_settings WHERE name = 'set_7_3_{}'", "x".repeat(48))).unwrap();
+    assert_eq!(one.len(), 1);
+    let tok = format!("tok.7.3.{}", "y".repeat(56));
+    let one: Vec<String> = db.query(format!("SELECT token FROM revoked_tokens WHERE token = '{tok}'")).unwrap();
+    assert_eq!(one, [tok]);
 }
 
 /// A SELECT whose answer alone would pass the bound of a connection's

@@ -1479,9 +1479,12 @@ impl ShardCore {
                 && let Some(sc) = conn.sql.as_deref_mut()
             {
                 let cost = conn.out.cost();
-                // What the socket took: whole frames, and the front one's
-                // written part.
-                let read = sc.queued - cost as u64 + conn.out.front_written() as u64;
+                // What the peer received: what the socket took (whole
+                // frames, and the front one's written part) less what its
+                // kernel still holds. Saturating: bytes queued before the
+                // connection was a backend one are not in `queued`.
+                let read = (sc.queued.saturating_sub(cost as u64) + conn.out.front_written() as u64)
+                    .saturating_sub(sc.kernel_unsent);
                 let stalled = match sc.stalled {
                     _ if !short || cost == 0 => {
                         sc.stalled = None;

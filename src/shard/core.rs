@@ -868,7 +868,12 @@ impl ShardCore {
                 Reply::Count(n)
             }
             Query::SettingsSelect(names) => {
-                Reply::Records(Records::Settings(self.history.settings(dev_id, names.as_deref())))
+                // Every channel's setting, unless names are given: sized
+                // before anything is built.
+                match self.history.settings_within(dev_id, names.as_deref(), self.answer_room()) {
+                    Ok(v) => Reply::Records(Records::Settings(v)),
+                    Err(size) => Reply::Records(self.refused_over(size)),
+                }
             }
             Query::SettingsDelete(names) => {
                 let mut n = 0;

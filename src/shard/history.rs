@@ -325,14 +325,28 @@ impl HistoryStore {
 
     /// Channels with settings: (name, length), optionally only `names`.
     pub fn settings(&self, dev_id: u32, names: Option<&[Arc<str>]>) -> Vec<(String, u32)> {
-        let Some(m) = self.channels.get(&dev_id) else { return Vec::new() };
-        let mut v: Vec<(String, u32)> = m
-            .iter()
-            .filter(|(k, s)| s.setting.is_some() && names.is_none_or(|ns| ns.iter().any(|n| n == *k)))
-            .map(|(k, s)| (k.to_string(), s.setting.unwrap_or(0)))
-            .collect();
+        self.settings_within(dev_id, names, usize::MAX).unwrap_or_default()
+    }
+
+    /// [`Self::settings`], if its rows weigh at most `room` bytes
+    /// (`mail::weigh::setting`); what they weigh, with nothing built, if
+    /// more.
+    pub fn settings_within(
+        &self,
+        dev_id: u32,
+        names: Option<&[Arc<str>]>,
+        room: usize,
+    ) -> Result<Vec<(String, u32)>, usize> {
+        let Some(m) = self.channels.get(&dev_id) else { return Ok(Vec::new()) };
+        let found =
+            || m.iter().filter(|(k, s)| s.setting.is_some() && names.is_none_or(|ns| ns.iter().any(|n| n == *k)));
+        let size = found().map(|(k, _)| super::mail::weigh::setting(k)).sum::<usize>();
+        if size > room {
+            return Err(size);
+        }
+        let mut v: Vec<(String, u32)> = found().map(|(k, s)| (k.to_string(), s.setting.unwrap_or(0))).collect();
         v.sort();
-        v
+        Ok(v)
     }
 }
 

@@ -15,6 +15,7 @@
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Poll, Waker};
@@ -342,6 +343,29 @@ impl Shard {
                     self.insert(id, fd.clone(), h.tls);
                     compio::runtime::spawn(run_conn(id, fd)).detach();
                 }
+            }
+        }
+    }
+
+    /// While the answer memory is short (less than one connection's bound
+    /// of it left), reads how much of each backend connection's written
+    /// answers its peer has not received yet, for the stall rule of
+    /// [`ShardCore::tick`]. One `ioctl` per backend connection with
+    /// answers queued, and none while the memory is not short.
+    fn note_unsent_answers(&mut self) {
+        let core = &self.core;
+        if core.shared.answers.room() >= core.shared.config.answer_bound() {
+            return;
+        }
+        for i in 0..self.core.backends.len() {
+            let id = self.core.backends[i];
+            if self.core.conns.get(id).is_none_or(|c| c.out.is_empty()) {
+                continue;
+            }
+            let Some(fd) = self.sock(id).map(|s| s.fd.as_raw_fd()) else { continue };
+            let unsent = unsent_bytes(fd);
+            if let Some(sc) = self.core.conns.get_mut(id).and_then(|c| c.sql.as_deref_mut()) {
+                sc.kernel_unsent = unsent;
             }
         }
     }
@@ -967,6 +991,18 @@ pub async fn mailbox_loop(mut inbox: Inbox<Mail>) {
     }
 }
 
+/// Bytes in socket `fd`'s send queue that its peer has not acknowledged
+/// (`SIOCOUTQ`); 0 if the kernel cannot say.
+fn unsent_bytes(fd: std::os::fd::RawFd) -> u64 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for a TCP socket) writes one c_int
+    // through the pointer, which points to `n`, alive for the call; `fd`
+    // is an open socket of this shard's (a closed or reused one only makes
+    // the call fail or answer for that descriptor).
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if rc == 0 { n.max(0) as u64 } else { 0 }
+}
+
 /// The shard's root task: the once-a-second tick, and shutdown.
 ///
 /// Returns when shutdown has closed every connection, or its timeout passed.
@@ -981,6 +1017,7 @@ pub async fn sweep_loop(shutdown_timeout: Duration) {
         let tick = |s: &mut Shard| {
             s.clock();
             s.expire_handshakes();
+            s.note_unsent_answers();
             s.core.tick();
         };
         if let Some(d) = deadline {

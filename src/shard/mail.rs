@@ -114,7 +114,8 @@ impl Query {
             self,
             Query::History { .. }
                 | Query::Subscribers(_)
-                | Query::User(U::AuthSelect(_) | U::QueueSelect(_) | U::DataSelect(_))
+                | Query::SettingsSelect(_)
+                | Query::User(U::AuthSelect(_) | U::QueueSelect(_) | U::DataSelect(_) | U::RevokedSelect(_))
         )
     }
 
@@ -184,6 +185,16 @@ pub mod weigh {
     pub fn subscriber(texts: usize) -> usize {
         texts + 160
     }
+
+    /// A `pipes_settings` row: the channel's name and its length.
+    pub fn setting(name: &str) -> usize {
+        name.len() + 32
+    }
+
+    /// A `revoked_tokens` row.
+    pub fn token(t: &str) -> usize {
+        t.len() + 24
+    }
 }
 
 impl Records {
@@ -215,11 +226,11 @@ impl Records {
                     )
                 })
                 .sum(),
-            Records::Settings(v) => v.iter().map(|(n, _)| n.len() + 32).sum(),
+            Records::Settings(v) => v.iter().map(|(n, _)| weigh::setting(n)).sum(),
             Records::Keys(v) | Records::Data(v) => texts(v),
             Records::Queues(v) => v.iter().map(|(_, q)| weigh::queue(q)).sum(),
             Records::Presences(v) => v.len() * 24,
-            Records::Tokens(v) => v.iter().map(|t| t.len() + 24).sum(),
+            Records::Tokens(v) => v.iter().map(|t| weigh::token(t)).sum(),
             Records::TooBig(_) | Records::Busy { .. } => 16,
         }
     }

@@ -129,6 +129,11 @@ pub struct SqlConn {
     /// less what is queued now (and the front's written part), what its
     /// socket took.
     pub(super) queued: u64,
+    /// Of what its socket took, the bytes the peer has not yet received
+    /// (the kernel's send queue, `SIOCOUTQ`), as the I/O layer last read
+    /// it for [`ShardCore::tick`]: a socket takes a big answer in bursts
+    /// of half its send buffer, while its peer takes it steadily.
+    pub(super) kernel_unsent: u64,
     /// While the process's answer memory has less than one connection's
     /// bound left and this one has answers unwritten: since when (shard
     /// second), and what it had read then. Unless it reads
@@ -138,9 +143,9 @@ pub struct SqlConn {
     pub(super) stalled: Option<(u32, u64)>,
 }
 
-/// Bytes a backend connection must read per `--message-timeout` to keep
-/// its answers while the answer memory is short: a reader at a few KB a
-/// second keeps them, one that takes nothing loses them.
+/// Bytes a backend connection's peer must receive per `--message-timeout`
+/// to keep its answers while the answer memory is short: a reader at a
+/// few KB a second keeps them, one that takes nothing loses them.
 pub(super) const STALL_PROGRESS: u64 = 64 * 1024;
 
 /// The rest of a query whose next statement gathers rows while an earlier
@@ -198,6 +203,7 @@ impl SqlConn {
             over_since: None,
             charge: Charge::default(),
             queued: 0,
+            kernel_unsent: 0,
             stalled: None,
         }
     }
@@ -711,6 +717,14 @@ impl ShardCore {
             Some(reserved) => reserved,
             None => self.sql_answer_limit().min(self.shared.answers.room()),
         }
+    }
+
+    /// The records of a part sized before it was built at `size` bytes,
+    /// more than [`Self::answer_room`]: too big for any connection is not
+    /// worth a retry, whatever the memory left.
+    pub(super) fn refused_over(&self, size: usize) -> Records {
+        let limit = self.sql_answer_limit();
+        if size > limit { Records::TooBig(limit) } else { self.answer_refused() }
     }
 
     /// The records of a part that did not fit in [`Self::answer_room`]:

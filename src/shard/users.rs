@@ -380,13 +380,20 @@ impl ShardCore {
                 }
                 Reply::Count(n)
             }
-            UserQuery::RevokedSelect(filter) => Reply::Records(Records::Tokens(
-                self.users
-                    .revoked(dev_id)
-                    .into_iter()
-                    .filter(|t| filter.as_ref().is_none_or(|f| f.contains(t)))
-                    .collect(),
-            )),
+            UserQuery::RevokedSelect(filter) => {
+                // Every revoked token, unless some are named: sized before
+                // anything is built.
+                let found = || {
+                    self.users.revoked_iter(dev_id).filter(|t| filter.as_ref().is_none_or(|f| f.iter().any(|x| x == t)))
+                };
+                let size = found().map(weigh::token).sum::<usize>();
+                if size > self.answer_room() {
+                    return Reply::Records(self.refused_over(size));
+                }
+                let mut v: Vec<String> = found().map(str::to_string).collect();
+                v.sort();
+                Reply::Records(Records::Tokens(v))
+            }
             UserQuery::Unrevoke(tokens) => Reply::Count(
                 tokens
                     .iter()
@@ -426,14 +433,8 @@ impl ShardCore {
         let mine = |u: &&u64| home_shard(dev_id, **u, self.shards) == self.id;
         let found = || ids.iter().filter(mine).filter_map(|&u| Some((u, field(self.users.get(dev_id, u)?)?)));
         let size = found().map(|(_, t)| weigh::text(t)).sum::<usize>();
-        // Too big for any connection is not worth a retry, whatever the
-        // memory left.
-        let limit = self.sql_answer_limit();
-        if size > limit {
-            return Records::TooBig(limit);
-        }
         if size > room {
-            return self.answer_refused();
+            return self.refused_over(size);
         }
         records(found().map(|(u, t)| (u, t.to_string())).collect())
     }

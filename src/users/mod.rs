@@ -595,6 +595,11 @@ impl UserStore {
     }
 
     /// Revoked tokens of a dev_id, sorted.
+    /// The revoked tokens of `dev_id`, unsorted.
+    pub fn revoked_iter(&self, dev: u32) -> impl Iterator<Item = &str> {
+        self.revoked.get(&dev).into_iter().flat_map(|s| s.iter().map(|t| &**t))
+    }
+
     pub fn revoked(&self, dev: u32) -> Vec<String> {
         let mut v: Vec<String> =
             self.revoked.get(&dev).map(|s| s.iter().map(|t| t.to_string()).collect()).unwrap_or_default();
