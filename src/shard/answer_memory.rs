@@ -21,6 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The process-wide count of answer bytes held, and its bound.
+///
+/// One atomic counter that every shard adds to and takes from, without a
+/// lock or a message: a part is built on one shard and held on another,
+/// and the check before building must see what all of them hold now.
 #[derive(Debug)]
 pub struct AnswerMemory {
     used: AtomicUsize,
@@ -52,6 +56,12 @@ impl AnswerMemory {
 /// Bytes counted in an [`AnswerMemory`] for as long as the charge lives:
 /// dropping it (the answer sent, the connection gone, a reply thrown
 /// away) gives them back.
+///
+/// A guard rather than a number, so that no path that drops an answer
+/// (a closed connection, a failed store write, mail thrown away at
+/// shutdown) can forget to give its bytes back. The pool is optional so
+/// that an empty charge, which every backend connection and gather starts
+/// with, costs no reference count.
 #[derive(Default)]
 pub struct Charge {
     pool: Option<Arc<AnswerMemory>>,
@@ -59,12 +69,6 @@ pub struct Charge {
 }
 
 impl Charge {
-    /// `bytes` counted in `pool`.
-    pub fn new(pool: &Arc<AnswerMemory>, bytes: usize) -> Charge {
-        pool.used.fetch_add(bytes, Ordering::Relaxed);
-        Charge { pool: Some(pool.clone()), bytes }
-    }
-
     /// What is left of the pool, up to `want` bytes, counted at once: a
     /// budget for building a part that no other shard can take meanwhile.
     /// Shrink it to what the part weighs with [`Charge::set`].
@@ -93,7 +97,9 @@ impl Charge {
         self.bytes = bytes;
     }
 
-    /// Takes over what `other` counts, without counting it twice.
+    /// Takes over what `other` counts, without counting it twice. A charge
+    /// of another pool (no such thing in one process) is not taken over:
+    /// dropped, it gives its bytes back to its own pool.
     pub fn absorb(&mut self, mut other: Charge) {
         if other.bytes == 0 {
             return;
@@ -128,8 +134,9 @@ mod tests {
     #[test]
     fn a_charge_counts_until_dropped_and_moves_without_counting_twice() {
         let pool = AnswerMemory::new(1000);
-        let a = Charge::new(&pool, 300);
-        let b = Charge::new(&pool, 200);
+        let (mut a, mut b) = (Charge::default(), Charge::default());
+        a.set(&pool, 300);
+        b.set(&pool, 200);
         assert_eq!((pool.used(), pool.room()), (500, 500));
         let mut held = Charge::default();
         held.absorb(a);
@@ -159,8 +166,10 @@ mod tests {
     #[test]
     fn a_charge_from_another_pool_is_not_taken_over() {
         let (p, q) = (AnswerMemory::new(10), AnswerMemory::new(10));
-        let mut held = Charge::new(&p, 1);
-        held.absorb(Charge::new(&q, 5));
+        let (mut held, mut other) = (Charge::default(), Charge::default());
+        held.set(&p, 1);
+        other.set(&q, 5);
+        held.absorb(other);
         assert_eq!((p.used(), q.used(), held.bytes()), (1, 0, 1));
     }
 }

@@ -1453,10 +1453,6 @@ impl ShardCore {
         let message_timeout = self.shared.config.message_timeout.as_secs() as u32;
         let sql_limit = self.sql_answer_limit();
         for id in self.conns.ids() {
-            // The answer memory cannot take one more connection's worth:
-            // answers left unread are the ones to reclaim. Read for each
-            // connection, as closing one may have freed enough.
-            let short = self.shared.answers.room() < sql_limit;
             // Input held while the shard does not read the connection
             // (answers it waits for, congested mail) is not the client's delay.
             let reading = self.may_read(id);
@@ -1478,6 +1474,10 @@ impl ShardCore {
             if conn.phase == Phase::Sql
                 && let Some(sc) = conn.sql.as_deref_mut()
             {
+                // The answer memory cannot take one more connection's
+                // worth: answers left unread are the ones to reclaim. Read
+                // for each connection, as closing one may have freed enough.
+                let short = self.shared.answers.room() < sql_limit;
                 let cost = conn.out.cost();
                 // What the peer received: what the socket took (whole
                 // frames, and the front one's written part) less what its

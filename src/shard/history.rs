@@ -340,7 +340,7 @@ impl HistoryStore {
         let Some(m) = self.channels.get(&dev_id) else { return Ok(Vec::new()) };
         let found =
             || m.iter().filter(|(k, s)| s.setting.is_some() && names.is_none_or(|ns| ns.iter().any(|n| n == *k)));
-        let size = found().map(|(k, _)| super::mail::weigh::setting(k)).sum::<usize>();
+        let size = found().map(|(k, _)| weigh::setting(k)).sum::<usize>();
         if size > room {
             return Err(size);
         }

@@ -310,8 +310,9 @@ pub enum Query {
     /// at most `rows` of each (a LIMIT's offset and count), the first
     /// `skip` of them (a LIMIT's offset, for one channel) as placeholders
     /// without their texts, which the LIMIT drops; and at most the bound
-    /// of a backend connection's unread answers in all
-    /// ([`Records::TooBig`] past it).
+    /// of a backend connection's unread answers in all, or what is left of
+    /// the process's answer memory if less ([`Records::TooBig`] or
+    /// [`Records::Busy`] past them).
     History { names: Vec<Arc<str>>, rows: u64, skip: u64 },
     /// Clear these channels' history and remove entries with these ids.
     HistoryDelete { names: Vec<Arc<str>>, ids: Vec<u64> },

@@ -1008,6 +1008,9 @@ impl ShardCore {
         }
     }
 
+    /// Encodes and queues the complete answers at the front of the
+    /// connection's order, up to the first still gathering; closes after
+    /// one that asked for it.
     fn sql_send_ready(&mut self, id: ConnId) {
         loop {
             let Some(sc) = self.sql(id) else { return };

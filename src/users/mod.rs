@@ -594,15 +594,14 @@ impl UserStore {
         self.revoked.get(&dev).is_some_and(|s| s.contains(token))
     }
 
-    /// Revoked tokens of a dev_id, sorted.
     /// The revoked tokens of `dev_id`, unsorted.
     pub fn revoked_iter(&self, dev: u32) -> impl Iterator<Item = &str> {
         self.revoked.get(&dev).into_iter().flat_map(|s| s.iter().map(|t| &**t))
     }
 
+    /// Revoked tokens of a dev_id, sorted.
     pub fn revoked(&self, dev: u32) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.revoked.get(&dev).map(|s| s.iter().map(|t| t.to_string()).collect()).unwrap_or_default();
+        let mut v: Vec<String> = self.revoked_iter(dev).map(str::to_string).collect();
         v.sort();
         v
     }
